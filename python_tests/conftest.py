@@ -1,0 +1,38 @@
+"""Test configuration. Runs before the package is imported: without CUDA, the Triton kernels run on
+CPU tensors through the Triton interpreter, so every backend except cuda is tested everywhere."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import segkd_kernels as sk  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+BACKENDS = sk.available_backends()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped on CPU)")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_cuda)
+
+
+@pytest.fixture(autouse=True)
+def _no_backend_override(monkeypatch):
+    """Tests choose backends explicitly; a SEGKD_BACKEND in the caller's shell must not leak in."""
+    monkeypatch.delenv("SEGKD_BACKEND", raising=False)
+
+
+@pytest.fixture
+def device() -> str:
+    return "cuda" if HAS_CUDA else "cpu"

@@ -1,0 +1,179 @@
+"""torch.nn modules over the functional losses: they hold hyper-parameters and learned adapters.
+
+Every loss module is differentiable in the student only and takes `backend` like the functions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .ops.attnfd_loss import attnfd_loss
+from .ops.channel_pool import channel_pool
+from .ops.channel_wise_kd import channel_wise_kd
+from .ops.cross_image_kd import cross_image_kd
+from .ops.pairwise_kd import pairwise_kd
+from .ops.pixel_kd import pfs_pixel_kd, pixel_kd
+from .ops.spatial_pool import spatial_pool
+from .ops.ssim_kd import ssim_kd
+
+__all__ = ["ChannelWiseKD", "PixelKD", "PFSPixelKD", "PairwiseKD", "CrossImageKD", "SSIMKD", "CBAM", "AttnFD"]
+
+
+class ChannelWiseKD(nn.Module):
+    """Channel-wise distillation (LOSSES.md 1)."""
+
+    def __init__(self, tau: float = 4.0, *, backend: str = "auto"):
+        super().__init__()
+        self.tau, self.backend = tau, backend
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return channel_wise_kd(student, teacher, self.tau, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau}"
+
+
+class PixelKD(nn.Module):
+    """Pixel-wise KD over the class axis (LOSSES.md 2)."""
+
+    def __init__(self, tau: float = 1.0, *, backend: str = "auto"):
+        super().__init__()
+        self.tau, self.backend = tau, backend
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
+                weight: torch.Tensor | None = None, ignore_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return pixel_kd(student_logits, teacher_logits, self.tau, weight=weight, ignore_mask=ignore_mask,
+                        backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau}"
+
+
+class PFSPixelKD(nn.Module):
+    """Knowledge-gap weighted pixel KD (LOSSES.md 2b)."""
+
+    def __init__(self, tau: float = 1.0, *, backend: str = "auto"):
+        super().__init__()
+        self.tau, self.backend = tau, backend
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
+                ignore_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return pfs_pixel_kd(student_logits, teacher_logits, self.tau, ignore_mask=ignore_mask, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau}"
+
+
+class PairwiseKD(nn.Module):
+    """Pairwise pixel-similarity distillation (LOSSES.md 3)."""
+
+    def __init__(self, pool: int | None = None, detach_norm: bool = False, *, backend: str = "auto"):
+        super().__init__()
+        self.pool, self.detach_norm, self.backend = pool, detach_norm, backend
+
+    def forward(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
+        return pairwise_kd(student_feat, teacher_feat, pool=self.pool, detach_norm=self.detach_norm,
+                           backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"pool={self.pool}, detach_norm={self.detach_norm}"
+
+
+class CrossImageKD(nn.Module):
+    """Cross-image pixel-to-pixel distillation (LOSSES.md 4)."""
+
+    def __init__(self, tau: float = 0.1, *, backend: str = "auto"):
+        super().__init__()
+        self.tau, self.backend = tau, backend
+
+    def forward(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
+        return cross_image_kd(student_feat, teacher_feat, self.tau, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau}"
+
+
+class SSIMKD(nn.Module):
+    """SSIM feature distillation (LOSSES.md 5)."""
+
+    def __init__(self, window_size: int = 11, sigma: float = 1.5, data_range: float = 1.0,
+                 padding: str = "reflect", normalize: bool = True, *, backend: str = "auto"):
+        super().__init__()
+        self.window_size, self.sigma, self.data_range = window_size, sigma, data_range
+        self.padding, self.normalize, self.backend = padding, normalize, backend
+
+    def forward(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
+        return ssim_kd(student_feat, teacher_feat, window_size=self.window_size, sigma=self.sigma,
+                       data_range=self.data_range, padding=self.padding, normalize=self.normalize,
+                       backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"window_size={self.window_size}, sigma={self.sigma}, data_range={self.data_range}, "
+                f"padding={self.padding!r}, normalize={self.normalize}")
+
+
+class CBAM(nn.Module):
+    """Convolutional block attention (LOSSES.md 6): CBAM(F) = M_s * (M_c * F).
+
+    M_c = sigmoid(MLP(avgpool F) + MLP(maxpool F)), shared MLP C -> C/r -> C;
+    M_s = sigmoid(BN(conv_k([max_C, mean_C] of M_c * F))), 2 -> 1 channels, no bias.
+    The poolings run on the fused ops, so M_c * F is never materialised for the spatial gate.
+    """
+
+    def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7, *, backend: str = "auto"):
+        super().__init__()
+        if channels < 1:
+            raise ValueError(f"channels: expected a positive int, got {channels}")
+        if reduction < 1:
+            raise ValueError(f"reduction: expected a positive int, got {reduction}")
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size: expected an odd positive int, got {kernel_size}")
+        hidden = max(1, channels // reduction)
+        self.channels, self.backend = channels, backend
+        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, channels))
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+        self.bn = nn.BatchNorm2d(1)
+
+    def channel_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """M_c, shape (N, C)."""
+        avg, mx = spatial_pool(x, backend=self.backend)
+        return torch.sigmoid(self.mlp(avg) + self.mlp(mx))
+
+    def spatial_gate(self, x: torch.Tensor, m_c: torch.Tensor) -> torch.Tensor:
+        """M_s, shape (N, 1, H, W), from x and the channel gate."""
+        return torch.sigmoid(self.bn(self.conv(channel_pool(x, m_c, backend=self.backend))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(f"x: expected (N, {self.channels}, H, W), got {tuple(x.shape)}")
+        m_c = self.channel_gate(x)
+        m_s = self.spatial_gate(x, m_c)
+        return x * m_c[:, :, None, None].to(x.dtype) * m_s.to(x.dtype)
+
+
+class AttnFD(nn.Module):
+    """AttnFD at one distillation point (LOSSES.md 6): CBAM_s + connector + CBAM_t + loss.
+
+    A_t = CBAM_t(F_t) (not trained: its parameters are frozen and no gradient reaches it),
+    A_s = Connector(CBAM_s(F_s)), Connector = 1x1 conv C_s -> C_t (no bias) + BN.
+    Returns attnfd_loss(A_s, A_t); the method's lambda (2) is the caller's weight.
+    """
+
+    def __init__(self, student_channels: int, teacher_channels: int, reduction: int = 16,
+                 kernel_size: int = 7, *, backend: str = "auto"):
+        super().__init__()
+        self.backend = backend
+        self.student_cbam = CBAM(student_channels, reduction, kernel_size, backend=backend)
+        self.teacher_cbam = CBAM(teacher_channels, reduction, kernel_size, backend=backend)
+        self.teacher_cbam.requires_grad_(False)
+        self.connector = nn.Sequential(
+            nn.Conv2d(student_channels, teacher_channels, kernel_size=1, bias=False),
+            nn.BatchNorm2d(teacher_channels),
+        )
+
+    def forward(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_refined = self.teacher_cbam(teacher_feat.detach())
+        student_refined = self.connector(self.student_cbam(student_feat))
+        return attnfd_loss(student_refined, teacher_refined, backend=self.backend)

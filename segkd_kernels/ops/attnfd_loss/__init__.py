@@ -1,0 +1,3 @@
+from .api import attnfd_loss
+
+__all__ = ["attnfd_loss"]

@@ -1,0 +1,17 @@
+"""AttnFD loss at one distillation point (LOSSES.md 6) in plain PyTorch."""
+
+import torch
+
+from ..._validation import compute_dtype
+
+NORM_EPS = 1e-12  # a zero map is divided by eps instead of 0
+
+
+def attnfd_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """sum((A_s / ||A_s||_F - A_t / ||A_t||_F)^2) / N, one Frobenius norm over the whole tensor."""
+    dtype = compute_dtype(student)
+    s = student.to(dtype)
+    t = teacher.detach().to(dtype)
+    s_hat = s / s.norm().clamp_min(NORM_EPS)
+    t_hat = t / t.norm().clamp_min(NORM_EPS)
+    return ((s_hat - t_hat).square().sum() / student.shape[0]).to(student.dtype)

@@ -1,0 +1,3 @@
+from .api import channel_pool
+
+__all__ = ["channel_pool"]

@@ -1,0 +1,3 @@
+from .api import channel_wise_kd
+
+__all__ = ["channel_wise_kd"]

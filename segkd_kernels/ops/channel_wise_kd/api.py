@@ -1,0 +1,23 @@
+"""sk.channel_wise_kd: channel-wise distillation (CWD, LOSSES.md 1)."""
+
+import torch
+
+from ..._backends import FLOAT_DTYPES, select_backend
+from ..._validation import check_positive, check_same_device, check_same_shape, check_tensor
+from . import reference
+
+IMPLEMENTED = {"reference": FLOAT_DTYPES}
+
+
+def channel_wise_kd(student: torch.Tensor, teacher: torch.Tensor, tau: float = 4.0, *,
+                    backend: str = "auto") -> torch.Tensor:
+    """Channel-wise KD: softmax over the H*W positions of every (n, c) map, KL teacher || student,
+    times tau^2 / (N*C). Inputs (N, C, H, W) of the same shape; returns a 0-dim tensor in the
+    student's dtype, differentiable in the student only."""
+    check_tensor("student", student, rank=4)
+    check_tensor("teacher", teacher, rank=4)
+    check_same_shape("student", student, "teacher", teacher)
+    check_same_device(student=student, teacher=teacher)
+    check_positive("tau", tau)
+    select_backend("channel_wise_kd", backend, IMPLEMENTED, student)
+    return reference.channel_wise_kd(student, teacher, tau)

@@ -1,0 +1,3 @@
+from .api import cross_image_kd
+
+__all__ = ["cross_image_kd"]

@@ -1,0 +1,3 @@
+from .api import pairwise_kd
+
+__all__ = ["pairwise_kd"]

@@ -1,0 +1,27 @@
+"""sk.pairwise_kd: pairwise pixel-similarity distillation (LOSSES.md 3)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..._backends import FLOAT_DTYPES, select_backend
+from ..._validation import check_same_device, check_same_dims, check_tensor
+from . import reference
+
+IMPLEMENTED = {"reference": FLOAT_DTYPES}
+
+
+def pairwise_kd(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, pool: int | None = None,
+                detach_norm: bool = False, backend: str = "auto") -> torch.Tensor:
+    """Squared difference of the student's and teacher's pixel-to-pixel cosine similarities,
+    averaged over N * P^2 pairs. Features (N, C_s, H, W) and (N, C_t, H, W): channel counts may
+    differ. `pool=2` max-pools 2x2 first (CIRKD parity); `pool=None` keeps full resolution.
+    `detach_norm=True` treats the per-pixel norms as constants in the gradient."""
+    check_tensor("student_feat", student_feat, rank=4)
+    check_tensor("teacher_feat", teacher_feat, rank=4)
+    check_same_dims("student_feat", student_feat, "teacher_feat", teacher_feat, dims=(0, 2, 3))
+    check_same_device(student_feat=student_feat, teacher_feat=teacher_feat)
+    if pool is not None and (isinstance(pool, bool) or not isinstance(pool, int) or pool < 1):
+        raise ValueError(f"pool: expected None or a positive int, got {pool!r}")
+    select_backend("pairwise_kd", backend, IMPLEMENTED, student_feat)
+    return reference.pairwise_kd(student_feat, teacher_feat, pool, bool(detach_norm))

@@ -1,0 +1,64 @@
+"""sk.pixel_kd, sk.knowledge_gap, sk.pfs_pixel_kd (LOSSES.md 2, 2b)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..._backends import FLOAT_DTYPES, select_backend
+from ..._validation import check_positive, check_same_device, check_same_shape, check_tensor
+from . import reference
+
+IMPLEMENTED = {"reference": FLOAT_DTYPES}
+
+
+def _check_logits(student_logits, teacher_logits, tau) -> None:
+    check_tensor("student_logits", student_logits, rank=4)
+    check_tensor("teacher_logits", teacher_logits, rank=4)
+    check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
+    check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)
+    check_positive("tau", tau)
+
+
+def _check_pixel_map(name: str, value, student_logits: torch.Tensor, *, boolean: bool) -> None:
+    if value is None:
+        return
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor or None, got {type(value).__name__}")
+    n, _, h, w = student_logits.shape
+    if tuple(value.shape) != (n, h, w):
+        raise ValueError(f"{name}: expected shape (N, H, W) = {(n, h, w)}, got {tuple(value.shape)}")
+    if boolean and value.dtype != torch.bool:
+        raise ValueError(f"{name}: expected a bool tensor (True = ignored pixel), got dtype {value.dtype}")
+    if not boolean and not value.is_floating_point():
+        raise ValueError(f"{name}: expected a floating-point tensor, got dtype {value.dtype}")
+    check_same_device(student_logits=student_logits, **{name: value})
+
+
+def pixel_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0, *,
+             weight: torch.Tensor | None = None, ignore_mask: torch.Tensor | None = None,
+             backend: str = "auto") -> torch.Tensor:
+    """Hinton KD per pixel over the class axis: tau^2 * sum_p w_p m_p KL_p / max(1, #valid pixels).
+
+    Logits (N, K, H, W); `weight` (N, H, W) float, `ignore_mask` (N, H, W) bool, True = ignored.
+    Returns a 0-dim tensor in the student's dtype, differentiable in the student only."""
+    _check_logits(student_logits, teacher_logits, tau)
+    _check_pixel_map("weight", weight, student_logits, boolean=False)
+    _check_pixel_map("ignore_mask", ignore_mask, student_logits, boolean=True)
+    select_backend("pixel_kd", backend, IMPLEMENTED, student_logits)
+    return reference.pixel_kd(student_logits, teacher_logits, tau, weight, ignore_mask)
+
+
+def knowledge_gap(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """(N, H, W) per-pixel KL(teacher || student) at temperature tau, detached, in the student's dtype."""
+    _check_logits(student_logits, teacher_logits, tau)
+    with torch.no_grad():
+        return reference.per_pixel_kl(student_logits, teacher_logits, tau).to(student_logits.dtype)
+
+
+def pfs_pixel_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0, *,
+                 ignore_mask: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """Pixel KD weighted by the knowledge gap, w_p = gap_p / mean valid gap (LOSSES.md 2b)."""
+    _check_logits(student_logits, teacher_logits, tau)
+    _check_pixel_map("ignore_mask", ignore_mask, student_logits, boolean=True)
+    select_backend("pfs_pixel_kd", backend, IMPLEMENTED, student_logits)
+    return reference.pfs_pixel_kd(student_logits, teacher_logits, tau, ignore_mask)

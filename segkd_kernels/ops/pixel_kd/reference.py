@@ -1,0 +1,56 @@
+"""Pixel-wise KD (LOSSES.md 2) and the knowledge-gap weighting of PFS (2b) in plain PyTorch."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..._validation import compute_dtype
+
+
+def per_pixel_kl(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
+    """(N, H, W): KL(softmax_K(t/tau) || softmax_K(s/tau)) over the class axis (dim 1), in the
+    compute dtype (fp32, or fp64 for fp64 students)."""
+    dtype = compute_dtype(student)
+    log_p_s = F.log_softmax(student.to(dtype) / tau, dim=1)
+    log_p_t = F.log_softmax(teacher.detach().to(dtype) / tau, dim=1)
+    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)
+
+
+def pixel_kd(student: torch.Tensor, teacher: torch.Tensor, tau: float, weight: torch.Tensor | None = None,
+             ignore_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """tau^2 * sum_p w_p m_p KL_p / max(1, sum_p m_p), m_p = 0 where ignore_mask is True."""
+    kl = per_pixel_kl(student, teacher, tau)
+    if weight is not None:
+        kl = kl * weight.detach().to(kl.dtype)
+    if ignore_mask is None:
+        total, count = kl.sum(), kl.numel()
+    else:
+        valid = ~ignore_mask
+        # where(), not a multiply: ignored pixels contribute 0 even if their logits are not finite.
+        total = torch.where(valid, kl, torch.zeros((), dtype=kl.dtype, device=kl.device)).sum()
+        count = valid.sum().clamp_min(1).to(kl.dtype)
+    return (total * (tau * tau) / count).to(student.dtype)
+
+
+def knowledge_gap_weight(student: torch.Tensor, teacher: torch.Tensor, tau: float,
+                         ignore_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """w_p = gap_p / mean of gap over valid pixels, gap = per-pixel KL (detached).
+
+    Rounding can make a KL of identical rows a hair below 0; gaps are clamped at 0 so the weights
+    are never negative. If every valid gap is 0 the weights are 0 (the loss is 0 anyway)."""
+    gap = per_pixel_kl(student.detach(), teacher, tau).clamp_min(0)
+    if ignore_mask is None:
+        mean_gap = gap.mean()
+    else:
+        valid = ~ignore_mask
+        total = torch.where(valid, gap, torch.zeros((), dtype=gap.dtype, device=gap.device)).sum()
+        mean_gap = total / valid.sum().clamp_min(1).to(gap.dtype)
+    return gap / mean_gap.clamp_min(torch.finfo(gap.dtype).tiny)
+
+
+def pfs_pixel_kd(student: torch.Tensor, teacher: torch.Tensor, tau: float,
+                 ignore_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Pixel KD weighted by the normalised knowledge gap (PFS's soft-prediction imitation)."""
+    weight = knowledge_gap_weight(student, teacher, tau, ignore_mask)
+    return pixel_kd(student, teacher, tau, weight=weight, ignore_mask=ignore_mask)

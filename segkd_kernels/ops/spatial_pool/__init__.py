@@ -1,0 +1,3 @@
+from .api import spatial_pool
+
+__all__ = ["spatial_pool"]

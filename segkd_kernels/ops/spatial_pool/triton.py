@@ -1,0 +1,88 @@
+"""spatial_pool in Triton: mean and max over H*W per (n, c) row, and its backward.
+
+Forward: one program per row streams the row in blocks, keeping per-lane running sums, maxima and
+the index of each lane's first maximum; the block is reduced once at the end. Backward: one program
+per (row, block): dx = grad_avg / P everywhere plus grad_max at the saved argmax.
+Accumulation is fp32 (fp64 for fp64 inputs).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from . import autograd
+
+
+@triton.jit
+def _spatial_pool_fwd_kernel(x_ptr, avg_ptr, max_ptr, argmax_ptr, plane,
+                             BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    row_start = x_ptr + row * plane
+    lanes = tl.arange(0, BLOCK)
+    acc_sum = tl.zeros([BLOCK], dtype=ACC_DTYPE)
+    acc_max = tl.full([BLOCK], float("-inf"), dtype=ACC_DTYPE)
+    # `plane` marks "no element seen yet": the first valid element always replaces it, so rows
+    # of -inf still get a valid argmax.
+    acc_idx = tl.full([BLOCK], plane, dtype=tl.int64)
+    for start in range(0, plane, BLOCK):
+        offs = start + lanes
+        valid = offs < plane
+        v = tl.load(row_start + offs, mask=valid, other=0.0).to(ACC_DTYPE)
+        acc_sum += v
+        # Blocks advance in index order, so a strict > keeps each lane's first maximum.
+        take = valid & ((v > acc_max) | (acc_idx == plane))
+        acc_max = tl.where(take, v, acc_max)
+        acc_idx = tl.where(take, offs.to(tl.int64), acc_idx)
+    row_max = tl.max(acc_max, axis=0)
+    row_argmax = tl.min(tl.where(acc_max == row_max, acc_idx, plane), axis=0)
+    tl.store(avg_ptr + row, (tl.sum(acc_sum, axis=0) / plane).to(avg_ptr.dtype.element_ty))
+    tl.store(max_ptr + row, row_max.to(max_ptr.dtype.element_ty))
+    tl.store(argmax_ptr + row, row_argmax)
+
+
+@triton.jit
+def _spatial_pool_bwd_kernel(grad_avg_ptr, grad_max_ptr, argmax_ptr, dx_ptr, plane,
+                             BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < plane
+    g_avg = tl.load(grad_avg_ptr + row).to(ACC_DTYPE) / plane
+    g_max = tl.load(grad_max_ptr + row).to(ACC_DTYPE)
+    idx = tl.load(argmax_ptr + row)
+    dx = g_avg + tl.where(offs == idx, g_max, 0.0)
+    tl.store(dx_ptr + row * plane + offs, dx.to(dx_ptr.dtype.element_ty), mask=valid)
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@torch.library.custom_op("segkd::spatial_pool_triton", mutates_args=())
+def spatial_pool_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x = x.contiguous()
+    n, c, h, w = x.shape
+    rows, plane = n * c, h * w
+    avg = x.new_empty(n, c)
+    mx = x.new_empty(n, c)
+    argmax = x.new_empty(n, c, dtype=torch.int64)
+    if rows > 0:
+        block = min(triton.next_power_of_2(plane), 2048)
+        _spatial_pool_fwd_kernel[(rows,)](x, avg, mx, argmax, plane, BLOCK=block, ACC_DTYPE=_acc_dtype(x.dtype))
+    return avg, mx, argmax
+
+
+@torch.library.custom_op("segkd::spatial_pool_backward_triton", mutates_args=())
+def spatial_pool_backward_triton(grad_avg: torch.Tensor, grad_max: torch.Tensor, argmax: torch.Tensor,
+                                 h: int, w: int) -> torch.Tensor:
+    n, c = grad_avg.shape
+    rows, plane = n * c, h * w
+    dx = grad_avg.new_empty(n, c, h, w)
+    if rows > 0 and plane > 0:
+        block = min(triton.next_power_of_2(plane), 1024)
+        grid = (rows, triton.cdiv(plane, block))
+        _spatial_pool_bwd_kernel[grid](grad_avg.contiguous(), grad_max.contiguous(), argmax.contiguous(), dx,
+                                       plane, BLOCK=block, ACC_DTYPE=_acc_dtype(dx.dtype))
+    return dx
+
+
+autograd.register(spatial_pool_triton, spatial_pool_backward_triton)

@@ -1,0 +1,3 @@
+from .api import ssim_kd
+
+__all__ = ["ssim_kd"]

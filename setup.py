@@ -1,0 +1,100 @@
+"""Build driver for segkd_kernels.
+
+The Python package is pure Python + Triton. The hand-written CUDA kernels in csrc/ are compiled by
+CMake (nvcc + pybind11 + static cudart, no libtorch) into the optional module segkd_kernels._cuda.
+
+SEGKD_CUDA controls that build:
+  auto (default)  build when nvcc and cmake are found; on failure warn and install without it
+  1               build, and fail the install if it cannot be built
+  0               never build it
+SEGKD_CUDA_ARCHS  CMAKE_CUDA_ARCHITECTURES for the build (default "80;90").
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str, source_dir: Path):
+        super().__init__(name, sources=[])
+        self.source_dir = str(source_dir)
+
+
+def _find_nvcc() -> str | None:
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return nvcc
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and Path(home, "bin", "nvcc").exists():
+            return str(Path(home, "bin", "nvcc"))
+    return None
+
+
+class CMakeBuild(build_ext):
+    def run(self):
+        mode = os.environ.get("SEGKD_CUDA", "auto").strip().lower()
+        if mode not in ("auto", "0", "1"):
+            raise SystemExit(f"SEGKD_CUDA must be auto, 0 or 1, got {mode!r}")
+        if mode == "0":
+            print("segkd_kernels: SEGKD_CUDA=0, skipping the CUDA library")
+            return
+        nvcc, cmake = _find_nvcc(), shutil.which("cmake")
+        if not (nvcc and cmake):
+            missing = " and ".join(n for n, p in (("nvcc", nvcc), ("cmake", cmake)) if not p)
+            msg = f"segkd_kernels: {missing} not found, the CUDA library will not be built"
+            if mode == "1":
+                raise SystemExit(msg + " (SEGKD_CUDA=1)")
+            warnings.warn(msg)
+            return
+        try:
+            for ext in self.extensions:
+                self._build_cmake(ext, nvcc, cmake)
+        except (subprocess.CalledProcessError, OSError) as err:
+            if mode == "1":
+                raise SystemExit(f"segkd_kernels: building the CUDA library failed: {err}")
+            warnings.warn(
+                f"segkd_kernels: building the CUDA library failed ({err}); installing without it. "
+                "Set SEGKD_CUDA=1 to make this an error."
+            )
+
+    def _build_cmake(self, ext: CMakeExtension, nvcc: str, cmake: str) -> None:
+        import pybind11
+
+        out_file = Path(self.get_ext_fullpath(ext.name)).resolve()
+        out_dir = out_file.parent
+        out_dir.mkdir(parents=True, exist_ok=True)
+        build_dir = Path(self.build_temp).resolve() / "cmake"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        archs = os.environ.get("SEGKD_CUDA_ARCHS", "80;90")
+        config = [
+            f"-DCMAKE_CUDA_COMPILER={nvcc}",
+            f"-DSEGKD_CUDA_ARCHS={archs}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DSEGKD_OUTPUT_DIR={out_dir}",
+            f"-DSEGKD_OUTPUT_NAME={out_file.name}",
+            "-DCMAKE_BUILD_TYPE=Release",
+        ]
+        if shutil.which("ninja"):
+            config.append("-GNinja")
+        print(f"segkd_kernels: building the CUDA library for sm {archs} with {nvcc}")
+        subprocess.run([cmake, "-S", ext.source_dir, "-B", str(build_dir), *config], check=True)
+        jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
+        subprocess.run([cmake, "--build", str(build_dir), "--parallel", jobs], check=True)
+        if not out_file.exists():
+            raise OSError(f"CMake finished but {out_file} is missing")
+
+
+setup(
+    ext_modules=[CMakeExtension("segkd_kernels._cuda", ROOT)],
+    cmdclass={"build_ext": CMakeBuild},
+)
