@@ -17,7 +17,7 @@ def make_tensor(shape, *, dtype=torch.float32, device="cpu", seed: int = 0, scal
                 requires_grad: bool = False) -> torch.Tensor:
     """Deterministic standard-normal tensor (times `scale`), generated in fp64 on CPU then cast."""
     gen = torch.Generator().manual_seed(seed)
-    x = (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+    x = (torch.randn(tuple(shape), generator=gen, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
     return x.requires_grad_(requires_grad)
 
 
