@@ -17,10 +17,19 @@ def per_pixel_kl(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> to
     return (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)
 
 
+def _zero_ignored(logits: torch.Tensor, ignore_mask: torch.Tensor | None) -> torch.Tensor:
+    """Logits with every class of the ignored pixels set to 0. where(), not a multiply: the value
+    and the gradient at ignored pixels are exactly 0 even if their logits are not finite (a NaN or
+    Inf there would otherwise give a NaN gradient through the softmax, 0 * NaN = NaN)."""
+    if ignore_mask is None:
+        return logits
+    return torch.where(ignore_mask[:, None], torch.zeros((), dtype=logits.dtype, device=logits.device), logits)
+
+
 def pixel_kd(student: torch.Tensor, teacher: torch.Tensor, tau: float, weight: torch.Tensor | None = None,
              ignore_mask: torch.Tensor | None = None) -> torch.Tensor:
     """tau^2 * sum_p w_p m_p KL_p / max(1, sum_p m_p), m_p = 0 where ignore_mask is True."""
-    kl = per_pixel_kl(student, teacher, tau)
+    kl = per_pixel_kl(_zero_ignored(student, ignore_mask), _zero_ignored(teacher.detach(), ignore_mask), tau)
     if weight is not None:
         kl = kl * weight.detach().to(kl.dtype)
     if ignore_mask is None:
@@ -39,7 +48,8 @@ def knowledge_gap_weight(student: torch.Tensor, teacher: torch.Tensor, tau: floa
 
     Rounding can make a KL of identical rows a hair below 0; gaps are clamped at 0 so the weights
     are never negative. If every valid gap is 0 the weights are 0 (the loss is 0 anyway)."""
-    gap = per_pixel_kl(student.detach(), teacher, tau).clamp_min(0)
+    gap = per_pixel_kl(_zero_ignored(student.detach(), ignore_mask), _zero_ignored(teacher.detach(), ignore_mask),
+                       tau).clamp_min(0)
     if ignore_mask is None:
         mean_gap = gap.mean()
     else:

@@ -1,0 +1,337 @@
+"""channel_wise_kd (LOSSES.md 1): values and gradients against an explicit-loop fp64 oracle, autograd
+rules (teacher detached, grad_output, gradcheck), layouts, dtypes, torch.compile, input checks."""
+
+import math
+
+import pytest
+import torch
+
+import segkd_kernels as sk
+from segkd_kernels.testing import TOLERANCES, assert_close, channels_last, make_tensor, non_contiguous
+
+# P = 1 (loss 0), single channel, odd sizes, a long thin map.
+SHAPES = [(1, 1, 1, 1), (1, 3, 5, 7), (2, 7, 1, 1), (3, 1, 3, 13), (2, 3, 5, 7)]
+TAUS = [0.5, 1.0, 4.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Oracle: Python floats, one (n, c) row at a time, textbook softmax with math.exp / math.log.
+# ---------------------------------------------------------------------------------------------
+
+def _softmax_row(values, tau):
+    """(p, log p) of softmax(values / tau), shifted by the max so exp never overflows."""
+    scaled = [v / tau for v in values]
+    top = max(scaled)
+    exps = [math.exp(v - top) for v in scaled]
+    z = sum(exps)
+    return [e / z for e in exps], [v - top - math.log(z) for v in scaled]
+
+
+def naive_cwd(student, teacher, tau):
+    """(loss, d loss / d student) as Python float and fp64 tensor, straight from LOSSES.md 1."""
+    n, c, h, w = student.shape
+    s = student.detach().cpu().double().reshape(n, c, h * w).tolist()
+    t = teacher.detach().cpu().double().reshape(n, c, h * w).tolist()
+    total = 0.0
+    grad = [[None] * c for _ in range(n)]
+    for i in range(n):
+        for j in range(c):
+            p_s, log_p_s = _softmax_row(s[i][j], tau)
+            p_t, log_p_t = _softmax_row(t[i][j], tau)
+            total += sum(pt * (lt - ls) for pt, lt, ls in zip(p_t, log_p_t, log_p_s) if pt > 0)
+            grad[i][j] = [tau / (n * c) * (ps - pt) for ps, pt in zip(p_s, p_t)]
+    loss = tau * tau / (n * c) * total
+    return loss, torch.tensor(grad, dtype=torch.float64).reshape(n, c, h, w)
+
+
+def _inputs(shape, dtype, device, seed=0, scale=2.0):
+    s = make_tensor(shape, dtype=dtype, device=device, seed=seed, scale=scale, requires_grad=True)
+    t = make_tensor(shape, dtype=dtype, device=device, seed=seed + 100, scale=scale)
+    return s, t
+
+
+def _loss_and_grad(s, t, tau, **kw):
+    s = s.detach().requires_grad_(True)
+    loss = sk.channel_wise_kd(s, t, tau, **kw)
+    (g,) = torch.autograd.grad(loss, s)
+    return loss.detach(), g
+
+
+# ---------------------------------------------------------------------------------------------
+# 1, 2. Values and gradients against the oracle
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("tau", TAUS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_value_and_grad_match_loop_oracle(shape, tau, dtype, device):
+    s, t = _inputs(shape, dtype, device, seed=sum(shape))
+    loss = sk.channel_wise_kd(s, t, tau, backend="reference")
+    assert loss.dim() == 0 and loss.dtype == dtype and loss.device.type == torch.device(device).type
+    want_loss, want_grad = naive_cwd(s, t, tau)
+    rtol, atol = TOLERANCES[dtype]
+    assert loss.item() == pytest.approx(want_loss, rel=rtol, abs=atol)
+    (g,) = torch.autograd.grad(loss, s)
+    assert g.dtype == dtype and g.shape == s.shape
+    assert_close(g.cpu(), want_grad.to(dtype))
+
+
+def test_auto_backend_on_cpu_is_the_reference(device):
+    s, t = _inputs((2, 3, 5, 7), torch.float64, device)
+    assert torch.equal(sk.channel_wise_kd(s, t, backend="auto"), sk.channel_wise_kd(s, t, backend="reference"))
+    # default tau is 4.0 (LOSSES.md 1)
+    assert torch.equal(sk.channel_wise_kd(s, t), sk.channel_wise_kd(s, t, 4.0, backend="reference"))
+    assert sk.channel_wise_kd(s, t).item() == pytest.approx(naive_cwd(s, t, 4.0)[0], rel=1e-9)
+
+
+def test_integer_tau_accepted(device):
+    s, t = _inputs((1, 3, 5, 7), torch.float64, device)
+    assert sk.channel_wise_kd(s, t, 2).item() == pytest.approx(naive_cwd(s, t, 2.0)[0], rel=1e-9)
+
+
+def test_softmax_is_over_positions_not_channels(device):
+    """Shifting a whole (n, c) map by a constant leaves the loss unchanged; shifting a whole pixel's
+    channel vector does not (it is not a softmax over C)."""
+    s, t = _inputs((2, 3, 5, 7), torch.float64, device)
+    base = sk.channel_wise_kd(s, t, 1.0)
+    shift_map = make_tensor((2, 3, 1, 1), dtype=torch.float64, device=device, seed=7, scale=5.0)
+    torch.testing.assert_close(sk.channel_wise_kd(s + shift_map, t, 1.0), base, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sk.channel_wise_kd(s, t - shift_map, 1.0), base, rtol=1e-12, atol=1e-12)
+    shift_pixel = make_tensor((2, 1, 5, 7), dtype=torch.float64, device=device, seed=8, scale=5.0)
+    assert abs(sk.channel_wise_kd(s + shift_pixel, t, 1.0).item() - base.item()) > 1e-3
+
+
+@pytest.mark.parametrize("tau", TAUS)
+def test_identical_inputs_give_zero_and_loss_is_nonnegative(tau, device):
+    s, t = _inputs((2, 3, 5, 7), torch.float64, device)
+    loss, g = _loss_and_grad(t, t, tau)
+    assert loss.item() == pytest.approx(0.0, abs=1e-12)
+    assert g.abs().max().item() < 1e-15
+    assert sk.channel_wise_kd(s, t, tau).item() > 0
+
+
+@pytest.mark.parametrize("tau", [0.5, 4.0])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 2), (2, 3, 2, 3), (1, 2, 1, 5)])
+def test_gradcheck_fp64(shape, tau, device):
+    s, t = _inputs(shape, torch.float64, device, seed=11)
+    assert torch.autograd.gradcheck(lambda x: sk.channel_wise_kd(x, t, tau, backend="reference"), (s,))
+    if shape == (1, 2, 1, 5):
+        assert torch.autograd.gradgradcheck(lambda x: sk.channel_wise_kd(x, t, tau, backend="reference"), (s,))
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Teacher is a target only
+# ---------------------------------------------------------------------------------------------
+
+def test_teacher_gets_no_gradient(device):
+    s, t = _inputs((2, 3, 5, 7), torch.float64, device)
+    t_req = t.clone().requires_grad_(True)
+    loss = sk.channel_wise_kd(s, t_req, 2.0)
+    (g_t,) = torch.autograd.grad(loss, t_req, allow_unused=True, retain_graph=True)
+    assert g_t is None or torch.count_nonzero(g_t) == 0
+    loss.backward()
+    assert t_req.grad is None or torch.count_nonzero(t_req.grad) == 0
+    # and the student's gradient is the same as with a plain teacher
+    _, g_plain = _loss_and_grad(s, t, 2.0)
+    assert_close(s.grad, g_plain)
+
+
+def test_teacher_only_requires_grad_gives_constant(device):
+    """Only the teacher requires grad: the loss is a constant (nothing to differentiate)."""
+    s, t = _inputs((1, 3, 2, 5), torch.float64, device)
+    loss = sk.channel_wise_kd(s.detach(), t.clone().requires_grad_(True), 1.0)
+    assert not loss.requires_grad
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Layouts
+# ---------------------------------------------------------------------------------------------
+
+LAYOUTS = {"contiguous": lambda x: x, "non_contiguous": non_contiguous, "channels_last": channels_last}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("layout_t", list(LAYOUTS))
+@pytest.mark.parametrize("layout_s", list(LAYOUTS))
+def test_layouts_match_contiguous(layout_s, layout_t, dtype, device):
+    s, t = _inputs((2, 3, 5, 7), dtype, device, seed=5)
+    want_loss, want_grad = _loss_and_grad(s, t, 4.0)
+    s2 = LAYOUTS[layout_s](s.detach()).requires_grad_(True)
+    t2 = LAYOUTS[layout_t](t)
+    if layout_s != "contiguous":
+        assert not s2.is_contiguous()
+    loss, g = _loss_and_grad(s2, t2, 4.0)
+    assert_close(loss, want_loss)
+    assert_close(g, want_grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. grad_output != 1
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_grad_output_is_honoured(dtype, device):
+    s, t = _inputs((2, 3, 5, 7), dtype, device, seed=9)
+    _, g1 = _loss_and_grad(s, t, 1.0)
+
+    s.grad = None
+    (3.5 * sk.channel_wise_kd(s, t, 1.0)).backward()
+    assert_close(s.grad, 3.5 * g1)
+
+    s.grad = None
+    (-0.25 * sk.channel_wise_kd(s, t, 1.0) + (s * s).sum()).backward()
+    assert_close(s.grad, -0.25 * g1 + 2 * s.detach())
+
+    # the same loss used twice in the graph: gradients add
+    s.grad = None
+    loss = sk.channel_wise_kd(s, t, 1.0)
+    (loss * loss).backward()
+    assert_close(s.grad, 2 * loss.detach() * g1)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. dtypes
+# ---------------------------------------------------------------------------------------------
+
+def test_fp64_stays_fp64(device):
+    s, t = _inputs((1, 3, 5, 7), torch.float64, device)
+    loss = sk.channel_wise_kd(s, t)
+    loss.backward()
+    assert loss.dtype == torch.float64 and s.grad.dtype == torch.float64
+    # fp64 precision, not fp32: matches the oracle far below fp32 resolution
+    assert abs(loss.item() - naive_cwd(s, t, 4.0)[0]) <= 1e-12 * abs(loss.item())
+
+
+@pytest.mark.parametrize("near", [False, True], ids=["random", "student_near_teacher"])
+@pytest.mark.parametrize("tau", [1.0, 3.0])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_computes_in_fp32(dtype, tau, near, device):
+    """fp16/bf16 inputs: a 0-dim result in that dtype, equal to the fp32 computation on the upcast
+    inputs up to one rounding of the result (so the math inside is fp32: with the student close to
+    the teacher, log-probabilities rounded to 16 bits would change the small KL by far more)."""
+    t = make_tensor((2, 3, 8, 9), dtype=dtype, device=device, seed=1, scale=3.0)
+    if near:
+        s = (t.double() + make_tensor(t.shape, dtype=torch.float64, device=device, seed=2, scale=0.02)).to(dtype)
+    else:
+        s = make_tensor(t.shape, dtype=dtype, device=device, seed=2, scale=3.0)
+    s.requires_grad_(True)
+    loss = sk.channel_wise_kd(s, t, tau)
+    assert loss.dim() == 0 and loss.dtype == dtype
+    loss.backward()
+    assert s.grad.dtype == dtype
+
+    want_loss, want_grad = _loss_and_grad(s.detach().float(), t.float(), tau)
+    eps = torch.finfo(dtype).eps
+    assert abs(loss.float().item() - want_loss.item()) <= eps * abs(want_loss.item()) + 1e-30
+    tiny = 2.0 ** -24 if dtype == torch.float16 else 1e-38  # fp16 subnormal spacing
+    err = (s.grad.float() - want_grad).abs()
+    assert bool((err <= eps * want_grad.abs() + tiny).all())
+    # and the fp32 computation itself is right (abs: fp32 cancellation in log p_t - log p_s, ~eps32 *
+    # tau^2 * |log p|, dominates when the KL is small)
+    assert want_loss.item() == pytest.approx(naive_cwd(s, t, tau)[0], rel=1e-4, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. torch.compile
+# ---------------------------------------------------------------------------------------------
+
+def test_torch_compile_fullgraph_matches_eager(device):
+    s, t = _inputs((2, 3, 5, 7), torch.float32, device, seed=21)
+    want_loss, want_grad = _loss_and_grad(s, t, 2.0)
+    torch._dynamo.reset()
+    fn = torch.compile(sk.channel_wise_kd, fullgraph=True, backend="aot_eager")
+    s2 = s.detach().clone().requires_grad_(True)
+    loss = fn(s2, t, 2.0, backend="reference")
+    (2.5 * loss).backward()
+    assert_close(loss.detach(), want_loss)
+    assert_close(s2.grad, 2.5 * want_grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Bad inputs
+# ---------------------------------------------------------------------------------------------
+
+def _bad_cases(device):
+    ok = make_tensor((2, 3, 4, 5), device=device)
+    other = make_tensor((2, 3, 4, 5), device=device, seed=1)
+    return [
+        ("shape mismatch", (ok, make_tensor((2, 3, 4, 6), device=device)), {}, "teacher"),
+        ("channel mismatch", (ok, make_tensor((2, 4, 4, 5), device=device)), {}, "teacher"),
+        ("student rank 3", (ok[0], other[0]), {}, "student"),
+        ("teacher rank 5", (ok, other[None]), {}, "teacher"),
+        ("student rank 2", (ok[0, 0], other), {}, "student"),
+        ("student int", (ok.long(), other), {}, "student"),
+        ("teacher int", (ok, other.to(torch.int32)), {}, "teacher"),
+        ("student bool", (ok > 0, other), {}, "student"),
+        ("student not a tensor", (ok.tolist(), other), {}, "student"),
+        ("teacher not a tensor", (ok, 1.0), {}, "teacher"),
+        ("teacher on meta", (ok, other.to("meta")), {}, "teacher"),
+        ("student on meta", (ok.to("meta"), other), {}, "teacher.*meta|meta.*teacher"),
+        ("empty student", (ok[:0], other[:0]), {}, "student"),
+        ("empty spatial", (ok[:, :, :0], other[:, :, :0]), {}, "student"),
+        ("empty channels", (ok[:, :0], other[:, :0]), {}, "student"),
+        ("tau zero", (ok, other), {"tau": 0.0}, "tau"),
+        ("tau int zero", (ok, other), {"tau": 0}, "tau"),
+        ("tau negative", (ok, other), {"tau": -1.0}, "tau"),
+        ("tau nan", (ok, other), {"tau": float("nan")}, "tau"),
+        ("tau inf", (ok, other), {"tau": float("inf")}, "tau"),
+        ("tau string", (ok, other), {"tau": "4"}, "tau"),
+        ("tau bool", (ok, other), {"tau": True}, "tau"),
+        ("tau None", (ok, other), {"tau": None}, "tau"),
+        ("unknown backend", (ok, other), {"backend": "numpy"}, "backend"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_cases("cpu"))),
+                         ids=[c[0] for c in _bad_cases("cpu")])
+def test_bad_inputs_raise_value_error_naming_the_argument(case, device):
+    _, args, kwargs, match = _bad_cases(device)[case]
+    with pytest.raises(ValueError, match=match):
+        sk.channel_wise_kd(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. No fused backend yet: a named one raises, never falls back
+# ---------------------------------------------------------------------------------------------
+
+# ids not equal to "cuda": conftest skips every item with a "cuda" keyword, and a bare
+# parametrize id counts as one.
+@pytest.mark.parametrize("backend", ["triton", "cuda"], ids=lambda b: f"backend={b}")
+def test_named_unimplemented_backend_raises(backend, device):
+    s, t = _inputs((1, 2, 3, 4), torch.float32, device)
+    with pytest.raises((RuntimeError, ValueError), match=f"no {backend} backend"):
+        sk.channel_wise_kd(s, t, backend=backend)
+
+
+# ids not equal to "cuda": conftest skips every item with a "cuda" keyword, and a bare
+# parametrize id counts as one.
+@pytest.mark.parametrize("backend", ["triton", "cuda"], ids=lambda b: f"backend={b}")
+def test_env_override_to_unimplemented_backend_raises(backend, device, monkeypatch):
+    monkeypatch.setenv("SEGKD_BACKEND", backend)
+    s, t = _inputs((1, 2, 3, 4), torch.float32, device)
+    with pytest.raises((RuntimeError, ValueError), match=f"no {backend} backend"):
+        sk.channel_wise_kd(s, t)
+    # an explicit backend is not overridden
+    assert sk.channel_wise_kd(s, t, backend="reference").isfinite()
+
+
+# ---------------------------------------------------------------------------------------------
+# 11. Numerical safety
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["gaussian", "signs"])
+@pytest.mark.parametrize("tau", TAUS)
+def test_huge_logits_fp32_finite(tau, kind, device):
+    shape = (2, 3, 5, 7)
+    s = make_tensor(shape, device=device, seed=31, scale=1e4)
+    t = make_tensor(shape, device=device, seed=32, scale=1e4)
+    if kind == "signs":
+        s, t = torch.sign(s) * 1e4, torch.sign(t) * 1e4
+    loss, g = _loss_and_grad(s, t, tau)
+    assert loss.isfinite() and bool(g.isfinite().all())
+    want_loss, want_grad = naive_cwd(s, t, tau)
+    assert loss.item() == pytest.approx(want_loss, rel=1e-4)
+    torch.testing.assert_close(g.double().cpu(), want_grad, rtol=1e-4, atol=1e-6)
+    # and at the teacher itself: zero KL, a rounding-level gradient, no NaN from inf - inf
+    loss0, g0 = _loss_and_grad(t, t, tau)
+    assert loss0.item() == pytest.approx(0.0, abs=1e-6) and g0.abs().max().item() < 1e-6
