@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..._validation import compute_dtype
 
-RANGE_EPS = 1e-12  # min-max rescaling divides by max(max - min, RANGE_EPS): constant maps become 0
+RANGE_EPS = 1e-12  # min-max rescaling: a map whose max - min is not above this becomes 0
 MAP_EPS = 1e-12  # added to the SSIM denominator, as kornia does
 
 
@@ -40,10 +40,16 @@ def gaussian_filter(x: torch.Tensor, taps: torch.Tensor, padding: str) -> torch.
 
 
 def minmax_rescale(x: torch.Tensor) -> torch.Tensor:
-    """Per-(n, c) rescale to [0, 1]; min and max are constants in the gradient."""
+    """Per-(n, c) rescale to [0, 1]; min and max are constants in the gradient.
+
+    A map whose range is at most RANGE_EPS (a constant map, e.g. a dead ReLU channel) becomes 0
+    with a zero gradient; dividing by the clamped range instead would scale its gradient by 1e12
+    (inf in fp16)."""
     lo = x.amin(dim=(2, 3), keepdim=True).detach()
     hi = x.amax(dim=(2, 3), keepdim=True).detach()
-    return (x - lo) / (hi - lo).clamp_min(RANGE_EPS)
+    span = hi - lo
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    return torch.where(span > RANGE_EPS, (x - lo) / span.clamp_min(RANGE_EPS), zero)
 
 
 def ssim_map(x: torch.Tensor, y: torch.Tensor, window_size: int, sigma: float, data_range: float,
