@@ -1,0 +1,336 @@
+"""Tests of sk.cross_image_kd (LOSSES.md 4): cross-image pixel-to-pixel similarity distillation.
+
+The oracle here loops over ordered image pairs (i, j) and rows r and uses the textbook softmax
+(exp / sum exp) in fp64; it shares no code with segkd_kernels/ops/cross_image_kd/reference.py.
+"""
+
+import pytest
+import torch
+
+import segkd_kernels as sk
+from segkd_kernels.ops.cross_image_kd.api import IMPLEMENTED
+from segkd_kernels.testing import assert_close, channels_last, make_tensor, non_contiguous
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_AVAILABLE = sk.available_backends()
+# Every backend this op implements that can run here (only "reference" today).
+BACKENDS = [name for name in ("reference", "triton", "cuda") if name in IMPLEMENTED and _AVAILABLE[name]]
+
+# (N, C_s, C_t, H, W): odd sizes, C_s != C_t, N = 1, 2, 3, a 1x1 map (P = 1).
+SHAPES = [
+    (1, 3, 5, 5, 7),
+    (2, 1, 4, 3, 5),
+    (3, 5, 3, 2, 3),
+    (2, 4, 4, 1, 1),
+    (3, 2, 6, 1, 5),
+]
+TAUS = [0.1, 0.5, 1.0]
+
+
+def _skip_unsupported(backend, dtype):
+    if dtype not in IMPLEMENTED[backend]:
+        pytest.skip(f"{backend} backend of cross_image_kd does not take {dtype}")
+
+
+def _features(n, c_s, c_t, h, w, *, dtype=torch.float64, seed=0):
+    s = make_tensor((n, c_s, h, w), dtype=dtype, device=DEVICE, seed=seed, requires_grad=True)
+    t = make_tensor((n, c_t, h, w), dtype=dtype, device=DEVICE, seed=seed + 1)
+    return s, t
+
+
+def oracle_cross_image(s, t, tau):
+    """LOSSES.md 4 term by term, in fp64: explicit loops over image pairs and rows."""
+    s = s.double()
+    t = t.detach().double()
+    n, _, h, w = s.shape
+    p = h * w
+
+    def unit_columns(x):  # (C, H, W) -> (C, P), each pixel's feature vector divided by its norm
+        f = x.reshape(x.shape[0], p)
+        return f / torch.sqrt((f * f).sum(dim=0, keepdim=True)).clamp_min(1e-12)
+
+    a = [unit_columns(s[i]) for i in range(n)]
+    b = [unit_columns(t[i]) for i in range(n)]
+    total = s.new_zeros(())
+    for i in range(n):
+        for j in range(n):
+            kl_rows = s.new_zeros(())
+            for r in range(p):
+                s_row = (a[i][:, r : r + 1] * a[j]).sum(dim=0) / tau  # pixel r of image i vs all of j
+                t_row = (b[i][:, r : r + 1] * b[j]).sum(dim=0) / tau
+                p_s = torch.exp(s_row) / torch.exp(s_row).sum()
+                p_t = torch.exp(t_row) / torch.exp(t_row).sum()
+                kl_rows = kl_rows + (p_t * (torch.log(p_t) - torch.log(p_s))).sum()
+            total = total + kl_rows / p
+    return total / (n * n)
+
+
+def _value_and_grad(fn, s, t, *args, **kwargs):
+    s = s.detach().clone().requires_grad_(True)
+    loss = fn(s, t, *args, **kwargs)
+    (grad,) = torch.autograd.grad(loss, s)
+    return loss, grad
+
+
+# --------------------------------------------------------------------------------------------
+# 4. against the loop oracle
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("tau", TAUS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_loop_oracle(shape, tau, dtype, backend):
+    _skip_unsupported(backend, dtype)
+    s, t = _features(*shape, dtype=dtype, seed=sum(shape))
+    loss, grad = _value_and_grad(sk.cross_image_kd, s, t, tau, backend=backend)
+    ref_loss, ref_grad = _value_and_grad(oracle_cross_image, s.double(), t.double(), tau)
+    assert loss.dtype == dtype and loss.dim() == 0
+    assert grad.dtype == dtype
+    assert_close(loss, ref_loss, dtype=dtype)
+    if shape[1] == 1 and dtype == torch.float32:
+        # One student channel: a = s / |s| = +-1, so the exact gradient is 0; in fp32 what is left is
+        # the rounding of s / |s| (~eps) amplified by 1 / |s| and the 1 / tau logit scale.
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=0, atol=1e-4)
+    else:
+        assert_close(grad, ref_grad, dtype=dtype)
+
+
+def test_single_student_channel_has_zero_gradient():
+    """With C_s = 1 every normalised student pixel is +1 or -1: the loss is locally constant."""
+    s, t = _features(2, 1, 4, 3, 5, seed=6)
+    loss, grad = _value_and_grad(sk.cross_image_kd, s, t, 0.1)
+    assert loss.item() > 0.01
+    assert grad.abs().max().item() < 1e-10
+
+
+def test_default_tau_is_0_1():
+    s, t = _features(2, 3, 4, 3, 5, seed=7)
+    assert_close(sk.cross_image_kd(s, t), sk.cross_image_kd(s, t, 0.1))
+    assert_close(sk.cross_image_kd(s, t), oracle_cross_image(s, t, 0.1))
+
+
+def test_cross_pairs_count():
+    """Guards the i != j terms: a batch is not the mean of its images taken one at a time."""
+    s, t = _features(3, 3, 4, 3, 5, seed=8)
+    singles = sum(sk.cross_image_kd(s[i : i + 1], t[i : i + 1], 0.5) for i in range(3)) / 3
+    assert abs(sk.cross_image_kd(s, t, 0.5).item() - singles.item()) > 1e-4
+
+
+def test_zero_teacher_pixels():
+    """A teacher pixel with all-zero features normalises to 0 (max(||t||, eps)), not NaN."""
+    s, t = _features(2, 3, 4, 3, 5, seed=9)
+    t = t.clone()
+    t[0, :, 1, 2] = 0
+    t[1, :, 2, :] = 0
+    loss, grad = _value_and_grad(sk.cross_image_kd, s, t, 0.5)
+    ref_loss, ref_grad = _value_and_grad(oracle_cross_image, s, t, 0.5)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert_close(loss, ref_loss)
+    assert_close(grad, ref_grad)
+
+
+def test_student_equals_teacher_is_zero():
+    t = make_tensor((2, 5, 4, 6), dtype=torch.float64, seed=10)
+    s = t.clone().requires_grad_(True)
+    loss = sk.cross_image_kd(s, t, 0.1)
+    (grad,) = torch.autograd.grad(loss, s)
+    assert abs(loss.item()) < 1e-12
+    assert grad.abs().max().item() < 1e-10
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sharp_softmax_fp32(backend):
+    """Small tau with near-parallel pixels: logits up to 1/tau = 100, so a naive exp overflows in
+    fp32; the result must stay finite and match the fp64 oracle."""
+    s, t = _features(2, 3, 4, 3, 5, dtype=torch.float32, seed=11)
+    with torch.no_grad():
+        s[:, 0] += 5.0  # most pixels point nearly the same way: similarities close to 1
+    tau = 0.01
+    loss, grad = _value_and_grad(sk.cross_image_kd, s, t, tau, backend=backend)
+    ref_loss, ref_grad = _value_and_grad(oracle_cross_image, s.double(), t.double(), tau)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-4, atol=1e-5)
+    scale = ref_grad.abs().max().item()
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-3, atol=1e-4 * scale)
+
+
+# --------------------------------------------------------------------------------------------
+# 5. gradcheck (fp64)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n, tau, fast_mode", [(1, 1.0, False), (2, 0.1, False), (3, 0.5, True)])
+def test_gradcheck(n, tau, fast_mode):
+    s = make_tensor((n, 3, 2, 3), dtype=torch.float64, seed=21, requires_grad=True)
+    t = make_tensor((n, 2, 2, 3), dtype=torch.float64, seed=22)
+    assert torch.autograd.gradcheck(lambda x: sk.cross_image_kd(x, t, tau), (s,), fast_mode=fast_mode)
+
+
+# --------------------------------------------------------------------------------------------
+# 6. teacher, layouts, grad_output, dtypes
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_teacher_gets_no_gradient(backend):
+    s = make_tensor((2, 3, 3, 5), device=DEVICE, seed=31, requires_grad=True)
+    t = make_tensor((2, 4, 3, 5), device=DEVICE, seed=32, requires_grad=True)
+    sk.cross_image_kd(s, t, 0.5, backend=backend).backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    assert t.grad is None or not t.grad.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["non_contiguous", "channels_last", "both_channels_last", "mixed"])
+def test_layouts(layout, backend):
+    s, t = _features(3, 3, 5, 5, 7, dtype=torch.float32, seed=33)
+    loss, grad = _value_and_grad(sk.cross_image_kd, s, t, 0.2, backend=backend)
+    if layout == "non_contiguous":
+        s2, t2 = non_contiguous(s), non_contiguous(t)
+    elif layout == "channels_last":
+        s2, t2 = channels_last(s), t
+    elif layout == "both_channels_last":
+        s2, t2 = channels_last(s), channels_last(t)
+    else:
+        s2, t2 = non_contiguous(s), channels_last(t)
+    loss2 = sk.cross_image_kd(s2, t2, 0.2, backend=backend)
+    (grad2,) = torch.autograd.grad(loss2, s2)
+    assert grad2.shape == s.shape
+    assert_close(loss2, loss)
+    assert_close(grad2, grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_grad_output_is_honoured(dtype, backend):
+    _skip_unsupported(backend, dtype)
+    s, t = _features(2, 3, 4, 3, 5, dtype=dtype, seed=34)
+    loss, grad = _value_and_grad(sk.cross_image_kd, s, t, 0.3, backend=backend)
+    s2 = s.detach().clone().requires_grad_(True)
+    (2.5 * sk.cross_image_kd(s2, t, 0.3, backend=backend)).backward()
+    assert_close(s2.grad, 2.5 * grad)
+    s3 = s.detach().clone().requires_grad_(True)
+    loss3 = sk.cross_image_kd(s3, t, 0.3, backend=backend)
+    (grad3,) = torch.autograd.grad(loss3, s3, grad_outputs=torch.tensor(-0.75, dtype=dtype, device=DEVICE))
+    assert_close(grad3, -0.75 * grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_output_dtype(dtype, backend):
+    _skip_unsupported(backend, dtype)
+    s, t = _features(2, 3, 4, 3, 5, dtype=dtype, seed=35)
+    loss = sk.cross_image_kd(s, t, 0.5, backend=backend)
+    loss.backward()
+    assert loss.dtype == dtype and loss.shape == ()
+    assert s.grad.dtype == dtype
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tau", [0.1, 1.0])
+def test_half_precision_is_fp32_math_rounded(dtype, tau, backend):
+    """fp16/bf16 inputs: the value (and gradient) of the fp32 computation on the upcast inputs,
+    rounded once to the input dtype (with tau = 0.1 the logits reach 10: fp16 exp would overflow
+    in a kernel that did the math in fp16)."""
+    _skip_unsupported(backend, dtype)
+    s, t = _features(2, 3, 5, 5, 7, dtype=dtype, seed=36)
+    loss, grad = _value_and_grad(sk.cross_image_kd, s, t, tau, backend=backend)
+    ref_loss, ref_grad = _value_and_grad(sk.cross_image_kd, s.float(), t.float(), tau, backend="reference")
+    assert loss.dtype == dtype and grad.dtype == dtype
+    ulp = torch.finfo(dtype).eps  # one unit in the last place, relative
+    assert abs(loss.item() - ref_loss.item()) <= ulp * abs(ref_loss.item())
+    scale = ref_grad.abs().max().item()
+    torch.testing.assert_close(grad.float(), ref_grad, rtol=ulp, atol=1e-3 * scale)
+
+
+# --------------------------------------------------------------------------------------------
+# 7. torch.compile
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tau", [0.1, 0.7])
+def test_torch_compile(tau):
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, y: sk.cross_image_kd(x, y, tau), fullgraph=True, backend="aot_eager")
+    s, t = _features(2, 3, 4, 3, 5, dtype=torch.float32, seed=41)
+    loss, grad = _value_and_grad(compiled, s, t)
+    ref_loss, ref_grad = _value_and_grad(sk.cross_image_kd, s, t, tau)
+    assert_close(loss, ref_loss)
+    assert_close(grad, ref_grad)
+
+
+# --------------------------------------------------------------------------------------------
+# 8, 9. errors
+# --------------------------------------------------------------------------------------------
+
+
+def _good():
+    return make_tensor((2, 3, 5, 7), seed=51), make_tensor((2, 4, 5, 7), seed=52)
+
+
+@pytest.mark.parametrize(
+    "student_shape, teacher_shape, name",
+    [
+        ((2, 3, 5, 7), (3, 4, 5, 7), "teacher_feat"),  # N
+        ((2, 3, 5, 7), (2, 4, 6, 7), "teacher_feat"),  # H
+        ((2, 3, 5, 7), (2, 4, 5, 8), "teacher_feat"),  # W
+        ((3, 5, 7), (2, 4, 5, 7), "student_feat"),  # rank
+        ((2, 3, 5, 7), (2, 4, 5, 7, 1), "teacher_feat"),
+        ((2, 3, 5, 7), (4, 5, 7), "teacher_feat"),
+        ((0, 3, 5, 7), (0, 4, 5, 7), "student_feat"),  # empty
+        ((2, 3, 5, 0), (2, 4, 5, 0), "student_feat"),
+        ((2, 3, 5, 7), (2, 0, 5, 7), "teacher_feat"),
+    ],
+)
+def test_bad_shapes(student_shape, teacher_shape, name):
+    with pytest.raises(ValueError, match=name):
+        sk.cross_image_kd(torch.randn(student_shape), torch.randn(teacher_shape))
+
+
+def test_bad_dtypes_and_types():
+    s, t = _good()
+    with pytest.raises(ValueError, match="student_feat"):
+        sk.cross_image_kd(s.long(), t)
+    with pytest.raises(ValueError, match="teacher_feat"):
+        sk.cross_image_kd(s, t.to(torch.int32))
+    with pytest.raises(ValueError, match="student_feat"):
+        sk.cross_image_kd(s.numpy(), t)
+
+
+def test_different_devices():
+    s, t = _good()
+    with pytest.raises(ValueError, match="teacher_feat"):
+        sk.cross_image_kd(s, t.to("meta"))
+    with pytest.raises(ValueError, match="teacher_feat"):  # names the odd one out vs student_feat
+        sk.cross_image_kd(s.to("meta"), t)
+
+
+@pytest.mark.parametrize("tau", [0, 0.0, -0.5, -1, float("nan"), True, "0.1", None])
+def test_bad_tau(tau):
+    s, t = _good()
+    with pytest.raises(ValueError, match="tau"):
+        sk.cross_image_kd(s, t, tau)
+
+
+def test_bad_backend_name():
+    s, t = _good()
+    with pytest.raises(ValueError, match="backend"):
+        sk.cross_image_kd(s, t, backend="fastest")
+
+
+# ids avoid the bare keyword "cuda", which conftest.py reads as the "needs a CUDA device" marker
+@pytest.mark.parametrize("backend", ["triton", "cuda"], ids=["named-triton", "named-cuda"])
+def test_missing_backend_raises(backend):
+    if backend in IMPLEMENTED:
+        pytest.skip(f"cross_image_kd has a {backend} backend now")
+    s, t = _good()
+    with pytest.raises((ValueError, RuntimeError), match=f"no {backend} backend"):
+        sk.cross_image_kd(s, t, backend=backend)
+
+
+def test_auto_and_reference_agree():
+    s, t = _good()
+    assert_close(sk.cross_image_kd(s, t), sk.cross_image_kd(s, t, backend="reference"))
