@@ -225,3 +225,28 @@ def test_module_bad_settings_raise_on_call(make, shapes, name):
     """The modules forward their settings to the functions, whose checks name the argument."""
     with pytest.raises(ValueError, match=name):
         make()(torch.randn(*shapes[0]), torch.randn(*shapes[1]))
+
+
+@pytest.mark.parametrize(
+    "build, argument",
+    [
+        (lambda: sk.nn.ChannelWiseKD(tau=0), "tau"),
+        (lambda: sk.nn.PixelKD(tau=-1.0), "tau"),
+        (lambda: sk.nn.PFSPixelKD(tau=float("nan")), "tau"),
+        (lambda: sk.nn.CrossImageKD(tau=0.0), "tau"),
+        (lambda: sk.nn.PairwiseKD(pool=0), "pool"),
+        (lambda: sk.nn.SSIMKD(window_size=8), "window_size"),
+        (lambda: sk.nn.SSIMKD(padding="same"), "padding"),
+        (lambda: sk.nn.SSIMKD(sigma=0), "sigma"),
+        (lambda: sk.nn.SSIMKD(data_range=-1), "data_range"),
+        (lambda: sk.nn.ChannelWiseKD(backend="fastest"), "backend"),
+        (lambda: sk.nn.CBAM(8, backend="gpu"), "backend"),
+    ],
+)
+def test_bad_hyper_parameters_raise_when_the_module_is_built(build, argument):
+    with pytest.raises(ValueError, match=argument):
+        build()
+
+
+def test_cbam_repr_shows_its_shape():
+    assert "channels=32, reduction=8, kernel_size=5" in repr(sk.nn.CBAM(32, reduction=8, kernel_size=5))

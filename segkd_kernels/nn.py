@@ -8,16 +8,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._backends import BACKENDS
+from ._validation import check_choice, check_positive
 from .ops.attnfd_loss import attnfd_loss
 from .ops.channel_pool import channel_pool
 from .ops.channel_wise_kd import channel_wise_kd
 from .ops.cross_image_kd import cross_image_kd
 from .ops.pairwise_kd import pairwise_kd
+from .ops.pairwise_kd.api import check_pool
 from .ops.pixel_kd import pfs_pixel_kd, pixel_kd
 from .ops.spatial_pool import spatial_pool
 from .ops.ssim_kd import ssim_kd
+from .ops.ssim_kd.api import check_options as check_ssim_options
 
 __all__ = ["ChannelWiseKD", "PixelKD", "PFSPixelKD", "PairwiseKD", "CrossImageKD", "SSIMKD", "CBAM", "AttnFD"]
+
+
+def _checked_backend(backend: str) -> str:
+    """Modules check their backend name when built; whether it can run is decided per call."""
+    check_choice("backend", backend, ("auto", *BACKENDS))
+    return backend
 
 
 class ChannelWiseKD(nn.Module):
@@ -25,7 +35,8 @@ class ChannelWiseKD(nn.Module):
 
     def __init__(self, tau: float = 4.0, *, backend: str = "auto"):
         super().__init__()
-        self.tau, self.backend = tau, backend
+        check_positive("tau", tau)
+        self.tau, self.backend = tau, _checked_backend(backend)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         return channel_wise_kd(student, teacher, self.tau, backend=self.backend)
@@ -39,7 +50,8 @@ class PixelKD(nn.Module):
 
     def __init__(self, tau: float = 1.0, *, backend: str = "auto"):
         super().__init__()
-        self.tau, self.backend = tau, backend
+        check_positive("tau", tau)
+        self.tau, self.backend = tau, _checked_backend(backend)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
                 weight: torch.Tensor | None = None, ignore_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -55,7 +67,8 @@ class PFSPixelKD(nn.Module):
 
     def __init__(self, tau: float = 1.0, *, backend: str = "auto"):
         super().__init__()
-        self.tau, self.backend = tau, backend
+        check_positive("tau", tau)
+        self.tau, self.backend = tau, _checked_backend(backend)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
                 ignore_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -70,7 +83,8 @@ class PairwiseKD(nn.Module):
 
     def __init__(self, pool: int | None = None, detach_norm: bool = False, *, backend: str = "auto"):
         super().__init__()
-        self.pool, self.detach_norm, self.backend = pool, detach_norm, backend
+        check_pool(pool)
+        self.pool, self.detach_norm, self.backend = pool, detach_norm, _checked_backend(backend)
 
     def forward(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
         return pairwise_kd(student_feat, teacher_feat, pool=self.pool, detach_norm=self.detach_norm,
@@ -85,7 +99,8 @@ class CrossImageKD(nn.Module):
 
     def __init__(self, tau: float = 0.1, *, backend: str = "auto"):
         super().__init__()
-        self.tau, self.backend = tau, backend
+        check_positive("tau", tau)
+        self.tau, self.backend = tau, _checked_backend(backend)
 
     def forward(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
         return cross_image_kd(student_feat, teacher_feat, self.tau, backend=self.backend)
@@ -100,8 +115,9 @@ class SSIMKD(nn.Module):
     def __init__(self, window_size: int = 11, sigma: float = 1.5, data_range: float = 1.0,
                  padding: str = "reflect", normalize: bool = True, *, backend: str = "auto"):
         super().__init__()
+        check_ssim_options(window_size, sigma, data_range, padding)
         self.window_size, self.sigma, self.data_range = window_size, sigma, data_range
-        self.padding, self.normalize, self.backend = padding, normalize, backend
+        self.padding, self.normalize, self.backend = padding, normalize, _checked_backend(backend)
 
     def forward(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
         return ssim_kd(student_feat, teacher_feat, window_size=self.window_size, sigma=self.sigma,
@@ -130,7 +146,8 @@ class CBAM(nn.Module):
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size: expected an odd positive int, got {kernel_size}")
         hidden = max(1, channels // reduction)
-        self.channels, self.backend = channels, backend
+        self.channels, self.reduction, self.kernel_size = channels, reduction, kernel_size
+        self.backend = _checked_backend(backend)
         self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, channels))
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
         self.bn = nn.BatchNorm2d(1)
@@ -143,6 +160,9 @@ class CBAM(nn.Module):
     def spatial_gate(self, x: torch.Tensor, m_c: torch.Tensor) -> torch.Tensor:
         """M_s, shape (N, 1, H, W), from x and the channel gate."""
         return torch.sigmoid(self.bn(self.conv(channel_pool(x, m_c, backend=self.backend))))
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, reduction={self.reduction}, kernel_size={self.kernel_size}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.channels:
@@ -163,7 +183,7 @@ class AttnFD(nn.Module):
     def __init__(self, student_channels: int, teacher_channels: int, reduction: int = 16,
                  kernel_size: int = 7, *, backend: str = "auto"):
         super().__init__()
-        self.backend = backend
+        self.backend = _checked_backend(backend)
         self.student_cbam = CBAM(student_channels, reduction, kernel_size, backend=backend)
         self.teacher_cbam = CBAM(teacher_channels, reduction, kernel_size, backend=backend)
         self.teacher_cbam.requires_grad_(False)

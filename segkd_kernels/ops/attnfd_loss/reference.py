@@ -8,7 +8,11 @@ NORM_EPS = 1e-12  # a zero map is divided by eps instead of 0
 
 
 def attnfd_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """sum((A_s / ||A_s||_F - A_t / ||A_t||_F)^2) / N, one Frobenius norm over the whole tensor."""
+    """sum((A_s / ||A_s||_F - A_t / ||A_t||_F)^2) / N, one Frobenius norm over the whole tensor.
+
+    Kernels computing it from the three dot products must expand this same clamped form,
+        (<s,s> / ns^2 + <t,t> / nt^2 - 2 <s,t> / (ns nt)) / N,  ns = max(||s||, eps), nt likewise,
+    which equals 2 - 2 cos when neither map is zero and gives 1/N (not 2/N) for a zero map."""
     dtype = compute_dtype(student)
     s = student.to(dtype)
     t = teacher.detach().to(dtype)

@@ -11,6 +11,11 @@ from . import reference
 IMPLEMENTED = {"reference": FLOAT_DTYPES}
 
 
+def check_pool(pool) -> None:
+    if pool is not None and (isinstance(pool, bool) or not isinstance(pool, int) or pool < 1):
+        raise ValueError(f"pool: expected None or a positive int, got {pool!r}")
+
+
 def pairwise_kd(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, pool: int | None = None,
                 detach_norm: bool = False, backend: str = "auto") -> torch.Tensor:
     """Squared difference of the student's and teacher's pixel-to-pixel cosine similarities,
@@ -21,7 +26,6 @@ def pairwise_kd(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, pool:
     check_tensor("teacher_feat", teacher_feat, rank=4)
     check_same_dims("student_feat", student_feat, "teacher_feat", teacher_feat, dims=(0, 2, 3))
     check_same_device(student_feat=student_feat, teacher_feat=teacher_feat)
-    if pool is not None and (isinstance(pool, bool) or not isinstance(pool, int) or pool < 1):
-        raise ValueError(f"pool: expected None or a positive int, got {pool!r}")
+    check_pool(pool)
     select_backend("pairwise_kd", backend, IMPLEMENTED, student_feat)
     return reference.pairwise_kd(student_feat, teacher_feat, pool, bool(detach_norm))

@@ -11,11 +11,18 @@ PADDINGS = ("reflect", "zeros", "valid")
 MIN_WINDOW, MAX_WINDOW = 3, 15
 
 
-def _check_window(window_size, padding: str, shape) -> None:
+def check_options(window_size, sigma, data_range, padding) -> None:
+    """The hyper-parameters alone (also checked by sk.nn.SSIMKD when it is built)."""
     if isinstance(window_size, bool) or not isinstance(window_size, int):
         raise ValueError(f"window_size: expected an odd int in [{MIN_WINDOW}, {MAX_WINDOW}], got {window_size!r}")
     if window_size % 2 == 0 or not MIN_WINDOW <= window_size <= MAX_WINDOW:
         raise ValueError(f"window_size: expected an odd int in [{MIN_WINDOW}, {MAX_WINDOW}], got {window_size}")
+    check_choice("padding", padding, PADDINGS)
+    check_positive("sigma", sigma)
+    check_positive("data_range", data_range)
+
+
+def _check_fits(window_size: int, padding: str, shape) -> None:
     h, w = shape[2], shape[3]
     if padding == "valid":
         needed = window_size  # the window must fit inside the map
@@ -41,10 +48,8 @@ def ssim_kd(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, window_si
     check_tensor("teacher_feat", teacher_feat, rank=4)
     check_same_shape("student_feat", student_feat, "teacher_feat", teacher_feat)
     check_same_device(student_feat=student_feat, teacher_feat=teacher_feat)
-    check_choice("padding", padding, PADDINGS)
-    _check_window(window_size, padding, student_feat.shape)
-    check_positive("sigma", sigma)
-    check_positive("data_range", data_range)
+    check_options(window_size, sigma, data_range, padding)
+    _check_fits(window_size, padding, student_feat.shape)
     select_backend("ssim_kd", backend, IMPLEMENTED, student_feat)
     return reference.ssim_kd(student_feat, teacher_feat, window_size, float(sigma), float(data_range),
                              padding, bool(normalize))
