@@ -39,32 +39,53 @@ def _find_nvcc() -> str | None:
     return None
 
 
+# Written beside the package when _cuda is not built, so that `segkd info` and
+# segkd_kernels.available_backends() can say why (pip hides the output of a successful install).
+STATUS_FILE = "_cuda_build_status.txt"
+
+
 class CMakeBuild(build_ext):
     def run(self):
+        for ext in self.extensions:
+            self._build_or_explain(ext)
+
+    def _build_or_explain(self, ext: CMakeExtension) -> None:
+        status = Path(self.get_ext_fullpath(ext.name)).resolve().parent / STATUS_FILE
+        status.parent.mkdir(parents=True, exist_ok=True)
+        status.unlink(missing_ok=True)
         mode = os.environ.get("SEGKD_CUDA", "auto").strip().lower()
         if mode not in ("auto", "0", "1"):
             raise SystemExit(f"SEGKD_CUDA must be auto, 0 or 1, got {mode!r}")
         if mode == "0":
             print("segkd_kernels: SEGKD_CUDA=0, skipping the CUDA library")
+            status.write_text("not built: SEGKD_CUDA=0 at install\n")
             return
         nvcc, cmake = _find_nvcc(), shutil.which("cmake")
         if not (nvcc and cmake):
             missing = " and ".join(n for n, p in (("nvcc", nvcc), ("cmake", cmake)) if not p)
-            msg = f"segkd_kernels: {missing} not found, the CUDA library will not be built"
+            msg = f"{missing} not found at install"
             if mode == "1":
-                raise SystemExit(msg + " (SEGKD_CUDA=1)")
-            warnings.warn(msg)
+                raise SystemExit(f"segkd_kernels: {msg} (SEGKD_CUDA=1)")
+            warnings.warn(f"segkd_kernels: {msg}, the CUDA library will not be built")
+            status.write_text(f"not built: {msg}\n")
             return
         try:
-            for ext in self.extensions:
-                self._build_cmake(ext, nvcc, cmake)
+            self._build_cmake(ext, nvcc, cmake)
         except (subprocess.CalledProcessError, OSError) as err:
+            output = getattr(err, "output", None) or ""
+            tail = "\n".join(output.strip().splitlines()[-25:])
             if mode == "1":
-                raise SystemExit(f"segkd_kernels: building the CUDA library failed: {err}")
-            warnings.warn(
-                f"segkd_kernels: building the CUDA library failed ({err}); installing without it. "
-                "Set SEGKD_CUDA=1 to make this an error."
-            )
+                raise SystemExit(f"segkd_kernels: building the CUDA library failed: {err}\n{output}")
+            warnings.warn(f"segkd_kernels: building the CUDA library failed ({err}); installing without it. "
+                          "Set SEGKD_CUDA=1 to make this an error.\n" + tail)
+            status.write_text(f"the build failed at install: {err}\nlast lines of the build log:\n{tail}\n")
+
+    def _run_logged(self, cmd: list[str]) -> None:
+        """Runs a build step, echoing its output; on failure the output travels with the error."""
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        print(done.stdout)
+        if done.returncode != 0:
+            raise subprocess.CalledProcessError(done.returncode, cmd[:4] + ["..."], output=done.stdout)
 
     def _build_cmake(self, ext: CMakeExtension, nvcc: str, cmake: str) -> None:
         import pybind11
@@ -87,9 +108,9 @@ class CMakeBuild(build_ext):
         if shutil.which("ninja"):
             config.append("-GNinja")
         print(f"segkd_kernels: building the CUDA library for sm {archs} with {nvcc}")
-        subprocess.run([cmake, "-S", ext.source_dir, "-B", str(build_dir), *config], check=True)
+        self._run_logged([cmake, "-S", ext.source_dir, "-B", str(build_dir), *config])
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
-        subprocess.run([cmake, "--build", str(build_dir), "--parallel", jobs], check=True)
+        self._run_logged([cmake, "--build", str(build_dir), "--parallel", jobs])
         if not out_file.exists():
             raise OSError(f"CMake finished but {out_file} is missing")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
@@ -60,8 +61,11 @@ def _probe_cuda_library():
     try:
         module = importlib.import_module("segkd_kernels._cuda")
     except ImportError as err:
+        # setup.py leaves a note when it did not build the library (pip hides its warnings)
+        note = Path(__file__).with_name("_cuda_build_status.txt")
+        why = note.read_text().strip() if note.exists() else f"segkd_kernels._cuda: {err}"
         return None, (
-            f"CUDA library not built (segkd_kernels._cuda: {err}); "
+            f"CUDA library not built ({why}); "
             "reinstall with nvcc and cmake present, SEGKD_CUDA=1 to see build errors"
         )
     return module, "segkd_kernels._cuda built"
