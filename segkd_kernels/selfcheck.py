@@ -108,5 +108,7 @@ def run_selfcheck(size: str = "small") -> int:
                       f"{err_g:>14.2e}{ms:>10.1f}  {'ok' if ok else 'MISMATCH'}")
     print(f"\nerrors are relative to the reference run in fp64 on the same inputs; tolerance {REL_TOL[torch.float32]:g} "
           "for fp32" + (f", {REL_TOL[torch.bfloat16]:g} for bf16" if device == "cuda" else ""))
+    print("ms: one forward+backward call, first-call compilation (or interpretation) included; "
+          "for timings use benchmarks/")
     print("selfcheck: " + ("all backends agree with the reference" if not failures else f"{failures} mismatches"))
     return 1 if failures else 0
