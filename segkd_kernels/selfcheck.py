@@ -84,8 +84,9 @@ def run_selfcheck(size: str = "small") -> int:
     header = f"{'op':<16}{'backend':<11}{'dtype':<10}{'loss':>14}{'rel err':>11}{'grad rel err':>14}{'ms':>10}  status"
     print("\n" + header + "\n" + "-" * len(header))
     failures = 0
+    implemented = implemented_backends()
     for case in _cases(size):
-        impls = implemented_backends()[case.op]
+        impls = implemented[case.op]
         for dtype in dtypes:
             student = make_tensor(case.shapes[0], dtype=dtype, device=device, seed=1)
             teacher = make_tensor(case.shapes[1], dtype=dtype, device=device, seed=2)

@@ -26,20 +26,23 @@ def _zero_ignored(logits: torch.Tensor, ignore_mask: torch.Tensor | None) -> tor
     return torch.where(ignore_mask[:, None], torch.zeros((), dtype=logits.dtype, device=logits.device), logits)
 
 
+def _masked_mean(values: torch.Tensor, ignore_mask: torch.Tensor | None) -> torch.Tensor:
+    """sum of values over valid pixels / max(1, number of valid pixels). where(), not a multiply:
+    ignored pixels contribute 0 even where values are not finite."""
+    if ignore_mask is None:
+        return values.mean()
+    valid = ~ignore_mask
+    total = torch.where(valid, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum()
+    return total / valid.sum().clamp_min(1).to(values.dtype)
+
+
 def pixel_kd(student: torch.Tensor, teacher: torch.Tensor, tau: float, weight: torch.Tensor | None = None,
              ignore_mask: torch.Tensor | None = None) -> torch.Tensor:
     """tau^2 * sum_p w_p m_p KL_p / max(1, sum_p m_p), m_p = 0 where ignore_mask is True."""
     kl = per_pixel_kl(_zero_ignored(student, ignore_mask), _zero_ignored(teacher.detach(), ignore_mask), tau)
     if weight is not None:
         kl = kl * weight.detach().to(kl.dtype)
-    if ignore_mask is None:
-        total, count = kl.sum(), kl.numel()
-    else:
-        valid = ~ignore_mask
-        # where(), not a multiply: ignored pixels contribute 0 even if their logits are not finite.
-        total = torch.where(valid, kl, torch.zeros((), dtype=kl.dtype, device=kl.device)).sum()
-        count = valid.sum().clamp_min(1).to(kl.dtype)
-    return (total * (tau * tau) / count).to(student.dtype)
+    return (_masked_mean(kl, ignore_mask) * (tau * tau)).to(student.dtype)
 
 
 def knowledge_gap_weight(student: torch.Tensor, teacher: torch.Tensor, tau: float,
@@ -50,13 +53,7 @@ def knowledge_gap_weight(student: torch.Tensor, teacher: torch.Tensor, tau: floa
     are never negative. If every valid gap is 0 the weights are 0 (the loss is 0 anyway)."""
     gap = per_pixel_kl(_zero_ignored(student.detach(), ignore_mask), _zero_ignored(teacher.detach(), ignore_mask),
                        tau).clamp_min(0)
-    if ignore_mask is None:
-        mean_gap = gap.mean()
-    else:
-        valid = ~ignore_mask
-        total = torch.where(valid, gap, torch.zeros((), dtype=gap.dtype, device=gap.device)).sum()
-        mean_gap = total / valid.sum().clamp_min(1).to(gap.dtype)
-    return gap / mean_gap.clamp_min(torch.finfo(gap.dtype).tiny)
+    return gap / _masked_mean(gap, ignore_mask).clamp_min(torch.finfo(gap.dtype).tiny)
 
 
 def pfs_pixel_kd(student: torch.Tensor, teacher: torch.Tensor, tau: float,
