@@ -9,12 +9,20 @@ from ..._validation import check_same_device, check_tensor
 from . import reference
 
 IMPLEMENTED = {"reference": FLOAT_DTYPES}
+try:
+    from .triton import channel_pool_triton
+
+    IMPLEMENTED["triton"] = FLOAT_DTYPES
+except ImportError:  # triton missing: _backends reports why
+    channel_pool_triton = None
 
 
 def channel_pool(x: torch.Tensor, gate: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:
     """(N, 2, H, W) in x's dtype: channel 0 the max over C, channel 1 the mean over C of
     x * gate[:, :, None, None]. `gate` (N, C) or (N, C, 1, 1), e.g. CBAM's channel gate M_c;
-    differentiable in x and gate, without the caller materialising x * gate."""
+    differentiable in x and gate, without the caller materialising x * gate.
+
+    The max's gradient goes to one maximal channel per pixel (the first one in the kernels)."""
     check_tensor("x", x, rank=4)
     if gate is not None:
         check_tensor("gate", gate)
@@ -22,5 +30,9 @@ def channel_pool(x: torch.Tensor, gate: torch.Tensor | None = None, *, backend: 
         if tuple(gate.shape) not in ((n, c), (n, c, 1, 1)):
             raise ValueError(f"gate: expected shape (N, C) = {(n, c)} or (N, C, 1, 1), got {tuple(gate.shape)}")
         check_same_device(x=x, gate=gate)
-    select_backend("channel_pool", backend, IMPLEMENTED, x)
-    return reference.channel_pool(x, gate)
+    name = select_backend("channel_pool", backend, IMPLEMENTED, x)
+    if name == "reference":
+        return reference.channel_pool(x, gate)
+    # (N, C) view of the gate; its gradient flows back through the reshape to either shape
+    out, _argmax = channel_pool_triton(x, None if gate is None else gate.reshape(x.shape[0], x.shape[1]))
+    return out

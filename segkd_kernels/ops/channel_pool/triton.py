@@ -1,0 +1,191 @@
+"""channel_pool in Triton: [max over C, mean over C] of x * gate per pixel, and its backward.
+
+x * gate is never materialised: the gate is applied to each tile as it is loaded.
+
+Forward: one program per (n, block of pixels) walks the channels in [BLOCK_C, BLOCK_P] tiles and
+keeps a running max, the index of the first maximal channel (int32, saved for the backward) and a
+running sum. Pixels are the fast axis of a tile, so NCHW reads are coalesced along W; for
+channels_last inputs the launcher picks wide channel tiles instead (C is the contiguous axis then).
+Backward: the same walk writes dx = gate * (grad_max * [c == argmax] + grad_mean / C) and, per
+program, the partial sums over its pixels of x * (that same bracket), i.e. per-(n, pixel-block)
+partial dgate rows; one torch sum over the pixel blocks finishes dgate, deterministically (no atomics).
+Strides are passed explicitly (H and W separately unless they merge), so non-contiguous and
+channels_last inputs are read in place. Accumulation is fp32 (fp64 for fp64 inputs).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .layout import acc_dtype, pixel_strides
+
+
+@triton.jit
+def _pixel_offsets(p, W, s_h, s_w, MERGED: tl.constexpr):
+    # MERGED: s_h == W * s_w, so pixel p sits at p * s_w (no division on the hot path)
+    if MERGED:
+        return p * s_w
+    else:
+        return (p // W) * s_h + (p % W) * s_w
+
+
+@triton.jit
+def _channel_pool_fwd_kernel(x_ptr, gate_ptr, out_ptr, argmax_ptr,
+                             C, P, W,
+                             sx_n, sx_c, sx_h, sx_w, sg_n, sg_c,
+                             HAS_GATE: tl.constexpr, X_MERGED: tl.constexpr,
+                             BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    p_ok = p < P
+    x_pix = x_ptr + n * sx_n + _pixel_offsets(p, W, sx_h, sx_w, X_MERGED)
+    run_max = tl.full([BLOCK_P], float("-inf"), dtype=ACC_DTYPE)
+    run_idx = tl.full([BLOCK_P], -1, dtype=tl.int32)  # -1: no channel seen yet
+    run_sum = tl.zeros([BLOCK_P], dtype=ACC_DTYPE)
+    lanes_c = tl.arange(0, BLOCK_C)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + lanes_c
+        c_ok = c < C
+        ok = c_ok[:, None] & p_ok[None, :]
+        v = tl.load(x_pix[None, :] + c.to(tl.int64)[:, None] * sx_c, mask=ok, other=0.0).to(ACC_DTYPE)
+        if HAS_GATE:
+            g = tl.load(gate_ptr + n * sg_n + c.to(tl.int64) * sg_c, mask=c_ok, other=0.0).to(ACC_DTYPE)
+            v = v * g[:, None]
+        run_sum += tl.sum(tl.where(ok, v, 0.0), axis=0)
+        # masked lanes hold -inf (set after gating: a negative gate would turn -inf into +inf)
+        v_max = tl.where(ok, v, float("-inf"))
+        tile_max = tl.max(v_max, axis=0)
+        # first maximal channel of the tile; padded channels come last, so they never win a tie
+        tile_idx = tl.min(tl.where(v_max == tile_max[None, :], c[:, None], C), axis=0)
+        # strict >: on ties across tiles the earlier channel stays
+        take = (tile_max > run_max) | (run_idx < 0)
+        run_max = tl.where(take, tile_max, run_max)
+        run_idx = tl.where(take, tile_idx, run_idx)
+    out_row = out_ptr + n * 2 * P + p
+    tl.store(out_row, run_max.to(out_ptr.dtype.element_ty), mask=p_ok)
+    tl.store(out_row + P, (run_sum / C).to(out_ptr.dtype.element_ty), mask=p_ok)
+    tl.store(argmax_ptr + n * P + p, run_idx, mask=p_ok)
+
+
+@triton.jit
+def _channel_pool_bwd_kernel(grad_ptr, x_ptr, gate_ptr, argmax_ptr, dx_ptr, dgate_part_ptr,
+                             C, P, W, n_pblocks,
+                             sx_n, sx_c, sx_h, sx_w, sd_n, sd_c, sd_h, sd_w, sg_n, sg_c,
+                             HAS_GATE: tl.constexpr, X_MERGED: tl.constexpr, D_MERGED: tl.constexpr,
+                             BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    pb = tl.program_id(1).to(tl.int64)
+    p = pb * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    p_ok = p < P
+    g_max = tl.load(grad_ptr + n * 2 * P + p, mask=p_ok, other=0.0).to(ACC_DTYPE)
+    g_mean = tl.load(grad_ptr + n * 2 * P + P + p, mask=p_ok, other=0.0).to(ACC_DTYPE) / C
+    idx = tl.load(argmax_ptr + n * P + p, mask=p_ok, other=-1)
+    x_pix = x_ptr + n * sx_n + _pixel_offsets(p, W, sx_h, sx_w, X_MERGED)
+    d_pix = dx_ptr + n * sd_n + _pixel_offsets(p, W, sd_h, sd_w, D_MERGED)
+    lanes_c = tl.arange(0, BLOCK_C)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + lanes_c
+        c_ok = c < C
+        c64 = c.to(tl.int64)
+        ok = c_ok[:, None] & p_ok[None, :]
+        # d loss / d (x * gate) at (c, p)
+        d_gated = g_mean[None, :] + tl.where(c[:, None] == idx[None, :], g_max[None, :], 0.0)
+        if HAS_GATE:
+            g = tl.load(gate_ptr + n * sg_n + c64 * sg_c, mask=c_ok, other=0.0).to(ACC_DTYPE)
+            dx = d_gated * g[:, None]
+            v = tl.load(x_pix[None, :] + c64[:, None] * sx_c, mask=ok, other=0.0).to(ACC_DTYPE)
+            part = tl.sum(tl.where(ok, v * d_gated, 0.0), axis=1)
+            tl.store(dgate_part_ptr + (n * n_pblocks + pb) * C + c64, part, mask=c_ok)
+        else:
+            dx = d_gated
+        tl.store(d_pix[None, :] + c64[:, None] * sd_c, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+
+
+def _blocks(x: torch.Tensor, p: int) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_P): pixels wide when W is the contiguous axis, channels wide when C is."""
+    c = x.shape[1]
+    if x.stride(1) == 1 and c > 1:  # channels_last: coalesce along C
+        return min(triton.next_power_of_2(c), 64), min(triton.next_power_of_2(p), 32)
+    return min(triton.next_power_of_2(c), 8), min(triton.next_power_of_2(p), 256)
+
+
+def _gate_strides(gate: torch.Tensor | None) -> tuple[int, int]:
+    return (gate.stride(0), gate.stride(1)) if gate is not None else (0, 0)
+
+
+@torch.library.custom_op("segkd::channel_pool_triton", mutates_args=())
+def channel_pool_triton(x: torch.Tensor, gate: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (N, 2, H, W) in x's dtype, argmax (N, H, W) int32: first maximal channel per pixel).
+    gate: (N, C) or None."""
+    n, c, h, w = x.shape
+    p = h * w
+    out = x.new_empty(n, 2, h, w)
+    argmax = x.new_empty(n, h, w, dtype=torch.int32)
+    if n * c * p > 0:
+        block_c, block_p = _blocks(x, p)
+        sx_h, sx_w, x_merged = pixel_strides(x)
+        _channel_pool_fwd_kernel[(n, triton.cdiv(p, block_p))](
+            x, gate if gate is not None else x, out, argmax, c, p, w,
+            x.stride(0), x.stride(1), sx_h, sx_w, *_gate_strides(gate),
+            HAS_GATE=gate is not None, X_MERGED=x_merged,
+            BLOCK_C=block_c, BLOCK_P=block_p, ACC_DTYPE=acc_dtype(x.dtype))
+    return out, argmax
+
+
+@torch.library.custom_op("segkd::channel_pool_backward_triton", mutates_args=())
+def channel_pool_backward_triton(grad: torch.Tensor, x: torch.Tensor, gate: torch.Tensor | None,
+                                 argmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx like x, dgate (N, C) in the gate's dtype; an empty tensor when gate is None)."""
+    n, c, h, w = x.shape
+    p = h * w
+    grad, argmax = grad.contiguous(), argmax.contiguous()
+    dx = torch.empty_like(x)
+    block_c, block_p = _blocks(x, p)
+    n_pblocks = triton.cdiv(p, block_p)
+    if gate is not None:
+        dgate_part = torch.empty(n, n_pblocks, c, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
+                                 device=x.device)
+    else:
+        dgate_part = x.new_empty(0, dtype=torch.float32)
+    if n * c * p > 0:
+        sx_h, sx_w, x_merged = pixel_strides(x)
+        sd_h, sd_w, d_merged = pixel_strides(dx)
+        _channel_pool_bwd_kernel[(n, n_pblocks)](
+            grad, x, gate if gate is not None else x, argmax, dx, dgate_part, c, p, w, n_pblocks,
+            x.stride(0), x.stride(1), sx_h, sx_w, dx.stride(0), dx.stride(1), sd_h, sd_w, *_gate_strides(gate),
+            HAS_GATE=gate is not None, X_MERGED=x_merged, D_MERGED=d_merged,
+            BLOCK_C=block_c, BLOCK_P=block_p, ACC_DTYPE=acc_dtype(x.dtype))
+    if gate is None:
+        return dx, x.new_empty(0)
+    return dx, dgate_part.sum(dim=1).to(gate.dtype)
+
+
+@channel_pool_triton.register_fake
+def _(x, gate):
+    n, _, h, w = x.shape
+    return x.new_empty(n, 2, h, w), x.new_empty(n, h, w, dtype=torch.int32)
+
+
+@channel_pool_backward_triton.register_fake
+def _(grad, x, gate, argmax):
+    dgate = x.new_empty(0) if gate is None else gate.new_empty(x.shape[0], x.shape[1])
+    return torch.empty_like(x), dgate
+
+
+def _setup_context(ctx, inputs, output):
+    x, gate = inputs
+    ctx.save_for_backward(x, gate, output[1])
+    ctx.has_gate = gate is not None
+
+
+def _backward(ctx, grad_out, _grad_argmax):
+    x, gate, argmax = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = x.new_zeros(x.shape[0], 2, *x.shape[2:])
+    dx, dgate = channel_pool_backward_triton(grad_out.to(x.dtype), x, gate if ctx.has_gate else None, argmax)
+    return dx, (dgate if ctx.has_gate else None)
+
+
+channel_pool_triton.register_autograd(_backward, setup_context=_setup_context)
