@@ -7,6 +7,7 @@ behind one API (API.md); semantics in LOSSES.md. Importing the package registers
 from . import nn
 from ._backends import BackendUnavailableError, available_backends
 from .ops.attnfd_loss import attnfd_loss
+from .ops.cbam_gate import cbam_gate
 from .ops.channel_pool import channel_pool
 from .ops.channel_wise_kd import channel_wise_kd
 from .ops.cross_image_kd import cross_image_kd
@@ -28,6 +29,7 @@ __all__ = [
     "attnfd_loss",
     "spatial_pool",
     "channel_pool",
+    "cbam_gate",
     "available_backends",
     "BackendUnavailableError",
     "nn",

@@ -14,6 +14,7 @@ OP_FOLDERS = {
     "attnfd_loss": "attnfd_loss",
     "spatial_pool": "spatial_pool",
     "channel_pool": "channel_pool",
+    "cbam_gate": "cbam_gate",
 }
 
 

@@ -1,0 +1,3 @@
+from .api import cbam_gate
+
+__all__ = ["cbam_gate"]
