@@ -9,6 +9,12 @@ from ..._validation import check_same_device, check_same_dims, check_tensor
 from . import reference
 
 IMPLEMENTED = {"reference": FLOAT_DTYPES}
+try:
+    from .triton import pairwise_kd_triton
+
+    IMPLEMENTED["triton"] = FLOAT_DTYPES
+except ImportError:  # triton missing: _backends reports why
+    pairwise_kd_triton = None
 
 
 def check_pool(pool) -> None:
@@ -27,5 +33,10 @@ def pairwise_kd(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, pool:
     check_same_dims("student_feat", student_feat, "teacher_feat", teacher_feat, dims=(0, 2, 3))
     check_same_device(student_feat=student_feat, teacher_feat=teacher_feat)
     check_pool(pool)
-    select_backend("pairwise_kd", backend, IMPLEMENTED, student_feat)
-    return reference.pairwise_kd(student_feat, teacher_feat, pool, bool(detach_norm))
+    name = select_backend("pairwise_kd", backend, IMPLEMENTED, student_feat)
+    if name == "reference":
+        return reference.pairwise_kd(student_feat, teacher_feat, pool, bool(detach_norm))
+    # Pooling stays in torch (autograd routes its gradient); the kernels see (N, C, P) features.
+    s = reference.pool_features(student_feat, pool).flatten(2)
+    t = reference.pool_features(teacher_feat.detach(), pool).flatten(2)
+    return pairwise_kd_triton(s, t.to(s.dtype), bool(detach_norm))[0]
