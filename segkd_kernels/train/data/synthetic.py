@@ -1,0 +1,193 @@
+"""The built-in synthetic segmentation benchmark: generated on the fly from (seed, split, index).
+
+Each image is a textured ground split into two context regions (fine horizontal grain vs fine
+vertical grain, same colours), with textured objects painted over it in random order (so later ones
+occlude earlier ones), flat-coloured distractor shapes and small textured fragments (clutter, labelled
+background), a smooth illumination gradient and pixel noise. Colours are random per image and per
+object, so colour says nothing about the class: an object's class depends on its shape, its texture
+(1-D stripes vs 2-D checker) and the context region around its centre:
+
+    0 background (ground, distractors, fragments)
+    1 disk with stripes on horizontal-grain ground     2 disk with stripes on vertical-grain ground
+    3 disk with checker                                 4 square with stripes
+    5 square with checker                               6 triangle on horizontal-grain ground
+    7 triangle on vertical-grain ground
+
+Textures and grain are invariant to horizontal flips and to rescaling, so the training augmentation
+keeps every label valid.
+
+Recommended demo settings (measured; see the project README):
+RECOMMENDED = ... (filled in below)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .base import DatasetInfo, SegDataset, stable_seed
+
+CLASS_NAMES = ["background", "disk-stripes-h", "disk-stripes-v", "disk-checker", "square-stripes",
+               "square-checker", "triangle-h", "triangle-v"]
+SPLIT_SIZES = {"train": 2000, "val": 250}
+DEFAULT_IMAGE_SIZE = 64
+
+INFO = DatasetInfo(
+    name="synthetic", num_classes=len(CLASS_NAMES), class_names=CLASS_NAMES,
+    mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+    crop_size=(DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE), splits=("train", "val"),
+)
+
+DISK, SQUARE, TRIANGLE = 0, 1, 2
+STRIPES, CHECKER, PLAIN = 0, 1, 2
+
+
+def object_class(shape: int, texture: int, vertical_ground: bool) -> int:
+    """The labelling rule: class id of an object from its shape, texture and context region."""
+    if texture == PLAIN:
+        return 0
+    if shape == DISK:
+        if texture == CHECKER:
+            return 3
+        return 2 if vertical_ground else 1
+    if shape == SQUARE:
+        return 5 if texture == CHECKER else 4
+    return 7 if vertical_ground else 6
+
+
+def generate(seed: int, split: str, index: int, *, image_size: int = DEFAULT_IMAGE_SIZE,
+             num_objects: tuple[int, int] = (3, 6), num_distractors: tuple[int, int] = (1, 3),
+             num_fragments: tuple[int, int] = (2, 6), noise: float = 0.08,
+             grain_contrast: float = 0.25, texture_contrast: float = (0.25, 0.6),
+             size_range: tuple[float, float] = (0.09, 0.17)) -> tuple[Tensor, Tensor]:
+    """One (image float32 (3, S, S) in [0, 1], label int64 (S, S)) pair, a pure function of its
+    arguments. Difficulty knobs: object / distractor / fragment counts, pixel `noise` std, the
+    contrast of the context grain and of object textures, and object radius as a fraction of S."""
+    # numpy, not torch: torch's intra-op threads make these tiny per-image ops 5-10x slower on a
+    # busy CPU, and generation runs in every data-loader worker
+    rng = np.random.Generator(np.random.PCG64(stable_seed("synthetic", int(seed), split, int(index))))
+    S = int(image_size)
+    f32 = np.float32
+
+    def uni(lo: float, hi: float) -> float:
+        return float(rng.uniform(lo, hi))
+
+    def randint(lo: int, hi: int) -> int:  # inclusive
+        return int(rng.integers(lo, hi + 1))
+
+    ys, xs = np.mgrid[0:S, 0:S].astype(f32)
+
+    # context: two regions split by a wavy line at a random angle through a random point
+    ang = uni(0, math.pi)
+    nx, ny = math.cos(ang), math.sin(ang)
+    px, py = uni(0.25, 0.75) * S, uni(0.25, 0.75) * S
+    wave = uni(0, 0.08) * S * np.sin((xs * -ny + ys * nx) / S * uni(3, 9) + uni(0, 6.3))
+    vertical = (xs - px) * nx + (ys - py) * ny + wave > 0
+    if rng.random() < 0.5:
+        vertical = ~vertical
+    # ground: two random colours mixed by the grain (period 2.5-4.5 px), horizontal or vertical by
+    # region
+    c0, c1 = rng.random((3, 1, 1), dtype=f32), rng.random((3, 1, 1), dtype=f32)
+    period = uni(2.5, 4.5)
+    grain_h = (np.sin(ys * (2 * math.pi / period) + uni(0, 6.3)) > 0).astype(f32)
+    grain_v = (np.sin(xs * (2 * math.pi / period) + uni(0, 6.3)) > 0).astype(f32)
+    grain = np.where(vertical, grain_v, grain_h)
+    mix = 0.5 + grain_contrast * (grain - 0.5)
+    image = c0 * mix + c1 * (1 - mix)
+    label = np.zeros((S, S), dtype=np.int64)
+
+    def shape_mask(shape: int, cx: float, cy: float, r: float) -> np.ndarray:
+        dx, dy = xs - cx, ys - cy
+        if shape == DISK:
+            return dx * dx + dy * dy <= r * r
+        rot = uni(0, 2 * math.pi)
+        if shape == SQUARE:
+            u = dx * math.cos(rot) + dy * math.sin(rot)
+            v = -dx * math.sin(rot) + dy * math.cos(rot)
+            half = r * 0.85
+            return (np.abs(u) <= half) & (np.abs(v) <= half)
+        # equilateral triangle inscribed in the circle of radius 1.15 r
+        R = 1.15 * r
+        inside = np.ones((S, S), dtype=bool)
+        for k in range(3):
+            a = rot + k * 2 * math.pi / 3
+            inside &= dx * math.cos(a) + dy * math.sin(a) <= R / 2
+        return inside
+
+    def texture(kind: int) -> np.ndarray:
+        ca, cb = rng.random((3, 1, 1), dtype=f32), rng.random((3, 1, 1), dtype=f32)
+        if kind == PLAIN:
+            return ca + 0.05 * (rng.random((1, S, S), dtype=f32) - 0.5)
+        per = uni(3.0, 7.0)
+        rot = uni(0, math.pi)
+        u = xs * math.cos(rot) + ys * math.sin(rot)
+        w = 2 * math.pi / per
+        if kind == STRIPES:
+            t = np.sin(u * w + uni(0, 6.3))
+        else:
+            v = -xs * math.sin(rot) + ys * math.cos(rot)
+            t = np.sin(u * w + uni(0, 6.3)) * np.sin(v * w + uni(0, 6.3))
+        m = 0.5 + uni(*texture_contrast) * np.sign(t)
+        return ca * m + cb * (1 - m)
+
+    # paint list (kind, shape, texture); fragments and distractors are shuffled in with the objects
+    # so that they occlude and get occluded
+    items = [("object", randint(0, 2), randint(0, 1)) for _ in range(randint(*num_objects))]
+    items += [("distractor", randint(0, 2), PLAIN) for _ in range(randint(*num_distractors))]
+    items += [("fragment", randint(0, 2), randint(0, 1)) for _ in range(randint(*num_fragments))]
+    for i in rng.permutation(len(items)):
+        kind, shape, tex = items[i]
+        r = uni(0.03, 0.05) * S if kind == "fragment" else uni(*size_range) * S
+        cx, cy = uni(r * 0.5, S - r * 0.5), uni(r * 0.5, S - r * 0.5)
+        mask = shape_mask(shape, cx, cy, r)
+        if not mask.any():
+            continue
+        image = np.where(mask, texture(tex), image)
+        if kind == "object":
+            ctx = bool(vertical[min(int(cy), S - 1), min(int(cx), S - 1)])
+            label[mask] = object_class(shape, tex, ctx)
+        else:
+            label[mask] = 0
+    # smooth illumination gradient, contrast jitter and pixel noise
+    light = 1 + uni(-0.2, 0.2) * ((xs * nx - ys * ny) / S)
+    image = image * light * uni(0.8, 1.1) + noise * rng.standard_normal((3, S, S), dtype=f32)
+    image = np.clip(image, 0, 1).astype(f32)
+    return torch.from_numpy(image), torch.from_numpy(label)
+
+
+class SyntheticSegmentation(SegDataset):
+    """`num_images` items per split (defaults: train 2000, val 250), generated on the fly; never
+    touches disk. Generation options (see `generate`) are passed through `**options`."""
+
+    INFO = INFO
+
+    def __init__(self, split: str, *, num_images: int | None = None,
+                 image_size: int = DEFAULT_IMAGE_SIZE, train: bool = False, crop_size=None,
+                 scale_range=(0.5, 2.0), flip: bool = True, seed: int = 0, **options):
+        info = INFO
+        if int(image_size) != DEFAULT_IMAGE_SIZE:
+            info = DatasetInfo(**{**INFO.__dict__, "crop_size": (int(image_size), int(image_size))})
+        super().__init__(info, split, train=train, crop_size=crop_size, scale_range=scale_range,
+                         flip=flip, seed=seed)
+        if image_size < 16:
+            raise ValueError(f"image_size must be >= 16, got {image_size}")
+        self.num_images = SPLIT_SIZES[split] if num_images is None else int(num_images)
+        if self.num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        allowed = set(generate.__code__.co_varnames[3:generate.__code__.co_argcount
+                                                     + generate.__code__.co_kwonlyargcount])
+        unknown = set(options) - allowed
+        if unknown:
+            raise ValueError(f"unknown synthetic dataset options {sorted(unknown)}; "
+                             f"choose from {sorted(allowed - {'image_size'})}")
+        self.image_size = int(image_size)
+        self.options = options
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def load(self, index: int) -> tuple[Tensor, Tensor]:
+        return generate(self.seed, self.split, index, image_size=self.image_size, **self.options)
