@@ -7,6 +7,12 @@ from ..._validation import check_positive, check_same_device, check_same_shape, 
 from . import reference
 
 IMPLEMENTED = {"reference": FLOAT_DTYPES}
+try:
+    from . import triton as triton_impl
+
+    IMPLEMENTED["triton"] = FLOAT_DTYPES
+except ImportError:  # triton missing: _backends reports why
+    triton_impl = None
 
 
 def channel_wise_kd(student: torch.Tensor, teacher: torch.Tensor, tau: float = 4.0, *,
@@ -19,5 +25,7 @@ def channel_wise_kd(student: torch.Tensor, teacher: torch.Tensor, tau: float = 4
     check_same_shape("student", student, "teacher", teacher)
     check_same_device(student=student, teacher=teacher)
     check_positive("tau", tau)
-    select_backend("channel_wise_kd", backend, IMPLEMENTED, student)
+    name = select_backend("channel_wise_kd", backend, IMPLEMENTED, student)
+    if name == "triton":
+        return triton_impl.channel_wise_kd(student, teacher, tau)
     return reference.channel_wise_kd(student, teacher, tau)

@@ -9,6 +9,12 @@ from ..._validation import check_positive, check_same_device, check_same_shape, 
 from . import reference
 
 IMPLEMENTED = {"reference": FLOAT_DTYPES}
+try:
+    from . import triton as triton_impl
+
+    IMPLEMENTED["triton"] = FLOAT_DTYPES
+except ImportError:  # triton missing: _backends reports why
+    triton_impl = None
 
 
 def _check_logits(student_logits, teacher_logits, tau) -> None:
@@ -44,13 +50,17 @@ def pixel_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: fl
     _check_logits(student_logits, teacher_logits, tau)
     _check_pixel_map("weight", weight, student_logits, boolean=False)
     _check_pixel_map("ignore_mask", ignore_mask, student_logits, boolean=True)
-    select_backend("pixel_kd", backend, IMPLEMENTED, student_logits)
+    if select_backend("pixel_kd", backend, IMPLEMENTED, student_logits) == "triton":
+        return triton_impl.pixel_kd(student_logits, teacher_logits, tau, weight, ignore_mask)
     return reference.pixel_kd(student_logits, teacher_logits, tau, weight, ignore_mask)
 
 
 def knowledge_gap(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
-    """(N, H, W) per-pixel KL(teacher || student) at temperature tau, detached, in the student's dtype."""
+    """(N, H, W) per-pixel KL(teacher || student) at temperature tau, detached, in the student's dtype.
+    The backend is chosen as for backend="auto" (SEGKD_BACKEND applies)."""
     _check_logits(student_logits, teacher_logits, tau)
+    if select_backend("knowledge_gap", "auto", IMPLEMENTED, student_logits) == "triton":
+        return triton_impl.knowledge_gap(student_logits, teacher_logits, tau)
     with torch.no_grad():
         return reference.per_pixel_kl(student_logits, teacher_logits, tau).to(student_logits.dtype)
 
@@ -60,5 +70,6 @@ def pfs_pixel_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau
     """Pixel KD weighted by the knowledge gap, w_p = gap_p / mean valid gap (LOSSES.md 2b)."""
     _check_logits(student_logits, teacher_logits, tau)
     _check_pixel_map("ignore_mask", ignore_mask, student_logits, boolean=True)
-    select_backend("pfs_pixel_kd", backend, IMPLEMENTED, student_logits)
+    if select_backend("pfs_pixel_kd", backend, IMPLEMENTED, student_logits) == "triton":
+        return triton_impl.pfs_pixel_kd(student_logits, teacher_logits, tau, ignore_mask)
     return reference.pfs_pixel_kd(student_logits, teacher_logits, tau, ignore_mask)

@@ -1,0 +1,256 @@
+"""channel_wise_kd in Triton (LOSSES.md 1): softmax over the P = H*W positions of every (n, c) row.
+
+Forward: one program per (row, split). A split streams its part of the row in blocks with online
+log-sum-exps of s/tau and t/tau and a rescaled accumulator of exp(t/tau - m_t) (t - s)/tau, and
+saves three numbers: lse_s, lse_t and a = sum p_t (t - s)/tau over its part. Torch combines the
+splits (rows x splits numbers): KL_row = sum_j exp(lse_t_j - lse_t) a_j - lse_t + lse_s.
+
+- Row fits in one block (P <= _MAX_TILE): the whole row sits in registers, one split, and when the
+  student needs a gradient the forward writes it too (Liger-style): s and t are read once, ds
+  written once; the backward only scales ds by grad_output.
+- Longer rows: several splits per row so that there are enough programs for the GPU even when
+  N*C is small (8 x 19 rows of 10^6 positions); the backward recomputes the softmaxes from the saved
+  row log-sum-exps, one program per (row, block), and writes ds scaled by grad_output.
+
+Accumulation is fp32 (fp64 for fp64 inputs). Inputs are read through their strides when the H, W
+axes flatten to one (contiguous NCHW: stride 1; channels_last: stride C), so neither layout is copied.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Largest row held in registers by one program (fp32: 16 warps x 32 lanes x 16 values per tensor).
+_MAX_TILE = 8192
+# Block of the streaming (long-row) kernels, and how many programs the forward aims for.
+_BLOCK = 2048
+_TARGET_PROGRAMS = 1024
+# Stand-in for -inf in masked lanes: finite, so (x - max) never makes inf - inf = NaN.
+_NEG = -3.0e38
+
+
+@triton.jit
+def _cwd_fwd_kernel(s_ptr, t_ptr, ds_ptr, stats_ptr, C, P, chunk, splits, rows,
+                    s_sn, s_sc, s_sp, t_sn, t_sc, t_sp, inv_tau_hi, inv_tau_lo, grad_scale_hi, grad_scale_lo,
+                    BLOCK: tl.constexpr, ONE_TILE: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                    ACC: tl.constexpr, NEG: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    n = row // C
+    c = row % C
+    s_row = s_ptr + n * s_sn + c * s_sc
+    t_row = t_ptr + n * t_sn + c * t_sc
+    # fp32 kernel arguments carry inv_tau as hi + lo so that fp64 inputs keep ~48 bits of it
+    inv_tau = tl.cast(inv_tau_hi, ACC) + tl.cast(inv_tau_lo, ACC)
+    lanes = tl.arange(0, BLOCK)
+    if ONE_TILE:
+        inside = lanes < P
+        offs = lanes.to(tl.int64)
+        xs = tl.load(s_row + offs * s_sp, mask=inside, other=0.0).to(ACC) * inv_tau
+        xt = tl.load(t_row + offs * t_sp, mask=inside, other=0.0).to(ACC) * inv_tau
+        xs = tl.where(inside, xs, NEG)
+        xt = tl.where(inside, xt, NEG)
+        m_s = tl.max(xs, axis=0)
+        m_t = tl.max(xt, axis=0)
+        e_s = tl.exp(xs - m_s)  # 0 in masked lanes
+        e_t = tl.exp(xt - m_t)
+        l_s = tl.sum(e_s, axis=0)
+        l_t = tl.sum(e_t, axis=0)
+        acc = tl.sum(tl.where(inside, e_t * (xt - xs), 0.0), axis=0)
+        if WRITE_GRAD:
+            grad_scale = tl.cast(grad_scale_hi, ACC) + tl.cast(grad_scale_lo, ACC)
+            ds = grad_scale * (e_s / l_s - e_t / l_t)
+            tl.store(ds_ptr + row * P + offs, ds.to(ds_ptr.dtype.element_ty), mask=inside)
+    else:
+        m_s = tl.full([], NEG, ACC)
+        m_t = tl.full([], NEG, ACC)
+        l_s = tl.zeros([], ACC)
+        l_t = tl.zeros([], ACC)
+        acc = tl.zeros([], ACC)
+        base = split * chunk
+        for start in range(0, chunk, BLOCK):
+            offs = base + start + lanes.to(tl.int64)
+            inside = offs < P
+            xs = tl.load(s_row + offs * s_sp, mask=inside, other=0.0).to(ACC) * inv_tau
+            xt = tl.load(t_row + offs * t_sp, mask=inside, other=0.0).to(ACC) * inv_tau
+            xs = tl.where(inside, xs, NEG)
+            xt = tl.where(inside, xt, NEG)
+            # one rescale per block (scalar running max), one exp per element and tensor
+            new_m_s = tl.maximum(m_s, tl.max(xs, axis=0))
+            new_m_t = tl.maximum(m_t, tl.max(xt, axis=0))
+            alpha_t = tl.exp(m_t - new_m_t)
+            e_t = tl.exp(xt - new_m_t)
+            l_s = l_s * tl.exp(m_s - new_m_s) + tl.sum(tl.exp(xs - new_m_s), axis=0)
+            l_t = l_t * alpha_t + tl.sum(e_t, axis=0)
+            acc = acc * alpha_t + tl.sum(tl.where(inside, e_t * (xt - xs), 0.0), axis=0)
+            m_s = new_m_s
+            m_t = new_m_t
+    slot = row * splits + split
+    tl.store(stats_ptr + slot, m_s + tl.log(l_s))
+    tl.store(stats_ptr + rows * splits + slot, m_t + tl.log(l_t))
+    tl.store(stats_ptr + 2 * rows * splits + slot, acc / l_t)
+
+
+@triton.jit
+def _cwd_bwd_kernel(s_ptr, t_ptr, lse_ptr, grad_ptr, ds_ptr, C, P, rows,
+                    s_sn, s_sc, s_sp, t_sn, t_sc, t_sp, inv_tau_hi, inv_tau_lo, coef_hi, coef_lo,
+                    BLOCK: tl.constexpr, ACC: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < P
+    n = row // C
+    c = row % C
+    inv_tau = tl.cast(inv_tau_hi, ACC) + tl.cast(inv_tau_lo, ACC)
+    coef = (tl.cast(coef_hi, ACC) + tl.cast(coef_lo, ACC)) * tl.load(grad_ptr).to(ACC)
+    lse_s = tl.load(lse_ptr + row)
+    lse_t = tl.load(lse_ptr + rows + row)
+    xs = tl.load(s_ptr + n * s_sn + c * s_sc + offs * s_sp, mask=inside, other=0.0).to(ACC) * inv_tau
+    xt = tl.load(t_ptr + n * t_sn + c * t_sc + offs * t_sp, mask=inside, other=0.0).to(ACC) * inv_tau
+    ds = coef * (tl.exp(xs - lse_s) - tl.exp(xt - lse_t))
+    tl.store(ds_ptr + row * P + offs, ds.to(ds_ptr.dtype.element_ty), mask=inside)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _split(value: float) -> tuple[float, float]:
+    """value as hi + lo, both exactly representable in fp32 (Triton passes float arguments as fp32)."""
+    hi = float(torch.tensor(value, dtype=torch.float32))
+    return hi, float(torch.tensor(value - hi, dtype=torch.float32))
+
+
+def _row_strides(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """(x, (stride_n, stride_c, stride_p)) where position p = h*W + w is at p * stride_p; x is made
+    contiguous only when H and W do not flatten to one strided axis."""
+    _, _, h, w = x.shape
+    if h == 1:
+        return x, (x.stride(0), x.stride(1), x.stride(3))
+    if w == 1 or x.stride(2) == w * x.stride(3):
+        return x, (x.stride(0), x.stride(1), x.stride(2) if w == 1 else x.stride(3))
+    x = x.contiguous()
+    return x, (x.stride(0), x.stride(1), 1)
+
+
+def _tile(p: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) of the one-tile forward: about 16 values per lane and tensor."""
+    block = max(16, triton.next_power_of_2(p))
+    return block, min(16, max(1, block // 512))
+
+
+def _plan(rows: int, p: int) -> tuple[int, int]:
+    """(chunk, splits) of the streaming forward: at least _TARGET_PROGRAMS programs where the rows
+    are long enough, each chunk a whole number of blocks."""
+    splits = max(1, min(triton.cdiv(p, _BLOCK), triton.cdiv(_TARGET_PROGRAMS, rows)))
+    chunk = triton.cdiv(triton.cdiv(p, splits), _BLOCK) * _BLOCK
+    return chunk, triton.cdiv(p, chunk)
+
+
+def _fuses_grad(p: int, needs_grad: bool) -> bool:
+    return needs_grad and p <= _MAX_TILE
+
+
+@torch.library.custom_op("segkd::channel_wise_kd_triton", mutates_args=())
+def channel_wise_kd_triton(student: torch.Tensor, teacher: torch.Tensor, tau: float,
+                           needs_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, ds, lse): loss 0-dim in the student's dtype; ds = d loss / d student when the forward
+    computed it (needs_grad and a one-tile row), else an empty tensor; lse (2, N*C) row log-sum-exps
+    of s/tau and t/tau in the compute dtype, for the recomputing backward."""
+    n, c, h, w = student.shape
+    rows, p = n * c, h * w
+    acc_dtype = _acc(student.dtype)
+    s, s_strides = _row_strides(student)
+    t, t_strides = _row_strides(teacher.detach())
+    fused = _fuses_grad(p, needs_grad)
+    ds = torch.empty((n, c, h, w) if fused else (0,), dtype=student.dtype, device=student.device)
+    one_tile = p <= _MAX_TILE
+    if one_tile:
+        block, warps = _tile(p)
+        chunk, splits = block, 1
+    else:
+        block, warps = _BLOCK, 8
+        chunk, splits = _plan(rows, p)
+    stats = torch.empty(3, rows, splits, dtype=acc_dtype, device=student.device)
+    _cwd_fwd_kernel[(rows, splits)](
+        s, t, ds, stats, c, p, chunk, splits, rows, *s_strides, *t_strides, *_split(1.0 / tau),
+        *_split(tau / rows), BLOCK=block, ONE_TILE=one_tile, WRITE_GRAD=fused, ACC=_tl(acc_dtype), NEG=_NEG,
+        num_warps=warps)
+    lse_s_part, lse_t_part, a_part = stats.unbind(0)
+    if splits == 1:
+        lse_s, lse_t, a = lse_s_part[:, 0], lse_t_part[:, 0], a_part[:, 0]
+    else:
+        lse_s = torch.logsumexp(lse_s_part, dim=1)
+        lse_t = torch.logsumexp(lse_t_part, dim=1)
+        a = (torch.exp(lse_t_part - lse_t[:, None]) * a_part).sum(dim=1)
+    kl = a - lse_t + lse_s
+    loss = (kl.sum() * (tau * tau / rows)).to(student.dtype)
+    return loss, ds, torch.stack([lse_s, lse_t])
+
+
+@torch.library.custom_op("segkd::channel_wise_kd_backward_triton", mutates_args=())
+def channel_wise_kd_backward_triton(student: torch.Tensor, teacher: torch.Tensor, lse: torch.Tensor,
+                                    grad: torch.Tensor, tau: float) -> torch.Tensor:
+    """d loss / d student = grad * tau / (N*C) * (softmax(s/tau) - softmax(t/tau)), recomputed from
+    the saved row log-sum-exps."""
+    n, c, h, w = student.shape
+    rows, p = n * c, h * w
+    s, s_strides = _row_strides(student)
+    t, t_strides = _row_strides(teacher)
+    ds = torch.empty((n, c, h, w), dtype=student.dtype, device=student.device)
+    block = min(_BLOCK, max(16, triton.next_power_of_2(p)))
+    _cwd_bwd_kernel[(rows, triton.cdiv(p, block))](
+        s, t, lse.contiguous(), grad.reshape(()).contiguous(), ds, c, p, rows, *s_strides, *t_strides,
+        *_split(1.0 / tau), *_split(tau / rows), BLOCK=block, ACC=_tl(lse.dtype), num_warps=4)
+    return ds
+
+
+def _tl(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@channel_wise_kd_triton.register_fake
+def _(student, teacher, tau, needs_grad):
+    n, c, h, w = student.shape
+    fused = _fuses_grad(h * w, needs_grad)
+    ds = student.new_empty((n, c, h, w) if fused else (0,))
+    return student.new_empty(()), ds, student.new_empty((2, n * c), dtype=_acc(student.dtype))
+
+
+@channel_wise_kd_backward_triton.register_fake
+def _(student, teacher, lse, grad, tau):
+    return student.new_empty(student.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, tau, _needs_grad = inputs
+    _loss, ds, lse = output
+    ctx.tau = tau
+    ctx.fused = ds.numel() > 0
+    ctx.mark_non_differentiable(ds, lse)
+    # The fused path keeps only ds; the other keeps the inputs and the row statistics.
+    ctx.save_for_backward(*((ds,) if ctx.fused else (student, teacher, lse)))
+
+
+def _backward(ctx, grad_loss, _grad_ds, _grad_lse):
+    if grad_loss is None:
+        return None, None, None, None
+    if ctx.fused:
+        (ds,) = ctx.saved_tensors
+        return ds * grad_loss.to(ds.dtype), None, None, None
+    student, teacher, lse = ctx.saved_tensors
+    return channel_wise_kd_backward_triton(student, teacher.detach(), lse, grad_loss, ctx.tau), None, None, None
+
+
+channel_wise_kd_triton.register_autograd(_backward, setup_context=_setup_context)
+
+
+def channel_wise_kd(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
+    """The loss through the custom op; the gradient is computed in the forward only when needed."""
+    needs_grad = torch.is_grad_enabled() and student.requires_grad
+    loss, _ds, _lse = channel_wise_kd_triton(student, teacher.detach(), float(tau), needs_grad)
+    return loss
+
+
+__all__ = ["channel_wise_kd", "channel_wise_kd_triton", "channel_wise_kd_backward_triton"]

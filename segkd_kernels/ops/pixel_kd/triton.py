@@ -1,0 +1,304 @@
+"""pixel_kd, knowledge_gap and pfs_pixel_kd in Triton (LOSSES.md 2, 2b), on NCHW directly.
+
+One program per (block of pixels, image): pixels on the fast axis (coalesced loads for NCHW), the K
+classes looped over in tiles of BLOCK_K held in registers. Per pixel it keeps the online
+log-sum-exps of s/tau and t/tau and a rescaled accumulator of exp(t/tau - m_t) (t - s)/tau, so
+    KL_p = acc / l_t - lse_t + lse_s.
+When K fits in one tile the logits are loaded once and reused for the gradient; otherwise a second
+loop over K reloads them (from L2: one program's tiles are small) to write
+    ds = coef_p * (softmax(s/tau) - softmax(t/tau)),   coef_p = tau * w_p * m_p / max(1, #valid).
+
+Ignored pixels are masked out of the loads (never multiplied by 0), so whatever they hold, their
+KL, weight and gradient are exactly 0. Per-program partial sums (deterministic, no atomics) give
+    sum_p m_p w_p KL_p,   sum_p m_p gap_p,   sum_p m_p gap_p KL_p      (gap = max(KL, 0)).
+
+pixel_kd: one pass (the valid count comes from the mask, a small torch reduction, passed by
+pointer so nothing synchronises). pfs_pixel_kd: the weights need the global mean gap, so pass 1
+only reduces, and pass 2 (only when the student needs a gradient) recomputes KL_p and writes ds with
+w_p = gap_p / mean gap: two reads of the logits, no per-pixel copy of them. Accumulation is fp32
+(fp64 for fp64 inputs).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Classes held in registers at once, and the tile size (classes x pixels) a program works on.
+_MAX_BLOCK_K = 32
+_LOOP_BLOCK_K = 16
+_TILE = 4096
+_NEG = -3.0e38  # finite stand-in for -inf in masked class lanes: never inf - inf = NaN
+
+
+@triton.jit
+def _pixel_kd_kernel(s_ptr, t_ptr, ign_ptr, w_ptr, coef_ptr, ds_ptr, kl_ptr, part_ptr, K, P,
+                     s_sn, s_sk, s_sp, t_sn, t_sk, t_sp, inv_tau_hi, inv_tau_lo,
+                     BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, ONE_TILE: tl.constexpr,
+                     HAS_MASK: tl.constexpr, HAS_WEIGHT: tl.constexpr, GAP_WEIGHT: tl.constexpr,
+                     WRITE_GRAD: tl.constexpr, WRITE_KL: tl.constexpr, ACC: tl.constexpr, NEG: tl.constexpr):
+    pid_p = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    pix = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    inside = pix < P
+    valid = inside
+    if HAS_MASK:
+        ignored = tl.load(ign_ptr + n * P + pix, mask=inside, other=1)
+        valid = inside & (ignored == 0)
+    # fp32 kernel arguments carry inv_tau as hi + lo so that fp64 inputs keep ~48 bits of it
+    inv_tau = tl.cast(inv_tau_hi, ACC) + tl.cast(inv_tau_lo, ACC)
+    s_base = s_ptr + n * s_sn + pix[None, :] * s_sp
+    t_base = t_ptr + n * t_sn + pix[None, :] * t_sp
+    ks = tl.arange(0, BLOCK_K)
+
+    if ONE_TILE:
+        kin = ks < K
+        lm = kin[:, None] & valid[None, :]
+        xs = tl.load(s_base + ks[:, None].to(tl.int64) * s_sk, mask=lm, other=0.0).to(ACC) * inv_tau
+        xt = tl.load(t_base + ks[:, None].to(tl.int64) * t_sk, mask=lm, other=0.0).to(ACC) * inv_tau
+        xs = tl.where(kin[:, None], xs, NEG)
+        xt = tl.where(kin[:, None], xt, NEG)
+        m_s = tl.max(xs, axis=0)
+        m_t = tl.max(xt, axis=0)
+        e_s = tl.exp(xs - m_s[None, :])  # 0 in masked class lanes
+        e_t = tl.exp(xt - m_t[None, :])
+        l_s = tl.sum(e_s, axis=0)
+        l_t = tl.sum(e_t, axis=0)
+        acc = tl.sum(tl.where(kin[:, None], e_t * (xt - xs), 0.0), axis=0)
+    else:
+        m_s = tl.full([BLOCK_P], NEG, ACC)
+        m_t = tl.full([BLOCK_P], NEG, ACC)
+        l_s = tl.zeros([BLOCK_P], ACC)
+        l_t = tl.zeros([BLOCK_P], ACC)
+        acc = tl.zeros([BLOCK_P], ACC)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + ks
+            kin = kk < K
+            lm = kin[:, None] & valid[None, :]
+            xs = tl.load(s_base + kk[:, None].to(tl.int64) * s_sk, mask=lm, other=0.0).to(ACC) * inv_tau
+            xt = tl.load(t_base + kk[:, None].to(tl.int64) * t_sk, mask=lm, other=0.0).to(ACC) * inv_tau
+            xs = tl.where(kin[:, None], xs, NEG)
+            xt = tl.where(kin[:, None], xt, NEG)
+            new_m_s = tl.maximum(m_s, tl.max(xs, axis=0))
+            new_m_t = tl.maximum(m_t, tl.max(xt, axis=0))
+            alpha_t = tl.exp(m_t - new_m_t)
+            e_t = tl.exp(xt - new_m_t[None, :])
+            l_s = l_s * tl.exp(m_s - new_m_s) + tl.sum(tl.exp(xs - new_m_s[None, :]), axis=0)
+            l_t = l_t * alpha_t + tl.sum(e_t, axis=0)
+            acc = acc * alpha_t + tl.sum(tl.where(kin[:, None], e_t * (xt - xs), 0.0), axis=0)
+            m_s = new_m_s
+            m_t = new_m_t
+
+    lse_s = m_s + tl.log(l_s)
+    lse_t = m_t + tl.log(l_t)
+    kl = acc / l_t - lse_t + lse_s
+    kl = tl.where(valid, kl, 0.0)
+    gap = tl.maximum(kl, 0.0)
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + n * P + pix, mask=valid, other=0.0).to(ACC)
+        wkl = tl.where(valid, w * kl, 0.0)
+    else:
+        wkl = kl
+    if WRITE_KL:
+        tl.store(kl_ptr + n * P + pix, kl.to(kl_ptr.dtype.element_ty), mask=inside)
+    slot = (n * tl.num_programs(0) + pid_p) * 3
+    tl.store(part_ptr + slot, tl.sum(wkl, axis=0))
+    tl.store(part_ptr + slot + 1, tl.sum(gap, axis=0))
+    tl.store(part_ptr + slot + 2, tl.sum(gap * kl, axis=0))
+
+    if WRITE_GRAD:
+        # coef_ptr[0] = tau / max(1, #valid) (times grad_output in the backward); coef_ptr[1] = the
+        # clamped mean gap of pfs_pixel_kd
+        coef = tl.load(coef_ptr).to(ACC)
+        if GAP_WEIGHT:
+            coef = coef * (gap / tl.load(coef_ptr + 1).to(ACC))
+        elif HAS_WEIGHT:
+            coef = coef * w
+        coef = tl.where(valid, coef, 0.0)
+        ds_base = ds_ptr + n * K * P + pix[None, :]
+        if ONE_TILE:
+            ds = coef[None, :] * (e_s / l_s[None, :] - e_t / l_t[None, :])
+            sm = kin[:, None] & inside[None, :]
+            tl.store(ds_base + ks[:, None].to(tl.int64) * P, ds.to(ds_ptr.dtype.element_ty), mask=sm)
+        else:
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + ks
+                kin = kk < K
+                lm = kin[:, None] & valid[None, :]
+                xs = tl.load(s_base + kk[:, None].to(tl.int64) * s_sk, mask=lm, other=0.0).to(ACC) * inv_tau
+                xt = tl.load(t_base + kk[:, None].to(tl.int64) * t_sk, mask=lm, other=0.0).to(ACC) * inv_tau
+                ds = coef[None, :] * (tl.exp(xs - lse_s[None, :]) - tl.exp(xt - lse_t[None, :]))
+                sm = kin[:, None] & inside[None, :]
+                tl.store(ds_base + kk[:, None].to(tl.int64) * P, ds.to(ds_ptr.dtype.element_ty), mask=sm)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _split(value: float) -> tuple[float, float]:
+    """value as hi + lo, both exactly representable in fp32 (Triton passes float arguments as fp32)."""
+    hi = float(torch.tensor(value, dtype=torch.float32))
+    return hi, float(torch.tensor(value - hi, dtype=torch.float32))
+
+
+def _pixel_strides(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """(x, (stride_n, stride_k, stride_p)) where pixel p = h*W + w is at p * stride_p (NCHW: 1,
+    channels_last: K); x is made contiguous only when H and W do not flatten to one strided axis."""
+    _, _, h, w = x.shape
+    if h == 1:
+        return x, (x.stride(0), x.stride(1), x.stride(3))
+    if w == 1 or x.stride(2) == w * x.stride(3):
+        return x, (x.stride(0), x.stride(1), x.stride(2) if w == 1 else x.stride(3))
+    x = x.contiguous()
+    return x, (x.stride(0), x.stride(1), 1)
+
+
+def _blocks(k: int, p: int) -> tuple[int, int, bool, int]:
+    """(BLOCK_K, BLOCK_P, one_tile, num_warps): about _TILE logits per tensor and program."""
+    one_tile = k <= _MAX_BLOCK_K
+    block_k = max(2, triton.next_power_of_2(k)) if one_tile else _LOOP_BLOCK_K
+    block_p = max(16, min(triton.next_power_of_2(p), _TILE // block_k, 1024))
+    warps = max(1, min(8, block_k * block_p // 512))
+    return block_k, block_p, one_tile, warps
+
+
+def _launch(s, t, ignore_mask, weight, coef, tau, *, gap_weight=False, write_grad=False, write_kl=False):
+    """Runs the kernel; returns (partials (programs, 3) in the compute dtype, ds or None, kl or None)."""
+    n, k, h, w = s.shape
+    p = h * w
+    acc_dtype = _acc(s.dtype)
+    s, s_strides = _pixel_strides(s)
+    t, t_strides = _pixel_strides(t)
+    block_k, block_p, one_tile, warps = _blocks(k, p)
+    grid = (triton.cdiv(p, block_p), n)
+    partials = torch.empty(n * grid[0], 3, dtype=acc_dtype, device=s.device)
+    ds = torch.empty((n, k, h, w), dtype=s.dtype, device=s.device) if write_grad else None
+    kl = torch.empty((n, h, w), dtype=s.dtype, device=s.device) if write_kl else None
+    # unused pointers get any valid tensor: their loads and stores are compiled out
+    ign = ignore_mask.contiguous().view(torch.uint8) if ignore_mask is not None else partials
+    wt = weight.contiguous() if weight is not None else partials
+    _pixel_kd_kernel[grid](
+        s, t, ign, wt, coef if coef is not None else partials, ds if ds is not None else partials,
+        kl if kl is not None else partials, partials, k, p, *s_strides, *t_strides, *_split(1.0 / tau),
+        BLOCK_K=block_k, BLOCK_P=block_p, ONE_TILE=one_tile, HAS_MASK=ignore_mask is not None,
+        HAS_WEIGHT=weight is not None, GAP_WEIGHT=gap_weight, WRITE_GRAD=write_grad, WRITE_KL=write_kl,
+        ACC=_tl(acc_dtype), NEG=_NEG, num_warps=warps)
+    return partials, ds, kl
+
+
+def _valid_count(s: torch.Tensor, ignore_mask: torch.Tensor | None) -> torch.Tensor:
+    """max(1, #valid pixels) as a 0-dim tensor in the compute dtype (on the device: no sync)."""
+    acc_dtype = _acc(s.dtype)
+    if ignore_mask is None:
+        n, _, h, w = s.shape
+        return torch.full((), float(n * h * w), dtype=acc_dtype, device=s.device)
+    return (ignore_mask.numel() - ignore_mask.sum()).clamp_min(1).to(acc_dtype)
+
+
+def _empty_grad(s: torch.Tensor) -> torch.Tensor:
+    return torch.empty((0,), dtype=s.dtype, device=s.device)
+
+
+@torch.library.custom_op("segkd::pixel_kd_triton", mutates_args=())
+def pixel_kd_triton(student: torch.Tensor, teacher: torch.Tensor, tau: float, weight: torch.Tensor | None,
+                    ignore_mask: torch.Tensor | None, needs_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, ds): loss 0-dim in the student's dtype; ds = d loss / d student (grad_output 1) when
+    needs_grad, else an empty tensor."""
+    count = _valid_count(student, ignore_mask)
+    coef = (tau / count).reshape(1)
+    partials, ds, _ = _launch(student, teacher, ignore_mask, weight, coef, tau, write_grad=needs_grad)
+    loss = (partials[:, 0].sum() / count * (tau * tau)).to(student.dtype)
+    return loss, ds if ds is not None else _empty_grad(student)
+
+
+@torch.library.custom_op("segkd::pfs_pixel_kd_triton", mutates_args=())
+def pfs_pixel_kd_triton(student: torch.Tensor, teacher: torch.Tensor, tau: float, ignore_mask: torch.Tensor | None,
+                        needs_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, ds) of the gap-weighted pixel KD: pass 1 reduces, pass 2 (needs_grad) writes ds."""
+    count = _valid_count(student, ignore_mask)
+    partials, _, _ = _launch(student, teacher, ignore_mask, None, None, tau)
+    totals = partials.sum(dim=0)
+    # mean gap clamped as in the reference: all gaps 0 (or every pixel ignored) -> weights 0
+    mean_gap = (totals[1] / count).clamp_min(torch.finfo(count.dtype).tiny)
+    loss = (totals[2] / mean_gap / count * (tau * tau)).to(student.dtype)
+    if not needs_grad:
+        return loss, _empty_grad(student)
+    coef = torch.stack([tau / count, mean_gap])
+    _, ds, _ = _launch(student, teacher, ignore_mask, None, coef, tau, gap_weight=True, write_grad=True)
+    return loss, ds
+
+
+@torch.library.custom_op("segkd::knowledge_gap_triton", mutates_args=())
+def knowledge_gap_triton(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
+    """(N, H, W) per-pixel KL(teacher || student) in the student's dtype."""
+    _, _, kl = _launch(student, teacher, None, None, None, tau, write_kl=True)
+    return kl
+
+
+@pixel_kd_triton.register_fake
+def _(student, teacher, tau, weight, ignore_mask, needs_grad):
+    return student.new_empty(()), student.new_empty(student.shape if needs_grad else (0,))
+
+
+@pfs_pixel_kd_triton.register_fake
+def _(student, teacher, tau, ignore_mask, needs_grad):
+    return student.new_empty(()), student.new_empty(student.shape if needs_grad else (0,))
+
+
+@knowledge_gap_triton.register_fake
+def _(student, teacher, tau):
+    n, _, h, w = student.shape
+    return student.new_empty((n, h, w))
+
+
+def _setup_context(ctx, inputs, output):
+    _loss, ds = output
+    ctx.mark_non_differentiable(ds)
+    ctx.inputs = inputs[2:]  # tau and the non-tensor / detached arguments after the logits
+    # ds is empty when the op was called with needs_grad=False: keep the inputs to recompute it
+    ctx.fused = ds.numel() > 0
+    ctx.save_for_backward(*((ds,) if ctx.fused else inputs[:2]))
+
+
+def _make_backward(op):
+    def backward(ctx, grad_loss, _grad_ds):
+        nones = (None,) * (2 + len(ctx.inputs))
+        if grad_loss is None:
+            return nones
+        if ctx.fused:
+            (ds,) = ctx.saved_tensors
+        else:
+            student, teacher = ctx.saved_tensors
+            _, ds = op(student, teacher, *ctx.inputs[:-1], True)
+        return (ds * grad_loss.to(ds.dtype),) + nones[1:]
+
+    return backward
+
+
+pixel_kd_triton.register_autograd(_make_backward(pixel_kd_triton), setup_context=_setup_context)
+pfs_pixel_kd_triton.register_autograd(_make_backward(pfs_pixel_kd_triton), setup_context=_setup_context)
+
+
+def _needs_grad(student: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and student.requires_grad
+
+
+def pixel_kd(student, teacher, tau, weight=None, ignore_mask=None) -> torch.Tensor:
+    weight = weight.detach() if weight is not None else None
+    loss, _ = pixel_kd_triton(student, teacher.detach(), float(tau), weight, ignore_mask, _needs_grad(student))
+    return loss
+
+
+def pfs_pixel_kd(student, teacher, tau, ignore_mask=None) -> torch.Tensor:
+    loss, _ = pfs_pixel_kd_triton(student, teacher.detach(), float(tau), ignore_mask, _needs_grad(student))
+    return loss
+
+
+def knowledge_gap(student, teacher, tau) -> torch.Tensor:
+    return knowledge_gap_triton(student.detach(), teacher.detach(), float(tau))
