@@ -2,11 +2,18 @@
 
 import torch
 
-from ..._backends import FLOAT_DTYPES, select_backend
+from ..._backends import FLOAT_DTYPES, KERNEL_DTYPES, select_backend
 from ..._validation import check_choice, check_positive, check_same_device, check_same_shape, check_tensor
 from . import reference
 
 IMPLEMENTED = {"reference": FLOAT_DTYPES}
+try:
+    from .triton import ssim_kd_triton
+
+    # fp64 stays on the reference (the kernels keep fp32 statistics)
+    IMPLEMENTED["triton"] = KERNEL_DTYPES
+except ImportError:  # triton missing: _backends reports why
+    ssim_kd_triton = None
 PADDINGS = ("reflect", "zeros", "valid")
 MIN_WINDOW, MAX_WINDOW = 3, 15
 
@@ -50,6 +57,12 @@ def ssim_kd(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, window_si
     check_same_device(student_feat=student_feat, teacher_feat=teacher_feat)
     check_options(window_size, sigma, data_range, padding)
     _check_fits(window_size, padding, student_feat.shape)
-    select_backend("ssim_kd", backend, IMPLEMENTED, student_feat)
+    name = select_backend("ssim_kd", backend, IMPLEMENTED, student_feat)
+    if name == "triton":
+        # The kernels keep the three partial-derivative maps for the backward only when one will run.
+        need_partials = torch.is_grad_enabled() and student_feat.requires_grad
+        loss, _partials, _scales = ssim_kd_triton(student_feat, teacher_feat.detach(), window_size, float(sigma),
+                                                  float(data_range), padding, bool(normalize), need_partials)
+        return loss
     return reference.ssim_kd(student_feat, teacher_feat, window_size, float(sigma), float(data_range),
                              padding, bool(normalize))
