@@ -344,15 +344,20 @@ def test_attnfd_loss_bad_backend_name():
 
 
 # ids avoid the bare word "cuda": conftest skips items whose keywords contain it (GPU tests)
-@pytest.mark.parametrize("backend", ["triton", "cuda"], ids=["named_triton", "named_cuda"])
-def test_reference_only_ops_refuse_named_kernel_backends(backend):
+@pytest.mark.parametrize("op", ["attnfd_loss", "channel_pool", "channel_pool_gated", "cbam_gate"])
+def test_ops_without_a_cuda_backend_refuse_it(op):
+    """No hand-written CUDA kernels for these ops: naming the cuda backend raises, never falls back."""
     x = torch.randn(1, 2, 3, 3)
-    with pytest.raises(ValueError, match=f"no {backend} backend"):
-        sk.attnfd_loss(x, x, backend=backend)
-    with pytest.raises(ValueError, match=f"no {backend} backend"):
-        sk.channel_pool(x, backend=backend)
-    with pytest.raises(RuntimeError, match=f"no {backend} backend"):  # BackendUnavailableError is both
-        sk.channel_pool(x, torch.ones(1, 2), backend=backend)
+    calls = {
+        "attnfd_loss": lambda: sk.attnfd_loss(x, x, backend="cuda"),
+        "channel_pool": lambda: sk.channel_pool(x, backend="cuda"),
+        "channel_pool_gated": lambda: sk.channel_pool(x, torch.ones(1, 2), backend="cuda"),
+        "cbam_gate": lambda: sk.cbam_gate(x, torch.ones(1, 2), torch.ones(1, 3, 3), backend="cuda"),
+    }
+    with pytest.raises(RuntimeError, match="no cuda backend"):  # BackendUnavailableError is both
+        calls[op]()
+    with pytest.raises(ValueError, match="no cuda backend"):
+        calls[op]()
 
 
 def test_env_override_is_honoured_and_never_silent(monkeypatch):
@@ -693,8 +698,6 @@ def test_cbam_bad_input(x):
 
 def test_cbam_backend_passthrough():
     x = make_tensor((2, 4, 3, 5), seed=54)
-    with pytest.raises(ValueError, match="channel_pool has no triton backend"):
-        sk.nn.CBAM(4, reduction=2, backend="triton")(x)
     with pytest.raises(ValueError, match="no cuda backend|cuda"):
         sk.nn.CBAM(4, reduction=2, backend="cuda")(x)
     with pytest.raises(ValueError, match="backend"):
@@ -782,8 +785,8 @@ def test_attnfd_module_bad_inputs():
 
 def test_attnfd_module_backend_passthrough():
     fs, ft = make_tensor((2, 6, 4, 5), seed=60), make_tensor((2, 10, 4, 5), seed=61)
-    with pytest.raises(ValueError, match="no triton backend"):
-        sk.nn.AttnFD(6, 10, reduction=2, backend="triton")(fs, ft)
+    with pytest.raises(ValueError, match="attnfd_loss has no cuda backend|cuda"):
+        sk.nn.AttnFD(6, 10, reduction=2, backend="cuda")(fs, ft)
     torch.manual_seed(8)
     a = sk.nn.AttnFD(6, 10, reduction=2, backend="reference")
     b = copy.deepcopy(a)
@@ -791,7 +794,7 @@ def test_attnfd_module_backend_passthrough():
     assert_close(a(fs, ft), b(fs, ft))
 
 
-@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("backend", ["reference", "auto", "triton"])
 def test_attnfd_module_passes_backend_to_every_op(monkeypatch, backend):
     """Both CBAMs' poolings and the loss get the module's backend (spies around the ops)."""
     import segkd_kernels.nn as sk_nn
@@ -804,12 +807,12 @@ def test_attnfd_module_passes_backend_to_every_op(monkeypatch, backend):
             return fn(*args, **kwargs)
         return wrapper
 
-    for name in ("spatial_pool", "channel_pool", "attnfd_loss"):
+    for name in ("spatial_pool", "channel_pool", "cbam_gate", "attnfd_loss"):
         monkeypatch.setattr(sk_nn, name, spy(name, getattr(sk_nn, name)))
     m = sk.nn.AttnFD(6, 10, reduction=2, backend=backend)
     m(make_tensor((2, 6, 4, 5), seed=64), make_tensor((2, 10, 4, 5), seed=65))
     assert sorted(calls) == sorted([("spatial_pool", backend)] * 2 + [("channel_pool", backend)] * 2
-                                   + [("attnfd_loss", backend)])
+                                   + [("cbam_gate", backend)] * 2 + [("attnfd_loss", backend)])
 
 
 def test_attnfd_module_compiles():

@@ -11,6 +11,7 @@ from torch import nn
 from ._backends import BACKENDS
 from ._validation import check_choice, check_positive
 from .ops.attnfd_loss import attnfd_loss
+from .ops.cbam_gate import cbam_gate
 from .ops.channel_pool import channel_pool
 from .ops.channel_wise_kd import channel_wise_kd
 from .ops.cross_image_kd import cross_image_kd
@@ -134,7 +135,8 @@ class CBAM(nn.Module):
 
     M_c = sigmoid(MLP(avgpool F) + MLP(maxpool F)), shared MLP C -> C/r -> C;
     M_s = sigmoid(BN(conv_k([max_C, mean_C] of M_c * F))), 2 -> 1 channels, no bias.
-    The poolings run on the fused ops, so M_c * F is never materialised for the spatial gate.
+    The poolings and the final product run on the fused ops (sk.spatial_pool, sk.channel_pool,
+    sk.cbam_gate) with the module's backend, so M_c * F is never materialised.
     """
 
     def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7, *, backend: str = "auto"):
@@ -169,7 +171,7 @@ class CBAM(nn.Module):
             raise ValueError(f"x: expected (N, {self.channels}, H, W), got {tuple(x.shape)}")
         m_c = self.channel_gate(x)
         m_s = self.spatial_gate(x, m_c)
-        return x * m_c[:, :, None, None].to(x.dtype) * m_s.to(x.dtype)
+        return cbam_gate(x, m_c, m_s, backend=self.backend)
 
 
 class AttnFD(nn.Module):
