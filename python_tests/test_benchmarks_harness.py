@@ -1,20 +1,78 @@
-"""The benchmark harness runs end to end on tiny shapes and writes the agreed CSV columns."""
+"""The benchmark harness runs end to end on tiny CPU shapes and writes the agreed CSV columns.
+
+CPU timings here only check the plumbing; measurements come from GPU runs (benchmarks/README.md).
+"""
 
 import csv
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_ops  # noqa: E402
 
+from segkd_kernels.bench import cases, eager, table  # noqa: E402
+from segkd_kernels.bench.harness import floors  # noqa: E402
 
-def test_quick_benchmark_writes_csv(tmp_path):
+import segkd_kernels as sk  # noqa: E402
+import torch  # noqa: E402
+
+EXPECTED_COLUMNS = ("op,shape,dtype,mode,provider,ms_p50,ms_p20,ms_p80,peak_mem_mb,gbps,roofline_frac,"
+                    "device,torch,triton,cuda,commit,date").split(",")
+
+
+def test_quick_benchmark_writes_csv_and_table(tmp_path):
     out = tmp_path / "cpu.csv"
-    assert bench_ops.main(["--quick", "--out", str(out)]) == 0
+    assert bench_ops.main(["--quick", "--ops", "channel_wise_kd,spatial_pool,pairwise_kd", "--max-p", "20",
+                           "--out", str(out)]) == 0
     with out.open() as f:
         rows = list(csv.DictReader(f))
-    assert rows and list(rows[0]) == bench_ops.COLUMNS
-    assert {r["mode"] for r in rows} == {"forward", "backward", "full"}
-    assert {"eager", "compile"} <= {r["provider"] for r in rows}
-    assert all(float(r["ms_p50"]) > 0 for r in rows)
+    assert bench_ops.COLUMNS == EXPECTED_COLUMNS and list(rows[0]) == EXPECTED_COLUMNS
+    assert rows[0]["op"] == "copy" and float(rows[0]["gbps"]) > 0
+    kernel_rows = [r for r in rows if r["op"] != "copy"]
+    assert {r["mode"] for r in kernel_rows} == {"forward", "backward", "full"}
+    assert {"eager", "compile"} <= {r["provider"] for r in kernel_rows}
+    assert {r["op"] for r in kernel_rows} == {"channel_wise_kd", "spatial_pool", "pairwise_kd"}
+    assert all(float(r["ms_p50"]) > 0 for r in kernel_rows)
+    # the resolution sweep ran (capped at P = 20) for the pairwise loss
+    assert any(r["shape"] == "2x8x4x5/2x16x4x5" for r in kernel_rows)
+    md = table.markdown(out)
+    assert "| channel_wise_kd | 2x5x9x13 | float32 |" in md
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{table.START}\nold\n{table.END}\nend\n")
+    table.update_readme(readme, [out])
+    text = readme.read_text()
+    assert "old" not in text and "| spatial_pool |" in text and text.endswith("end\n")
+
+
+@pytest.mark.parametrize("op", sorted(cases.CASES))
+def test_eager_baseline_computes_the_same_loss(op):
+    """The eager baselines are the toolboxes' code shapes with LOSSES.md's normalisations."""
+    case = cases.CASES[op]
+    inputs = case.make(case.quick_shapes[0], torch.float64, "cpu")
+    got = case.eager(*inputs.tensors)
+    want = case.api(*inputs.tensors, backend="reference")
+    if op == "ssim_kd":  # kornia's normalisation detaches min and max too; same value
+        pass
+    if isinstance(want, tuple):
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
+    else:
+        torch.testing.assert_close(got, want)
+
+
+def test_floors():
+    # 1 GB moved in 10 ms at a 200 GB/s ceiling: 100 GB/s achieved, half of the floor.
+    f = floors(1e9, None, 10.0, 200e9, None)
+    assert f["gbps"] == pytest.approx(100.0) and f["roofline_frac"] == pytest.approx(0.5)
+    # compute-bound: 1e12 FLOPs at a 1e14 peak take 10 ms at best
+    assert floors(1.0, 1e12, 20.0, 1e12, 1e14)["roofline_frac"] == pytest.approx(0.5)
+    assert floors(1e9, None, "oom", 1e9, None) == {"gbps": "", "roofline_frac": ""}
+
+
+def test_unknown_op_is_rejected():
+    with pytest.raises(SystemExit):
+        bench_ops.main(["--quick", "--ops", "nope"])

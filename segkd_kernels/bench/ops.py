@@ -1,0 +1,91 @@
+"""Per-op kernel benchmarks: every case x shape x dtype x provider x mode -> CSV rows."""
+
+from __future__ import annotations
+
+import gc
+import sys
+
+import torch
+
+from .._backends import BackendUnavailableError
+from . import cases as cases_module
+from .harness import MODES, floors, is_oom, measure, oom_row, runner
+from .hardware import peak_flops
+
+FUSED = ("triton", "cuda")
+
+# The `backward` mode replays one graph's backward (retain_graph=True), which compiled graphs
+# refuse when they donate their saved buffers to the backward. Donation only lets the backward
+# free saved tensors early; it does not change the kernels that are timed.
+import torch._functorch.config  # noqa: E402
+
+torch._functorch.config.donated_buffer = False
+
+
+def providers(case, device: str) -> tuple[dict, list[str]]:
+    """name -> callable(*tensors) for every provider that can run here, and notes for those that cannot."""
+    out, notes = {}, []
+    out["eager"] = case.eager
+    # inductor on GPUs; on CPU (harness check only) aot_eager, which compiles in seconds, not ~30 s.
+    compiled = torch.compile(lambda *a: case.api(*a, backend="reference"),
+                             backend="inductor" if device == "cuda" else "aot_eager")
+    out["compile"] = compiled
+    for name in FUSED:
+        out[name] = lambda *a, b=name: case.api(*a, backend=b)
+    for name, factory in case.peers.items():
+        try:
+            out[name] = factory()
+        except Exception as err:  # a peer that does not import is skipped, not an error
+            notes.append(f"{case.op}: {name} skipped ({type(err).__name__}: {err})")
+    return out, notes
+
+
+def bench_case(case, shapes, dtype, device, timer, env, bandwidth, writer, log=print) -> list[str]:
+    notes = []
+    peak = peak_flops(env["device"], "tensor16" if case.flop_kind == "dtype" and dtype != torch.float32 else "fp32")
+    provs, provider_notes = providers(case, device)
+    notes += provider_notes
+    label = cases_module.shape_label(shapes)
+    for provider, fn in provs.items():
+        for mode in MODES:
+            row = dict(env, op=case.op, shape=label, dtype=str(dtype).removeprefix("torch."), mode=mode,
+                       provider=provider)
+            try:
+                inputs = case.make(shapes, dtype, device)
+                row.update(measure(runner(fn, inputs, mode), device, timer))
+            except BackendUnavailableError as err:
+                notes.append(f"{case.op} {label} {row['dtype']}: {provider} unavailable ({err})")
+                break
+            except (TypeError, NotImplementedError) as err:  # a peer that rejects this dtype
+                if not provider.startswith("peer:"):
+                    raise
+                notes.append(f"{case.op} {label} {row['dtype']}: {provider} skipped ({err})")
+                break
+            except RuntimeError as err:
+                if not is_oom(err):
+                    raise
+                row.update(oom_row())
+            finally:
+                inputs = None
+                gc.collect()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+            nbytes = case.bytes(shapes, dtype, mode) if case.bytes else None
+            nflops = case.flops(shapes, mode) if case.flops else None
+            row.update(floors(nbytes, nflops, row["ms_p50"], bandwidth, peak))
+            writer.write(row)
+            ms = row["ms_p50"]
+            shown = ms if isinstance(ms, str) else f"{ms:10.3f} ms"
+            log(f"{case.op:<15}{label:<34}{row['dtype']:<9}{mode:<9}{provider:<20}{shown}")
+    return notes
+
+
+def run_ops(op_names, dtypes, device, timer, env, bandwidth, writer, quick: bool) -> list[str]:
+    notes = []
+    for name in op_names:
+        case = cases_module.CASES[name]
+        for shapes in case.quick_shapes if quick else case.shapes:
+            for dtype in dtypes:
+                notes += bench_case(case, shapes, dtype, device, timer, env, bandwidth, writer)
+                sys.stdout.flush()
+    return notes
