@@ -173,6 +173,20 @@ def _spatial_pool_bytes(shapes, dtype, mode):
     return (x if mode == "forward" else 2 * x) * _elsize(dtype)
 
 
+def _cbam_gate_inputs(shapes, dtype, device):
+    n, c, h, w = shapes[0]
+    x = torch.randn(shapes[0], dtype=dtype, device=device).requires_grad_(True)
+    channel_gate = torch.rand(n, c, dtype=dtype, device=device).requires_grad_(True)
+    spatial_gate = torch.rand(n, 1, h, w, dtype=dtype, device=device).requires_grad_(True)
+    return Inputs([x, channel_gate, spatial_gate], [0, 1, 2])
+
+
+def _cbam_gate_bytes(shapes, dtype, mode):
+    x = _numel(shapes[0])
+    # forward: read x, write the product; backward: read x and the output's gradient, write dx.
+    return (2 * x if mode == "forward" else 3 * x) * _elsize(dtype)
+
+
 LOGITS = [((8, 19, 128, 256),) * 2, ((8, 19, 512, 1024),) * 2]
 LOGITS_QUICK = [((2, 5, 9, 13),) * 2]
 FEATURES = [((8, 256, 64, 128),) * 2, ((8, 2048, 64, 128),) * 2]
@@ -219,4 +233,8 @@ CASES = {
         "channel_pool", [FEATURES[0][:1], FEATURES[1][:1]], [FEATURES_QUICK[0][:1]], _channel_pool_inputs,
         lambda x, gate, backend: sk.channel_pool(x, gate, backend=backend), eager.channel_pool,
         bytes=_channel_pool_bytes),
+    "cbam_gate": Case(
+        "cbam_gate", [FEATURES[0][:1], FEATURES[1][:1]], [FEATURES_QUICK[0][:1]], _cbam_gate_inputs,
+        lambda x, mc, ms, backend: sk.cbam_gate(x, mc, ms, backend=backend), eager.cbam_gate,
+        bytes=_cbam_gate_bytes),
 }

@@ -119,3 +119,9 @@ def channel_pool(x, gate):
     """CBAM spatial-gate pooling: materialise the gated map, then max and mean over channels."""
     gated = x * gate[:, :, None, None]
     return torch.cat([gated.max(dim=1, keepdim=True)[0], gated.mean(dim=1, keepdim=True)], dim=1)
+
+
+def cbam_gate(x, channel_gate, spatial_gate):
+    """CBAM code: F' = M_c * F materialised, then M_s * F'."""
+    refined = x * channel_gate[:, :, None, None]
+    return spatial_gate * refined
