@@ -87,4 +87,64 @@ __device__ __forceinline__ void warp_max_index(float& v, int64_t& i) {
   }
 }
 
+
+// ---- vectorised loads -------------------------------------------------------------------------
+// 128-bit loads: 4 floats or 8 halves / bfloat16 per transaction. Callers check 16-byte alignment.
+template <typename T> struct Vec16 { static constexpr int kSize = 16 / sizeof(T); };
+
+template <typename T>
+__device__ __forceinline__ void load16(const T* __restrict__ p, float (&out)[Vec16<T>::kSize]) {
+  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+  const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < Vec16<T>::kSize; ++i) out[i] = to_float(e[i]);
+}
+
+inline bool aligned16(std::uintptr_t p) { return (p & 15u) == 0; }
+
+// ---- online softmax ---------------------------------------------------------------------------
+// exp(m_old - m_new) that is 0 (not NaN) while nothing has been seen yet (m_old = -inf).
+__device__ __forceinline__ float rescale(float m_old, float m_new) {
+  return m_old == -INFINITY ? 0.f : __expf(m_old - m_new);
+}
+
+// Running max m and sum l of exp(x - m) over the values seen so far.
+struct OnlineLse {
+  float m = -INFINITY, l = 0.f;
+  __device__ __forceinline__ void add(float x) {
+    if (x > m) { l = l * rescale(m, x) + 1.f; m = x; }
+    else l += __expf(x - m);
+  }
+  __device__ __forceinline__ void merge(float om, float ol) {
+    const float nm = fmaxf(m, om);
+    if (nm == -INFINITY) return;
+    l = l * rescale(m, nm) + ol * rescale(om, nm);
+    m = nm;
+  }
+  __device__ __forceinline__ float lse() const { return m + __logf(l); }
+};
+
+// Block-wide sum for blockDim.x a multiple of 32 (<= 1024). Every thread gets the result.
+// `scratch` holds 32 floats; the call starts and ends with a barrier so it can be reused.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < n_warps ? scratch[lane] : 0.f;
+  return warp_sum(v);
+}
+
+inline unsigned grid_for(int64_t total, int threads, int64_t cap = 65535LL * 16) {
+  int64_t blocks = (total + threads - 1) / threads;
+  if (blocks > cap) blocks = cap;
+  if (blocks < 1) blocks = 1;
+  return static_cast<unsigned>(blocks);
+}
+
+inline void check_grid_dim(int64_t n, const char* op, const char* what) {
+  if (n > 2147483647LL) throw std::invalid_argument(std::string(op) + ": too many " + what + " for one grid");
+}
+
 }  // namespace segkd

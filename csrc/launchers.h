@@ -20,4 +20,76 @@ void spatial_pool_backward(std::uintptr_t grad_avg, std::uintptr_t grad_max, std
                            std::uintptr_t dx, int64_t rows, int64_t plane, DType dtype, int device,
                            std::uintptr_t stream);
 
+// channel_wise_kd (csrc/channel_wise_kd.cu): row_kl[r] = KL(softmax(t_r / tau) || softmax(s_r / tau))
+// in fp32 for each of `rows` rows of `plane` values; if grad != 0 it also writes
+// grad = grad_scale * (softmax(s_r / tau) - softmax(t_r / tau)) in the input dtype.
+void channel_wise_kd_forward(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t row_kl,
+                             std::uintptr_t grad, int64_t rows, int64_t plane, double tau, double grad_scale,
+                             DType dtype, int device, std::uintptr_t stream);
+
+// pixel_kd (csrc/pixel_kd.cu): logits (batch, classes, plane). Per pixel g: out[g] = w_g * KL_g (fp32,
+// 0 where ignore[g]); grad = coef[0] * w_g * (softmax(s / tau) - softmax(t / tau)) (0 where ignored).
+// ignore (bool), weight (fp32), out and grad may be 0 (absent); coef is one fp32 on the device.
+// w_g = 1, weight[g], or max(weight[g], 0) when clamp_weight.
+void pixel_kd_forward(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t ignore, std::uintptr_t weight,
+                      bool clamp_weight, std::uintptr_t coef, std::uintptr_t out, std::uintptr_t grad, int64_t batch,
+                      int64_t classes, int64_t plane, double tau, DType dtype, int device, std::uintptr_t stream);
+
+// channel_pool (csrc/channel_pool.cu): out (batch, 2, plane) = [max_c, mean_c] of x * gate (gate fp32
+// (batch, channels) or 0), argmax int32 (batch, plane): first maximal channel.
+void channel_pool_forward(std::uintptr_t x, std::uintptr_t gate, std::uintptr_t out, std::uintptr_t argmax,
+                          int64_t batch, int64_t channels, int64_t plane, DType dtype, int device,
+                          std::uintptr_t stream);
+// dx (x's dtype) and, if dgate != 0, dgate (fp32, batch x channels) from grad_out (batch, 2, plane).
+void channel_pool_backward(std::uintptr_t grad_out, std::uintptr_t argmax, std::uintptr_t x, std::uintptr_t gate,
+                           std::uintptr_t dx, std::uintptr_t dgate, int64_t batch, int64_t channels, int64_t plane,
+                           DType dtype, int device, std::uintptr_t stream);
+
+// attnfd_loss (csrc/channel_pool.cu): partials (num_partials x 3 fp32) of <s,s>, <t,t>, <s,t>.
+int64_t attnfd_num_partials(int64_t total);
+void attnfd_dots(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t partials, int64_t total,
+                 int64_t num_partials, DType dtype, int device, std::uintptr_t stream);
+// ds = coefs[0] * s + coefs[1] * t, coefs two fp64 values on the device.
+void attnfd_backward(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t coefs, std::uintptr_t ds,
+                     int64_t total, DType dtype, int device, std::uintptr_t stream);
+
+// ssim_kd (csrc/ssim_kd.cu): `maps` maps of h x w. lo_*, scale_* (fp32 per map, or 0 when not
+// normalising): x = (s - lo) * scale. padding: 0 reflect, 1 zeros, 2 valid. partials: one fp32 per
+// block, ssim_num_partials() of them, summing to the sum of the loss map. dmaps (3 x maps x h' x w'
+// fp32, or 0) receives what ssim_backward needs; emaps is its scratch (3 x maps x h x w' fp32).
+int64_t ssim_num_partials(int64_t maps, int64_t h, int64_t w, int64_t window, int64_t padding);
+void ssim_forward(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t lo_s, std::uintptr_t scale_s,
+                  std::uintptr_t lo_t, std::uintptr_t scale_t, std::uintptr_t partials, std::uintptr_t dmaps,
+                  int64_t maps, int64_t h, int64_t w, int64_t window, double sigma, double data_range, int64_t padding,
+                  DType dtype, int device, std::uintptr_t stream);
+void ssim_backward(std::uintptr_t dmaps, std::uintptr_t emaps, std::uintptr_t student, std::uintptr_t teacher,
+                   std::uintptr_t lo_s, std::uintptr_t scale_s, std::uintptr_t lo_t, std::uintptr_t scale_t,
+                   std::uintptr_t grad_loss, std::uintptr_t ds, int64_t maps, int64_t h, int64_t w, int64_t window,
+                   double sigma, int64_t padding, DType dtype, int device, std::uintptr_t stream);
+
+// Per-pixel L2 normalisation over channels (csrc/pairwise_kd.cu), x (batch, channels, plane):
+// norm (fp32, batch x plane); out = x / max(norm, eps) in fp32.
+void pixel_norm(std::uintptr_t x, std::uintptr_t norm, int64_t batch, int64_t channels, int64_t plane, DType dtype,
+                int device, std::uintptr_t stream);
+void normalize_pixels(std::uintptr_t x, std::uintptr_t out, std::uintptr_t norm, int64_t batch, int64_t channels,
+                      int64_t plane, double eps, DType dtype, int device, std::uintptr_t stream);
+// dx (x's dtype) from da (fp32, d loss / d normalised x).
+void normalize_pixels_backward(std::uintptr_t da, std::uintptr_t x, std::uintptr_t norm, std::uintptr_t dx,
+                               int64_t batch, int64_t channels, int64_t plane, double eps, bool detach_norm,
+                               DType dtype, int device, std::uintptr_t stream);
+// pairwise_kd: gram (fp64, batch x cx x cy, zero-filled by the caller) += x_hat y_hat^T per image.
+void normalized_gram(std::uintptr_t x, std::uintptr_t norm_x, std::uintptr_t y, std::uintptr_t norm_y,
+                     std::uintptr_t gram, int64_t batch, int64_t cx, int64_t cy, int64_t plane, double eps,
+                     DType dtype, int device, std::uintptr_t stream);
+
+// cross_image_kd (csrc/cross_image_kd.cu): a (batch, cs, plane), b (batch, ct, plane) normalised fp32.
+// row_kl (fp32, batch x batch x plane), lse (fp32, 2 x batch x batch x plane: student, teacher).
+void cross_image_forward(std::uintptr_t a, std::uintptr_t b, std::uintptr_t row_kl, std::uintptr_t lse, int64_t batch,
+                         int64_t cs, int64_t ct, int64_t plane, double tau, int device, std::uintptr_t stream);
+// da (fp32, like a, zero-filled by the caller) += d loss / d a for loss = sum row_kl / (batch^2 plane)
+// times grad_loss[0] (one fp32 on the device).
+void cross_image_backward(std::uintptr_t a, std::uintptr_t b, std::uintptr_t lse, std::uintptr_t grad_loss,
+                          std::uintptr_t da, int64_t batch, int64_t cs, int64_t ct, int64_t plane, double tau,
+                          int device, std::uintptr_t stream);
+
 }  // namespace segkd

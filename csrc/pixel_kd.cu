@@ -1,0 +1,109 @@
+// Pixel-wise KD (LOSSES.md 2) and its knowledge-gap weighting (2b), NCHW-native.
+//
+// One thread per pixel (n, h, w); the K classes of a pixel are P elements apart, so consecutive
+// threads read consecutive addresses for every class (coalesced, no permute copy). The thread
+// loops over the classes with an online softmax for s and t, then (optionally) loops again to
+// write the gradient. Up to kRegClasses classes stay in registers between the two loops.
+// Ignored pixels are never read: their value and gradient are exactly 0 whatever the logits hold.
+//
+//   out[p]  = w_p * KL_p (0 where ignored)                      (if out is given)
+//   grad    = coef[0] * w_p * (softmax(s / tau) - softmax(t / tau)) (if grad is given)
+// w_p = 1 without weight, weight[p], or max(weight[p], 0) with clamp_weight (the gap weights of
+// PFS, whose `weight` is this kernel's own earlier KL output). coef lives on the device so the
+// caller never synchronises to compute 1 / #valid pixels.
+#include "common.cuh"
+
+namespace segkd {
+namespace {
+
+constexpr int kPixelThreads = 256;
+constexpr int kRegClasses = 32;
+
+template <typename T>
+__global__ void __launch_bounds__(kPixelThreads)
+pixel_kd_kernel(const T* __restrict__ s, const T* __restrict__ t, const uint8_t* __restrict__ ignore,
+                const float* __restrict__ weight, bool clamp_weight, const float* __restrict__ coef,
+                float* __restrict__ out, T* __restrict__ grad, int64_t pixels, int64_t classes, int64_t plane,
+                float inv_tau) {
+  for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < pixels;
+       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t n = g / plane, p = g - n * plane;
+    const int64_t base = n * classes * plane + p;
+    if (ignore != nullptr && ignore[g]) {
+      if (out != nullptr) out[g] = 0.f;
+      if (grad != nullptr)
+        for (int64_t k = 0; k < classes; ++k) grad[base + k * plane] = from_float<T>(0.f);
+      continue;
+    }
+    float w = 1.f;
+    if (weight != nullptr) w = clamp_weight ? fmaxf(weight[g], 0.f) : weight[g];
+
+    OnlineLse ls, lt;
+    float acc = 0.f;
+    auto add = [&](float a, float b) {
+      ls.add(a);
+      if (b > lt.m) {
+        const float sc = rescale(lt.m, b);
+        lt.l = lt.l * sc + 1.f;
+        acc = acc * sc + (b - a);
+        lt.m = b;
+      } else {
+        const float e = __expf(b - lt.m);
+        lt.l += e;
+        acc += e * (b - a);
+      }
+    };
+    const bool in_regs = classes <= kRegClasses;
+    float ra[kRegClasses], rb[kRegClasses];
+    if (in_regs) {
+#pragma unroll
+      for (int k = 0; k < kRegClasses; ++k) {
+        if (k < classes) {
+          ra[k] = to_float(s[base + k * plane]) * inv_tau;
+          rb[k] = to_float(t[base + k * plane]) * inv_tau;
+          add(ra[k], rb[k]);
+        }
+      }
+    } else {
+      for (int64_t k = 0; k < classes; ++k)
+        add(to_float(s[base + k * plane]) * inv_tau, to_float(t[base + k * plane]) * inv_tau);
+    }
+    if (out != nullptr) out[g] = w * (acc / lt.l - lt.lse() + ls.lse());
+    if (grad == nullptr) continue;
+    const float c = coef[0] * w, lse_s = ls.lse(), lse_t = lt.lse();
+    if (in_regs) {
+#pragma unroll
+      for (int k = 0; k < kRegClasses; ++k)
+        if (k < classes) grad[base + k * plane] = from_float<T>(c * (__expf(ra[k] - lse_s) - __expf(rb[k] - lse_t)));
+    } else {
+      for (int64_t k = 0; k < classes; ++k) {
+        const float a = to_float(s[base + k * plane]) * inv_tau, b = to_float(t[base + k * plane]) * inv_tau;
+        grad[base + k * plane] = from_float<T>(c * (__expf(a - lse_s) - __expf(b - lse_t)));
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void pixel_kd_forward(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t ignore, std::uintptr_t weight,
+                      bool clamp_weight, std::uintptr_t coef, std::uintptr_t out, std::uintptr_t grad, int64_t batch,
+                      int64_t classes, int64_t plane, double tau, DType dtype, int device, std::uintptr_t stream) {
+  const int64_t pixels = batch * plane;
+  if (pixels == 0) return;
+  if (classes <= 0) throw std::invalid_argument("pixel_kd: the class axis must not be empty");
+  if (!(tau > 0)) throw std::invalid_argument("pixel_kd: tau must be positive");
+  if (grad != 0 && coef == 0) throw std::invalid_argument("pixel_kd: a gradient needs its coefficient");
+  DeviceGuard guard(device);
+  dispatch_float_types(dtype, "pixel_kd_forward", [&](auto tag) {
+    using T = decltype(tag);
+    pixel_kd_kernel<T><<<grid_for(pixels, kPixelThreads), kPixelThreads, 0, as_stream(stream)>>>(
+        reinterpret_cast<const T*>(student), reinterpret_cast<const T*>(teacher),
+        reinterpret_cast<const uint8_t*>(ignore), reinterpret_cast<const float*>(weight), clamp_weight,
+        reinterpret_cast<const float*>(coef), reinterpret_cast<float*>(out), reinterpret_cast<T*>(grad), pixels,
+        classes, plane, static_cast<float>(1.0 / tau));
+  });
+  check_launch("pixel_kd_forward");
+}
+
+}  // namespace segkd
