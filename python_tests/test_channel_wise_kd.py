@@ -7,7 +7,11 @@ import pytest
 import torch
 
 import segkd_kernels as sk
-from segkd_kernels.testing import TOLERANCES, assert_close, channels_last, make_tensor, non_contiguous
+from segkd_kernels._backends import select_backend
+from segkd_kernels.ops.channel_wise_kd import api as cwd_api
+from segkd_kernels.ops.channel_wise_kd import triton as cwd_triton
+from segkd_kernels.testing import (TOLERANCES, assert_close, channels_last, make_tensor, non_contiguous,
+                                   within_error_budget)
 
 # P = 1 (loss 0), single channel, odd sizes, a long thin map.
 SHAPES = [(1, 1, 1, 1), (1, 3, 5, 7), (2, 7, 1, 1), (3, 1, 3, 13), (2, 3, 5, 7)]
@@ -61,12 +65,13 @@ def _loss_and_grad(s, t, tau, **kw):
 # 1, 2. Values and gradients against the oracle
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("tau", TAUS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_value_and_grad_match_loop_oracle(shape, tau, dtype, device):
+def test_value_and_grad_match_loop_oracle(shape, tau, dtype, backend, device):
     s, t = _inputs(shape, dtype, device, seed=sum(shape))
-    loss = sk.channel_wise_kd(s, t, tau, backend="reference")
+    loss = sk.channel_wise_kd(s, t, tau, backend=backend)
     assert loss.dim() == 0 and loss.dtype == dtype and loss.device.type == torch.device(device).type
     want_loss, want_grad = naive_cwd(s, t, tau)
     rtol, atol = TOLERANCES[dtype]
@@ -76,11 +81,14 @@ def test_value_and_grad_match_loop_oracle(shape, tau, dtype, device):
     assert_close(g.cpu(), want_grad.to(dtype))
 
 
-def test_auto_backend_on_cpu_is_the_reference(device):
+def test_auto_backend_is_triton(device):
+    """auto picks triton for CUDA tensors, and for CPU tensors under the interpreter (conftest)."""
     s, t = _inputs((2, 3, 5, 7), torch.float64, device)
-    assert torch.equal(sk.channel_wise_kd(s, t, backend="auto"), sk.channel_wise_kd(s, t, backend="reference"))
+    assert select_backend("channel_wise_kd", "auto", cwd_api.IMPLEMENTED, s) == "triton"
+    assert torch.equal(sk.channel_wise_kd(s, t, backend="auto"), sk.channel_wise_kd(s, t, backend="triton"))
+    assert_close(sk.channel_wise_kd(s, t, backend="auto"), sk.channel_wise_kd(s, t, backend="reference"))
     # default tau is 4.0 (LOSSES.md 1)
-    assert torch.equal(sk.channel_wise_kd(s, t), sk.channel_wise_kd(s, t, 4.0, backend="reference"))
+    assert torch.equal(sk.channel_wise_kd(s, t), sk.channel_wise_kd(s, t, 4.0, backend="triton"))
     assert sk.channel_wise_kd(s, t).item() == pytest.approx(naive_cwd(s, t, 4.0)[0], rel=1e-9)
 
 
@@ -291,21 +299,19 @@ def test_bad_inputs_raise_value_error_naming_the_argument(case, device):
 
 
 # ---------------------------------------------------------------------------------------------
-# 10. No fused backend yet: a named one raises, never falls back
+# 10. Backends: a named one that is not implemented raises, never falls back
 # ---------------------------------------------------------------------------------------------
 
-# ids not equal to "cuda": conftest skips every item with a "cuda" keyword, and a bare
-# parametrize id counts as one.
-@pytest.mark.parametrize("backend", ["triton", "cuda"], ids=lambda b: f"backend={b}")
+# id not equal to "cuda": conftest skips every item with a "cuda" keyword, and a bare parametrize
+# id counts as one.
+@pytest.mark.parametrize("backend", ["cuda"], ids=lambda b: f"backend={b}")
 def test_named_unimplemented_backend_raises(backend, device):
     s, t = _inputs((1, 2, 3, 4), torch.float32, device)
     with pytest.raises((RuntimeError, ValueError), match=f"no {backend} backend"):
         sk.channel_wise_kd(s, t, backend=backend)
 
 
-# ids not equal to "cuda": conftest skips every item with a "cuda" keyword, and a bare
-# parametrize id counts as one.
-@pytest.mark.parametrize("backend", ["triton", "cuda"], ids=lambda b: f"backend={b}")
+@pytest.mark.parametrize("backend", ["cuda"], ids=lambda b: f"backend={b}")
 def test_env_override_to_unimplemented_backend_raises(backend, device, monkeypatch):
     monkeypatch.setenv("SEGKD_BACKEND", backend)
     s, t = _inputs((1, 2, 3, 4), torch.float32, device)
@@ -313,6 +319,14 @@ def test_env_override_to_unimplemented_backend_raises(backend, device, monkeypat
         sk.channel_wise_kd(s, t)
     # an explicit backend is not overridden
     assert sk.channel_wise_kd(s, t, backend="reference").isfinite()
+
+
+def test_env_override_to_reference_and_triton(device, monkeypatch):
+    s, t = _inputs((1, 2, 3, 4), torch.float64, device)
+    want = {b: sk.channel_wise_kd(s, t, backend=b) for b in ("reference", "triton")}
+    for backend in ("reference", "triton"):
+        monkeypatch.setenv("SEGKD_BACKEND", backend)
+        assert torch.equal(sk.channel_wise_kd(s, t), want[backend])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,3 +349,149 @@ def test_huge_logits_fp32_finite(tau, kind, device):
     # and at the teacher itself: zero KL, a rounding-level gradient, no NaN from inf - inf
     loss0, g0 = _loss_and_grad(t, t, tau)
     assert loss0.item() == pytest.approx(0.0, abs=1e-6) and g0.abs().max().item() < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# 12. Triton kernels: both paths (row in one tile with the gradient fused into the forward; long
+#     rows split over several programs with a recomputing backward), autograd glue, opcheck, compile
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(params=["one_tile", "split"])
+def triton_path(request, monkeypatch):
+    """'split' shrinks the tile and block sizes so that rows of a few dozen positions take the
+    long-row path with several programs per row (a partial last block and a partial last split)."""
+    if request.param == "split":
+        monkeypatch.setattr(cwd_triton, "_MAX_TILE", 16)
+        monkeypatch.setattr(cwd_triton, "_BLOCK", 8)
+        monkeypatch.setattr(cwd_triton, "_TARGET_PROGRAMS", 16)
+    return request.param
+
+
+def _check_path(path, shape):
+    """The shape really takes the path under test (so the test cannot silently cover the other)."""
+    rows, p = shape[0] * shape[1], shape[2] * shape[3]
+    assert (p <= cwd_triton._MAX_TILE) == (path == "one_tile")
+    if path == "split":
+        assert cwd_triton._plan(rows, p)[1] > 1
+
+
+TRITON_SHAPES = [(2, 3, 5, 13), (1, 2, 1, 37), (3, 1, 7, 9)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", TRITON_SHAPES)
+def test_triton_paths_match_loop_oracle(shape, dtype, triton_path, device):
+    _check_path(triton_path, shape)
+    s, t = _inputs(shape, dtype, device, seed=3 + sum(shape))
+    loss = sk.channel_wise_kd(s, t, 1.5, backend="triton")
+    assert loss.dim() == 0 and loss.dtype == dtype
+    (-2.5 * loss).backward()  # grad_output != 1
+    want_loss, want_grad = naive_cwd(s, t, 1.5)
+    assert loss.item() == pytest.approx(want_loss, **dict(zip(("rel", "abs"), TOLERANCES[dtype])))
+    assert s.grad.dtype == dtype and s.grad.shape == s.shape
+    assert_close(s.grad.cpu(), -2.5 * want_grad.to(dtype))
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "non_contiguous"])
+def test_triton_paths_read_strided_inputs(layout, triton_path, device):
+    shape = (2, 3, 5, 13)
+    _check_path(triton_path, shape)
+    s, t = _inputs(shape, torch.float64, device, seed=41)
+    want_loss, want_grad = _loss_and_grad(s, t, 2.0, backend="reference")
+    s2, t2 = LAYOUTS[layout](s.detach()).requires_grad_(True), LAYOUTS[layout](t)
+    loss, g = _loss_and_grad(s2, t2, 2.0, backend="triton")
+    assert_close(loss, want_loss)
+    assert_close(g, want_grad)
+
+
+def test_triton_forward_computes_the_gradient_only_when_needed(triton_path, device):
+    shape = (2, 3, 5, 13)
+    _check_path(triton_path, shape)
+    s, t = _inputs(shape, torch.float32, device, seed=42)
+    op = cwd_triton.channel_wise_kd_triton
+    # the one-tile forward writes ds only when asked; the split path never does (the backward does)
+    assert op(s.detach(), t, 2.0, True)[1].numel() == (s.numel() if triton_path == "one_tile" else 0)
+    assert op(s.detach(), t, 2.0, False)[1].numel() == 0
+    with torch.no_grad():
+        loss_ng = sk.channel_wise_kd(s, t, 2.0, backend="triton")
+    assert not loss_ng.requires_grad
+    loss, g = _loss_and_grad(s, t, 2.0, backend="triton")
+    assert torch.equal(loss_ng, loss)
+    # called with needs_grad=False on a student that requires grad: the backward recomputes ds
+    s2 = s.detach().requires_grad_(True)
+    (g2,) = torch.autograd.grad(op(s2, t, 2.0, False)[0], s2)
+    assert_close(g2, g)
+
+
+@pytest.mark.parametrize("tau", [0.5, 4.0])
+@pytest.mark.parametrize("kind", ["gaussian", "signs"])
+def test_triton_huge_logits_fp32(kind, tau, triton_path, device):
+    shape = (2, 3, 5, 13)
+    _check_path(triton_path, shape)
+    s = make_tensor(shape, device=device, seed=51, scale=1e4)
+    t = make_tensor(shape, device=device, seed=52, scale=1e4)
+    if kind == "signs":
+        s, t = torch.sign(s) * 1e4, torch.sign(t) * 1e4
+    loss, g = _loss_and_grad(s, t, tau, backend="triton")
+    want_loss, want_grad = naive_cwd(s, t, tau)
+    assert loss.isfinite() and bool(g.isfinite().all())
+    assert loss.item() == pytest.approx(want_loss, rel=1e-4)
+    torch.testing.assert_close(g.double().cpu(), want_grad, rtol=1e-4, atol=1e-6)
+    loss0, g0 = _loss_and_grad(t, t, tau, backend="triton")
+    assert loss0.item() == 0.0 and g0.abs().max().item() == 0.0  # identical rows: exactly 0
+
+
+@pytest.mark.parametrize("needs_grad", [True, False])
+def test_opcheck_triton_ops(needs_grad, triton_path, device):
+    shape = (2, 3, 5, 13)
+    _check_path(triton_path, shape)
+    s, t = _inputs(shape, torch.float32, device, seed=61)
+    torch.library.opcheck(cwd_triton.channel_wise_kd_triton, (s, t, 2.0, needs_grad))
+    lse = cwd_triton.channel_wise_kd_triton(s.detach(), t, 2.0, False)[2]
+    grad = torch.tensor(1.5, device=device)
+    torch.library.opcheck(cwd_triton.channel_wise_kd_backward_triton, (s.detach(), t, lse, grad, 2.0))
+
+
+def test_torch_compile_fullgraph_triton(triton_path, device):
+    shape = (2, 3, 5, 13)
+    _check_path(triton_path, shape)
+    s, t = _inputs(shape, torch.float32, device, seed=62)
+    want_loss, want_grad = _loss_and_grad(s, t, 2.0, backend="reference")
+    torch._dynamo.reset()
+    fn = torch.compile(sk.channel_wise_kd, fullgraph=True,
+                       backend="inductor" if device == "cuda" else "aot_eager")
+    s2 = s.detach().clone().requires_grad_(True)
+    loss = fn(s2, t, 2.0, backend="triton")
+    (0.75 * loss).backward()
+    assert_close(loss.detach(), want_loss)
+    assert_close(s2.grad, 0.75 * want_grad)
+
+
+# GPU only: the half-precision error budget (ARCHITECTURE.md) and a full-resolution row.
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 19, 64, 128), (2, 19, 97, 131), (1, 3, 517, 1029)],
+                         ids=["one_tile", "split", "long_rows"])
+def test_cuda_half_precision_error_budget(shape, dtype):
+    s = make_tensor(shape, dtype=dtype, device="cuda", seed=71, scale=3.0)
+    t = make_tensor(shape, dtype=dtype, device="cuda", seed=72, scale=3.0)
+    want_loss, want_grad = _loss_and_grad(s.double(), t.double(), 4.0, backend="reference")
+    ref_loss, ref_grad = _loss_and_grad(s, t, 4.0, backend="reference")
+    loss, g = _loss_and_grad(s, t, 4.0, backend="triton")
+    assert loss.dtype == dtype and g.dtype == dtype
+    assert within_error_budget(loss, ref_loss, want_loss)
+    assert within_error_budget(g, ref_grad, want_grad, atol=1e-7)
+
+
+@pytest.mark.cuda
+def test_cuda_rows_longer_than_a_million_positions():
+    shape = (2, 3, 1031, 1033)  # P = 1,065,023: many splits per row, odd sizes everywhere
+    assert shape[2] * shape[3] > 10**6
+    s = make_tensor(shape, device="cuda", seed=81, scale=3.0)
+    t = make_tensor(shape, device="cuda", seed=82, scale=3.0)
+    want_loss, want_grad = _loss_and_grad(s.double(), t.double(), 4.0, backend="reference")
+    loss, g = _loss_and_grad(s, t, 4.0, backend="triton")
+    assert loss.item() == pytest.approx(want_loss.item(), rel=1e-4)
+    # relative to the largest gradient entry (the entries are ~1e-7 here)
+    torch.testing.assert_close(g.double(), want_grad, rtol=1e-3, atol=1e-5 * want_grad.abs().max().item())

@@ -2,8 +2,9 @@
 
 Forward: one program per (row, split). A split streams its part of the row in blocks with online
 log-sum-exps of s/tau and t/tau and a rescaled accumulator of exp(t/tau - m_t) (t - s)/tau, and
-saves three numbers: lse_s, lse_t and a = sum p_t (t - s)/tau over its part. Torch combines the
-splits (rows x splits numbers): KL_row = sum_j exp(lse_t_j - lse_t) a_j - lse_t + lse_s.
+saves five numbers: the running max and sum-exp of s/tau and of t/tau, and a = sum p_t (t - s)/tau
+over its part. Torch combines the splits (rows x splits numbers) into per-row (max, log sum-exp)
+pairs and KL_row = sum_j (weight of split j under p_t) a_j - lse_t + lse_s.
 
 - Row fits in one block (P <= _MAX_TILE): the whole row sits in registers, one split, and when the
   student needs a gradient the forward writes it too (Liger-style): s and t are read once, ds
@@ -61,7 +62,7 @@ def _cwd_fwd_kernel(s_ptr, t_ptr, ds_ptr, stats_ptr, C, P, chunk, splits, rows,
         acc = tl.sum(tl.where(inside, e_t * (xt - xs), 0.0), axis=0)
         if WRITE_GRAD:
             grad_scale = tl.cast(grad_scale_hi, ACC) + tl.cast(grad_scale_lo, ACC)
-            ds = grad_scale * (e_s / l_s - e_t / l_t)
+            ds = grad_scale * (e_s * (1.0 / l_s) - e_t * (1.0 / l_t))
             tl.store(ds_ptr + row * P + offs, ds.to(ds_ptr.dtype.element_ty), mask=inside)
     else:
         m_s = tl.full([], NEG, ACC)
@@ -87,10 +88,15 @@ def _cwd_fwd_kernel(s_ptr, t_ptr, ds_ptr, stats_ptr, C, P, chunk, splits, rows,
             acc = acc * alpha_t + tl.sum(tl.where(inside, e_t * (xt - xs), 0.0), axis=0)
             m_s = new_m_s
             m_t = new_m_t
+    # (max, sum) pairs, not m + log(l): with logits of 1e4, m + log(l) in fp32 would round log(l)
+    # to 1e-3 and every probability with it
     slot = row * splits + split
-    tl.store(stats_ptr + slot, m_s + tl.log(l_s))
-    tl.store(stats_ptr + rows * splits + slot, m_t + tl.log(l_t))
-    tl.store(stats_ptr + 2 * rows * splits + slot, acc / l_t)
+    plane = rows * splits
+    tl.store(stats_ptr + slot, m_s)
+    tl.store(stats_ptr + plane + slot, l_s)
+    tl.store(stats_ptr + 2 * plane + slot, m_t)
+    tl.store(stats_ptr + 3 * plane + slot, l_t)
+    tl.store(stats_ptr + 4 * plane + slot, acc / l_t)
 
 
 @triton.jit
@@ -104,11 +110,14 @@ def _cwd_bwd_kernel(s_ptr, t_ptr, lse_ptr, grad_ptr, ds_ptr, C, P, rows,
     c = row % C
     inv_tau = tl.cast(inv_tau_hi, ACC) + tl.cast(inv_tau_lo, ACC)
     coef = (tl.cast(coef_hi, ACC) + tl.cast(coef_lo, ACC)) * tl.load(grad_ptr).to(ACC)
-    lse_s = tl.load(lse_ptr + row)
-    lse_t = tl.load(lse_ptr + rows + row)
+    # per row: max and log of the rescaled sum, for s and t; x - max first (exact near the max)
+    m_s = tl.load(lse_ptr + row)
+    log_l_s = tl.load(lse_ptr + rows + row)
+    m_t = tl.load(lse_ptr + 2 * rows + row)
+    log_l_t = tl.load(lse_ptr + 3 * rows + row)
     xs = tl.load(s_ptr + n * s_sn + c * s_sc + offs * s_sp, mask=inside, other=0.0).to(ACC) * inv_tau
     xt = tl.load(t_ptr + n * t_sn + c * t_sc + offs * t_sp, mask=inside, other=0.0).to(ACC) * inv_tau
-    ds = coef * (tl.exp(xs - lse_s) - tl.exp(xt - lse_t))
+    ds = coef * (tl.exp((xs - m_s) - log_l_s) - tl.exp((xt - m_t) - log_l_t))
     tl.store(ds_ptr + row * P + offs, ds.to(ds_ptr.dtype.element_ty), mask=inside)
 
 
@@ -156,8 +165,9 @@ def _fuses_grad(p: int, needs_grad: bool) -> bool:
 def channel_wise_kd_triton(student: torch.Tensor, teacher: torch.Tensor, tau: float,
                            needs_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, ds, lse): loss 0-dim in the student's dtype; ds = d loss / d student when the forward
-    computed it (needs_grad and a one-tile row), else an empty tensor; lse (2, N*C) row log-sum-exps
-    of s/tau and t/tau in the compute dtype, for the recomputing backward."""
+    computed it (needs_grad and a one-tile row), else an empty tensor; lse (4, N*C): per row the max
+    and the log of the rescaled sum-exp of s/tau, then of t/tau, in the compute dtype (the
+    log-sum-exps by parts), for the recomputing backward."""
     n, c, h, w = student.shape
     rows, p = n * c, h * w
     acc_dtype = _acc(student.dtype)
@@ -172,21 +182,26 @@ def channel_wise_kd_triton(student: torch.Tensor, teacher: torch.Tensor, tau: fl
     else:
         block, warps = _BLOCK, 8
         chunk, splits = _plan(rows, p)
-    stats = torch.empty(3, rows, splits, dtype=acc_dtype, device=student.device)
+    stats = torch.empty(5, rows, splits, dtype=acc_dtype, device=student.device)
     _cwd_fwd_kernel[(rows, splits)](
         s, t, ds, stats, c, p, chunk, splits, rows, *s_strides, *t_strides, *_split(1.0 / tau),
         *_split(tau / rows), BLOCK=block, ONE_TILE=one_tile, WRITE_GRAD=fused, ACC=_tl(acc_dtype), NEG=_NEG,
         num_warps=warps)
-    lse_s_part, lse_t_part, a_part = stats.unbind(0)
+    m_s_part, l_s_part, m_t_part, l_t_part, a_part = stats.unbind(0)
     if splits == 1:
-        lse_s, lse_t, a = lse_s_part[:, 0], lse_t_part[:, 0], a_part[:, 0]
+        m_s, l_s, m_t, l_t, a = m_s_part[:, 0], l_s_part[:, 0], m_t_part[:, 0], l_t_part[:, 0], a_part[:, 0]
     else:
-        lse_s = torch.logsumexp(lse_s_part, dim=1)
-        lse_t = torch.logsumexp(lse_t_part, dim=1)
-        a = (torch.exp(lse_t_part - lse_t[:, None]) * a_part).sum(dim=1)
-    kl = a - lse_t + lse_s
+        m_s = m_s_part.amax(dim=1)
+        l_s = (l_s_part * torch.exp(m_s_part - m_s[:, None])).sum(dim=1)
+        m_t = m_t_part.amax(dim=1)
+        l_t_rescaled = l_t_part * torch.exp(m_t_part - m_t[:, None])
+        l_t = l_t_rescaled.sum(dim=1)
+        a = (l_t_rescaled * a_part).sum(dim=1) / l_t
+    log_l_s, log_l_t = torch.log(l_s), torch.log(l_t)
+    # KL = sum p_t (t - s)/tau - lse_t + lse_s, the two lse differenced by parts (max, then log-sum)
+    kl = a + (m_s - m_t) + (log_l_s - log_l_t)
     loss = (kl.sum() * (tau * tau / rows)).to(student.dtype)
-    return loss, ds, torch.stack([lse_s, lse_t])
+    return loss, ds, torch.stack([m_s, log_l_s, m_t, log_l_t])
 
 
 @torch.library.custom_op("segkd::channel_wise_kd_backward_triton", mutates_args=())
@@ -215,7 +230,7 @@ def _(student, teacher, tau, needs_grad):
     n, c, h, w = student.shape
     fused = _fuses_grad(h * w, needs_grad)
     ds = student.new_empty((n, c, h, w) if fused else (0,))
-    return student.new_empty(()), ds, student.new_empty((2, n * c), dtype=_acc(student.dtype))
+    return student.new_empty(()), ds, student.new_empty((4, n * c), dtype=_acc(student.dtype))
 
 
 @channel_wise_kd_backward_triton.register_fake

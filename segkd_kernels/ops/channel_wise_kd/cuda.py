@@ -1,0 +1,73 @@
+"""channel_wise_kd on the hand-written CUDA kernel of csrc/channel_wise_kd.cu.
+
+One op returns the loss and, when asked, d loss / d student for a unit upstream gradient, both
+from the same pass over the inputs (the kernel has every softmax statistic at hand); the backward
+only scales that gradient by the upstream one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._cuda_common import cuda_lib, launch_args
+
+OP = "channel_wise_kd"
+
+
+def common_dtype(student: torch.Tensor, teacher: torch.Tensor) -> torch.dtype:
+    """The kernels read both inputs as one type: the student's, or fp32 when the two differ."""
+    return student.dtype if teacher.dtype == student.dtype else torch.float32
+
+
+@torch.library.custom_op("segkd::channel_wise_kd_cuda", mutates_args=())
+def channel_wise_kd_cuda(student: torch.Tensor, teacher: torch.Tensor, tau: float,
+                         need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, grad): loss 0-dim in the student's dtype; grad = d loss / d student (student's shape,
+    contiguous, in the kernel dtype) when need_grad, else an empty tensor."""
+    lib = cuda_lib(OP)
+    if student.shape != teacher.shape or student.dim() != 4:
+        raise ValueError(f"{OP}: expected two (N, C, H, W) tensors of one shape, got "
+                         f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+    dtype = common_dtype(student, teacher)
+    args = launch_args(OP, student)
+    s = student.detach().to(dtype).contiguous()
+    t = teacher.detach().to(dtype).contiguous()
+    args["dtype"] = launch_args(OP, s)["dtype"]
+    n, c, h, w = s.shape
+    rows = n * c
+    row_kl = torch.zeros(rows, dtype=torch.float32, device=s.device)
+    grad = torch.empty_like(s) if need_grad else s.new_empty(0)
+    scale = tau * tau / max(rows, 1)
+    if s.numel() > 0:  # an empty map (H*W = 0) has KL 0 and nothing to launch
+        # d/ds of tau^2 / (N C) * KL_row = tau / (N C) * (softmax(s / tau) - softmax(t / tau))
+        lib.channel_wise_kd_forward(s.data_ptr(), t.data_ptr(), row_kl.data_ptr(), grad.data_ptr() if need_grad else 0,
+                                    rows, h * w, float(tau), float(tau / max(rows, 1)), **args)
+    loss = (row_kl.sum() * scale).to(student.dtype)
+    return loss, grad
+
+
+@channel_wise_kd_cuda.register_fake
+def _(student, teacher, tau, need_grad):
+    dtype = common_dtype(student, teacher)
+    grad = student.new_empty(student.shape, dtype=dtype) if need_grad else student.new_empty(0, dtype=dtype)
+    return student.new_empty(()), grad
+
+
+def _setup_context(ctx, inputs, output):
+    student, _teacher, _tau, need_grad = inputs
+    ctx.need_grad = need_grad
+    ctx.student_dtype = student.dtype
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(output[1])
+
+
+def _backward(ctx, grad_loss, _grad_grad):
+    (grad,) = ctx.saved_tensors
+    if not ctx.need_grad:
+        raise RuntimeError(f"{OP}: the cuda op ran with need_grad=False, so it has no gradient to return")
+    if grad_loss is None:
+        return None, None, None, None
+    return (grad.float() * grad_loss.float()).to(ctx.student_dtype), None, None, None
+
+
+channel_wise_kd_cuda.register_autograd(_backward, setup_context=_setup_context)
