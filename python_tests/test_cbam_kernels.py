@@ -167,19 +167,19 @@ def test_channel_pool_triton_grad_output_scales():
 
 
 def test_channel_pool_triton_gradcheck():
-    x = make_tensor((2, 3, 2, 3), dtype=torch.float64, seed=14)
-    gate = _gate(2, 3, seed=15)
+    x = make_tensor((1, 3, 2, 3), dtype=torch.float64, seed=14)
+    gate = _gate(1, 3, seed=15)
     x = _unique_max(x, gate).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda a, g: sk.channel_pool(a, g, backend="triton"), (x, gate))
 
 
 def test_channel_pool_opcheck():
-    x = make_tensor((2, 5, 3, 4), seed=16, requires_grad=True)
+    x = make_tensor((2, 5, 2, 3), seed=16, requires_grad=True)
     gate = _gate(2, 5, seed=17, dtype=torch.float32)
     torch.library.opcheck(channel_pool_triton, (x, gate))
     torch.library.opcheck(channel_pool_triton, (x, None))
     _, argmax = channel_pool_triton(x.detach(), gate.detach())
-    grad = make_tensor((2, 2, 3, 4), seed=18)
+    grad = make_tensor((2, 2, 2, 3), seed=18)
     torch.library.opcheck(channel_pool_backward_triton, (grad, x.detach(), gate.detach(), argmax))
     torch.library.opcheck(channel_pool_backward_triton, (grad, channels_last(x.detach()), None, argmax))
 
@@ -282,7 +282,7 @@ def test_cbam_gate_triton_expanded_grad_output():
 
 
 def test_cbam_gate_triton_gradcheck():
-    x, m_c, m_s = _cbam_inputs((2, 3, 2, 3), seed=43)
+    x, m_c, m_s = _cbam_inputs((1, 3, 2, 3), seed=43)
     assert torch.autograd.gradcheck(lambda *a: sk.cbam_gate(*a, backend="triton"), (x, m_c, m_s))
 
 
@@ -424,8 +424,8 @@ def test_attnfd_triton_layouts(layout, which):
 
 def test_attnfd_dots_gradcheck_both_inputs():
     """The custom op's own autograd, teacher gradient included (the public function detaches it)."""
-    s = make_tensor((2, 3, 2, 3), dtype=torch.float64, seed=69, requires_grad=True)
-    t = make_tensor((2, 3, 2, 3), dtype=torch.float64, seed=70, requires_grad=True)
+    s = make_tensor((2, 1, 2, 3), dtype=torch.float64, seed=69, requires_grad=True)
+    t = make_tensor((2, 1, 2, 3), dtype=torch.float64, seed=70, requires_grad=True)
     assert torch.autograd.gradcheck(attnfd_dots_triton, (s, t))
     assert torch.autograd.gradgradcheck(attnfd_dots_triton, (s, t))
 
