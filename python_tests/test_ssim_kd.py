@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import segkd_kernels as sk
-from segkd_kernels.testing import TOLERANCES, assert_close, channels_last, make_tensor, non_contiguous
+from segkd_kernels.testing import (TOLERANCES, assert_close, channels_last, make_tensor, non_contiguous,
+                                   within_error_budget)
 
 PADDINGS = ("reflect", "zeros", "valid")
 
@@ -601,7 +602,7 @@ def test_smallest_maps_accepted(shape, padding, window):
 # 8. Backends
 # ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", ["cuda"])
 def test_unimplemented_backends_raise(backend, monkeypatch):
     s, t = _ok()
     with pytest.raises(ValueError, match=f"no {backend} backend"):
@@ -623,3 +624,247 @@ def test_flat_student_channel_gets_zero_gradient_with_normalize():
     assert (g[:, 0] == 0).all() and (g[:, 1] != 0).any()
     _, g_raw = _grad(lambda u, v: sk.ssim_kd(u, v, window_size=5, normalize=False), s, t)
     assert (g_raw[:, 0] != 0).any()
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. Triton backend (interpreter on CPU) against the reference
+# ----------------------------------------------------------------------------------------------
+
+needs_triton = pytest.mark.skipif(not sk.available_backends()["triton"], reason="triton backend cannot run here")
+
+
+def _triton_module():
+    from segkd_kernels.ops.ssim_kd import triton as ssim_triton
+    return ssim_triton
+
+
+def _both(s, t, grad_output=-0.7, **kw):
+    """(loss, student gradient) from triton and from the reference, same inputs, grad_output != 1."""
+    out = []
+    for backend in ("triton", "reference"):
+        go = torch.tensor(grad_output, dtype=s.dtype)
+        out.append(_grad(lambda u, v: sk.ssim_kd(u, v, backend=backend, **kw), s, t, grad_output=go))
+    return out
+
+
+def _check_triton(s, t, grad_output=-0.7, **kw):
+    (loss, g), (ref_loss, ref_g) = _both(s, t, grad_output, **kw)
+    assert loss.dtype == s.dtype and g.dtype == s.dtype and g.shape == s.shape
+    assert ref_g.abs().max() > 0, "test data should give a gradient"
+    assert_close(loss, ref_loss)
+    # fp32 gradients: absolute error relative to the gradient's scale (it is ~ 1 / (N C H W))
+    torch.testing.assert_close(g, ref_g, rtol=2e-5, atol=2e-6 * ref_g.abs().max().item())
+
+
+@needs_triton
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("window", [3, 7, 11])
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_triton_matches_reference(padding, window, normalize):
+    scale, offset = (1.0, 0.0) if normalize else (0.2, 0.5)
+    s, t = _pair((2, 2, 13, 17), seed=40 + window, dtype=torch.float32, scale=scale, offset=offset)
+    _check_triton(s, t, window_size=window, padding=padding, normalize=normalize)
+
+
+@needs_triton
+@pytest.mark.parametrize("padding,window,shape", [
+    ("reflect", 7, (1, 2, 21, 35)),   # 3 x 3 output tiles of 10 x 16; backward grid 27 x 41
+    ("zeros", 7, (1, 2, 21, 35)),
+    ("valid", 7, (1, 2, 27, 39)),     # 21 x 33 valid map: 3 x 3 tiles
+    ("reflect", 3, (2, 1, 30, 17)),   # 14-row tiles, width one column past a tile
+    ("zeros", 11, (1, 1, 13, 20)),    # 6-row tiles: 3 row tiles
+    ("reflect", 15, (1, 1, 9, 18)),   # 2-row tiles, padded grid 23 x 32 in the backward
+])
+def test_triton_several_tiles(padding, window, shape, monkeypatch):
+    """Small blocks (16 x 16) so that tiny odd maps span several tiles in each direction."""
+    monkeypatch.setattr(_triton_module(), "TILE_OVERRIDE", (16, 16))
+    s, t = _pair(shape, seed=41, dtype=torch.float32)
+    _check_triton(s, t, window_size=window, padding=padding, normalize=True, sigma=1.3)
+
+
+@needs_triton
+@pytest.mark.parametrize("padding,shape,window", [
+    ("zeros", (1, 2, 3, 40), 11),      # H far below the window and the tile
+    ("zeros", (1, 1, 1, 1), 5),
+    ("reflect", (1, 2, 6, 6), 11),     # smallest map reflect accepts: the fold overlaps itself
+    ("reflect", (2, 1, 2, 70), 3),     # W over one 64-wide block
+    ("valid", (1, 1, 11, 12), 11),     # 1 x 2 map
+])
+def test_triton_small_and_wide_maps(padding, shape, window):
+    s, t = _pair(shape, seed=42, dtype=torch.float32)
+    _check_triton(s, t, window_size=window, padding=padding, normalize=False, sigma=1.5, data_range=4.0)
+
+
+@needs_triton
+@pytest.mark.parametrize("sigma,data_range", [(0.7, 1.0), (2.5, 255.0)])
+def test_triton_sigma_and_data_range(sigma, data_range):
+    s, t = _pair((1, 2, 12, 15), seed=43, dtype=torch.float32, scale=0.2 * data_range, offset=0.5 * data_range)
+    _check_triton(s, t, window_size=5, padding="reflect", normalize=False, sigma=sigma, data_range=data_range)
+
+
+@needs_triton
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_triton_constant_and_identical_inputs(padding, normalize):
+    shape = (1, 2, 12, 13)
+    rand_s, rand_t = _pair(shape, seed=44, dtype=torch.float32)
+    const = torch.full(shape, 0.25)
+    kw = dict(window_size=7, padding=padding, normalize=normalize)
+    for s, t in [(const, rand_t), (rand_s, const), (const, const.clone())]:
+        (loss, g), (ref_loss, ref_g) = _both(s, t, **kw)
+        assert torch.isfinite(loss) and torch.isfinite(g).all()
+        assert_close(loss, ref_loss)
+        # Against fp64 truth: where the true gradient is ~0 (both maps flat), fp32 rounding noise
+        # of the reference (~1e-7) is not a scale to compare with.
+        _, g64 = _grad(lambda u, v: -0.7 * sk.ssim_kd(u, v, backend="reference", **kw), s.double(), t.double())
+        assert within_error_budget(g, ref_g, g64, atol=1e-6 * g64.abs().max().item() + 1e-9)
+        if normalize and s is const:
+            assert (g == 0).all()  # a flat map rescales to 0 with exactly zero gradient
+    # identical inputs: SSIM 1 (up to the 1e-12 guard), no gradient to speak of
+    (loss, g), _ = _both(rand_s, rand_s.clone(), window_size=7, padding=padding, normalize=normalize)
+    _, ref_g = _both(rand_s, rand_t, window_size=7, padding=padding, normalize=normalize)[1]
+    assert -1e-6 <= loss.item() <= 1e-5
+    assert g.abs().max() <= 1e-5 * ref_g.abs().max()
+
+
+@needs_triton
+def test_triton_flat_channel_next_to_live_one():
+    s, t = _pair((2, 3, 9, 11), seed=45, dtype=torch.float32)
+    s = s.clone()
+    s[1, 2] = -3.0
+    (loss, g), (ref_loss, ref_g) = _both(s, t, window_size=5)
+    assert (g[1, 2] == 0).all() and (g[1, :2] != 0).any()
+    assert_close(loss, ref_loss)
+    torch.testing.assert_close(g, ref_g, rtol=2e-5, atol=2e-6 * ref_g.abs().max().item())
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_half_inputs_on_cpu(dtype):
+    """Same fp32 statistics as the reference: equal up to the final rounding to fp16 / bf16."""
+    s, t = _pair((1, 2, 13, 17), seed=46, dtype=dtype, scale=2.0)
+    (loss, g), (ref_loss, ref_g) = _both(s, t, grad_output=1.5, window_size=7, padding="reflect")
+    assert loss.dtype == dtype and g.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(loss.float(), ref_loss.float(), rtol=eps, atol=0)
+    torch.testing.assert_close(g.float(), ref_g.float(), rtol=2 * eps, atol=2 * eps * ref_g.abs().max().item())
+
+
+@needs_triton
+def test_triton_layouts_and_teacher_dtype():
+    s, t = _pair((2, 3, 13, 12), seed=47, dtype=torch.float32)
+    (loss, g), _ = _both(s, t, window_size=5, padding="zeros")
+    for s2, t2 in [(non_contiguous(s), channels_last(t)), (channels_last(s), non_contiguous(t))]:
+        (loss2, g2), _ = _both(s2, t2, window_size=5, padding="zeros")
+        assert_close(loss2, loss)
+        assert_close(g2, g)
+    # a teacher in another dtype is read in its own dtype, not rounded to the student's
+    (loss3, _), (ref3, _) = _both(s, t.double(), window_size=5, padding="zeros")
+    assert_close(loss3, ref3)
+
+
+@needs_triton
+def test_triton_teacher_gets_no_gradient_and_no_grad_forward():
+    s, t = _pair((1, 2, 9, 10), seed=48, dtype=torch.float32, requires_grad=True)
+    t.requires_grad_(True)
+    sk.ssim_kd(s, t, window_size=5, backend="triton").backward()
+    assert t.grad is None and s.grad.abs().max() > 0
+    with torch.no_grad():
+        loss = sk.ssim_kd(s, t, window_size=5, backend="triton")
+    assert_close(loss, sk.ssim_kd(s.detach(), t.detach(), window_size=5, backend="reference"))
+
+
+@needs_triton
+def test_triton_backward_without_stored_partials():
+    """The op called without the partial-derivative maps still differentiates (it recomputes them)."""
+    ssim_triton = _triton_module()
+    s, t = _pair((1, 2, 9, 10), seed=49, dtype=torch.float32)
+    args = (5, 1.5, 1.0, "reflect", True)
+    u = s.clone().requires_grad_(True)
+    loss, partials, _ = ssim_triton.ssim_kd_triton(u, t, *args, False)
+    assert partials.numel() == 0
+    (g,) = torch.autograd.grad(loss * 2.0, u)
+    _, ref_g = _grad(lambda a, b: 2.0 * sk.ssim_kd(a, b, window_size=5, backend="reference"), s, t)
+    torch.testing.assert_close(g, ref_g, rtol=2e-5, atol=2e-6 * ref_g.abs().max().item())
+
+
+@needs_triton
+@pytest.mark.parametrize("padding,need_partials", [("reflect", True), ("valid", False), ("zeros", True)])
+def test_triton_opcheck(padding, need_partials):
+    ssim_triton = _triton_module()
+    s, t = _pair((1, 2, 9, 11), seed=50, dtype=torch.float32)
+    s.requires_grad_(True)
+    torch.library.opcheck(ssim_triton.ssim_kd_triton, (s, t, 5, 1.5, 1.0, padding, True, need_partials))
+    _, partials, scales = ssim_triton.ssim_kd_triton(s.detach(), t, 5, 1.5, 1.0, padding, True, True)
+    grad = torch.tensor(0.5)
+    torch.library.opcheck(ssim_triton.ssim_kd_backward_triton,
+                          (grad, s.detach(), t, partials, scales, 5, 1.5, padding, True))
+
+
+@needs_triton
+def test_triton_torch_compile():
+    torch._dynamo.reset()
+    s, t = _pair((2, 2, 11, 13), seed=51, dtype=torch.float32)
+
+    def fn(u, v):
+        return sk.ssim_kd(u, v, window_size=5, padding="reflect", backend="triton") * 3.0
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    loss, g = _grad(fn, s, t)
+    loss_c, g_c = _grad(compiled, s, t)
+    assert_close(loss_c, loss)
+    assert_close(g_c, g)
+
+
+@needs_triton
+def test_triton_rejects_what_it_cannot_run():
+    s, t = _ok()
+    with pytest.raises(ValueError, match="dtype torch.float64 not supported by the triton backend"):
+        sk.ssim_kd(s.double(), t.double(), backend="triton")
+    small = make_tensor((1, 1, 5, 12))
+    with pytest.raises(ValueError, match=r"student_feat.*window"):
+        sk.ssim_kd(small, small.clone(), window_size=11, padding="reflect", backend="triton")
+    with pytest.raises(ValueError, match=r"student_feat.*window"):
+        sk.ssim_kd(small, small.clone(), window_size=7, padding="valid", backend="triton")
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. GPU: fp16 / bf16 error budget, fp32 against fp64, the shapes the kernels are tuned for
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("padding,window,shape", [
+    ("reflect", 11, (2, 64, 33, 70)),
+    ("zeros", 7, (1, 130, 17, 9)),
+    ("valid", 15, (3, 5, 64, 128)),
+])
+def test_triton_half_error_budget_cuda(padding, window, shape, dtype, normalize):
+    """err(triton in dtype) <= 2 err(reference in dtype) + atol, both against fp64, loss and gradient."""
+    kw = dict(window_size=window, padding=padding, normalize=normalize)
+    scale, offset = (1.0, 0.0) if normalize else (0.2, 0.5)
+    s64, t64 = _pair(shape, seed=60, scale=scale, offset=offset)
+    s64, t64 = s64.cuda(), t64.cuda()
+    s, t = s64.to(dtype), t64.to(dtype)
+    go = 1.7
+    loss_k, g_k = _grad(lambda u, v: go * sk.ssim_kd(u, v, backend="triton", **kw), s, t)
+    loss_r, g_r = _grad(lambda u, v: go * sk.ssim_kd(u, v, backend="reference", **kw), s, t)
+    # fp64 truth on the same (rounded) inputs
+    loss_64, g_64 = _grad(lambda u, v: go * sk.ssim_kd(u, v, backend="reference", **kw), s.double(), t.double())
+    assert loss_k.dtype == dtype and g_k.dtype == dtype
+    assert within_error_budget(loss_k, loss_r, loss_64, atol=1e-5)
+    assert within_error_budget(g_k, g_r, g_64, atol=1e-3 * g_64.abs().max().item())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_triton_fp32_cuda(padding):
+    """fp32 on the GPU (tl.dot must not fall back to TF32) against the fp64 reference."""
+    s, t = _pair((4, 96, 64, 128), seed=61)
+    s, t = s.cuda(), t.cuda()
+    kw = dict(window_size=11, padding=padding)
+    loss, g = _grad(lambda u, v: sk.ssim_kd(u, v, backend="triton", **kw), s.float(), t.float())
+    loss_64, g_64 = _grad(lambda u, v: sk.ssim_kd(u, v, backend="reference", **kw), s, t)
+    torch.testing.assert_close(loss.double(), loss_64, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g.double(), g_64, rtol=1e-3, atol=1e-4 * g_64.abs().max().item())
