@@ -64,6 +64,14 @@ PYBIND11_MODULE(_cuda, m) {
       [](std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t coefs, std::uintptr_t ds, int64_t total, int dtype, int device, std::uintptr_t stream) { segkd::attnfd_backward(student, teacher, coefs, ds, total, static_cast<DType>(dtype), device, stream); },
       py::arg("student"), py::arg("teacher"), py::arg("coefs"), py::arg("ds"), py::arg("total"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def(
+      "cbam_gate_forward",
+      [](std::uintptr_t x, std::uintptr_t channel_gate, std::uintptr_t spatial_gate, std::uintptr_t out, int64_t batch, int64_t channels, int64_t plane, int dtype, int device, std::uintptr_t stream) { segkd::cbam_gate_forward(x, channel_gate, spatial_gate, out, batch, channels, plane, static_cast<DType>(dtype), device, stream); },
+      py::arg("x"), py::arg("channel_gate"), py::arg("spatial_gate"), py::arg("out"), py::arg("batch"), py::arg("channels"), py::arg("plane"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "cbam_gate_backward",
+      [](std::uintptr_t grad_out, std::uintptr_t x, std::uintptr_t channel_gate, std::uintptr_t spatial_gate, std::uintptr_t dx, std::uintptr_t d_channel_gate, std::uintptr_t d_spatial_gate, int64_t batch, int64_t channels, int64_t plane, int dtype, int device, std::uintptr_t stream) { segkd::cbam_gate_backward(grad_out, x, channel_gate, spatial_gate, dx, d_channel_gate, d_spatial_gate, batch, channels, plane, static_cast<DType>(dtype), device, stream); },
+      py::arg("grad_out"), py::arg("x"), py::arg("channel_gate"), py::arg("spatial_gate"), py::arg("dx"), py::arg("d_channel_gate"), py::arg("d_spatial_gate"), py::arg("batch"), py::arg("channels"), py::arg("plane"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def(
       "ssim_num_partials",
       [](int64_t maps, int64_t h, int64_t w, int64_t window, int64_t padding) { return segkd::ssim_num_partials(maps, h, w, window, padding); },
       py::arg("maps"), py::arg("h"), py::arg("w"), py::arg("window"), py::arg("padding"));

@@ -5,8 +5,9 @@
 // channels P apart in memory, so the threads of a warp read contiguous addresses.
 // channel_pool backward: one block per (n, c) row: dx = gate * (g_mean / C + [c == argmax] g_max)
 // and dgate[n, c] = sum over the row of x * (g_mean / C + [c == argmax] g_max), reduced in-block.
-// attnfd dots: <s,s>, <t,t>, <s,t> as fp32 per-block partials (the caller sums them in fp64);
+// attnfd dots: <s,s>, <t,t>, <s,t> as fp64 per-block partials (the caller sums them in fp64);
 // attnfd backward: ds = alpha * s + beta * t with alpha, beta (fp64, on the device) from the caller.
+// cbam_gate: the gated product M_s * (M_c * x) and its backward (dx, dM_c by row, dM_s by pixel).
 #include "common.cuh"
 
 namespace segkd {
@@ -64,25 +65,40 @@ channel_pool_backward_kernel(const T* __restrict__ grad_out, const int32_t* __re
   if (threadIdx.x == 0) dgate[row] = dg;
 }
 
+__device__ __forceinline__ double warp_sum_double(double v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullMask, v, offset);
+  return v;
+}
+
+// Accumulated in fp64 (a product of two fp32 values is exact there): near s == t the loss is
+// 2 - 2 cos, and fp32 dot products alone would leave it dominated by rounding.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-attnfd_dots_kernel(const T* __restrict__ s, const T* __restrict__ t, float* __restrict__ partials, int64_t total) {
-  float ss = 0.f, tt = 0.f, st = 0.f;
+attnfd_dots_kernel(const T* __restrict__ s, const T* __restrict__ t, double* __restrict__ partials, int64_t total) {
+  double ss = 0.0, tt = 0.0, st = 0.0;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float a = to_float(s[i]), b = to_float(t[i]);
-    ss = fmaf(a, a, ss);
-    tt = fmaf(b, b, tt);
-    st = fmaf(a, b, st);
+    const double a = to_float(s[i]), b = to_float(t[i]);
+    ss = fma(a, a, ss);
+    tt = fma(b, b, tt);
+    st = fma(a, b, st);
   }
-  __shared__ float scratch[32];
-  ss = block_sum(ss, scratch);
-  tt = block_sum(tt, scratch);
-  st = block_sum(st, scratch);
-  if (threadIdx.x == 0) {
-    partials[blockIdx.x * 3 + 0] = ss;
-    partials[blockIdx.x * 3 + 1] = tt;
-    partials[blockIdx.x * 3 + 2] = st;
+  __shared__ double scratch[3][32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
+  ss = warp_sum_double(ss);
+  tt = warp_sum_double(tt);
+  st = warp_sum_double(st);
+  if (lane == 0) { scratch[0][warp] = ss; scratch[1][warp] = tt; scratch[2][warp] = st; }
+  __syncthreads();
+  if (warp == 0) {
+    ss = warp_sum_double(lane < n_warps ? scratch[0][lane] : 0.0);
+    tt = warp_sum_double(lane < n_warps ? scratch[1][lane] : 0.0);
+    st = warp_sum_double(lane < n_warps ? scratch[2][lane] : 0.0);
+    if (lane == 0) {
+      partials[blockIdx.x * 3 + 0] = ss;
+      partials[blockIdx.x * 3 + 1] = tt;
+      partials[blockIdx.x * 3 + 2] = st;
+    }
   }
 }
 
@@ -94,6 +110,55 @@ attnfd_backward_kernel(const T* __restrict__ s, const T* __restrict__ t, const d
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     ds[i] = from_float<T>(alpha * to_float(s[i]) + beta * to_float(t[i]));
+  }
+}
+
+// CBAM gated product out = M_s[n, p] * (M_c[n, c] * x[n, c, p]) (fp32 math, one rounding).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+cbam_gate_forward_kernel(const T* __restrict__ x, const float* __restrict__ mc, const float* __restrict__ ms,
+                         T* __restrict__ out, int64_t channels, int64_t plane, int64_t total) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = i / plane, p = i - row * plane, n = row / channels;
+    out[i] = from_float<T>(ms[n * plane + p] * (mc[row] * to_float(x[i])));
+  }
+}
+
+// Per (n, c) row: dx = g * M_c * M_s and dM_c[n, c] = sum_p g * x * M_s (in-block reduction).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+cbam_gate_backward_rows_kernel(const T* __restrict__ g, const T* __restrict__ x, const float* __restrict__ mc,
+                               const float* __restrict__ ms, T* __restrict__ dx, float* __restrict__ dmc,
+                               int64_t channels, int64_t plane) {
+  const int64_t row = blockIdx.x, n = row / channels;
+  const float gate_c = mc[row];
+  const float* ms_n = ms + n * plane;
+  float acc = 0.f;
+  for (int64_t p = threadIdx.x; p < plane; p += blockDim.x) {
+    const float gv = to_float(g[row * plane + p]), sv = ms_n[p];
+    dx[row * plane + p] = from_float<T>(gv * gate_c * sv);
+    acc = fmaf(gv * to_float(x[row * plane + p]), sv, acc);
+  }
+  __shared__ float scratch[32];
+  acc = block_sum(acc, scratch);
+  if (threadIdx.x == 0) dmc[row] = acc;
+}
+
+// Per pixel: dM_s[n, p] = sum_c g * x * M_c (channels P apart: coalesced across the warp).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+cbam_gate_backward_pixels_kernel(const T* __restrict__ g, const T* __restrict__ x, const float* __restrict__ mc,
+                                 float* __restrict__ dms, int64_t batch, int64_t channels, int64_t plane) {
+  const int64_t pixels = batch * plane;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < pixels;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t n = i / plane, p = i - n * plane;
+    const int64_t base = n * channels * plane + p;
+    float acc = 0.f;
+    for (int64_t c = 0; c < channels; ++c)
+      acc = fmaf(to_float(g[base + c * plane]) * to_float(x[base + c * plane]), mc[n * channels + c], acc);
+    dms[i] = acc;
   }
 }
 
@@ -142,12 +207,12 @@ void attnfd_dots(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t 
                  int64_t num_partials, DType dtype, int device, std::uintptr_t stream) {
   if (total == 0) return;
   if (num_partials != attnfd_num_partials(total))
-    throw std::invalid_argument("attnfd_dots: partials must hold attnfd_num_partials(total) * 3 floats");
+    throw std::invalid_argument("attnfd_dots: partials must hold attnfd_num_partials(total) * 3 doubles");
   DeviceGuard guard(device);
   dispatch_float_types(dtype, "attnfd_dots", [&](auto tag) {
     using T = decltype(tag);
     attnfd_dots_kernel<T><<<static_cast<unsigned>(num_partials), kThreads, 0, as_stream(stream)>>>(
-        reinterpret_cast<const T*>(student), reinterpret_cast<const T*>(teacher), reinterpret_cast<float*>(partials),
+        reinterpret_cast<const T*>(student), reinterpret_cast<const T*>(teacher), reinterpret_cast<double*>(partials),
         total);
   });
   check_launch("attnfd_dots");
@@ -164,6 +229,43 @@ void attnfd_backward(std::uintptr_t student, std::uintptr_t teacher, std::uintpt
         reinterpret_cast<const double*>(coefs), reinterpret_cast<T*>(ds), total);
   });
   check_launch("attnfd_backward");
+}
+
+void cbam_gate_forward(std::uintptr_t x, std::uintptr_t channel_gate, std::uintptr_t spatial_gate, std::uintptr_t out,
+                       int64_t batch, int64_t channels, int64_t plane, DType dtype, int device, std::uintptr_t stream) {
+  const int64_t total = batch * channels * plane;
+  if (total == 0) return;
+  DeviceGuard guard(device);
+  dispatch_float_types(dtype, "cbam_gate_forward", [&](auto tag) {
+    using T = decltype(tag);
+    cbam_gate_forward_kernel<T><<<grid_for(total, kThreads), kThreads, 0, as_stream(stream)>>>(
+        reinterpret_cast<const T*>(x), reinterpret_cast<const float*>(channel_gate),
+        reinterpret_cast<const float*>(spatial_gate), reinterpret_cast<T*>(out), channels, plane, total);
+  });
+  check_launch("cbam_gate_forward");
+}
+
+void cbam_gate_backward(std::uintptr_t grad_out, std::uintptr_t x, std::uintptr_t channel_gate,
+                        std::uintptr_t spatial_gate, std::uintptr_t dx, std::uintptr_t d_channel_gate,
+                        std::uintptr_t d_spatial_gate, int64_t batch, int64_t channels, int64_t plane, DType dtype,
+                        int device, std::uintptr_t stream) {
+  const int64_t rows = batch * channels;
+  if (rows == 0 || plane == 0) return;
+  check_grid_dim(rows, "cbam_gate_backward", "(n, c) rows");
+  DeviceGuard guard(device);
+  dispatch_float_types(dtype, "cbam_gate_backward", [&](auto tag) {
+    using T = decltype(tag);
+    cbam_gate_backward_rows_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, as_stream(stream)>>>(
+        reinterpret_cast<const T*>(grad_out), reinterpret_cast<const T*>(x),
+        reinterpret_cast<const float*>(channel_gate), reinterpret_cast<const float*>(spatial_gate),
+        reinterpret_cast<T*>(dx), reinterpret_cast<float*>(d_channel_gate), channels, plane);
+    check_launch("cbam_gate_backward (rows)");
+    cbam_gate_backward_pixels_kernel<T><<<grid_for(batch * plane, kThreads), kThreads, 0, as_stream(stream)>>>(
+        reinterpret_cast<const T*>(grad_out), reinterpret_cast<const T*>(x),
+        reinterpret_cast<const float*>(channel_gate), reinterpret_cast<float*>(d_spatial_gate), batch, channels,
+        plane);
+  });
+  check_launch("cbam_gate_backward (pixels)");
 }
 
 }  // namespace segkd

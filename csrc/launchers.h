@@ -45,13 +45,23 @@ void channel_pool_backward(std::uintptr_t grad_out, std::uintptr_t argmax, std::
                            std::uintptr_t dx, std::uintptr_t dgate, int64_t batch, int64_t channels, int64_t plane,
                            DType dtype, int device, std::uintptr_t stream);
 
-// attnfd_loss (csrc/channel_pool.cu): partials (num_partials x 3 fp32) of <s,s>, <t,t>, <s,t>.
+// attnfd_loss (csrc/channel_pool.cu): partials (num_partials x 3 fp64) of <s,s>, <t,t>, <s,t>.
 int64_t attnfd_num_partials(int64_t total);
 void attnfd_dots(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t partials, int64_t total,
                  int64_t num_partials, DType dtype, int device, std::uintptr_t stream);
 // ds = coefs[0] * s + coefs[1] * t, coefs two fp64 values on the device.
 void attnfd_backward(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t coefs, std::uintptr_t ds,
                      int64_t total, DType dtype, int device, std::uintptr_t stream);
+
+// cbam_gate (csrc/channel_pool.cu): out = M_s[n, p] * (M_c[n, c] * x[n, c, p]); gates fp32,
+// channel_gate (batch, channels), spatial_gate (batch, plane). Backward: dx (x's dtype), the gate
+// gradients fp32.
+void cbam_gate_forward(std::uintptr_t x, std::uintptr_t channel_gate, std::uintptr_t spatial_gate, std::uintptr_t out,
+                       int64_t batch, int64_t channels, int64_t plane, DType dtype, int device, std::uintptr_t stream);
+void cbam_gate_backward(std::uintptr_t grad_out, std::uintptr_t x, std::uintptr_t channel_gate,
+                        std::uintptr_t spatial_gate, std::uintptr_t dx, std::uintptr_t d_channel_gate,
+                        std::uintptr_t d_spatial_gate, int64_t batch, int64_t channels, int64_t plane, DType dtype,
+                        int device, std::uintptr_t stream);
 
 // ssim_kd (csrc/ssim_kd.cu): `maps` maps of h x w. lo_*, scale_* (fp32 per map, or 0 when not
 // normalising): x = (s - lo) * scale. padding: 0 reflect, 1 zeros, 2 valid. partials: one fp32 per

@@ -1,0 +1,142 @@
+"""pairwise_kd (Gram path) on the hand-written CUDA kernels of csrc/pairwise_kd.cu.
+
+Forward: per-pixel norms, then the three Gram matrices of the normalised features, normalisation
+fused into the Gram kernel and accumulation in fp64; the loss
+    (||A^T A||^2 - 2 ||A^T B||^2 + ||B^T B||^2) / (N P^2)
+is combined in fp64 (it cancels when student ~ teacher). Backward: d/dA = 4 (A (A^T A) - B (B^T A))
+with the C x C products through torch matmul in fp64, then the normalisation backward kernel.
+Pooling (pool=2) is applied by the caller before this op.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._cuda_common import cuda_lib, launch_args
+from .reference import NORM_EPS
+
+OP = "pairwise_kd"
+
+
+def _check(student, teacher):
+    if student.dim() != 4 or teacher.dim() != 4 or student.shape[0] != teacher.shape[0] \
+            or student.shape[2:] != teacher.shape[2:]:
+        raise ValueError(f"{OP}: expected (N, C_s, H, W) and (N, C_t, H, W), got "
+                         f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+
+
+def pixel_norms(lib, x: torch.Tensor) -> torch.Tensor:
+    """(N, P) fp32 L2 norms over the channels of x (N, C, H, W) contiguous."""
+    n, c, h, w = x.shape
+    norm = torch.empty(n, h * w, dtype=torch.float32, device=x.device)
+    lib.pixel_norm(x.data_ptr(), norm.data_ptr(), n, c, h * w, **launch_args(OP, x))
+    return norm
+
+
+def normalize_pixels(lib, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x / max(||x_p||, eps) as fp32 (N, C, P), norms (N, P) fp32) for x (N, C, H, W) contiguous."""
+    n, c, h, w = x.shape
+    out = torch.empty(n, c, h * w, dtype=torch.float32, device=x.device)
+    norm = torch.empty(n, h * w, dtype=torch.float32, device=x.device)
+    if x.numel() > 0:
+        lib.normalize_pixels(x.data_ptr(), out.data_ptr(), norm.data_ptr(), n, c, h * w, NORM_EPS,
+                             **launch_args(OP, x))
+    return out, norm
+
+
+def normalize_pixels_backward(lib, da: torch.Tensor, x: torch.Tensor, norm: torch.Tensor,
+                              detach_norm: bool) -> torch.Tensor:
+    """d loss / d x (x's dtype) from da = d loss / d normalised x (fp32, like x)."""
+    n, c, h, w = x.shape
+    dx = torch.empty_like(x)
+    if x.numel() > 0:
+        lib.normalize_pixels_backward(da.contiguous().data_ptr(), x.data_ptr(), norm.data_ptr(), dx.data_ptr(), n, c,
+                                      h * w, NORM_EPS, detach_norm, **launch_args(OP, x))
+    return dx
+
+
+def _gram(lib, x, norm_x, y, norm_y) -> torch.Tensor:
+    n, cx, h, w = x.shape
+    cy = y.shape[1]
+    gram = torch.zeros(n, cx, cy, dtype=torch.float64, device=x.device)
+    if x.dtype != y.dtype:
+        raise ValueError(f"{OP}: Gram operands must share a dtype")
+    lib.normalized_gram(x.data_ptr(), norm_x.data_ptr(), y.data_ptr(), norm_y.data_ptr(), gram.data_ptr(), n, cx, cy,
+                        h * w, NORM_EPS, **launch_args(OP, x))
+    return gram
+
+
+@torch.library.custom_op("segkd::pairwise_kd_cuda", mutates_args=())
+def pairwise_kd_cuda(student: torch.Tensor, teacher: torch.Tensor, detach_norm: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss 0-dim in the student's dtype, A^T A (N, C_s, C_s) fp64, A^T B (N, C_s, C_t) fp64)."""
+    lib = cuda_lib(OP)
+    _check(student, teacher)
+    launch_args(OP, student)
+    dtype = student.dtype if teacher.dtype == student.dtype else torch.float32
+    s = student.detach().to(dtype).contiguous()
+    t = teacher.detach().to(dtype).contiguous()
+    n, cs, h, w = s.shape
+    ct, p = t.shape[1], h * w
+    if s.numel() == 0 or t.numel() == 0:
+        zeros = s.new_zeros(n, cs, cs, dtype=torch.float64), s.new_zeros(n, cs, ct, dtype=torch.float64)
+        return student.new_zeros(()), *zeros
+    ns, nt = pixel_norms(lib, s), pixel_norms(lib, t)
+    aa, ab, bb = _gram(lib, s, ns, s, ns), _gram(lib, s, ns, t, nt), _gram(lib, t, nt, t, nt)
+    total = aa.square().sum() - 2.0 * ab.square().sum() + bb.square().sum()
+    return (total / (n * p * p)).to(student.dtype), aa, ab
+
+
+@torch.library.custom_op("segkd::pairwise_kd_backward_cuda", mutates_args=())
+def pairwise_kd_backward_cuda(grad_loss: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
+                              aa: torch.Tensor, ab: torch.Tensor, detach_norm: bool) -> torch.Tensor:
+    """d loss / d student (kernel dtype) for the upstream gradient grad_loss (0-dim)."""
+    lib = cuda_lib(OP)
+    _check(student, teacher)
+    launch_args(OP, student)
+    dtype = student.dtype if teacher.dtype == student.dtype else torch.float32
+    s = student.detach().to(dtype).contiguous()
+    t = teacher.detach().to(dtype).contiguous()
+    n, cs, h, w = s.shape
+    p = h * w
+    if s.numel() == 0 or t.numel() == 0:
+        return torch.zeros_like(s)
+    a, norm_s = normalize_pixels(lib, s)
+    b, _ = normalize_pixels(lib, t)
+    # d total / d a = 4 (AA a - AB b) per image, (C_s, P); fp64 because the two terms cancel when a ~ b
+    scale = grad_loss.to(torch.float64) * (4.0 / (n * p * p))
+    da = (torch.bmm(aa, a.double()) - torch.bmm(ab, b.double())) * scale
+    return normalize_pixels_backward(lib, da.float().reshape(n, cs, h, w), s, norm_s.reshape(n, p), detach_norm)
+
+
+@pairwise_kd_cuda.register_fake
+def _(student, teacher, detach_norm):
+    n, cs = student.shape[:2]
+    ct = teacher.shape[1]
+    return (student.new_empty(()), student.new_empty(n, cs, cs, dtype=torch.float64),
+            student.new_empty(n, cs, ct, dtype=torch.float64))
+
+
+@pairwise_kd_backward_cuda.register_fake
+def _(grad_loss, student, teacher, aa, ab, detach_norm):
+    dtype = student.dtype if teacher.dtype == student.dtype else torch.float32
+    return student.new_empty(student.shape, dtype=dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, detach_norm = inputs
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.save_for_backward(student, teacher, output[1], output[2])
+    ctx.detach_norm = detach_norm
+    ctx.student_dtype = student.dtype
+
+
+def _backward(ctx, grad_loss, _grad_aa, _grad_ab):
+    student, teacher, aa, ab = ctx.saved_tensors
+    if grad_loss is None:
+        return None, None, None
+    ds = pairwise_kd_backward_cuda(grad_loss, student, teacher, aa, ab, ctx.detach_norm)
+    return ds.to(ctx.student_dtype), None, None
+
+
+pairwise_kd_cuda.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,118 @@
+"""pixel_kd and pfs_pixel_kd on the hand-written CUDA kernel of csrc/pixel_kd.cu.
+
+The kernel reads the logits in NCHW (classes P apart) and writes, per pixel, w * KL (fp32) and
+optionally the student gradient for a unit upstream gradient. The normaliser 1 / max(1, #valid)
+and the PFS gap mean stay on the device (coef tensor), so nothing synchronises with the host.
+pfs_pixel_kd takes two light passes: the per-pixel KL (= the gap) first, then, with the gap mean
+known, the gradient pass weighted by max(KL, 0).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._cuda_common import cuda_lib, launch_args
+
+OP = "pixel_kd"
+
+
+def _prepare(student, teacher, ignore_mask):
+    if student.shape != teacher.shape or student.dim() != 4:
+        raise ValueError(f"{OP}: expected two (N, K, H, W) tensors of one shape, got "
+                         f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+    n, _, h, w = student.shape
+    if ignore_mask is not None and (ignore_mask.dtype != torch.bool or tuple(ignore_mask.shape) != (n, h, w)):
+        raise ValueError(f"{OP}: ignore_mask must be a bool (N, H, W) tensor, got {ignore_mask.dtype} "
+                         f"{tuple(ignore_mask.shape)}")
+    dtype = student.dtype if teacher.dtype == student.dtype else torch.float32
+    args = launch_args(OP, student)
+    s = student.detach().to(dtype).contiguous()
+    t = teacher.detach().to(dtype).contiguous()
+    args["dtype"] = launch_args(OP, s)["dtype"]
+    if ignore_mask is None:
+        mask = None
+        denom = torch.full((), float(max(n * h * w, 1)), dtype=torch.float32, device=s.device)
+    else:
+        mask = ignore_mask.contiguous()
+        denom = (~mask).sum().clamp_min(1).to(torch.float32)
+    return s, t, mask, denom, args
+
+
+def _launch(lib, s, t, mask, weight, clamp_weight, coef, out, grad, tau, args):
+    n, k, h, w = s.shape
+    if n * h * w == 0:
+        return
+    if k == 0:
+        raise ValueError(f"{OP}: the class axis is empty")
+    ptr = lambda x: 0 if x is None else x.data_ptr()  # noqa: E731
+    lib.pixel_kd_forward(ptr(s), ptr(t), ptr(mask), ptr(weight), clamp_weight, ptr(coef), ptr(out), ptr(grad),
+                         n, k, h * w, float(tau), **args)
+
+
+@torch.library.custom_op("segkd::pixel_kd_cuda", mutates_args=())
+def pixel_kd_cuda(student: torch.Tensor, teacher: torch.Tensor, tau: float, weight: torch.Tensor | None,
+                  ignore_mask: torch.Tensor | None, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, grad): loss 0-dim in the student's dtype, grad = d loss / d student (empty unless need_grad)."""
+    lib = cuda_lib(OP)
+    s, t, mask, denom, args = _prepare(student, teacher, ignore_mask)
+    n, _, h, w = s.shape
+    wt = None if weight is None else weight.detach().to(torch.float32).contiguous()
+    out = torch.zeros(n * h * w, dtype=torch.float32, device=s.device)
+    grad = torch.empty_like(s) if need_grad else s.new_empty(0)
+    coef = (tau / denom).reshape(1)  # d loss / d KL_p = tau^2 w_p / denom; d KL_p / d s = (p_s - p_t) / tau
+    _launch(lib, s, t, mask, wt, False, coef, out, grad if need_grad else None, tau, args)
+    loss = (out.sum() * (tau * tau) / denom).to(student.dtype)
+    return loss, grad
+
+
+@torch.library.custom_op("segkd::pfs_pixel_kd_cuda", mutates_args=())
+def pfs_pixel_kd_cuda(student: torch.Tensor, teacher: torch.Tensor, tau: float, ignore_mask: torch.Tensor | None,
+                      need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, grad) of pixel KD weighted by w_p = max(KL_p, 0) / mean over valid pixels of max(KL, 0)."""
+    lib = cuda_lib(OP)
+    s, t, mask, denom, args = _prepare(student, teacher, ignore_mask)
+    n, _, h, w = s.shape
+    kl = torch.zeros(n * h * w, dtype=torch.float32, device=s.device)
+    _launch(lib, s, t, mask, None, False, None, kl, None, tau, args)  # pass 1: KL_p (0 where ignored)
+    gap = kl.clamp_min(0)
+    mean_gap = (gap.sum() / denom).clamp_min(torch.finfo(torch.float32).tiny)
+    loss = ((gap * kl).sum() / mean_gap * (tau * tau) / denom).to(student.dtype)
+    grad = s.new_empty(0)
+    if need_grad:  # pass 2: gradient with the (detached) gap weights read back from kl
+        grad = torch.empty_like(s)
+        coef = (tau / (denom * mean_gap)).reshape(1)
+        _launch(lib, s, t, mask, kl, True, coef, None, grad, tau, args)
+    return loss, grad
+
+
+def _fake(student, teacher, *rest):
+    need_grad = rest[-1]
+    dtype = student.dtype if teacher.dtype == student.dtype else torch.float32
+    grad = student.new_empty(student.shape, dtype=dtype) if need_grad else student.new_empty(0, dtype=dtype)
+    return student.new_empty(()), grad
+
+
+pixel_kd_cuda.register_fake(_fake)
+pfs_pixel_kd_cuda.register_fake(_fake)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.need_grad = inputs[-1]
+    ctx.student_dtype = inputs[0].dtype
+    ctx.n_inputs = len(inputs)
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(output[1])
+
+
+def _backward(ctx, grad_loss, _grad_grad):
+    (grad,) = ctx.saved_tensors
+    if not ctx.need_grad:
+        raise RuntimeError(f"{OP}: the cuda op ran with need_grad=False, so it has no gradient to return")
+    rest = (None,) * (ctx.n_inputs - 1)
+    if grad_loss is None:
+        return (None, *rest)
+    return ((grad.float() * grad_loss.float()).to(ctx.student_dtype), *rest)
+
+
+pixel_kd_cuda.register_autograd(_backward, setup_context=_setup_context)
+pfs_pixel_kd_cuda.register_autograd(_backward, setup_context=_setup_context)
