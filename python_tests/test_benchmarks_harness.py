@@ -76,3 +76,20 @@ def test_floors():
 def test_unknown_op_is_rejected():
     with pytest.raises(SystemExit):
         bench_ops.main(["--quick", "--ops", "nope"])
+
+
+def test_e2e_step_rows(tmp_path):
+    """One distillation step per provider on tiny models (CPU: plumbing only)."""
+    from segkd_kernels.bench.e2e import run_e2e
+    from segkd_kernels.bench.harness import CsvWriter, environment, make_timer
+
+    writer = CsvWriter(tmp_path / "e2e.csv")
+    notes = run_e2e("cpu", make_timer("cpu", True), environment("cpu"), writer, True, methods=["kd"],
+                    log=lambda *_: None)
+    writer.close()
+    with (tmp_path / "e2e.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert notes == []
+    assert [(r["op"], r["provider"]) for r in rows] == [("step:none", "ce-only"), ("step:kd", "reference"),
+                                                        ("step:kd", "fused")]
+    assert all(r["shape"] == "2x3x64x64" and float(r["ms_p50"]) > 0 for r in rows)
