@@ -423,9 +423,9 @@ def test_triton_forward_computes_the_gradient_only_when_needed(triton_path, devi
     assert_close(g2, g)
 
 
-@pytest.mark.parametrize("tau", [0.5, 4.0])
 @pytest.mark.parametrize("kind", ["gaussian", "signs"])
-def test_triton_huge_logits_fp32(kind, tau, triton_path, device):
+def test_triton_huge_logits_fp32(kind, triton_path, device):
+    tau = 0.5
     shape = (2, 3, 5, 13)
     _check_path(triton_path, shape)
     s = make_tensor(shape, device=device, seed=51, scale=1e4)
@@ -441,7 +441,9 @@ def test_triton_huge_logits_fp32(kind, tau, triton_path, device):
     assert loss0.item() == 0.0 and g0.abs().max().item() == 0.0  # identical rows: exactly 0
 
 
-@pytest.mark.parametrize("needs_grad", [True, False])
+# the split path never fuses the gradient: needs_grad makes no difference there
+@pytest.mark.parametrize("triton_path,needs_grad", [("one_tile", True), ("one_tile", False), ("split", True)],
+                         indirect=["triton_path"])
 def test_opcheck_triton_ops(needs_grad, triton_path, device):
     shape = (2, 3, 5, 13)
     _check_path(triton_path, shape)

@@ -9,7 +9,11 @@ import torch
 import torch.nn.functional as F
 
 import segkd_kernels as sk
-from segkd_kernels.testing import TOLERANCES, assert_close, channels_last, make_tensor, non_contiguous
+from segkd_kernels._backends import select_backend
+from segkd_kernels.ops.pixel_kd import api as pixel_api
+from segkd_kernels.ops.pixel_kd import triton as pixel_triton
+from segkd_kernels.testing import (TOLERANCES, assert_close, channels_last, make_tensor, non_contiguous,
+                                   within_error_budget)
 
 # (N, K, H, W): one pixel, one class (loss 0), odd sizes, a long thin map.
 SHAPES = [(1, 1, 1, 1), (1, 3, 5, 7), (2, 7, 1, 1), (3, 1, 3, 13), (2, 7, 3, 13)]
@@ -164,7 +168,10 @@ def test_pixel_kd_defaults_and_auto_backend(device):
     s, t = _logits((2, 3, 5, 7), device=device)
     want = naive_pixel_kd(s, t, 1.0)[0]  # default tau is 1.0 (LOSSES.md 2)
     assert sk.pixel_kd(s, t).item() == pytest.approx(want, rel=1e-9)
-    assert torch.equal(sk.pixel_kd(s, t, backend="auto"), sk.pixel_kd(s, t, backend="reference"))
+    # auto is triton: for CUDA tensors, and for CPU tensors under the interpreter (conftest)
+    assert select_backend("pixel_kd", "auto", pixel_api.IMPLEMENTED, s) == "triton"
+    assert torch.equal(sk.pixel_kd(s, t, backend="auto"), sk.pixel_kd(s, t, backend="triton"))
+    assert_close(sk.pixel_kd(s, t, backend="auto"), sk.pixel_kd(s, t, backend="reference"))
     assert sk.pixel_kd(s, t, 2).item() == pytest.approx(naive_pixel_kd(s, t, 2.0)[0], rel=1e-9)  # int tau
 
 
@@ -660,12 +667,12 @@ def test_bad_weight_or_mask_raises_value_error_naming_the_argument(case, device)
 
 
 # ---------------------------------------------------------------------------------------------
-# 10. No fused backend yet: a named one raises, never falls back
+# 10. Backends: a named one that is not implemented raises, never falls back
 # ---------------------------------------------------------------------------------------------
 
-# ids not equal to "cuda": conftest skips every item with a "cuda" keyword, and a bare
-# parametrize id counts as one.
-@pytest.mark.parametrize("backend", ["triton", "cuda"], ids=lambda b: f"backend={b}")
+# id not equal to "cuda": conftest skips every item with a "cuda" keyword, and a bare parametrize
+# id counts as one.
+@pytest.mark.parametrize("backend", ["cuda"], ids=lambda b: f"backend={b}")
 @pytest.mark.parametrize("fn", ["pixel_kd", "pfs_pixel_kd"])
 def test_named_unimplemented_backend_raises(fn, backend, device):
     s, t = _logits((1, 2, 3, 4), torch.float32, device)
@@ -673,13 +680,14 @@ def test_named_unimplemented_backend_raises(fn, backend, device):
         getattr(sk, fn)(s, t, backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"], ids=lambda b: f"backend={b}")
+@pytest.mark.parametrize("backend", ["cuda"], ids=lambda b: f"backend={b}")
 def test_env_override_to_unimplemented_backend_raises(backend, device, monkeypatch):
     monkeypatch.setenv("SEGKD_BACKEND", backend)
     s, t = _logits((1, 2, 3, 4), torch.float32, device)
-    for fn in (sk.pixel_kd, sk.pfs_pixel_kd):
+    for fn in (sk.pixel_kd, sk.pfs_pixel_kd, sk.knowledge_gap):
         with pytest.raises((RuntimeError, ValueError), match=f"no {backend} backend"):
             fn(s, t)
+    for fn in (sk.pixel_kd, sk.pfs_pixel_kd):
         assert fn(s, t, backend="reference").isfinite()
 
 
@@ -708,3 +716,230 @@ def test_huge_logits_fp32_finite(fn, tau, kind, device):
     # at the teacher itself: zero, no NaN from inf - inf
     loss0, g0 = _grad(op, t, t, tau)
     assert loss0.item() == pytest.approx(0.0, abs=1e-6) and g0.abs().max().item() < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# 12. Triton kernels: both class paths (all K classes in one register tile; K looped over in
+#     chunks with a second loop for the gradient), several pixel blocks per image, masked loads,
+#     the two passes of pfs_pixel_kd, autograd glue, opcheck, compile
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(params=["one_tile", "k_loop"])
+def pixel_path(request, monkeypatch):
+    """Small tiles so that a few dozen pixels make several pixel blocks per image; 'k_loop' sends
+    every K (K = 1 included) through the class loop in chunks of 2 (a partial last chunk when K
+    is odd)."""
+    monkeypatch.setattr(pixel_triton, "_TILE", 32)
+    if request.param == "k_loop":
+        monkeypatch.setattr(pixel_triton, "_MAX_BLOCK_K", 0)
+        monkeypatch.setattr(pixel_triton, "_LOOP_BLOCK_K", 2)
+    return request.param
+
+
+def _check_path(path, shape):
+    """The shape really takes the path under test, with more than one pixel block per image."""
+    _, k, h, w = shape
+    block_k, block_p, one_tile, _ = pixel_triton._blocks(k, h * w)
+    assert one_tile == (path == "one_tile")
+    assert h * w > block_p
+
+
+TRITON_SHAPES = [(2, 3, 5, 13), (1, 5, 1, 37), (2, 1, 3, 7)]
+VARIANTS = ["pixel_kd", "pixel_kd_weight_mask", "pfs_pixel_kd", "pfs_pixel_kd_mask"]
+
+
+def _variant(variant, shape, dtype, device):
+    """(op, oracle, kwargs) of one variant."""
+    kwargs = {}
+    if "mask" in variant:
+        kwargs["ignore_mask"] = _mask(shape, device)
+    if "weight" in variant:
+        kwargs["weight"] = _weight(shape, dtype, device)
+    if variant.startswith("pfs"):
+        return sk.pfs_pixel_kd, naive_pfs, kwargs
+    return sk.pixel_kd, naive_pixel_kd, kwargs
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", TRITON_SHAPES)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_triton_paths_match_loop_oracle(variant, shape, dtype, pixel_path, device):
+    _check_path(pixel_path, shape)
+    s, t = _logits(shape, dtype, device, seed=7 + sum(shape))
+    op, oracle, kwargs = _variant(variant, shape, dtype, device)
+    loss = op(s, t, 1.5, backend="triton", **kwargs)
+    assert loss.dim() == 0 and loss.dtype == dtype
+    (-1.75 * loss).backward()  # grad_output != 1
+    want_loss, want_grad = oracle(s, t, 1.5, **kwargs)
+    assert loss.item() == pytest.approx(want_loss, **_approx(dtype))
+    assert s.grad.dtype == dtype
+    assert_close(s.grad.cpu(), -1.75 * want_grad.to(dtype))
+    if "mask" in variant:
+        assert bool((s.grad.permute(0, 2, 3, 1)[kwargs["ignore_mask"]] == 0).all())
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 13), (2, 1, 3, 7)])
+def test_triton_knowledge_gap_matches_loop_oracle(shape, pixel_path, device):
+    _check_path(pixel_path, shape)
+    s, t = _logits(shape, torch.float64, device, seed=71)
+    gap = pixel_triton.knowledge_gap(s, t, 0.5)
+    assert gap.shape == (shape[0], shape[2], shape[3]) and not gap.requires_grad
+    assert_close(gap.cpu(), naive_gap(s, t, 0.5))
+
+
+@pytest.mark.parametrize("fn", ["pixel_kd", "pfs_pixel_kd"])
+def test_triton_non_finite_ignored_pixels_and_all_ignored(fn, pixel_path, device):
+    """NaN/Inf logits (and weights) at ignored pixels: exactly 0 gradient there, same result as
+    finite values there; every pixel ignored and every logit NaN: loss 0, gradient exactly 0."""
+    shape = (2, 3, 5, 13)
+    _check_path(pixel_path, shape)
+    s, t = _logits(shape, device=device, seed=72)
+    mask = _mask(shape, device, seed=73)
+    kwargs = {"ignore_mask": mask}
+    if fn == "pixel_kd":
+        kwargs["weight"] = _weight(shape, device=device)
+    op = getattr(sk, fn)
+    clean_loss, clean_g = _grad(op, s, t, 1.0, backend="triton", **kwargs)
+    s_bad, t_bad = s.detach().clone(), t.clone()
+    s_bad.permute(0, 2, 3, 1)[mask] = float("nan")
+    t_bad.permute(0, 2, 3, 1)[mask] = float("inf")
+    if fn == "pixel_kd":
+        kwargs["weight"] = kwargs["weight"].clone()
+        kwargs["weight"][mask] = float("nan")
+    loss, g = _grad(op, s_bad, t_bad, 1.0, backend="triton", **kwargs)
+    assert bool((g.permute(0, 2, 3, 1)[mask] == 0).all())
+    assert_close(loss, clean_loss)
+    assert_close(g, clean_g)
+
+    everything = torch.ones(2, 5, 13, dtype=torch.bool, device=device)
+    nan = torch.full(shape, float("nan"), dtype=torch.float64, device=device)
+    loss, g = _grad(op, nan, nan, 1.0, backend="triton", ignore_mask=everything)
+    assert loss.item() == 0.0 and bool((g == 0).all())
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "non_contiguous"])
+@pytest.mark.parametrize("fn", ["pixel_kd", "pfs_pixel_kd"])
+def test_triton_reads_strided_logits(fn, layout, pixel_path, device):
+    shape = (2, 3, 5, 13)
+    _check_path(pixel_path, shape)
+    s, t = _logits(shape, device=device, seed=74)
+    mask = _mask(shape, device, seed=75)
+    op = getattr(sk, fn)
+    want_loss, want_grad = _grad(op, s, t, 2.0, backend="reference", ignore_mask=mask)
+    s2 = LAYOUTS[layout](s.detach()).requires_grad_(True)
+    loss, g = _grad(op, s2, LAYOUTS[layout](t), 2.0, backend="triton", ignore_mask=mask)
+    assert_close(loss, want_loss)
+    assert_close(g, want_grad)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "signs"])
+@pytest.mark.parametrize("fn", ["pixel_kd", "pfs_pixel_kd"])
+def test_triton_huge_logits_fp32(fn, kind, pixel_path, device):
+    shape = (2, 5, 3, 7)
+    _check_path(pixel_path, shape)
+    s = make_tensor(shape, device=device, seed=76, scale=1e4)
+    t = make_tensor(shape, device=device, seed=77, scale=1e4)
+    if kind == "signs":
+        s, t = torch.sign(s) * 1e4, torch.sign(t) * 1e4
+    mask = _mask(shape, device)
+    op = getattr(sk, fn)
+    loss, g = _grad(op, s, t, 0.5, backend="triton", ignore_mask=mask)
+    want_loss, want_grad = (naive_pixel_kd if fn == "pixel_kd" else naive_pfs)(s, t, 0.5, ignore_mask=mask)
+    assert loss.isfinite() and bool(g.isfinite().all())
+    assert loss.item() == pytest.approx(want_loss, rel=1e-4)
+    torch.testing.assert_close(g.double().cpu(), want_grad, rtol=1e-4, atol=1e-6)
+    loss0, g0 = _grad(op, t, t, 0.5, backend="triton")
+    assert loss0.item() == 0.0 and g0.abs().max().item() == 0.0  # identical logits: exactly 0
+
+
+@pytest.mark.parametrize("fn", ["pixel_kd", "pfs_pixel_kd"])
+def test_triton_forward_computes_the_gradient_only_when_needed(fn, device):
+    shape = (2, 3, 5, 13)
+    s, t = _logits(shape, torch.float32, device, seed=78)
+    mask = _mask(shape, device)
+    op = pixel_triton.pixel_kd_triton if fn == "pixel_kd" else pixel_triton.pfs_pixel_kd_triton
+    extra = (None, mask) if fn == "pixel_kd" else (mask,)
+    assert op(s.detach(), t, 2.0, *extra, True)[1].shape == s.shape
+    assert op(s.detach(), t, 2.0, *extra, False)[1].numel() == 0
+    with torch.no_grad():
+        loss_ng = getattr(sk, fn)(s, t, 2.0, backend="triton", ignore_mask=mask)
+    assert not loss_ng.requires_grad
+    loss, g = _grad(getattr(sk, fn), s, t, 2.0, backend="triton", ignore_mask=mask)
+    assert torch.equal(loss_ng, loss)
+    # called with needs_grad=False on a student that requires grad: the backward recomputes ds
+    s2 = s.detach().requires_grad_(True)
+    (g2,) = torch.autograd.grad(op(s2, t, 2.0, *extra, False)[0], s2)
+    assert_close(g2, g)
+
+
+@pytest.mark.parametrize("needs_grad", [True, False])
+def test_opcheck_triton_ops(needs_grad, pixel_path, device):
+    shape = (2, 3, 5, 13)
+    _check_path(pixel_path, shape)
+    s, t = _logits(shape, torch.float32, device, seed=79)
+    mask, weight = _mask(shape, device), _weight(shape, torch.float32, device)
+    torch.library.opcheck(pixel_triton.pixel_kd_triton, (s, t, 2.0, weight, mask, needs_grad))
+    torch.library.opcheck(pixel_triton.pixel_kd_triton, (s, t, 2.0, None, None, needs_grad))
+    torch.library.opcheck(pixel_triton.pfs_pixel_kd_triton, (s, t, 2.0, mask, needs_grad))
+    if needs_grad:
+        torch.library.opcheck(pixel_triton.knowledge_gap_triton, (s.detach(), t, 2.0))
+
+
+@pytest.mark.parametrize("variant", ["pixel_kd_weight_mask", "pfs_pixel_kd_mask", "knowledge_gap"])
+def test_torch_compile_fullgraph_triton(variant, device):
+    shape = (2, 3, 5, 7)
+    s, t = _logits(shape, torch.float32, device, seed=80)
+    compile_backend = "inductor" if device == "cuda" else "aot_eager"
+    torch._dynamo.reset()
+    if variant == "knowledge_gap":
+        fn = torch.compile(sk.knowledge_gap, fullgraph=True, backend=compile_backend)
+        assert_close(fn(s, t, 2.0), sk.ops.pixel_kd.reference.per_pixel_kl(s.detach(), t, 2.0))
+        return
+    op, _, kwargs = _variant(variant, shape, torch.float32, device)
+    want_loss, want_grad = _grad(op, s, t, 2.0, backend="reference", **kwargs)
+    fn = torch.compile(op, fullgraph=True, backend=compile_backend)
+    s2 = s.detach().clone().requires_grad_(True)
+    loss = fn(s2, t, 2.0, backend="triton", **kwargs)
+    (0.75 * loss).backward()
+    assert_close(loss.detach(), want_loss)
+    assert_close(s2.grad, 0.75 * want_grad)
+
+
+# GPU only: the half-precision error budget (ARCHITECTURE.md) and a full-resolution batch.
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 19, 64, 128), (2, 150, 33, 47), (3, 1, 17, 19)],
+                         ids=["cityscapes", "ade20k_k_loop", "one_class"])
+@pytest.mark.parametrize("variant", ["pixel_kd_weight_mask", "pfs_pixel_kd_mask", "knowledge_gap"])
+def test_cuda_half_precision_error_budget(variant, shape, dtype):
+    s = make_tensor(shape, dtype=dtype, device="cuda", seed=81, scale=3.0)
+    t = make_tensor(shape, dtype=dtype, device="cuda", seed=82, scale=3.0)
+    if variant == "knowledge_gap":
+        want = sk.knowledge_gap(s.double(), t.double(), 2.0)
+        ref = pixel_api.reference.per_pixel_kl(s, t, 2.0).to(dtype)
+        got = pixel_triton.knowledge_gap(s, t, 2.0)
+        assert got.dtype == dtype and within_error_budget(got, ref, want)
+        return
+    op, _, kwargs = _variant(variant, shape, dtype, "cuda")
+    up = {k: (v.double() if v.is_floating_point() else v) for k, v in kwargs.items()}
+    want_loss, want_grad = _grad(op, s.double(), t.double(), 2.0, backend="reference", **up)
+    ref_loss, ref_grad = _grad(op, s, t, 2.0, backend="reference", **kwargs)
+    loss, g = _grad(op, s, t, 2.0, backend="triton", **kwargs)
+    assert loss.dtype == dtype and g.dtype == dtype
+    assert within_error_budget(loss, ref_loss, want_loss)
+    assert within_error_budget(g, ref_grad, want_grad, atol=1e-7)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fn", ["pixel_kd", "pfs_pixel_kd"])
+def test_cuda_full_resolution_batch(fn):
+    shape = (2, 19, 509, 1021)  # full-resolution Cityscapes-like logits, odd sizes
+    s = make_tensor(shape, device="cuda", seed=83, scale=3.0)
+    t = make_tensor(shape, device="cuda", seed=84, scale=3.0)
+    mask = _mask(shape, "cuda")
+    op = getattr(sk, fn)
+    want_loss, want_grad = _grad(op, s.double(), t.double(), 1.0, backend="reference", ignore_mask=mask)
+    loss, g = _grad(op, s, t, 1.0, backend="triton", ignore_mask=mask)
+    assert loss.item() == pytest.approx(want_loss.item(), rel=1e-4)
+    torch.testing.assert_close(g.double(), want_grad, rtol=1e-3, atol=1e-5 * want_grad.abs().max().item())

@@ -90,9 +90,11 @@ def _pixel_kd_kernel(s_ptr, t_ptr, ign_ptr, w_ptr, coef_ptr, ds_ptr, kl_ptr, par
             m_s = new_m_s
             m_t = new_m_t
 
-    lse_s = m_s + tl.log(l_s)
-    lse_t = m_t + tl.log(l_t)
-    kl = acc / l_t - lse_t + lse_s
+    # lse_s - lse_t by parts (max, then log-sum), and probabilities as exp(x - max) / sum: with
+    # logits of 1e4, m + log(l) in fp32 would round log(l), and every probability with it, to 1e-3
+    inv_l_s = 1.0 / l_s
+    inv_l_t = 1.0 / l_t
+    kl = acc * inv_l_t + (m_s - m_t) + (tl.log(l_s) - tl.log(l_t))
     kl = tl.where(valid, kl, 0.0)
     gap = tl.maximum(kl, 0.0)
     if HAS_WEIGHT:
@@ -118,7 +120,7 @@ def _pixel_kd_kernel(s_ptr, t_ptr, ign_ptr, w_ptr, coef_ptr, ds_ptr, kl_ptr, par
         coef = tl.where(valid, coef, 0.0)
         ds_base = ds_ptr + n * K * P + pix[None, :]
         if ONE_TILE:
-            ds = coef[None, :] * (e_s / l_s[None, :] - e_t / l_t[None, :])
+            ds = coef[None, :] * (e_s * inv_l_s[None, :] - e_t * inv_l_t[None, :])
             sm = kin[:, None] & inside[None, :]
             tl.store(ds_base + ks[:, None].to(tl.int64) * P, ds.to(ds_ptr.dtype.element_ty), mask=sm)
         else:
@@ -128,7 +130,10 @@ def _pixel_kd_kernel(s_ptr, t_ptr, ign_ptr, w_ptr, coef_ptr, ds_ptr, kl_ptr, par
                 lm = kin[:, None] & valid[None, :]
                 xs = tl.load(s_base + kk[:, None].to(tl.int64) * s_sk, mask=lm, other=0.0).to(ACC) * inv_tau
                 xt = tl.load(t_base + kk[:, None].to(tl.int64) * t_sk, mask=lm, other=0.0).to(ACC) * inv_tau
-                ds = coef[None, :] * (tl.exp(xs - lse_s[None, :]) - tl.exp(xt - lse_t[None, :]))
+                # masked class lanes hold 0 here (not stored); x - max <= 0 for the others
+                p_s = tl.exp(tl.where(kin[:, None], xs - m_s[None, :], NEG)) * inv_l_s[None, :]
+                p_t = tl.exp(tl.where(kin[:, None], xt - m_t[None, :], NEG)) * inv_l_t[None, :]
+                ds = coef[None, :] * (p_s - p_t)
                 sm = kin[:, None] & inside[None, :]
                 tl.store(ds_base + kk[:, None].to(tl.int64) * P, ds.to(ds_ptr.dtype.element_ty), mask=sm)
 
