@@ -27,7 +27,7 @@ struct CwdState {
       acc = acc * sc + (b - a);
       t.m = b;
     } else {
-      const float e = __expf(b - t.m);
+      const float e = expf(b - t.m);
       t.l += e;
       acc += e * (b - a);
     }
@@ -157,7 +157,7 @@ channel_wise_kd_kernel(const T* __restrict__ s, const T* __restrict__ t, float* 
         float g[V];
 #pragma unroll
         for (int v = 0; v < V; ++v)
-          g[v] = grad_scale * (__expf(cs[k][v] * inv_tau - lse_s) - __expf(ct[k][v] * inv_tau - lse_t));
+          g[v] = grad_scale * (expf(cs[k][v] * inv_tau - lse_s) - expf(ct[k][v] * inv_tau - lse_t));
         store_chunk(rg, base, plane, vec, g);
       }
     }
@@ -167,7 +167,7 @@ channel_wise_kd_kernel(const T* __restrict__ s, const T* __restrict__ t, float* 
       load_chunk(rs, base, plane, vec, xs);
       load_chunk(rt, base, plane, vec, xt);
 #pragma unroll
-      for (int v = 0; v < V; ++v) g[v] = grad_scale * (__expf(xs[v] * inv_tau - lse_s) - __expf(xt[v] * inv_tau - lse_t));
+      for (int v = 0; v < V; ++v) g[v] = grad_scale * (expf(xs[v] * inv_tau - lse_s) - expf(xt[v] * inv_tau - lse_t));
       store_chunk(rg, base, plane, vec, g);
     }
   }

@@ -103,9 +103,11 @@ __device__ __forceinline__ void load16(const T* __restrict__ p, float (&out)[Vec
 inline bool aligned16(std::uintptr_t p) { return (p & 15u) == 0; }
 
 // ---- online softmax ---------------------------------------------------------------------------
+// expf / logf, not the __expf / __logf intrinsics: a KL is a small difference of log-sum-exps, and
+// the intrinsics' error (growing with |x|) would be amplified past the fp32 tolerances.
 // exp(m_old - m_new) that is 0 (not NaN) while nothing has been seen yet (m_old = -inf).
 __device__ __forceinline__ float rescale(float m_old, float m_new) {
-  return m_old == -INFINITY ? 0.f : __expf(m_old - m_new);
+  return m_old == -INFINITY ? 0.f : expf(m_old - m_new);
 }
 
 // Running max m and sum l of exp(x - m) over the values seen so far.
@@ -113,7 +115,7 @@ struct OnlineLse {
   float m = -INFINITY, l = 0.f;
   __device__ __forceinline__ void add(float x) {
     if (x > m) { l = l * rescale(m, x) + 1.f; m = x; }
-    else l += __expf(x - m);
+    else l += expf(x - m);
   }
   __device__ __forceinline__ void merge(float om, float ol) {
     const float nm = fmaxf(m, om);
@@ -121,7 +123,7 @@ struct OnlineLse {
     l = l * rescale(m, nm) + ol * rescale(om, nm);
     m = nm;
   }
-  __device__ __forceinline__ float lse() const { return m + __logf(l); }
+  __device__ __forceinline__ float lse() const { return m + logf(l); }
 };
 
 // Block-wide sum for blockDim.x a multiple of 32 (<= 1024). Every thread gets the result.

@@ -77,10 +77,10 @@ cross_image_forward_kernel(const float* __restrict__ a, const float* __restrict_
       const float sv = valid ? sd[q] * inv_tau : -INFINITY;
       const float tv = valid ? td[q] * inv_tau : -INFINITY;
       const float nms = fmaxf(ms[q], warp_max(sv));
-      ls[q] = ls[q] * rescale(ms[q], nms) + warp_sum(valid ? __expf(sv - nms) : 0.f);
+      ls[q] = ls[q] * rescale(ms[q], nms) + warp_sum(valid ? expf(sv - nms) : 0.f);
       ms[q] = nms;
       const float nmt = fmaxf(mt[q], warp_max(tv));
-      const float e = valid ? __expf(tv - nmt) : 0.f;
+      const float e = valid ? expf(tv - nmt) : 0.f;
       const float sc = rescale(mt[q], nmt);
       lt[q] = lt[q] * sc + warp_sum(e);
       acc[q] = acc[q] * sc + warp_sum(valid ? e * (tv - sv) : 0.f);
@@ -93,7 +93,7 @@ cross_image_forward_kernel(const float* __restrict__ a, const float* __restrict_
     for (int q = 0; q < kRowsPerWarp; ++q) {
       const int64_t r = r0 + warp * kRowsPerWarp + q;
       if (r < plane) {
-        const float lse_s = ms[q] + __logf(ls[q]), lse_t = mt[q] + __logf(lt[q]);
+        const float lse_s = ms[q] + logf(ls[q]), lse_t = mt[q] + logf(lt[q]);
         const int64_t at = pair * plane + r;
         row_kl[at] = acc[q] / lt[q] - lse_t + lse_s;
         lse[at] = lse_s;
@@ -140,7 +140,7 @@ cross_image_backward_kernel(const float* __restrict__ a, const float* __restrict
       const int64_t r = r0 + warp * kRowsPerWarp + q;
       float d = 0.f;
       if (valid && r < plane)
-        d = coef * (__expf(sd[q] * inv_tau - lse_s[q]) - __expf(td[q] * inv_tau - lse_t[q]));
+        d = coef * (expf(sd[q] * inv_tau - lse_s[q]) - expf(td[q] * inv_tau - lse_t[q]));
       dsh[warp * kRowsPerWarp + q][lane] = d;
     }
     __syncthreads();

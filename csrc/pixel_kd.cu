@@ -48,7 +48,7 @@ pixel_kd_kernel(const T* __restrict__ s, const T* __restrict__ t, const uint8_t*
         acc = acc * sc + (b - a);
         lt.m = b;
       } else {
-        const float e = __expf(b - lt.m);
+        const float e = expf(b - lt.m);
         lt.l += e;
         acc += e * (b - a);
       }
@@ -74,11 +74,11 @@ pixel_kd_kernel(const T* __restrict__ s, const T* __restrict__ t, const uint8_t*
     if (in_regs) {
 #pragma unroll
       for (int k = 0; k < kRegClasses; ++k)
-        if (k < classes) grad[base + k * plane] = from_float<T>(c * (__expf(ra[k] - lse_s) - __expf(rb[k] - lse_t)));
+        if (k < classes) grad[base + k * plane] = from_float<T>(c * (expf(ra[k] - lse_s) - expf(rb[k] - lse_t)));
     } else {
       for (int64_t k = 0; k < classes; ++k) {
         const float a = to_float(s[base + k * plane]) * inv_tau, b = to_float(t[base + k * plane]) * inv_tau;
-        grad[base + k * plane] = from_float<T>(c * (__expf(a - lse_s) - __expf(b - lse_t)));
+        grad[base + k * plane] = from_float<T>(c * (expf(a - lse_s) - expf(b - lse_t)));
       }
     }
   }

@@ -116,3 +116,20 @@ def _backward(ctx, grad_loss, _grad_grad):
 
 pixel_kd_cuda.register_autograd(_backward, setup_context=_setup_context)
 pfs_pixel_kd_cuda.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("segkd::knowledge_gap_cuda", mutates_args=())
+def knowledge_gap_cuda(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
+    """(N, H, W) per-pixel KL(teacher || student) at temperature tau in the student's dtype (no gradient)."""
+    lib = cuda_lib(OP)
+    s, t, _mask, _denom, args = _prepare(student, teacher, None)
+    n, _, h, w = s.shape
+    kl = torch.zeros(n * h * w, dtype=torch.float32, device=s.device)
+    _launch(lib, s, t, None, None, False, None, kl, None, tau, args)
+    return kl.reshape(n, h, w).to(student.dtype)
+
+
+@knowledge_gap_cuda.register_fake
+def _(student, teacher, tau):
+    n, _, h, w = student.shape
+    return student.new_empty(n, h, w)
