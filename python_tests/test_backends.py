@@ -57,7 +57,7 @@ def test_segkd_backend_that_cannot_run_raises_and_names_the_variable(monkeypatch
 def test_explicit_backend_never_falls_back():
     x = torch.zeros(1, 2, 3, 3)
     with pytest.raises(BackendUnavailableError, match="has no triton backend"):
-        sk.channel_wise_kd(x, x, backend="triton")
+        select_backend("some_op", "triton", {"reference": POOL_IMPLEMENTED["reference"]}, x)
     with pytest.raises(BackendUnavailableError, match="tensor on cpu|not built"):
         sk.spatial_pool(x, backend="cuda")
 
