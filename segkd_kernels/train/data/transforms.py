@@ -22,7 +22,10 @@ def resize(image: Tensor, label: Tensor, size: tuple[int, int]) -> tuple[Tensor,
     if tuple(image.shape[1:]) == tuple(size):
         return image, label
     image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
-    label = F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].to(label.dtype)
+    # nearest-exact samples at pixel centres, the same grid as bilinear with align_corners=False;
+    # plain "nearest" floors and shifts the label up to one source pixel against the image
+    label = F.interpolate(label[None, None].float(), size=size, mode="nearest-exact")[0, 0].to(
+        label.dtype)
     return image, label
 
 
