@@ -1,4 +1,7 @@
-"""The `segkd` command line: `segkd info`, `segkd selfcheck`."""
+"""The `segkd` command line: `info`, `selfcheck`, and the trainer's `train`, `eval`, `demo`, `compare`.
+
+Each subcommand is a pair (add its arguments, run it); the trainer's modules are imported only when
+one of its subcommands runs, so `segkd info` stays fast."""
 
 from __future__ import annotations
 
@@ -61,19 +64,155 @@ def _selfcheck(args) -> int:
     return run_selfcheck(size=args.size)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="segkd", description="segkd_kernels: fused KD losses for segmentation")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="versions, devices, backends and why a backend is missing")
-    check = sub.add_parser("selfcheck", help="run every loss with every available backend against the reference")
+def _trainer_errors():
+    """The errors a user can fix (bad config, missing folder, unusable checkpoint): one line, exit 2."""
+    from segkd_kernels.train.checkpoint import CheckpointError
+    from segkd_kernels.train.config import ConfigError
+
+    return (ConfigError, CheckpointError, FileNotFoundError)
+
+
+def _add_train(p) -> None:
+    p.add_argument("--method", help="distillation method (none: the model alone); see `segkd train --list`")
+    p.add_argument("--dataset", help="synthetic, voc, cityscapes, ade20k, camvid")
+    p.add_argument("--config", help="a YAML file or the name of a shipped config (see --list)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting, e.g. --set optim.lr=0.02 --set distill.weights.kd=0.5")
+    p.add_argument("--iters", type=int)
+    p.add_argument("--out", help="output folder (checkpoints, log.jsonl, metrics.json)")
+    p.add_argument("--stage", choices=("student", "teacher"))
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--resume-from", metavar="PATH", help="continue from this checkpoint file")
+    p.add_argument("--list", action="store_true", help="list methods and shipped configs, then exit")
+
+
+def _train(args) -> int:
+    from segkd_kernels.train.config import list_configs, load_config
+    from segkd_kernels.train.distill import methods
+    from segkd_kernels.train.engine import train
+
+    if args.list:
+        print("methods:", ", ".join(methods()))
+        print("configs:", ", ".join(list_configs()))
+        return 0
+    try:
+        cfg = load_config(args.config, args.overrides, method=args.method, dataset=args.dataset, iters=args.iters,
+                          out=args.out, stage=args.stage, seed=args.seed)
+        result = train(cfg, resume=args.resume_from or args.resume)
+    except _trainer_errors() as e:
+        print(f"segkd train: error: {e}", file=sys.stderr)
+        return 2
+    if result["status"] == "interrupted":
+        print(f"interrupted at step {result['step']}; checkpoint saved to {result['checkpoint']}; "
+              f"continue with the same command and --resume", file=sys.stderr)
+        return 128 + int(result["signal"] or 2)
+    m = result["metrics"]
+    print(f"step {result['step']}: mIoU {m['miou']:.2f}  pixel acc {m['pixel_acc']:.2f}  "
+          f"({result['train_seconds']:.0f} s, {result['sec_per_iter']:.3f} s/iter)  -> {result['out']}")
+    return 0
+
+
+def _add_eval(p) -> None:
+    p.add_argument("checkpoint", help="a checkpoint written by `segkd train` (e.g. OUT/last.pt)")
+    p.add_argument("--dataset", help="evaluate on another dataset than the one trained on")
+    p.add_argument("--split", help="dataset split (default: the run's val split)")
+    p.add_argument("--mode", choices=("whole", "slide"), help="whole-image or sliding-window inference")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+
+def _eval(args) -> int:
+    import json
+
+    try:
+        from segkd_kernels.train.evaluate import evaluate_checkpoint
+
+        m = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, split=args.split, mode=args.mode,
+                                overrides=args.overrides)
+    except _trainer_errors() as e:
+        print(f"segkd eval: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(m, indent=1))
+        return 0
+    print(f"mIoU {m['miou']:.2f}  pixel acc {m['pixel_acc']:.2f}  ({m['pixels']} pixels)")
+    for name, iou in m["per_class_iou"].items():
+        print(f"  {name:<24} {'-' if iou is None else f'{iou:.2f}'}")
+    return 0
+
+
+def _add_demo(p) -> None:
+    p.add_argument("--quick", action="store_true", help="a smaller budget (under 2 minutes on 2 CPU cores)")
+    p.add_argument("--method", help="the distillation method to show (default: the one that helps most here)")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--iters", type=int, help="override the iteration budget of every run")
+    p.add_argument("--device", default="auto")
+
+
+def _demo(args) -> int:
+    from segkd_kernels.train.demo import run_demo
+
+    try:
+        return run_demo(quick=args.quick, method=args.method, out=args.out, iters=args.iters, device=args.device)
+    except _trainer_errors() as e:
+        print(f"segkd demo: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _add_compare(p) -> None:
+    p.add_argument("--methods", default="kd,cwd,skd,pfs,cirkd,ssim,attnfd,lad",
+                   help="comma-separated methods (default: all)")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--iters", type=int, help="iterations per run (default: the demo budget)")
+    p.add_argument("--quick", action="store_true", help="the quick demo budget")
+    p.add_argument("--out", default="runs/compare", help="output folder for runs and the result tables")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting of every run")
+
+
+def _compare(args) -> int:
+    from segkd_kernels.train.compare import run_compare
+
+    try:
+        return run_compare(methods=[m for m in args.methods.split(",") if m], seeds=args.seeds, iters=args.iters,
+                           quick=args.quick, out=args.out, device=args.device, overrides=args.overrides)
+    except _trainer_errors() as e:
+        print(f"segkd compare: error: {e}", file=sys.stderr)
+        return 2
+
+
+# name -> (help, add_arguments, run). More subcommands (e.g. `bench`) register here.
+COMMANDS = {
+    "info": ("versions, devices, backends and why a backend is missing", lambda p: None, _info),
+    "selfcheck": ("run every loss with every available backend against the reference", None, _selfcheck),
+    "train": ("train a model, a teacher (--stage teacher) or a distilled student (--method)", _add_train, _train),
+    "eval": ("evaluate a checkpoint: mIoU, per-class IoU, pixel accuracy", _add_eval, _eval),
+    "demo": ("train teacher, student and distilled student on synthetic data; print the table", _add_demo, _demo),
+    "compare": ("every method x seeds on the synthetic benchmark; tables and plot", _add_compare, _compare),
+}
+
+
+def _add_selfcheck(check) -> None:
     check.add_argument("--size", choices=("small", "medium"), default="small",
                        help="input sizes (small: seconds on CPU)")
     check.add_argument("--interpret", choices=("auto", "on", "off"), default="auto",
                        help="run the Triton kernels through the interpreter on CPU (auto: when no GPU)")
+
+
+COMMANDS["selfcheck"] = (COMMANDS["selfcheck"][0], _add_selfcheck, _selfcheck)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="segkd", description="segkd_kernels: fused KD losses for segmentation")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add, _run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        if add is not None:
+            add(p)
     args = parser.parse_args(argv)
-    if args.command == "info":
-        return _info(args)
-    return _selfcheck(args)
+    return COMMANDS[args.command][2](args)
 
 
 if __name__ == "__main__":

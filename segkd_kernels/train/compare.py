@@ -1,0 +1,154 @@
+"""`segkd compare`: every method x seeds on the synthetic benchmark, with the student alone as the
+baseline, from one shared teacher (LAD: its own label-assisted teacher). Writes compare.md, .csv, .json
+and compare.png (when matplotlib is importable). Finished runs (OUT/<run>/metrics.json) are reused, so
+an interrupted comparison continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from .demo import PRESETS, STUDENT, TEACHER, demo_config
+
+
+def _run(cfg, log) -> dict:
+    from .engine import train
+
+    done = os.path.join(cfg.out, "metrics.json")
+    if os.path.exists(done):
+        with open(done) as f:
+            r = json.load(f)
+        if r.get("status") == "done" and r.get("step") == cfg.iters:
+            log(f"  reusing {cfg.out}")
+            r["checkpoint"] = os.path.join(cfg.out, "last.pt")
+            return r
+    return train(cfg)
+
+
+def _std(xs: list[float]) -> float:
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def run_compare(*, methods: list[str], seeds: int = 3, iters: int | None = None, quick: bool = False,
+                out: str = "runs/compare", device: str = "auto", overrides=(), stream=None) -> int:
+    from .config import ConfigError
+    from .distill import methods as known
+
+    stream = stream or sys.stdout
+
+    def log(msg):
+        print(msg, file=stream, flush=True)
+
+    bad = [m for m in methods if m not in known()]
+    if bad:
+        raise ConfigError(f"--methods: unknown method(s) {bad}; choices: {', '.join(known())}")
+    if seeds < 1:
+        raise ConfigError(f"--seeds: expected a positive count, got {seeds}")
+    preset = "quick" if quick else "full"
+    os.makedirs(out, exist_ok=True)
+    t0 = time.perf_counter()
+    teachers = {}
+    for kind in (["none"] + (["lad"] if "lad" in methods else [])):
+        cfg = demo_config(preset, stage="teacher", method=kind, out=os.path.join(out, f"teacher_{kind}"),
+                          device=device, iters=iters, overrides=overrides)
+        log(f"teacher ({'label-assisted' if kind == 'lad' else 'plain'})")
+        teachers[kind] = _run(cfg, log)
+    rows = []
+    for seed in range(seeds):
+        for method in ["none", *methods]:
+            tck = teachers["lad" if method == "lad" else "none"]["checkpoint"]
+            cfg = demo_config(preset, stage="student", method=method, out=os.path.join(out, f"{method}_seed{seed}"),
+                              seed=seed, device=device, iters=iters, teacher_checkpoint=tck, overrides=overrides)
+            cfg.progress = False
+            log(f"seed {seed}: {'student alone' if method == 'none' else method}")
+            r = _run(cfg, log)
+            rows.append({"method": method, "seed": seed, "miou": r["metrics"]["miou"],
+                         "pixel_acc": r["metrics"]["pixel_acc"], "sec_per_iter": r["sec_per_iter"],
+                         "iters": r["step"]})
+            log(f"  mIoU {r['metrics']['miou']:.2f}  {r['sec_per_iter']:.3f} s/iter")
+    summary = summarize(rows, teachers)
+    meta = {"command": "segkd compare " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["compare"] else "run_compare()",
+            "preset": preset, "iters": iters or PRESETS[preset]["student_iters"], "seeds": seeds,
+            "teacher": TEACHER, "student": STUDENT, "machine": f"{platform.machine()} {platform.processor() or ''} "
+            f"{os.cpu_count()} logical CPUs".strip(), "device": device if device != "auto" else
+            ("cuda" if torch.cuda.is_available() else "cpu"), "torch": torch.__version__,
+            "python": platform.python_version(), "wall_seconds": round(time.perf_counter() - t0),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    write_results(out, rows, summary, meta)
+    log("\n" + markdown_table(summary, meta))
+    return 0
+
+
+def summarize(rows: list[dict], teachers: dict) -> list[dict]:
+    base = [r["miou"] for r in rows if r["method"] == "none"]
+    base_mean = statistics.fmean(base) if base else float("nan")
+    out = []
+    for kind, r in teachers.items():
+        out.append({"method": "teacher" + (" (label-assisted)" if kind == "lad" else ""), "n": 1,
+                    "miou_mean": r["metrics"]["miou"], "miou_std": 0.0, "delta": float("nan"),
+                    "sec_per_iter": r["sec_per_iter"]})
+    for method in dict.fromkeys(r["method"] for r in rows):
+        xs = [r["miou"] for r in rows if r["method"] == method]
+        ts = [r["sec_per_iter"] for r in rows if r["method"] == method]
+        out.append({"method": "student alone" if method == "none" else method, "n": len(xs),
+                    "miou_mean": statistics.fmean(xs), "miou_std": _std(xs),
+                    "delta": statistics.fmean(xs) - base_mean if method != "none" else 0.0,
+                    "sec_per_iter": statistics.fmean(ts)})
+    return out
+
+
+def markdown_table(summary: list[dict], meta: dict) -> str:
+    lines = ["| method | seeds | mIoU (mean +- std) | vs student alone | s / iter |", "|---|---|---|---|---|"]
+    for s in summary:
+        delta = "" if s["delta"] != s["delta"] else f"{s['delta']:+.2f}"
+        lines.append(f"| {s['method']} | {s['n']} | {s['miou_mean']:.2f} +- {s['miou_std']:.2f} | {delta} | "
+                     f"{s['sec_per_iter']:.3f} |")
+    lines.append("")
+    lines.append(f"Synthetic benchmark, preset `{meta['preset']}`, {meta['iters']} iterations per run; teacher "
+                 f"{TEACHER['arch']}-{TEACHER['backbone']} x{TEACHER['width']}, student {STUDENT['arch']}-"
+                 f"{STUDENT['backbone']} x{STUDENT['width']}; {meta['machine']}, device {meta['device']}, torch "
+                 f"{meta['torch']}; {meta['wall_seconds']} s wall; {meta['date']}.")
+    lines.append(f"Command: `{meta['command']}`")
+    return "\n".join(lines)
+
+
+def write_results(out: str, rows: list[dict], summary: list[dict], meta: dict) -> None:
+    with open(os.path.join(out, "compare.md"), "w") as f:
+        f.write(markdown_table(summary, meta) + "\n")
+    with open(os.path.join(out, "compare.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["method", "seed", "miou", "pixel_acc", "sec_per_iter", "iters"])
+        w.writeheader()
+        w.writerows(rows)
+    with open(os.path.join(out, "compare.json"), "w") as f:
+        json.dump({"meta": meta, "summary": summary, "runs": rows}, f, indent=1)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        with open(os.path.join(out, "compare.md"), "a") as f:
+            f.write("\n(no plot: matplotlib is not installed)\n")
+        return
+    students = [s for s in summary if not s["method"].startswith("teacher")]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar([s["method"] for s in students], [s["miou_mean"] for s in students],
+           yerr=[s["miou_std"] for s in students], capsize=3, color="#4c72b0")
+    for s in summary:
+        if s["method"].startswith("teacher"):
+            ax.axhline(s["miou_mean"], ls="--", color="gray", lw=1)
+    ax.set_ylabel("val mIoU")
+    lo = min(s["miou_mean"] - s["miou_std"] for s in students)
+    ax.set_ylim(max(0, lo - 5), None)
+    ax.set_title("synthetic benchmark: student mIoU by method (dashed: teacher)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "compare.png"), dpi=120)
+    plt.close(fig)

@@ -1,0 +1,338 @@
+"""Experiment configuration: dataclasses, YAML loading, `--set key=value` overrides, validation.
+
+Everything is checked by `validate()` before any model is built or any data read, so a typo fails in
+a second with a message naming the key, not an hour into a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+OPTIMIZERS = ("sgd", "adamw")
+STAGES = ("student", "teacher")
+EVAL_MODES = ("whole", "slide")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "deeplabv3"
+    backbone: str = "resnet18"
+    width: float = 1.0
+    output_stride: int = 8
+    aux: bool = False
+    backbone_weights: str | None = None  # torchvision-format ImageNet state dict
+    # student: a trainer checkpoint to start from; teacher: the trained teacher to distil from
+    checkpoint: str | None = None
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"
+    root: str | None = None
+    seed: int = 0                         # the synthetic data's generation seed (fixed across training seeds)
+    num_classes: int | None = None        # checked against the dataset when given
+    train_split: str = "train"
+    val_split: str = "val"
+    crop_size: int | None = None          # None: the dataset's default crop
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    flip: bool = True
+    batch_size: int = 8                   # total over all processes
+    num_workers: int = 0
+    eval_batch_size: int = 1
+    eval_mode: str = "whole"              # whole-image or sliding-window inference
+    eval_crop: int | None = None          # sliding window size (default: crop_size)
+    eval_stride: int | None = None        # sliding window stride (default: 2/3 of the window)
+    options: dict = field(default_factory=dict)  # dataset-specific (synthetic: num_images, image_size, ...)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    power: float = 0.9                    # poly schedule: lr * (1 - step / iters) ** power
+    warmup_iters: int = 0
+    betas: tuple[float, float] = (0.9, 0.999)
+    head_lr_mult: float = 1.0             # lr multiplier for everything except the backbone
+    grad_clip: float | None = None
+
+
+@dataclass
+class DistillConfig:
+    weights: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    method: str = "none"                  # "none": the student alone (CE only)
+    stage: str = "student"                # "teacher": train the teacher (LAD: label-assisted)
+    seed: int = 0
+    iters: int = 1000
+    precision: str = "fp32"
+    device: str = "auto"
+    backend: str = "auto"                 # segkd_kernels backend for every loss
+    sync_bn: bool = False                 # SyncBatchNorm across processes (GPU only)
+    bn_eval: bool = False                 # BatchNorm uses (and keeps) its running statistics
+    aux_weight: float = 0.4
+    out: str = "runs/default"
+    eval_every: int = 0                   # 0: only at the end
+    ckpt_every: int = 500
+    log_every: int = 10
+    progress: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: ModelConfig = field(default_factory=lambda: ModelConfig(arch="deeplabv3", backbone="resnet101"))
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    """A configuration problem found before any work starts."""
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value, tp):
+    """value converted to the annotated type `tp`, or ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(key, value, a)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _merge(obj, data: dict, prefix: str = "") -> None:
+    """Update dataclass `obj` in place from a nested mapping, type-checking every leaf."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        full = prefix + str(key)
+        if key not in names:
+            raise ConfigError(f"{full}: unknown setting; known: {', '.join(sorted(names))}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, full + ".")
+        else:
+            setattr(obj, key, _coerce(full, value, hints[key]))
+
+
+def _parse_scalar(text: str):
+    """A `--set` value: YAML scalar syntax (1, 0.5, true, null, [0.5, 2.0], {a: 1}, text)."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot parse value {text!r}: {e}") from None
+
+
+def apply_override(cfg: Config, assignment: str) -> None:
+    """`key.sub=value`, e.g. `optim.lr=0.02`, `distill.weights.kd=0.5`, `data.options.num_images=64`."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key=value")
+    key, text = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    value = _parse_scalar(text)
+    nested: typing.Any = value
+    for p in reversed(parts):
+        nested = {p: nested}
+    # dict-valued settings (distill.weights, data.options) take single entries: merge, don't replace
+    obj = cfg
+    for i, p in enumerate(parts[:-1]):
+        if dataclasses.is_dataclass(obj) and p in {f.name for f in dataclasses.fields(obj)}:
+            child = getattr(obj, p)
+            if isinstance(child, dict):
+                _set_in_dict(child, parts[i + 1:], value)
+                return
+            obj = child
+        else:
+            break
+    _merge(cfg, nested)
+
+
+def _set_in_dict(d: dict, parts: list[str], value) -> None:
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+    d[parts[-1]] = value
+
+
+def config_dir() -> str:
+    return str(resources.files("segkd_kernels.train") / "configs")
+
+
+def list_configs() -> list[str]:
+    return sorted(f[:-5] for f in os.listdir(config_dir()) if f.endswith(".yaml"))
+
+
+def resolve_config_path(name: str) -> str:
+    """A path, or the name of a shipped config (`cwd_voc_r18`, with or without `.yaml`)."""
+    if os.path.exists(name):
+        return name
+    stem = name[:-5] if name.endswith(".yaml") else name
+    path = os.path.join(config_dir(), stem + ".yaml")
+    if os.path.exists(path):
+        return path
+    raise ConfigError(f"--config {name!r}: no such file, and not a shipped config; shipped: "
+                      f"{', '.join(list_configs())}")
+
+
+def load_config(path: str | None = None, overrides: typing.Sequence[str] = (), **fields) -> Config:
+    """Defaults, then the YAML file, then `fields` (e.g. method=, iters= from the CLI), then `--set`s."""
+    import yaml
+
+    cfg = Config()
+    if path:
+        path = resolve_config_path(path)
+        with open(path) as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        base = data.pop("base", None)
+        if base:  # a config may extend another (shipped name or path relative to it)
+            rel = os.path.join(os.path.dirname(path), base)
+            cfg = load_config(rel if os.path.exists(rel) else base)
+        try:
+            _merge(cfg, data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    set_fields = {k: v for k, v in fields.items() if v is not None}
+    for k, v in set_fields.items():
+        if k == "dataset":
+            cfg.data.name = v
+        else:
+            _merge(cfg, {k: v})
+    for o in overrides:
+        apply_override(cfg, o)
+    return cfg
+
+
+def validate(cfg: Config, *, need_teacher_file: bool = True) -> None:
+    """Every check that needs no model and no training; raises ConfigError with what to fix."""
+    from .data import DATASETS, dataset_info
+    from .distill import methods
+    from .models import ARCHS, BACKBONES
+
+    def choice(key, value, choices):
+        if value not in choices:
+            raise ConfigError(f"{key}: unknown value {value!r}; choices: {', '.join(map(str, choices))}")
+
+    choice("method", cfg.method, ("none", *methods()))
+    choice("stage", cfg.stage, STAGES)
+    choice("precision", cfg.precision, PRECISIONS)
+    choice("optim.name", cfg.optim.name, OPTIMIZERS)
+    choice("data.eval_mode", cfg.data.eval_mode, EVAL_MODES)
+    choice("data.name", cfg.data.name, tuple(DATASETS))
+    choice("backend", cfg.backend, ("auto", "reference", "triton", "cuda"))
+    if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
+        raise ConfigError(f"device: expected auto, cpu or cuda[:N], got {cfg.device!r}")
+    for key, model in (("student", cfg.student), ("teacher", cfg.teacher)):
+        choice(f"{key}.arch", model.arch, ARCHS)
+        choice(f"{key}.backbone", model.backbone, BACKBONES)
+        choice(f"{key}.output_stride", model.output_stride, (8, 16))
+        if not model.width > 0:
+            raise ConfigError(f"{key}.width: expected a positive number, got {model.width}")
+        if model.backbone_weights and not os.path.isfile(model.backbone_weights):
+            raise ConfigError(f"{key}.backbone_weights: no such file {model.backbone_weights!r}")
+    positive = {"iters": cfg.iters, "data.batch_size": cfg.data.batch_size, "optim.lr": cfg.optim.lr,
+                "data.eval_batch_size": cfg.data.eval_batch_size, "log_every": cfg.log_every}
+    for key, v in positive.items():
+        if not v > 0:
+            raise ConfigError(f"{key}: expected a positive value, got {v}")
+    for key, v in {"eval_every": cfg.eval_every, "ckpt_every": cfg.ckpt_every, "aux_weight": cfg.aux_weight,
+                   "optim.weight_decay": cfg.optim.weight_decay, "optim.warmup_iters": cfg.optim.warmup_iters,
+                   "data.num_workers": cfg.data.num_workers}.items():
+        if v < 0:
+            raise ConfigError(f"{key}: expected a value >= 0, got {v}")
+    lo, hi = cfg.data.scale_range
+    if not 0 < lo <= hi:
+        raise ConfigError(f"data.scale_range: expected 0 < low <= high, got {cfg.data.scale_range}")
+    if cfg.data.crop_size is not None and cfg.data.crop_size < 1:
+        raise ConfigError(f"data.crop_size: expected a positive size, got {cfg.data.crop_size}")
+    # The dataset: class count and folder.
+    info = dataset_info(cfg.data.name)
+    if cfg.data.num_classes is not None and cfg.data.num_classes != info.num_classes:
+        raise ConfigError(f"data.num_classes: {cfg.data.name} has {info.num_classes} classes, "
+                          f"the config says {cfg.data.num_classes}")
+    if cfg.data.name != "synthetic":
+        if not cfg.data.root:
+            raise ConfigError(f"data.root: dataset {cfg.data.name!r} needs its folder (--set data.root=PATH)")
+        if not os.path.isdir(cfg.data.root):
+            raise ConfigError(f"data.root: dataset folder {cfg.data.root!r} does not exist")
+    elif cfg.data.root:
+        raise ConfigError("data.root: the synthetic dataset is generated in memory; leave data.root unset")
+    # The distiller: known method, its weights and options, a teacher to learn from.
+    if cfg.method != "none":
+        from .distill import get_method
+
+        cls = get_method(cfg.method)
+        bad = set(cfg.distill.weights) - set(cls.default_weights)
+        if bad:
+            raise ConfigError(f"distill.weights: unknown term(s) {sorted(bad)} for method {cfg.method!r}; "
+                              f"terms: {sorted(cls.default_weights)}")
+        bad = set(cfg.distill.options) - set(cls.default_options)
+        if bad:
+            raise ConfigError(f"distill.options: unknown option(s) {sorted(bad)} for method {cfg.method!r}; "
+                              f"options: {sorted(cls.default_options) or 'none'}")
+        if cfg.stage == "student" and need_teacher_file:
+            ck = cfg.teacher.checkpoint
+            if not ck:
+                lad_hint = " --method lad" if cfg.method == "lad" else ""
+                raise ConfigError(
+                    f"teacher.checkpoint: method {cfg.method!r} distils from a trained teacher; train one with "
+                    f"`segkd train --stage teacher --method {cfg.method} ...` and pass "
+                    f"--set teacher.checkpoint=OUT/last.pt")
+            if not os.path.isfile(ck):
+                raise ConfigError(f"teacher.checkpoint: no such file {ck!r}")
+    elif cfg.stage == "student" and cfg.teacher.checkpoint:
+        pass  # a teacher is only needed when distilling; an unused one is harmless
+    if cfg.precision == "fp16" and cfg.device == "cpu":
+        pass  # allowed (CPU autocast supports fp16 in recent torch); bf16 is the sensible CPU choice

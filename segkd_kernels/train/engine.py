@@ -1,0 +1,586 @@
+"""The training loop: one function, `train(cfg)`, for teachers, students and distilled students,
+on one process or under torchrun (DDP), plus `evaluate`.
+
+Reproducibility contract: the data order and every augmentation are functions of (seed, epoch, index)
+and the step number, and a checkpoint holds every other piece of state (weights, optimiser, schedule,
+grad scaler, RNG states, step), so `--resume` continues the interrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from . import checkpoint as ckpt
+from .config import Config, ConfigError, validate
+from .metrics import ConfusionMatrix, predict_slide, predict_whole, upsample_logits
+
+IGNORE = 255
+
+
+# ----------------------------------------------------------------------------------------- processes
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    created: bool = False  # this module initialised the process group (and destroys it)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_kind: str) -> DistEnv:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: NCCL on GPU, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistEnv()
+    if dist.is_initialized():
+        return DistEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    backend = "nccl" if device_kind == "cuda" else "gloo"
+    dist.init_process_group(backend)
+    return DistEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), created=True)
+
+
+def resolve_device(cfg: Config, env: DistEnv) -> torch.device:
+    name = cfg.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device: {cfg.device!r} asked for, but CUDA is not available")
+        if name == "cuda":
+            name = f"cuda:{env.local_rank}"
+        torch.cuda.set_device(torch.device(name))
+    return torch.device(name)
+
+
+# -------------------------------------------------------------------------------------------- data
+def _mix(*xs: int) -> int:
+    """A 63-bit seed from integers (splitmix64 steps), so nearby (seed, epoch, index) do not collide."""
+    h = 0x9E3779B97F4A7C15
+    for x in xs:
+        h = (h ^ (x & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+class SeededItems(torch.utils.data.Dataset):
+    """dataset[(epoch, i)]: item i with every global RNG seeded from (seed, epoch, i) for the call, so an
+    augmentation is the same on any process, in any worker, before and after a resume."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        s = _mix(self.seed, epoch, i)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s)
+            py, npy = random.getstate(), np.random.get_state()
+            random.seed(s)
+            np.random.seed(s % 2**32)
+            try:
+                return self.dataset[i]
+            finally:
+                random.setstate(py)
+                np.random.set_state(npy)
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """The batches of steps start..end-1: each epoch is a permutation drawn from (seed, epoch); a step's
+    global batch is `batch_size` consecutive indices of it, and rank r takes its r-th slice. The same
+    global batch therefore reaches the model whatever the number of processes."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, end: int, rank: int = 0, world: int = 1):
+        if n < batch_size:
+            raise ConfigError(f"data.batch_size: {batch_size} is larger than the training set ({n} images)")
+        self.n, self.batch, self.seed, self.start, self.end = n, batch_size, seed, start, end
+        self.rank, self.world = rank, world
+        self.per_epoch = n // batch_size  # the incomplete last batch is dropped
+        self.local = batch_size // world
+
+    def __len__(self):
+        return self.end - self.start
+
+    def __iter__(self):
+        perm, perm_epoch = None, -1
+        for step in range(self.start, self.end):
+            epoch, pos = divmod(step, self.per_epoch)
+            if epoch != perm_epoch:
+                g = torch.Generator().manual_seed(_mix(self.seed, epoch, 7))
+                perm, perm_epoch = torch.randperm(self.n, generator=g).tolist(), epoch
+            lo = pos * self.batch + self.rank * self.local
+            yield [(epoch, i) for i in perm[lo:lo + self.local]]
+
+
+def build_datasets(cfg: Config):
+    from .data import build_dataset
+
+    opts = dict(cfg.data.options)
+    split_opts = {s: opts.pop(s, {}) or {} for s in ("train", "val")}
+    common = dict(root=cfg.data.root, seed=cfg.data.seed)
+    train_set = build_dataset(cfg.data.name, cfg.data.train_split, train=True, crop_size=cfg.data.crop_size,
+                              scale_range=tuple(cfg.data.scale_range), flip=cfg.data.flip,
+                              **common, **opts, **split_opts["train"])
+    val_set = build_dataset(cfg.data.name, cfg.data.val_split, train=False, **common, **opts, **split_opts["val"])
+    return train_set, val_set
+
+
+def _collate(items):
+    images = torch.stack([it[0] for it in items])
+    labels = torch.stack([it[1] for it in items])
+    return images, labels
+
+
+# ------------------------------------------------------------------------------------------ models
+MODEL_KEYS = ("arch", "backbone", "width", "output_stride", "aux")
+
+
+def model_spec(mcfg, num_classes: int, in_channels: int = 3) -> dict:
+    spec = {k: getattr(mcfg, k) for k in MODEL_KEYS}
+    spec.update(num_classes=num_classes, in_channels=in_channels)
+    return spec
+
+
+def build_from_spec(spec: dict, backbone_weights: str | None = None) -> nn.Module:
+    from .models import build_model
+
+    return build_model(spec["arch"], spec["backbone"], spec["num_classes"], output_stride=spec["output_stride"],
+                       width=spec["width"], in_channels=spec["in_channels"], aux=spec["aux"],
+                       backbone_weights=backbone_weights)
+
+
+def load_model(path: str, device="cpu") -> tuple[nn.Module, dict]:
+    """A model saved by `train` (any stage), in eval mode, and its checkpoint's metadata."""
+    state = ckpt.load_checkpoint(path)
+    model = build_from_spec(state["model_spec"])
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), state
+
+
+class Objective(nn.Module):
+    """Student (or teacher being trained) + distiller: forward returns the named loss terms. DDP wraps
+    this module, so the distiller's adapters are synchronised like the model."""
+
+    def __init__(self, model: nn.Module, distiller: nn.Module | None, cfg: Config, num_classes: int):
+        super().__init__()
+        self.model, self.distiller = model, distiller
+        self.aux_weight, self.num_classes = cfg.aux_weight, num_classes
+        self.lad_teacher = cfg.stage == "teacher" and cfg.method == "lad"
+        self.lad_options = dict(cfg.distill.options)
+        self.backend = cfg.backend
+
+    def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(upsample_logits(logits, labels.shape[-2:]).float(), labels, ignore_index=IGNORE)
+
+    def forward(self, images, labels, teacher_out=None):
+        if self.lad_teacher:
+            from .distill.lad import LAD
+
+            o = {**LAD.default_options, **self.lad_options}
+            return LAD.teacher_losses(self.model, images, labels, self.num_classes, self.task_loss, tau=o["tau"],
+                                      cwd_weight=o["teacher_cwd"], aux_weight=o["teacher_aux"],
+                                      backend=self.backend)
+        out = self.model(images)
+        losses = {"ce": self.task_loss(out["logits"], labels)}
+        if "aux" in out and self.aux_weight > 0:
+            losses["aux"] = self.aux_weight * self.task_loss(out["aux"], labels)
+        if self.distiller is not None:
+            losses.update(self.distiller(out, teacher_out, labels))
+        return losses
+
+
+def _train_mode(objective: nn.Module, bn_eval: bool) -> None:
+    """Training mode; with bn_eval, BatchNorm layers normalise with their running statistics and leave
+    them unchanged, which makes every sample's gradient independent of the rest of the batch."""
+    objective.train()
+    if bn_eval:
+        for m in objective.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def poly_lambda(iters: int, power: float, warmup: int):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, 1 - step / iters) ** power
+
+    return f
+
+
+def build_optimizer(cfg: Config, objective: Objective):
+    backbone = getattr(objective.model, "backbone", None)
+    bb_ids = {id(p) for p in backbone.parameters()} if backbone is not None else set()
+    params = [p for p in objective.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if id(p) in bb_ids], "lr": cfg.optim.lr},
+              {"params": [p for p in params if id(p) not in bb_ids], "lr": cfg.optim.lr * cfg.optim.head_lr_mult}]
+    groups = [g for g in groups if g["params"]]
+    o = cfg.optim
+    if o.name == "sgd":
+        opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    else:
+        opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lambda(cfg.iters, o.power, o.warmup_iters))
+    return opt, sched
+
+
+# ------------------------------------------------------------------------------------------ output
+class Progress:
+    """A one-line progress bar on stderr (a plain log line every `every` steps when not a terminal)."""
+
+    def __init__(self, total: int, start: int, every: int, enabled: bool, stream=None):
+        self.total, self.start, self.every, self.enabled = total, start, every, enabled
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.t0 = time.perf_counter()
+
+    def update(self, step: int, losses: dict, lr: float, images_per_step: int) -> None:
+        if not self.enabled or (not self.tty and step % self.every and step != self.total):
+            return
+        done = step - self.start
+        dt = time.perf_counter() - self.t0
+        rate = done / dt if dt > 0 else 0.0
+        eta = (self.total - step) / rate if rate > 0 else 0.0
+        terms = " ".join(f"{k} {v:.4f}" for k, v in losses.items())
+        width = 20
+        filled = int(width * step / self.total)
+        line = (f"[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} {terms} lr {lr:.2e} "
+                f"{rate:.2f} it/s {rate * images_per_step:.1f} img/s ETA {int(eta) // 60:02d}:{int(eta) % 60:02d}")
+        if self.tty:
+            self.stream.write("\r" + line[:200].ljust(120))
+            if step == self.total:
+                self.stream.write("\n")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self):
+        if self.enabled and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+class Logger:
+    """JSON lines in OUT/log.jsonl, plus TensorBoard scalars when tensorboard is installed (rank 0)."""
+
+    def __init__(self, out: str, enabled: bool):
+        self.enabled = enabled
+        self.file = self.tb = None
+        if not enabled:
+            return
+        os.makedirs(out, exist_ok=True)
+        self.file = open(os.path.join(out, "log.jsonl"), "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(out, "tb"))
+        except Exception:  # tensorboard not installed: JSON lines only
+            self.tb = None
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            step = record.get("step", 0)
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, step)
+
+    def close(self):
+        if self.file:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class StopFlag:
+    """SIGINT/SIGTERM ask the loop to stop after the current step (it then saves a checkpoint)."""
+
+    def __init__(self):
+        self.signum = 0
+        self.previous = {}
+
+    def __enter__(self):
+        if hasattr(signal, "pthread_sigmask") and __import__("threading").current_thread() is __import__("threading").main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+        return False
+
+
+# -------------------------------------------------------------------------------------------- eval
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, cfg: Config, device, env: DistEnv | None = None,
+             input_fn=None, max_images: int | None = None) -> dict:
+    """mIoU, per-class IoU and pixel accuracy of `model` on `dataset` (whole or sliding-window).
+    Under DDP each rank takes every world-th image and the confusion matrices are summed."""
+    env = env or DistEnv()
+    was_training = model.training
+    model.eval()
+    cm = ConfusionMatrix(dataset.num_classes, getattr(dataset, "ignore_index", IGNORE), device=device)
+    n = len(dataset) if max_images is None else min(len(dataset), max_images)
+    idx = list(range(env.rank, n, env.world))
+    bs = cfg.data.eval_batch_size
+    amp = _autocast(cfg, device)
+    for lo in range(0, len(idx), bs):
+        images, labels = _collate([dataset[i] for i in idx[lo:lo + bs]])
+        images, labels = images.to(device), labels.to(device)
+        x = input_fn(images, labels) if input_fn else images
+        with amp():
+            if cfg.data.eval_mode == "slide":
+                window = cfg.data.eval_crop or cfg.data.crop_size or min(x.shape[-2:])
+                stride = cfg.data.eval_stride or max(1, (2 * window) // 3)
+                logits = predict_slide(model, x, window, stride, dataset.num_classes)
+            else:
+                logits = predict_whole(model, x)
+        cm.update(logits.argmax(1), labels)
+    cm.all_reduce()
+    model.train(was_training)
+    return cm.compute(getattr(dataset, "class_names", None))
+
+
+def _autocast(cfg: Config, device):
+    if cfg.precision == "fp32":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------- train
+def train(cfg: Config, *, resume: bool | str = False, callback=None, quiet: bool = False) -> dict:
+    """Run (or continue) one experiment; returns {"status", "step", "metrics", "out", ...}.
+
+    resume: True continues from OUT/last.pt (or prev.pt), a path continues from that file.
+    callback(step, losses) is called after every step (tests use it to interrupt a run).
+    """
+    validate(cfg)
+    device_kind = "cuda" if (cfg.device == "auto" and torch.cuda.is_available()) or cfg.device.startswith("cuda") else "cpu"
+    env = setup_distributed(device_kind)
+    try:
+        return _train(cfg, env, resume, callback, quiet)
+    finally:
+        if env.created:
+            dist.destroy_process_group()
+
+
+def _train(cfg: Config, env: DistEnv, resume, callback, quiet) -> dict:
+    device = resolve_device(cfg, env)
+    if cfg.sync_bn and env.world > 1 and device.type != "cuda":
+        raise ConfigError("sync_bn: SyncBatchNorm runs on GPUs only; on CPU use bn_eval=true or sync_bn=false")
+    if cfg.data.batch_size % env.world:
+        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} does not split over {env.world} processes")
+    state = None
+    if resume:
+        path = resume if isinstance(resume, str) else ckpt.find_resume(cfg.out)
+        if path is None:
+            raise ckpt.CheckpointError(f"--resume: no checkpoint in {cfg.out!r} (looked for last.pt, prev.pt)")
+        try:
+            state = ckpt.load_checkpoint(path)
+        except ckpt.CheckpointError as e:
+            raise ckpt.CheckpointError(str(e) + ckpt.describe_fallback(cfg.out, path)) from None
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+
+    train_set, val_set = build_datasets(cfg)
+    num_classes = train_set.num_classes
+    if cfg.data.num_classes is not None and cfg.data.num_classes != num_classes:
+        raise ConfigError(f"data.num_classes: the dataset has {num_classes} classes, the config says "
+                          f"{cfg.data.num_classes}")
+
+    # Teacher (frozen, eval mode) and distiller.
+    teacher = distiller = None
+    distilling = cfg.stage == "student" and cfg.method != "none"
+    if distilling:
+        from .distill import build_distiller, get_method
+
+        teacher, tstate = load_model(cfg.teacher.checkpoint, device)
+        tspec = tstate["model_spec"]
+        need_in = get_method(cfg.method).teacher_in_channels
+        if tspec["in_channels"] != need_in:
+            raise ConfigError(f"teacher.checkpoint: method {cfg.method!r} needs a teacher with {need_in} input "
+                              f"channels, {cfg.teacher.checkpoint!r} has {tspec['in_channels']}"
+                              + (" (train it with --stage teacher --method lad)" if cfg.method == "lad" else ""))
+        if tspec["num_classes"] != num_classes:
+            raise ConfigError(f"teacher.checkpoint: the teacher predicts {tspec['num_classes']} classes, "
+                              f"the dataset has {num_classes}")
+        teacher.requires_grad_(False)
+    if cfg.stage == "teacher":
+        mcfg = cfg.teacher
+        in_ch = 4 if cfg.method == "lad" else 3
+    else:
+        mcfg, in_ch = cfg.student, 3
+    spec = model_spec(mcfg, num_classes, in_ch)
+    # Seeded right here: identical initial weights on every rank, and the same student whatever the
+    # method (the teacher built above does not shift the stream).
+    torch.manual_seed(cfg.seed)
+    model = build_from_spec(spec, mcfg.backbone_weights)
+    if cfg.stage == "student" and mcfg.checkpoint:  # teacher.checkpoint is the teacher to distil from
+        init = ckpt.load_checkpoint(mcfg.checkpoint)
+        model.load_state_dict(init["model"])
+    if distilling:
+        from .distill import build_distiller
+
+        distiller = build_distiller(cfg.method, model.feature_channels, teacher.feature_channels, num_classes,
+                                    weights=cfg.distill.weights, options=cfg.distill.options, backend=cfg.backend)
+    objective = Objective(model, distiller, cfg, num_classes)
+    if cfg.sync_bn and env.world > 1:
+        objective = nn.SyncBatchNorm.convert_sync_batchnorm(objective)
+    objective.to(device)
+    _train_mode(objective, cfg.bn_eval)
+    torch.manual_seed(_mix(cfg.seed, env.rank, 1))  # per-rank streams for noise drawn during training
+
+    opt, sched = build_optimizer(cfg, objective)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    start = 0
+    if state is not None:
+        objective.model.load_state_dict(state["model"])
+        if distiller is not None:
+            distiller.load_state_dict(state["distiller"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start = state["step"]
+        rng = state["rng"][env.rank] if env.rank < len(state["rng"]) else state["rng"][0]
+        ckpt.set_rng_state(rng)
+    wrapped = objective
+    if env.world > 1:
+        wrapped = nn.parallel.DistributedDataParallel(
+            objective, device_ids=[device.index] if device.type == "cuda" else None)
+
+    sampler = StepBatches(len(train_set), cfg.data.batch_size, cfg.seed, start, cfg.iters, env.rank, env.world)
+    loader = torch.utils.data.DataLoader(
+        SeededItems(train_set, cfg.seed), batch_sampler=sampler, num_workers=cfg.data.num_workers,
+        collate_fn=_collate, pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0),
+        persistent_workers=False)
+    amp = _autocast(cfg, device)
+    logger = Logger(cfg.out, env.main)
+    if env.main:
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=1)
+    progress = Progress(cfg.iters, start, cfg.log_every, env.main and cfg.progress and not quiet)
+    teacher_in = distiller.teacher_input if distiller is not None else None
+
+    def save(step: int) -> str | None:
+        # every rank's RNG state is gathered so each rank resumes its own stream
+        rngs = [ckpt.rng_state()]
+        if env.world > 1:
+            rngs = [None] * env.world
+            dist.all_gather_object(rngs, ckpt.rng_state())
+        if not env.main:
+            return None
+        return ckpt.save_checkpoint({
+            "step": step, "model": objective.model.state_dict(),
+            "distiller": distiller.state_dict() if distiller is not None else None,
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+            "rng": rngs, "model_spec": spec, "config": cfg.to_dict(), "world": env.world,
+        }, os.path.join(cfg.out, ckpt.LAST))
+
+    def run_eval(step: int) -> dict:
+        in_fn = None
+        if cfg.stage == "teacher" and cfg.method == "lad":
+            from .distill.lad import label_channel
+
+            in_fn = lambda im, lab: torch.cat([im, label_channel(lab, num_classes, train=False).to(im.dtype)], 1)  # noqa: E731
+        m = evaluate(objective.model, val_set, cfg, device, env, in_fn)
+        _train_mode(objective, cfg.bn_eval)
+        logger.log({"kind": "eval", "step": step, "miou": m["miou"], "pixel_acc": m["pixel_acc"],
+                    "per_class_iou": m["per_class_iou"]})
+        return m
+
+    status, step, t_start, metrics = "done", start, time.perf_counter(), None
+    step_times, history = [], []
+    with StopFlag() as stop:
+        t0 = time.perf_counter()
+        for images, labels in loader:
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            with amp():
+                t_out = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_out = teacher(teacher_in(images, labels))
+                losses = wrapped(images, labels, t_out)
+                loss = sum(losses.values())
+            scaler.scale(loss).backward()
+            if cfg.optim.grad_clip:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.optim.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            step += 1
+            step_times.append(time.perf_counter() - t0)  # data loading included
+            t0 = time.perf_counter()
+            values = {k: v.detach().float().item() for k, v in losses.items()}
+            values = {"loss": sum(values.values()), **values}
+            history.append(values)
+            if not all(math.isfinite(v) for v in values.values()) and cfg.precision != "fp16":
+                raise FloatingPointError(f"step {step}: non-finite loss {values}")
+            lr = sched.get_last_lr()[0]
+            if step % cfg.log_every == 0 or step == cfg.iters:
+                logger.log({"kind": "train", "step": step, "lr": lr, **values,
+                            "sec_per_iter": sum(step_times[-cfg.log_every:]) / len(step_times[-cfg.log_every:])})
+            progress.update(step, values, lr, cfg.data.batch_size)
+            if callback is not None:
+                callback(step, values)
+            stop_now = stop.signum
+            if env.world > 1:  # every rank stops at the same step
+                flag = torch.tensor([stop_now], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stop_now = int(flag.item())
+            if stop_now:
+                save(step)
+                status = "interrupted"
+                break
+            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.iters:
+                save(step)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.iters:
+                run_eval(step)
+    progress.close()
+    result = {"status": status, "step": step, "out": cfg.out, "signal": stop.signum,
+              "train_seconds": time.perf_counter() - t_start,
+              "sec_per_iter": (sum(step_times) / len(step_times)) if step_times else float("nan"),
+              "history": history}
+    if status == "done":
+        save(step)
+        metrics = run_eval(step)
+        result["metrics"] = metrics
+        if env.main:
+            with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
+                json.dump({k: v for k, v in result.items() if k != "history"}, f, indent=1)
+    result["checkpoint"] = os.path.join(cfg.out, ckpt.LAST)
+    logger.close()
+    return result
