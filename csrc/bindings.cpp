@@ -101,10 +101,10 @@ PYBIND11_MODULE(_cuda, m) {
       py::arg("x"), py::arg("norm_x"), py::arg("y"), py::arg("norm_y"), py::arg("gram"), py::arg("batch"), py::arg("cx"), py::arg("cy"), py::arg("plane"), py::arg("eps"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def(
       "cross_image_forward",
-      [](std::uintptr_t a, std::uintptr_t b, std::uintptr_t row_kl, std::uintptr_t lse, int64_t batch, int64_t cs, int64_t ct, int64_t plane, double tau, int device, std::uintptr_t stream) { segkd::cross_image_forward(a, b, row_kl, lse, batch, cs, ct, plane, tau, device, stream); },
-      py::arg("a"), py::arg("b"), py::arg("row_kl"), py::arg("lse"), py::arg("batch"), py::arg("cs"), py::arg("ct"), py::arg("plane"), py::arg("tau"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+      [](std::uintptr_t xs, std::uintptr_t xt, std::uintptr_t inv_s, std::uintptr_t inv_t, std::uintptr_t row_kl, std::uintptr_t lse, int64_t batch, int64_t cs, int64_t ct, int64_t plane, double tau, int dtype, int device, std::uintptr_t stream) { segkd::cross_image_forward(xs, xt, inv_s, inv_t, row_kl, lse, batch, cs, ct, plane, tau, static_cast<DType>(dtype), device, stream); },
+      py::arg("xs"), py::arg("xt"), py::arg("inv_s"), py::arg("inv_t"), py::arg("row_kl"), py::arg("lse"), py::arg("batch"), py::arg("cs"), py::arg("ct"), py::arg("plane"), py::arg("tau"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def(
       "cross_image_backward",
-      [](std::uintptr_t a, std::uintptr_t b, std::uintptr_t lse, std::uintptr_t grad_loss, std::uintptr_t da, int64_t batch, int64_t cs, int64_t ct, int64_t plane, double tau, int device, std::uintptr_t stream) { segkd::cross_image_backward(a, b, lse, grad_loss, da, batch, cs, ct, plane, tau, device, stream); },
-      py::arg("a"), py::arg("b"), py::arg("lse"), py::arg("grad_loss"), py::arg("da"), py::arg("batch"), py::arg("cs"), py::arg("ct"), py::arg("plane"), py::arg("tau"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+      [](std::uintptr_t xs, std::uintptr_t xt, std::uintptr_t inv_s, std::uintptr_t inv_t, std::uintptr_t lse, std::uintptr_t grad_loss, std::uintptr_t da, int64_t batch, int64_t cs, int64_t ct, int64_t plane, double tau, int dtype, int device, std::uintptr_t stream) { segkd::cross_image_backward(xs, xt, inv_s, inv_t, lse, grad_loss, da, batch, cs, ct, plane, tau, static_cast<DType>(dtype), device, stream); },
+      py::arg("xs"), py::arg("xt"), py::arg("inv_s"), py::arg("inv_t"), py::arg("lse"), py::arg("grad_loss"), py::arg("da"), py::arg("batch"), py::arg("cs"), py::arg("ct"), py::arg("plane"), py::arg("tau"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
 }

@@ -92,14 +92,16 @@ void normalized_gram(std::uintptr_t x, std::uintptr_t norm_x, std::uintptr_t y, 
                      std::uintptr_t gram, int64_t batch, int64_t cx, int64_t cy, int64_t plane, double eps,
                      DType dtype, int device, std::uintptr_t stream);
 
-// cross_image_kd (csrc/cross_image_kd.cu): a (batch, cs, plane), b (batch, ct, plane) normalised fp32.
+// cross_image_kd (csrc/cross_image_kd.cu): raw features xs (batch, cs, plane), xt (batch, ct, plane)
+// in one dtype, inverse clamped pixel norms inv_s, inv_t (fp32, batch x plane).
 // row_kl (fp32, batch x batch x plane), lse (fp32, 2 x batch x batch x plane: student, teacher).
-void cross_image_forward(std::uintptr_t a, std::uintptr_t b, std::uintptr_t row_kl, std::uintptr_t lse, int64_t batch,
-                         int64_t cs, int64_t ct, int64_t plane, double tau, int device, std::uintptr_t stream);
-// da (fp32, like a, zero-filled by the caller) += d loss / d a for loss = sum row_kl / (batch^2 plane)
-// times grad_loss[0] (one fp32 on the device).
-void cross_image_backward(std::uintptr_t a, std::uintptr_t b, std::uintptr_t lse, std::uintptr_t grad_loss,
-                          std::uintptr_t da, int64_t batch, int64_t cs, int64_t ct, int64_t plane, double tau,
-                          int device, std::uintptr_t stream);
+void cross_image_forward(std::uintptr_t xs, std::uintptr_t xt, std::uintptr_t inv_s, std::uintptr_t inv_t,
+                         std::uintptr_t row_kl, std::uintptr_t lse, int64_t batch, int64_t cs, int64_t ct,
+                         int64_t plane, double tau, DType dtype, int device, std::uintptr_t stream);
+// da (fp32, batch x cs x plane, zero-filled by the caller) += d loss / d (x_s * inv_s) for
+// loss = sum row_kl / (batch^2 plane) times grad_loss[0] (one fp32 on the device).
+void cross_image_backward(std::uintptr_t xs, std::uintptr_t xt, std::uintptr_t inv_s, std::uintptr_t inv_t,
+                          std::uintptr_t lse, std::uintptr_t grad_loss, std::uintptr_t da, int64_t batch, int64_t cs,
+                          int64_t ct, int64_t plane, double tau, DType dtype, int device, std::uintptr_t stream);
 
 }  // namespace segkd
