@@ -44,6 +44,26 @@ PAD_CODES = {"reflect": 0, "zeros": 1, "valid": 2}
 # Tests set small blocks so that tiny maps span several tiles in each direction.
 TILE_OVERRIDE: tuple[int, int] | None = None
 
+# Precision of the banded vertical product. "ieee" is exact fp32 FMA (the safe default, 4x the taps'
+# work); "tf32x3" (three TF32 tensor-core products, ~2^-22 relative error) is the candidate to
+# measure on a GPU: the forward is FP32-compute-bound at KD shapes. Plain "tf32" is too coarse.
+DOT_PRECISION = "ieee"
+
+_TAPS: dict = {}
+
+
+def _taps(window: int, sigma: float, device) -> torch.Tensor:
+    """fp32 taps, made once per (window, sigma, device): no tiny kernels on every call."""
+    key = (window, sigma, str(device))
+    if key not in _TAPS:
+        _TAPS[key] = gaussian_taps(window, sigma, torch.float32, "cpu").to(device)
+    return _TAPS[key]
+
+
+def _num_warps(br: int, bc: int) -> int:
+    # five (BR x BC) fp32 accumulators and five product results live at once
+    return 8 if br * bc >= 2048 else 4
+
 
 def _tiles(window: int, rows: int, cols: int) -> tuple[int, int]:
     """Block rows BR (the tile computes BR - window + 1 output rows) and block columns BC.
@@ -109,7 +129,7 @@ def _minmax_kernel(s_ptr, t_ptr, scales_ptr, n_planes, plane_size, range_eps, BL
 def _ssim_fwd_kernel(s_ptr, t_ptr, taps_ptr, scales_ptr, loss_part_ptr, partials_ptr,
                      H, W, HO, WO, n_planes, n_tile_cols, tiles_per_plane, c1, c2, map_eps,
                      K: tl.constexpr, PAD: tl.constexpr, NORMALIZE: tl.constexpr, STORE: tl.constexpr,
-                     BR: tl.constexpr, BC: tl.constexpr):
+                     BR: tl.constexpr, BC: tl.constexpr, DOT_PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     plane = (pid // tiles_per_plane).to(tl.int64)
     tile = pid % tiles_per_plane
@@ -164,11 +184,11 @@ def _ssim_fwd_kernel(s_ptr, t_ptr, taps_ptr, scales_ptr, loss_part_ptr, partials
         h_xy += gx * y
 
     band = _tap_matrix(taps_ptr, K, BR)
-    mu_x = tl.dot(band, h_x, input_precision="ieee")
-    mu_y = tl.dot(band, h_y, input_precision="ieee")
-    e_xx = tl.dot(band, h_xx, input_precision="ieee")
-    e_yy = tl.dot(band, h_yy, input_precision="ieee")
-    e_xy = tl.dot(band, h_xy, input_precision="ieee")
+    mu_x = tl.dot(band, h_x, input_precision=DOT_PRECISION)
+    mu_y = tl.dot(band, h_y, input_precision=DOT_PRECISION)
+    e_xx = tl.dot(band, h_xx, input_precision=DOT_PRECISION)
+    e_yy = tl.dot(band, h_yy, input_precision=DOT_PRECISION)
+    e_xy = tl.dot(band, h_xy, input_precision=DOT_PRECISION)
 
     var_x = e_xx - mu_x * mu_x
     var_y = e_yy - mu_y * mu_y
@@ -215,7 +235,7 @@ def _ssim_fwd_kernel(s_ptr, t_ptr, taps_ptr, scales_ptr, loss_part_ptr, partials
 def _ssim_bwd_kernel(partials_ptr, s_ptr, t_ptr, taps_ptr, scales_ptr, gscale_ptr, out_ptr,
                      H, W, HO, WO, HB, WB, n_planes, n_tile_cols, tiles_per_plane,
                      K: tl.constexpr, PAD: tl.constexpr, NORMALIZE: tl.constexpr,
-                     BR: tl.constexpr, BC: tl.constexpr):
+                     BR: tl.constexpr, BC: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Adjoint filter of the three partial maps, combined with x and y.
 
     Output grid: the input map (zeros, valid; writes d loss / d s) or the padded map (reflect;
@@ -252,9 +272,9 @@ def _ssim_bwd_kernel(partials_ptr, s_ptr, t_ptr, taps_ptr, scales_ptr, gscale_pt
         h_xy += g * tl.load(partials_ptr + 2 * stride + offs, mask=ok, other=0.0)
 
     band = _tap_matrix(taps_ptr, K, BR)
-    z_mu = tl.dot(band, h_mu, input_precision="ieee")
-    z_xx = tl.dot(band, h_xx, input_precision="ieee")
-    z_xy = tl.dot(band, h_xy, input_precision="ieee")
+    z_mu = tl.dot(band, h_mu, input_precision=DOT_PRECISION)
+    z_xx = tl.dot(band, h_xx, input_precision=DOT_PRECISION)
+    z_xy = tl.dot(band, h_xy, input_precision=DOT_PRECISION)
 
     r_idx = tl.arange(0, BR)
     e_rows = e0 + r_idx
@@ -333,7 +353,10 @@ def _out_size(h: int, w: int, window: int, padding: str) -> tuple[int, int]:
 def _scales(s: torch.Tensor, t: torch.Tensor, normalize: bool) -> torch.Tensor:
     n, c, h, w = s.shape
     scales = torch.empty(4, n * c, dtype=torch.float32, device=s.device)
-    if normalize:
+    if not normalize:  # identity: min 0, scale 1 (the kernels skip them; the saved tensor stays defined)
+        scales[0::2] = 0.0
+        scales[1::2] = 1.0
+    else:
         block = min(triton.next_power_of_2(h * w), 1024)
         _minmax_kernel[(n * c,)](s, t, scales, n * c, h * w, RANGE_EPS, BLOCK=block)
     return scales
@@ -350,7 +373,7 @@ def ssim_kd_triton(student: torch.Tensor, teacher: torch.Tensor, window_size: in
     n, c, h, w = s.shape
     ho, wo = _out_size(h, w, window_size, padding)
     scales = _scales(s, t, normalize)
-    taps = gaussian_taps(window_size, sigma, torch.float32, s.device)
+    taps = _taps(window_size, sigma, s.device)
     br, bc = _tiles(window_size, ho, wo)
     th = br - window_size + 1
     n_tile_cols = triton.cdiv(wo, bc)
@@ -363,7 +386,8 @@ def ssim_kd_triton(student: torch.Tensor, teacher: torch.Tensor, window_size: in
     _ssim_fwd_kernel[(n * c * tiles,)](
         s, t, taps, scales, loss_parts, partials, h, w, ho, wo, n * c, n_tile_cols, tiles,
         (0.01 * data_range) ** 2, (0.03 * data_range) ** 2, MAP_EPS,
-        K=window_size, PAD=PAD_CODES[padding], NORMALIZE=normalize, STORE=need_partials, BR=br, BC=bc)
+        K=window_size, PAD=PAD_CODES[padding], NORMALIZE=normalize, STORE=need_partials, BR=br, BC=bc,
+        DOT_PRECISION=DOT_PRECISION, num_warps=_num_warps(br, bc))
     loss = (loss_parts.sum() / (n * c * ho * wo)).to(student.dtype)
     return loss, partials, scales
 
@@ -378,7 +402,7 @@ def ssim_kd_backward_triton(grad_loss: torch.Tensor, student: torch.Tensor, teac
     n, c, h, w = s.shape
     ho, wo = _out_size(h, w, window_size, padding)
     r = window_size // 2
-    taps = gaussian_taps(window_size, sigma, torch.float32, s.device)
+    taps = _taps(window_size, sigma, s.device)
     # d loss / d map carries 1 / (N C H' W') and the incoming gradient; a device scalar, no sync
     gscale = (grad_loss.to(torch.float32) / (n * c * ho * wo)).reshape(1)
     grad = torch.empty(n, c, h, w, dtype=student.dtype, device=s.device)
@@ -390,7 +414,8 @@ def ssim_kd_backward_triton(grad_loss: torch.Tensor, student: torch.Tensor, teac
     tiles = triton.cdiv(hb, th) * n_tile_cols
     _ssim_bwd_kernel[(n * c * tiles,)](
         partials, s, t, taps, scales, gscale, out, h, w, ho, wo, hb, wb, n * c, n_tile_cols, tiles,
-        K=window_size, PAD=PAD_CODES[padding], NORMALIZE=normalize, BR=br, BC=bc)
+        K=window_size, PAD=PAD_CODES[padding], NORMALIZE=normalize, BR=br, BC=bc,
+        DOT_PRECISION=DOT_PRECISION, num_warps=_num_warps(br, bc))
     if padding == "reflect":
         block = min(triton.next_power_of_2(h * w), 1024)
         blocks = triton.cdiv(h * w, block)
