@@ -30,11 +30,12 @@ _MAX_BLOCK_K = 32
 _LOOP_BLOCK_K = 16
 _TILE = 4096
 _NEG = -3.0e38  # finite stand-in for -inf in masked class lanes: never inf - inf = NaN
+_TINY = 1.1754943508222875e-38  # smallest normal fp32 (exact in fp64 too): the mean-gap clamp
 
 
 @triton.jit
-def _pixel_kd_kernel(s_ptr, t_ptr, ign_ptr, w_ptr, coef_ptr, ds_ptr, kl_ptr, part_ptr, K, P,
-                     s_sn, s_sk, s_sp, t_sn, t_sk, t_sp, inv_tau_hi, inv_tau_lo,
+def _pixel_kd_kernel(s_ptr, t_ptr, ign_ptr, w_ptr, n_ign_ptr, mean_gap_ptr, ds_ptr, kl_ptr, part_ptr, K, P,
+                     total, s_sn, s_sk, s_sp, t_sn, t_sk, t_sp, inv_tau_hi, inv_tau_lo, tau_hi, tau_lo,
                      BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, ONE_TILE: tl.constexpr,
                      HAS_MASK: tl.constexpr, HAS_WEIGHT: tl.constexpr, GAP_WEIGHT: tl.constexpr,
                      WRITE_GRAD: tl.constexpr, WRITE_KL: tl.constexpr, ACC: tl.constexpr, NEG: tl.constexpr):
@@ -110,11 +111,13 @@ def _pixel_kd_kernel(s_ptr, t_ptr, ign_ptr, w_ptr, coef_ptr, ds_ptr, kl_ptr, par
     tl.store(part_ptr + slot + 2, tl.sum(gap * kl, axis=0))
 
     if WRITE_GRAD:
-        # coef_ptr[0] = tau / max(1, #valid) (times grad_output in the backward); coef_ptr[1] = the
-        # clamped mean gap of pfs_pixel_kd
-        coef = tl.load(coef_ptr).to(ACC)
+        # coef_p = tau * w_p / max(1, #valid), 0 at ignored pixels; w_p = gap_p / mean gap for pfs
+        count = tl.cast(total, ACC)
+        if HAS_MASK:
+            count = count - tl.load(n_ign_ptr).to(ACC)
+        coef = (tl.cast(tau_hi, ACC) + tl.cast(tau_lo, ACC)) / tl.maximum(count, 1.0)
         if GAP_WEIGHT:
-            coef = coef * (gap / tl.load(coef_ptr + 1).to(ACC))
+            coef = coef * (gap / tl.load(mean_gap_ptr))
         elif HAS_WEIGHT:
             coef = coef * w
         coef = tl.where(valid, coef, 0.0)
@@ -136,6 +139,37 @@ def _pixel_kd_kernel(s_ptr, t_ptr, ign_ptr, w_ptr, coef_ptr, ds_ptr, kl_ptr, par
                 ds = coef[None, :] * (p_s - p_t)
                 sm = kin[:, None] & inside[None, :]
                 tl.store(ds_base + kk[:, None].to(tl.int64) * P, ds.to(ds_ptr.dtype.element_ty), mask=sm)
+
+
+@triton.jit
+def _pixel_kd_finalize_kernel(part_ptr, programs, n_ign_ptr, total, tau_sq_hi, tau_sq_lo, loss_ptr, mean_gap_ptr,
+                              HAS_MASK: tl.constexpr, GAP_WEIGHT: tl.constexpr, BLOCK: tl.constexpr,
+                              ACC: tl.constexpr, TINY: tl.constexpr):
+    """One program: the partial sums to the loss (and the mean gap of pfs_pixel_kd), so the scalar
+    epilogue is one launch instead of a chain of small torch ops."""
+    lanes = tl.arange(0, BLOCK)
+    sum_wkl = tl.zeros([BLOCK], ACC)
+    sum_gap = tl.zeros([BLOCK], ACC)
+    sum_gap_kl = tl.zeros([BLOCK], ACC)
+    for start in range(0, programs, BLOCK):
+        rows = (start + lanes).to(tl.int64)
+        inside = rows < programs
+        sum_wkl += tl.load(part_ptr + rows * 3, mask=inside, other=0.0)
+        sum_gap += tl.load(part_ptr + rows * 3 + 1, mask=inside, other=0.0)
+        sum_gap_kl += tl.load(part_ptr + rows * 3 + 2, mask=inside, other=0.0)
+    count = tl.cast(total, ACC)
+    if HAS_MASK:
+        count = count - tl.load(n_ign_ptr).to(ACC)
+    count = tl.maximum(count, 1.0)
+    tau_sq = tl.cast(tau_sq_hi, ACC) + tl.cast(tau_sq_lo, ACC)
+    if GAP_WEIGHT:
+        # the reference clamps the mean gap at the smallest normal number: all gaps 0 -> weights 0
+        mean_gap = tl.maximum(tl.sum(sum_gap, axis=0) / count, TINY)
+        tl.store(mean_gap_ptr, mean_gap)
+        loss = tl.sum(sum_gap_kl, axis=0) / mean_gap / count * tau_sq
+    else:
+        loss = tl.sum(sum_wkl, axis=0) / count * tau_sq
+    tl.store(loss_ptr, loss.to(loss_ptr.dtype.element_ty))
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -173,8 +207,9 @@ def _blocks(k: int, p: int) -> tuple[int, int, bool, int]:
     return block_k, block_p, one_tile, warps
 
 
-def _launch(s, t, ignore_mask, weight, coef, tau, *, gap_weight=False, write_grad=False, write_kl=False):
-    """Runs the kernel; returns (partials (programs, 3) in the compute dtype, ds or None, kl or None)."""
+def _launch(s, t, ignore_mask, weight, n_ignored, mean_gap, tau, *, gap_weight=False, write_grad=False,
+            write_kl=False):
+    """Runs the main kernel; returns (partials (programs, 3) in the compute dtype, ds or None, kl or None)."""
     n, k, h, w = s.shape
     p = h * w
     acc_dtype = _acc(s.dtype)
@@ -185,25 +220,38 @@ def _launch(s, t, ignore_mask, weight, coef, tau, *, gap_weight=False, write_gra
     partials = torch.empty(n * grid[0], 3, dtype=acc_dtype, device=s.device)
     ds = torch.empty((n, k, h, w), dtype=s.dtype, device=s.device) if write_grad else None
     kl = torch.empty((n, h, w), dtype=s.dtype, device=s.device) if write_kl else None
-    # unused pointers get any valid tensor: their loads and stores are compiled out
+    # unused pointers get any non-empty tensor: their loads and stores are compiled out
     ign = ignore_mask.contiguous().view(torch.uint8) if ignore_mask is not None else partials
     wt = weight.contiguous() if weight is not None else partials
+
+    def _or(x):
+        return x if x is not None else partials
+
     _pixel_kd_kernel[grid](
-        s, t, ign, wt, coef if coef is not None else partials, ds if ds is not None else partials,
-        kl if kl is not None else partials, partials, k, p, *s_strides, *t_strides, *_split(1.0 / tau),
-        BLOCK_K=block_k, BLOCK_P=block_p, ONE_TILE=one_tile, HAS_MASK=ignore_mask is not None,
-        HAS_WEIGHT=weight is not None, GAP_WEIGHT=gap_weight, WRITE_GRAD=write_grad, WRITE_KL=write_kl,
-        ACC=_tl(acc_dtype), NEG=_NEG, num_warps=warps)
+        s, t, ign, wt, _or(n_ignored), _or(mean_gap), _or(ds), _or(kl), partials, k, p, n * p, *s_strides,
+        *t_strides, *_split(1.0 / tau), *_split(tau), BLOCK_K=block_k, BLOCK_P=block_p, ONE_TILE=one_tile,
+        HAS_MASK=ignore_mask is not None, HAS_WEIGHT=weight is not None, GAP_WEIGHT=gap_weight,
+        WRITE_GRAD=write_grad, WRITE_KL=write_kl, ACC=_tl(acc_dtype), NEG=_NEG, num_warps=warps)
     return partials, ds, kl
 
 
-def _valid_count(s: torch.Tensor, ignore_mask: torch.Tensor | None) -> torch.Tensor:
-    """max(1, #valid pixels) as a 0-dim tensor in the compute dtype (on the device: no sync)."""
-    acc_dtype = _acc(s.dtype)
-    if ignore_mask is None:
-        n, _, h, w = s.shape
-        return torch.full((), float(n * h * w), dtype=acc_dtype, device=s.device)
-    return (ignore_mask.numel() - ignore_mask.sum()).clamp_min(1).to(acc_dtype)
+def _finalize(student, partials, n_ignored, tau, *, gap_weight=False):
+    """(loss in the student's dtype, mean gap (1,) in the compute dtype or None)."""
+    n, _, h, w = student.shape
+    loss = torch.empty((), dtype=student.dtype, device=student.device)
+    mean_gap = torch.empty(1, dtype=partials.dtype, device=student.device) if gap_weight else None
+    programs = partials.shape[0]
+    _pixel_kd_finalize_kernel[(1,)](
+        partials, programs, n_ignored if n_ignored is not None else partials, n * h * w, *_split(tau * tau),
+        loss, mean_gap if mean_gap is not None else partials, HAS_MASK=n_ignored is not None,
+        GAP_WEIGHT=gap_weight, BLOCK=min(1024, max(16, triton.next_power_of_2(programs))),
+        ACC=_tl(partials.dtype), TINY=_TINY, num_warps=4)
+    return loss, mean_gap
+
+
+def _n_ignored(ignore_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Number of ignored pixels, on the device (int64, 0-dim): the kernels read it, nothing syncs."""
+    return None if ignore_mask is None else ignore_mask.sum()
 
 
 def _empty_grad(s: torch.Tensor) -> torch.Tensor:
@@ -215,10 +263,9 @@ def pixel_kd_triton(student: torch.Tensor, teacher: torch.Tensor, tau: float, we
                     ignore_mask: torch.Tensor | None, needs_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, ds): loss 0-dim in the student's dtype; ds = d loss / d student (grad_output 1) when
     needs_grad, else an empty tensor."""
-    count = _valid_count(student, ignore_mask)
-    coef = (tau / count).reshape(1)
-    partials, ds, _ = _launch(student, teacher, ignore_mask, weight, coef, tau, write_grad=needs_grad)
-    loss = (partials[:, 0].sum() / count * (tau * tau)).to(student.dtype)
+    n_ignored = _n_ignored(ignore_mask)
+    partials, ds, _ = _launch(student, teacher, ignore_mask, weight, n_ignored, None, tau, write_grad=needs_grad)
+    loss, _ = _finalize(student, partials, n_ignored, tau)
     return loss, ds if ds is not None else _empty_grad(student)
 
 
@@ -226,23 +273,20 @@ def pixel_kd_triton(student: torch.Tensor, teacher: torch.Tensor, tau: float, we
 def pfs_pixel_kd_triton(student: torch.Tensor, teacher: torch.Tensor, tau: float, ignore_mask: torch.Tensor | None,
                         needs_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, ds) of the gap-weighted pixel KD: pass 1 reduces, pass 2 (needs_grad) writes ds."""
-    count = _valid_count(student, ignore_mask)
-    partials, _, _ = _launch(student, teacher, ignore_mask, None, None, tau)
-    totals = partials.sum(dim=0)
-    # mean gap clamped as in the reference: all gaps 0 (or every pixel ignored) -> weights 0
-    mean_gap = (totals[1] / count).clamp_min(torch.finfo(count.dtype).tiny)
-    loss = (totals[2] / mean_gap / count * (tau * tau)).to(student.dtype)
+    n_ignored = _n_ignored(ignore_mask)
+    partials, _, _ = _launch(student, teacher, ignore_mask, None, n_ignored, None, tau)
+    loss, mean_gap = _finalize(student, partials, n_ignored, tau, gap_weight=True)
     if not needs_grad:
         return loss, _empty_grad(student)
-    coef = torch.stack([tau / count, mean_gap])
-    _, ds, _ = _launch(student, teacher, ignore_mask, None, coef, tau, gap_weight=True, write_grad=True)
+    _, ds, _ = _launch(student, teacher, ignore_mask, None, n_ignored, mean_gap, tau, gap_weight=True,
+                       write_grad=True)
     return loss, ds
 
 
 @torch.library.custom_op("segkd::knowledge_gap_triton", mutates_args=())
 def knowledge_gap_triton(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
     """(N, H, W) per-pixel KL(teacher || student) in the student's dtype."""
-    _, _, kl = _launch(student, teacher, None, None, None, tau, write_kl=True)
+    _, _, kl = _launch(student, teacher, None, None, None, None, tau, write_kl=True)
     return kl
 
 
