@@ -368,6 +368,10 @@ def ssim_kd_triton(student: torch.Tensor, teacher: torch.Tensor, window_size: in
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss in the student's dtype, partial-derivative maps (3, N*C, H', W') fp32 or an empty
     tensor, per-plane rescaling (4, N*C) fp32: min and 1 / range of student, then teacher)."""
+    from .api import _check_fits  # (api imports this module)
+
+    # the kernels read reflected indices once: a map smaller than the window would read garbage
+    _check_fits(window_size, padding, student.shape)
     s = student.contiguous()
     t = teacher.contiguous()
     n, c, h, w = s.shape
