@@ -388,7 +388,9 @@ def ssim_kd_triton(student: torch.Tensor, teacher: torch.Tensor, window_size: in
     else:
         partials = torch.empty(0, dtype=torch.float32, device=s.device)
     _ssim_fwd_kernel[(n * c * tiles,)](
-        s, t, taps, scales, loss_parts, partials, h, w, ho, wo, n * c, n_tile_cols, tiles,
+        # without partials the kernel never writes them; it still gets a valid (non-null) pointer
+        s, t, taps, scales, loss_parts, partials if need_partials else loss_parts,
+        h, w, ho, wo, n * c, n_tile_cols, tiles,
         (0.01 * data_range) ** 2, (0.03 * data_range) ** 2, MAP_EPS,
         K=window_size, PAD=PAD_CODES[padding], NORMALIZE=normalize, STORE=need_partials, BR=br, BC=bc,
         DOT_PRECISION=DOT_PRECISION, num_warps=_num_warps(br, bc))
