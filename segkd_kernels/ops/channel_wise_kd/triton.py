@@ -33,10 +33,10 @@ _NEG = -3.0e38
 
 
 @triton.jit
-def _cwd_fwd_kernel(s_ptr, t_ptr, ds_ptr, stats_ptr, C, P, chunk, splits, rows,
+def _cwd_fwd_kernel(s_ptr, t_ptr, ds_ptr, stats_ptr, kl_ptr, C, P, chunk, splits, rows,
                     s_sn, s_sc, s_sp, t_sn, t_sc, t_sp, inv_tau_hi, inv_tau_lo, grad_scale_hi, grad_scale_lo,
-                    BLOCK: tl.constexpr, ONE_TILE: tl.constexpr, WRITE_GRAD: tl.constexpr,
-                    ACC: tl.constexpr, NEG: tl.constexpr):
+                    kl_scale_hi, kl_scale_lo, BLOCK: tl.constexpr, ONE_TILE: tl.constexpr,
+                    WRITE_GRAD: tl.constexpr, ACC: tl.constexpr, NEG: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
     n = row // C
@@ -90,13 +90,25 @@ def _cwd_fwd_kernel(s_ptr, t_ptr, ds_ptr, stats_ptr, C, P, chunk, splits, rows,
             m_t = new_m_t
     # (max, sum) pairs, not m + log(l): with logits of 1e4, m + log(l) in fp32 would round log(l)
     # to 1e-3 and every probability with it
-    slot = row * splits + split
-    plane = rows * splits
-    tl.store(stats_ptr + slot, m_s)
-    tl.store(stats_ptr + plane + slot, l_s)
-    tl.store(stats_ptr + 2 * plane + slot, m_t)
-    tl.store(stats_ptr + 3 * plane + slot, l_t)
-    tl.store(stats_ptr + 4 * plane + slot, acc / l_t)
+    if ONE_TILE:
+        # the row is complete: its final statistics (max, log sum-exp of s, then t) and its KL
+        # times tau^2 / (N*C), so that the loss is one sum
+        log_l_s = tl.log(l_s)
+        log_l_t = tl.log(l_t)
+        tl.store(stats_ptr + row, m_s)
+        tl.store(stats_ptr + rows + row, log_l_s)
+        tl.store(stats_ptr + 2 * rows + row, m_t)
+        tl.store(stats_ptr + 3 * rows + row, log_l_t)
+        kl = acc / l_t + (m_s - m_t) + (log_l_s - log_l_t)
+        tl.store(kl_ptr + row, kl * (tl.cast(kl_scale_hi, ACC) + tl.cast(kl_scale_lo, ACC)))
+    else:
+        slot = row * splits + split
+        plane = rows * splits
+        tl.store(stats_ptr + slot, m_s)
+        tl.store(stats_ptr + plane + slot, l_s)
+        tl.store(stats_ptr + 2 * plane + slot, m_t)
+        tl.store(stats_ptr + 3 * plane + slot, l_t)
+        tl.store(stats_ptr + 4 * plane + slot, acc / l_t)
 
 
 @triton.jit
@@ -182,21 +194,27 @@ def channel_wise_kd_triton(student: torch.Tensor, teacher: torch.Tensor, tau: fl
     else:
         block, warps = _BLOCK, 8
         chunk, splits = _plan(rows, p)
-    stats = torch.empty(5, rows, splits, dtype=acc_dtype, device=student.device)
-    _cwd_fwd_kernel[(rows, splits)](
-        s, t, ds, stats, c, p, chunk, splits, rows, *s_strides, *t_strides, *_split(1.0 / tau),
-        *_split(tau / rows), BLOCK=block, ONE_TILE=one_tile, WRITE_GRAD=fused, ACC=_tl(acc_dtype), NEG=_NEG,
-        num_warps=warps)
-    m_s_part, l_s_part, m_t_part, l_t_part, a_part = stats.unbind(0)
-    if splits == 1:
-        m_s, l_s, m_t, l_t, a = m_s_part[:, 0], l_s_part[:, 0], m_t_part[:, 0], l_t_part[:, 0], a_part[:, 0]
+    if one_tile:
+        stats = torch.empty(4, rows, dtype=acc_dtype, device=student.device)
+        kl = torch.empty(rows, dtype=acc_dtype, device=student.device)
     else:
-        m_s = m_s_part.amax(dim=1)
-        l_s = (l_s_part * torch.exp(m_s_part - m_s[:, None])).sum(dim=1)
-        m_t = m_t_part.amax(dim=1)
-        l_t_rescaled = l_t_part * torch.exp(m_t_part - m_t[:, None])
-        l_t = l_t_rescaled.sum(dim=1)
-        a = (l_t_rescaled * a_part).sum(dim=1) / l_t
+        stats = torch.empty(5, rows, splits, dtype=acc_dtype, device=student.device)
+        kl = stats  # not written
+    _cwd_fwd_kernel[(rows, splits)](
+        # without WRITE_GRAD the ds pointer is never used: any non-empty tensor stands in
+        s, t, ds if fused else stats, stats, kl, c, p, chunk, splits, rows, *s_strides, *t_strides,
+        *_split(1.0 / tau), *_split(tau / rows), *_split(tau * tau / rows), BLOCK=block, ONE_TILE=one_tile,
+        WRITE_GRAD=fused, ACC=_tl(acc_dtype), NEG=_NEG, num_warps=warps)
+    if one_tile:
+        return kl.sum().to(student.dtype), ds, stats
+    # combine the splits of every row: (max, sum-exp) pairs rescaled to the row max
+    m_s_part, l_s_part, m_t_part, l_t_part, a_part = stats.unbind(0)
+    m_s = m_s_part.amax(dim=1)
+    l_s = (l_s_part * torch.exp(m_s_part - m_s[:, None])).sum(dim=1)
+    m_t = m_t_part.amax(dim=1)
+    l_t_rescaled = l_t_part * torch.exp(m_t_part - m_t[:, None])
+    l_t = l_t_rescaled.sum(dim=1)
+    a = (l_t_rescaled * a_part).sum(dim=1) / l_t
     log_l_s, log_l_t = torch.log(l_s), torch.log(l_t)
     # KL = sum p_t (t - s)/tau - lse_t + lse_s, the two lse differenced by parts (max, then log-sum)
     kl = a + (m_s - m_t) + (log_l_s - log_l_t)
