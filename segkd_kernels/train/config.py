@@ -38,15 +38,15 @@ class DataConfig:
     num_classes: int | None = None        # checked against the dataset when given
     train_split: str = "train"
     val_split: str = "val"
-    crop_size: int | None = None          # None: the dataset's default crop
+    crop_size: int | tuple[int, int] | None = None  # (H, W) or one size; None: the dataset's default
     scale_range: tuple[float, float] = (0.5, 2.0)
     flip: bool = True
     batch_size: int = 8                   # total over all processes
     num_workers: int = 0
     eval_batch_size: int = 1
     eval_mode: str = "whole"              # whole-image or sliding-window inference
-    eval_crop: int | None = None          # sliding window size (default: crop_size)
-    eval_stride: int | None = None        # sliding window stride (default: 2/3 of the window)
+    eval_crop: int | tuple[int, int] | None = None    # sliding window (H, W) (default: crop_size)
+    eval_stride: int | tuple[int, int] | None = None  # sliding window stride (default: 2/3 of the window)
     options: dict = field(default_factory=dict)  # dataset-specific (synthetic: num_images, image_size, ...)
 
 
@@ -209,7 +209,8 @@ def config_dir() -> str:
 
 
 def list_configs() -> list[str]:
-    return sorted(f[:-5] for f in os.listdir(config_dir()) if f.endswith(".yaml"))
+    """Shipped recipes (files starting with `_` are the shared bases they extend)."""
+    return sorted(f[:-5] for f in os.listdir(config_dir()) if f.endswith(".yaml") and not f.startswith("_"))
 
 
 def resolve_config_path(name: str) -> str:
@@ -295,8 +296,10 @@ def validate(cfg: Config, *, need_teacher_file: bool = True) -> None:
     lo, hi = cfg.data.scale_range
     if not 0 < lo <= hi:
         raise ConfigError(f"data.scale_range: expected 0 < low <= high, got {cfg.data.scale_range}")
-    if cfg.data.crop_size is not None and cfg.data.crop_size < 1:
-        raise ConfigError(f"data.crop_size: expected a positive size, got {cfg.data.crop_size}")
+    for key in ("crop_size", "eval_crop", "eval_stride"):
+        v = getattr(cfg.data, key)
+        if v is not None and min(v if isinstance(v, tuple) else (v,)) < 1:
+            raise ConfigError(f"data.{key}: expected a positive size, got {v}")
     # The dataset: class count and folder.
     info = dataset_info(cfg.data.name)
     if cfg.data.num_classes is not None and cfg.data.num_classes != info.num_classes:

@@ -22,6 +22,9 @@ PRESETS = {
                  student_iters=600, lr=0.02),
     "quick": dict(image_size=48, train_images=1000, val_images=120, batch_size=8, teacher_iters=200,
                   student_iters=200, lr=0.02),
+    # seconds: for tests of the demo's plumbing, not for results
+    "smoke": dict(image_size=16, train_images=8, val_images=2, batch_size=4, teacher_iters=2, student_iters=2,
+                  lr=0.02),
 }
 TEACHER = dict(arch="deeplabv3plus", backbone="resnet50", width=0.25, output_stride=8)
 STUDENT = dict(arch="deeplabv3", backbone="resnet18", width=0.125, output_stride=8)
@@ -48,6 +51,8 @@ def demo_config(preset: str, *, stage: str, method: str, out: str, seed: int = 0
     cfg.optim.weight_decay = 1e-4
     cfg.student = ModelConfig(**STUDENT)
     cfg.teacher = ModelConfig(**TEACHER, checkpoint=teacher_checkpoint)
+    if preset == "smoke":
+        cfg.student.width = cfg.teacher.width = 0.0625
     for o in overrides:  # the caller's --set wins over the preset
         from .config import apply_override
 

@@ -16,6 +16,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -361,7 +362,8 @@ def evaluate(model: nn.Module, dataset, cfg: Config, device, env: DistEnv | None
         with amp():
             if cfg.data.eval_mode == "slide":
                 window = cfg.data.eval_crop or cfg.data.crop_size or min(x.shape[-2:])
-                stride = cfg.data.eval_stride or max(1, (2 * window) // 3)
+                window = (window, window) if isinstance(window, int) else tuple(window)
+                stride = cfg.data.eval_stride or tuple(max(1, (2 * w) // 3) for w in window)
                 logits = predict_slide(model, x, window, stride, dataset.num_classes)
             else:
                 logits = predict_whole(model, x)
@@ -540,11 +542,20 @@ def _train(cfg: Config, env: DistEnv, resume, callback, quiet) -> dict:
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
-            sched.step()
+            with warnings.catch_warnings():
+                # fp16: the grad scaler skips the optimiser step while it calibrates its scale; the
+                # schedule still follows the step count
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                sched.step()
             step += 1
             step_times.append(time.perf_counter() - t0)  # data loading included
             t0 = time.perf_counter()
-            values = {k: v.detach().float().item() for k, v in losses.items()}
+            detached = {k: v.detach().float() for k, v in losses.items()}
+            if env.world > 1:  # the logged losses are the means over every rank's share of the batch
+                stacked = torch.stack(list(detached.values()))
+                dist.all_reduce(stacked)
+                detached = dict(zip(detached, stacked / env.world))
+            values = {k: v.item() for k, v in detached.items()}
             values = {"loss": sum(values.values()), **values}
             history.append(values)
             if not all(math.isfinite(v) for v in values.values()) and cfg.precision != "fp16":

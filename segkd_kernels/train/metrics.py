@@ -58,27 +58,29 @@ def predict_whole(model, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_slide(model, x: torch.Tensor, window: int, stride: int, num_classes: int) -> torch.Tensor:
-    """Sliding-window inference: windows of `window` pixels every `stride`, the logits averaged where
-    windows overlap; images smaller than the window are padded (and the padding cropped off)."""
+def predict_slide(model, x: torch.Tensor, window, stride, num_classes: int) -> torch.Tensor:
+    """Sliding-window inference: windows of `window` (int or (h, w)) pixels every `stride`, the logits
+    averaged where windows overlap; inputs smaller than the window are padded (the padding cropped off)."""
+    wh, ww = (window, window) if isinstance(window, int) else tuple(window)
+    sh, sw = (stride, stride) if isinstance(stride, int) else tuple(stride)
     n, _, h, w = x.shape
     device = x.device
-    ph, pw = max(window - h, 0), max(window - w, 0)
+    ph, pw = max(wh - h, 0), max(ww - w, 0)
     if ph or pw:
         x = F.pad(x, (0, pw, 0, ph))
     H, W = x.shape[-2:]
     out = torch.zeros(n, num_classes, H, W, device=device)
     count = torch.zeros(1, 1, H, W, device=device)
-    ys = list(range(0, max(H - window, 0) + 1, stride))
-    xs = list(range(0, max(W - window, 0) + 1, stride))
-    if ys[-1] + window < H:
-        ys.append(H - window)
-    if xs[-1] + window < W:
-        xs.append(W - window)
-    for y0 in ys:
-        for x0 in xs:
-            crop = x[..., y0:y0 + window, x0:x0 + window]
-            logits = upsample_logits(model(crop)["logits"].float(), crop.shape[-2:])
-            out[..., y0:y0 + window, x0:x0 + window] += logits
-            count[..., y0:y0 + window, x0:x0 + window] += 1
+
+    def starts(size, win, step):
+        s = list(range(0, size - win + 1, step))
+        if s[-1] + win < size:
+            s.append(size - win)
+        return s
+
+    for y0 in starts(H, wh, sh):
+        for x0 in starts(W, ww, sw):
+            crop = x[..., y0:y0 + wh, x0:x0 + ww]
+            out[..., y0:y0 + wh, x0:x0 + ww] += upsample_logits(model(crop)["logits"].float(), crop.shape[-2:])
+            count[..., y0:y0 + wh, x0:x0 + ww] += 1
     return (out / count)[..., :h, :w]
