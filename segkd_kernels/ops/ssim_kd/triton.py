@@ -14,7 +14,8 @@ Forward (_ssim_fwd_kernel), per program:
      TF32 would leave E[x^2] - mu^2 with a 1e-3 relative error).
   3. the SSIM map, clamp and the tile's partial sum of the loss; the map is never written. When
      the student needs a gradient, the three per-pixel partial derivatives of the clamped loss
-     term with respect to mu_x, E[x^2] and E[xy] are written (fp32, output-map sized).
+     term with respect to mu_x, E[x^2] and E[xy] are written (fp32, output-map sized: 12 bytes
+     per output pixel kept from the forward to the backward, instead of a second forward).
 The per-program partial sums are then added by torch (deterministic, no atomics).
 
 Backward: the filter G is linear, so d loss / d x = G^T P_mu + 2 x G^T P_xx + y G^T P_xy, with
@@ -44,8 +45,8 @@ PAD_CODES = {"reflect": 0, "zeros": 1, "valid": 2}
 # Tests set small blocks so that tiny maps span several tiles in each direction.
 TILE_OVERRIDE: tuple[int, int] | None = None
 
-# Precision of the banded vertical product. "ieee" is exact fp32 FMA (the safe default, 4x the taps'
-# work); "tf32x3" (three TF32 tensor-core products, ~2^-22 relative error) is the candidate to
+# Precision of the banded vertical product. "ieee" is plain fp32 FMA (the safe default, ~4x the
+# taps' work); "tf32x3" (three TF32 tensor-core products, ~2^-22 relative error) is the candidate to
 # measure on a GPU: the forward is FP32-compute-bound at KD shapes. Plain "tf32" is too coarse.
 DOT_PRECISION = "ieee"
 
