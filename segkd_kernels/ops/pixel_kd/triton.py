@@ -12,11 +12,12 @@ Ignored pixels are masked out of the loads (never multiplied by 0), so whatever 
 KL, weight and gradient are exactly 0. Per-program partial sums (deterministic, no atomics) give
     sum_p m_p w_p KL_p,   sum_p m_p gap_p,   sum_p m_p gap_p KL_p      (gap = max(KL, 0)).
 
-pixel_kd: one pass (the valid count comes from the mask, a small torch reduction, passed by
-pointer so nothing synchronises). pfs_pixel_kd: the weights need the global mean gap, so pass 1
-only reduces, and pass 2 (only when the student needs a gradient) recomputes KL_p and writes ds with
-w_p = gap_p / mean gap: two reads of the logits, no per-pixel copy of them. Accumulation is fp32
-(fp64 for fp64 inputs).
+pixel_kd: one pass (the valid count comes from the mask, a small torch reduction, read by pointer
+so nothing synchronises), then one single-program launch turns the partial sums into the loss.
+pfs_pixel_kd: the weights need the global mean gap, so pass 1 only reduces, the finalize launch
+computes the loss and the mean gap, and pass 2 (only when the student needs a gradient) recomputes
+KL_p and writes ds with w_p = gap_p / mean gap: two reads of the logits, no per-pixel copy of them.
+The backward only scales ds by grad_output. Accumulation is fp32 (fp64 for fp64 inputs).
 """
 
 from __future__ import annotations
@@ -309,22 +310,29 @@ def _(student, teacher, tau):
 def _setup_context(ctx, inputs, output):
     _loss, ds = output
     ctx.mark_non_differentiable(ds)
-    ctx.inputs = inputs[2:]  # tau and the non-tensor / detached arguments after the logits
-    # ds is empty when the op was called with needs_grad=False: keep the inputs to recompute it
+    ctx.num_inputs = len(inputs)
     ctx.fused = ds.numel() > 0
-    ctx.save_for_backward(*((ds,) if ctx.fused else inputs[:2]))
+    if ctx.fused:
+        ctx.save_for_backward(ds)
+        return
+    # called with needs_grad=False: keep the inputs (tensors, or None, saved as such) to recompute ds
+    ctx.tensor_slots = [i for i, x in enumerate(inputs) if x is None or isinstance(x, torch.Tensor)]
+    ctx.other_inputs = {i: x for i, x in enumerate(inputs) if i not in ctx.tensor_slots}
+    ctx.save_for_backward(*(inputs[i] for i in ctx.tensor_slots))
 
 
 def _make_backward(op):
     def backward(ctx, grad_loss, _grad_ds):
-        nones = (None,) * (2 + len(ctx.inputs))
+        nones = (None,) * ctx.num_inputs
         if grad_loss is None:
             return nones
         if ctx.fused:
             (ds,) = ctx.saved_tensors
         else:
-            student, teacher = ctx.saved_tensors
-            _, ds = op(student, teacher, *ctx.inputs[:-1], True)
+            args = dict(ctx.other_inputs)
+            args.update(zip(ctx.tensor_slots, ctx.saved_tensors))
+            args[ctx.num_inputs - 1] = True  # needs_grad, the last argument
+            _, ds = op(*(args[i] for i in range(ctx.num_inputs)))
         return (ds * grad_loss.to(ds.dtype),) + nones[1:]
 
     return backward
