@@ -1,17 +1,19 @@
 """channel_wise_kd in Triton (LOSSES.md 1): softmax over the P = H*W positions of every (n, c) row.
 
-Forward: one program per (row, split). A split streams its part of the row in blocks with online
-log-sum-exps of s/tau and t/tau and a rescaled accumulator of exp(t/tau - m_t) (t - s)/tau, and
-saves five numbers: the running max and sum-exp of s/tau and of t/tau, and a = sum p_t (t - s)/tau
-over its part. Torch combines the splits (rows x splits numbers) into per-row (max, log sum-exp)
-pairs and KL_row = sum_j (weight of split j under p_t) a_j - lse_t + lse_s.
+Per row, KL = sum p_t (t - s)/tau - lse_t + lse_s, with the log-sum-exps kept by parts (max, then
+log of the sum of exp(x - max)): with logits of 1e4, max + log(sum) rounded to fp32 would lose the
+log(sum) to 1e-3 and every probability with it.
 
-- Row fits in one block (P <= _MAX_TILE): the whole row sits in registers, one split, and when the
-  student needs a gradient the forward writes it too (Liger-style): s and t are read once, ds
-  written once; the backward only scales ds by grad_output.
-- Longer rows: several splits per row so that there are enough programs for the GPU even when
-  N*C is small (8 x 19 rows of 10^6 positions); the backward recomputes the softmaxes from the saved
-  row log-sum-exps, one program per (row, block), and writes ds scaled by grad_output.
+- Row fits in one block (P <= _MAX_TILE): one program per row holds it in registers and writes the
+  row's statistics and its KL times tau^2 / (N*C) (the loss is one sum), and, when the student
+  needs a gradient, ds as well (Liger-style): s and t are read once, ds written once; the backward
+  only scales ds by grad_output.
+- Longer rows: one program per (row, split), several splits per row so that there are enough
+  programs for the GPU even when N*C is small (8 x 19 rows of 10^6 positions). A split streams its
+  part in blocks with online max / sum-exp of s/tau and t/tau and a rescaled accumulator of
+  exp(t/tau - m_t) (t - s)/tau, and saves five numbers; torch combines the splits (rows x splits
+  numbers) into the row statistics and KL. The backward recomputes the softmaxes from the saved row
+  statistics, one program per (row, block), and writes ds scaled by grad_output.
 
 Accumulation is fp32 (fp64 for fp64 inputs). Inputs are read through their strides when the H, W
 axes flatten to one (contiguous NCHW: stride 1; channels_last: stride C), so neither layout is copied.
