@@ -164,7 +164,11 @@ def _add_compare(p) -> None:
     p.add_argument("--methods", default="kd,cwd,skd,pfs,cirkd,ssim,attnfd,lad",
                    help="comma-separated methods (default: all)")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--iters", type=int, help="iterations per run (default: the demo budget)")
+    p.add_argument("--iters", type=int, help="iterations per student run (default: the demo budget; teachers "
+                                              "always train for the demo budget)")
+    p.add_argument("--seed-start", type=int, default=0,
+                   help="run only seeds from this one on (split the seeds over processes; earlier seeds' finished "
+                        "runs are collected into the tables)")
     p.add_argument("--quick", action="store_true", help="the quick demo budget")
     p.add_argument("--out", default="runs/compare", help="output folder for runs and the result tables")
     p.add_argument("--device", default="auto")
@@ -177,7 +181,8 @@ def _compare(args) -> int:
 
     try:
         return run_compare(methods=[m for m in args.methods.split(",") if m], seeds=args.seeds, iters=args.iters,
-                           quick=args.quick, out=args.out, device=args.device, overrides=args.overrides)
+                           quick=args.quick, out=args.out, device=args.device, overrides=args.overrides,
+                           seed_start=args.seed_start)
     except _trainer_errors() as e:
         print(f"segkd compare: error: {e}", file=sys.stderr)
         return 2

@@ -38,7 +38,12 @@ def _std(xs: list[float]) -> float:
 
 
 def run_compare(*, methods: list[str], seeds: int = 3, iters: int | None = None, quick: bool = False,
-                out: str = "runs/compare", device: str = "auto", overrides=(), stream=None) -> int:
+                out: str = "runs/compare", device: str = "auto", overrides=(), stream=None,
+                seed_start: int = 0) -> int:
+    """Teachers at the preset's budget (the fixed models every student learns from), then for each seed
+    in range(seed_start, seeds) the student alone and each method (`iters` iterations when given).
+    The tables cover every finished seed below `seeds`, so several processes can each run a share of
+    the seeds (`seed_start`) and a last call with the full count collects them."""
     from .config import ConfigError
     from .distill import methods as known
 
@@ -58,11 +63,21 @@ def run_compare(*, methods: list[str], seeds: int = 3, iters: int | None = None,
     teachers = {}
     for kind in (["none"] + (["lad"] if "lad" in methods else [])):
         cfg = demo_config(preset, stage="teacher", method=kind, out=os.path.join(out, f"teacher_{kind}"),
-                          device=device, iters=iters, overrides=overrides)
+                          device=device, overrides=overrides)
         log(f"teacher ({'label-assisted' if kind == 'lad' else 'plain'})")
         teachers[kind] = _run(cfg, log)
     rows = []
     for seed in range(seeds):
+        if seed < seed_start:  # another process's share: collect it if it has finished
+            for method in ["none", *methods]:
+                done = os.path.join(out, f"{method}_seed{seed}", "metrics.json")
+                if os.path.exists(done):
+                    with open(done) as f:
+                        r = json.load(f)
+                    rows.append({"method": method, "seed": seed, "miou": r["metrics"]["miou"],
+                                 "pixel_acc": r["metrics"]["pixel_acc"], "sec_per_iter": r["sec_per_iter"],
+                                 "iters": r["step"]})
+            continue
         for method in ["none", *methods]:
             tck = teachers["lad" if method == "lad" else "none"]["checkpoint"]
             cfg = demo_config(preset, stage="student", method=method, out=os.path.join(out, f"{method}_seed{seed}"),

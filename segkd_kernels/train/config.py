@@ -77,6 +77,7 @@ class Config:
     iters: int = 1000
     precision: str = "fp32"
     device: str = "auto"
+    threads: int = 0                      # torch intra-op CPU threads (0: torch's default)
     backend: str = "auto"                 # segkd_kernels backend for every loss
     sync_bn: bool = False                 # SyncBatchNorm across processes (GPU only)
     bn_eval: bool = False                 # BatchNorm uses (and keeps) its running statistics

@@ -399,6 +399,8 @@ def train(cfg: Config, *, resume: bool | str = False, callback=None, quiet: bool
 
 def _train(cfg: Config, env: DistEnv, resume, callback, quiet) -> dict:
     device = resolve_device(cfg, env)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     if cfg.sync_bn and env.world > 1 and device.type != "cuda":
         raise ConfigError("sync_bn: SyncBatchNorm runs on GPUs only; on CPU use bn_eval=true or sync_bn=false")
     if cfg.data.batch_size % env.world:
@@ -545,7 +547,7 @@ def _train(cfg: Config, env: DistEnv, resume, callback, quiet) -> dict:
             with warnings.catch_warnings():
                 # fp16: the grad scaler skips the optimiser step while it calibrates its scale; the
                 # schedule still follows the step count
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
                 sched.step()
             step += 1
             step_times.append(time.perf_counter() - t0)  # data loading included
