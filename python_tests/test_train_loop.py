@@ -271,3 +271,20 @@ def test_cli_train_eval_and_demo_smoke(tmp_path, capsys):
         assert row in text
     w, h, _ = read_png(str(tmp_path / "demo" / "predictions.png"))
     assert w > h > 0
+
+
+def test_compare_smoke_tables(tmp_path):
+    import csv
+
+    from segkd_kernels.train.compare import run_compare
+
+    out = tmp_path / "cmp"
+    assert run_compare(methods=["kd"], seeds=2, preset="smoke", out=str(out), overrides=["progress=false"]) == 0
+    rows = list(csv.DictReader(open(out / "compare.csv")))
+    assert [(r["method"], r["seed"]) for r in rows] == [("none", "0"), ("kd", "0"), ("none", "1"), ("kd", "1")]
+    summary = json.load(open(out / "compare.json"))["summary"]
+    kd = next(s for s in summary if s["method"] == "kd")
+    mious = [float(r["miou"]) for r in rows if r["method"] == "kd"]
+    assert kd["n"] == 2 and kd["miou_mean"] == pytest.approx(sum(mious) / 2)
+    table = open(out / "compare.md").read()
+    assert "| kd | 2 |" in table and "student alone" in table and "teacher" in table

@@ -39,7 +39,7 @@ def _std(xs: list[float]) -> float:
 
 def run_compare(*, methods: list[str], seeds: int = 3, iters: int | None = None, quick: bool = False,
                 out: str = "runs/compare", device: str = "auto", overrides=(), stream=None,
-                seed_start: int = 0) -> int:
+                seed_start: int = 0, preset: str | None = None) -> int:
     """Teachers at the preset's budget (the fixed models every student learns from), then for each seed
     in range(seed_start, seeds) the student alone and each method (`iters` iterations when given).
     The tables cover every finished seed below `seeds`, so several processes can each run a share of
@@ -57,7 +57,7 @@ def run_compare(*, methods: list[str], seeds: int = 3, iters: int | None = None,
         raise ConfigError(f"--methods: unknown method(s) {bad}; choices: {', '.join(known())}")
     if seeds < 1:
         raise ConfigError(f"--seeds: expected a positive count, got {seeds}")
-    preset = "quick" if quick else "full"
+    preset = preset or ("quick" if quick else "full")
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
     teachers = {}
