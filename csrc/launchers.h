@@ -29,8 +29,8 @@ void channel_wise_kd_forward(std::uintptr_t student, std::uintptr_t teacher, std
 
 // pixel_kd (csrc/pixel_kd.cu): logits (batch, classes, plane). Per pixel g: out[g] = w_g * KL_g (fp32,
 // 0 where ignore[g]); grad = coef[0] * w_g * (softmax(s / tau) - softmax(t / tau)) (0 where ignored).
-// ignore (bool), weight (fp32), out and grad may be 0 (absent); coef is one fp32 on the device.
-// w_g = 1, weight[g], or max(weight[g], 0) when clamp_weight.
+// ignore (bool), weight (fp32), out and grad may be 0 (absent); coef is fp32 on the device.
+// w_g = 1, weight[g], or max(weight[g], 0) / coef[1] when clamp_weight.
 void pixel_kd_forward(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t ignore, std::uintptr_t weight,
                       bool clamp_weight, std::uintptr_t coef, std::uintptr_t out, std::uintptr_t grad, int64_t batch,
                       int64_t classes, int64_t plane, double tau, DType dtype, int device, std::uintptr_t stream);

@@ -8,9 +8,10 @@
 //
 //   out[p]  = w_p * KL_p (0 where ignored)                      (if out is given)
 //   grad    = coef[0] * w_p * (softmax(s / tau) - softmax(t / tau)) (if grad is given)
-// w_p = 1 without weight, weight[p], or max(weight[p], 0) with clamp_weight (the gap weights of
-// PFS, whose `weight` is this kernel's own earlier KL output). coef lives on the device so the
-// caller never synchronises to compute 1 / #valid pixels.
+// w_p = 1 without weight, weight[p], or max(weight[p], 0) / coef[1] with clamp_weight (the gap
+// weights of PFS: `weight` is this kernel's own earlier KL output, coef[1] the clamped mean gap,
+// divided as in the reference so that an all-zero gap gives weights 0, never 0 * inf). coef lives
+// on the device so the caller never synchronises to compute 1 / #valid pixels.
 #include "common.cuh"
 
 namespace segkd {
@@ -36,7 +37,7 @@ pixel_kd_kernel(const T* __restrict__ s, const T* __restrict__ t, const uint8_t*
       continue;
     }
     float w = 1.f;
-    if (weight != nullptr) w = clamp_weight ? fmaxf(weight[g], 0.f) : weight[g];
+    if (weight != nullptr) w = clamp_weight ? fmaxf(weight[g], 0.f) / coef[1] : weight[g];
 
     OnlineLse ls, lt;
     float acc = 0.f;

@@ -76,11 +76,12 @@ def pfs_pixel_kd_cuda(student: torch.Tensor, teacher: torch.Tensor, tau: float, 
     _launch(lib, s, t, mask, None, False, None, kl, None, tau, args)  # pass 1: KL_p (0 where ignored)
     gap = kl.clamp_min(0)
     mean_gap = (gap.sum() / denom).clamp_min(torch.finfo(torch.float32).tiny)
-    loss = ((gap * kl).sum() / mean_gap * (tau * tau) / denom).to(student.dtype)
+    # w = gap / mean_gap as in the reference: all-zero gaps give w = 0 (and a zero gradient)
+    loss = ((kl * (gap / mean_gap)).sum() * (tau * tau) / denom).to(student.dtype)
     grad = s.new_empty(0)
     if need_grad:  # pass 2: gradient with the (detached) gap weights read back from kl
         grad = torch.empty_like(s)
-        coef = (tau / (denom * mean_gap)).reshape(1)
+        coef = torch.stack([tau / denom, mean_gap])  # kernel: coef[0] * max(kl, 0) / coef[1]
         _launch(lib, s, t, mask, kl, True, coef, None, grad, tau, args)
     return loss, grad
 
