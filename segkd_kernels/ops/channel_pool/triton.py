@@ -104,11 +104,17 @@ def _channel_pool_bwd_kernel(grad_ptr, x_ptr, gate_ptr, argmax_ptr, dx_ptr, dgat
 
 
 def _blocks(x: torch.Tensor, p: int) -> tuple[int, int]:
-    """(BLOCK_C, BLOCK_P): pixels wide when W is the contiguous axis, channels wide when C is."""
+    """(BLOCK_C, BLOCK_P): pixels wide when W is the contiguous axis, channels wide when C is.
+
+    Tiles hold ~1024 elements (8 per thread at 4 warps). Pixel blocks stay at 128 for NCHW so that
+    N * H*W / BLOCK_P programs fill a GPU even for small maps; the C loop runs in registers.
+    Not tuned on hardware yet (benchmarks/ decides)."""
     c = x.shape[1]
     if x.stride(1) == 1 and c > 1:  # channels_last: coalesce along C
-        return min(triton.next_power_of_2(c), 64), min(triton.next_power_of_2(p), 32)
-    return min(triton.next_power_of_2(c), 8), min(triton.next_power_of_2(p), 256)
+        block_c = min(triton.next_power_of_2(c), 64)
+        return block_c, min(triton.next_power_of_2(p), max(16, 1024 // block_c))
+    block_c = min(triton.next_power_of_2(c), 8)
+    return block_c, min(triton.next_power_of_2(p), max(128, 1024 // block_c))
 
 
 def _gate_strides(gate: torch.Tensor | None) -> tuple[int, int]:
