@@ -427,6 +427,21 @@ def test_triton_forward_computes_the_gradient_only_when_needed(triton_path, devi
     assert_close(g2, g)
 
 
+def test_triton_gradient_survives_retain_graph_and_in_place_grad_edits(triton_path, device):
+    """With grad_output == 1 the backward may hand out the gradient saved by the forward: a second
+    backward through the retained graph must still see it intact after .grad is edited in place."""
+    shape = (2, 3, 5, 13)
+    _check_path(triton_path, shape)
+    s, t = _inputs(shape, torch.float32, device, seed=43)
+    _, want = _loss_and_grad(s, t, 2.0, backend="reference")
+    loss = sk.channel_wise_kd(s, t, 2.0, backend="triton")
+    loss.backward(retain_graph=True)
+    assert_close(s.grad, want)
+    s.grad.mul_(0.0)
+    loss.backward()
+    assert_close(s.grad, want)
+
+
 @pytest.mark.parametrize("kind", ["gaussian", "signs"])
 def test_triton_huge_logits_fp32(kind, triton_path, device):
     tau = 0.5
