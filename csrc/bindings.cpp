@@ -37,74 +37,178 @@ PYBIND11_MODULE(_cuda, m) {
   // Generated one-to-one from launchers.h: same names, same argument order; dtype is an int.
   m.def(
       "channel_wise_kd_forward",
-      [](std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t row_kl, std::uintptr_t grad, int64_t rows, int64_t plane, double tau, double grad_scale, int dtype, int device, std::uintptr_t stream) { segkd::channel_wise_kd_forward(student, teacher, row_kl, grad, rows, plane, tau, grad_scale, static_cast<DType>(dtype), device, stream); },
-      py::arg("student"), py::arg("teacher"), py::arg("row_kl"), py::arg("grad"), py::arg("rows"), py::arg("plane"), py::arg("tau"), py::arg("grad_scale"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+      [](std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t row_kl, std::uintptr_t grad, int64_t rows,
+          int64_t plane, double tau, double grad_scale, int dtype, int device, std::uintptr_t stream) {
+        segkd::channel_wise_kd_forward(student, teacher, row_kl, grad, rows, plane, tau, grad_scale,
+          static_cast<DType>(dtype), device, stream);
+      },
+      py::arg("student"), py::arg("teacher"), py::arg("row_kl"), py::arg("grad"), py::arg("rows"), py::arg("plane"),
+      py::arg("tau"), py::arg("grad_scale"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>());
   m.def(
       "pixel_kd_forward",
-      [](std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t ignore, std::uintptr_t weight, bool clamp_weight, std::uintptr_t coef, std::uintptr_t out, std::uintptr_t grad, int64_t batch, int64_t classes, int64_t plane, double tau, int dtype, int device, std::uintptr_t stream) { segkd::pixel_kd_forward(student, teacher, ignore, weight, clamp_weight, coef, out, grad, batch, classes, plane, tau, static_cast<DType>(dtype), device, stream); },
-      py::arg("student"), py::arg("teacher"), py::arg("ignore"), py::arg("weight"), py::arg("clamp_weight"), py::arg("coef"), py::arg("out"), py::arg("grad"), py::arg("batch"), py::arg("classes"), py::arg("plane"), py::arg("tau"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+      [](std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t ignore, std::uintptr_t weight,
+          bool clamp_weight, std::uintptr_t coef, std::uintptr_t out, std::uintptr_t grad, int64_t batch,
+          int64_t classes, int64_t plane, double tau, int dtype, int device, std::uintptr_t stream) {
+        segkd::pixel_kd_forward(student, teacher, ignore, weight, clamp_weight, coef, out, grad, batch, classes,
+          plane, tau, static_cast<DType>(dtype), device, stream);
+      },
+      py::arg("student"), py::arg("teacher"), py::arg("ignore"), py::arg("weight"), py::arg("clamp_weight"),
+      py::arg("coef"), py::arg("out"), py::arg("grad"), py::arg("batch"), py::arg("classes"), py::arg("plane"),
+      py::arg("tau"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def(
       "channel_pool_forward",
-      [](std::uintptr_t x, std::uintptr_t gate, std::uintptr_t out, std::uintptr_t argmax, int64_t batch, int64_t channels, int64_t plane, int dtype, int device, std::uintptr_t stream) { segkd::channel_pool_forward(x, gate, out, argmax, batch, channels, plane, static_cast<DType>(dtype), device, stream); },
-      py::arg("x"), py::arg("gate"), py::arg("out"), py::arg("argmax"), py::arg("batch"), py::arg("channels"), py::arg("plane"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+      [](std::uintptr_t x, std::uintptr_t gate, std::uintptr_t out, std::uintptr_t argmax, int64_t batch,
+          int64_t channels, int64_t plane, int dtype, int device, std::uintptr_t stream) {
+        segkd::channel_pool_forward(x, gate, out, argmax, batch, channels, plane, static_cast<DType>(dtype), device,
+          stream);
+      },
+      py::arg("x"), py::arg("gate"), py::arg("out"), py::arg("argmax"), py::arg("batch"), py::arg("channels"),
+      py::arg("plane"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>());
   m.def(
       "channel_pool_backward",
-      [](std::uintptr_t grad_out, std::uintptr_t argmax, std::uintptr_t x, std::uintptr_t gate, std::uintptr_t dx, std::uintptr_t dgate, int64_t batch, int64_t channels, int64_t plane, int dtype, int device, std::uintptr_t stream) { segkd::channel_pool_backward(grad_out, argmax, x, gate, dx, dgate, batch, channels, plane, static_cast<DType>(dtype), device, stream); },
-      py::arg("grad_out"), py::arg("argmax"), py::arg("x"), py::arg("gate"), py::arg("dx"), py::arg("dgate"), py::arg("batch"), py::arg("channels"), py::arg("plane"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+      [](std::uintptr_t grad_out, std::uintptr_t argmax, std::uintptr_t x, std::uintptr_t gate, std::uintptr_t dx,
+          std::uintptr_t dgate, int64_t batch, int64_t channels, int64_t plane, int dtype, int device,
+          std::uintptr_t stream) {
+        segkd::channel_pool_backward(grad_out, argmax, x, gate, dx, dgate, batch, channels, plane,
+          static_cast<DType>(dtype), device, stream);
+      },
+      py::arg("grad_out"), py::arg("argmax"), py::arg("x"), py::arg("gate"), py::arg("dx"), py::arg("dgate"),
+      py::arg("batch"), py::arg("channels"), py::arg("plane"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>());
   m.def(
       "attnfd_num_partials",
-      [](int64_t total) { return segkd::attnfd_num_partials(total); },
+      [](int64_t total) {
+        return segkd::attnfd_num_partials(total);
+      },
       py::arg("total"));
   m.def(
       "attnfd_dots",
-      [](std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t partials, int64_t total, int64_t num_partials, int dtype, int device, std::uintptr_t stream) { segkd::attnfd_dots(student, teacher, partials, total, num_partials, static_cast<DType>(dtype), device, stream); },
-      py::arg("student"), py::arg("teacher"), py::arg("partials"), py::arg("total"), py::arg("num_partials"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+      [](std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t partials, int64_t total, int64_t num_partials,
+          int dtype, int device, std::uintptr_t stream) {
+        segkd::attnfd_dots(student, teacher, partials, total, num_partials, static_cast<DType>(dtype), device, stream);
+      },
+      py::arg("student"), py::arg("teacher"), py::arg("partials"), py::arg("total"), py::arg("num_partials"),
+      py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def(
       "attnfd_backward",
-      [](std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t coefs, std::uintptr_t ds, int64_t total, int dtype, int device, std::uintptr_t stream) { segkd::attnfd_backward(student, teacher, coefs, ds, total, static_cast<DType>(dtype), device, stream); },
-      py::arg("student"), py::arg("teacher"), py::arg("coefs"), py::arg("ds"), py::arg("total"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+      [](std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t coefs, std::uintptr_t ds, int64_t total,
+          int dtype, int device, std::uintptr_t stream) {
+        segkd::attnfd_backward(student, teacher, coefs, ds, total, static_cast<DType>(dtype), device, stream);
+      },
+      py::arg("student"), py::arg("teacher"), py::arg("coefs"), py::arg("ds"), py::arg("total"), py::arg("dtype"),
+      py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def(
       "cbam_gate_forward",
-      [](std::uintptr_t x, std::uintptr_t channel_gate, std::uintptr_t spatial_gate, std::uintptr_t out, int64_t batch, int64_t channels, int64_t plane, int dtype, int device, std::uintptr_t stream) { segkd::cbam_gate_forward(x, channel_gate, spatial_gate, out, batch, channels, plane, static_cast<DType>(dtype), device, stream); },
-      py::arg("x"), py::arg("channel_gate"), py::arg("spatial_gate"), py::arg("out"), py::arg("batch"), py::arg("channels"), py::arg("plane"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+      [](std::uintptr_t x, std::uintptr_t channel_gate, std::uintptr_t spatial_gate, std::uintptr_t out,
+          int64_t batch, int64_t channels, int64_t plane, int dtype, int device, std::uintptr_t stream) {
+        segkd::cbam_gate_forward(x, channel_gate, spatial_gate, out, batch, channels, plane,
+          static_cast<DType>(dtype), device, stream);
+      },
+      py::arg("x"), py::arg("channel_gate"), py::arg("spatial_gate"), py::arg("out"), py::arg("batch"),
+      py::arg("channels"), py::arg("plane"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>());
   m.def(
       "cbam_gate_backward",
-      [](std::uintptr_t grad_out, std::uintptr_t x, std::uintptr_t channel_gate, std::uintptr_t spatial_gate, std::uintptr_t dx, std::uintptr_t d_channel_gate, std::uintptr_t d_spatial_gate, int64_t batch, int64_t channels, int64_t plane, int dtype, int device, std::uintptr_t stream) { segkd::cbam_gate_backward(grad_out, x, channel_gate, spatial_gate, dx, d_channel_gate, d_spatial_gate, batch, channels, plane, static_cast<DType>(dtype), device, stream); },
-      py::arg("grad_out"), py::arg("x"), py::arg("channel_gate"), py::arg("spatial_gate"), py::arg("dx"), py::arg("d_channel_gate"), py::arg("d_spatial_gate"), py::arg("batch"), py::arg("channels"), py::arg("plane"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+      [](std::uintptr_t grad_out, std::uintptr_t x, std::uintptr_t channel_gate, std::uintptr_t spatial_gate,
+          std::uintptr_t dx, std::uintptr_t d_channel_gate, std::uintptr_t d_spatial_gate, int64_t batch,
+          int64_t channels, int64_t plane, int dtype, int device, std::uintptr_t stream) {
+        segkd::cbam_gate_backward(grad_out, x, channel_gate, spatial_gate, dx, d_channel_gate, d_spatial_gate, batch,
+          channels, plane, static_cast<DType>(dtype), device, stream);
+      },
+      py::arg("grad_out"), py::arg("x"), py::arg("channel_gate"), py::arg("spatial_gate"), py::arg("dx"),
+      py::arg("d_channel_gate"), py::arg("d_spatial_gate"), py::arg("batch"), py::arg("channels"), py::arg("plane"),
+      py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def(
       "ssim_num_partials",
-      [](int64_t maps, int64_t h, int64_t w, int64_t window, int64_t padding) { return segkd::ssim_num_partials(maps, h, w, window, padding); },
+      [](int64_t maps, int64_t h, int64_t w, int64_t window, int64_t padding) {
+        return segkd::ssim_num_partials(maps, h, w, window, padding);
+      },
       py::arg("maps"), py::arg("h"), py::arg("w"), py::arg("window"), py::arg("padding"));
   m.def(
       "ssim_forward",
-      [](std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t lo_s, std::uintptr_t scale_s, std::uintptr_t lo_t, std::uintptr_t scale_t, std::uintptr_t partials, std::uintptr_t dmaps, int64_t maps, int64_t h, int64_t w, int64_t window, double sigma, double data_range, int64_t padding, int dtype, int device, std::uintptr_t stream) { segkd::ssim_forward(student, teacher, lo_s, scale_s, lo_t, scale_t, partials, dmaps, maps, h, w, window, sigma, data_range, padding, static_cast<DType>(dtype), device, stream); },
-      py::arg("student"), py::arg("teacher"), py::arg("lo_s"), py::arg("scale_s"), py::arg("lo_t"), py::arg("scale_t"), py::arg("partials"), py::arg("dmaps"), py::arg("maps"), py::arg("h"), py::arg("w"), py::arg("window"), py::arg("sigma"), py::arg("data_range"), py::arg("padding"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+      [](std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t lo_s, std::uintptr_t scale_s,
+          std::uintptr_t lo_t, std::uintptr_t scale_t, std::uintptr_t partials, std::uintptr_t dmaps, int64_t maps,
+          int64_t h, int64_t w, int64_t window, double sigma, double data_range, int64_t padding, int dtype,
+          int device, std::uintptr_t stream) {
+        segkd::ssim_forward(student, teacher, lo_s, scale_s, lo_t, scale_t, partials, dmaps, maps, h, w, window,
+          sigma, data_range, padding, static_cast<DType>(dtype), device, stream);
+      },
+      py::arg("student"), py::arg("teacher"), py::arg("lo_s"), py::arg("scale_s"), py::arg("lo_t"),
+      py::arg("scale_t"), py::arg("partials"), py::arg("dmaps"), py::arg("maps"), py::arg("h"), py::arg("w"),
+      py::arg("window"), py::arg("sigma"), py::arg("data_range"), py::arg("padding"), py::arg("dtype"),
+      py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def(
       "ssim_backward",
-      [](std::uintptr_t dmaps, std::uintptr_t emaps, std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t lo_s, std::uintptr_t scale_s, std::uintptr_t lo_t, std::uintptr_t scale_t, std::uintptr_t grad_loss, std::uintptr_t ds, int64_t maps, int64_t h, int64_t w, int64_t window, double sigma, int64_t padding, int dtype, int device, std::uintptr_t stream) { segkd::ssim_backward(dmaps, emaps, student, teacher, lo_s, scale_s, lo_t, scale_t, grad_loss, ds, maps, h, w, window, sigma, padding, static_cast<DType>(dtype), device, stream); },
-      py::arg("dmaps"), py::arg("emaps"), py::arg("student"), py::arg("teacher"), py::arg("lo_s"), py::arg("scale_s"), py::arg("lo_t"), py::arg("scale_t"), py::arg("grad_loss"), py::arg("ds"), py::arg("maps"), py::arg("h"), py::arg("w"), py::arg("window"), py::arg("sigma"), py::arg("padding"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+      [](std::uintptr_t dmaps, std::uintptr_t emaps, std::uintptr_t student, std::uintptr_t teacher,
+          std::uintptr_t lo_s, std::uintptr_t scale_s, std::uintptr_t lo_t, std::uintptr_t scale_t,
+          std::uintptr_t grad_loss, std::uintptr_t ds, int64_t maps, int64_t h, int64_t w, int64_t window,
+          double sigma, int64_t padding, int dtype, int device, std::uintptr_t stream) {
+        segkd::ssim_backward(dmaps, emaps, student, teacher, lo_s, scale_s, lo_t, scale_t, grad_loss, ds, maps, h, w,
+          window, sigma, padding, static_cast<DType>(dtype), device, stream);
+      },
+      py::arg("dmaps"), py::arg("emaps"), py::arg("student"), py::arg("teacher"), py::arg("lo_s"), py::arg("scale_s"),
+      py::arg("lo_t"), py::arg("scale_t"), py::arg("grad_loss"), py::arg("ds"), py::arg("maps"), py::arg("h"),
+      py::arg("w"), py::arg("window"), py::arg("sigma"), py::arg("padding"), py::arg("dtype"), py::arg("device"),
+      py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def(
       "pixel_norm",
-      [](std::uintptr_t x, std::uintptr_t norm, int64_t batch, int64_t channels, int64_t plane, int dtype, int device, std::uintptr_t stream) { segkd::pixel_norm(x, norm, batch, channels, plane, static_cast<DType>(dtype), device, stream); },
-      py::arg("x"), py::arg("norm"), py::arg("batch"), py::arg("channels"), py::arg("plane"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+      [](std::uintptr_t x, std::uintptr_t norm, int64_t batch, int64_t channels, int64_t plane, int dtype, int device,
+          std::uintptr_t stream) {
+        segkd::pixel_norm(x, norm, batch, channels, plane, static_cast<DType>(dtype), device, stream);
+      },
+      py::arg("x"), py::arg("norm"), py::arg("batch"), py::arg("channels"), py::arg("plane"), py::arg("dtype"),
+      py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def(
       "normalize_pixels",
-      [](std::uintptr_t x, std::uintptr_t out, std::uintptr_t norm, int64_t batch, int64_t channels, int64_t plane, double eps, int dtype, int device, std::uintptr_t stream) { segkd::normalize_pixels(x, out, norm, batch, channels, plane, eps, static_cast<DType>(dtype), device, stream); },
-      py::arg("x"), py::arg("out"), py::arg("norm"), py::arg("batch"), py::arg("channels"), py::arg("plane"), py::arg("eps"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+      [](std::uintptr_t x, std::uintptr_t out, std::uintptr_t norm, int64_t batch, int64_t channels, int64_t plane,
+          double eps, int dtype, int device, std::uintptr_t stream) {
+        segkd::normalize_pixels(x, out, norm, batch, channels, plane, eps, static_cast<DType>(dtype), device, stream);
+      },
+      py::arg("x"), py::arg("out"), py::arg("norm"), py::arg("batch"), py::arg("channels"), py::arg("plane"),
+      py::arg("eps"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def(
       "normalize_pixels_backward",
-      [](std::uintptr_t da, std::uintptr_t x, std::uintptr_t norm, std::uintptr_t dx, int64_t batch, int64_t channels, int64_t plane, double eps, bool detach_norm, int dtype, int device, std::uintptr_t stream) { segkd::normalize_pixels_backward(da, x, norm, dx, batch, channels, plane, eps, detach_norm, static_cast<DType>(dtype), device, stream); },
-      py::arg("da"), py::arg("x"), py::arg("norm"), py::arg("dx"), py::arg("batch"), py::arg("channels"), py::arg("plane"), py::arg("eps"), py::arg("detach_norm"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+      [](std::uintptr_t da, std::uintptr_t x, std::uintptr_t norm, std::uintptr_t dx, int64_t batch, int64_t channels,
+          int64_t plane, double eps, bool detach_norm, int dtype, int device, std::uintptr_t stream) {
+        segkd::normalize_pixels_backward(da, x, norm, dx, batch, channels, plane, eps, detach_norm,
+          static_cast<DType>(dtype), device, stream);
+      },
+      py::arg("da"), py::arg("x"), py::arg("norm"), py::arg("dx"), py::arg("batch"), py::arg("channels"),
+      py::arg("plane"), py::arg("eps"), py::arg("detach_norm"), py::arg("dtype"), py::arg("device"),
+      py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def(
       "normalized_gram",
-      [](std::uintptr_t x, std::uintptr_t norm_x, std::uintptr_t y, std::uintptr_t norm_y, std::uintptr_t gram, int64_t batch, int64_t cx, int64_t cy, int64_t plane, double eps, int dtype, int device, std::uintptr_t stream) { segkd::normalized_gram(x, norm_x, y, norm_y, gram, batch, cx, cy, plane, eps, static_cast<DType>(dtype), device, stream); },
-      py::arg("x"), py::arg("norm_x"), py::arg("y"), py::arg("norm_y"), py::arg("gram"), py::arg("batch"), py::arg("cx"), py::arg("cy"), py::arg("plane"), py::arg("eps"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+      [](std::uintptr_t x, std::uintptr_t norm_x, std::uintptr_t y, std::uintptr_t norm_y, std::uintptr_t gram,
+          int64_t batch, int64_t cx, int64_t cy, int64_t plane, double eps, int dtype, int device,
+          std::uintptr_t stream) {
+        segkd::normalized_gram(x, norm_x, y, norm_y, gram, batch, cx, cy, plane, eps, static_cast<DType>(dtype),
+          device, stream);
+      },
+      py::arg("x"), py::arg("norm_x"), py::arg("y"), py::arg("norm_y"), py::arg("gram"), py::arg("batch"),
+      py::arg("cx"), py::arg("cy"), py::arg("plane"), py::arg("eps"), py::arg("dtype"), py::arg("device"),
+      py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def(
       "cross_image_forward",
-      [](std::uintptr_t xs, std::uintptr_t xt, std::uintptr_t inv_s, std::uintptr_t inv_t, std::uintptr_t row_kl, std::uintptr_t lse, int64_t batch, int64_t cs, int64_t ct, int64_t plane, double tau, int dtype, int device, std::uintptr_t stream) { segkd::cross_image_forward(xs, xt, inv_s, inv_t, row_kl, lse, batch, cs, ct, plane, tau, static_cast<DType>(dtype), device, stream); },
-      py::arg("xs"), py::arg("xt"), py::arg("inv_s"), py::arg("inv_t"), py::arg("row_kl"), py::arg("lse"), py::arg("batch"), py::arg("cs"), py::arg("ct"), py::arg("plane"), py::arg("tau"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+      [](std::uintptr_t xs, std::uintptr_t xt, std::uintptr_t inv_s, std::uintptr_t inv_t, std::uintptr_t row_kl,
+          std::uintptr_t lse, int64_t batch, int64_t cs, int64_t ct, int64_t plane, double tau, int dtype, int device,
+          std::uintptr_t stream) {
+        segkd::cross_image_forward(xs, xt, inv_s, inv_t, row_kl, lse, batch, cs, ct, plane, tau,
+          static_cast<DType>(dtype), device, stream);
+      },
+      py::arg("xs"), py::arg("xt"), py::arg("inv_s"), py::arg("inv_t"), py::arg("row_kl"), py::arg("lse"),
+      py::arg("batch"), py::arg("cs"), py::arg("ct"), py::arg("plane"), py::arg("tau"), py::arg("dtype"),
+      py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def(
       "cross_image_backward",
-      [](std::uintptr_t xs, std::uintptr_t xt, std::uintptr_t inv_s, std::uintptr_t inv_t, std::uintptr_t lse, std::uintptr_t grad_loss, std::uintptr_t da, int64_t batch, int64_t cs, int64_t ct, int64_t plane, double tau, int dtype, int device, std::uintptr_t stream) { segkd::cross_image_backward(xs, xt, inv_s, inv_t, lse, grad_loss, da, batch, cs, ct, plane, tau, static_cast<DType>(dtype), device, stream); },
-      py::arg("xs"), py::arg("xt"), py::arg("inv_s"), py::arg("inv_t"), py::arg("lse"), py::arg("grad_loss"), py::arg("da"), py::arg("batch"), py::arg("cs"), py::arg("ct"), py::arg("plane"), py::arg("tau"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+      [](std::uintptr_t xs, std::uintptr_t xt, std::uintptr_t inv_s, std::uintptr_t inv_t, std::uintptr_t lse,
+          std::uintptr_t grad_loss, std::uintptr_t da, int64_t batch, int64_t cs, int64_t ct, int64_t plane,
+          double tau, int dtype, int device, std::uintptr_t stream) {
+        segkd::cross_image_backward(xs, xt, inv_s, inv_t, lse, grad_loss, da, batch, cs, ct, plane, tau,
+          static_cast<DType>(dtype), device, stream);
+      },
+      py::arg("xs"), py::arg("xt"), py::arg("inv_s"), py::arg("inv_t"), py::arg("lse"), py::arg("grad_loss"),
+      py::arg("da"), py::arg("batch"), py::arg("cs"), py::arg("ct"), py::arg("plane"), py::arg("tau"),
+      py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
 }

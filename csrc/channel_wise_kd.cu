@@ -113,6 +113,8 @@ channel_wise_kd_kernel(const T* __restrict__ s, const T* __restrict__ t, float* 
       }
     }
   } else {
+    // unrolled so that several 128-bit loads are in flight per thread (long rows are latency-bound)
+#pragma unroll 4
     for (int64_t base = threadIdx.x * static_cast<int64_t>(V); base < plane; base += stride) {
       float xs[V], xt[V];
       load_chunk(rs, base, plane, vec, xs);
@@ -162,6 +164,7 @@ channel_wise_kd_kernel(const T* __restrict__ s, const T* __restrict__ t, float* 
       }
     }
   } else {
+#pragma unroll 4
     for (int64_t base = threadIdx.x * static_cast<int64_t>(V); base < plane; base += stride) {
       float xs[V], xt[V], g[V];
       load_chunk(rs, base, plane, vec, xs);

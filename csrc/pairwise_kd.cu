@@ -187,7 +187,8 @@ void normalized_gram(std::uintptr_t x, std::uintptr_t norm_x, std::uintptr_t y, 
   if (batch == 0 || cx == 0 || cy == 0 || plane == 0) return;
   const int64_t splits = (plane + kPixelsPerSplit - 1) / kPixelsPerSplit;
   const int64_t gx = (cy + kGramTile - 1) / kGramTile, gy = (cx + kGramTile - 1) / kGramTile;
-  if (gy > 65535 || batch * splits > 65535) throw std::invalid_argument("normalized_gram: problem too large for one grid");
+  if (gy > 65535 || batch * splits > 65535)
+    throw std::invalid_argument("normalized_gram: problem too large for one grid");
   DeviceGuard guard(device);
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(batch * splits));
   dispatch_float_types(dtype, "normalized_gram", [&](auto tag) {
