@@ -1,19 +1,32 @@
 """Tests of sk.cross_image_kd (LOSSES.md 4): cross-image pixel-to-pixel similarity distillation.
 
 The oracle here loops over ordered image pairs (i, j) and rows r and uses the textbook softmax
-(exp / sum exp) in fp64; it shares no code with segkd_kernels/ops/cross_image_kd/reference.py.
+(exp / sum exp) in fp64; it shares no code with segkd_kernels/ops/cross_image_kd/reference.py (a
+row-blocked streaming form) or the Triton kernel. A second oracle, the naive P x P form (CIRKD's
+eager pair loop), checks larger maps where the row loop is too slow.
+
+Without a GPU the Triton kernel runs under the interpreter (about a second per call at these sizes),
+so its cases are a chosen subset; the reference runs every case.
 """
+
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import segkd_kernels as sk
+from segkd_kernels.ops.cross_image_kd import reference as reference_module
 from segkd_kernels.ops.cross_image_kd.api import IMPLEMENTED
-from segkd_kernels.testing import assert_close, channels_last, make_tensor, non_contiguous
+from segkd_kernels.testing import (TOLERANCES, assert_close, channels_last, make_tensor, non_contiguous,
+                                   within_error_budget)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _AVAILABLE = sk.available_backends()
-# Every backend this op implements that can run here (only "reference" today).
+# Every backend this op implements that can run here.
 BACKENDS = [name for name in ("reference", "triton", "cuda") if name in IMPLEMENTED and _AVAILABLE[name]]
 
 # (N, C_s, C_t, H, W): odd sizes, C_s != C_t, N = 1, 2, 3, a 1x1 map (P = 1).
@@ -65,6 +78,22 @@ def oracle_cross_image(s, t, tau):
     return total / (n * n)
 
 
+def naive_pxp(s, t, tau):
+    """CIRKD's eager form: per ordered pair, both P x P similarity matrices, then the row-wise KL
+    with torch's log_softmax and kl_div (batchmean over rows), averaged over pairs."""
+    t = t.detach()
+    n = s.shape[0]
+    a = F.normalize(s.flatten(2), dim=1)
+    b = F.normalize(t.flatten(2), dim=1)
+    total = 0
+    for i in range(n):
+        for j in range(n):
+            log_p_s = F.log_softmax(a[i].T @ a[j] / tau, dim=1)
+            log_p_t = F.log_softmax(b[i].T @ b[j] / tau, dim=1)
+            total = total + F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+    return total / (n * n)
+
+
 def _value_and_grad(fn, s, t, *args, **kwargs):
     s = s.detach().clone().requires_grad_(True)
     loss = fn(s, t, *args, **kwargs)
@@ -83,6 +112,8 @@ def _value_and_grad(fn, s, t, *args, **kwargs):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_matches_loop_oracle(shape, tau, dtype, backend):
     _skip_unsupported(backend, dtype)
+    if backend == "triton" and DEVICE == "cpu" and tau != TAUS[SHAPES.index(shape) % len(TAUS)]:
+        pytest.skip("interpreter: one tau per shape (every tau is covered across the shapes)")
     s, t = _features(*shape, dtype=dtype, seed=sum(shape))
     loss, grad = _value_and_grad(sk.cross_image_kd, s, t, tau, backend=backend)
     ref_loss, ref_grad = _value_and_grad(oracle_cross_image, s.double(), t.double(), tau)
@@ -97,10 +128,11 @@ def test_matches_loop_oracle(shape, tau, dtype, backend):
         assert_close(grad, ref_grad, dtype=dtype)
 
 
-def test_single_student_channel_has_zero_gradient():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_student_channel_has_zero_gradient(backend):
     """With C_s = 1 every normalised student pixel is +1 or -1: the loss is locally constant."""
     s, t = _features(2, 1, 4, 3, 5, seed=6)
-    loss, grad = _value_and_grad(sk.cross_image_kd, s, t, 0.1)
+    loss, grad = _value_and_grad(sk.cross_image_kd, s, t, 0.1, backend=backend)
     assert loss.item() > 0.01
     assert grad.abs().max().item() < 1e-10
 
@@ -118,26 +150,31 @@ def test_cross_pairs_count():
     assert abs(sk.cross_image_kd(s, t, 0.5).item() - singles.item()) > 1e-4
 
 
-def test_zero_teacher_pixels():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_teacher_pixels(backend):
     """A teacher pixel with all-zero features normalises to 0 (max(||t||, eps)), not NaN."""
     s, t = _features(2, 3, 4, 3, 5, seed=9)
     t = t.clone()
     t[0, :, 1, 2] = 0
     t[1, :, 2, :] = 0
-    loss, grad = _value_and_grad(sk.cross_image_kd, s, t, 0.5)
+    loss, grad = _value_and_grad(sk.cross_image_kd, s, t, 0.5, backend=backend)
     ref_loss, ref_grad = _value_and_grad(oracle_cross_image, s, t, 0.5)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     assert_close(loss, ref_loss)
     assert_close(grad, ref_grad)
 
 
-def test_student_equals_teacher_is_zero():
-    t = make_tensor((2, 5, 4, 6), dtype=torch.float64, seed=10)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_student_equals_teacher_is_zero(dtype, backend):
+    t = make_tensor((2, 5, 4, 6), dtype=dtype, seed=10, device=DEVICE)
     s = t.clone().requires_grad_(True)
-    loss = sk.cross_image_kd(s, t, 0.1)
+    loss = sk.cross_image_kd(s, t, 0.1, backend=backend)
     (grad,) = torch.autograd.grad(loss, s)
-    assert abs(loss.item()) < 1e-12
-    assert grad.abs().max().item() < 1e-10
+    # identical inputs give identical S and T tiles: zero up to the rounding of the log-sum-exps
+    bound = 1e-12 if dtype == torch.float64 else 1e-5
+    assert abs(loss.item()) < bound
+    assert grad.abs().max().item() < 100 * bound
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -165,7 +202,25 @@ def test_sharp_softmax_fp32(backend):
 def test_gradcheck(n, tau, fast_mode):
     s = make_tensor((n, 3, 2, 3), dtype=torch.float64, seed=21, requires_grad=True)
     t = make_tensor((n, 2, 2, 3), dtype=torch.float64, seed=22)
-    assert torch.autograd.gradcheck(lambda x: sk.cross_image_kd(x, t, tau), (s,), fast_mode=fast_mode)
+    assert torch.autograd.gradcheck(lambda x: sk.cross_image_kd(x, t, tau, backend="reference"), (s,),
+                                    fast_mode=fast_mode)
+
+
+def test_gradcheck_reference_row_blocks(monkeypatch):
+    """Several row blocks per image (the last one short): the blocked backward still sums both the
+    row and the partner sides of every block."""
+    monkeypatch.setattr(reference_module, "ROW_BLOCK_ELEMENTS", 2 * 2 * 5)  # blocks of 2 rows (N = 2, P = 5)
+    assert reference_module._row_block(2, 5) == 2
+    s = make_tensor((2, 2, 1, 5), dtype=torch.float64, seed=23, requires_grad=True)
+    t = make_tensor((2, 3, 1, 5), dtype=torch.float64, seed=24)
+    assert torch.autograd.gradcheck(lambda x: sk.cross_image_kd(x, t, 0.3, backend="reference"), (s,))
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend not available")
+def test_gradcheck_triton_fp64():
+    s = make_tensor((2, 3, 2, 3), dtype=torch.float64, seed=25, requires_grad=True, device=DEVICE)
+    t = make_tensor((2, 2, 2, 3), dtype=torch.float64, seed=26, device=DEVICE)
+    assert torch.autograd.gradcheck(lambda x: sk.cross_image_kd(x, t, 0.2, backend="triton"), (s,), fast_mode=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,8 +289,11 @@ def test_output_dtype(dtype, backend):
 def test_half_precision_is_fp32_math_rounded(dtype, tau, backend):
     """fp16/bf16 inputs: the value (and gradient) of the fp32 computation on the upcast inputs,
     rounded once to the input dtype (with tau = 0.1 the logits reach 10: fp16 exp would overflow
-    in a kernel that did the math in fp16)."""
+    in a kernel that did the math in fp16). On a GPU the Triton kernel feeds the tensor cores
+    fp16/bf16 operands (exp and sums stay fp32): test_cuda_half_error_budget covers it there."""
     _skip_unsupported(backend, dtype)
+    if backend == "triton" and DEVICE == "cuda":
+        pytest.skip("tensor-core operands: checked against the error budget instead")
     s, t = _features(2, 3, 5, 5, 7, dtype=dtype, seed=36)
     loss, grad = _value_and_grad(sk.cross_image_kd, s, t, tau, backend=backend)
     ref_loss, ref_grad = _value_and_grad(sk.cross_image_kd, s.float(), t.float(), tau, backend="reference")
@@ -251,13 +309,15 @@ def test_half_precision_is_fp32_math_rounded(dtype, tau, backend):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("tau", [0.1, 0.7])
-def test_torch_compile(tau):
+def test_torch_compile(tau, backend):
     torch._dynamo.reset()
-    compiled = torch.compile(lambda x, y: sk.cross_image_kd(x, y, tau), fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(lambda x, y: sk.cross_image_kd(x, y, tau, backend=backend), fullgraph=True,
+                             backend="aot_eager")
     s, t = _features(2, 3, 4, 3, 5, dtype=torch.float32, seed=41)
     loss, grad = _value_and_grad(compiled, s, t)
-    ref_loss, ref_grad = _value_and_grad(sk.cross_image_kd, s, t, tau)
+    ref_loss, ref_grad = _value_and_grad(sk.cross_image_kd, s, t, tau, backend=backend)
     assert_close(loss, ref_loss)
     assert_close(grad, ref_grad)
 
@@ -334,3 +394,153 @@ def test_missing_backend_raises(backend):
 def test_auto_and_reference_agree():
     s, t = _good()
     assert_close(sk.cross_image_kd(s, t), sk.cross_image_kd(s, t, backend="reference"))
+
+
+# --------------------------------------------------------------------------------------------
+# 10. larger maps against the naive P x P form: tiles, row blocks, wide channels
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "shape, tau",
+    [
+        ((2, 70, 20, 9, 13), 0.1),  # P = 117: two 64-pixel tiles, the second partly masked; C_s > one K block
+        ((1, 4, 7, 11, 12), 0.5),  # N = 1, P = 132
+        ((1, 2048, 3, 2, 3), 0.1),  # the widest channel count the op promises
+        ((2, 1, 16, 5, 13), 1.0),  # one student channel
+    ],
+    ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v),
+)
+def test_matches_naive_pxp(shape, tau, backend):
+    s, t = _features(*shape, dtype=torch.float32, seed=sum(shape))
+    loss, grad = _value_and_grad(sk.cross_image_kd, s, t, tau, backend=backend)
+    ref_loss, ref_grad = _value_and_grad(naive_pxp, s.double(), t.double(), tau)
+    assert_close(loss, ref_loss, dtype=torch.float32)
+    scale = ref_grad.abs().max().item()
+    # fp32 logits carry ~eps / tau absolute error; a relative bound on the largest entry absorbs it
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=2e-4, atol=max(1e-5 * scale, 1e-6))
+
+
+def test_reference_row_blocks_match_one_block(monkeypatch):
+    """The streaming reference gives the same value and gradient however the rows are blocked."""
+    s, t = _features(3, 5, 6, 7, 9, dtype=torch.float64, seed=61)
+    whole = _value_and_grad(sk.cross_image_kd, s, t, 0.2, backend="reference")
+    monkeypatch.setattr(reference_module, "ROW_BLOCK_ELEMENTS", 3 * 63 * 10)  # blocks of 10 rows of 63
+    assert reference_module._row_block(3, 63) == 10
+    blocked = _value_and_grad(sk.cross_image_kd, s, t, 0.2, backend="reference")
+    assert_close(blocked[0], whole[0])
+    assert_close(blocked[1], whole[1])
+    ref = _value_and_grad(naive_pxp, s, t, 0.2)
+    assert_close(blocked[0], ref[0])
+    assert_close(blocked[1], ref[1])
+
+
+# --------------------------------------------------------------------------------------------
+# 11. custom ops
+# --------------------------------------------------------------------------------------------
+
+
+def test_opcheck_reference_ops():
+    s, t = _features(2, 3, 4, 3, 5, seed=71)
+    a = reference_module.unit_pixels(s.detach()).requires_grad_(True)
+    b = reference_module.unit_pixels(t)
+    torch.library.opcheck(reference_module.cross_image_kl, (a, b, 0.3))
+    grad = torch.tensor(1.5, dtype=torch.float64, device=DEVICE)
+    torch.library.opcheck(reference_module.cross_image_kl_backward, (grad, a.detach(), b, 0.3))
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend not available")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_triton_ops(dtype):
+    from segkd_kernels.ops.cross_image_kd.triton import cross_image_kd_backward_triton, cross_image_kd_triton
+
+    s, t = _features(2, 3, 4, 3, 5, dtype=dtype, seed=72)
+    a = reference_module.unit_pixels(s.detach()).transpose(1, 2).contiguous().requires_grad_(True)
+    b = reference_module.unit_pixels(t).transpose(1, 2).contiguous()
+    torch.library.opcheck(cross_image_kd_triton, (a, b, 0.3))
+    _, lse_s, lse_t = cross_image_kd_triton(a.detach(), b, 0.3)
+    grad = torch.tensor(-0.5, dtype=dtype, device=DEVICE)
+    torch.library.opcheck(cross_image_kd_backward_triton, (grad, a.detach(), b, lse_s, lse_t, 0.3))
+
+
+# --------------------------------------------------------------------------------------------
+# 12. memory: full resolution on CPU without a P x P matrix
+# --------------------------------------------------------------------------------------------
+
+_MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import resource, time, torch, segkd_kernels as sk
+    def peak_mib():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    torch.set_num_threads(2)
+    gen = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 16, 64, 128, generator=gen).requires_grad_(True)
+    t = torch.randn(2, 32, 64, 128, generator=gen)
+    base = peak_mib()
+    start = time.perf_counter()
+    loss = sk.cross_image_kd(s, t, 0.1)
+    loss.backward()
+    seconds = time.perf_counter() - start
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+    print(f"{base:.1f} {peak_mib():.1f} {seconds:.3f} {loss.item():.8e}")
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss is in KiB on Linux only")
+def test_full_resolution_memory():
+    """P = 64 * 128 = 8192, N = 2 (auto on CPU: the streaming reference): the naive form holds
+    2 x 268 MB of logits per pair and keeps all four pairs' softmaxes for the backward (> 4 GB)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SEGKD_BACKEND")}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path, even on a GPU machine
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    base, peak, seconds, loss = map(float, proc.stdout.split())
+    assert peak - base < 400, f"forward+backward raised max RSS by {peak - base:.0f} MiB"
+    assert peak < 1024, f"child max RSS {peak:.0f} MiB"
+    assert seconds < 120, f"forward+backward took {seconds:.1f} s"
+    assert 0 < loss < 100
+
+
+# --------------------------------------------------------------------------------------------
+# 13. GPU only: the Triton kernel in fp16 / bf16 and at benchmark sizes
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tau", [0.1, 1.0])
+def test_cuda_half_error_budget(dtype, tau):
+    """err(triton in dtype) <= 2 err(reference in dtype) + atol, both against fp64, value and gradient."""
+    s, t = _features(2, 128, 256, 24, 40, dtype=torch.float64, seed=81)  # P = 960
+    s, t = s.detach().to("cuda"), t.to("cuda")
+    ref64 = _value_and_grad(sk.cross_image_kd, s, t, tau, backend="reference")
+    ref_half = _value_and_grad(sk.cross_image_kd, s.to(dtype), t.to(dtype), tau, backend="reference")
+    out = _value_and_grad(sk.cross_image_kd, s.to(dtype), t.to(dtype), tau, backend="triton")
+    assert out[0].dtype == dtype and out[1].dtype == dtype
+    scale = ref64[1].abs().max().item()
+    assert within_error_budget(out[0], ref_half[0], ref64[0], atol=1e-4 * abs(ref64[0].item()))
+    assert within_error_budget(out[1], ref_half[1], ref64[1], atol=1e-3 * scale)
+
+
+@pytest.mark.cuda
+def test_cuda_benchmark_shape_fp32():
+    """The issue's benchmark shape (P = 64 x 128, C_s 128 / C_t 256), N = 2 to keep the fp64
+    reference affordable: the kernel against the streaming reference, and memory O(N P)."""
+    s, t = _features(2, 128, 256, 64, 128, dtype=torch.float32, seed=82)
+    s, t = s.detach().to("cuda"), t.to("cuda")
+    ref = _value_and_grad(sk.cross_image_kd, s.double(), t.double(), 0.1, backend="reference")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = _value_and_grad(sk.cross_image_kd, s, t, 0.1, backend="triton")
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    assert extra < 64 * 2**20, f"{extra / 2**20:.0f} MiB beyond the inputs"  # one P x P fp32 matrix: 256 MiB
+    rtol, atol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(out[0].double(), ref[0], rtol=10 * rtol, atol=atol)
+    scale = ref[1].abs().max().item()
+    torch.testing.assert_close(out[1].double(), ref[1], rtol=1e-3, atol=1e-4 * scale)

@@ -3,10 +3,16 @@
 import torch
 
 from ..._backends import FLOAT_DTYPES, select_backend
-from ..._validation import check_positive, check_same_device, check_same_dims, check_tensor
+from ..._validation import check_positive, check_same_device, check_same_dims, check_tensor, compute_dtype
 from . import reference
 
 IMPLEMENTED = {"reference": FLOAT_DTYPES}
+try:
+    from .triton import cross_image_kd_triton
+
+    IMPLEMENTED["triton"] = FLOAT_DTYPES
+except ImportError:  # triton missing: _backends reports why
+    cross_image_kd_triton = None
 
 
 def cross_image_kd(student_feat: torch.Tensor, teacher_feat: torch.Tensor, tau: float = 0.1, *,
@@ -19,5 +25,13 @@ def cross_image_kd(student_feat: torch.Tensor, teacher_feat: torch.Tensor, tau: 
     check_same_dims("student_feat", student_feat, "teacher_feat", teacher_feat, dims=(0, 2, 3))
     check_same_device(student_feat=student_feat, teacher_feat=teacher_feat)
     check_positive("tau", tau)
-    select_backend("cross_image_kd", backend, IMPLEMENTED, student_feat)
-    return reference.cross_image_kd(student_feat, teacher_feat, tau)
+    name = select_backend("cross_image_kd", backend, IMPLEMENTED, student_feat)
+    if name == "reference":
+        return reference.cross_image_kd(student_feat, teacher_feat, tau)
+    # The kernels take unit features pixel-major, (N, P, C); normalising here keeps its gradient in
+    # autograd. On a GPU fp16/bf16 go back to their dtype after the fp32 normalisation (tensor-core
+    # operands); the interpreter computes in fp32 anyway (its bf16 tl.dot is wrong).
+    kernel_dtype = student_feat.dtype if student_feat.is_cuda else compute_dtype(student_feat)
+    a = reference.unit_pixels(student_feat).to(kernel_dtype).transpose(1, 2)
+    b = reference.unit_pixels(teacher_feat.detach()).to(kernel_dtype).transpose(1, 2)
+    return cross_image_kd_triton(a, b, float(tau))[0].to(student_feat.dtype)
