@@ -72,6 +72,11 @@ def _trainer_errors():
     return (ConfigError, CheckpointError, FileNotFoundError)
 
 
+def _interrupted(command: str, e) -> int:
+    print(f"segkd {command}: {e}", file=sys.stderr)
+    return 128 + int(e.result.get("signal") or 2)
+
+
 def _add_train(p) -> None:
     p.add_argument("--method", help="distillation method (none: the model alone); see `segkd train --list`")
     p.add_argument("--dataset", help="synthetic, voc, cityscapes, ade20k, camvid")
@@ -152,12 +157,15 @@ def _add_demo(p) -> None:
 
 def _demo(args) -> int:
     from segkd_kernels.train.demo import run_demo
+    from segkd_kernels.train.engine import Interrupted
 
     try:
         return run_demo(quick=args.quick, method=args.method, out=args.out, iters=args.iters, device=args.device)
     except _trainer_errors() as e:
         print(f"segkd demo: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        return _interrupted("demo", e)
 
 
 def _add_compare(p) -> None:
@@ -178,6 +186,7 @@ def _add_compare(p) -> None:
 
 def _compare(args) -> int:
     from segkd_kernels.train.compare import run_compare
+    from segkd_kernels.train.engine import Interrupted
 
     try:
         return run_compare(methods=[m for m in args.methods.split(",") if m], seeds=args.seeds, iters=args.iters,
@@ -186,6 +195,8 @@ def _compare(args) -> int:
     except _trainer_errors() as e:
         print(f"segkd compare: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        return _interrupted("compare", e)
 
 
 # name -> (help, add_arguments, run). More subcommands (e.g. `bench`) register here.

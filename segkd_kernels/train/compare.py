@@ -20,7 +20,7 @@ from .demo import PRESETS, STUDENT, TEACHER, demo_config
 
 
 def _run(cfg, log) -> dict:
-    from .engine import train
+    from .engine import train_or_raise
 
     done = os.path.join(cfg.out, "metrics.json")
     if os.path.exists(done):
@@ -30,7 +30,9 @@ def _run(cfg, log) -> dict:
             log(f"  reusing {cfg.out}")
             r["checkpoint"] = os.path.join(cfg.out, "last.pt")
             return r
-    return train(cfg)
+    # an earlier, interrupted attempt continues from its checkpoint
+    resume = os.path.exists(os.path.join(cfg.out, "last.pt"))
+    return train_or_raise(cfg, resume=resume)
 
 
 def _std(xs: list[float]) -> float:

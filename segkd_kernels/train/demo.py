@@ -105,7 +105,7 @@ def run_demo(*, quick: bool = False, method: str | None = None, out: str = "runs
     preset = preset or ("quick" if quick else "full")
     method = method or DEFAULT_METHOD
     os.makedirs(out, exist_ok=True)
-    from .engine import train
+    from .engine import train_or_raise as train
 
     t_total = time.perf_counter()
     print(f"segkd demo ({preset}): synthetic data, {PRESETS[preset]['image_size']}px images; teacher "

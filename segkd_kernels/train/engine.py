@@ -32,6 +32,23 @@ from .metrics import ConfusionMatrix, predict_slide, predict_whole, upsample_log
 IGNORE = 255
 
 
+class Interrupted(Exception):
+    """A run stopped by SIGINT/SIGTERM (its checkpoint is saved); multi-run commands stop with it."""
+
+    def __init__(self, result: dict):
+        self.result = result
+        super().__init__(f"interrupted at step {result['step']}; checkpoint saved to {result['checkpoint']}; "
+                         f"run the same command again to continue")
+
+
+def train_or_raise(cfg: Config, **kw) -> dict:
+    """train(), raising Interrupted instead of returning an unfinished result."""
+    result = train(cfg, **kw)
+    if result["status"] != "done":
+        raise Interrupted(result)
+    return result
+
+
 # ----------------------------------------------------------------------------------------- processes
 @dataclass
 class DistEnv:
