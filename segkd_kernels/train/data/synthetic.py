@@ -22,6 +22,7 @@ RECOMMENDED = ... (filled in below)
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -42,7 +43,17 @@ INFO = DatasetInfo(
 )
 
 DISK, SQUARE, TRIANGLE = 0, 1, 2
+SHAPE_HUES = (0.0, 1 / 3, 2 / 3)  # red, green, blue families
 STRIPES, CHECKER, PLAIN = 0, 1, 2
+
+
+def _hsv(h: float, s: float, v: float) -> np.ndarray:
+    """HSV (h wraps around) -> RGB (3, 1, 1) float32."""
+    h = (h % 1.0) * 6
+    c = v * s
+    x = c * (1 - abs(h % 2 - 1))
+    rgb = [(c, x, 0), (x, c, 0), (0, c, x), (0, x, c), (x, 0, c), (c, 0, x)][int(h) % 6]
+    return (np.array(rgb, dtype=np.float32) + (v - c)).reshape(3, 1, 1)
 
 
 def object_class(shape: int, texture: int, vertical_ground: bool) -> int:
@@ -60,9 +71,10 @@ def object_class(shape: int, texture: int, vertical_ground: bool) -> int:
 
 def generate(seed: int, split: str, index: int, *, image_size: int = DEFAULT_IMAGE_SIZE,
              num_objects: tuple[int, int] = (3, 6), num_distractors: tuple[int, int] = (1, 3),
-             num_fragments: tuple[int, int] = (2, 6), noise: float = 0.08,
-             grain_contrast: float = 0.25, texture_contrast: float = (0.25, 0.6),
-             size_range: tuple[float, float] = (0.09, 0.17)) -> tuple[Tensor, Tensor]:
+             num_fragments: tuple[int, int] = (1, 4), noise: float = 0.06,
+             grain_contrast: float = 0.15, texture_contrast: tuple[float, float] = (0.3, 0.6),
+             size_range: tuple[float, float] = (0.08, 0.16),
+             hue_jitter: float = 0.12) -> tuple[Tensor, Tensor]:
     """One (image float32 (3, S, S) in [0, 1], label int64 (S, S)) pair, a pure function of its
     arguments. Difficulty knobs: object / distractor / fragment counts, pixel `noise` std, the
     contrast of the context grain and of object textures, and object radius as a fraction of S."""
@@ -90,7 +102,8 @@ def generate(seed: int, split: str, index: int, *, image_size: int = DEFAULT_IMA
         vertical = ~vertical
     # ground: two random colours mixed by the grain (period 2.5-4.5 px), horizontal or vertical by
     # region
-    c0, c1 = rng.random((3, 1, 1), dtype=f32), rng.random((3, 1, 1), dtype=f32)
+    c0 = _hsv(uni(0, 1), uni(0, 0.35), uni(0.3, 0.9))  # muted ground colours
+    c1 = _hsv(uni(0, 1), uni(0, 0.35), uni(0.3, 0.9))
     period = uni(2.5, 4.5)
     grain_h = (np.sin(ys * (2 * math.pi / period) + uni(0, 6.3)) > 0).astype(f32)
     grain_v = (np.sin(xs * (2 * math.pi / period) + uni(0, 6.3)) > 0).astype(f32)
@@ -117,8 +130,13 @@ def generate(seed: int, split: str, index: int, *, image_size: int = DEFAULT_IMA
             inside &= dx * math.cos(a) + dy * math.sin(a) <= R / 2
         return inside
 
-    def texture(kind: int) -> np.ndarray:
-        ca, cb = rng.random((3, 1, 1), dtype=f32), rng.random((3, 1, 1), dtype=f32)
+    def texture(kind: int, shape: int | None) -> np.ndarray:
+        # objects take a saturated colour whose hue hints at the shape group (disk / square /
+        # triangle, +-hue_jitter): a cue learnt early, while the class inside a group needs the
+        # texture or the context. Distractors and fragments draw any hue.
+        hue = uni(0, 1) if shape is None else SHAPE_HUES[shape] + uni(-hue_jitter, hue_jitter)
+        ca = _hsv(hue, uni(0.55, 1.0), uni(0.6, 1.0))
+        cb = ca * uni(0.25, 0.6)  # same hue, darker: the texture is a luminance pattern
         if kind == PLAIN:
             return ca + 0.05 * (rng.random((1, S, S), dtype=f32) - 0.5)
         per = uni(3.0, 7.0)
@@ -145,7 +163,7 @@ def generate(seed: int, split: str, index: int, *, image_size: int = DEFAULT_IMA
         mask = shape_mask(shape, cx, cy, r)
         if not mask.any():
             continue
-        image = np.where(mask, texture(tex), image)
+        image = np.where(mask, texture(tex, shape if kind == "object" else None), image)
         if kind == "object":
             ctx = bool(vertical[min(int(cy), S - 1), min(int(cx), S - 1)])
             label[mask] = object_class(shape, tex, ctx)
@@ -177,8 +195,8 @@ class SyntheticSegmentation(SegDataset):
         self.num_images = SPLIT_SIZES[split] if num_images is None else int(num_images)
         if self.num_images < 1:
             raise ValueError(f"num_images must be >= 1, got {num_images}")
-        allowed = set(generate.__code__.co_varnames[3:generate.__code__.co_argcount
-                                                     + generate.__code__.co_kwonlyargcount])
+        allowed = {n for n, p in inspect.signature(generate).parameters.items()
+                   if p.kind is p.KEYWORD_ONLY}
         unknown = set(options) - allowed
         if unknown:
             raise ValueError(f"unknown synthetic dataset options {sorted(unknown)}; "
