@@ -18,12 +18,12 @@ from torch.autograd.gradcheck import GradcheckError
 
 import segkd_kernels as sk
 from segkd_kernels.ops.pairwise_kd.api import IMPLEMENTED
-from segkd_kernels.testing import assert_close, channels_last, make_tensor, non_contiguous
+from segkd_kernels.testing import assert_close, channels_last, make_tensor, non_contiguous, within_error_budget
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _AVAILABLE = sk.available_backends()
-# Every backend this op implements that can run here (only "reference" today); new kernels are
-# picked up by the parametrised tests below as soon as they are registered in IMPLEMENTED.
+# Every backend this op implements that can run here (reference, and triton: on CPU under the
+# interpreter); the parametrised tests below pick up every backend registered in IMPLEMENTED.
 BACKENDS = [name for name in ("reference", "triton", "cuda") if name in IMPLEMENTED and _AVAILABLE[name]]
 
 # (N, C_s, C_t, H, W): odd sizes, C_s != C_t, a 1x1 map (P = 1) and a single row / column.
@@ -211,11 +211,14 @@ def test_pool_one_is_no_pool():
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("pool", [None, 2])
-def test_gradcheck(pool):
-    s = make_tensor((2, 3, 3, 5), dtype=torch.float64, seed=31, requires_grad=True)
-    t = make_tensor((2, 2, 3, 5), dtype=torch.float64, seed=32)
-    assert torch.autograd.gradcheck(lambda x: sk.pairwise_kd(x, t, pool=pool), (s,))
+def test_gradcheck(pool, backend):
+    s = make_tensor((2, 3, 3, 5), dtype=torch.float64, seed=31, requires_grad=True, device=DEVICE)
+    t = make_tensor((2, 2, 3, 5), dtype=torch.float64, seed=32, device=DEVICE)
+    # fast mode for the kernels: the interpreter makes each call ~0.1 s
+    assert torch.autograd.gradcheck(lambda x: sk.pairwise_kd(x, t, pool=pool, backend=backend), (s,),
+                                    fast_mode=backend != "reference")
 
 
 def _pooled_unit(x, norm, pool):
@@ -232,9 +235,10 @@ class _FixedNormProbe(torch.autograd.Function):
     finite differences check it, independently of autograd through the naive form."""
 
     @staticmethod
-    def forward(ctx, x, t, n0, pool):
+    def forward(ctx, x, t, n0, pool, backend):
         ctx.save_for_backward(x, t)
         ctx.pool = pool
+        ctx.backend = backend
         a = _pooled_unit(x, n0, pool)
         t_pooled = _pooled_unit(t, 1.0, pool)
         b = t_pooled / t_pooled.norm(dim=1, keepdim=True)
@@ -247,24 +251,29 @@ class _FixedNormProbe(torch.autograd.Function):
         x, t = ctx.saved_tensors
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
-            loss = sk.pairwise_kd(x, t, pool=ctx.pool, detach_norm=True)
+            loss = sk.pairwise_kd(x, t, pool=ctx.pool, detach_norm=True, backend=ctx.backend)
             (grad,) = torch.autograd.grad(loss, x)
-        return grad_out * grad, None, None, None
+        return grad_out * grad, None, None, None, None
 
 
+# reference only: the kernels' detach_norm gradients are compared with the naive form's
+# (test_matches_naive_pxp, test_tiles_against_naive_pxp), and this probe costs ~100 kernel calls.
+@pytest.mark.parametrize("backend", ["reference"])
 @pytest.mark.parametrize("pool", [None, 2])
-def test_gradcheck_detach_norm(pool):
+def test_gradcheck_detach_norm(pool, backend):
     """detach_norm=True is, by design, not the derivative of the loss (plain gradcheck fails), but
     it is the derivative of the loss with the student's norms frozen at their current value."""
-    s = make_tensor((2, 3, 3, 5), dtype=torch.float64, seed=33, requires_grad=True)
-    t = make_tensor((2, 2, 3, 5), dtype=torch.float64, seed=34)
+    s = make_tensor((2, 3, 3, 5), dtype=torch.float64, seed=33, requires_grad=True, device=DEVICE)
+    t = make_tensor((2, 2, 3, 5), dtype=torch.float64, seed=34, device=DEVICE)
     pooled = s.detach() if pool is None else F.max_pool2d(s.detach(), pool, pool, ceil_mode=True)
     n0 = pooled.flatten(2).norm(dim=1, keepdim=True)
-    assert torch.autograd.gradcheck(lambda x: _FixedNormProbe.apply(x, t, n0, pool), (s,))
+    fast = backend != "reference"  # the interpreter makes each kernel call ~0.1 s
+    assert torch.autograd.gradcheck(lambda x: _FixedNormProbe.apply(x, t, n0, pool, backend), (s,), fast_mode=fast)
     # and the value is the ordinary loss
-    assert_close(_FixedNormProbe.apply(s, t, n0, pool), sk.pairwise_kd(s, t, pool=pool))
+    assert_close(_FixedNormProbe.apply(s, t, n0, pool, backend), sk.pairwise_kd(s, t, pool=pool, backend=backend))
     with pytest.raises(GradcheckError):
-        torch.autograd.gradcheck(lambda x: sk.pairwise_kd(x, t, pool=pool, detach_norm=True), (s,))
+        torch.autograd.gradcheck(lambda x: sk.pairwise_kd(x, t, pool=pool, detach_norm=True, backend=backend), (s,),
+                                 fast_mode=fast)
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,7 +347,7 @@ def test_output_dtype(dtype, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("pool", [None, 2])
-def test_half_precision_is_fp32_math_rounded(dtype, pool, backend):
+def test_half_precision_is_fp32_math_rounded(dtype, pool, backend):  # the kernels upcast on load too
     """fp16/bf16 inputs: the value (and gradient) of the fp32 computation on the upcast inputs,
     rounded once to the input dtype."""
     _skip_unsupported(backend, dtype)
@@ -357,15 +366,16 @@ def test_half_precision_is_fp32_math_rounded(dtype, pool, backend):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kwargs", [{}, {"pool": 2, "detach_norm": True}], ids=str)
-def test_torch_compile(kwargs):
+def test_torch_compile(kwargs, backend):
     torch._dynamo.reset()
     compiled = torch.compile(
-        lambda x, y: sk.pairwise_kd(x, y, **kwargs), fullgraph=True, backend="aot_eager"
+        lambda x, y: sk.pairwise_kd(x, y, backend=backend, **kwargs), fullgraph=True, backend="aot_eager"
     )
     s, t = _features(2, 3, 4, 5, 7, dtype=torch.float32, seed=51)
     loss, grad = _value_and_grad(compiled, s, t)
-    ref_loss, ref_grad = _value_and_grad(sk.pairwise_kd, s, t, **kwargs)
+    ref_loss, ref_grad = _value_and_grad(sk.pairwise_kd, s, t, backend=backend, **kwargs)
     assert_close(loss, ref_loss)
     assert_close(grad, ref_grad)
 
@@ -485,3 +495,95 @@ def test_full_resolution_memory():
     assert peak < 1024, f"child max RSS {peak:.0f} MiB"
     assert seconds < 20, f"forward+backward took {seconds:.1f} s"
     assert math.isfinite(loss) and 0 < loss < 1
+
+
+# --------------------------------------------------------------------------------------------
+# 11. kernels: several tiles, wide channels, custom ops
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("detach_norm", [False, True])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (1, 257, 3, 17, 19),  # P = 323: more than one pixel block; C_s over two channel tiles, odd
+        (2, 5, 130, 9, 13),  # wide teacher: several C_t tiles in G_ab, G_bb and the backward
+    ],
+    ids=lambda s: "x".join(map(str, s)),
+)
+def test_tiles_against_naive_pxp(shape, detach_norm, backend):
+    s, t = _features(*shape, dtype=torch.float32, seed=sum(shape))
+    loss, grad = _value_and_grad(sk.pairwise_kd, s, t, detach_norm=detach_norm, backend=backend)
+    ref_loss, ref_grad = _value_and_grad(naive_pairwise, s.double(), t.double(), detach_norm=detach_norm)
+    assert_close(loss, ref_loss, dtype=torch.float32)
+    scale = ref_grad.abs().max().item()
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend not available")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("detach_norm", [False, True])
+def test_opcheck_triton_ops(dtype, detach_norm):
+    from segkd_kernels.ops.pairwise_kd.triton import pairwise_kd_backward_triton, pairwise_kd_triton
+
+    s, t = _features(2, 3, 4, 5, 7, dtype=dtype, seed=71)
+    s, t = s.detach().flatten(2).requires_grad_(True), t.flatten(2)
+    torch.library.opcheck(pairwise_kd_triton, (s, t, detach_norm))
+    saved = pairwise_kd_triton(s.detach(), t, detach_norm)[1:]
+    grad = torch.tensor(-0.5, dtype=dtype, device=DEVICE)
+    torch.library.opcheck(pairwise_kd_backward_triton, (grad, s.detach(), t, *saved, detach_norm))
+
+
+# --------------------------------------------------------------------------------------------
+# 12. GPU only: fp16 / bf16 error budget, C = 2048, the benchmark shape
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("pool", [None, 2])
+def test_cuda_half_error_budget(dtype, pool):
+    """err(triton in dtype) <= 2 err(reference in dtype) + atol, both against fp64, value and gradient."""
+    s, t = _features(2, 128, 256, 33, 47, dtype=torch.float64, seed=81)
+    s, t = s.detach().to("cuda"), t.to("cuda")
+    ref64 = _value_and_grad(sk.pairwise_kd, s, t, pool=pool, backend="reference")
+    ref_half = _value_and_grad(sk.pairwise_kd, s.to(dtype), t.to(dtype), pool=pool, backend="reference")
+    out = _value_and_grad(sk.pairwise_kd, s.to(dtype), t.to(dtype), pool=pool, backend="triton")
+    assert out[0].dtype == dtype and out[1].dtype == dtype
+    scale = ref64[1].abs().max().item()
+    assert within_error_budget(out[0], ref_half[0], ref64[0], atol=1e-4 * abs(ref64[0].item()))
+    assert within_error_budget(out[1], ref_half[1], ref64[1], atol=1e-3 * scale)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [(2, 2048, 7, 9, 11), (1, 1, 2048, 16, 16)], ids=lambda s: "x".join(map(str, s)))
+def test_cuda_wide_channels(shape):
+    s, t = _features(*shape, dtype=torch.float32, seed=82)
+    s, t = s.detach().to("cuda"), t.to("cuda")
+    out = _value_and_grad(sk.pairwise_kd, s, t, backend="triton")
+    ref = _value_and_grad(sk.pairwise_kd, s.double(), t.double(), backend="reference")
+    assert_close(out[0], ref[0], dtype=torch.float32)
+    scale = ref[1].abs().max().item()
+    torch.testing.assert_close(out[1].double(), ref[1], rtol=1e-4, atol=1e-5 * max(scale, 1e-6))
+
+
+@pytest.mark.cuda
+def test_cuda_benchmark_shape_memory():
+    """P = 64 x 128, C_s 128 / C_t 256, N = 8 (the issue's benchmark shape): no P x P matrix, so
+    the extra memory is O(N C^2 + N C P), far below one image's 256 MiB similarity matrix, and
+    student ~ teacher still matches the fp64 reference (the near-cancellation regime)."""
+    t = make_tensor((8, 128, 64, 128), device="cuda", seed=83)
+    s = (t.double() + 1e-3 * make_tensor(t.shape, dtype=torch.float64, device="cuda", seed=84)).float()
+    t = torch.cat([t, t], dim=1)  # C_t = 256 with the same similarities
+    ref = _value_and_grad(sk.pairwise_kd, s.double(), t.double(), backend="reference")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = _value_and_grad(sk.pairwise_kd, s, t, backend="triton")
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    assert extra < 128 * 2**20, f"{extra / 2**20:.0f} MiB beyond the inputs"
+    assert abs(out[0].item() - ref[0].item()) <= 1e-4 * ref[0].item()
+    scale = ref[1].abs().max().item()
+    torch.testing.assert_close(out[1].double(), ref[1], rtol=1e-3, atol=1e-3 * scale)
