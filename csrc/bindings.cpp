@@ -36,15 +36,22 @@ PYBIND11_MODULE(_cuda, m) {
 
   // Generated one-to-one from launchers.h: same names, same argument order; dtype is an int.
   m.def(
-      "channel_wise_kd_forward",
-      [](std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t row_kl, std::uintptr_t grad, int64_t rows,
-          int64_t plane, double tau, double grad_scale, int dtype, int device, std::uintptr_t stream) {
-        segkd::channel_wise_kd_forward(student, teacher, row_kl, grad, rows, plane, tau, grad_scale,
-          static_cast<DType>(dtype), device, stream);
+      "channel_wise_kd_workspace",
+      [](int64_t rows, int64_t plane, int dtype, int device) {
+        return segkd::channel_wise_kd_workspace(rows, plane, static_cast<DType>(dtype), device);
       },
-      py::arg("student"), py::arg("teacher"), py::arg("row_kl"), py::arg("grad"), py::arg("rows"), py::arg("plane"),
-      py::arg("tau"), py::arg("grad_scale"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
-      py::call_guard<py::gil_scoped_release>());
+      py::arg("rows"), py::arg("plane"), py::arg("dtype"), py::arg("device"));
+  m.def(
+      "channel_wise_kd_forward",
+      [](std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t row_kl, std::uintptr_t grad,
+          std::uintptr_t workspace, int64_t workspace_floats, int64_t rows, int64_t plane, double tau,
+          double grad_scale, int dtype, int device, std::uintptr_t stream) {
+        segkd::channel_wise_kd_forward(student, teacher, row_kl, grad, workspace, workspace_floats, rows, plane, tau,
+          grad_scale, static_cast<DType>(dtype), device, stream);
+      },
+      py::arg("student"), py::arg("teacher"), py::arg("row_kl"), py::arg("grad"), py::arg("workspace"),
+      py::arg("workspace_floats"), py::arg("rows"), py::arg("plane"), py::arg("tau"), py::arg("grad_scale"),
+      py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def(
       "pixel_kd_forward",
       [](std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t ignore, std::uintptr_t weight,

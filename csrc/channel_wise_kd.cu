@@ -7,6 +7,7 @@
 // Pass 2 writes grad = scale * (softmax(s) - softmax(t)). Rows of up to kCacheItems values per
 // thread stay in registers between the passes (the gradient costs no second read); longer rows
 // are read again (mostly from L2). Loads and stores are 128-bit when the rows are 16-byte aligned.
+// Few long rows are split over several blocks per row (two kernels, see the split kernels).
 #include "common.cuh"
 
 namespace segkd {
@@ -176,27 +177,199 @@ channel_wise_kd_kernel(const T* __restrict__ s, const T* __restrict__ t, float* 
   }
 }
 
+// Block-wide merge of the per-thread states; every thread gets the block's state.
+__device__ __forceinline__ CwdState block_merge(CwdState st) {
+  __shared__ float sh[5][32];
+  __shared__ float merged[5];
+  st.warp_merge();
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
+  if (lane == 0) {
+    sh[0][warp] = st.s.m; sh[1][warp] = st.s.l; sh[2][warp] = st.t.m; sh[3][warp] = st.t.l; sh[4][warp] = st.acc;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    CwdState w;
+    if (lane < n_warps) {
+      w.s.m = sh[0][lane]; w.s.l = sh[1][lane]; w.t.m = sh[2][lane]; w.t.l = sh[3][lane]; w.acc = sh[4][lane];
+    }
+    w.warp_merge();
+    if (lane == 0) {
+      merged[0] = w.s.m; merged[1] = w.s.l; merged[2] = w.t.m; merged[3] = w.t.l; merged[4] = w.acc;
+    }
+  }
+  __syncthreads();
+  CwdState r;
+  r.s.m = merged[0]; r.s.l = merged[1]; r.t.m = merged[2]; r.t.l = merged[3]; r.acc = merged[4];
+  return r;
+}
+
+// Online statistics of positions [begin, end) of one row (begin, end multiples of V when vec).
+template <typename T>
+__device__ __forceinline__ void accumulate_range(const T* __restrict__ rs, const T* __restrict__ rt, int64_t begin,
+                                                 int64_t end, bool vec, float inv_tau, CwdState& st) {
+  constexpr int V = Vec16<T>::kSize;
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * V;
+#pragma unroll 4
+  for (int64_t base = begin + threadIdx.x * static_cast<int64_t>(V); base < end; base += stride) {
+    float xs[V], xt[V];
+    load_chunk(rs, base, end, vec, xs);
+    load_chunk(rt, base, end, vec, xt);
+#pragma unroll
+    for (int v = 0; v < V; ++v)
+      if (base + v < end) st.add(xs[v] * inv_tau, xt[v] * inv_tau);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void write_grad_range(const T* __restrict__ rs, const T* __restrict__ rt, T* __restrict__ rg,
+                                                 int64_t begin, int64_t end, bool vec, float inv_tau, float lse_s,
+                                                 float lse_t, float grad_scale) {
+  constexpr int V = Vec16<T>::kSize;
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * V;
+#pragma unroll 4
+  for (int64_t base = begin + threadIdx.x * static_cast<int64_t>(V); base < end; base += stride) {
+    float xs[V], xt[V], g[V];
+    load_chunk(rs, base, end, vec, xs);
+    load_chunk(rt, base, end, vec, xt);
+#pragma unroll
+    for (int v = 0; v < V; ++v) g[v] = grad_scale * (expf(xs[v] * inv_tau - lse_s) - expf(xt[v] * inv_tau - lse_t));
+    store_chunk(rg, base, end, vec, g);
+  }
+}
+
+// Long rows and few of them (full-resolution logits: N*C ~ 150 rows of ~10^6 positions): one
+// block per row would leave most SMs idle, so each row is split over gridDim.x blocks. Pass 1
+// writes one state per (row, split); pass 2 merges the states of its row (every block redoes this
+// tiny merge), writes the row's KL (split 0) and the gradient of its own range.
+template <typename T>
+__global__ void __launch_bounds__(kCwdMaxThreads)
+channel_wise_kd_split_stats_kernel(const T* __restrict__ s, const T* __restrict__ t, float* __restrict__ partials,
+                                   int64_t plane, int64_t chunk, float inv_tau, bool vec) {
+  const int64_t split = blockIdx.x, row = blockIdx.y, splits = gridDim.x;
+  const int64_t begin = split * chunk, end = begin + chunk < plane ? begin + chunk : plane;
+  CwdState st;
+  accumulate_range(s + row * plane, t + row * plane, begin, end, vec, inv_tau, st);
+  st = block_merge(st);
+  if (threadIdx.x == 0) {
+    float* p = partials + (row * splits + split) * 5;
+    p[0] = st.s.m; p[1] = st.s.l; p[2] = st.t.m; p[3] = st.t.l; p[4] = st.acc;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kCwdMaxThreads)
+channel_wise_kd_split_finish_kernel(const T* __restrict__ s, const T* __restrict__ t,
+                                    const float* __restrict__ partials, int64_t splits, float* __restrict__ row_kl,
+                                    T* __restrict__ grad, int64_t plane, int64_t chunk, float inv_tau,
+                                    float grad_scale, bool vec) {
+  const int64_t split = blockIdx.x, row = blockIdx.y;
+  __shared__ float lse_sh[2];
+  if (threadIdx.x < 32) {  // warp 0 merges the row's states
+    CwdState w;
+    for (int64_t k = threadIdx.x; k < splits; k += 32) {
+      const float* p = partials + (row * splits + k) * 5;
+      CwdState o;
+      o.s.m = p[0]; o.s.l = p[1]; o.t.m = p[2]; o.t.l = p[3]; o.acc = p[4];
+      w.merge(o);
+    }
+    w.warp_merge();
+    if (threadIdx.x == 0) {
+      const float lse_s = w.s.lse(), lse_t = w.t.lse();
+      if (split == 0) row_kl[row] = w.acc / w.t.l - lse_t + lse_s;
+      lse_sh[0] = lse_s;
+      lse_sh[1] = lse_t;
+    }
+  }
+  if (grad == nullptr) return;
+  __syncthreads();
+  const int64_t begin = split * chunk, end = begin + chunk < plane ? begin + chunk : plane;
+  write_grad_range(s + row * plane, t + row * plane, grad + row * plane, begin, end, vec, inv_tau, lse_sh[0],
+                   lse_sh[1], grad_scale);
+}
+
+struct SplitPlan {
+  int64_t splits = 1, chunk = 0;
+};
+
+// Splits only when there are fewer rows than about two blocks per SM and each split still gets
+// at least 16 vector loads per thread.
+template <typename T>
+SplitPlan plan_split(int64_t rows, int64_t plane, int sms) {
+  constexpr int V = Vec16<T>::kSize;
+  SplitPlan plan;
+  const int64_t min_chunk = static_cast<int64_t>(kCwdMaxThreads) * V * 16;
+  if (rows >= 2 * sms || rows > 65535 || plane < 2 * min_chunk) return plan;
+  int64_t splits = (2 * sms + rows - 1) / rows;
+  const int64_t most = plane / min_chunk;
+  if (splits > most) splits = most;
+  if (splits < 2) return plan;
+  int64_t chunk = (plane + splits - 1) / splits;
+  chunk = (chunk + V - 1) / V * V;  // chunk starts stay 16-byte aligned
+  plan.splits = (plane + chunk - 1) / chunk;
+  plan.chunk = chunk;
+  return plan;
+}
+
+int multiprocessors(int device) {
+  int sms = 0;
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  return sms;
+}
+
 }  // namespace
 
+int64_t channel_wise_kd_workspace(int64_t rows, int64_t plane, DType dtype, int device) {
+  if (rows <= 0 || plane <= 0) return 0;
+  DeviceGuard guard(device);
+  const int sms = multiprocessors(device);
+  int64_t floats = 0;
+  dispatch_float_types(dtype, "channel_wise_kd_workspace", [&](auto tag) {
+    const SplitPlan plan = plan_split<decltype(tag)>(rows, plane, sms);
+    floats = plan.splits > 1 ? rows * plan.splits * 5 : 0;
+  });
+  return floats;
+}
+
 void channel_wise_kd_forward(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t row_kl,
-                             std::uintptr_t grad, int64_t rows, int64_t plane, double tau, double grad_scale,
-                             DType dtype, int device, std::uintptr_t stream) {
+                             std::uintptr_t grad, std::uintptr_t workspace, int64_t workspace_floats, int64_t rows,
+                             int64_t plane, double tau, double grad_scale, DType dtype, int device,
+                             std::uintptr_t stream) {
   if (rows == 0) return;
   if (plane <= 0) throw std::invalid_argument("channel_wise_kd: H*W must be positive");
   if (!(tau > 0)) throw std::invalid_argument("channel_wise_kd: tau must be positive");
   check_grid_dim(rows, "channel_wise_kd", "(n, c) rows");
   DeviceGuard guard(device);
+  const int sms = multiprocessors(device);
   dispatch_float_types(dtype, "channel_wise_kd_forward", [&](auto tag) {
     using T = decltype(tag);
     constexpr int V = Vec16<T>::kSize;
     // 128-bit accesses need every row start 16-byte aligned: aligned bases and plane % V == 0.
     const bool vec = plane % V == 0 && aligned16(student) && aligned16(teacher) && (grad == 0 || aligned16(grad));
+    const auto* s = reinterpret_cast<const T*>(student);
+    const auto* t = reinterpret_cast<const T*>(teacher);
+    auto* kl = reinterpret_cast<float*>(row_kl);
+    auto* g = reinterpret_cast<T*>(grad);
+    const float inv_tau = static_cast<float>(1.0 / tau), scale = static_cast<float>(grad_scale);
+    const SplitPlan plan = plan_split<T>(rows, plane, sms);
+    if (plan.splits > 1) {
+      if (workspace == 0 || workspace_floats < rows * plan.splits * 5)
+        throw std::invalid_argument("channel_wise_kd: workspace smaller than channel_wise_kd_workspace()");
+      const dim3 grid(static_cast<unsigned>(plan.splits), static_cast<unsigned>(rows));
+      auto* partials = reinterpret_cast<float*>(workspace);
+      channel_wise_kd_split_stats_kernel<T><<<grid, kCwdMaxThreads, 0, as_stream(stream)>>>(
+          s, t, partials, plane, plan.chunk, inv_tau, vec);
+      check_launch("channel_wise_kd_forward (split statistics)");
+      // without a gradient one block per row is enough to write the KL
+      const dim3 grid2(g == nullptr ? 1u : static_cast<unsigned>(plan.splits), static_cast<unsigned>(rows));
+      channel_wise_kd_split_finish_kernel<T><<<grid2, kCwdMaxThreads, 0, as_stream(stream)>>>(
+          s, t, partials, plan.splits, kl, g, plane, plan.chunk, inv_tau, scale, vec);
+      return;
+    }
     // Short rows get fewer threads (whole warps) instead of idle lanes.
-    int64_t chunks = (plane + V - 1) / V;
-    int threads = static_cast<int>(std::min<int64_t>(kCwdMaxThreads, ((chunks + 31) / 32) * 32));
+    const int64_t chunks = (plane + V - 1) / V;
+    const int threads = static_cast<int>(std::min<int64_t>(kCwdMaxThreads, ((chunks + 31) / 32) * 32));
     channel_wise_kd_kernel<T><<<static_cast<unsigned>(rows), threads, 0, as_stream(stream)>>>(
-        reinterpret_cast<const T*>(student), reinterpret_cast<const T*>(teacher), reinterpret_cast<float*>(row_kl),
-        reinterpret_cast<T*>(grad), plane, static_cast<float>(1.0 / tau), static_cast<float>(grad_scale), vec);
+        s, t, kl, g, plane, inv_tau, scale, vec);
   });
   check_launch("channel_wise_kd_forward");
 }

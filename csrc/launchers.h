@@ -23,9 +23,12 @@ void spatial_pool_backward(std::uintptr_t grad_avg, std::uintptr_t grad_max, std
 // channel_wise_kd (csrc/channel_wise_kd.cu): row_kl[r] = KL(softmax(t_r / tau) || softmax(s_r / tau))
 // in fp32 for each of `rows` rows of `plane` values; if grad != 0 it also writes
 // grad = grad_scale * (softmax(s_r / tau) - softmax(t_r / tau)) in the input dtype.
+// workspace: channel_wise_kd_workspace() fp32 values (0 when the rows are not split over blocks).
+int64_t channel_wise_kd_workspace(int64_t rows, int64_t plane, DType dtype, int device);
 void channel_wise_kd_forward(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t row_kl,
-                             std::uintptr_t grad, int64_t rows, int64_t plane, double tau, double grad_scale,
-                             DType dtype, int device, std::uintptr_t stream);
+                             std::uintptr_t grad, std::uintptr_t workspace, int64_t workspace_floats, int64_t rows,
+                             int64_t plane, double tau, double grad_scale, DType dtype, int device,
+                             std::uintptr_t stream);
 
 // pixel_kd (csrc/pixel_kd.cu): logits (batch, classes, plane). Per pixel g: out[g] = w_g * KL_g (fp32,
 // 0 where ignore[g]); grad = coef[0] * w_g * (softmax(s / tau) - softmax(t / tau)) (0 where ignored).

@@ -39,9 +39,13 @@ def channel_wise_kd_cuda(student: torch.Tensor, teacher: torch.Tensor, tau: floa
     grad = torch.empty_like(s) if need_grad else s.new_empty(0)
     scale = tau * tau / max(rows, 1)
     if s.numel() > 0:  # an empty map (H*W = 0) has KL 0 and nothing to launch
+        # few long rows are split over several blocks per row, with per-split statistics here
+        floats = lib.channel_wise_kd_workspace(rows, h * w, args["dtype"], args["device"])
+        workspace = torch.empty(floats, dtype=torch.float32, device=s.device)
         # d/ds of tau^2 / (N C) * KL_row = tau / (N C) * (softmax(s / tau) - softmax(t / tau))
         lib.channel_wise_kd_forward(s.data_ptr(), t.data_ptr(), row_kl.data_ptr(), grad.data_ptr() if need_grad else 0,
-                                    rows, h * w, float(tau), float(tau / max(rows, 1)), **args)
+                                    workspace.data_ptr() if floats else 0, floats, rows, h * w, float(tau),
+                                    float(tau / max(rows, 1)), **args)
     loss = (row_kl.sum() * scale).to(student.dtype)
     return loss, grad
 
