@@ -7,7 +7,8 @@ Per image, with A = [a_p] (P x C_s) and B = [b_p] (P x C_t) the unit pixel featu
 Kernels, all reading the features in their natural (N, C, P) layout (pixels contiguous):
   _norm_kernel      per-pixel L2 norm over the channels (fp64), one program per (image, pixel block)
   _gram_kernel      X^T Y for X, Y in {A, B}: one program per (image, C_x tile, C_y tile) streams
-                    the pixels, normalising on load; fp64 operands and accumulator
+                    the pixels, normalising on load; fp64 operands and accumulator; A^T A and B^T B
+                    compute the tiles on and above the diagonal only
   _grad_kernel      dA^T = scale * (G_aa A^T - G_ab B^T): one program per (image, C_s tile, pixel tile)
   _norm_bwd_kernel  ds = (dA - a (a . dA)) / ||s|| (or dA / ||s|| with detach_norm), per pixel block
 
@@ -53,9 +54,15 @@ def _norm_kernel(x_ptr, norm_ptr, C, P, BLOCK_C: tl.constexpr, BLOCK_P: tl.const
 
 @triton.jit
 def _gram_kernel(x_ptr, xnorm_ptr, y_ptr, ynorm_ptr, g_ptr, CX, CY, P, eps,
-                 BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr):
-    """g[n, i, j] = sum_p x[n, i, p] y[n, j, p] / (max(|x_p|, eps) max(|y_p|, eps)), all in fp64."""
+                 BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr, SYMMETRIC: tl.constexpr):
+    """g[n, i, j] = sum_p x[n, i, p] y[n, j, p] / (max(|x_p|, eps) max(|y_p|, eps)), all in fp64.
+    SYMMETRIC (x is y): only tiles on or above the diagonal are computed; the caller mirrors them."""
     n = tl.program_id(0).to(tl.int64)
+    # Skipped tiles loop zero times and store zeros, replaced by the mirror image on the host side
+    # (no early return: plain control flow).
+    p_end = tl.program_id(0) * 0 + P
+    if SYMMETRIC:
+        p_end = tl.where(tl.program_id(2) < tl.program_id(1), 0, p_end)
     offs_i = tl.program_id(1).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
     offs_j = tl.program_id(2).to(tl.int64) * BLOCK_J + tl.arange(0, BLOCK_J)
     mask_i = offs_i < CX
@@ -63,7 +70,7 @@ def _gram_kernel(x_ptr, xnorm_ptr, y_ptr, ynorm_ptr, g_ptr, CX, CY, P, eps,
     x_base = x_ptr + n * CX * P
     y_base = y_ptr + n * CY * P
     acc = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float64)
-    for p0 in range(0, P, BLOCK_P):
+    for p0 in range(0, p_end, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
         mask_p = offs_p < P
         # other=1 keeps masked pixels finite; their features load as 0, so they add nothing
@@ -73,7 +80,7 @@ def _gram_kernel(x_ptr, xnorm_ptr, y_ptr, ynorm_ptr, g_ptr, CX, CY, P, eps,
                     other=0.0).to(tl.float64) * x_inv[None, :]
         y = tl.load(y_base + offs_j[:, None] * P + offs_p[None, :], mask=mask_j[:, None] & mask_p[None, :],
                     other=0.0).to(tl.float64) * y_inv[None, :]
-        acc += tl.dot(x, tl.trans(y))
+        acc += tl.dot(x, tl.trans(y), input_precision="ieee", out_dtype=tl.float64)
     tl.store(g_ptr + n * CX * CY + offs_i[:, None] * CY + offs_j[None, :], acc,
              mask=mask_i[:, None] & mask_j[None, :])
 
@@ -154,7 +161,9 @@ def _tile(c: int, cap: int) -> int:
 
 # Pixel tiles: wide under the interpreter (its cost is per block operation, not per element).
 _BLOCK_P = 256 if TRITON_INTERPRET else 64
-_GRAM_TILE = 64
+_GRAM_TILE = 128 if TRITON_INTERPRET else 64
+_GRAD_TILE_C = 128 if TRITON_INTERPRET else 64
+_GRAD_TILE_K = 128 if TRITON_INTERPRET else 32
 
 
 def _norms(x: torch.Tensor) -> torch.Tensor:
@@ -165,14 +174,22 @@ def _norms(x: torch.Tensor) -> torch.Tensor:
     return norm
 
 
-def _gram(x, xnorm, y, ynorm) -> torch.Tensor:
+def _gram(x, xnorm, y=None, ynorm=None) -> torch.Tensor:
+    """X^T Y per image (fp64); X^T X when y is None, computing the upper tiles only."""
+    symmetric = y is None
+    if symmetric:
+        y, ynorm = x, xnorm
     n, cx, p = x.shape
     cy = y.shape[1]
     g = torch.empty(n, cx, cy, dtype=torch.float64, device=x.device)
     bi, bj = _tile(cx, _GRAM_TILE), _tile(cy, _GRAM_TILE)
     block_p = 128 if TRITON_INTERPRET else 32
     _gram_kernel[(n, triton.cdiv(cx, bi), triton.cdiv(cy, bj))](
-        x, xnorm, y, ynorm, g, cx, cy, p, NORM_EPS, BLOCK_I=bi, BLOCK_J=bj, BLOCK_P=block_p)
+        x, xnorm, y, ynorm, g, cx, cy, p, NORM_EPS, BLOCK_I=bi, BLOCK_J=bj, BLOCK_P=block_p, SYMMETRIC=symmetric)
+    if symmetric:  # fill the skipped tiles (tile row > tile column) from their mirror images
+        tile = torch.arange(cx, device=x.device) // bi
+        below = tile[:, None] > tile[None, :]
+        g = torch.where(below, g.transpose(1, 2), g)
     return g
 
 
@@ -184,9 +201,9 @@ def pairwise_kd_triton(s: torch.Tensor, t: torch.Tensor, detach_norm: bool) -> t
     s, t = s.contiguous(), t.contiguous()
     n, _, p = s.shape
     snorm, tnorm = _norms(s), _norms(t)
-    gaa = _gram(s, snorm, s, snorm)
+    gaa = _gram(s, snorm)
     gab = _gram(s, snorm, t, tnorm)
-    gbb = _gram(t, tnorm, t, tnorm)
+    gbb = _gram(t, tnorm)
     # torch's sum is pairwise, in fp64: the near-cancelling combination keeps its accuracy
     total = gaa.square().sum() - 2.0 * gab.square().sum() + gbb.square().sum()
     loss = (total / (n * p * p)).to(s.dtype)
@@ -203,8 +220,8 @@ def pairwise_kd_backward_triton(grad: torch.Tensor, s: torch.Tensor, t: torch.Te
     acc = torch.float64 if s.dtype == torch.float64 else torch.float32
     scale = 4.0 / (n * p * p)
     da = torch.empty(n, cs, p, dtype=acc, device=s.device)
-    block_c = _tile(cs, 64)
-    block_k = 32
+    block_c = _tile(cs, _GRAD_TILE_C)
+    block_k = _GRAD_TILE_K
     _grad_kernel[(n, triton.cdiv(cs, block_c), triton.cdiv(p, _BLOCK_P))](
         gaa.to(acc).contiguous(), gab.to(acc).contiguous(), s, snorm, t, tnorm, da, grad.contiguous(), cs, ct, p, NORM_EPS, scale,
         BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_P=_BLOCK_P, ACC_DTYPE=_acc_dtype(s.dtype))
