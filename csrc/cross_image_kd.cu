@@ -14,7 +14,9 @@
 // sum exp(T - m_T) (T - S); KL_row = acc / l_T - lse_T + lse_S. The two log-sum-exps are saved.
 // Backward recomputes every tile: dS = (softmax(S) - softmax(T)) * g / (N^2 P tau), then
 // da_i[:, r] += sum_c dS[r, c] a_j[:, c] and da_j[:, c] += sum_r dS[r, c] a_i[:, r] with
-// a = x * inv (fp32 atomics for rows and columns; da is zero-filled by the caller).
+// a = x * inv. Two kernels own the rows and the columns respectively and accumulate in shared
+// memory (one flush each); for very wide C_s a single kernel adds per tile with fp32 atomics.
+// da is zero-filled by the caller.
 #include <mma.h>
 
 #include <type_traits>
@@ -282,6 +284,77 @@ cross_image_backward_kernel(const T* __restrict__ xs, const T* __restrict__ xt, 
   }
 }
 
+// The same backward without per-tile atomics: one kernel owns 32 rows of image i (loops over the
+// column tiles of j) and accumulates da_i for its rows in shared memory; the other owns 32
+// columns of image j (loops over the row tiles of i) and accumulates da_j for its columns. Each
+// recomputes the tiles (twice the similarity work) and flushes its accumulator once with atomics
+// (several pairs add into the same image). Dynamic shared memory: C_s x 32 floats.
+template <typename T, bool kOwnRows>
+__global__ void __launch_bounds__(kThreads)
+cross_image_backward_owned_kernel(const T* __restrict__ xs, const T* __restrict__ xt, const float* __restrict__ inv_s,
+                                  const float* __restrict__ inv_t, const float* __restrict__ lse,
+                                  const float* __restrict__ grad_loss, float* __restrict__ da, int64_t batch,
+                                  int64_t cs, int64_t ct, int64_t plane, int64_t tiles, float inv_tau, float scale) {
+  __shared__ typename TileDots<T>::Smem sm;
+  __shared__ float dsh[kTile][kTile + 1];
+  extern __shared__ float acc[];  // [cs][kTile]: da of the owned pixels
+  const int64_t pair = blockIdx.x / tiles, owned0 = (blockIdx.x - pair * tiles) * kTile;
+  const int64_t i = pair / batch, j = pair - i * batch;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const T* xi_s = xs + i * cs * plane;
+  const T* xj_s = xs + j * cs * plane;
+  const T* xi_t = xt + i * ct * plane;
+  const T* xj_t = xt + j * ct * plane;
+  const float coef = grad_loss[0] * scale * inv_tau;
+  const int64_t rows_total = batch * batch * plane;
+  for (int64_t e = threadIdx.x; e < cs * kTile; e += blockDim.x) acc[e] = 0.f;
+  // no barrier needed here: the first tile_dots call synchronises before acc is touched again
+
+  for (int64_t other0 = 0; other0 < plane; other0 += kTile) {
+    const int64_t r0 = kOwnRows ? owned0 : other0, c0 = kOwnRows ? other0 : owned0;
+    float sd[kRowsPerWarp], td[kRowsPerWarp];
+    TileDots<T>::run(xi_s, xj_s, cs, xi_t, xj_t, ct, plane, r0, c0, sm, sd, td);
+    const bool valid = c0 + lane < plane;
+    const float col_s = valid ? inv_s[j * plane + c0 + lane] : 0.f;
+    const float col_t = valid ? inv_t[j * plane + c0 + lane] : 0.f;
+#pragma unroll
+    for (int q = 0; q < kRowsPerWarp; ++q) {
+      const int64_t r = r0 + warp * kRowsPerWarp + q;
+      float d = 0.f;
+      if (valid && r < plane) {
+        const float sv = sd[q] * inv_s[i * plane + r] * col_s * inv_tau;
+        const float tv = td[q] * inv_t[i * plane + r] * col_t * inv_tau;
+        d = coef * (expf(sv - lse[pair * plane + r]) - expf(tv - lse[rows_total + pair * plane + r]));
+        // rows: the partner a_j[:, c] = x_j[:, c] inv_j[c]; columns: a_i[:, r] = x_i[:, r] inv_i[r]
+        d *= kOwnRows ? col_s : inv_s[i * plane + r];
+      }
+      dsh[warp * kRowsPerWarp + q][lane] = d;
+    }
+    __syncthreads();
+    // thread (warp, lane) owns acc[k][lane] for k = warp, warp + 8, ...: no two threads share one
+    if (kOwnRows) {
+      const int64_t c_count = plane - c0 < kTile ? plane - c0 : kTile;
+      for (int64_t k = warp; k < cs; k += kThreads / 32) {
+        float v = 0.f;
+        for (int c = 0; c < c_count; ++c) v = fmaf(dsh[lane][c], to_float(xj_s[k * plane + c0 + c]), v);
+        acc[k * kTile + lane] += v;
+      }
+    } else {
+      const int64_t r_count = plane - r0 < kTile ? plane - r0 : kTile;
+      for (int64_t k = warp; k < cs; k += kThreads / 32) {
+        float v = 0.f;
+        for (int r = 0; r < r_count; ++r) v = fmaf(dsh[r][lane], to_float(xi_s[k * plane + r0 + r]), v);
+        acc[k * kTile + lane] += v;
+      }
+    }
+    __syncthreads();
+  }
+  float* target = da + (kOwnRows ? i : j) * cs * plane;
+  if (owned0 + lane < plane)
+    for (int64_t k = warp; k < cs; k += kThreads / 32)
+      atomicAdd(target + k * plane + owned0 + lane, acc[k * kTile + lane]);
+}
+
 void check_sizes(int64_t batch, int64_t plane, int64_t& row_tiles) {
   row_tiles = (plane + kTile - 1) / kTile;
   check_grid_dim(batch * batch * row_tiles, "cross_image_kd", "image pairs x row tiles");
@@ -312,19 +385,44 @@ void cross_image_backward(std::uintptr_t xs, std::uintptr_t xt, std::uintptr_t i
                           std::uintptr_t lse, std::uintptr_t grad_loss, std::uintptr_t da, int64_t batch, int64_t cs,
                           int64_t ct, int64_t plane, double tau, DType dtype, int device, std::uintptr_t stream) {
   if (!(tau > 0)) throw std::invalid_argument("cross_image_kd: tau must be positive");
-  if (batch == 0 || plane == 0) return;
+  if (batch == 0 || plane == 0 || cs == 0) return;
   int64_t row_tiles = 0;
   check_sizes(batch, plane, row_tiles);
   DeviceGuard guard(device);
   const double scale = 1.0 / (static_cast<double>(batch) * batch * plane);
+  const unsigned blocks = static_cast<unsigned>(batch * batch * row_tiles);
+  // The owned-pixel kernels keep C_s x 32 fp32 accumulators in shared memory; beyond what the
+  // device offers per block, fall back to per-tile atomics.
+  int optin = 0;
+  check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "cudaDeviceGetAttribute");
+  const int64_t acc_bytes = cs * kTile * static_cast<int64_t>(sizeof(float));
   dispatch_float_types(dtype, "cross_image_backward", [&](auto tag) {
     using T = decltype(tag);
-    cross_image_backward_kernel<T><<<static_cast<unsigned>(batch * batch * row_tiles), kThreads, 0,
-                                     as_stream(stream)>>>(
-        reinterpret_cast<const T*>(xs), reinterpret_cast<const T*>(xt), reinterpret_cast<const float*>(inv_s),
-        reinterpret_cast<const float*>(inv_t), reinterpret_cast<const float*>(lse),
-        reinterpret_cast<const float*>(grad_loss), reinterpret_cast<float*>(da), batch, cs, ct, plane, row_tiles,
-        static_cast<float>(1.0 / tau), static_cast<float>(scale));
+    const auto* s = reinterpret_cast<const T*>(xs);
+    const auto* t = reinterpret_cast<const T*>(xt);
+    const auto* is = reinterpret_cast<const float*>(inv_s);
+    const auto* it = reinterpret_cast<const float*>(inv_t);
+    const auto* l = reinterpret_cast<const float*>(lse);
+    const auto* g = reinterpret_cast<const float*>(grad_loss);
+    auto* d = reinterpret_cast<float*>(da);
+    const float inv_tau = static_cast<float>(1.0 / tau), sc = static_cast<float>(scale);
+    const int64_t static_bytes = static_cast<int64_t>(sizeof(typename TileDots<T>::Smem)) +
+                                 kTile * (kTile + 1) * static_cast<int64_t>(sizeof(float));
+    if (acc_bytes + static_bytes <= optin) {
+      const int dyn = static_cast<int>(acc_bytes);
+      check_cuda(cudaFuncSetAttribute(cross_image_backward_owned_kernel<T, true>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, dyn), "cudaFuncSetAttribute");
+      check_cuda(cudaFuncSetAttribute(cross_image_backward_owned_kernel<T, false>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, dyn), "cudaFuncSetAttribute");
+      cross_image_backward_owned_kernel<T, true><<<blocks, kThreads, dyn, as_stream(stream)>>>(
+          s, t, is, it, l, g, d, batch, cs, ct, plane, row_tiles, inv_tau, sc);
+      check_launch("cross_image_backward (rows)");
+      cross_image_backward_owned_kernel<T, false><<<blocks, kThreads, dyn, as_stream(stream)>>>(
+          s, t, is, it, l, g, d, batch, cs, ct, plane, row_tiles, inv_tau, sc);
+    } else {
+      cross_image_backward_kernel<T><<<blocks, kThreads, 0, as_stream(stream)>>>(
+          s, t, is, it, l, g, d, batch, cs, ct, plane, row_tiles, inv_tau, sc);
+    }
   });
   check_launch("cross_image_backward");
 }
