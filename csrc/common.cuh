@@ -127,7 +127,7 @@ struct OnlineLse {
 };
 
 // Block-wide sum for blockDim.x a multiple of 32 (<= 1024). Every thread gets the result.
-// `scratch` holds 32 floats; the call starts and ends with a barrier so it can be reused.
+// `scratch` holds 32 floats; the call starts with a barrier, so it may follow another use of it.
 __device__ __forceinline__ float block_sum(float v, float* scratch) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
   v = warp_sum(v);

@@ -54,7 +54,7 @@ def channel_pool_backward_cuda(grad_out: torch.Tensor, argmax: torch.Tensor, x: 
     n, c, h, w = xc.shape
     go = grad_out.to(x.dtype).contiguous()
     dx = xc.new_empty(n, c, h, w)
-    dgate = torch.empty(n, c, dtype=torch.float32, device=x.device) if g is not None else x.new_empty(0, dtype=torch.float32)
+    dgate = x.new_empty((n, c) if g is not None else (0,), dtype=torch.float32)
     if n * c > 0:
         if h * w == 0:
             dgate.zero_()
