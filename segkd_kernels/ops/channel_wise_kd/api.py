@@ -2,17 +2,18 @@
 
 import torch
 
-from ..._backends import FLOAT_DTYPES, select_backend
+from ..._backends import FLOAT_DTYPES, KERNEL_DTYPES, select_backend
 from ..._validation import check_positive, check_same_device, check_same_shape, check_tensor
 from . import reference
 
-IMPLEMENTED = {"reference": FLOAT_DTYPES}
+IMPLEMENTED = {"reference": FLOAT_DTYPES, "cuda": KERNEL_DTYPES}
 try:
     from . import triton as triton_impl
 
     IMPLEMENTED["triton"] = FLOAT_DTYPES
 except ImportError:  # triton missing: _backends reports why
     triton_impl = None
+from .cuda import channel_wise_kd_cuda
 
 
 def channel_wise_kd(student: torch.Tensor, teacher: torch.Tensor, tau: float = 4.0, *,
@@ -28,4 +29,7 @@ def channel_wise_kd(student: torch.Tensor, teacher: torch.Tensor, tau: float = 4
     name = select_backend("channel_wise_kd", backend, IMPLEMENTED, student)
     if name == "triton":
         return triton_impl.channel_wise_kd(student, teacher, tau)
+    if name == "cuda":
+        needs_grad = torch.is_grad_enabled() and student.requires_grad
+        return channel_wise_kd_cuda(student, teacher.detach(), float(tau), needs_grad)[0]
     return reference.channel_wise_kd(student, teacher, tau)

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import torch
 
-from ..._backends import FLOAT_DTYPES, select_backend
+from ..._backends import FLOAT_DTYPES, KERNEL_DTYPES, select_backend
 from ..._validation import check_positive, check_same_device, check_same_shape, check_tensor
 from . import reference
 
-IMPLEMENTED = {"reference": FLOAT_DTYPES}
+IMPLEMENTED = {"reference": FLOAT_DTYPES, "cuda": KERNEL_DTYPES}
 try:
     from . import triton as triton_impl
 
     IMPLEMENTED["triton"] = FLOAT_DTYPES
 except ImportError:  # triton missing: _backends reports why
     triton_impl = None
+from .cuda import knowledge_gap_cuda, pfs_pixel_kd_cuda, pixel_kd_cuda
+
+
+def _needs_grad(student_logits: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and student_logits.requires_grad
 
 
 def _check_logits(student_logits, teacher_logits, tau) -> None:
@@ -50,8 +55,13 @@ def pixel_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: fl
     _check_logits(student_logits, teacher_logits, tau)
     _check_pixel_map("weight", weight, student_logits, boolean=False)
     _check_pixel_map("ignore_mask", ignore_mask, student_logits, boolean=True)
-    if select_backend("pixel_kd", backend, IMPLEMENTED, student_logits) == "triton":
+    name = select_backend("pixel_kd", backend, IMPLEMENTED, student_logits)
+    if name == "triton":
         return triton_impl.pixel_kd(student_logits, teacher_logits, tau, weight, ignore_mask)
+    if name == "cuda":
+        weight = weight.detach() if weight is not None else None
+        return pixel_kd_cuda(student_logits, teacher_logits.detach(), float(tau), weight, ignore_mask,
+                             _needs_grad(student_logits))[0]
     return reference.pixel_kd(student_logits, teacher_logits, tau, weight, ignore_mask)
 
 
@@ -59,8 +69,11 @@ def knowledge_gap(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ta
     """(N, H, W) per-pixel KL(teacher || student) at temperature tau, detached, in the student's dtype.
     The backend is chosen as for backend="auto" (SEGKD_BACKEND applies)."""
     _check_logits(student_logits, teacher_logits, tau)
-    if select_backend("knowledge_gap", "auto", IMPLEMENTED, student_logits) == "triton":
+    name = select_backend("knowledge_gap", "auto", IMPLEMENTED, student_logits)
+    if name == "triton":
         return triton_impl.knowledge_gap(student_logits, teacher_logits, tau)
+    if name == "cuda":
+        return knowledge_gap_cuda(student_logits.detach(), teacher_logits.detach(), float(tau))
     with torch.no_grad():
         return reference.per_pixel_kl(student_logits, teacher_logits, tau).to(student_logits.dtype)
 
@@ -70,6 +83,10 @@ def pfs_pixel_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau
     """Pixel KD weighted by the knowledge gap, w_p = gap_p / mean valid gap (LOSSES.md 2b)."""
     _check_logits(student_logits, teacher_logits, tau)
     _check_pixel_map("ignore_mask", ignore_mask, student_logits, boolean=True)
-    if select_backend("pfs_pixel_kd", backend, IMPLEMENTED, student_logits) == "triton":
+    name = select_backend("pfs_pixel_kd", backend, IMPLEMENTED, student_logits)
+    if name == "triton":
         return triton_impl.pfs_pixel_kd(student_logits, teacher_logits, tau, ignore_mask)
+    if name == "cuda":
+        return pfs_pixel_kd_cuda(student_logits, teacher_logits.detach(), float(tau), ignore_mask,
+                                 _needs_grad(student_logits))[0]
     return reference.pfs_pixel_kd(student_logits, teacher_logits, tau, ignore_mask)
