@@ -539,7 +539,9 @@ def test_cuda_benchmark_shape_fp32():
     out = _value_and_grad(sk.cross_image_kd, s, t, 0.1, backend="triton")
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before
-    assert extra < 64 * 2**20, f"{extra / 2**20:.0f} MiB beyond the inputs"  # one P x P fp32 matrix: 256 MiB
+    # O(N P C): unit features and their pixel-major copies, gradients (~100 MiB here); one P x P
+    # fp32 matrix alone would be 256 MiB, and the eager form keeps several per pair
+    assert extra < 192 * 2**20, f"{extra / 2**20:.0f} MiB beyond the inputs"
     rtol, atol = TOLERANCES[torch.float32]
     torch.testing.assert_close(out[0].double(), ref[0], rtol=10 * rtol, atol=atol)
     scale = ref[1].abs().max().item()

@@ -41,8 +41,10 @@ def cross_image_kl(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor
         for r0 in range(0, p, rows):
             log_ps = F.log_softmax(_block_logits(a[i, :, r0 : r0 + rows], a, tau), dim=2)
             log_pt = F.log_softmax(_block_logits(b[i, :, r0 : r0 + rows], b, tau), dim=2)
-            # sum over the block of exp(log_pt) (log_pt - log_ps), accumulated in fp64 across blocks
-            total += F.kl_div(log_ps, log_pt, reduction="sum", log_target=True).double()
+            # sum over the block of exp(log_pt) (log_pt - log_ps) as one dot product (fewer passes
+            # than kl_div on CPU), accumulated in fp64 across blocks
+            p_t = log_pt.exp()
+            total += torch.dot(p_t.view(-1), log_pt.sub_(log_ps).view(-1)).double()
     return (total / (p * n * n)).to(a.dtype)
 
 
