@@ -288,3 +288,16 @@ def test_compare_smoke_tables(tmp_path):
     assert kd["n"] == 2 and kd["miou_mean"] == pytest.approx(sum(mious) / 2)
     table = open(out / "compare.md").read()
     assert "| kd | 2 |" in table and "student alone" in table and "teacher" in table
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_cuda_distillation_runs_with_fused_backends(tmp_path, precision):
+    """On a GPU: a teacher, then a distilled student with every op on its fastest backend ("auto")."""
+    t = engine.train(tiny(tmp_path / "t", "stage=teacher", "device=cuda", "iters=2"))
+    for method in ("kd", "cwd", "cirkd", "ssim", "attnfd"):
+        r = engine.train(tiny(tmp_path / method, f"method={method}", "device=cuda", f"precision={precision}",
+                              "iters=3", f"teacher.checkpoint={t['checkpoint']}", "data.options.image_size=32",
+                              "data.crop_size=32"))
+        assert r["status"] == "done"
+        assert all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in r["history"]), (method, r["history"])

@@ -153,6 +153,8 @@ def _add_demo(p) -> None:
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--iters", type=int, help="override the iteration budget of every run")
     p.add_argument("--device", default="auto")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting of every run, e.g. --set threads=1")
 
 
 def _demo(args) -> int:
@@ -160,7 +162,8 @@ def _demo(args) -> int:
     from segkd_kernels.train.engine import Interrupted
 
     try:
-        return run_demo(quick=args.quick, method=args.method, out=args.out, iters=args.iters, device=args.device)
+        return run_demo(quick=args.quick, method=args.method, out=args.out, iters=args.iters, device=args.device,
+                        overrides=args.overrides)
     except _trainer_errors() as e:
         print(f"segkd demo: error: {e}", file=sys.stderr)
         return 2
