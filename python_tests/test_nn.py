@@ -5,6 +5,7 @@ in repr, and works under torch.compile. CBAM and AttnFD are tested in test_attnf
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -147,19 +148,23 @@ def test_module_teacher_gets_no_gradient(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_module_backend_passthrough(case):
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_module_backend_passthrough(case, backend):
+    """The module runs exactly the functional call with its backend: same value where that backend
+    can run these inputs, the same refusal (never a silent fallback) where it cannot."""
     s, t = _inputs(case, torch.float32)
     kw = case.kwargs()
-    # every op here is reference-only for now: a named kernel backend must raise, never fall back
-    with pytest.raises(ValueError, match=f"{case.op} has no triton backend"):
-        case.module("triton")(s, t, **kw)
-    with pytest.raises(ValueError, match=f"{case.op} has no cuda backend"):
-        case.module("cuda")(s, t, **kw)
+    try:
+        want = case.functional(s, t, backend=backend, **kw)
+    except sk.BackendUnavailableError as err:
+        with pytest.raises(sk.BackendUnavailableError, match=re.escape(str(err).split(":")[0])):
+            case.module(backend)(s, t, **kw)
+    else:
+        assert_close(case.module(backend)(s, t, **kw), want)
     with pytest.raises(ValueError, match="backend"):
         case.module("fastest")(s, t, **kw)
     assert_close(case.module("reference")(s, t, **kw), case.functional(s, t, backend="reference", **kw))
-    m = case.module("reference")
-    assert m.backend == "reference"
+    assert case.module("reference").backend == "reference"
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
