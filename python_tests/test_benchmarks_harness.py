@@ -100,3 +100,14 @@ def test_e2e_step_rows(tmp_path):
     assert [(r["op"], r["provider"]) for r in rows] == [("step:none", "ce-only"), ("step:kd", "reference"),
                                                         ("step:kd", "fused")]
     assert all(r["shape"] == "2x3x64x64" and float(r["ms_p50"]) > 0 for r in rows)
+
+
+def test_segkd_bench_command(tmp_path, capsys):
+    from segkd_kernels.cli import main as segkd
+
+    out = tmp_path / "cpu.csv"
+    assert segkd(["bench", "--quick", "--ops", "spatial_pool", "--out", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out and out.exists()
+    # full-size runs need a GPU: on CPU the command says so and exits non-zero
+    if not torch.cuda.is_available():
+        assert segkd(["bench", "--ops", "spatial_pool", "--out", str(out)]) == 2

@@ -202,7 +202,19 @@ def _compare(args) -> int:
         return _interrupted("compare", e)
 
 
-# name -> (help, add_arguments, run). More subcommands (e.g. `bench`) register here.
+def _add_bench(p) -> None:
+    from segkd_kernels.bench import build_parser
+
+    build_parser(p)
+
+
+def _bench(args) -> int:
+    from segkd_kernels.bench import run
+
+    return run(args)
+
+
+# name -> (help, add_arguments, run). More subcommands register here.
 COMMANDS = {
     "info": ("versions, devices, backends and why a backend is missing", lambda p: None, _info),
     "selfcheck": ("run every loss with every available backend against the reference", None, _selfcheck),
@@ -210,6 +222,8 @@ COMMANDS = {
     "eval": ("evaluate a checkpoint: mIoU, per-class IoU, pixel accuracy", _add_eval, _eval),
     "demo": ("train teacher, student and distilled student on synthetic data; print the table", _add_demo, _demo),
     "compare": ("every method x seeds on the synthetic benchmark; tables and plot", _add_compare, _compare),
+    "bench": ("kernel, scaling and end-to-end benchmarks to benchmarks/results/<device>.csv (GPU; --quick on CPU)",
+              _add_bench, _bench),
 }
 
 
