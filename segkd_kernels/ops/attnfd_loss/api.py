@@ -2,18 +2,19 @@
 
 import torch
 
-from ..._backends import FLOAT_DTYPES, select_backend
+from ..._backends import FLOAT_DTYPES, KERNEL_DTYPES, select_backend
 from ..._validation import check_same_device, check_same_shape, check_tensor
 from . import reference
 from .reference import NORM_EPS
 
-IMPLEMENTED = {"reference": FLOAT_DTYPES}
+IMPLEMENTED = {"reference": FLOAT_DTYPES, "cuda": KERNEL_DTYPES}
 try:
     from .triton import attnfd_dots_triton
 
     IMPLEMENTED["triton"] = FLOAT_DTYPES
 except ImportError:  # triton missing: _backends reports why
     attnfd_dots_triton = None
+from .cuda import attnfd_loss_cuda
 
 
 def loss_from_dots(dots: torch.Tensor, batch: int) -> torch.Tensor:
@@ -38,5 +39,7 @@ def attnfd_loss(student_refined: torch.Tensor, teacher_refined: torch.Tensor, *,
     name = select_backend("attnfd_loss", backend, IMPLEMENTED, student_refined)
     if name == "reference":
         return reference.attnfd_loss(student_refined, teacher_refined)
+    if name == "cuda":
+        return attnfd_loss_cuda(student_refined, teacher_refined.detach())[0]
     dots = attnfd_dots_triton(student_refined, teacher_refined.detach())
     return loss_from_dots(dots, student_refined.shape[0]).to(student_refined.dtype)

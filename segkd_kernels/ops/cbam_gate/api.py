@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from ..._backends import FLOAT_DTYPES, select_backend
+from ..._backends import FLOAT_DTYPES, KERNEL_DTYPES, select_backend
 from ..._validation import check_same_device, check_tensor
 from . import reference
 
-IMPLEMENTED = {"reference": FLOAT_DTYPES}
+IMPLEMENTED = {"reference": FLOAT_DTYPES, "cuda": KERNEL_DTYPES}
 try:
     from .triton import cbam_gate_triton
 
     IMPLEMENTED["triton"] = FLOAT_DTYPES
 except ImportError:  # triton missing: _backends reports why
     cbam_gate_triton = None
+from .cuda import cbam_gate_cuda
 
 
 def cbam_gate(x: torch.Tensor, channel_gate: torch.Tensor, spatial_gate: torch.Tensor, *,
@@ -41,4 +42,5 @@ def cbam_gate(x: torch.Tensor, channel_gate: torch.Tensor, spatial_gate: torch.T
     if name == "reference":
         return reference.cbam_gate(x, channel_gate, spatial_gate)
     # views (copies only if a gate's strides do not allow one); gradients flow back through them
-    return cbam_gate_triton(x, channel_gate.reshape(n, c), spatial_gate.reshape(n, h, w))
+    op = cbam_gate_triton if name == "triton" else cbam_gate_cuda
+    return op(x, channel_gate.reshape(n, c), spatial_gate.reshape(n, h, w))

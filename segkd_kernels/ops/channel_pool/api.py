@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from ..._backends import FLOAT_DTYPES, select_backend
+from ..._backends import FLOAT_DTYPES, KERNEL_DTYPES, select_backend
 from ..._validation import check_same_device, check_tensor
 from . import reference
 
-IMPLEMENTED = {"reference": FLOAT_DTYPES}
+IMPLEMENTED = {"reference": FLOAT_DTYPES, "cuda": KERNEL_DTYPES}
 try:
     from .triton import channel_pool_triton
 
     IMPLEMENTED["triton"] = FLOAT_DTYPES
 except ImportError:  # triton missing: _backends reports why
     channel_pool_triton = None
+from .cuda import channel_pool_cuda
 
 
 def channel_pool(x: torch.Tensor, gate: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:
@@ -34,5 +35,6 @@ def channel_pool(x: torch.Tensor, gate: torch.Tensor | None = None, *, backend: 
     if name == "reference":
         return reference.channel_pool(x, gate)
     # (N, C) view of the gate; its gradient flows back through the reshape to either shape
-    out, _argmax = channel_pool_triton(x, None if gate is None else gate.reshape(x.shape[0], x.shape[1]))
+    op = channel_pool_triton if name == "triton" else channel_pool_cuda
+    out, _argmax = op(x, None if gate is None else gate.reshape(x.shape[0], x.shape[1]))
     return out

@@ -2,17 +2,18 @@
 
 import torch
 
-from ..._backends import FLOAT_DTYPES, select_backend
+from ..._backends import FLOAT_DTYPES, KERNEL_DTYPES, select_backend
 from ..._validation import check_positive, check_same_device, check_same_dims, check_tensor, compute_dtype
 from . import reference
 
-IMPLEMENTED = {"reference": FLOAT_DTYPES}
+IMPLEMENTED = {"reference": FLOAT_DTYPES, "cuda": KERNEL_DTYPES}
 try:
     from .triton import cross_image_kd_triton
 
     IMPLEMENTED["triton"] = FLOAT_DTYPES
 except ImportError:  # triton missing: _backends reports why
     cross_image_kd_triton = None
+from .cuda import cross_image_kd_cuda
 
 
 def cross_image_kd(student_feat: torch.Tensor, teacher_feat: torch.Tensor, tau: float = 0.1, *,
@@ -28,6 +29,8 @@ def cross_image_kd(student_feat: torch.Tensor, teacher_feat: torch.Tensor, tau: 
     name = select_backend("cross_image_kd", backend, IMPLEMENTED, student_feat)
     if name == "reference":
         return reference.cross_image_kd(student_feat, teacher_feat, tau)
+    if name == "cuda":  # raw NCHW features: the cuda op normalises the pixels itself
+        return cross_image_kd_cuda(student_feat, teacher_feat.detach(), float(tau))[0]
     # The kernels take unit features pixel-major, (N, P, C); normalising here keeps its gradient in
     # autograd. On a GPU fp16/bf16 go back to their dtype after the fp32 normalisation (tensor-core
     # operands); the interpreter computes in fp32 anyway (its bf16 tl.dot is wrong).

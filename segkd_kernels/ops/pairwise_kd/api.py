@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from ..._backends import FLOAT_DTYPES, select_backend
+from ..._backends import FLOAT_DTYPES, KERNEL_DTYPES, select_backend
 from ..._validation import check_same_device, check_same_dims, check_tensor
 from . import reference
 
-IMPLEMENTED = {"reference": FLOAT_DTYPES}
+IMPLEMENTED = {"reference": FLOAT_DTYPES, "cuda": KERNEL_DTYPES}
 try:
     from .triton import pairwise_kd_triton
 
     IMPLEMENTED["triton"] = FLOAT_DTYPES
 except ImportError:  # triton missing: _backends reports why
     pairwise_kd_triton = None
+from .cuda import pairwise_kd_cuda
 
 
 def check_pool(pool) -> None:
@@ -36,6 +37,10 @@ def pairwise_kd(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, pool:
     name = select_backend("pairwise_kd", backend, IMPLEMENTED, student_feat)
     if name == "reference":
         return reference.pairwise_kd(student_feat, teacher_feat, pool, bool(detach_norm))
+    if name == "cuda":  # the cuda op takes the pooled (N, C, H', W') features
+        s4 = reference.pool_features(student_feat, pool)
+        t4 = reference.pool_features(teacher_feat.detach(), pool)
+        return pairwise_kd_cuda(s4, t4.to(s4.dtype), bool(detach_norm))[0]
     # Pooling stays in torch (autograd routes its gradient); the kernels see (N, C, P) features.
     s = reference.pool_features(student_feat, pool).flatten(2)
     t = reference.pool_features(teacher_feat.detach(), pool).flatten(2)

@@ -6,7 +6,7 @@ from ..._backends import FLOAT_DTYPES, KERNEL_DTYPES, select_backend
 from ..._validation import check_choice, check_positive, check_same_device, check_same_shape, check_tensor
 from . import reference
 
-IMPLEMENTED = {"reference": FLOAT_DTYPES}
+IMPLEMENTED = {"reference": FLOAT_DTYPES, "cuda": KERNEL_DTYPES}
 try:
     from .triton import ssim_kd_triton
 
@@ -14,6 +14,7 @@ try:
     IMPLEMENTED["triton"] = KERNEL_DTYPES
 except ImportError:  # triton missing: _backends reports why
     ssim_kd_triton = None
+from .cuda import ssim_kd_cuda
 PADDINGS = ("reflect", "zeros", "valid")
 MIN_WINDOW, MAX_WINDOW = 3, 15
 
@@ -64,5 +65,9 @@ def ssim_kd(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, window_si
         loss, _partials, _scales = ssim_kd_triton(student_feat, teacher_feat.detach(), window_size, float(sigma),
                                                   float(data_range), padding, bool(normalize), need_partials)
         return loss
+    if name == "cuda":
+        need_grad = torch.is_grad_enabled() and student_feat.requires_grad
+        return ssim_kd_cuda(student_feat, teacher_feat.detach(), window_size, float(sigma), float(data_range),
+                            padding, bool(normalize), need_grad)[0]
     return reference.ssim_kd(student_feat, teacher_feat, window_size, float(sigma), float(data_range),
                              padding, bool(normalize))
