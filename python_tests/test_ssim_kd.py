@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import segkd_kernels as sk
-from segkd_kernels.testing import (TOLERANCES, assert_close, channels_last, make_tensor, non_contiguous,
+from segkd_kernels.testing import (assert_close, channels_last, make_tensor, non_contiguous,
                                    within_error_budget)
 
 PADDINGS = ("reflect", "zeros", "valid")

@@ -36,5 +36,4 @@ def copy_bandwidth(device: str, timer, *, nbytes: int = 1 << 30) -> float:
     src = torch.empty(numel, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
     ms = timer(lambda: dst.copy_(src))[0]
-    del src, dst
     return 2 * numel * 4 / (ms * 1e-3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import gc
 import math
 import statistics
 import subprocess
@@ -69,6 +70,29 @@ def measure(run, device: str, timer) -> dict:
     p50, p20, p80 = timer(run)
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else float("nan")
     return dict(ms_p50=p50, ms_p20=p20, ms_p80=p80, peak_mem_mb=peak)
+
+
+def measure_case(case, fn, shapes, dtype, mode: str, device: str, timer, bandwidth, peak) -> dict:
+    """Time one provider of a case on fresh inputs: timing, peak memory and floor columns, or `oom`
+    columns when the device runs out of memory. Other errors (an unavailable backend, a peer that
+    rejects the dtype) propagate to the caller, which decides what they mean."""
+    inputs = None
+    try:
+        inputs = case.make(shapes, dtype, device)
+        out = measure(runner(fn, inputs, mode), device, timer)
+    except RuntimeError as err:
+        if not is_oom(err):
+            raise
+        out = oom_row()
+    finally:
+        inputs = None
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    nbytes = case.bytes(shapes, dtype, mode) if case.bytes else None
+    nflops = case.flops(shapes, mode) if case.flops else None
+    out.update(floors(nbytes, nflops, out["ms_p50"], bandwidth, peak))
+    return out
 
 
 def is_oom(err: BaseException) -> bool:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import gc
 import sys
 
 import torch
 
 from .._backends import BackendUnavailableError
 from . import cases as cases_module
-from .harness import MODES, floors, is_oom, measure, oom_row, runner
+from .harness import MODES, measure_case
 from .hardware import peak_flops
 
 FUSED = ("triton", "cuda")
@@ -51,8 +50,7 @@ def bench_case(case, shapes, dtype, device, timer, env, bandwidth, writer, log=p
             row = dict(env, op=case.op, shape=label, dtype=str(dtype).removeprefix("torch."), mode=mode,
                        provider=provider)
             try:
-                inputs = case.make(shapes, dtype, device)
-                row.update(measure(runner(fn, inputs, mode), device, timer))
+                row.update(measure_case(case, fn, shapes, dtype, mode, device, timer, bandwidth, peak))
             except BackendUnavailableError as err:
                 notes.append(f"{case.op} {label} {row['dtype']}: {provider} unavailable ({err})")
                 break
@@ -61,18 +59,6 @@ def bench_case(case, shapes, dtype, device, timer, env, bandwidth, writer, log=p
                     raise
                 notes.append(f"{case.op} {label} {row['dtype']}: {provider} skipped ({err})")
                 break
-            except RuntimeError as err:
-                if not is_oom(err):
-                    raise
-                row.update(oom_row())
-            finally:
-                inputs = None
-                gc.collect()
-                if device == "cuda":
-                    torch.cuda.empty_cache()
-            nbytes = case.bytes(shapes, dtype, mode) if case.bytes else None
-            nflops = case.flops(shapes, mode) if case.flops else None
-            row.update(floors(nbytes, nflops, row["ms_p50"], bandwidth, peak))
             writer.write(row)
             ms = row["ms_p50"]
             shown = ms if isinstance(ms, str) else f"{ms:10.3f} ms"

@@ -7,7 +7,6 @@ op "pairwise_kd" / "cross_image_kd", shape N x C x H x W per operand); a PNG plo
 
 from __future__ import annotations
 
-import gc
 import math
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch
 
 from .._backends import BackendUnavailableError
 from . import cases as cases_module
-from .harness import floors, is_oom, measure, oom_row, runner
+from .harness import measure_case
 from .hardware import peak_flops
 
 # (H, W) per resolution step: P = 1024 ... 65536 pixels, aspect 1:1 or 1:2 as segmentation heads have.
@@ -40,22 +39,10 @@ def run_scaling(dtype, device, timer, env, bandwidth, writer, quick: bool, max_p
                 row = dict(env, op=op, shape=cases_module.shape_label(shapes), mode="full", provider=provider,
                            dtype=str(dtype).removeprefix("torch."))
                 try:
-                    inputs = case.make(shapes, dtype, device)
-                    row.update(measure(runner(fn, inputs, "full"), device, timer))
+                    row.update(measure_case(case, fn, shapes, dtype, "full", device, timer, bandwidth, peak))
                 except BackendUnavailableError as err:
                     notes.append(f"scaling {op}: {provider} unavailable ({err})")
                     break
-                except RuntimeError as err:
-                    if not is_oom(err):
-                        raise
-                    row.update(oom_row())
-                finally:
-                    inputs = None
-                    gc.collect()
-                    if device == "cuda":
-                        torch.cuda.empty_cache()
-                row.update(floors(case.bytes(shapes, dtype, "full"), case.flops(shapes, "full"), row["ms_p50"],
-                                  bandwidth, peak))
                 writer.write(row)
                 rows.append(dict(row, pixels=h * w))
                 log(f"scaling {op:<15}P={h * w:<7}{provider:<8}{row['ms_p50']}")

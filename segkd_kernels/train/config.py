@@ -329,7 +329,6 @@ def validate(cfg: Config, *, need_teacher_file: bool = True) -> None:
         if cfg.stage == "student" and need_teacher_file:
             ck = cfg.teacher.checkpoint
             if not ck:
-                lad_hint = " --method lad" if cfg.method == "lad" else ""
                 raise ConfigError(
                     f"teacher.checkpoint: method {cfg.method!r} distils from a trained teacher; train one with "
                     f"`segkd train --stage teacher --method {cfg.method} ...` and pass "

@@ -102,8 +102,7 @@ def prediction_strip(path: str, models: list, dataset, in_fns: list, n_images: i
 
 def run_demo(*, quick: bool = False, method: str | None = None, out: str = "runs/demo", iters: int | None = None,
              device: str = "auto", preset: str | None = None, stream=None, overrides=()) -> int:
-    from .engine import evaluate, load_model
-    from .evaluate import evaluate_checkpoint  # noqa: F401  (kept importable for users)
+    from .engine import load_model
 
     stream = stream or sys.stdout
     preset = preset or ("quick" if quick else "full")

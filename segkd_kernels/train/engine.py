@@ -471,8 +471,6 @@ def _train(cfg: Config, env: DistEnv, resume, callback, quiet) -> dict:
         init = ckpt.load_checkpoint(mcfg.checkpoint)
         model.load_state_dict(init["model"])
     if distilling:
-        from .distill import build_distiller
-
         distiller = build_distiller(cfg.method, model.feature_channels, teacher.feature_channels, num_classes,
                                     weights=cfg.distill.weights, options=cfg.distill.options, backend=cfg.backend)
     objective = Objective(model, distiller, cfg, num_classes)

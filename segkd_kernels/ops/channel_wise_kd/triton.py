@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from .._saved_grad import scale_saved_grad
 
 # Largest row held in registers by one program (fp32: 16 warps x 32 lanes x 16 values per tensor).
 _MAX_TILE = 8192
@@ -259,26 +260,6 @@ def _(student, teacher, lse, grad, tau):
     return student.new_empty(student.shape)
 
 
-# From this many elements on, a host sync to test grad_output == 1 costs less than the pass that
-# would scale ds (Liger-Kernel does the same); loss.backward() then moves the ideal bytes: s and t
-# read once, ds written once. Not under torch.compile (no data-dependent branch there).
-_SKIP_SCALE_MIN_NUMEL = 1 << 22
-
-
-def _eager(grad: torch.Tensor) -> bool:
-    """Plain eager execution: no compile, no tracing or fake mode (grad holds real data)."""
-    return (not torch.compiler.is_compiling() and type(grad) is torch.Tensor
-            and _get_current_dispatch_mode() is None)
-
-
-def _scale_grad(ds: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """ds * grad_output; ds itself when grad_output is 1 (autograd's reference counting keeps the
-    saved ds safe from in-place accumulation, as for any returned gradient)."""
-    if _eager(grad) and (ds.device.type == "cpu" or ds.numel() >= _SKIP_SCALE_MIN_NUMEL) and bool(grad == 1):
-        return ds
-    return ds * grad.to(ds.dtype)
-
-
 def _setup_context(ctx, inputs, output):
     student, teacher, tau, _needs_grad = inputs
     _loss, ds, lse = output
@@ -294,7 +275,7 @@ def _backward(ctx, grad_loss, _grad_ds, _grad_lse):
         return None, None, None, None
     if ctx.fused:
         (ds,) = ctx.saved_tensors
-        return _scale_grad(ds, grad_loss), None, None, None
+        return scale_saved_grad(ds, grad_loss), None, None, None
     student, teacher, lse = ctx.saved_tensors
     return channel_wise_kd_backward_triton(student, teacher.detach(), lse, grad_loss, ctx.tau), None, None, None
 

@@ -25,7 +25,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from .._saved_grad import scale_saved_grad
 
 # Classes held in registers at once, and the tile size (classes x pixels) a program works on.
 _MAX_BLOCK_K = 32
@@ -308,26 +309,6 @@ def _(student, teacher, tau):
     return student.new_empty((n, h, w))
 
 
-# From this many elements on, a host sync to test grad_output == 1 costs less than the pass that
-# would scale ds (Liger-Kernel does the same); loss.backward() then moves the ideal bytes: s and t
-# read once, ds written once. Not under torch.compile (no data-dependent branch there).
-_SKIP_SCALE_MIN_NUMEL = 1 << 22
-
-
-def _eager(grad: torch.Tensor) -> bool:
-    """Plain eager execution: no compile, no tracing or fake mode (grad holds real data)."""
-    return (not torch.compiler.is_compiling() and type(grad) is torch.Tensor
-            and _get_current_dispatch_mode() is None)
-
-
-def _scale_grad(ds: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """ds * grad_output; ds itself when grad_output is 1 (autograd's reference counting keeps the
-    saved ds safe from in-place accumulation, as for any returned gradient)."""
-    if _eager(grad) and (ds.device.type == "cpu" or ds.numel() >= _SKIP_SCALE_MIN_NUMEL) and bool(grad == 1):
-        return ds
-    return ds * grad.to(ds.dtype)
-
-
 def _setup_context(ctx, inputs, output):
     _loss, ds = output
     ctx.mark_non_differentiable(ds)
@@ -354,7 +335,7 @@ def _make_backward(op):
             args.update(zip(ctx.tensor_slots, ctx.saved_tensors))
             args[ctx.num_inputs - 1] = True  # needs_grad, the last argument
             _, ds = op(*(args[i] for i in range(ctx.num_inputs)))
-        return (_scale_grad(ds, grad_loss) if ctx.fused else ds * grad_loss.to(ds.dtype),) + nones[1:]
+        return (scale_saved_grad(ds, grad_loss) if ctx.fused else ds * grad_loss.to(ds.dtype),) + nones[1:]
 
     return backward
 
