@@ -27,3 +27,29 @@ def scale_saved_grad(ds: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     if _eager(grad) and (ds.device.type == "cpu" or ds.numel() >= _SKIP_SCALE_MIN_NUMEL) and bool(grad == 1):
         return ds
     return ds * grad.to(ds.dtype)
+
+
+def register_saved_grad_autograd(op, op_name: str) -> None:
+    """Autograd for a cuda custom op with inputs (student, ..., need_grad) and outputs (loss, ds)
+    where ds is the student gradient for grad_output == 1 (empty when need_grad is False).
+
+    The backward scales ds in fp32 and returns it in the student's dtype; every other input gets
+    no gradient (the teacher is a target, the rest are options)."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.need_grad = inputs[-1]
+        ctx.student_dtype = inputs[0].dtype
+        ctx.n_inputs = len(inputs)
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(output[1])
+
+    def backward(ctx, grad_loss, _grad_ds):
+        (ds,) = ctx.saved_tensors
+        if not ctx.need_grad:
+            raise RuntimeError(f"{op_name}: the cuda op ran with need_grad=False, so it has no gradient to return")
+        rest = (None,) * (ctx.n_inputs - 1)
+        if grad_loss is None:
+            return (None, *rest)
+        return ((ds.float() * grad_loss.float()).to(ctx.student_dtype), *rest)
+
+    op.register_autograd(backward, setup_context=setup_context)

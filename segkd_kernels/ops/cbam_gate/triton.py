@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..channel_pool.layout import acc_dtype, pixel_strides
+from .._triton_common import acc_dtype, acc_torch_dtype, pixel_strides
 from ..channel_pool.triton import _blocks, _pixel_offsets
 
 
@@ -114,7 +114,7 @@ def cbam_gate_backward_triton(grad: torch.Tensor, x: torch.Tensor, channel_gate:
     dms = spatial_gate.new_empty(n, h, w)
     block_c, block_p = _blocks(x, p)
     n_pblocks = triton.cdiv(p, block_p)
-    part_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    part_dtype = acc_torch_dtype(x.dtype)
     dmc_part = torch.empty(n, n_pblocks, c, dtype=part_dtype, device=x.device)
     if n * c * p > 0:
         ss_h, ss_w, s_merged = pixel_strides(spatial_gate)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import acc_dtype, pixel_strides
+from .._triton_common import acc_dtype, acc_torch_dtype, pixel_strides
 
 
 @triton.jit
@@ -151,7 +151,7 @@ def channel_pool_backward_triton(grad: torch.Tensor, x: torch.Tensor, gate: torc
     block_c, block_p = _blocks(x, p)
     n_pblocks = triton.cdiv(p, block_p)
     if gate is not None:
-        dgate_part = torch.empty(n, n_pblocks, c, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
+        dgate_part = torch.empty(n, n_pblocks, c, dtype=acc_torch_dtype(x.dtype),
                                  device=x.device)
     else:
         dgate_part = x.new_empty(0, dtype=torch.float32)

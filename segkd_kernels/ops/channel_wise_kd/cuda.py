@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .._cuda_common import cuda_lib, launch_args
+from .._saved_grad import register_saved_grad_autograd
 
 OP = "channel_wise_kd"
 
@@ -57,21 +58,4 @@ def _(student, teacher, tau, need_grad):
     return student.new_empty(()), grad
 
 
-def _setup_context(ctx, inputs, output):
-    student, _teacher, _tau, need_grad = inputs
-    ctx.need_grad = need_grad
-    ctx.student_dtype = student.dtype
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(output[1])
-
-
-def _backward(ctx, grad_loss, _grad_grad):
-    (grad,) = ctx.saved_tensors
-    if not ctx.need_grad:
-        raise RuntimeError(f"{OP}: the cuda op ran with need_grad=False, so it has no gradient to return")
-    if grad_loss is None:
-        return None, None, None, None
-    return (grad.float() * grad_loss.float()).to(ctx.student_dtype), None, None, None
-
-
-channel_wise_kd_cuda.register_autograd(_backward, setup_context=_setup_context)
+register_saved_grad_autograd(channel_wise_kd_cuda, OP)

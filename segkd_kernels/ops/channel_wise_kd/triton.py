@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from .._saved_grad import scale_saved_grad
+from .._triton_common import acc_dtype, acc_torch_dtype, flat_pixel_strides
 
 # Largest row held in registers by one program (fp32: 16 warps x 32 lanes x 16 values per tensor).
 _MAX_TILE = 8192
@@ -137,8 +138,6 @@ def _cwd_bwd_kernel(s_ptr, t_ptr, lse_ptr, grad_ptr, ds_ptr, C, P, rows,
     tl.store(ds_ptr + row * P + offs, ds.to(ds_ptr.dtype.element_ty), mask=inside)
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _split(value: float) -> tuple[float, float]:
@@ -147,16 +146,6 @@ def _split(value: float) -> tuple[float, float]:
     return hi, float(torch.tensor(value - hi, dtype=torch.float32))
 
 
-def _row_strides(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """(x, (stride_n, stride_c, stride_p)) where position p = h*W + w is at p * stride_p; x is made
-    contiguous only when H and W do not flatten to one strided axis."""
-    _, _, h, w = x.shape
-    if h == 1:
-        return x, (x.stride(0), x.stride(1), x.stride(3))
-    if w == 1 or x.stride(2) == w * x.stride(3):
-        return x, (x.stride(0), x.stride(1), x.stride(2) if w == 1 else x.stride(3))
-    x = x.contiguous()
-    return x, (x.stride(0), x.stride(1), 1)
 
 
 def _tile(p: int) -> tuple[int, int]:
@@ -186,9 +175,9 @@ def channel_wise_kd_triton(student: torch.Tensor, teacher: torch.Tensor, tau: fl
     log-sum-exps by parts), for the recomputing backward."""
     n, c, h, w = student.shape
     rows, p = n * c, h * w
-    acc_dtype = _acc(student.dtype)
-    s, s_strides = _row_strides(student)
-    t, t_strides = _row_strides(teacher.detach())
+    acc_torch = acc_torch_dtype(student.dtype)
+    s, s_strides = flat_pixel_strides(student)
+    t, t_strides = flat_pixel_strides(teacher.detach())
     fused = _fuses_grad(p, needs_grad)
     ds = torch.empty((n, c, h, w) if fused else (0,), dtype=student.dtype, device=student.device)
     one_tile = p <= _MAX_TILE
@@ -199,16 +188,16 @@ def channel_wise_kd_triton(student: torch.Tensor, teacher: torch.Tensor, tau: fl
         block, warps = _BLOCK, 8
         chunk, splits = _plan(rows, p)
     if one_tile:
-        stats = torch.empty(4, rows, dtype=acc_dtype, device=student.device)
-        kl = torch.empty(rows, dtype=acc_dtype, device=student.device)
+        stats = torch.empty(4, rows, dtype=acc_torch, device=student.device)
+        kl = torch.empty(rows, dtype=acc_torch, device=student.device)
     else:
-        stats = torch.empty(5, rows, splits, dtype=acc_dtype, device=student.device)
+        stats = torch.empty(5, rows, splits, dtype=acc_torch, device=student.device)
         kl = stats  # not written
     _cwd_fwd_kernel[(rows, splits)](
         # without WRITE_GRAD the ds pointer is never used: any non-empty tensor stands in
         s, t, ds if fused else stats, stats, kl, c, p, chunk, splits, rows, *s_strides, *t_strides,
         *_split(1.0 / tau), *_split(tau / rows), *_split(tau * tau / rows), BLOCK=block, ONE_TILE=one_tile,
-        WRITE_GRAD=fused, ACC=_tl(acc_dtype), NEG=_NEG, num_warps=warps)
+        WRITE_GRAD=fused, ACC=acc_dtype(acc_torch), NEG=_NEG, num_warps=warps)
     if one_tile:
         return kl.sum().to(student.dtype), ds, stats
     # combine the splits of every row: (max, sum-exp) pairs rescaled to the row max
@@ -233,18 +222,16 @@ def channel_wise_kd_backward_triton(student: torch.Tensor, teacher: torch.Tensor
     the saved row log-sum-exps."""
     n, c, h, w = student.shape
     rows, p = n * c, h * w
-    s, s_strides = _row_strides(student)
-    t, t_strides = _row_strides(teacher)
+    s, s_strides = flat_pixel_strides(student)
+    t, t_strides = flat_pixel_strides(teacher)
     ds = torch.empty((n, c, h, w), dtype=student.dtype, device=student.device)
     block = min(_BLOCK, max(16, triton.next_power_of_2(p)))
     _cwd_bwd_kernel[(rows, triton.cdiv(p, block))](
         s, t, lse.contiguous(), grad.reshape(()).contiguous(), ds, c, p, rows, *s_strides, *t_strides,
-        *_split(1.0 / tau), *_split(tau / rows), BLOCK=block, ACC=_tl(lse.dtype), num_warps=4)
+        *_split(1.0 / tau), *_split(tau / rows), BLOCK=block, ACC=acc_dtype(lse.dtype), num_warps=4)
     return ds
 
 
-def _tl(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 @channel_wise_kd_triton.register_fake
@@ -252,7 +239,7 @@ def _(student, teacher, tau, needs_grad):
     n, c, h, w = student.shape
     fused = _fuses_grad(h * w, needs_grad)
     ds = student.new_empty((n, c, h, w) if fused else (0,))
-    return student.new_empty(()), ds, student.new_empty((4, n * c), dtype=_acc(student.dtype))
+    return student.new_empty(()), ds, student.new_empty((4, n * c), dtype=acc_torch_dtype(student.dtype))
 
 
 @channel_wise_kd_backward_triton.register_fake

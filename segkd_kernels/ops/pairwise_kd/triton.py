@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._triton_common import acc_dtype, acc_torch_dtype
+
 from ..._backends import TRITON_INTERPRET
 
 NORM_EPS = 1e-12  # as F.normalize: a_p = s_p / max(||s_p||, eps)
@@ -150,8 +152,6 @@ def _norm_bwd_kernel(s_ptr, snorm_ptr, da_ptr, ds_ptr, C, P, eps, BLOCK_C: tl.co
         tl.store(ds_ptr + idx, ds.to(ds_ptr.dtype.element_ty), mask=mask)
 
 
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def _tile(c: int, cap: int) -> int:
@@ -217,18 +217,18 @@ def pairwise_kd_backward_triton(grad: torch.Tensor, s: torch.Tensor, t: torch.Te
     s, t = s.contiguous(), t.contiguous()
     n, cs, p = s.shape
     ct = t.shape[1]
-    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    acc = acc_torch_dtype(s.dtype)
     scale = 4.0 / (n * p * p)
     da = torch.empty(n, cs, p, dtype=acc, device=s.device)
     block_c = _tile(cs, _GRAD_TILE_C)
     block_k = _GRAD_TILE_K
     _grad_kernel[(n, triton.cdiv(cs, block_c), triton.cdiv(p, _BLOCK_P))](
         gaa.to(acc).contiguous(), gab.to(acc).contiguous(), s, snorm, t, tnorm, da, grad.contiguous(), cs, ct, p, NORM_EPS, scale,
-        BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_P=_BLOCK_P, ACC_DTYPE=_acc_dtype(s.dtype))
+        BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_P=_BLOCK_P, ACC_DTYPE=acc_dtype(s.dtype))
     ds = torch.empty_like(s)
     _norm_bwd_kernel[(n, triton.cdiv(p, _BLOCK_P))](
         s, snorm, da, ds, cs, p, NORM_EPS, BLOCK_C=min(triton.next_power_of_2(cs), 32), BLOCK_P=_BLOCK_P,
-        DETACH_NORM=bool(detach_norm), ACC_DTYPE=_acc_dtype(s.dtype))
+        DETACH_NORM=bool(detach_norm), ACC_DTYPE=acc_dtype(s.dtype))
     return ds
 
 

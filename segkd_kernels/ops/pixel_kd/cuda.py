@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .._cuda_common import cuda_lib, launch_args
+from .._saved_grad import register_saved_grad_autograd
 
 OP = "pixel_kd"
 
@@ -97,26 +98,8 @@ pixel_kd_cuda.register_fake(_fake)
 pfs_pixel_kd_cuda.register_fake(_fake)
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.need_grad = inputs[-1]
-    ctx.student_dtype = inputs[0].dtype
-    ctx.n_inputs = len(inputs)
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(output[1])
-
-
-def _backward(ctx, grad_loss, _grad_grad):
-    (grad,) = ctx.saved_tensors
-    if not ctx.need_grad:
-        raise RuntimeError(f"{OP}: the cuda op ran with need_grad=False, so it has no gradient to return")
-    rest = (None,) * (ctx.n_inputs - 1)
-    if grad_loss is None:
-        return (None, *rest)
-    return ((grad.float() * grad_loss.float()).to(ctx.student_dtype), *rest)
-
-
-pixel_kd_cuda.register_autograd(_backward, setup_context=_setup_context)
-pfs_pixel_kd_cuda.register_autograd(_backward, setup_context=_setup_context)
+register_saved_grad_autograd(pixel_kd_cuda, OP)
+register_saved_grad_autograd(pfs_pixel_kd_cuda, OP)
 
 
 @torch.library.custom_op("segkd::knowledge_gap_cuda", mutates_args=())

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .._saved_grad import scale_saved_grad
+from .._triton_common import acc_dtype, acc_torch_dtype, flat_pixel_strides
 
 # Classes held in registers at once, and the tile size (classes x pixels) a program works on.
 _MAX_BLOCK_K = 32
@@ -175,12 +176,8 @@ def _pixel_kd_finalize_kernel(part_ptr, programs, n_ign_ptr, total, tau_sq_hi, t
     tl.store(loss_ptr, loss.to(loss_ptr.dtype.element_ty))
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _tl(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def _split(value: float) -> tuple[float, float]:
@@ -189,16 +186,6 @@ def _split(value: float) -> tuple[float, float]:
     return hi, float(torch.tensor(value - hi, dtype=torch.float32))
 
 
-def _pixel_strides(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """(x, (stride_n, stride_k, stride_p)) where pixel p = h*W + w is at p * stride_p (NCHW: 1,
-    channels_last: K); x is made contiguous only when H and W do not flatten to one strided axis."""
-    _, _, h, w = x.shape
-    if h == 1:
-        return x, (x.stride(0), x.stride(1), x.stride(3))
-    if w == 1 or x.stride(2) == w * x.stride(3):
-        return x, (x.stride(0), x.stride(1), x.stride(2) if w == 1 else x.stride(3))
-    x = x.contiguous()
-    return x, (x.stride(0), x.stride(1), 1)
 
 
 def _blocks(k: int, p: int) -> tuple[int, int, bool, int]:
@@ -215,12 +202,12 @@ def _launch(s, t, ignore_mask, weight, n_ignored, mean_gap, tau, *, gap_weight=F
     """Runs the main kernel; returns (partials (programs, 3) in the compute dtype, ds or None, kl or None)."""
     n, k, h, w = s.shape
     p = h * w
-    acc_dtype = _acc(s.dtype)
-    s, s_strides = _pixel_strides(s)
-    t, t_strides = _pixel_strides(t)
+    acc_torch = acc_torch_dtype(s.dtype)
+    s, s_strides = flat_pixel_strides(s)
+    t, t_strides = flat_pixel_strides(t)
     block_k, block_p, one_tile, warps = _blocks(k, p)
     grid = (triton.cdiv(p, block_p), n)
-    partials = torch.empty(n * grid[0], 3, dtype=acc_dtype, device=s.device)
+    partials = torch.empty(n * grid[0], 3, dtype=acc_torch, device=s.device)
     ds = torch.empty((n, k, h, w), dtype=s.dtype, device=s.device) if write_grad else None
     kl = torch.empty((n, h, w), dtype=s.dtype, device=s.device) if write_kl else None
     # unused pointers get any non-empty tensor: their loads and stores are compiled out
@@ -234,7 +221,7 @@ def _launch(s, t, ignore_mask, weight, n_ignored, mean_gap, tau, *, gap_weight=F
         s, t, ign, wt, _or(n_ignored), _or(mean_gap), _or(ds), _or(kl), partials, k, p, n * p, *s_strides,
         *t_strides, *_split(1.0 / tau), *_split(tau), BLOCK_K=block_k, BLOCK_P=block_p, ONE_TILE=one_tile,
         HAS_MASK=ignore_mask is not None, HAS_WEIGHT=weight is not None, GAP_WEIGHT=gap_weight,
-        WRITE_GRAD=write_grad, WRITE_KL=write_kl, ACC=_tl(acc_dtype), NEG=_NEG, num_warps=warps)
+        WRITE_GRAD=write_grad, WRITE_KL=write_kl, ACC=acc_dtype(acc_torch), NEG=_NEG, num_warps=warps)
     return partials, ds, kl
 
 
@@ -248,7 +235,7 @@ def _finalize(student, partials, n_ignored, tau, *, gap_weight=False):
         partials, programs, n_ignored if n_ignored is not None else partials, n * h * w, *_split(tau * tau),
         loss, mean_gap if mean_gap is not None else partials, HAS_MASK=n_ignored is not None,
         GAP_WEIGHT=gap_weight, BLOCK=min(1024, max(16, triton.next_power_of_2(programs))),
-        ACC=_tl(partials.dtype), TINY=_TINY, num_warps=4)
+        ACC=acc_dtype(partials.dtype), TINY=_TINY, num_warps=4)
     return loss, mean_gap
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import hashlib
 from dataclasses import dataclass, field
 
@@ -44,7 +45,7 @@ def stable_seed(*parts) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-class SegDataset(torch.utils.data.Dataset):
+class SegDataset(torch.utils.data.Dataset, abc.ABC):
     """Returns (image float32 (3, H, W) normalised with the dataset mean/std, label int64 (H, W)),
     255 = ignore.
 
@@ -82,9 +83,10 @@ class SegDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    @abc.abstractmethod
     def load(self, index: int) -> tuple[Tensor, Tensor]:
-        """image float32 (3, H, W) in [0, 1], label int64 (H, W) in dataset class ids / 255."""
-        raise NotImplementedError
+        """image float32 (3, H, W) in [0, 1], label int64 (H, W) in dataset class ids / 255.
+        Each dataset (synthetic, folder formats) implements it."""
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         if not 0 <= index < len(self):

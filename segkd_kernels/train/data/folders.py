@@ -7,6 +7,7 @@ Pillow; labels are returned as dataset class ids with 255 = ignore.
 
 from __future__ import annotations
 
+import abc
 import os
 from pathlib import Path
 
@@ -72,8 +73,9 @@ class FolderDataset(SegDataset):
         if not self.pairs:
             raise ValueError(f"no {split} images found for {self.INFO.name} under {self.root}")
 
+    @abc.abstractmethod
     def _find(self, split: str) -> list[tuple[Path, Path]]:
-        raise NotImplementedError
+        """(image, label) file pairs of `split`; each folder format implements its layout."""
 
     def map_label(self, raw: np.ndarray) -> np.ndarray:
         return raw

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 from typing import ClassVar
 
 import torch
@@ -24,7 +25,7 @@ def register(name: str):
     return wrap
 
 
-class Distiller(nn.Module):
+class Distiller(nn.Module, abc.ABC):
     """Turns the student's and the teacher's named outputs into named, weighted loss terms.
 
     Subclasses declare:
@@ -79,9 +80,10 @@ class Distiller(nn.Module):
         """What the teacher sees (the image, except for label-assisted teachers)."""
         return images
 
+    @abc.abstractmethod
     def forward(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
                 labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """{term name: weight * loss} for one batch; every method implements it."""
 
     def active(self, term: str) -> bool:
         return self.weights.get(term, 0.0) > 0

@@ -1,0 +1,41 @@
+"""Helpers shared by the Triton backends: accumulator dtypes and how kernels address pixels.
+
+Kernels address x[n, c, pixel] with explicit strides, so any layout is read in place. Pixel p of an
+H x W plane is at p * s_w when the two spatial dims merge (s_h == W * s_w: contiguous,
+channels_last, or every-other-element views), else at (p // W) * s_h + (p % W) * s_w.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton.language as tl
+
+
+def acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulate in fp32, or fp64 for fp64 inputs (LOSSES.md), as a torch dtype for buffers."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def acc_dtype(dtype: torch.dtype):
+    """The same rule as a Triton dtype, for the kernels' ACC constexpr."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def pixel_strides(x: torch.Tensor) -> tuple[int, int, bool]:
+    """(s_h, s_w, merged) of a 4-d tensor or an (N, H, W) map."""
+    h, w = x.shape[-2:]
+    s_h, s_w = x.stride(-2), x.stride(-1)
+    return s_h, s_w, h == 1 or s_h == w * s_w
+
+
+def flat_pixel_strides(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """(x, (stride_n, stride_c, stride_p)) of an (N, C, H, W) tensor, where pixel p = h*W + w is at
+    p * stride_p (NCHW: 1, channels_last: C); x is made contiguous only when H and W do not flatten
+    to one strided axis."""
+    _, _, h, w = x.shape
+    if h == 1:
+        return x, (x.stride(0), x.stride(1), x.stride(3))
+    if w == 1 or x.stride(2) == w * x.stride(3):
+        return x, (x.stride(0), x.stride(1), x.stride(2) if w == 1 else x.stride(3))
+    x = x.contiguous()
+    return x, (x.stride(0), x.stride(1), 1)
