@@ -89,6 +89,11 @@ def _add_train(p) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--resume-from", metavar="PATH", help="continue from this checkpoint file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an OUT that holds a run (deletes its checkpoints, logs and metrics)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: accept settings that differ from the run's (not an exact continuation; "
+                        "the change is recorded in log.jsonl and config.json)")
     p.add_argument("--list", action="store_true", help="list methods and shipped configs, then exit")
 
 
@@ -101,20 +106,30 @@ def _train(args) -> int:
         print("methods:", ", ".join(methods()))
         print("configs:", ", ".join(list_configs()))
         return 0
+    from segkd_kernels.train.engine import describe_stop
+
+    if args.allow_config_change and not (args.resume or args.resume_from):
+        print("segkd train: error: --allow-config-change applies to --resume or --resume-from", file=sys.stderr)
+        return 2
     try:
         cfg = load_config(args.config, args.overrides, method=args.method, dataset=args.dataset, iters=args.iters,
                           out=args.out, stage=args.stage, seed=args.seed)
-        result = train(cfg, resume=args.resume_from or args.resume)
+        result = train(cfg, resume=args.resume_from or args.resume, overwrite=args.overwrite,
+                       allow_config_change=args.allow_config_change)
     except _trainer_errors() as e:
         print(f"segkd train: error: {e}", file=sys.stderr)
         return 2
+    rc = 0 if result["status"] == "done" else 128 + int(result["signal"] or 2)
+    if not result.get("main", True):  # under torchrun only the main process reports
+        return rc
     if result["status"] == "interrupted":
-        print(f"interrupted at step {result['step']}; checkpoint saved to {result['checkpoint']}; "
-              f"continue with the same command and --resume", file=sys.stderr)
-        return 128 + int(result["signal"] or 2)
+        print(describe_stop(result, "continue with the same command and --resume"), file=sys.stderr)
+        return rc
     m = result["metrics"]
-    print(f"step {result['step']}: mIoU {m['miou']:.2f}  pixel acc {m['pixel_acc']:.2f}  "
-          f"({result['train_seconds']:.0f} s, {result['sec_per_iter']:.3f} s/iter)  -> {result['out']}")
+    spi = result["sec_per_iter"]
+    timing = f"{result['train_seconds']:.0f} s" + (f", {spi:.3f} s/iter" if spi == spi else "")
+    head = f"already finished at step {result['step']}" if result.get("already_done") else f"step {result['step']}"
+    print(f"{head}: mIoU {m['miou']:.2f}  pixel acc {m['pixel_acc']:.2f}  ({timing})  -> {result['out']}")
     return 0
 
 
@@ -155,6 +170,8 @@ def _add_demo(p) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting of every run, e.g. --set threads=1")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train every stage again (by default finished stages are reused and interrupted ones continue)")
 
 
 def _demo(args) -> int:
@@ -163,7 +180,7 @@ def _demo(args) -> int:
 
     try:
         return run_demo(quick=args.quick, method=args.method, out=args.out, iters=args.iters, device=args.device,
-                        overrides=args.overrides)
+                        overrides=args.overrides, overwrite=args.overwrite)
     except _trainer_errors() as e:
         print(f"segkd demo: error: {e}", file=sys.stderr)
         return 2
@@ -185,6 +202,8 @@ def _add_compare(p) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting of every run")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train every run again (by default finished runs are reused and interrupted ones continue)")
 
 
 def _compare(args) -> int:
@@ -194,7 +213,7 @@ def _compare(args) -> int:
     try:
         return run_compare(methods=[m for m in args.methods.split(",") if m], seeds=args.seeds, iters=args.iters,
                            quick=args.quick, out=args.out, device=args.device, overrides=args.overrides,
-                           seed_start=args.seed_start)
+                           seed_start=args.seed_start, overwrite=args.overwrite)
     except _trainer_errors() as e:
         print(f"segkd compare: error: {e}", file=sys.stderr)
         return 2
@@ -245,7 +264,11 @@ def main(argv: list[str] | None = None) -> int:
         if add is not None:
             add(p)
     args = parser.parse_args(argv)
-    return COMMANDS[args.command][2](args)
+    try:
+        return COMMANDS[args.command][2](args)
+    except KeyboardInterrupt:  # outside a training loop (which saves and reports on its own)
+        print(f"segkd {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

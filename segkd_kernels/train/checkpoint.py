@@ -73,15 +73,26 @@ def save_checkpoint(state: dict, path: str, *, keep_previous: bool = True) -> st
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
     """The state saved by save_checkpoint, or CheckpointError saying what is wrong with the file."""
+    if os.path.isdir(path):
+        hint = os.path.join(path, LAST)
+        raise CheckpointError(f"checkpoint {path!r} is a folder, not a checkpoint file"
+                              + (f"; did you mean {hint}?" if os.path.isfile(hint) else
+                                 f"; a run folder holds its checkpoint as {LAST}"))
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     with open(path, "rb") as f:
         header = f.readline(256)
         payload = f.read()
     parts = header.split()
+    bad_header = CheckpointError(f"checkpoint {path!r} is not a segkd checkpoint (bad header); it may be truncated "
+                                 f"or written by another program")
     if len(parts) != 4 or parts[0] != MAGIC:
-        raise CheckpointError(f"checkpoint {path!r} is not a segkd checkpoint (bad header); it may be truncated "
-                              f"or written by another program")
+        raise bad_header
+    # the numeric fields are checked before use: a damaged header must not surface as a ValueError
+    if not (parts[1].isdigit() and parts[3].isdigit() and len(parts[2]) == 64
+            and all(c in b"0123456789abcdef" for c in parts[2])):
+        raise CheckpointError(f"checkpoint {path!r} has a damaged header {header[:120]!r}: expected "
+                              f"'{MAGIC.decode()} <version> <sha256 hex> <payload bytes>'")
     if int(parts[1]) != VERSION:
         raise CheckpointError(f"checkpoint {path!r} has format version {parts[1].decode()}, expected {VERSION}")
     expected_len = int(parts[3])

@@ -1,7 +1,7 @@
 """`segkd compare`: every method x seeds on the synthetic benchmark, with the student alone as the
 baseline, from one shared teacher (LAD: its own label-assisted teacher). Writes compare.md, .csv, .json
-and compare.png (when matplotlib is importable). Finished runs (OUT/<run>/metrics.json) are reused, so
-an interrupted comparison continues where it stopped.
+and compare.png (when matplotlib is importable). Running it again continues: finished runs are reused
+(after checking their settings), an interrupted run continues exactly from its checkpoint.
 """
 
 from __future__ import annotations
@@ -19,20 +19,15 @@ import torch
 from .demo import PRESETS, STUDENT, TEACHER, demo_config
 
 
-def _run(cfg, log) -> dict:
-    from .engine import train_or_raise
+def _run(cfg, log, overwrite: bool) -> dict:
+    from .config import ConfigError, describe_changes
+    from .engine import ConfigChanged, run_stage
 
-    done = os.path.join(cfg.out, "metrics.json")
-    if os.path.exists(done):
-        with open(done) as f:
-            r = json.load(f)
-        if r.get("status") == "done" and r.get("step") == cfg.iters:
-            log(f"  reusing {cfg.out}")
-            r["checkpoint"] = os.path.join(cfg.out, "last.pt")
-            return r
-    # an earlier, interrupted attempt continues from its checkpoint
-    resume = os.path.exists(os.path.join(cfg.out, "last.pt"))
-    return train_or_raise(cfg, resume=resume)
+    try:
+        return run_stage(cfg, log, overwrite=overwrite)
+    except ConfigChanged as e:
+        raise ConfigError(f"{e.out} holds a run made with other settings ({describe_changes(e.changes)}); use "
+                          f"another --out, or --overwrite to train every run again") from None
 
 
 def _std(xs: list[float]) -> float:
@@ -41,7 +36,7 @@ def _std(xs: list[float]) -> float:
 
 def run_compare(*, methods: list[str], seeds: int = 3, iters: int | None = None, quick: bool = False,
                 out: str = "runs/compare", device: str = "auto", overrides=(), stream=None,
-                seed_start: int = 0, preset: str | None = None) -> int:
+                seed_start: int = 0, preset: str | None = None, overwrite: bool = False) -> int:
     """Teachers at the preset's budget (the fixed models every student learns from), then for each seed
     in range(seed_start, seeds) the student alone and each method (`iters` iterations when given).
     The tables cover every finished seed below `seeds`, so several processes can each run a share of
@@ -60,14 +55,26 @@ def run_compare(*, methods: list[str], seeds: int = 3, iters: int | None = None,
     if seeds < 1:
         raise ConfigError(f"--seeds: expected a positive count, got {seeds}")
     preset = preset or ("quick" if quick else "full")
+    from .config import validate
+
+    def student_config(method, seed, tck):
+        cfg = demo_config(preset, stage="student", method=method, out=os.path.join(out, f"{method}_seed{seed}"),
+                          seed=seed, device=device, iters=iters, teacher_checkpoint=tck, overrides=overrides)
+        cfg.progress = False
+        return cfg
+
+    kinds = ["none"] + (["lad"] if "lad" in methods else [])
+    teacher_cfgs = {kind: demo_config(preset, stage="teacher", method=kind, out=os.path.join(out, f"teacher_{kind}"),
+                                      device=device, overrides=overrides) for kind in kinds}
+    # every kind of run's settings are checked before the first one trains
+    for cfg in [*teacher_cfgs.values(), *(student_config(m, seed_start, None) for m in ["none", *methods])]:
+        validate(cfg, need_teacher_file=False)
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
     teachers = {}
-    for kind in (["none"] + (["lad"] if "lad" in methods else [])):
-        cfg = demo_config(preset, stage="teacher", method=kind, out=os.path.join(out, f"teacher_{kind}"),
-                          device=device, overrides=overrides)
+    for kind, cfg in teacher_cfgs.items():
         log(f"teacher ({'label-assisted' if kind == 'lad' else 'plain'})")
-        teachers[kind] = _run(cfg, log)
+        teachers[kind] = _run(cfg, log, overwrite)
     rows = []
     for seed in range(seeds):
         if seed < seed_start:  # another process's share: collect it if it has finished
@@ -81,12 +88,9 @@ def run_compare(*, methods: list[str], seeds: int = 3, iters: int | None = None,
                                  "iters": r["step"]})
             continue
         for method in ["none", *methods]:
-            tck = teachers["lad" if method == "lad" else "none"]["checkpoint"]
-            cfg = demo_config(preset, stage="student", method=method, out=os.path.join(out, f"{method}_seed{seed}"),
-                              seed=seed, device=device, iters=iters, teacher_checkpoint=tck, overrides=overrides)
-            cfg.progress = False
+            cfg = student_config(method, seed, teachers["lad" if method == "lad" else "none"]["checkpoint"])
             log(f"seed {seed}: {'student alone' if method == 'none' else method}")
-            r = _run(cfg, log)
+            r = _run(cfg, log, overwrite)
             rows.append({"method": method, "seed": seed, "miou": r["metrics"]["miou"],
                          "pixel_acc": r["metrics"]["pixel_acc"], "sec_per_iter": r["sec_per_iter"],
                          "iters": r["step"]})

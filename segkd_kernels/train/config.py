@@ -97,6 +97,51 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# Settings that say where and how visibly a run goes, not what it computes: a resumed run may change
+# them freely. Everything else changes the trajectory (or what the run is), so `--resume` refuses a
+# change unless asked to accept it. Device and thread count are here because bit-for-bit equality
+# across devices or intra-op thread counts is not promised anyway; they are recorded, not checked.
+RESUME_FREE_KEYS = frozenset({"out", "progress", "log_every", "ckpt_every", "eval_every", "threads", "device",
+                              "data.num_workers", "data.root", "data.eval_batch_size"})
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"optim.lr": 0.01, ...}: nested settings as dotted keys (dict-valued settings stay whole)."""
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k not in ("options", "weights"):
+            flat.update(flatten(v, f"{prefix}{k}."))
+        else:
+            flat[prefix + k] = v
+    return flat
+
+
+def _comparable(v):
+    """JSON and dataclass forms of one value compare equal (tuples vs lists)."""
+    if isinstance(v, (list, tuple)):
+        return [_comparable(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _comparable(x) for k, x in v.items()}
+    return v
+
+
+def config_changes(old: dict, new: dict, *, ignore=RESUME_FREE_KEYS) -> dict:
+    """{key: (old value, new value)} for every setting that differs, except the `ignore`d ones."""
+    a, b = flatten(old), flatten(new)
+    changed = {}
+    for key in sorted(set(a) | set(b)):
+        if key in ignore:
+            continue
+        va, vb = _comparable(a.get(key)), _comparable(b.get(key))
+        if va != vb:
+            changed[key] = (a.get(key), b.get(key))
+    return changed
+
+
+def describe_changes(changes: dict) -> str:
+    return ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+
+
 class ConfigError(ValueError):
     """A configuration problem found before any work starts."""
 
@@ -238,6 +283,12 @@ def load_config(path: str | None = None, overrides: typing.Sequence[str] = (), *
                 data = yaml.safe_load(f) or {}
             except yaml.YAMLError as e:
                 raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings at the top level (key: value lines), "
+                              f"got a {type(data).__name__}")
+        # a run's config.json lists the settings changed on resume next to the final settings; loading
+        # it as a config takes the final settings
+        data.pop("changes", None)
         base = data.pop("base", None)
         if base:  # a config may extend another (shipped name or path relative to it)
             rel = os.path.join(os.path.dirname(path), base)
@@ -259,7 +310,7 @@ def load_config(path: str | None = None, overrides: typing.Sequence[str] = (), *
 
 def validate(cfg: Config, *, need_teacher_file: bool = True) -> None:
     """Every check that needs no model and no training; raises ConfigError with what to fix."""
-    from .data import DATASETS, dataset_info
+    from .data import DATASETS
     from .distill import methods
     from .models import ARCHS, BACKBONES
 
@@ -276,6 +327,26 @@ def validate(cfg: Config, *, need_teacher_file: bool = True) -> None:
     choice("backend", cfg.backend, ("auto", "reference", "triton", "cuda"))
     if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
         raise ConfigError(f"device: expected auto, cpu or cuda[:N], got {cfg.device!r}")
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise ConfigError(f"out: {cfg.out!r} is a file; the output must be a folder (new, empty, or a run "
+                          f"folder with --resume)")
+    if cfg.method != "none" and cfg.backend not in ("auto", "reference"):
+        # checked here, not when the first loss runs after the models are built
+        import torch
+
+        from segkd_kernels import _backends, available_backends
+
+        report = available_backends()
+        if not report[cfg.backend]:
+            raise ConfigError(f"backend: {cfg.backend!r} cannot run here: {report.reasons[cfg.backend]}; "
+                              f"use backend=auto or reference")
+        on_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+        if not on_cuda and cfg.backend == "cuda":
+            raise ConfigError("backend: 'cuda' runs on CUDA tensors only, and the run's device is the CPU")
+        if cfg.backend == "triton" and on_cuda == _backends.TRITON_INTERPRET:
+            raise ConfigError("backend: 'triton' " + (
+                "runs through the interpreter (TRITON_INTERPRET=1) on CPU tensors only, and the run's device is "
+                "CUDA" if on_cuda else "needs CUDA tensors, or TRITON_INTERPRET=1 set before starting, on CPU"))
     for key, model in (("student", cfg.student), ("teacher", cfg.teacher)):
         choice(f"{key}.arch", model.arch, ARCHS)
         choice(f"{key}.backbone", model.backbone, BACKBONES)
@@ -301,18 +372,7 @@ def validate(cfg: Config, *, need_teacher_file: bool = True) -> None:
         v = getattr(cfg.data, key)
         if v is not None and min(v if isinstance(v, tuple) else (v,)) < 1:
             raise ConfigError(f"data.{key}: expected a positive size, got {v}")
-    # The dataset: class count and folder.
-    info = dataset_info(cfg.data.name)
-    if cfg.data.num_classes is not None and cfg.data.num_classes != info.num_classes:
-        raise ConfigError(f"data.num_classes: {cfg.data.name} has {info.num_classes} classes, "
-                          f"the config says {cfg.data.num_classes}")
-    if cfg.data.name != "synthetic":
-        if not cfg.data.root:
-            raise ConfigError(f"data.root: dataset {cfg.data.name!r} needs its folder (--set data.root=PATH)")
-        if not os.path.isdir(cfg.data.root):
-            raise ConfigError(f"data.root: dataset folder {cfg.data.root!r} does not exist")
-    elif cfg.data.root:
-        raise ConfigError("data.root: the synthetic dataset is generated in memory; leave data.root unset")
+    validate_data(cfg)
     # The distiller: known method, its weights and options, a teacher to learn from.
     if cfg.method != "none":
         from .distill import get_method
@@ -339,3 +399,48 @@ def validate(cfg: Config, *, need_teacher_file: bool = True) -> None:
         pass  # a teacher is only needed when distilling; an unused one is harmless
     if cfg.precision == "fp16" and cfg.device == "cpu":
         pass  # allowed (CPU autocast supports fp16 in recent torch); bf16 is the sensible CPU choice
+
+
+def validate_data(cfg: Config) -> None:
+    """The data checks of validate(): known dataset, its options, class count and folder."""
+    from .data import DATASETS, dataset_info
+
+    if cfg.data.name not in DATASETS:
+        raise ConfigError(f"data.name: unknown value {cfg.data.name!r}; choices: {', '.join(DATASETS)}")
+    info = dataset_info(cfg.data.name)
+    if cfg.data.num_classes is not None and cfg.data.num_classes != info.num_classes:
+        raise ConfigError(f"data.num_classes: {cfg.data.name} has {info.num_classes} classes, "
+                          f"the config says {cfg.data.num_classes}")
+    if cfg.data.name != "synthetic":
+        if not cfg.data.root:
+            raise ConfigError(f"data.root: dataset {cfg.data.name!r} needs its folder (--set data.root=PATH)")
+        if not os.path.isdir(cfg.data.root):
+            raise ConfigError(f"data.root: dataset folder {cfg.data.root!r} does not exist")
+    elif cfg.data.root:
+        raise ConfigError("data.root: the synthetic dataset is generated in memory; leave data.root unset")
+    allowed = dataset_options(cfg.data.name)
+    for where, opts in (("data.options", cfg.data.options),
+                        *((f"data.options.{s}", cfg.data.options.get(s) or {}) for s in ("train", "val"))):
+        if not isinstance(opts, dict):
+            raise ConfigError(f"{where}: expected a mapping of dataset options, got {opts!r}")
+        bad = sorted(set(opts) - allowed - ({"train", "val"} if where == "data.options" else set()))
+        if bad:
+            raise ConfigError(f"{where}: unknown option(s) {bad} for dataset {cfg.data.name!r}; options: "
+                              f"{', '.join(sorted(allowed)) or 'none'}")
+
+
+def dataset_options(name: str) -> set[str]:
+    """The `data.options` keys dataset `name` accepts (beyond the settings of DataConfig)."""
+    import inspect
+
+    from .data import DATASETS
+
+    cls = DATASETS[name]
+    common = {"self", "root", "split", "train", "crop_size", "scale_range", "flip", "seed"}
+    params = inspect.signature(cls.__init__).parameters
+    allowed = {n for n, p in params.items() if n not in common and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    if name == "synthetic":  # its **options go to the generator
+        from .data.synthetic import generate
+
+        allowed |= {n for n, p in inspect.signature(generate).parameters.items() if p.kind is p.KEYWORD_ONLY}
+    return allowed

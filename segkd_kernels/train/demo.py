@@ -101,36 +101,53 @@ def prediction_strip(path: str, models: list, dataset, in_fns: list, n_images: i
 
 
 def run_demo(*, quick: bool = False, method: str | None = None, out: str = "runs/demo", iters: int | None = None,
-             device: str = "auto", preset: str | None = None, stream=None, overrides=()) -> int:
-    from .engine import load_model
+             device: str = "auto", preset: str | None = None, stream=None, overrides=(), overwrite: bool = False) -> int:
+    """Teacher, student alone, distilled student. Running it again continues: each finished stage is
+    reused and an interrupted one continues from its checkpoint (overwrite: train every stage again)."""
+    from .config import ConfigError, describe_changes, validate
+    from .distill import methods
+    from .engine import ConfigChanged, load_model, run_stage
 
     stream = stream or sys.stdout
     preset = preset or ("quick" if quick else "full")
     method = method or DEFAULT_METHOD
-    os.makedirs(out, exist_ok=True)
-    from .engine import train_or_raise as train
-
-    t_total = time.perf_counter()
-    print(f"segkd demo ({preset}): synthetic data, {PRESETS[preset]['image_size']}px images; teacher "
-          f"{_describe(ModelConfig(**TEACHER))}, student {_describe(ModelConfig(**STUDENT))}, method {method}",
-          file=stream, flush=True)
-    runs = []
+    if method not in methods():
+        raise ConfigError(f"--method: unknown method {method!r}; choices: {', '.join(methods())}")
     t_stage = "teacher"
     t_method = "lad" if method == "lad" else "none"
     tcfg = demo_config(preset, stage=t_stage, method=t_method, out=os.path.join(out, "teacher"), device=device,
                        iters=iters, overrides=overrides)
-    print("[1/3] training the teacher", file=stream, flush=True)
-    rt = train(tcfg)
-    runs.append(("teacher", tcfg.teacher, rt))
     scfg = demo_config(preset, stage="student", method="none", out=os.path.join(out, "student"), device=device,
                        iters=iters, overrides=overrides)
-    print("[2/3] training the student alone", file=stream, flush=True)
-    rs = train(scfg)
-    runs.append(("student", scfg.student, rs))
     dcfg = demo_config(preset, stage="student", method=method, out=os.path.join(out, f"student_{method}"),
-                       device=device, iters=iters, teacher_checkpoint=rt["checkpoint"], overrides=overrides)
-    print(f"[3/3] training the student with {method}", file=stream, flush=True)
-    rd = train(dcfg)
+                       device=device, iters=iters, teacher_checkpoint=os.path.join(tcfg.out, "last.pt"),
+                       overrides=overrides)
+    for c in (tcfg, scfg, dcfg):  # every stage's settings are checked before the first one trains
+        validate(c, need_teacher_file=False)
+    os.makedirs(out, exist_ok=True)
+
+    def log(msg):
+        print(msg, file=stream, flush=True)
+
+    def stage(cfg):
+        try:
+            return run_stage(cfg, log, overwrite=overwrite)
+        except ConfigChanged as e:
+            raise ConfigError(f"{e.out} holds a run made with other settings ({describe_changes(e.changes)}); "
+                              f"use another --out, or --overwrite to train every stage again") from None
+
+    t_total = time.perf_counter()
+    log(f"segkd demo ({preset}): synthetic data, {PRESETS[preset]['image_size']}px images; teacher "
+        f"{_describe(ModelConfig(**TEACHER))}, student {_describe(ModelConfig(**STUDENT))}, method {method}")
+    runs = []
+    log("[1/3] the teacher")
+    rt = stage(tcfg)
+    runs.append(("teacher", tcfg.teacher, rt))
+    log("[2/3] the student alone")
+    rs = stage(scfg)
+    runs.append(("student", scfg.student, rs))
+    log(f"[3/3] the student with {method}")
+    rd = stage(dcfg)
     runs.append((f"student + {method}", dcfg.student, rd))
 
     models, in_fns = [], []

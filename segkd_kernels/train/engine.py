@@ -9,12 +9,15 @@ grad scaler, RNG states, step), so `--resume` continues the interrupted run exac
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as ckpt
-from .config import Config, ConfigError, validate
+from .config import Config, ConfigError, config_changes, describe_changes, validate
 from .metrics import ConfusionMatrix, predict_slide, predict_whole, upsample_logits
 
 IGNORE = 255
@@ -37,8 +40,7 @@ class Interrupted(Exception):
 
     def __init__(self, result: dict):
         self.result = result
-        super().__init__(f"interrupted at step {result['step']}; checkpoint saved to {result['checkpoint']}; "
-                         f"run the same command again to continue")
+        super().__init__(describe_stop(result, "run the same command again to continue"))
 
 
 def train_or_raise(cfg: Config, **kw) -> dict:
@@ -47,6 +49,30 @@ def train_or_raise(cfg: Config, **kw) -> dict:
     if result["status"] != "done":
         raise Interrupted(result)
     return result
+
+
+def run_stage(cfg: Config, log, *, overwrite: bool = False) -> dict:
+    """One run of a multi-run command (demo, compare), such that running the command again continues
+    it: a finished run is reused, an interrupted one continues exactly from its checkpoint, a new one
+    starts. Raises Interrupted when stopped, ConfigChanged when OUT holds a run with other settings."""
+    if overwrite:
+        log(f"  training from step 0 in {cfg.out} (--overwrite)")
+        return train_or_raise(cfg, overwrite=True)
+    path = ckpt.find_resume(cfg.out)
+    if path is not None:
+        if finished_result(cfg.out, cfg.iters) is not None:
+            r = train_or_raise(cfg, resume=True)  # checks the settings, returns the stored result
+            log(f"  finished earlier: reusing {cfg.out} (step {r['step']})")
+            return r
+        log(f"  continuing from the checkpoint of step {ckpt.load_checkpoint(path)['step']} ({path})")
+        return train_or_raise(cfg, resume=True)
+    entries = folder_entries(cfg.out)
+    if entries and set(entries) <= set(RUN_FILES):
+        # a run stopped before its first checkpoint (killed): nothing to continue from or to keep
+        log(f"  {cfg.out} holds no checkpoint: training from step 0")
+        return train_or_raise(cfg, overwrite=True)
+    log(f"  training in {cfg.out}")
+    return train_or_raise(cfg)
 
 
 # ----------------------------------------------------------------------------------------- processes
@@ -188,12 +214,23 @@ def build_from_spec(spec: dict, backbone_weights: str | None = None) -> nn.Modul
                        backbone_weights=backbone_weights)
 
 
+def model_from_state(state: dict, device="cpu") -> nn.Module:
+    """The model of a loaded checkpoint, in eval mode."""
+    model = build_from_spec(state["model_spec"])
+    model.load_state_dict(state["model"])
+    return model.to(device).eval()
+
+
 def load_model(path: str, device="cpu") -> tuple[nn.Module, dict]:
     """A model saved by `train` (any stage), in eval mode, and its checkpoint's metadata."""
     state = ckpt.load_checkpoint(path)
-    model = build_from_spec(state["model_spec"])
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), state
+    return model_from_state(state, device), state
+
+
+def describe_spec(spec: dict | None) -> str:
+    if not spec:
+        return "unknown"
+    return f"{spec['arch']}-{spec['backbone']} x{spec['width']:g} (os {spec['output_stride']}, {spec['num_classes']} classes)"
 
 
 class Objective(nn.Module):
@@ -335,21 +372,26 @@ class Logger:
 
 
 class StopFlag:
-    """SIGINT/SIGTERM ask the loop to stop after the current step (it then saves a checkpoint)."""
+    """SIGINT/SIGTERM ask the loop to stop after the current step (or evaluation batch); it then saves a
+    checkpoint. Later signals are noted and ignored: raising from the handler could land inside the
+    checkpoint being written and leave the run with none (SIGKILL remains for a hung step)."""
 
     def __init__(self):
         self.signum = 0
         self.previous = {}
 
     def __enter__(self):
-        if hasattr(signal, "pthread_sigmask") and __import__("threading").current_thread() is __import__("threading").main_thread():
+        if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
                 self.previous[s] = signal.signal(s, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        if self.signum:  # a second signal: stop now
-            raise KeyboardInterrupt
+        if self.signum:
+            # os.write, not print: the handler may run while the main thread is inside a write to stderr
+            os.write(2, f"segkd: already stopping (signal {signum}): the checkpoint is saved after the current "
+                        f"step\n".encode())
+            return
         self.signum = signum
 
     def __exit__(self, *exc):
@@ -359,11 +401,17 @@ class StopFlag:
 
 
 # -------------------------------------------------------------------------------------------- eval
+class EvalStopped(Exception):
+    """An evaluation abandoned because a stop was requested (its result is not logged)."""
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, cfg: Config, device, env: DistEnv | None = None,
-             input_fn=None, max_images: int | None = None) -> dict:
+             input_fn=None, max_images: int | None = None, should_stop=None) -> dict:
     """mIoU, per-class IoU and pixel accuracy of `model` on `dataset` (whole or sliding-window).
-    Under DDP each rank takes every world-th image and the confusion matrices are summed."""
+    Under DDP each rank takes every world-th image and the confusion matrices are summed.
+    should_stop() is asked before every batch (on every rank the same number of times, as it may be a
+    collective); when it says so, EvalStopped is raised."""
     env = env or DistEnv()
     was_training = model.training
     model.eval()
@@ -372,7 +420,13 @@ def evaluate(model: nn.Module, dataset, cfg: Config, device, env: DistEnv | None
     idx = list(range(env.rank, n, env.world))
     bs = cfg.data.eval_batch_size
     amp = _autocast(cfg, device)
-    for lo in range(0, len(idx), bs):
+    most = len(range(0, n, env.world))  # rank 0 holds the most images
+    for lo in range(0, most, bs):
+        if should_stop is not None and should_stop():
+            model.train(was_training)
+            raise EvalStopped
+        if lo >= len(idx):
+            continue
         images, labels = _collate([dataset[i] for i in idx[lo:lo + bs]])
         images, labels = images.to(device), labels.to(device)
         x = input_fn(images, labels) if input_fn else images
@@ -398,23 +452,90 @@ def _autocast(cfg: Config, device):
 
 
 # ------------------------------------------------------------------------------------------- train
-def train(cfg: Config, *, resume: bool | str = False, callback=None, quiet: bool = False) -> dict:
+METRICS = "metrics.json"
+# A run folder's own files, checkpoints first: clearing in this order never leaves a checkpoint next to
+# the logs of another run (an interrupted clear leaves stale logs at most, and nothing to resume them).
+RUN_FILES = (ckpt.LAST, ckpt.PREV, ckpt.LAST + ".tmp", METRICS, "log.jsonl", "config.json", "tb")
+
+
+class ConfigChanged(ConfigError):
+    """--resume with settings that differ from the run's; `changes` is {key: (old, new)}."""
+
+    def __init__(self, message: str, out: str, changes: dict):
+        super().__init__(message)
+        self.out, self.changes = out, changes
+
+
+def folder_entries(out: str) -> list[str]:
+    return sorted(os.listdir(out)) if os.path.isdir(out) else []
+
+
+def clear_run(out: str) -> None:
+    """Delete the files a run writes into `out` (other files stay)."""
+    for name in RUN_FILES:
+        path = os.path.join(out, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+
+
+def finished_result(out: str, iters: int) -> dict | None:
+    """The stored result of the run in `out` if it finished at step `iters`, final evaluation included."""
+    try:
+        with open(os.path.join(out, METRICS)) as f:
+            r = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(r, dict) or r.get("status") != "done" or r.get("step") != iters or "metrics" not in r:
+        return None
+    r["checkpoint"] = os.path.join(out, ckpt.LAST)
+    return r
+
+
+def describe_stop(result: dict, how_to_continue: str) -> str:
+    """One line saying where a run stopped, what was saved, and how to continue."""
+    where = "during the final evaluation" if result.get("stopped_in") == "final evaluation" else ""
+    saved = f"checkpoint {'of step ' + str(result['step']) + ' ' if where else ''}saved in {result['checkpoint']}"
+    return f"interrupted at step {result['step']}{' ' + where if where else ''}; {saved}; {how_to_continue}"
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def train(cfg: Config, *, resume: bool | str = False, overwrite: bool = False, allow_config_change: bool = False,
+          callback=None, quiet: bool = False) -> dict:
     """Run (or continue) one experiment; returns {"status", "step", "metrics", "out", ...}.
 
-    resume: True continues from OUT/last.pt (or prev.pt), a path continues from that file.
+    resume: True continues from OUT/last.pt (or prev.pt), a path continues from that file. The run's
+    settings must be the checkpoint's (except those in config.RESUME_FREE_KEYS); allow_config_change
+    accepts other settings and records the change in log.jsonl and config.json. Resuming a finished
+    run returns its stored result.
+    overwrite: start over in a folder that already holds files (the run's own files are deleted
+    first). Without it, or resume, a non-empty folder is refused: a repeated command never silently
+    replaces a run.
     callback(step, losses) is called after every step (tests use it to interrupt a run).
     """
+    cfg = copy.deepcopy(cfg)  # the caller's object stays as given (the teacher's fields are filled in)
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: continue the run, or start it over")
     validate(cfg)
     device_kind = "cuda" if (cfg.device == "auto" and torch.cuda.is_available()) or cfg.device.startswith("cuda") else "cpu"
     env = setup_distributed(device_kind)
     try:
-        return _train(cfg, env, resume, callback, quiet)
+        return _train(cfg, env, resume, overwrite, allow_config_change, callback, quiet)
     finally:
         if env.created:
             dist.destroy_process_group()
 
 
-def _train(cfg: Config, env: DistEnv, resume, callback, quiet) -> dict:
+def _barrier(env: DistEnv) -> None:
+    if env.world > 1:
+        dist.barrier()
+
+
+def _train(cfg: Config, env: DistEnv, resume, overwrite, allow_change, callback, quiet) -> dict:
     device = resolve_device(cfg, env)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -422,7 +543,27 @@ def _train(cfg: Config, env: DistEnv, resume, callback, quiet) -> dict:
         raise ConfigError("sync_bn: SyncBatchNorm runs on GPUs only; on CPU use bn_eval=true or sync_bn=false")
     if cfg.data.batch_size % env.world:
         raise ConfigError(f"data.batch_size: {cfg.data.batch_size} does not split over {env.world} processes")
-    state = None
+
+    # The run folder: every rank looks before anything is written (hence the barrier); rank 0 clears.
+    entries = folder_entries(cfg.out)
+    if entries and not resume and not overwrite:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise ConfigError(f"out: {cfg.out!r} is not empty ({shown}); continue its run with --resume, start it "
+                          f"over with --overwrite (deletes its checkpoints and logs), or choose another --out")
+    _barrier(env)
+    if overwrite and entries and env.main:
+        clear_run(cfg.out)
+
+    # The teacher to distil from: its checkpoint decides its architecture, and the recorded config
+    # says what that checkpoint holds (whatever teacher.* said before).
+    distilling = cfg.stage == "student" and cfg.method != "none"
+    tstate = None
+    if distilling:
+        tstate = ckpt.load_checkpoint(cfg.teacher.checkpoint)
+        for k in MODEL_KEYS:
+            setattr(cfg.teacher, k, tstate["model_spec"][k])
+
+    state, config_history, changes = None, [], {}
     if resume:
         path = resume if isinstance(resume, str) else ckpt.find_resume(cfg.out)
         if path is None:
@@ -431,10 +572,30 @@ def _train(cfg: Config, env: DistEnv, resume, callback, quiet) -> dict:
             state = ckpt.load_checkpoint(path)
         except ckpt.CheckpointError as e:
             raise ckpt.CheckpointError(str(e) + ckpt.describe_fallback(cfg.out, path)) from None
+        if state["step"] > cfg.iters:
+            raise ConfigError(f"iters: the checkpoint {path!r} is at step {state['step']}, past iters={cfg.iters}; "
+                              f"resume with iters of at least {state['step']}")
+        changes = config_changes(state.get("config") or {}, cfg.to_dict())
+        if changes and not allow_change:
+            raise ConfigChanged(
+                f"--resume: settings differ from the run's ({describe_changes(changes)}); that would not continue "
+                f"the run exactly: resume with its settings, or pass --allow-config-change to go on with these "
+                f"(recorded in log.jsonl and config.json)", cfg.out, changes)
+        config_history = list(state.get("config_changes") or [])
+        if changes:
+            config_history.append({"step": state["step"], "changes": {k: list(v) for k, v in changes.items()}})
+        elif state["step"] == cfg.iters and not state.get("eval_due"):
+            done = finished_result(cfg.out, cfg.iters)
+            if done is not None:  # nothing left to do: the stored result
+                done.update(already_done=True, main=env.main, history=[], signal=0)
+                return done
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
 
-    train_set, val_set = build_datasets(cfg)
+    try:
+        train_set, val_set = build_datasets(cfg)
+    except ValueError as e:  # the datasets check their options and folders
+        raise ConfigError(f"data: {_first_line(e)}") from None
     num_classes = train_set.num_classes
     if cfg.data.num_classes is not None and cfg.data.num_classes != num_classes:
         raise ConfigError(f"data.num_classes: the dataset has {num_classes} classes, the config says "
@@ -442,11 +603,9 @@ def _train(cfg: Config, env: DistEnv, resume, callback, quiet) -> dict:
 
     # Teacher (frozen, eval mode) and distiller.
     teacher = distiller = None
-    distilling = cfg.stage == "student" and cfg.method != "none"
     if distilling:
         from .distill import build_distiller, get_method
 
-        teacher, tstate = load_model(cfg.teacher.checkpoint, device)
         tspec = tstate["model_spec"]
         need_in = get_method(cfg.method).teacher_in_channels
         if tspec["in_channels"] != need_in:
@@ -456,13 +615,18 @@ def _train(cfg: Config, env: DistEnv, resume, callback, quiet) -> dict:
         if tspec["num_classes"] != num_classes:
             raise ConfigError(f"teacher.checkpoint: the teacher predicts {tspec['num_classes']} classes, "
                               f"the dataset has {num_classes}")
+        teacher = model_from_state(tstate, device)
         teacher.requires_grad_(False)
+        del tstate
     if cfg.stage == "teacher":
         mcfg = cfg.teacher
         in_ch = 4 if cfg.method == "lad" else 3
     else:
         mcfg, in_ch = cfg.student, 3
     spec = model_spec(mcfg, num_classes, in_ch)
+    if state is not None and state.get("model_spec") != spec:
+        raise ConfigError(f"--resume: the checkpoint holds a {describe_spec(state.get('model_spec'))} model, these "
+                          f"settings build a {describe_spec(spec)}: a run cannot change its model")
     # Seeded right here: identical initial weights on every rank, and the same student whatever the
     # method (the teacher built above does not shift the stream).
     torch.manual_seed(cfg.seed)
@@ -482,17 +646,27 @@ def _train(cfg: Config, env: DistEnv, resume, callback, quiet) -> dict:
 
     opt, sched = build_optimizer(cfg, objective)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    start = 0
+    start, prior_seconds, prior_timed = 0, 0.0, (0.0, 0)
     if state is not None:
-        objective.model.load_state_dict(state["model"])
-        if distiller is not None:
-            distiller.load_state_dict(state["distiller"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        if (state.get("distiller") is None) != (distiller is None):
+            raise ConfigError("--resume: the checkpoint " + ("has no distiller, these settings distil" if distiller
+                              is not None else "holds a distiller, these settings train without one"))
+        try:
+            objective.model.load_state_dict(state["model"])
+            if distiller is not None:
+                distiller.load_state_dict(state["distiller"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ckpt.CheckpointError(f"--resume: the checkpoint does not fit these settings: {_first_line(e)}") from None
         start = state["step"]
+        prior_seconds = float(state.get("train_seconds", 0.0))
+        prior_timed = tuple(state.get("timed_steps", (0.0, 0)))
         rng = state["rng"][env.rank] if env.rank < len(state["rng"]) else state["rng"][0]
         ckpt.set_rng_state(rng)
+    eval_pending = bool(state is not None and state.get("eval_due"))
+    del state
     wrapped = objective
     if env.world > 1:
         wrapped = nn.parallel.DistributedDataParallel(
@@ -506,12 +680,20 @@ def _train(cfg: Config, env: DistEnv, resume, callback, quiet) -> dict:
     amp = _autocast(cfg, device)
     logger = Logger(cfg.out, env.main)
     if env.main:
+        record = cfg.to_dict()
+        if config_history:  # the settings in force now, and what changed on which resume
+            record["changes"] = config_history
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
-            json.dump(cfg.to_dict(), f, indent=1)
+            json.dump(record, f, indent=1)
+        if changes:
+            logger.log({"kind": "config_change", "step": start,
+                        "changes": {k: {"old": o, "new": n} for k, (o, n) in changes.items()}})
     progress = Progress(cfg.iters, start, cfg.log_every, env.main and cfg.progress and not quiet)
     teacher_in = distiller.teacher_input if distiller is not None else None
+    step_times: list[float] = []
+    t_start = time.perf_counter()
 
-    def save(step: int) -> str | None:
+    def save(step: int, eval_due: bool = False) -> str | None:
         # every rank's RNG state is gathered so each rank resumes its own stream
         rngs = [ckpt.rng_state()]
         if env.world > 1:
@@ -524,25 +706,44 @@ def _train(cfg: Config, env: DistEnv, resume, callback, quiet) -> dict:
             "distiller": distiller.state_dict() if distiller is not None else None,
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
             "rng": rngs, "model_spec": spec, "config": cfg.to_dict(), "world": env.world,
+            # eval_due: the evaluation of this step was due and not logged; a resume runs it first
+            "eval_due": eval_due, "config_changes": config_history,
+            "train_seconds": prior_seconds + time.perf_counter() - t_start,
+            "timed_steps": (prior_timed[0] + sum(step_times), prior_timed[1] + len(step_times)),
         }, os.path.join(cfg.out, ckpt.LAST))
 
-    def run_eval(step: int) -> dict:
+    def stop_requested() -> bool:
+        flag = stop.signum
+        if env.world > 1:  # every rank stops at the same point
+            t = torch.tensor([flag], device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = int(t.item())
+        return bool(flag)
+
+    def run_eval(step: int) -> dict | None:
+        """The evaluation at `step`, logged; None when a stop request cut it short (nothing logged)."""
         in_fn = None
         if cfg.stage == "teacher" and cfg.method == "lad":
             from .distill.lad import label_channel
 
             in_fn = lambda im, lab: torch.cat([im, label_channel(lab, num_classes, train=False).to(im.dtype)], 1)  # noqa: E731
-        m = evaluate(objective.model, val_set, cfg, device, env, in_fn)
-        _train_mode(objective, cfg.bn_eval)
+        try:
+            m = evaluate(objective.model, val_set, cfg, device, env, in_fn, should_stop=stop_requested)
+        except EvalStopped:
+            return None
+        finally:
+            _train_mode(objective, cfg.bn_eval)
         logger.log({"kind": "eval", "step": step, "miou": m["miou"], "pixel_acc": m["pixel_acc"],
                     "per_class_iou": m["per_class_iou"]})
         return m
 
-    status, step, t_start, metrics = "done", start, time.perf_counter(), None
-    step_times, history = [], []
+    status, step, metrics, stopped_in, seg_seconds = "done", start, None, None, None
+    history = []
     with StopFlag() as stop:
+        if eval_pending and start < cfg.iters and run_eval(start) is None:
+            status, stopped_in = "interrupted", "evaluation"  # its checkpoint still says it is due
         t0 = time.perf_counter()
-        for images, labels in loader:
+        for images, labels in (loader if status == "done" else ()):
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             with amp():
@@ -584,31 +785,40 @@ def _train(cfg: Config, env: DistEnv, resume, callback, quiet) -> dict:
             progress.update(step, values, lr, cfg.data.batch_size)
             if callback is not None:
                 callback(step, values)
-            stop_now = stop.signum
-            if env.world > 1:  # every rank stops at the same step
-                flag = torch.tensor([stop_now], device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stop_now = int(flag.item())
-            if stop_now:
-                save(step)
-                status = "interrupted"
+            # The evaluation comes before this step's checkpoint, so a checkpoint never predates an
+            # evaluation logged at its step; when a stop request comes first (or cuts it short), the
+            # checkpoint records it as due and the resumed run runs it before its next step.
+            eval_due = bool(cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.iters)
+            stopping = stop_requested()
+            if eval_due and not stopping:
+                eval_due = stopping = run_eval(step) is None
+            if stopping:
+                save(step, eval_due=eval_due)
+                status, stopped_in = "interrupted", "training"
                 break
             if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.iters:
                 save(step)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.iters:
-                run_eval(step)
-    progress.close()
+        progress.close()
+        seg_seconds = time.perf_counter() - t_start
+        if status == "done":
+            if step > start:  # resuming a run stopped in its final evaluation: its checkpoint is this one
+                save(step)
+            metrics = run_eval(step)
+            if metrics is None:  # the checkpoint is saved: a resume runs the final evaluation
+                status, stopped_in = "interrupted", "final evaluation"
+    timed = (prior_timed[0] + sum(step_times), prior_timed[1] + len(step_times))
     result = {"status": status, "step": step, "out": cfg.out, "signal": stop.signum,
-              "train_seconds": time.perf_counter() - t_start,
-              "sec_per_iter": (sum(step_times) / len(step_times)) if step_times else float("nan"),
-              "history": history}
+              "train_seconds": prior_seconds + seg_seconds,
+              "sec_per_iter": timed[0] / timed[1] if timed[1] else float("nan"),
+              "steps_run": step - start, "resumed_from": start if resume else None, "history": history}
     if status == "done":
-        save(step)
-        metrics = run_eval(step)
         result["metrics"] = metrics
         if env.main:
-            with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
+            with open(os.path.join(cfg.out, METRICS), "w") as f:
                 json.dump({k: v for k, v in result.items() if k != "history"}, f, indent=1)
+    else:
+        result["stopped_in"] = stopped_in
     result["checkpoint"] = os.path.join(cfg.out, ckpt.LAST)
+    result["main"] = env.main  # only the main process reports (torchrun starts one per device)
     logger.close()
     return result

@@ -5,26 +5,30 @@ from __future__ import annotations
 import torch
 
 from . import checkpoint as ckpt
-from .config import Config, ConfigError, _merge, apply_override
+from .config import Config, ConfigError, DataConfig, _merge, apply_override, validate_data
 from .engine import DistEnv, build_from_spec, evaluate, resolve_device
 
 
 def evaluate_checkpoint(path: str, *, dataset: str | None = None, split: str | None = None, mode: str | None = None,
                         overrides=(), device: str | None = None) -> dict:
     """Metrics of the model in checkpoint `path`; the data settings default to the run's own config."""
-    from .data import build_dataset
+    from .data import DATASETS, build_dataset
 
     state = ckpt.load_checkpoint(path)
     cfg = Config()
     _merge(cfg, state["config"])
-    if dataset:
-        cfg.data.name = dataset
+    if dataset and dataset != cfg.data.name:
+        if dataset not in DATASETS:
+            raise ConfigError(f"--dataset: unknown dataset {dataset!r}; choices: {', '.join(DATASETS)}")
+        # the run's folder, options and crop belong to its own dataset; the inference settings carry over
+        cfg.data = DataConfig(name=dataset, eval_batch_size=cfg.data.eval_batch_size, eval_mode=cfg.data.eval_mode)
     if mode:
         cfg.data.eval_mode = mode
     if device:
         cfg.device = device
     for o in overrides:
         apply_override(cfg, o)
+    validate_data(cfg)
     spec = state["model_spec"]
     model = build_from_spec(spec)
     model.load_state_dict(state["model"])
@@ -33,8 +37,11 @@ def evaluate_checkpoint(path: str, *, dataset: str | None = None, split: str | N
     opts = dict(cfg.data.options)
     split_opts = opts.pop("val", {}) or {}
     opts.pop("train", None)
-    ds = build_dataset(cfg.data.name, split or cfg.data.val_split, root=cfg.data.root, train=False,
-                       seed=cfg.data.seed, **opts, **split_opts)
+    try:
+        ds = build_dataset(cfg.data.name, split or cfg.data.val_split, root=cfg.data.root, train=False,
+                           seed=cfg.data.seed, **opts, **split_opts)
+    except ValueError as e:  # the datasets check their folders, splits and options
+        raise ConfigError(f"--dataset {cfg.data.name}: {str(e).strip().splitlines()[0]}") from None
     if ds.num_classes != spec["num_classes"]:
         raise ConfigError(f"--dataset: {cfg.data.name} has {ds.num_classes} classes, the model predicts "
                           f"{spec['num_classes']}")
