@@ -389,8 +389,8 @@ class StopFlag:
     def _handle(self, signum, frame):
         if self.signum:
             # os.write, not print: the handler may run while the main thread is inside a write to stderr
-            os.write(2, f"segkd: already stopping (signal {signum}): the checkpoint is saved after the current "
-                        f"step\n".encode())
+            os.write(2, f"segkd: already stopping (signal {signum} ignored): saving a checkpoint, then "
+                        f"exiting\n".encode())
             return
         self.signum = signum
 
