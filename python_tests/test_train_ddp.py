@@ -8,6 +8,7 @@ summation order differs, so losses and weights agree to ~1e-6, not bit for bit. 
 per-rank random draws (no process count reproduces them), so dropout is switched off in this test.
 """
 
+import json
 import os
 import socket
 
@@ -73,3 +74,22 @@ def test_two_gloo_processes_match_one(tmp_path, monkeypatch):
     assert ranks[0]["miou"] == pytest.approx(single["metrics"]["miou"], abs=0.5)
     # only rank 0 writes: one log, one checkpoint
     assert sorted(os.listdir(tmp_path / "ddp")) == ["config.json", "last.pt", "log.jsonl", "metrics.json"]
+
+
+def test_torchrun_reports_once(tmp_path):
+    """Under torchrun every process runs the command; only the main one prints the summary."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    settings = [s for s in SETTINGS if not s.startswith("iters=")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "segkd_kernels.cli", "train", "--iters", "2", "--out", str(out),
+           *[a for s in settings for a in ("--set", s)], "--set", "threads=1"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("step 2: mIoU") == 1, r.stdout
+    assert json.load(open(out / "metrics.json"))["step"] == 2
