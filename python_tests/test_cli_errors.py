@@ -94,6 +94,9 @@ def test_unavailable_backend_is_refused_before_models_are_built(tmp_path, capsys
     line = one_line_error(capsys, "train", ["train", "--iters", "1", "--out", str(tmp_path / "o"), "--method", "kd",
                                             *sets("backend=cuda")])
     assert "backend: 'cuda' cannot run here" in line or "backend: 'cuda' runs on CUDA tensors only" in line
+    line = one_line_error(capsys, "train", ["train", "--iters", "1", "--out", str(tmp_path / "o"),
+                                            *sets("backend=cuda")])  # the model alone: still refused
+    assert "backend: 'cuda'" in line
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")

@@ -199,6 +199,16 @@ def test_a_second_signal_does_not_abort_the_checkpoint(tmp_path, monkeypatch, ca
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
+def test_a_third_signal_stops_at_once_outside_a_save(tmp_path, monkeypatch, capfd):
+    out = tmp_path / "run"
+    monkeypatch.setattr(engine, "train", functools.partial(engine.train, callback=sigterm_at(1, times=3)))
+    assert cli.main(cli_args(out, "ckpt_every=0")) == 130
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "segkd train: interrupted"
+    assert not (out / "last.pt").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 def test_sigterm_during_the_final_evaluation(straight, tmp_path, monkeypatch, capsys):
     ref_out, ref = straight
     out = tmp_path / "run"

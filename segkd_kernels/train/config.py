@@ -330,8 +330,9 @@ def validate(cfg: Config, *, need_teacher_file: bool = True) -> None:
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise ConfigError(f"out: {cfg.out!r} is a file; the output must be a folder (new, empty, or a run "
                           f"folder with --resume)")
-    if cfg.method != "none" and cfg.backend not in ("auto", "reference"):
-        # checked here, not when the first loss runs after the models are built
+    if cfg.backend not in ("auto", "reference"):
+        # checked here, not when the first loss runs after the models are built (and refused even when
+        # no loss would use it: a backend asked for is expected to run)
         import torch
 
         from segkd_kernels import _backends, available_backends

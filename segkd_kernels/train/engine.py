@@ -373,11 +373,13 @@ class Logger:
 
 class StopFlag:
     """SIGINT/SIGTERM ask the loop to stop after the current step (or evaluation batch); it then saves a
-    checkpoint. Later signals are noted and ignored: raising from the handler could land inside the
-    checkpoint being written and leave the run with none (SIGKILL remains for a hung step)."""
+    checkpoint. A second signal is noted and ignored; a third stops at once (KeyboardInterrupt, for a
+    hung step) unless a checkpoint is being written: raising there would leave the run without one."""
 
     def __init__(self):
         self.signum = 0
+        self.count = 0
+        self.saving = False
         self.previous = {}
 
     def __enter__(self):
@@ -387,12 +389,23 @@ class StopFlag:
         return self
 
     def _handle(self, signum, frame):
-        if self.signum:
-            # os.write, not print: the handler may run while the main thread is inside a write to stderr
-            os.write(2, f"segkd: already stopping (signal {signum} ignored): saving a checkpoint, then "
-                        f"exiting\n".encode())
+        self.count += 1
+        if self.count == 1:
+            self.signum = signum
             return
-        self.signum = signum
+        if self.count >= 3 and not self.saving:
+            raise KeyboardInterrupt
+        # os.write, not print: the handler may run while the main thread is inside a write to stderr
+        os.write(2, f"segkd: already stopping (signal {signum} ignored): a checkpoint is saved before exiting"
+                    f"{'' if self.saving else '; a third signal stops at once, without one'}\n".encode())
+
+    @contextlib.contextmanager
+    def saving_checkpoint(self):
+        self.saving = True
+        try:
+            yield
+        finally:
+            self.saving = False
 
     def __exit__(self, *exc):
         for s, h in self.previous.items():
@@ -701,6 +714,10 @@ def _train(cfg: Config, env: DistEnv, resume, overwrite, allow_change, callback,
             dist.all_gather_object(rngs, ckpt.rng_state())
         if not env.main:
             return None
+        with stop.saving_checkpoint():
+            return _save(step, eval_due, rngs)
+
+    def _save(step, eval_due, rngs):
         return ckpt.save_checkpoint({
             "step": step, "model": objective.model.state_dict(),
             "distiller": distiller.state_dict() if distiller is not None else None,
