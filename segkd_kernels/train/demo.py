@@ -101,7 +101,8 @@ def prediction_strip(path: str, models: list, dataset, in_fns: list, n_images: i
 
 
 def run_demo(*, quick: bool = False, method: str | None = None, out: str = "runs/demo", iters: int | None = None,
-             device: str = "auto", preset: str | None = None, stream=None, overrides=(), overwrite: bool = False) -> int:
+             device: str = "auto", preset: str | None = None, stream=None, overrides=(),
+             overwrite: bool = False) -> int:
     """Teacher, student alone, distilled student. Running it again continues: each finished stage is
     reused and an interrupted one continues from its checkpoint (overwrite: train every stage again)."""
     from .config import ConfigError, describe_changes, validate

@@ -3,7 +3,9 @@ on one process or under torchrun (DDP), plus `evaluate`.
 
 Reproducibility contract: the data order and every augmentation are functions of (seed, epoch, index)
 and the step number, and a checkpoint holds every other piece of state (weights, optimiser, schedule,
-grad scaler, RNG states, step), so `--resume` continues the interrupted run exactly.
+grad scaler, RNG states, step), so `--resume` continues the interrupted run exactly. To keep that
+promise a resumed run must keep its settings (config.RESUME_FREE_KEYS aside) unless the change is
+accepted and recorded, and a run folder is never reused without --resume or --overwrite.
 """
 
 from __future__ import annotations
@@ -230,7 +232,8 @@ def load_model(path: str, device="cpu") -> tuple[nn.Module, dict]:
 def describe_spec(spec: dict | None) -> str:
     if not spec:
         return "unknown"
-    return f"{spec['arch']}-{spec['backbone']} x{spec['width']:g} (os {spec['output_stride']}, {spec['num_classes']} classes)"
+    return (f"{spec['arch']}-{spec['backbone']} x{spec['width']:g} (os {spec['output_stride']}, "
+            f"{spec['num_classes']} classes)")
 
 
 class Objective(nn.Module):
@@ -672,7 +675,8 @@ def _train(cfg: Config, env: DistEnv, resume, overwrite, allow_change, callback,
             sched.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise ckpt.CheckpointError(f"--resume: the checkpoint does not fit these settings: {_first_line(e)}") from None
+            raise ckpt.CheckpointError(
+                f"--resume: the checkpoint does not fit these settings: {_first_line(e)}") from None
         start = state["step"]
         prior_seconds = float(state.get("train_seconds", 0.0))
         prior_timed = tuple(state.get("timed_steps", (0.0, 0)))
