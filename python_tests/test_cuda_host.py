@@ -12,6 +12,7 @@ built by the normal install into segkd_kernels._cuda_host).
 
 from __future__ import annotations
 
+import os
 import types
 
 import pytest
@@ -26,14 +27,27 @@ HOST, HOST_REASON = host_library()
 pytestmark = pytest.mark.skipif(HOST is None, reason=HOST_REASON)
 
 
+# A library built from one (possibly mutated) kernel file by cuda_host_tools, instead of the
+# module's own launchers for that file: set by test_cuda_host_mutations.py only.
+LIBRARY_OVERRIDE = os.environ.get("SEGKD_TEST_HOST_LIBRARY")
+
+
+def _library():
+    if not LIBRARY_OVERRIDE:
+        return None
+    from cuda_host_tools import ShimLibrary
+
+    return ShimLibrary(LIBRARY_OVERRIDE, HOST)
+
+
 @pytest.fixture
 def target():
     """The cuda backend on CPU tensors, through the host build, with default device attributes."""
-    with host_execution() as lib:
-        lib.host_reset()
-        lib.host_set_seed(1234)
+    with host_execution(_library()):
+        HOST.host_reset()
+        HOST.host_set_seed(1234)
         yield "cpu"
-        lib.host_reset()
+        HOST.host_reset()
 
 
 @pytest.fixture
