@@ -50,6 +50,7 @@
 #include <vector>
 
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #define SEGKD_HOST_ASAN 1
 #endif
@@ -175,6 +176,10 @@ struct Context {
 
 // A context that starts entry() on the given stack; entry must never return.
 inline void init_context(Context& c, char* stack, size_t size, void (*entry)()) {
+#ifdef SEGKD_HOST_ASAN
+  // a reused stack still carries the poisoned frames of the fiber that ended on it
+  __asan_unpoison_memory_region(stack, size);
+#endif
 #ifdef SEGKD_HOST_FAST_SWITCH
   auto top = (reinterpret_cast<std::uintptr_t>(stack) + size) & ~static_cast<std::uintptr_t>(15);
   auto* slot = reinterpret_cast<uint64_t*>(top);
@@ -375,6 +380,12 @@ inline void fiber_main() {
   Fiber* f = g.current;
   f->state = ThreadState::Done;
   --g.alive;
+  // lanes of its warp waiting in a collective whose mask names this thread would wait forever
+  for (int l = 0; l < 32; ++l) {
+    const size_t t = static_cast<size_t>(f->warp * 32 + l);
+    if (t < g.fibers.size() && g.fibers[t].state == ThreadState::Warp && (g.fibers[t].mask & (1u << f->lane)))
+      fail("warp collective: its mask names a lane that has exited");
+  }
   // exited threads no longer hold a barrier back
   if (g.alive > 0 && g.at_barrier == g.alive) release_barrier();
   switch_away(true);
@@ -430,6 +441,9 @@ inline void run_block() {
     }
   }
   g.runnable.clear();
+  // pooled fibers beyond this block's size take no part (an earlier failed block may have left
+  // them waiting)
+  for (size_t i = static_cast<size_t>(n); i < g.fibers.size(); ++i) g.fibers[i].state = ThreadState::Done;
   for (int i = 0; i < n; ++i) {
     Fiber& f = g.fibers[static_cast<size_t>(i)];
     f.linear = i;
