@@ -260,7 +260,8 @@ void cbam_gate_backward(std::uintptr_t grad_out, std::uintptr_t x, std::uintptr_
         reinterpret_cast<const float*>(channel_gate), reinterpret_cast<const float*>(spatial_gate),
         reinterpret_cast<T*>(dx), reinterpret_cast<float*>(d_channel_gate), channels, plane);
     check_launch("cbam_gate_backward (rows)");
-    SEGKD_LAUNCH(grid_for(batch * plane, kThreads), kThreads, 0, as_stream(stream), cbam_gate_backward_pixels_kernel<T>)(
+    SEGKD_LAUNCH(grid_for(batch * plane, kThreads), kThreads, 0, as_stream(stream),
+                 cbam_gate_backward_pixels_kernel<T>)(
         reinterpret_cast<const T*>(grad_out), reinterpret_cast<const T*>(x),
         reinterpret_cast<const float*>(channel_gate), reinterpret_cast<float*>(d_spatial_gate), batch, channels,
         plane);

@@ -222,7 +222,8 @@ __device__ __forceinline__ void accumulate_range(const T* __restrict__ rs, const
 }
 
 template <typename T>
-__device__ __forceinline__ void write_grad_range(const T* __restrict__ rs, const T* __restrict__ rt, float* __restrict__ rg,
+__device__ __forceinline__ void write_grad_range(const T* __restrict__ rs, const T* __restrict__ rt,
+                                                 float* __restrict__ rg,
                                                  int64_t begin, int64_t end, bool vec, float inv_tau, float lse_s,
                                                  float lse_t, float grad_scale) {
   constexpr int V = Vec16<T>::kSize;

@@ -372,7 +372,8 @@ void cross_image_forward(std::uintptr_t xs, std::uintptr_t xt, std::uintptr_t in
   DeviceGuard guard(device);
   dispatch_float_types(dtype, "cross_image_forward", [&](auto tag) {
     using T = decltype(tag);
-    SEGKD_LAUNCH(static_cast<unsigned>(batch * batch * row_tiles), kThreads, 0, as_stream(stream), cross_image_forward_kernel<T>)(
+    SEGKD_LAUNCH(static_cast<unsigned>(batch * batch * row_tiles), kThreads, 0, as_stream(stream),
+                 cross_image_forward_kernel<T>)(
         reinterpret_cast<const T*>(xs), reinterpret_cast<const T*>(xt), reinterpret_cast<const float*>(inv_s),
         reinterpret_cast<const float*>(inv_t), reinterpret_cast<float*>(row_kl), reinterpret_cast<float*>(lse), batch,
         cs, ct, plane, row_tiles, static_cast<float>(1.0 / tau));

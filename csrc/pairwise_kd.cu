@@ -173,7 +173,8 @@ void normalize_pixels_backward(std::uintptr_t da, std::uintptr_t x, std::uintptr
   DeviceGuard guard(device);
   dispatch_float_types(dtype, "normalize_pixels_backward", [&](auto tag) {
     using T = decltype(tag);
-    SEGKD_LAUNCH(grid_for(pixels, kNormThreads), kNormThreads, 0, as_stream(stream), normalize_pixels_backward_kernel<T>)(
+    SEGKD_LAUNCH(grid_for(pixels, kNormThreads), kNormThreads, 0, as_stream(stream),
+                 normalize_pixels_backward_kernel<T>)(
         reinterpret_cast<const float*>(da), reinterpret_cast<const T*>(x), reinterpret_cast<const float*>(norm),
         reinterpret_cast<T*>(dx), batch, channels, plane, static_cast<float>(eps), detach_norm);
   });
