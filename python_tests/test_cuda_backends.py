@@ -8,6 +8,8 @@ implementations give the right shapes, and the AttnFD gradient coefficients matc
 With a GPU (@pytest.mark.cuda): values and gradients against the reference on odd shapes, fp32
 tolerances and the fp16/bf16 error budget, grad_output != 1, channels_last / non-contiguous
 inputs, opcheck of every custom op, torch.compile(fullgraph=True), a non-default stream.
+Those GPU tests take a `target` device; test_cuda_host.py runs them again on CPU tensors through the
+host execution layer (the same kernels compiled by g++), so CI runs them without a GPU.
 """
 
 from __future__ import annotations
@@ -269,6 +271,9 @@ def _gpu_cases():
         cases[f"cbam_gate{shape}"] = (shape, None, "gate",
                                       lambda s, t, e, b: sk.cbam_gate(s, e[2], e[3], backend=b))
         cases[f"attnfd{shape}"] = (shape, shape, None, lambda s, t, e, b: sk.attnfd_loss(s, t, backend=b))
+    for shape in [(1, 3, 5, 7), (2, 5, 17, 33)]:  # one row per block: planes below and above 256 threads
+        cases[f"spatial_pool{shape}"] = (shape, None, None, lambda s, t, e, b: torch.cat(
+            [x.flatten() for x in sk.spatial_pool(s, backend=b)]))
     for padding in ["reflect", "zeros", "valid"]:
         for window in [3, 11, 15]:
             for normalize in [True, False]:

@@ -230,3 +230,25 @@ def test_shared_memory_is_poisoned_and_counted(host):
     sk.channel_wise_kd(x, x, backend="cuda")
     stats = host.host_stats()
     assert stats["launches"] == 1 and stats["blocks"] == 6 and stats["barriers"] > 0 and stats["collectives"] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("op", ["channel_wise_kd", "pixel_kd", "pfs_pixel_kd"])
+def test_half_precision_gradients_are_rounded_once(host, op, dtype):
+    # The op saves d loss / d student for grad_output = 1 in fp32; the backward scales it by
+    # grad_output and rounds to the student's dtype once. (Saved in the student's dtype and scaled
+    # afterwards, about a quarter of the bf16 elements came out double-rounded.)
+    from segkd_kernels.ops.channel_wise_kd.cuda import channel_wise_kd_cuda
+    from segkd_kernels.ops.pixel_kd.cuda import pfs_pixel_kd_cuda, pixel_kd_cuda
+
+    s = make_tensor((2, 5, 13, 17), dtype=dtype, seed=40, requires_grad=True)
+    t = make_tensor((2, 5, 13, 17), dtype=dtype, seed=41)
+    call = {"channel_wise_kd": lambda: channel_wise_kd_cuda(s, t, 2.0, True),
+            "pixel_kd": lambda: pixel_kd_cuda(s, t, 1.5, None, None, True),
+            "pfs_pixel_kd": lambda: pfs_pixel_kd_cuda(s, t, 1.5, None, True)}[op]
+    loss, saved = call()
+    assert saved.dtype == torch.float32
+    g_out = torch.tensor(0.7, dtype=loss.dtype)
+    (g,) = torch.autograd.grad(loss, s, g_out)
+    assert torch.equal(g, (saved * g_out.float()).to(dtype))
+    assert not torch.equal(g, (saved.to(dtype).float() * g_out.float()).to(dtype))  # the double rounding

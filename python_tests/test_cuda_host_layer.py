@@ -19,12 +19,14 @@ KERNELS = __import__("pathlib").Path(__file__).resolve().parent / "cuda_host_lay
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no C++ compiler")
 
 
-@pytest.fixture(scope="module")
-def layer(tmp_path_factory):
+# x86-64 switches fibers with a few instructions of its own; "ucontext" is glibc's portable path
+@pytest.fixture(scope="module", params=["default", "ucontext"])
+def layer(tmp_path_factory, request):
     import subprocess
 
     out = tmp_path_factory.mktemp("layer") / "layer.so"
-    cmd = [compiler(), "-std=c++17", "-O1", "-fPIC", "-shared", "-fno-strict-aliasing", f"-I{HOST_INCLUDE}",
+    flags = ["-DSEGKD_HOST_UCONTEXT"] if request.param == "ucontext" else []
+    cmd = [compiler(), "-std=c++17", "-O1", "-fPIC", "-shared", "-fno-strict-aliasing", *flags, f"-I{HOST_INCLUDE}",
            "-x", "c++", str(KERNELS), "-o", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

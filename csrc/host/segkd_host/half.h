@@ -6,6 +6,10 @@
 #include <cstdint>
 #include <cstring>
 
+// Everything the layer defines stays private to the library that includes it: two libraries built
+// on it (the test module, a mutant) loaded into one process must not share its state.
+#pragma GCC visibility push(hidden)
+
 namespace segkd_host {
 
 inline uint32_t float_bits(float f) {
@@ -94,3 +98,5 @@ inline float __half2float(__half h) { return static_cast<float>(h); }
 inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16(f); }
 inline __nv_bfloat16 __float2bfloat16(float f) { return __nv_bfloat16(f); }
 inline float __bfloat162float(__nv_bfloat16 b) { return static_cast<float>(b); }
+
+#pragma GCC visibility pop

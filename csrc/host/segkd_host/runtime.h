@@ -1,7 +1,8 @@
 // Host execution layer: runs the unchanged CUDA kernels of csrc/ on the CPU, compiled by g++.
 //
 // Model. A launch runs its blocks one after another (in a seeded random order) on the calling
-// thread. Each block runs its threads as cooperative fibers (glibc ucontext, one stack each): a
+// thread. Each block runs its threads as cooperative fibers (one stack each; glibc ucontext, or a
+// few instructions of its own on x86-64, see "execution contexts"): a
 // thread runs until it reaches a barrier (__syncthreads*) or a warp collective (__shfl_*_sync,
 // __ballot_sync, __any/__all_sync, __syncwarp, the wmma *_sync calls), then the scheduler resumes
 // another runnable thread, picked at random with a seeded generator. So between two sync points
@@ -19,9 +20,10 @@
 // Checks that raise like the CUDA runtime (cudaGetLastError after the launch): block and grid
 // dimensions, dynamic shared memory above the kernel's cudaFuncAttributeMaxDynamicSharedMemorySize
 // (48 KiB unless raised) or an attribute above the device's opt-in. Failures inside a kernel
-// (deadlock at a barrier or collective, a mask naming a lane that does not exist, misaligned
-// vector or wmma accesses, a stack overflow guard) end the launch with a sticky error whose text
-// says what happened; the next cudaGetLastError returns (and clears) it.
+// (deadlock at a barrier or collective, a mask naming a lane that does not exist or has exited,
+// misaligned __ldg vector or wmma accesses) end the launch with a sticky error whose text says what
+// happened; the next cudaGetLastError returns (and clears) it. A fiber stack overflow hits a guard
+// page (a crash, never silent corruption).
 //
 // Device attributes (SM count, shared memory opt-in, ...) come from a table that tests may
 // override (segkd_host::set_attribute) to steer the launchers' plans at small sizes.
@@ -54,6 +56,10 @@
 #include <sanitizer/common_interface_defs.h>
 #define SEGKD_HOST_ASAN 1
 #endif
+
+// Everything the layer defines stays private to the library that includes it: two libraries built
+// on it (the test module, a mutant) loaded into one process must not share its state.
+#pragma GCC visibility push(hidden)
 
 // The kernels take the sm_80 code paths (wmma tiles for half / bfloat16).
 #ifndef __CUDA_ARCH__
@@ -137,7 +143,8 @@ enum class WarpOp { None, Shfl, ShflUp, ShflDown, ShflXor, Ballot, Any, All, Syn
 // On x86-64 this is the few instructions below (swapcontext would also save and restore the
 // signal mask with a system call on every switch, ten times slower, and a launch switches millions
 // of times); elsewhere glibc's makecontext / swapcontext do the same job.
-#if defined(__x86_64__)
+// (-DSEGKD_HOST_UCONTEXT forces the portable path; the layer's tests build both.)
+#if defined(__x86_64__) && !defined(SEGKD_HOST_UCONTEXT)
 #define SEGKD_HOST_FAST_SWITCH 1
 // switch_stacks(&save, to): saves the current context at *save and resumes `to`.
 __attribute__((naked, noinline)) inline void switch_stacks(void** /*save*/, void* /*to*/) {
@@ -940,3 +947,5 @@ inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
 inline cudaError_t cudaDeviceSynchronize() {
   return segkd_host::state().sticky_error;
 }
+
+#pragma GCC visibility pop

@@ -19,6 +19,10 @@
 #include "half.h"
 #include "runtime.h"
 
+// Everything the layer defines stays private to the library that includes it: two libraries built
+// on it (the test module, a mutant) loaded into one process must not share its state.
+#pragma GCC visibility push(hidden)
+
 namespace nvcuda {
 namespace wmma {
 
@@ -142,3 +146,5 @@ inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment
 
 }  // namespace wmma
 }  // namespace nvcuda
+
+#pragma GCC visibility pop
