@@ -59,6 +59,20 @@ def test_library_is_built_where_nvcc_exists():
     assert LIB is not None, LIB_REASON
 
 
+def test_host_module_is_built_where_cmake_and_a_compiler_exist():
+    # the host execution build is what runs the kernels in CI: it must not go missing silently
+    from segkd_kernels._backends import host_library
+
+    lib, reason = host_library()
+    if shutil.which("cmake") is None or shutil.which("g++") is None:
+        pytest.skip("no cmake/g++ here: the host build is legitimately absent")
+    if "SEGKD_CUDA_HOST=0" in reason:
+        pytest.skip("installed with SEGKD_CUDA_HOST=0")
+    assert lib is not None, reason
+    declared = set(re.findall(r"^(?:void|int64_t) (\w+)\(", LAUNCHERS_H.read_text(), flags=re.M))
+    assert lib.HOST_EXECUTION and not sorted(n for n in declared if not hasattr(lib, n))
+
+
 @needs_lib
 def test_every_launcher_is_bound():
     declared = set(re.findall(r"^(?:void|int64_t) (\w+)\(", LAUNCHERS_H.read_text(), flags=re.M))
