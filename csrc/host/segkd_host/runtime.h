@@ -404,11 +404,6 @@ inline void make_runnable(Fiber& f) {
   state().runnable.push_back(f.linear);
 }
 
-// Called in a fiber: let the scheduler pick the next thread (this one stays runnable).
-inline void yield_runnable() {
-  make_runnable(*self());
-  switch_away();
-}
 
 inline std::string describe_deadlock() {
   State& g = state();
