@@ -5,6 +5,8 @@ Backends:
   triton     fused Triton kernels: CUDA tensors, or CPU tensors under the Triton interpreter
              (TRITON_INTERPRET=1 set before segkd_kernels is imported)
   cuda       hand-written kernels in the compiled module segkd_kernels._cuda: CUDA tensors only
+             (tests run the same kernels on CPU tensors inside host_execution(), through their
+             host build segkd_kernels._cuda_host; nothing else ever selects that build)
 
 Rules (API.md): "auto" picks the fastest backend that supports the inputs; SEGKD_BACKEND overrides
 "auto"; an explicitly named backend never falls back silently, it raises saying why.
