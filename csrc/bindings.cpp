@@ -9,7 +9,16 @@
 namespace py = pybind11;
 using segkd::DType;
 
-PYBIND11_MODULE(_cuda, m) {
+// The same bindings build segkd_kernels._cuda (nvcc) and the host-execution test module
+// segkd_kernels._cuda_host (g++, csrc/host/), which also exposes the layer's test controls.
+#ifndef SEGKD_MODULE_NAME
+#define SEGKD_MODULE_NAME _cuda
+#endif
+#ifdef SEGKD_HOST_EXECUTION_MODULE
+#include "segkd_host/controls.h"
+#endif
+
+PYBIND11_MODULE(SEGKD_MODULE_NAME, m) {
   m.doc() = "segkd_kernels hand-written CUDA kernels (raw pointers, no libtorch)";
   m.attr("DTYPE_FLOAT32") = static_cast<int>(DType::Float32);
   m.attr("DTYPE_FLOAT16") = static_cast<int>(DType::Float16);
@@ -218,4 +227,7 @@ PYBIND11_MODULE(_cuda, m) {
       py::arg("xs"), py::arg("xt"), py::arg("inv_s"), py::arg("inv_t"), py::arg("lse"), py::arg("grad_loss"),
       py::arg("da"), py::arg("batch"), py::arg("cs"), py::arg("ct"), py::arg("plane"), py::arg("tau"),
       py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+#ifdef SEGKD_HOST_EXECUTION_MODULE
+  segkd_host::bind_controls(m);
+#endif
 }

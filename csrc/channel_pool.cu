@@ -174,7 +174,7 @@ void channel_pool_forward(std::uintptr_t x, std::uintptr_t gate, std::uintptr_t 
   DeviceGuard guard(device);
   dispatch_float_types(dtype, "channel_pool_forward", [&](auto tag) {
     using T = decltype(tag);
-    channel_pool_forward_kernel<T><<<grid_for(pixels, kThreads), kThreads, 0, as_stream(stream)>>>(
+    SEGKD_LAUNCH(grid_for(pixels, kThreads), kThreads, 0, as_stream(stream), channel_pool_forward_kernel<T>)(
         reinterpret_cast<const T*>(x), reinterpret_cast<const float*>(gate), reinterpret_cast<T*>(out),
         reinterpret_cast<int32_t*>(argmax), batch, channels, plane);
   });
@@ -191,7 +191,7 @@ void channel_pool_backward(std::uintptr_t grad_out, std::uintptr_t argmax, std::
   DeviceGuard guard(device);
   dispatch_float_types(dtype, "channel_pool_backward", [&](auto tag) {
     using T = decltype(tag);
-    channel_pool_backward_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, as_stream(stream)>>>(
+    SEGKD_LAUNCH(static_cast<unsigned>(rows), kThreads, 0, as_stream(stream), channel_pool_backward_kernel<T>)(
         reinterpret_cast<const T*>(grad_out), reinterpret_cast<const int32_t*>(argmax), reinterpret_cast<const T*>(x),
         reinterpret_cast<const float*>(gate), reinterpret_cast<T*>(dx), reinterpret_cast<float*>(dgate), channels,
         plane);
@@ -211,7 +211,7 @@ void attnfd_dots(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t 
   DeviceGuard guard(device);
   dispatch_float_types(dtype, "attnfd_dots", [&](auto tag) {
     using T = decltype(tag);
-    attnfd_dots_kernel<T><<<static_cast<unsigned>(num_partials), kThreads, 0, as_stream(stream)>>>(
+    SEGKD_LAUNCH(static_cast<unsigned>(num_partials), kThreads, 0, as_stream(stream), attnfd_dots_kernel<T>)(
         reinterpret_cast<const T*>(student), reinterpret_cast<const T*>(teacher), reinterpret_cast<double*>(partials),
         total);
   });
@@ -224,7 +224,7 @@ void attnfd_backward(std::uintptr_t student, std::uintptr_t teacher, std::uintpt
   DeviceGuard guard(device);
   dispatch_float_types(dtype, "attnfd_backward", [&](auto tag) {
     using T = decltype(tag);
-    attnfd_backward_kernel<T><<<grid_for(total, kThreads), kThreads, 0, as_stream(stream)>>>(
+    SEGKD_LAUNCH(grid_for(total, kThreads), kThreads, 0, as_stream(stream), attnfd_backward_kernel<T>)(
         reinterpret_cast<const T*>(student), reinterpret_cast<const T*>(teacher),
         reinterpret_cast<const double*>(coefs), reinterpret_cast<T*>(ds), total);
   });
@@ -238,7 +238,7 @@ void cbam_gate_forward(std::uintptr_t x, std::uintptr_t channel_gate, std::uintp
   DeviceGuard guard(device);
   dispatch_float_types(dtype, "cbam_gate_forward", [&](auto tag) {
     using T = decltype(tag);
-    cbam_gate_forward_kernel<T><<<grid_for(total, kThreads), kThreads, 0, as_stream(stream)>>>(
+    SEGKD_LAUNCH(grid_for(total, kThreads), kThreads, 0, as_stream(stream), cbam_gate_forward_kernel<T>)(
         reinterpret_cast<const T*>(x), reinterpret_cast<const float*>(channel_gate),
         reinterpret_cast<const float*>(spatial_gate), reinterpret_cast<T*>(out), channels, plane, total);
   });
@@ -255,12 +255,13 @@ void cbam_gate_backward(std::uintptr_t grad_out, std::uintptr_t x, std::uintptr_
   DeviceGuard guard(device);
   dispatch_float_types(dtype, "cbam_gate_backward", [&](auto tag) {
     using T = decltype(tag);
-    cbam_gate_backward_rows_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, as_stream(stream)>>>(
+    SEGKD_LAUNCH(static_cast<unsigned>(rows), kThreads, 0, as_stream(stream), cbam_gate_backward_rows_kernel<T>)(
         reinterpret_cast<const T*>(grad_out), reinterpret_cast<const T*>(x),
         reinterpret_cast<const float*>(channel_gate), reinterpret_cast<const float*>(spatial_gate),
         reinterpret_cast<T*>(dx), reinterpret_cast<float*>(d_channel_gate), channels, plane);
     check_launch("cbam_gate_backward (rows)");
-    cbam_gate_backward_pixels_kernel<T><<<grid_for(batch * plane, kThreads), kThreads, 0, as_stream(stream)>>>(
+    SEGKD_LAUNCH(grid_for(batch * plane, kThreads), kThreads, 0, as_stream(stream),
+                 cbam_gate_backward_pixels_kernel<T>)(
         reinterpret_cast<const T*>(grad_out), reinterpret_cast<const T*>(x),
         reinterpret_cast<const float*>(channel_gate), reinterpret_cast<float*>(d_spatial_gate), batch, channels,
         plane);

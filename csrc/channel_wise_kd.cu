@@ -4,7 +4,7 @@
 // One block per row. Pass 1 keeps, per thread, an online softmax state for s and t and the
 // rescaled accumulator sum exp(t - m_t) (t - s), merged by warp shuffles and then across warps:
 //   KL_row = acc / l_t - lse_t + lse_s.
-// Pass 2 writes grad = scale * (softmax(s) - softmax(t)). Rows of up to kCacheItems values per
+// Pass 2 writes grad = scale * (softmax(s) - softmax(t)) in fp32. Rows of up to kCacheItems values per
 // thread stay in registers between the passes (the gradient costs no second read); longer rows
 // are read again (mostly from L2). Loads and stores are 128-bit when the rows are 16-byte aligned.
 // Few long rows are split over several blocks per row (two kernels, see the split kernels).
@@ -70,27 +70,28 @@ __device__ __forceinline__ void load_chunk(const T* __restrict__ row, int64_t ba
   }
 }
 
-template <typename T>
-__device__ __forceinline__ void store_chunk(T* __restrict__ row, int64_t base, int64_t plane, bool vec,
-                                            const float (&val)[Vec16<T>::kSize]) {
-  constexpr int V = Vec16<T>::kSize;
+// Stores V fp32 gradient values at [base, base + V) of a row (fewer at the row's end); with vec
+// (plane % V == 0, aligned rows) as V / 4 128-bit stores. The gradient stays in fp32 whatever the
+// input dtype: the backward scales it by grad_output and rounds once to the student's dtype.
+template <int V>
+__device__ __forceinline__ void store_chunk(float* __restrict__ row, int64_t base, int64_t plane, bool vec,
+                                            const float (&val)[V]) {
   if (vec) {
-    uint4 raw;
-    T* e = reinterpret_cast<T*>(&raw);
 #pragma unroll
-    for (int v = 0; v < V; ++v) e[v] = from_float<T>(val[v]);
-    *reinterpret_cast<uint4*>(row + base) = raw;
+    for (int q = 0; q < V / 4; ++q)
+      *reinterpret_cast<float4*>(row + base + 4 * q) = make_float4(val[4 * q], val[4 * q + 1], val[4 * q + 2],
+                                                                   val[4 * q + 3]);
   } else {
 #pragma unroll
     for (int v = 0; v < V; ++v)
-      if (base + v < plane) row[base + v] = from_float<T>(val[v]);
+      if (base + v < plane) row[base + v] = val[v];
   }
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kCwdMaxThreads)
 channel_wise_kd_kernel(const T* __restrict__ s, const T* __restrict__ t, float* __restrict__ row_kl,
-                       T* __restrict__ grad, int64_t plane, float inv_tau, float grad_scale, bool vec) {
+                       float* __restrict__ grad, int64_t plane, float inv_tau, float grad_scale, bool vec) {
   constexpr int V = Vec16<T>::kSize;
   constexpr int kChunks = kCacheItems / V > 0 ? kCacheItems / V : 1;
   const int64_t row = blockIdx.x;
@@ -151,7 +152,7 @@ channel_wise_kd_kernel(const T* __restrict__ s, const T* __restrict__ t, float* 
   if (grad == nullptr) return;
   __syncthreads();
   const float lse_s = lse_sh[0], lse_t = lse_sh[1];
-  T* rg = grad + row * plane;
+  float* rg = grad + row * plane;
   if (cached) {
 #pragma unroll
     for (int k = 0; k < kChunks; ++k) {
@@ -221,7 +222,8 @@ __device__ __forceinline__ void accumulate_range(const T* __restrict__ rs, const
 }
 
 template <typename T>
-__device__ __forceinline__ void write_grad_range(const T* __restrict__ rs, const T* __restrict__ rt, T* __restrict__ rg,
+__device__ __forceinline__ void write_grad_range(const T* __restrict__ rs, const T* __restrict__ rt,
+                                                 float* __restrict__ rg,
                                                  int64_t begin, int64_t end, bool vec, float inv_tau, float lse_s,
                                                  float lse_t, float grad_scale) {
   constexpr int V = Vec16<T>::kSize;
@@ -260,7 +262,7 @@ template <typename T>
 __global__ void __launch_bounds__(kCwdMaxThreads)
 channel_wise_kd_split_finish_kernel(const T* __restrict__ s, const T* __restrict__ t,
                                     const float* __restrict__ partials, int64_t splits, float* __restrict__ row_kl,
-                                    T* __restrict__ grad, int64_t plane, int64_t chunk, float inv_tau,
+                                    float* __restrict__ grad, int64_t plane, int64_t chunk, float inv_tau,
                                     float grad_scale, bool vec) {
   const int64_t split = blockIdx.x, row = blockIdx.y;
   __shared__ float lse_sh[2];
@@ -348,7 +350,7 @@ void channel_wise_kd_forward(std::uintptr_t student, std::uintptr_t teacher, std
     const auto* s = reinterpret_cast<const T*>(student);
     const auto* t = reinterpret_cast<const T*>(teacher);
     auto* kl = reinterpret_cast<float*>(row_kl);
-    auto* g = reinterpret_cast<T*>(grad);
+    auto* g = reinterpret_cast<float*>(grad);
     const float inv_tau = static_cast<float>(1.0 / tau), scale = static_cast<float>(grad_scale);
     const SplitPlan plan = plan_split<T>(rows, plane, sms);
     if (plan.splits > 1) {
@@ -356,19 +358,19 @@ void channel_wise_kd_forward(std::uintptr_t student, std::uintptr_t teacher, std
         throw std::invalid_argument("channel_wise_kd: workspace smaller than channel_wise_kd_workspace()");
       const dim3 grid(static_cast<unsigned>(plan.splits), static_cast<unsigned>(rows));
       auto* partials = reinterpret_cast<float*>(workspace);
-      channel_wise_kd_split_stats_kernel<T><<<grid, kCwdMaxThreads, 0, as_stream(stream)>>>(
+      SEGKD_LAUNCH(grid, kCwdMaxThreads, 0, as_stream(stream), channel_wise_kd_split_stats_kernel<T>)(
           s, t, partials, plane, plan.chunk, inv_tau, vec);
       check_launch("channel_wise_kd_forward (split statistics)");
       // without a gradient one block per row is enough to write the KL
       const dim3 grid2(g == nullptr ? 1u : static_cast<unsigned>(plan.splits), static_cast<unsigned>(rows));
-      channel_wise_kd_split_finish_kernel<T><<<grid2, kCwdMaxThreads, 0, as_stream(stream)>>>(
+      SEGKD_LAUNCH(grid2, kCwdMaxThreads, 0, as_stream(stream), channel_wise_kd_split_finish_kernel<T>)(
           s, t, partials, plan.splits, kl, g, plane, plan.chunk, inv_tau, scale, vec);
       return;
     }
     // Short rows get fewer threads (whole warps) instead of idle lanes.
     const int64_t chunks = (plane + V - 1) / V;
     const int threads = static_cast<int>(std::min<int64_t>(kCwdMaxThreads, ((chunks + 31) / 32) * 32));
-    channel_wise_kd_kernel<T><<<static_cast<unsigned>(rows), threads, 0, as_stream(stream)>>>(
+    SEGKD_LAUNCH(static_cast<unsigned>(rows), threads, 0, as_stream(stream), channel_wise_kd_kernel<T>)(
         s, t, kl, g, plane, inv_tau, scale, vec);
   });
   check_launch("channel_wise_kd_forward");

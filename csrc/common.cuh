@@ -12,6 +12,19 @@
 
 #include "launchers.h"
 
+// One launch syntax for both builds: the real launch under nvcc, the emulated one of the host
+// execution layer (csrc/host/) under g++. The kernel comes last so that template arguments may
+// contain commas:  SEGKD_LAUNCH(grid, block, dynamic_smem, stream, kernel<T, true>)(args...);
+// Dynamic shared memory is declared with SEGKD_DYNAMIC_SHARED(type, name) (an array of type).
+#if defined(SEGKD_HOST_EXECUTION)
+#define SEGKD_LAUNCH(grid, block, smem, stream, ...) \
+  ::segkd_host::make_launch(&__VA_ARGS__, grid, block, smem, stream, #__VA_ARGS__)
+#define SEGKD_DYNAMIC_SHARED(type, name) type* name = ::segkd_host::dynamic_shared<type>()
+#else
+#define SEGKD_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#define SEGKD_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
+
 namespace segkd {
 
 // ---- dtype helpers ------------------------------------------------------------------------

@@ -297,7 +297,7 @@ cross_image_backward_owned_kernel(const T* __restrict__ xs, const T* __restrict_
                                   int64_t cs, int64_t ct, int64_t plane, int64_t tiles, float inv_tau, float scale) {
   __shared__ typename TileDots<T>::Smem sm;
   __shared__ float dsh[kTile][kTile + 1];
-  extern __shared__ float acc[];  // [cs][kTile]: da of the owned pixels
+  SEGKD_DYNAMIC_SHARED(float, acc);  // [cs][kTile]: da of the owned pixels
   const int64_t pair = blockIdx.x / tiles, owned0 = (blockIdx.x - pair * tiles) * kTile;
   const int64_t i = pair / batch, j = pair - i * batch;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -372,8 +372,8 @@ void cross_image_forward(std::uintptr_t xs, std::uintptr_t xt, std::uintptr_t in
   DeviceGuard guard(device);
   dispatch_float_types(dtype, "cross_image_forward", [&](auto tag) {
     using T = decltype(tag);
-    cross_image_forward_kernel<T><<<static_cast<unsigned>(batch * batch * row_tiles), kThreads, 0,
-                                    as_stream(stream)>>>(
+    SEGKD_LAUNCH(static_cast<unsigned>(batch * batch * row_tiles), kThreads, 0, as_stream(stream),
+                 cross_image_forward_kernel<T>)(
         reinterpret_cast<const T*>(xs), reinterpret_cast<const T*>(xt), reinterpret_cast<const float*>(inv_s),
         reinterpret_cast<const float*>(inv_t), reinterpret_cast<float*>(row_kl), reinterpret_cast<float*>(lse), batch,
         cs, ct, plane, row_tiles, static_cast<float>(1.0 / tau));
@@ -414,13 +414,13 @@ void cross_image_backward(std::uintptr_t xs, std::uintptr_t xt, std::uintptr_t i
                                       cudaFuncAttributeMaxDynamicSharedMemorySize, dyn), "cudaFuncSetAttribute");
       check_cuda(cudaFuncSetAttribute(cross_image_backward_owned_kernel<T, false>,
                                       cudaFuncAttributeMaxDynamicSharedMemorySize, dyn), "cudaFuncSetAttribute");
-      cross_image_backward_owned_kernel<T, true><<<blocks, kThreads, dyn, as_stream(stream)>>>(
+      SEGKD_LAUNCH(blocks, kThreads, dyn, as_stream(stream), cross_image_backward_owned_kernel<T, true>)(
           s, t, is, it, l, g, d, batch, cs, ct, plane, row_tiles, inv_tau, sc);
       check_launch("cross_image_backward (rows)");
-      cross_image_backward_owned_kernel<T, false><<<blocks, kThreads, dyn, as_stream(stream)>>>(
+      SEGKD_LAUNCH(blocks, kThreads, dyn, as_stream(stream), cross_image_backward_owned_kernel<T, false>)(
           s, t, is, it, l, g, d, batch, cs, ct, plane, row_tiles, inv_tau, sc);
     } else {
-      cross_image_backward_kernel<T><<<blocks, kThreads, 0, as_stream(stream)>>>(
+      SEGKD_LAUNCH(blocks, kThreads, 0, as_stream(stream), cross_image_backward_kernel<T>)(
           s, t, is, it, l, g, d, batch, cs, ct, plane, row_tiles, inv_tau, sc);
     }
   });

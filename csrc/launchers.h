@@ -22,7 +22,8 @@ void spatial_pool_backward(std::uintptr_t grad_avg, std::uintptr_t grad_max, std
 
 // channel_wise_kd (csrc/channel_wise_kd.cu): row_kl[r] = KL(softmax(t_r / tau) || softmax(s_r / tau))
 // in fp32 for each of `rows` rows of `plane` values; if grad != 0 it also writes
-// grad = grad_scale * (softmax(s_r / tau) - softmax(t_r / tau)) in the input dtype.
+// grad = grad_scale * (softmax(s_r / tau) - softmax(t_r / tau)) in fp32 (rounded to the input dtype
+// only after the backward scales it by grad_output: one rounding).
 // workspace: channel_wise_kd_workspace() fp32 values (0 when the rows are not split over blocks).
 int64_t channel_wise_kd_workspace(int64_t rows, int64_t plane, DType dtype, int device);
 void channel_wise_kd_forward(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t row_kl,
@@ -31,7 +32,7 @@ void channel_wise_kd_forward(std::uintptr_t student, std::uintptr_t teacher, std
                              std::uintptr_t stream);
 
 // pixel_kd (csrc/pixel_kd.cu): logits (batch, classes, plane). Per pixel g: out[g] = w_g * KL_g (fp32,
-// 0 where ignore[g]); grad = coef[0] * w_g * (softmax(s / tau) - softmax(t / tau)) (0 where ignored).
+// 0 where ignore[g]); grad (fp32) = coef[0] * w_g * (softmax(s / tau) - softmax(t / tau)) (0 where ignored).
 // ignore (bool), weight (fp32), out and grad may be 0 (absent); coef is fp32 on the device.
 // w_g = 1, weight[g], or max(weight[g], 0) / coef[1] when clamp_weight.
 void pixel_kd_forward(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t ignore, std::uintptr_t weight,

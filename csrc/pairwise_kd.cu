@@ -145,7 +145,7 @@ void pixel_norm(std::uintptr_t x, std::uintptr_t norm, int64_t batch, int64_t ch
   DeviceGuard guard(device);
   dispatch_float_types(dtype, "pixel_norm", [&](auto tag) {
     using T = decltype(tag);
-    pixel_norm_kernel<T><<<grid_for(pixels, kNormThreads), kNormThreads, 0, as_stream(stream)>>>(
+    SEGKD_LAUNCH(grid_for(pixels, kNormThreads), kNormThreads, 0, as_stream(stream), pixel_norm_kernel<T>)(
         reinterpret_cast<const T*>(x), reinterpret_cast<float*>(norm), batch, channels, plane);
   });
   check_launch("pixel_norm");
@@ -158,7 +158,7 @@ void normalize_pixels(std::uintptr_t x, std::uintptr_t out, std::uintptr_t norm,
   DeviceGuard guard(device);
   dispatch_float_types(dtype, "normalize_pixels", [&](auto tag) {
     using T = decltype(tag);
-    normalize_pixels_kernel<T><<<grid_for(pixels, kNormThreads), kNormThreads, 0, as_stream(stream)>>>(
+    SEGKD_LAUNCH(grid_for(pixels, kNormThreads), kNormThreads, 0, as_stream(stream), normalize_pixels_kernel<T>)(
         reinterpret_cast<const T*>(x), reinterpret_cast<float*>(out), reinterpret_cast<float*>(norm), batch, channels,
         plane, static_cast<float>(eps));
   });
@@ -173,7 +173,8 @@ void normalize_pixels_backward(std::uintptr_t da, std::uintptr_t x, std::uintptr
   DeviceGuard guard(device);
   dispatch_float_types(dtype, "normalize_pixels_backward", [&](auto tag) {
     using T = decltype(tag);
-    normalize_pixels_backward_kernel<T><<<grid_for(pixels, kNormThreads), kNormThreads, 0, as_stream(stream)>>>(
+    SEGKD_LAUNCH(grid_for(pixels, kNormThreads), kNormThreads, 0, as_stream(stream),
+                 normalize_pixels_backward_kernel<T>)(
         reinterpret_cast<const float*>(da), reinterpret_cast<const T*>(x), reinterpret_cast<const float*>(norm),
         reinterpret_cast<T*>(dx), batch, channels, plane, static_cast<float>(eps), detach_norm);
   });
@@ -193,7 +194,7 @@ void normalized_gram(std::uintptr_t x, std::uintptr_t norm_x, std::uintptr_t y, 
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(batch * splits));
   dispatch_float_types(dtype, "normalized_gram", [&](auto tag) {
     using T = decltype(tag);
-    gram_kernel<T><<<grid, kGramThreads, 0, as_stream(stream)>>>(
+    SEGKD_LAUNCH(grid, kGramThreads, 0, as_stream(stream), gram_kernel<T>)(
         reinterpret_cast<const T*>(x), reinterpret_cast<const float*>(norm_x), reinterpret_cast<const T*>(y),
         reinterpret_cast<const float*>(norm_y), reinterpret_cast<double*>(gram), cx, cy, plane, splits,
         static_cast<float>(eps));

@@ -7,7 +7,7 @@
 // Ignored pixels are never read: their value and gradient are exactly 0 whatever the logits hold.
 //
 //   out[p]  = w_p * KL_p (0 where ignored)                      (if out is given)
-//   grad    = coef[0] * w_p * (softmax(s / tau) - softmax(t / tau)) (if grad is given)
+//   grad    = coef[0] * w_p * (softmax(s / tau) - softmax(t / tau)) (fp32, if grad is given)
 // w_p = 1 without weight, weight[p], or max(weight[p], 0) / coef[1] with clamp_weight (the gap
 // weights of PFS: `weight` is this kernel's own earlier KL output, coef[1] the clamped mean gap,
 // divided as in the reference so that an all-zero gap gives weights 0, never 0 * inf). coef lives
@@ -24,7 +24,7 @@ template <typename T>
 __global__ void __launch_bounds__(kPixelThreads)
 pixel_kd_kernel(const T* __restrict__ s, const T* __restrict__ t, const uint8_t* __restrict__ ignore,
                 const float* __restrict__ weight, bool clamp_weight, const float* __restrict__ coef,
-                float* __restrict__ out, T* __restrict__ grad, int64_t pixels, int64_t classes, int64_t plane,
+                float* __restrict__ out, float* __restrict__ grad, int64_t pixels, int64_t classes, int64_t plane,
                 float inv_tau) {
   for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < pixels;
        g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -33,7 +33,7 @@ pixel_kd_kernel(const T* __restrict__ s, const T* __restrict__ t, const uint8_t*
     if (ignore != nullptr && ignore[g]) {
       if (out != nullptr) out[g] = 0.f;
       if (grad != nullptr)
-        for (int64_t k = 0; k < classes; ++k) grad[base + k * plane] = from_float<T>(0.f);
+        for (int64_t k = 0; k < classes; ++k) grad[base + k * plane] = 0.f;
       continue;
     }
     float w = 1.f;
@@ -75,11 +75,11 @@ pixel_kd_kernel(const T* __restrict__ s, const T* __restrict__ t, const uint8_t*
     if (in_regs) {
 #pragma unroll
       for (int k = 0; k < kRegClasses; ++k)
-        if (k < classes) grad[base + k * plane] = from_float<T>(c * (expf(ra[k] - lse_s) - expf(rb[k] - lse_t)));
+        if (k < classes) grad[base + k * plane] = c * (expf(ra[k] - lse_s) - expf(rb[k] - lse_t));
     } else {
       for (int64_t k = 0; k < classes; ++k) {
         const float a = to_float(s[base + k * plane]) * inv_tau, b = to_float(t[base + k * plane]) * inv_tau;
-        grad[base + k * plane] = from_float<T>(c * (expf(a - lse_s) - expf(b - lse_t)));
+        grad[base + k * plane] = c * (expf(a - lse_s) - expf(b - lse_t));
       }
     }
   }
@@ -98,10 +98,10 @@ void pixel_kd_forward(std::uintptr_t student, std::uintptr_t teacher, std::uintp
   DeviceGuard guard(device);
   dispatch_float_types(dtype, "pixel_kd_forward", [&](auto tag) {
     using T = decltype(tag);
-    pixel_kd_kernel<T><<<grid_for(pixels, kPixelThreads), kPixelThreads, 0, as_stream(stream)>>>(
+    SEGKD_LAUNCH(grid_for(pixels, kPixelThreads), kPixelThreads, 0, as_stream(stream), pixel_kd_kernel<T>)(
         reinterpret_cast<const T*>(student), reinterpret_cast<const T*>(teacher),
         reinterpret_cast<const uint8_t*>(ignore), reinterpret_cast<const float*>(weight), clamp_weight,
-        reinterpret_cast<const float*>(coef), reinterpret_cast<float*>(out), reinterpret_cast<T*>(grad), pixels,
+        reinterpret_cast<const float*>(coef), reinterpret_cast<float*>(out), reinterpret_cast<float*>(grad), pixels,
         classes, plane, static_cast<float>(1.0 / tau));
   });
   check_launch("pixel_kd_forward");

@@ -72,7 +72,7 @@ void spatial_pool_forward(std::uintptr_t x, std::uintptr_t avg, std::uintptr_t m
   DeviceGuard guard(device);
   dispatch_float_types(dtype, "spatial_pool_forward", [&](auto tag) {
     using T = decltype(tag);
-    spatial_pool_forward_kernel<T><<<static_cast<unsigned>(rows), kPoolThreads, 0, as_stream(stream)>>>(
+    SEGKD_LAUNCH(static_cast<unsigned>(rows), kPoolThreads, 0, as_stream(stream), spatial_pool_forward_kernel<T>)(
         reinterpret_cast<const T*>(x), reinterpret_cast<T*>(avg), reinterpret_cast<T*>(max),
         reinterpret_cast<int64_t*>(argmax), plane);
   });
@@ -89,7 +89,7 @@ void spatial_pool_backward(std::uintptr_t grad_avg, std::uintptr_t grad_max, std
   const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 65535LL * 8);
   dispatch_float_types(dtype, "spatial_pool_backward", [&](auto tag) {
     using T = decltype(tag);
-    spatial_pool_backward_kernel<T><<<static_cast<unsigned>(blocks), threads, 0, as_stream(stream)>>>(
+    SEGKD_LAUNCH(static_cast<unsigned>(blocks), threads, 0, as_stream(stream), spatial_pool_backward_kernel<T>)(
         reinterpret_cast<const T*>(grad_avg), reinterpret_cast<const T*>(grad_max),
         reinterpret_cast<const int64_t*>(argmax), reinterpret_cast<T*>(dx), rows, plane);
   });

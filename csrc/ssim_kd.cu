@@ -251,7 +251,7 @@ void ssim_forward(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t
   const dim3 grid(static_cast<unsigned>(maps * tiles_x), static_cast<unsigned>(tiles_y));
   dispatch_float_types(dtype, "ssim_forward", [&](auto tag) {
     using T = decltype(tag);
-    ssim_forward_kernel<T><<<grid, kTileW * kTileH, 0, as_stream(stream)>>>(
+    SEGKD_LAUNCH(grid, kTileW * kTileH, 0, as_stream(stream), ssim_forward_kernel<T>)(
         reinterpret_cast<const T*>(student), reinterpret_cast<const T*>(teacher), reinterpret_cast<const float*>(lo_s),
         reinterpret_cast<const float*>(scale_s), reinterpret_cast<const float*>(lo_t),
         reinterpret_cast<const float*>(scale_t), reinterpret_cast<float*>(partials), reinterpret_cast<float*>(dmaps),
@@ -270,13 +270,13 @@ void ssim_backward(std::uintptr_t dmaps, std::uintptr_t emaps, std::uintptr_t st
   check_geometry(h, w, static_cast<int>(window), static_cast<int>(padding), h_out, w_out);
   DeviceGuard guard(device);
   constexpr int threads = 256;
-  ssim_adjoint_h_kernel<<<grid_for(3 * maps * h * w_out, threads), threads, 0, as_stream(stream)>>>(
+  SEGKD_LAUNCH(grid_for(3 * maps * h * w_out, threads), threads, 0, as_stream(stream), ssim_adjoint_h_kernel)(
       reinterpret_cast<const float*>(dmaps), reinterpret_cast<float*>(emaps), maps, h, h_out, w_out,
       static_cast<int>(padding), taps);
   check_launch("ssim_backward (H pass)");
   dispatch_float_types(dtype, "ssim_backward", [&](auto tag) {
     using T = decltype(tag);
-    ssim_adjoint_w_kernel<T><<<grid_for(maps * h * w, threads), threads, 0, as_stream(stream)>>>(
+    SEGKD_LAUNCH(grid_for(maps * h * w, threads), threads, 0, as_stream(stream), ssim_adjoint_w_kernel<T>)(
         reinterpret_cast<const float*>(emaps), reinterpret_cast<const T*>(student), reinterpret_cast<const T*>(teacher),
         reinterpret_cast<const float*>(lo_s), reinterpret_cast<const float*>(scale_s),
         reinterpret_cast<const float*>(lo_t), reinterpret_cast<const float*>(scale_t),

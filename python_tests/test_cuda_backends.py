@@ -8,6 +8,8 @@ implementations give the right shapes, and the AttnFD gradient coefficients matc
 With a GPU (@pytest.mark.cuda): values and gradients against the reference on odd shapes, fp32
 tolerances and the fp16/bf16 error budget, grad_output != 1, channels_last / non-contiguous
 inputs, opcheck of every custom op, torch.compile(fullgraph=True), a non-default stream.
+Those GPU tests take a `target` device; test_cuda_host.py runs them again on CPU tensors through the
+host execution layer (the same kernels compiled by g++), so CI runs them without a GPU.
 """
 
 from __future__ import annotations
@@ -55,6 +57,20 @@ def test_library_is_built_where_nvcc_exists():
     if LIB is None and "SEGKD_CUDA=0" in LIB_REASON:
         pytest.skip("installed with SEGKD_CUDA=0")
     assert LIB is not None, LIB_REASON
+
+
+def test_host_module_is_built_where_cmake_and_a_compiler_exist():
+    # the host execution build is what runs the kernels in CI: it must not go missing silently
+    from segkd_kernels._backends import host_library
+
+    lib, reason = host_library()
+    if shutil.which("cmake") is None or shutil.which("g++") is None:
+        pytest.skip("no cmake/g++ here: the host build is legitimately absent")
+    if "SEGKD_CUDA_HOST=0" in reason:
+        pytest.skip("installed with SEGKD_CUDA_HOST=0")
+    assert lib is not None, reason
+    declared = set(re.findall(r"^(?:void|int64_t) (\w+)\(", LAUNCHERS_H.read_text(), flags=re.M))
+    assert lib.HOST_EXECUTION and not sorted(n for n in declared if not hasattr(lib, n))
 
 
 @needs_lib
@@ -235,9 +251,16 @@ def test_attnfd_gradient_coefficients_match_autograd(scale):
 # With a GPU: the full matrix
 # ---------------------------------------------------------------------------------------------
 
-def _mask(n, h, w, seed, frac=0.3):
+@pytest.fixture
+def target() -> str:
+    """Device of the tensors the cuda backend runs on: a GPU here. test_cuda_host.py runs these same
+    tests with target "cpu" inside _backends.host_execution() (the kernels on the host layer)."""
+    return "cuda"
+
+
+def _mask(n, h, w, seed, frac=0.3, device="cuda"):
     gen = torch.Generator().manual_seed(seed)
-    return (torch.rand(n, h, w, generator=gen) < frac).cuda()
+    return (torch.rand(n, h, w, generator=gen) < frac).to(device)
 
 
 # name -> (input shapes, student/teacher builder kwargs, call(student, teacher, extra, backend))
@@ -255,11 +278,16 @@ def _gpu_cases():
         cases[f"pfs{shape}"] = (shape, shape, "mask",
                                 lambda s, t, e, b: sk.pfs_pixel_kd(s, t, 2.0, ignore_mask=e[0], backend=b))
     for shape in [(1, 3, 5, 7), (2, 33, 9, 17)]:
-        cases[f"channel_pool{shape}"] = (shape, None, "gate", lambda s, t, e, b: sk.channel_pool(s, e[2], backend=b))
+        # channel_pool takes only the channel gate: a spatial gate leaf would get no gradient
+        cases[f"channel_pool{shape}"] = (shape, None, "channel_gate",
+                                         lambda s, t, e, b: sk.channel_pool(s, e[2], backend=b))
         cases[f"channel_pool_nogate{shape}"] = (shape, None, None, lambda s, t, e, b: sk.channel_pool(s, backend=b))
         cases[f"cbam_gate{shape}"] = (shape, None, "gate",
                                       lambda s, t, e, b: sk.cbam_gate(s, e[2], e[3], backend=b))
         cases[f"attnfd{shape}"] = (shape, shape, None, lambda s, t, e, b: sk.attnfd_loss(s, t, backend=b))
+    for shape in [(1, 3, 5, 7), (2, 5, 17, 33)]:  # one row per block: planes below and above 256 threads
+        cases[f"spatial_pool{shape}"] = (shape, None, None, lambda s, t, e, b: torch.cat(
+            [x.flatten() for x in sk.spatial_pool(s, backend=b)]))
     for padding in ["reflect", "zeros", "valid"]:
         for window in [3, 11, 15]:
             for normalize in [True, False]:
@@ -282,23 +310,23 @@ def _gpu_cases():
 GPU_CASES = _gpu_cases()
 
 
-def _extras(kind, shape):
+def _extras(kind, shape, device="cuda"):
     if kind is None:
         return (None, None, None, None)
     n, c, h, w = shape
-    mask = _mask(n, h, w, seed=7) if "mask" in kind else None
+    mask = _mask(n, h, w, seed=7, device=device) if "mask" in kind else None
     gen = torch.Generator().manual_seed(8)
-    weight = (torch.rand(n, h, w, generator=gen) + 0.5).cuda() if "weight" in kind else None
-    gate = (torch.rand(n, c, generator=gen) + 0.1).cuda() if kind == "gate" else None
-    spatial = torch.rand(n, h, w, generator=gen).cuda() if kind == "gate" else None
+    weight = (torch.rand(n, h, w, generator=gen) + 0.5).to(device) if "weight" in kind else None
+    gate = (torch.rand(n, c, generator=gen) + 0.1).to(device) if kind in ("gate", "channel_gate") else None
+    spatial = torch.rand(n, h, w, generator=gen).to(device) if kind == "gate" else None
     return (mask, weight, gate, spatial)
 
 
-def _run(case, dtype, backend, layout=None, grad_scale=0.7):
+def _run(case, dtype, backend, layout=None, grad_scale=0.7, device="cuda"):
     """(output, gradients of every floating input that requires grad) for one case."""
     shape_s, shape_t, kind, call = GPU_CASES[case]
-    s = make_tensor(shape_s, dtype=dtype, device="cuda", seed=11, scale=1.5)
-    t = None if shape_t is None else make_tensor(shape_t, dtype=dtype, device="cuda", seed=12, scale=1.5)
+    s = make_tensor(shape_s, dtype=dtype, device=device, seed=11, scale=1.5)
+    t = None if shape_t is None else make_tensor(shape_t, dtype=dtype, device=device, seed=12, scale=1.5)
     if t is not None and shape_t == shape_s:
         t = (s.detach() + 0.5 * t).to(dtype)  # correlated maps: realistic distillation inputs
     if layout == "channels_last":
@@ -306,7 +334,7 @@ def _run(case, dtype, backend, layout=None, grad_scale=0.7):
     elif layout == "non_contiguous":
         s = non_contiguous(s)
     s.requires_grad_(True)
-    extras = list(_extras(kind, shape_s))
+    extras = list(_extras(kind, shape_s, device))
     leaves = [s]
     for k in (2, 3):  # gates are differentiable
         if extras[k] is not None:
@@ -314,16 +342,16 @@ def _run(case, dtype, backend, layout=None, grad_scale=0.7):
             leaves.append(extras[k])
     out = call(s, t, extras, backend)
     g = torch.full_like(out, grad_scale) if out.dim() == 0 else make_tensor(out.shape, dtype=out.dtype,
-                                                                              device="cuda", seed=13)
+                                                                              device=device, seed=13)
     grads = torch.autograd.grad(out, leaves, g)
     return out.detach(), [x.detach() for x in grads]
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", list(GPU_CASES))
-def test_cuda_matches_reference_fp32(case):
-    out, grads = _run(case, torch.float32, "cuda")
-    ref_out, ref_grads = _run(case, torch.float32, "reference")
+def test_cuda_matches_reference_fp32(case, target):
+    out, grads = _run(case, torch.float32, "cuda", device=target)
+    ref_out, ref_grads = _run(case, torch.float32, "reference", device=target)
     assert_close(out, ref_out, msg=f"{case}: value")
     for got, want in zip(grads, ref_grads):
         assert_close(got, want, msg=f"{case}: gradient")
@@ -332,11 +360,11 @@ def test_cuda_matches_reference_fp32(case):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", [c for c in GPU_CASES if not c.startswith("ssim") or c.endswith("11-True")])
-def test_cuda_half_precision_within_error_budget(case, dtype):
-    out, grads = _run(case, dtype, "cuda")
-    ref_out, ref_grads = _run(case, dtype, "reference")
+def test_cuda_half_precision_within_error_budget(case, dtype, target):
+    out, grads = _run(case, dtype, "cuda", device=target)
+    ref_out, ref_grads = _run(case, dtype, "reference", device=target)
     # The fp64 truth: the same inputs (rounded to dtype) through the reference in fp64.
-    truth_out, truth_grads = _run_truth(case, dtype)
+    truth_out, truth_grads = _run_truth(case, dtype, target)
     # atol relative to the size of the result, so that tiny gradients are still checked
     atol = lambda x: 1e-4 * x.abs().max().item() + 1e-12  # noqa: E731
     assert within_error_budget(out, ref_out, truth_out, atol=atol(truth_out)), f"{case}: value {out} vs {truth_out}"
@@ -344,16 +372,16 @@ def test_cuda_half_precision_within_error_budget(case, dtype):
         assert within_error_budget(got, want, truth, atol=atol(truth)), f"{case}: gradient"
 
 
-def _run_truth(case, dtype):
+def _run_truth(case, dtype, device="cuda"):
     """Inputs rounded to dtype exactly as _run makes them, then the reference in fp64."""
     shape_s, shape_t, kind, call = GPU_CASES[case]
-    s = make_tensor(shape_s, dtype=dtype, device="cuda", seed=11, scale=1.5)
-    t = None if shape_t is None else make_tensor(shape_t, dtype=dtype, device="cuda", seed=12, scale=1.5)
+    s = make_tensor(shape_s, dtype=dtype, device=device, seed=11, scale=1.5)
+    t = None if shape_t is None else make_tensor(shape_t, dtype=dtype, device=device, seed=12, scale=1.5)
     if t is not None and shape_t == shape_s:
         t = (s.detach() + 0.5 * t).to(dtype)
     s = s.double().requires_grad_(True)
     t = None if t is None else t.double()
-    extras = list(_extras(kind, shape_s))
+    extras = list(_extras(kind, shape_s, device))
     leaves = [s]
     for k in (2, 3):
         if extras[k] is not None:
@@ -362,7 +390,7 @@ def _run_truth(case, dtype):
     if extras[1] is not None:
         extras[1] = extras[1].double()
     out = call(s, t, extras, "reference")
-    g = torch.full_like(out, 0.7) if out.dim() == 0 else make_tensor(out.shape, dtype=dtype, device="cuda",
+    g = torch.full_like(out, 0.7) if out.dim() == 0 else make_tensor(out.shape, dtype=dtype, device=device,
                                                                      seed=13).double()
     return out.detach(), [x.detach() for x in torch.autograd.grad(out, leaves, g)]
 
@@ -386,20 +414,20 @@ def test_gpu_case_lists_name_existing_cases():
 @pytest.mark.cuda
 @pytest.mark.parametrize("layout", ["channels_last", "non_contiguous"])
 @pytest.mark.parametrize("case", LAYOUT_CASES)
-def test_cuda_layouts(case, layout):
-    out, grads = _run(case, torch.float32, "cuda", layout=layout)
-    ref_out, ref_grads = _run(case, torch.float32, "reference", layout=layout)
+def test_cuda_layouts(case, layout, target):
+    out, grads = _run(case, torch.float32, "cuda", layout=layout, device=target)
+    ref_out, ref_grads = _run(case, torch.float32, "reference", layout=layout, device=target)
     assert_close(out, ref_out)
     for got, want in zip(grads, ref_grads):
         assert_close(got, want)
 
 
 @pytest.mark.cuda
-def test_pixel_kd_ignored_pixels_get_exact_zero_gradient_with_non_finite_logits():
+def test_pixel_kd_ignored_pixels_get_exact_zero_gradient_with_non_finite_logits(target):
     n, k, h, w = 2, 7, 9, 13
-    s = make_tensor((n, k, h, w), device="cuda", seed=20)
-    t = make_tensor((n, k, h, w), device="cuda", seed=21)
-    mask = _mask(n, h, w, seed=22, frac=0.4)
+    s = make_tensor((n, k, h, w), device=target, seed=20)
+    t = make_tensor((n, k, h, w), device=target, seed=21)
+    mask = _mask(n, h, w, seed=22, frac=0.4, device=target)
     bad = mask[:, None].expand_as(s)
     s = torch.where(bad, torch.full_like(s, float("nan")), s).requires_grad_(True)
     t = torch.where(bad, torch.full_like(t, float("inf")), t)
@@ -409,23 +437,23 @@ def test_pixel_kd_ignored_pixels_get_exact_zero_gradient_with_non_finite_logits(
         (g,) = torch.autograd.grad(loss, s)
         assert torch.isfinite(loss)
         assert (g[bad] == 0).all() and torch.isfinite(g).all()
-    all_ignored = torch.ones(n, h, w, dtype=torch.bool, device="cuda")
+    all_ignored = torch.ones(n, h, w, dtype=torch.bool, device=target)
     assert sk.pixel_kd(s, t, ignore_mask=all_ignored, backend="cuda").item() == 0.0
 
 
 @pytest.mark.cuda
-def test_knowledge_gap_matches_reference():
-    s = make_tensor((2, 19, 17, 33), device="cuda", seed=29)
-    t = make_tensor((2, 19, 17, 33), device="cuda", seed=30)
+def test_knowledge_gap_matches_reference(target):
+    s = make_tensor((2, 19, 17, 33), device=target, seed=29)
+    t = make_tensor((2, 19, 17, 33), device=target, seed=30)
     assert_close(knowledge_gap_cuda(s, t, 2.0), sk.knowledge_gap(s, t, 2.0).float())
 
 
 @pytest.mark.cuda
-def test_ssim_flat_map_gives_zero_gradient():
-    s = make_tensor((1, 2, 16, 16), device="cuda", seed=23)
+def test_ssim_flat_map_gives_zero_gradient(target):
+    s = make_tensor((1, 2, 16, 16), device=target, seed=23)
     s[:, 0] = 3.0  # a dead channel
     s.requires_grad_(True)
-    t = make_tensor((1, 2, 16, 16), device="cuda", seed=24)
+    t = make_tensor((1, 2, 16, 16), device=target, seed=24)
     (g,) = torch.autograd.grad(sk.ssim_kd(s, t, backend="cuda"), s)
     assert (g[:, 0] == 0).all()
     (g_ref,) = torch.autograd.grad(sk.ssim_kd(s, t, backend="reference"), s)
@@ -434,10 +462,10 @@ def test_ssim_flat_map_gives_zero_gradient():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("noise", [1e-2, 1e-3])
-def test_near_equality_cancellation(noise):
+def test_near_equality_cancellation(noise, target):
     # pairwise (Gram identity) and AttnFD (2 - 2 cos) both cancel when student ~ teacher
-    t = make_tensor((2, 16, 12, 20), device="cuda", seed=25)
-    s = (t + noise * make_tensor(t.shape, device="cuda", seed=26)).requires_grad_(True)
+    t = make_tensor((2, 16, 12, 20), device=target, seed=25)
+    s = (t + noise * make_tensor(t.shape, device=target, seed=26)).requires_grad_(True)
     for fn in (sk.pairwise_kd, sk.attnfd_loss):
         got = fn(s, t, backend="cuda")
         want = fn(s.double(), t.double(), backend="reference")
@@ -445,10 +473,10 @@ def test_near_equality_cancellation(noise):
 
 
 @pytest.mark.cuda
-def test_cross_image_wide_channels_take_the_atomic_backward():
+def test_cross_image_wide_channels_take_the_atomic_backward(target):
     # C_s x 32 fp32 accumulators no longer fit in shared memory: the per-tile atomic kernel runs
-    s = make_tensor((2, 2048, 5, 7), device="cuda", seed=32, requires_grad=True)
-    t = make_tensor((2, 24, 5, 7), device="cuda", seed=33)
+    s = make_tensor((2, 2048, 5, 7), device=target, seed=32, requires_grad=True)
+    t = make_tensor((2, 24, 5, 7), device=target, seed=33)
     got = sk.cross_image_kd(s, t, 0.5, backend="cuda")
     want = sk.cross_image_kd(s, t, 0.5, backend="reference")
     assert_close(got, want)
@@ -456,11 +484,11 @@ def test_cross_image_wide_channels_take_the_atomic_backward():
 
 
 @pytest.mark.cuda
-def test_cwd_long_rows_and_vector_path_agree():
+def test_cwd_long_rows_and_vector_path_agree(target):
     # P = 4096 (128-bit loads, row larger than the register cache) and P = 4095 (scalar path)
     for hw in [(64, 64), (63, 65)]:
-        s = make_tensor((2, 3, *hw), device="cuda", seed=27, requires_grad=True)
-        t = make_tensor((2, 3, *hw), device="cuda", seed=28)
+        s = make_tensor((2, 3, *hw), device=target, seed=27, requires_grad=True)
+        t = make_tensor((2, 3, *hw), device=target, seed=28)
         got = sk.channel_wise_kd(s, t, backend="cuda")
         want = sk.channel_wise_kd(s, t, backend="reference")
         assert_close(got, want)
@@ -469,11 +497,11 @@ def test_cwd_long_rows_and_vector_path_agree():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", COMPILE_CASES)
-def test_cuda_under_torch_compile(case):
+def test_cuda_under_torch_compile(case, target):
     shape_s, shape_t, kind, call = GPU_CASES[case]
-    s = make_tensor(shape_s, device="cuda", seed=30, requires_grad=True)
-    t = None if shape_t is None else make_tensor(shape_t, device="cuda", seed=31)
-    extras = _extras(kind, shape_s)
+    s = make_tensor(shape_s, device=target, seed=30, requires_grad=True)
+    t = None if shape_t is None else make_tensor(shape_t, device=target, seed=31)
+    extras = _extras(kind, shape_s, target)
     compiled = torch.compile(lambda a, b: call(a, b, extras, "cuda"), fullgraph=True)
     got = compiled(s, t)
     want = call(s, t, extras, "cuda")
@@ -497,14 +525,14 @@ def test_cuda_runs_on_the_current_stream(case):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
-def _opcheck_samples():
-    c = dict(device="cuda")
+def _opcheck_samples(device="cuda"):
+    c = dict(device=device)
     s = make_tensor((2, 3, 9, 11), seed=40, **c).requires_grad_(True)
     t = make_tensor((2, 3, 9, 11), seed=41, **c)
     t4 = make_tensor((2, 4, 9, 11), seed=42, **c)
     gate = (torch.rand(2, 3, **c) + 0.1).requires_grad_(True)
     spatial = torch.rand(2, 9, 11, **c).requires_grad_(True)
-    mask = _mask(2, 9, 11, seed=43)
+    mask = _mask(2, 9, 11, seed=43, device=device)
     weight = torch.rand(2, 9, 11, **c)
     _, dmaps, stats = ssim_kd_cuda(s, t, 5, 1.5, 1.0, "reflect", True, True)
     _, aa, ab = pairwise_kd_cuda(s, t4, False)
@@ -514,10 +542,10 @@ def _opcheck_samples():
     sd, gd, spd = s.detach(), gate.detach(), spatial.detach()  # backward ops have no autograd of their own
     return [
         (channel_wise_kd_cuda, (s, t, 2.0, True)),
-        (channel_wise_kd_cuda, (s, t, 2.0, False)),
+        (channel_wise_kd_cuda, (sd, t, 2.0, False)),  # need_grad=False has no backward: no grad leaf
         (pixel_kd_cuda, (s, t, 1.0, weight, mask, True)),
         (pfs_pixel_kd_cuda, (s, t, 1.0, mask, True)),
-        (knowledge_gap_cuda, (s, t, 2.0)),
+        (knowledge_gap_cuda, (sd, t, 2.0)),  # no autograd formula (a detached weight): no grad leaf
         (channel_pool_cuda, (s, gate)),
         (channel_pool_backward_cuda, (make_tensor((2, 2, 9, 11), seed=44, **c), argmax, sd, gd)),
         (cbam_gate_cuda, (s, gate, spatial)),
@@ -535,8 +563,8 @@ def _opcheck_samples():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("index", range(17))
-def test_opcheck_cuda_ops(index):
-    op, args = _opcheck_samples()[index]
+def test_opcheck_cuda_ops(index, target):
+    op, args = _opcheck_samples(target)[index]
     torch.library.opcheck(op, args)
 
 
@@ -574,8 +602,8 @@ class EmulatedLib:
         log_s = F.log_softmax(_view(s, (rows, plane), dt).float() / tau, dim=1)
         log_t = F.log_softmax(_view(t, (rows, plane), dt).float() / tau, dim=1)
         _view(row_kl, (rows,), torch.float32).copy_((log_t.exp() * (log_t - log_s)).sum(1))
-        if grad:
-            _view(grad, (rows, plane), dt).copy_(grad_scale * (log_s.exp() - log_t.exp()))
+        if grad:  # fp32 whatever the input dtype
+            _view(grad, (rows, plane), torch.float32).copy_(grad_scale * (log_s.exp() - log_t.exp()))
 
     @staticmethod
     def pixel_kd_forward(s, t, ignore, weight, clamp_weight, coef, out, grad, batch, classes, plane, tau, dtype,
@@ -594,7 +622,7 @@ class EmulatedLib:
             _view(out, (batch, plane), torch.float32).copy_(torch.where(mask, 0.0, w * kl))
         if grad:
             c = _view(coef, (1,), torch.float32)[0]
-            _view(grad, shape, dt).copy_(c * w[:, None] * (log_s.exp() - log_t.exp()))
+            _view(grad, shape, torch.float32).copy_(c * w[:, None] * (log_s.exp() - log_t.exp()))
 
     @staticmethod
     def channel_pool_forward(x, gate, out, argmax, batch, channels, plane, dtype, device, stream):

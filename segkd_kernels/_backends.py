@@ -5,6 +5,8 @@ Backends:
   triton     fused Triton kernels: CUDA tensors, or CPU tensors under the Triton interpreter
              (TRITON_INTERPRET=1 set before segkd_kernels is imported)
   cuda       hand-written kernels in the compiled module segkd_kernels._cuda: CUDA tensors only
+             (tests run the same kernels on CPU tensors inside host_execution(), through their
+             host build segkd_kernels._cuda_host; nothing else ever selects that build)
 
 Rules (API.md): "auto" picks the fastest backend that supports the inputs; SEGKD_BACKEND overrides
 "auto"; an explicitly named backend never falls back silently, it raises saying why.
@@ -12,9 +14,10 @@ Rules (API.md): "auto" picks the fastest backend that supports the inputs; SEGKD
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -81,9 +84,52 @@ def triton_installed() -> tuple[bool, str]:
     return _TRITON_STATUS
 
 
+# Set only inside host_execution(): the CPU build of the CUDA kernels that backend="cuda" runs.
+_HOST_LIBRARY = None
+
+
 def cuda_library():
-    """(segkd_kernels._cuda or None, reason)."""
+    """(segkd_kernels._cuda or None, reason); the host build inside host_execution()."""
+    if _HOST_LIBRARY is not None:
+        return _HOST_LIBRARY, "segkd_kernels._cuda_host (host execution, testing only)"
     return _CUDA_LIBRARY
+
+
+def host_library():
+    """(segkd_kernels._cuda_host or None, reason): the csrc/ kernels compiled by g++ against the
+    host execution layer (csrc/host/), built by the normal install where cmake and g++ exist."""
+    try:
+        return importlib.import_module("segkd_kernels._cuda_host"), "segkd_kernels._cuda_host built"
+    except ImportError as err:
+        note = Path(__file__).with_name("_cuda_host_build_status.txt")
+        why = note.read_text().strip() if note.exists() else str(err)
+        return None, f"host build of the CUDA kernels not available ({why})"
+
+
+def host_executing() -> bool:
+    """True inside host_execution(): the cuda backend runs on CPU tensors."""
+    return _HOST_LIBRARY is not None
+
+
+@contextlib.contextmanager
+def host_execution(library=None) -> Iterator[object]:
+    """TESTING ONLY. Inside the block, backend="cuda" runs the unchanged CUDA kernels of csrc/ on
+    CPU tensors through segkd_kernels._cuda_host (or `library`, an object with the same functions):
+    the cuda glue accepts CPU tensors, with device 0 and stream 0. Outside it nothing changes:
+    backend="cuda" on CPU tensors raises BackendUnavailableError. Not thread-safe, not nestable
+    with a different library. Yields the library (its host_* functions steer the layer: seed,
+    device attributes such as the SM count, shared-memory poisoning)."""
+    global _HOST_LIBRARY
+    if library is None:
+        library, reason = host_library()
+        if library is None:
+            raise BackendUnavailableError(reason)
+    previous = _HOST_LIBRARY
+    _HOST_LIBRARY = library
+    try:
+        yield library
+    finally:
+        _HOST_LIBRARY = previous
 
 
 def available_backends() -> BackendReport:
@@ -132,7 +178,10 @@ def why_not(op: str, backend: str, implemented: Mapping[str, frozenset], tensor:
         lib, reason = cuda_library()
         if lib is None:
             return reason
-        if not on_cuda:
+        if host_executing():
+            if tensor.device.type != "cpu":
+                return "host_execution() runs the cuda backend on CPU tensors only"
+        elif not on_cuda:
             return f"tensor on {tensor.device.type}: the cuda backend needs CUDA tensors"
     return None
 

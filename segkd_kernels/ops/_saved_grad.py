@@ -31,10 +31,12 @@ def scale_saved_grad(ds: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 def register_saved_grad_autograd(op, op_name: str) -> None:
     """Autograd for a cuda custom op with inputs (student, ..., need_grad) and outputs (loss, ds)
-    where ds is the student gradient for grad_output == 1 (empty when need_grad is False).
+    where ds is the student gradient for grad_output == 1 in fp32 (empty when need_grad is False).
 
-    The backward scales ds in fp32 and returns it in the student's dtype; every other input gets
-    no gradient (the teacher is a target, the rest are options)."""
+    The backward scales ds in fp32 and returns it in the student's dtype: fp16/bf16 gradients are
+    rounded once (a ds already rounded to the student's dtype would be rounded twice whenever
+    grad_output != 1). Every other input gets no gradient (the teacher is a target, the rest are
+    options)."""
 
     def setup_context(ctx, inputs, output):
         ctx.need_grad = inputs[-1]

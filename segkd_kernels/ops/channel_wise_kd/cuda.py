@@ -24,7 +24,8 @@ def common_dtype(student: torch.Tensor, teacher: torch.Tensor) -> torch.dtype:
 def channel_wise_kd_cuda(student: torch.Tensor, teacher: torch.Tensor, tau: float,
                          need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, grad): loss 0-dim in the student's dtype; grad = d loss / d student (student's shape,
-    contiguous, in the kernel dtype) when need_grad, else an empty tensor."""
+    contiguous, fp32 whatever the input dtype, so that the backward rounds to the student's dtype
+    once, after scaling by grad_output) when need_grad, else an empty tensor."""
     lib = cuda_lib(OP)
     if student.shape != teacher.shape or student.dim() != 4:
         raise ValueError(f"{OP}: expected two (N, C, H, W) tensors of one shape, got "
@@ -37,7 +38,7 @@ def channel_wise_kd_cuda(student: torch.Tensor, teacher: torch.Tensor, tau: floa
     n, c, h, w = s.shape
     rows = n * c
     row_kl = torch.zeros(rows, dtype=torch.float32, device=s.device)
-    grad = torch.empty_like(s) if need_grad else s.new_empty(0)
+    grad = torch.empty_like(s, dtype=torch.float32) if need_grad else s.new_empty(0, dtype=torch.float32)
     scale = tau * tau / max(rows, 1)
     if s.numel() > 0:  # an empty map (H*W = 0) has KL 0 and nothing to launch
         # few long rows are split over several blocks per row, with per-split statistics here
@@ -53,8 +54,7 @@ def channel_wise_kd_cuda(student: torch.Tensor, teacher: torch.Tensor, tau: floa
 
 @channel_wise_kd_cuda.register_fake
 def _(student, teacher, tau, need_grad):
-    dtype = common_dtype(student, teacher)
-    grad = student.new_empty(student.shape, dtype=dtype) if need_grad else student.new_empty(0, dtype=dtype)
+    grad = student.new_empty(student.shape if need_grad else (0,), dtype=torch.float32)
     return student.new_empty(()), grad
 
 

@@ -53,13 +53,14 @@ def _launch(lib, s, t, mask, weight, clamp_weight, coef, out, grad, tau, args):
 @torch.library.custom_op("segkd::pixel_kd_cuda", mutates_args=())
 def pixel_kd_cuda(student: torch.Tensor, teacher: torch.Tensor, tau: float, weight: torch.Tensor | None,
                   ignore_mask: torch.Tensor | None, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, grad): loss 0-dim in the student's dtype, grad = d loss / d student (empty unless need_grad)."""
+    """(loss, grad): loss 0-dim in the student's dtype, grad = d loss / d student in fp32 (empty unless
+    need_grad; fp32 so that the backward rounds to the student's dtype once, after the scaling)."""
     lib = cuda_lib(OP)
     s, t, mask, denom, args = _prepare(student, teacher, ignore_mask)
     n, _, h, w = s.shape
     wt = None if weight is None else weight.detach().to(torch.float32).contiguous()
     out = torch.zeros(n * h * w, dtype=torch.float32, device=s.device)
-    grad = torch.empty_like(s) if need_grad else s.new_empty(0)
+    grad = torch.empty_like(s, dtype=torch.float32) if need_grad else s.new_empty(0, dtype=torch.float32)
     coef = (tau / denom).reshape(1)  # d loss / d KL_p = tau^2 w_p / denom; d KL_p / d s = (p_s - p_t) / tau
     _launch(lib, s, t, mask, wt, False, coef, out, grad if need_grad else None, tau, args)
     loss = (out.sum() * (tau * tau) / denom).to(student.dtype)
@@ -79,9 +80,9 @@ def pfs_pixel_kd_cuda(student: torch.Tensor, teacher: torch.Tensor, tau: float, 
     mean_gap = (gap.sum() / denom).clamp_min(torch.finfo(torch.float32).tiny)
     # w = gap / mean_gap as in the reference: all-zero gaps give w = 0 (and a zero gradient)
     loss = ((kl * (gap / mean_gap)).sum() * (tau * tau) / denom).to(student.dtype)
-    grad = s.new_empty(0)
+    grad = s.new_empty(0, dtype=torch.float32)
     if need_grad:  # pass 2: gradient with the (detached) gap weights read back from kl
-        grad = torch.empty_like(s)
+        grad = torch.empty_like(s, dtype=torch.float32)
         coef = torch.stack([tau / denom, mean_gap])  # kernel: coef[0] * max(kl, 0) / coef[1]
         _launch(lib, s, t, mask, kl, True, coef, None, grad, tau, args)
     return loss, grad
@@ -89,8 +90,7 @@ def pfs_pixel_kd_cuda(student: torch.Tensor, teacher: torch.Tensor, tau: float, 
 
 def _fake(student, teacher, *rest):
     need_grad = rest[-1]
-    dtype = student.dtype if teacher.dtype == student.dtype else torch.float32
-    grad = student.new_empty(student.shape, dtype=dtype) if need_grad else student.new_empty(0, dtype=dtype)
+    grad = student.new_empty(student.shape if need_grad else (0,), dtype=torch.float32)
     return student.new_empty(()), grad
 
 
