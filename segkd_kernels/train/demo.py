@@ -74,12 +74,12 @@ def _describe(m: ModelConfig) -> str:
 
 
 def prediction_strip(path: str, models: list, dataset, in_fns: list, n_images: int = 4, scale: int = 3,
-                     column_names: list[str] | None = None) -> None:
+                     column_names: list[str] | None = None) -> tuple[int, int]:
     """A PNG: one row per val image; image | ground truth | each model's prediction, with the
     column names above and a legend of the class colours (the dataset's class names) below.
 
     `column_names` names the models' columns (default: teacher, student, distilled for three
-    models, else model 1, model 2, ...)."""
+    models, else model 1, model 2, ...). Returns the heights of the header and legend bands."""
     from .metrics import predict_whole
     from .png import colorize, label_picture
 
@@ -113,8 +113,8 @@ def prediction_strip(path: str, models: list, dataset, in_fns: list, n_images: i
     if class_names is None:
         class_names = [str(k) for k in range(int(max(np.max(np.where(a == 255, 0, a)) for a in shown)) + 1)]
     has_ignore = any((a == 255).any() for a in shown)
-    label_picture(path, img, ["image", "ground truth", *column_names], tile_width=tiles[0].shape[1] * scale,
-                  gap=2 * scale, class_names=class_names, show_ignore=has_ignore)
+    return label_picture(path, img, ["image", "ground truth", *column_names], tile_width=tiles[0].shape[1] * scale,
+                         gap=2 * scale, class_names=class_names, show_ignore=has_ignore)
 
 
 def run_demo(*, quick: bool = False, method: str | None = None, out: str = "runs/demo", iters: int | None = None,

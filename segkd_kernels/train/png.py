@@ -43,7 +43,8 @@ def write_png(path: str, rgb: np.ndarray) -> None:
         f.write(chunk(b"IEND", b""))
 
 
-# Picture furniture, in output pixels: a header band for the column names, legend rows below.
+# Picture furniture, in output pixels: a header band for the column names (at least HEADER_HEIGHT;
+# taller when narrow columns need names on several lines), legend rows below.
 HEADER_HEIGHT = 22
 LEGEND_ROW_HEIGHT = 20
 SWATCH = 14
@@ -52,13 +53,13 @@ TEXT = (0, 0, 0)
 OUTLINE = (96, 96, 96)
 
 
-def _font():
-    """Pillow's built-in font (no font file on disk needed); a larger size where Pillow can scale it."""
+def _font(size: int = 13):
+    """Pillow's built-in font (no font file on disk needed), scaled where Pillow can scale it."""
     from PIL import ImageFont
 
     try:
-        return ImageFont.load_default(size=13)
-    except TypeError:  # Pillow < 10.1: a fixed bitmap font
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one fixed bitmap font
         return ImageFont.load_default()
 
 
@@ -90,6 +91,19 @@ def _legend_rows(draw, entries, width: int, font) -> list[list[tuple[int, str, t
     return rows
 
 
+def _header_layout(draw, names: list[str], width: int):
+    """(font, lines per name, header height): the largest font size at which every column name fits
+    its column on one line, else the names split into words over several lines."""
+    for size in (13, 12, 11, 10, 9):
+        font = _font(size)
+        if all(_text_width(draw, name, font) <= width for name in names):
+            return font, [[name] for name in names], HEADER_HEIGHT
+    font = _font(9)
+    lines = [name.split() or [name] for name in names]
+    line_height = 11
+    return font, lines, max(HEADER_HEIGHT, line_height * max(map(len, lines)) + 6)
+
+
 def label_picture(path: str, body: np.ndarray, column_names: list[str], *, tile_width: int, gap: int,
                   class_names: list[str], show_ignore: bool = False) -> tuple[int, int]:
     """Write `body` (H, W, 3) with the column names centred above its columns (each tile_width
@@ -99,21 +113,23 @@ def label_picture(path: str, body: np.ndarray, column_names: list[str], *, tile_
 
     body = np.ascontiguousarray(body, dtype=np.uint8)
     h, w, _ = body.shape
-    font = _font()
     scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    head_font, head_lines, header_height = _header_layout(scratch, column_names, tile_width - 2)
+    font = _font()
     rows = _legend_rows(scratch, legend_entries(class_names, show_ignore), w, font)
     legend_height = len(rows) * LEGEND_ROW_HEIGHT + MARGIN
-    canvas = Image.new("RGB", (w, HEADER_HEIGHT + h + legend_height), (255, 255, 255))
-    canvas.paste(Image.fromarray(body), (0, HEADER_HEIGHT))
+    canvas = Image.new("RGB", (w, header_height + h + legend_height), (255, 255, 255))
+    canvas.paste(Image.fromarray(body), (0, header_height))
     draw = ImageDraw.Draw(canvas)
-    for k, name in enumerate(column_names):
+    for k, lines in enumerate(head_lines):
         centre = k * (tile_width + gap) + tile_width // 2
-        draw.text((centre, HEADER_HEIGHT // 2), name, fill=TEXT, font=font, anchor="mm")
-    top = HEADER_HEIGHT + h + MARGIN // 2
+        draw.multiline_text((centre, header_height // 2), "\n".join(lines), fill=TEXT, font=head_font,
+                            anchor="mm", align="center", spacing=1)
+    top = header_height + h + MARGIN // 2
     for r, row in enumerate(rows):
         y = top + r * LEGEND_ROW_HEIGHT + (LEGEND_ROW_HEIGHT - SWATCH) // 2
         for x, name, colour in row:
             draw.rectangle((x, y, x + SWATCH - 1, y + SWATCH - 1), fill=colour, outline=OUTLINE)
             draw.text((x + SWATCH + 4, y + SWATCH // 2), name, fill=TEXT, font=font, anchor="lm")
     write_png(path, np.asarray(canvas))
-    return HEADER_HEIGHT, legend_height
+    return header_height, legend_height
