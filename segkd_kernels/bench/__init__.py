@@ -88,13 +88,15 @@ def run(args: argparse.Namespace) -> int:
     writer = CsvWriter(out)
     log_path = out.with_suffix(".log")
     notes = []
-    with compiler_messages_to(log_path):
-        _measure(args, device, dtypes, env, timer, writer, out, notes)
+    try:
+        with compiler_messages_to(log_path):
+            _measure(args, device, dtypes, env, timer, writer, out, notes)
+    finally:  # also when a measurement fails: its compiler messages are in the log
+        if log_path.exists() and log_path.stat().st_size:
+            print(f"compiler and library messages: {log_path}")
     for note in dict.fromkeys(notes):  # each note once, in order
         print("note:", note)
     print(f"wrote {writer.count} rows to {out}")
-    if log_path.exists() and log_path.stat().st_size:
-        print(f"compiler and library messages: {log_path}")
     return 0
 
 
