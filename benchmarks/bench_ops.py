@@ -1,7 +1,8 @@
 """Kernel benchmarks from a checkout: `python benchmarks/bench_ops.py [--ops ...] [--quick]`.
 
 The same as `segkd bench`; the harness lives in segkd_kernels/bench/ so the installed command
-works too. Rows go to benchmarks/results/<device>.csv (columns: COLUMNS).
+works too. Rows go to runs/bench/<device>-<time>/<device>.csv (columns: COLUMNS); pass
+`--out benchmarks/results/<device>.csv` for results meant to be committed.
 """
 
 from __future__ import annotations

@@ -108,3 +108,74 @@ def test_segkd_bench_command(tmp_path, capsys):
     # full-size runs need a GPU: on CPU the command says so and exits non-zero
     if not torch.cuda.is_available():
         assert segkd(["bench", "--ops", "spatial_pool", "--out", str(out)]) == 2
+
+
+def test_default_output_is_a_run_folder_not_the_checkout(tmp_path, monkeypatch, capsys):
+    """Without --out a run writes into its own folder under ./runs/bench, never into the
+    package's checkout (benchmarks/results/ holds only results committed on purpose)."""
+    from segkd_kernels.cli import main as segkd
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    before = sorted(results.rglob("*")) if results.exists() else []
+    monkeypatch.chdir(tmp_path)
+    assert segkd(["bench", "--quick", "--ops", "spatial_pool"]) == 0
+    printed = capsys.readouterr().out
+    (folder,) = (tmp_path / "runs" / "bench").iterdir()
+    assert folder.name.startswith("cpu-") and (folder / "cpu.csv").exists()
+    assert f"rows to {Path('runs') / 'bench' / folder.name / 'cpu.csv'}" in printed
+    after = sorted(results.rglob("*")) if results.exists() else []
+    assert after == before
+    # a second run gets its own folder; --out FOLDER and --out FILE.csv are honoured
+    assert segkd(["bench", "--quick", "--ops", "spatial_pool", "--no-scaling"]) == 0
+    assert len(list((tmp_path / "runs" / "bench").iterdir())) == 2
+    from segkd_kernels.bench import output_path
+
+    assert output_path(Path("x/y.csv"), "NVIDIA_H200") == Path("x/y.csv")
+    assert output_path(Path("x"), "NVIDIA_H200") == Path("x/NVIDIA_H200.csv")
+
+
+def test_compiler_messages_go_to_the_log_not_the_table(tmp_path, capfd):
+    """torch's compiler loggers and Python warnings are written to the run's log file while a
+    benchmark runs, and the recompile limit is raised for the duration."""
+    import logging
+    import warnings
+
+    import torch._dynamo
+
+    from segkd_kernels.bench.harness import RECOMPILE_LIMIT, compiler_messages_to
+
+    limit = torch._dynamo.config.recompile_limit
+    log = tmp_path / "cpu.log"
+    with compiler_messages_to(log):
+        logging.getLogger("torch._dynamo.convert_frame").warning("hit config.recompile_limit (8)")
+        warnings.warn("a library warning")
+        assert torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT
+    assert torch._dynamo.config.recompile_limit == limit
+    captured = capfd.readouterr()
+    assert "recompile_limit" not in captured.out + captured.err
+    assert "a library warning" not in captured.out + captured.err
+    text = log.read_text()
+    assert "hit config.recompile_limit (8)" in text and "a library warning" in text
+    # after the block torch's handlers are back
+    assert logging.getLogger("torch._dynamo").handlers != [] and not any(
+        isinstance(h, logging.FileHandler) for h in logging.getLogger("torch._dynamo").handlers)
+
+
+def test_compile_provider_never_falls_back_to_eager(capfd):
+    """Every case's `compile` provider is the same lambda (one code object); more cases than
+    dynamo's default recompile limit (8) must each compile, not print the limit warning and run
+    eager code under the `compile` label."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from segkd_kernels.bench.ops import providers
+
+    assert len(cases.CASES) > 8
+    counters.clear()
+    for name, case in cases.CASES.items():
+        inputs = case.make(case.quick_shapes[0], torch.float32, "cpu")
+        fn = providers(case, "cpu")[0]["compile"]
+        fn(*inputs.tensors, **inputs.kwargs)
+    captured = capfd.readouterr()
+    assert "recompile_limit" not in captured.out + captured.err
+    assert counters["stats"]["unique_graphs"] >= len(cases.CASES)

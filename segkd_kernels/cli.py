@@ -241,7 +241,7 @@ COMMANDS = {
     "eval": ("evaluate a checkpoint: mIoU, per-class IoU, pixel accuracy", _add_eval, _eval),
     "demo": ("train teacher, student and distilled student on synthetic data; print the table", _add_demo, _demo),
     "compare": ("every method x seeds on the synthetic benchmark; tables and plot", _add_compare, _compare),
-    "bench": ("kernel, scaling and end-to-end benchmarks to benchmarks/results/<device>.csv (GPU; --quick on CPU)",
+    "bench": ("kernel, scaling and end-to-end benchmarks into runs/bench/<device>-<time>/ (GPU; --quick on CPU)",
               _add_bench, _bench),
 }
 

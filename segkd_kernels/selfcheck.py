@@ -7,6 +7,8 @@ returns 1 if any backend is off by more than its tolerance.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -26,6 +28,27 @@ class Case:
     op: str
     shapes: tuple  # (student shape, teacher shape)
     call: Callable  # call(student, teacher, backend) -> tensor or tuple of tensors
+    grad: bool = True  # False for outputs that are detached by definition (knowledge_gap)
+
+
+@contextlib.contextmanager
+def _backend_env(backend: str):
+    """SEGKD_BACKEND=backend for the duration: knowledge_gap has no backend argument and follows
+    "auto", which the variable overrides."""
+    old = os.environ.get("SEGKD_BACKEND")
+    os.environ["SEGKD_BACKEND"] = backend
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["SEGKD_BACKEND"]
+        else:
+            os.environ["SEGKD_BACKEND"] = old
+
+
+def _knowledge_gap(s, t, backend):
+    with _backend_env(backend):
+        return sk.knowledge_gap(s, t, 1.0)
 
 
 def _project(out) -> torch.Tensor:
@@ -43,9 +66,15 @@ def _cases(size: str) -> list[Case]:
     k, c_s, c_t = 19, 24, 40
     logits, feats_s, feats_t = (n, k, h, w), (n, c_s, h, w), (n, c_t, h, w)
     feats = (n, c_t, h, w)
+    # cbam_gate: x (N, C, H, W), the channel gate from the teacher tensor's first column, the
+    # spatial gate from its first channel; squashed to (0, 1) as CBAM's sigmoids are.
+    def gate(s, t, b):
+        return sk.cbam_gate(s, t[:, :, 0, 0].sigmoid(), t[:, :1].sigmoid(), backend=b)
+
     return [
         Case("channel_wise_kd", (logits, logits), lambda s, t, b: sk.channel_wise_kd(s, t, 4.0, backend=b)),
         Case("pixel_kd", (logits, logits), lambda s, t, b: sk.pixel_kd(s, t, 1.0, backend=b)),
+        Case("knowledge_gap", (logits, logits), _knowledge_gap, grad=False),
         Case("pfs_pixel_kd", (logits, logits), lambda s, t, b: sk.pfs_pixel_kd(s, t, 1.0, backend=b)),
         Case("pairwise_kd", (feats_s, feats_t), lambda s, t, b: sk.pairwise_kd(s, t, backend=b)),
         Case("cross_image_kd", (feats_s, feats_t), lambda s, t, b: sk.cross_image_kd(s, t, 0.1, backend=b)),
@@ -53,14 +82,22 @@ def _cases(size: str) -> list[Case]:
         Case("attnfd_loss", (feats, feats), lambda s, t, b: sk.attnfd_loss(s, t, backend=b)),
         Case("spatial_pool", (feats, feats), lambda s, t, b: sk.spatial_pool(s, backend=b)),
         Case("channel_pool", (feats, feats), lambda s, t, b: sk.channel_pool(s, t[:, :, 0, 0].sigmoid(), backend=b)),
+        Case("cbam_gate", (feats, feats), gate),
     ]
 
 
+# knowledge_gap runs on the pixel_kd kernels and has their backends.
+IMPLEMENTED_AS = {"knowledge_gap": "pixel_kd"}
+
+# The public functions selfcheck runs (every op of segkd_kernels.__all__; tests compare the two).
+CHECKED_OPS = tuple(case.op for case in _cases("small"))
+
+
 def _run(case: Case, backend: str, student: torch.Tensor, teacher: torch.Tensor):
-    s = student.detach().clone().requires_grad_(True)
+    s = student.detach().clone().requires_grad_(case.grad)
     start = time.perf_counter()
     value = _project(case.call(s, teacher, backend))
-    (grad,) = torch.autograd.grad(value, s)
+    grad = torch.autograd.grad(value, s)[0] if case.grad else None
     if s.is_cuda:
         torch.cuda.synchronize()
     return value.detach(), grad, (time.perf_counter() - start) * 1e3
@@ -71,7 +108,11 @@ def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.double() - ref.double()).abs().max() / scale).item()
 
 
-def run_selfcheck(size: str = "small") -> int:
+def run_selfcheck(size: str = "small", ops=None) -> int:
+    """`ops`: the op names to check (default: all of CHECKED_OPS)."""
+    unknown = sorted(set(ops or ()) - set(CHECKED_OPS))
+    if unknown:
+        raise ValueError(f"ops: unknown op(s) {unknown}; expected names from {list(CHECKED_OPS)}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     report = sk.available_backends()
     runnable = [name for name, ok in report.items() if ok]
@@ -86,7 +127,9 @@ def run_selfcheck(size: str = "small") -> int:
     failures = 0
     implemented = implemented_backends()
     for case in _cases(size):
-        impls = implemented[case.op]
+        if ops and case.op not in ops:
+            continue
+        impls = implemented[IMPLEMENTED_AS.get(case.op, case.op)]
         for dtype in dtypes:
             student = make_tensor(case.shapes[0], dtype=dtype, device=device, seed=1)
             teacher = make_tensor(case.shapes[1], dtype=dtype, device=device, seed=2)
@@ -102,11 +145,13 @@ def run_selfcheck(size: str = "small") -> int:
                     failures += 1
                     print(f"{case.op:<16}{backend:<11}{str(dtype)[6:]:<10}  ERROR {type(err).__name__}: {err}")
                     continue
-                err_v, err_g = _rel_err(value, ref_value), _rel_err(grad, ref_grad)
+                err_v = _rel_err(value, ref_value)
+                err_g = _rel_err(grad, ref_grad) if case.grad else 0.0
                 ok = err_v <= REL_TOL[dtype] and err_g <= REL_TOL[dtype]
                 failures += not ok
+                shown_g = f"{err_g:>14.2e}" if case.grad else f"{'(detached)':>14}"
                 print(f"{case.op:<16}{backend:<11}{str(dtype)[6:]:<10}{value.item():>14.6g}{err_v:>11.2e}"
-                      f"{err_g:>14.2e}{ms:>10.1f}  {'ok' if ok else 'MISMATCH'}")
+                      f"{shown_g}{ms:>10.1f}  {'ok' if ok else 'MISMATCH'}")
     print(f"\nerrors are relative to the reference run in fp64 on the same inputs; tolerance {REL_TOL[torch.float32]:g} "
           "for fp32" + (f", {REL_TOL[torch.bfloat16]:g} for bf16" if device == "cuda" else ""))
     print("ms: one forward+backward call, first-call compilation (or interpretation) included; "

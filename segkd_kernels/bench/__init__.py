@@ -4,26 +4,32 @@
     segkd bench --ops ssim_kd,pixel_kd   # a subset
     segkd bench --quick                  # tiny shapes, few repeats; also runs on CPU (harness check)
 
-Rows (columns in harness.COLUMNS) are appended to benchmarks/results/<device>.csv as they are
-measured, so an interrupted run keeps what it measured. The first row of a run is the device's
-measured copy bandwidth (op "copy"), the memory-bound floor that `roofline_frac` uses.
+Each run writes into its own folder, runs/bench/<device>-<date>-<time>/ (relative to the current
+directory): <device>.csv with the rows (columns in harness.COLUMNS, appended as they are measured,
+so an interrupted run keeps what it measured), the scaling plot, and <device>.log with the
+compiler's messages and warnings (kept out of the printed table). `--out FILE.csv` appends to that file instead, e.g.
+`--out benchmarks/results/<device>.csv` for results meant to be committed; `--out FOLDER` writes
+FOLDER/<device>.csv. The first row of a run is the device's measured copy bandwidth (op "copy"),
+the memory-bound floor that `roofline_frac` uses.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 from pathlib import Path
 
 import torch
 
 from . import cases
 from .hardware import copy_bandwidth
-from .harness import CsvWriter, device_slug, environment, make_timer
+from .harness import CsvWriter, compiler_messages_to, device_slug, environment, make_timer
 from .scaling import OPS as scaling_ops
 from .scaling import plot_scaling, run_scaling
 
-# Results live in the repository's benchmarks/results when run from a checkout.
-DEFAULT_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+# Default: a fresh folder per run under the current directory (never inside the package or the
+# checkout's committed results: those are written only when --out names them).
+DEFAULT_RUNS = Path("runs") / "bench"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -46,8 +52,25 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--no-scaling", action="store_true", help="skip the pairwise/cross-image resolution sweep")
     parser.add_argument("--max-p", type=int, default=None, help="largest P in the resolution sweep")
     parser.add_argument("--e2e", action="store_true", help="also time one distillation training step per method")
-    parser.add_argument("--out", type=Path, default=None, help="CSV file (default benchmarks/results/<device>.csv)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="a CSV file to append to, or a folder for <device>.csv "
+                             "(default: a new folder runs/bench/<device>-<date>-<time>/)")
     return parser
+
+
+def output_path(out: Path | None, slug: str, now: datetime.datetime | None = None) -> Path:
+    """The CSV a run writes: `out` if it names a .csv file, `out`/<slug>.csv for a folder, else
+    <slug>.csv in a new run folder runs/bench/<slug>-<YYYYmmdd-HHMMSS>/."""
+    if out is not None:
+        out = Path(out)
+        return out if out.suffix.lower() == ".csv" else out / f"{slug}.csv"
+    stamp = (now or datetime.datetime.now()).strftime("%Y%m%d-%H%M%S")
+    folder = DEFAULT_RUNS / f"{slug}-{stamp}"
+    k = 1
+    while folder.exists():  # two runs started in the same second get their own folders
+        k += 1
+        folder = DEFAULT_RUNS / f"{slug}-{stamp}-{k}"
+    return folder / f"{slug}.csv"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,10 +80,27 @@ def run(args: argparse.Namespace) -> int:
         return 2
     dtypes = [DTYPES[d] for d in (args.dtypes or (["float32"] if args.quick else ["float32", "bfloat16"]))]
     env = environment(device)
-    out = args.out or DEFAULT_RESULTS / f"{device_slug(env['device'])}.csv"
+    out = output_path(args.out, device_slug(env["device"]))
+    if out.exists() and out.is_dir():
+        print(f"segkd bench: --out {out} is a folder ending in .csv; name a file or another folder")
+        return 2
     timer = make_timer(device, args.quick)
     writer = CsvWriter(out)
+    log_path = out.with_suffix(".log")
     notes = []
+    try:
+        with compiler_messages_to(log_path):
+            _measure(args, device, dtypes, env, timer, writer, out, notes)
+    finally:  # also when a measurement fails: its compiler messages are in the log
+        if log_path.exists() and log_path.stat().st_size:
+            print(f"compiler and library messages: {log_path}")
+    for note in dict.fromkeys(notes):  # each note once, in order
+        print("note:", note)
+    print(f"wrote {writer.count} rows to {out}")
+    return 0
+
+
+def _measure(args, device, dtypes, env, timer, writer, out: Path, notes: list) -> None:
     try:
         bandwidth = copy_bandwidth(device, timer, nbytes=(1 << 20) if args.quick else (1 << 30))
         writer.write(dict(env, op="copy", shape=f"{(1 << 20) if args.quick else (1 << 30)}B", dtype="float32",
@@ -81,10 +121,6 @@ def run(args: argparse.Namespace) -> int:
             notes += run_e2e(device, timer, env, writer, args.quick)
     finally:
         writer.close()
-    for note in dict.fromkeys(notes):  # each note once, in order
-        print("note:", note)
-    print(f"wrote {writer.count} rows to {out}")
-    return 0
 
 
 def main(argv=None) -> int:

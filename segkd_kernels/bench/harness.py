@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import gc
+import logging
 import math
 import statistics
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -171,3 +174,51 @@ class CsvWriter:
 
     def close(self) -> None:
         self.file.close()
+
+
+# torch's own loggers that print to stderr (torch._logging gives each its handler and turns off
+# propagation, so each one is redirected, not just the root "torch").
+COMPILER_LOGGERS = ("torch", "torch._dynamo", "torch._inductor", "torch.fx", "torch._functorch",
+                    "torch._functorch._aot_autograd", "torch._subclasses.fake_tensor",
+                    "torch.fx.experimental.symbolic_shapes")
+# Every (case, shape, dtype) compiles the reference once; the limit must never make dynamo fall
+# back to eager, or `compile` rows would silently time eager code.
+RECOMPILE_LIMIT = 1024
+
+
+@contextlib.contextmanager
+def compiler_messages_to(log_path: Path):
+    """Send torch's compiler log records and Python warnings to `log_path` instead of the terminal,
+    so the printed table holds only rows, and raise dynamo's recompile limits for the duration."""
+    import torch._dynamo  # noqa: PLC0415
+
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_path, mode="a", delay=True)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    saved = []
+    for name in COMPILER_LOGGERS:
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.handlers[:], logger.propagate))
+        logger.handlers = [handler]
+        logger.propagate = False
+
+    def to_file(message, category, filename, lineno, file=None, line=None):
+        handler.acquire()
+        try:
+            with log_path.open("a") as f:
+                f.write(warnings.formatwarning(message, category, filename, lineno, line))
+        finally:
+            handler.release()
+
+    limits = {k: RECOMPILE_LIMIT for k in ("recompile_limit", "accumulated_recompile_limit")
+              if hasattr(torch._dynamo.config, k)}
+    try:
+        with warnings.catch_warnings(), torch._dynamo.config.patch(**limits):
+            warnings.showwarning = to_file
+            yield log_path
+    finally:
+        for logger, handlers, propagate in saved:
+            logger.handlers = handlers
+            logger.propagate = propagate
+        handler.close()

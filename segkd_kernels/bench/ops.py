@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import torch
+import torch._dynamo
 
 from .._backends import BackendUnavailableError
 from . import cases as cases_module
@@ -25,6 +26,10 @@ def providers(case, device: str) -> tuple[dict, list[str]]:
     """name -> callable(*tensors) for every provider that can run here, and notes for those that cannot."""
     out, notes = {}, []
     out["eager"] = case.eager
+    # Dynamo keys its cache on the code object, which this lambda shares across every case: reset
+    # so each case compiles fresh and its calls check only their own guards (a long guard chain
+    # would add to the timed overhead, and past the recompile limit dynamo runs eager code).
+    torch._dynamo.reset()
     # inductor on GPUs; on CPU (harness check only) aot_eager, which compiles in seconds, not ~30 s.
     compiled = torch.compile(lambda *a: case.api(*a, backend="reference"),
                              backend="inductor" if device == "cuda" else "aot_eager")

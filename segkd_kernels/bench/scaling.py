@@ -45,7 +45,8 @@ def run_scaling(dtype, device, timer, env, bandwidth, writer, quick: bool, max_p
                     break
                 writer.write(row)
                 rows.append(dict(row, pixels=h * w))
-                log(f"scaling {op:<15}P={h * w:<7}{provider:<8}{row['ms_p50']}")
+                ms = row["ms_p50"]
+                log(f"scaling {op:<15}P={h * w:<7}{provider:<8}{ms if isinstance(ms, str) else f'{ms:10.3f} ms'}")
     return rows, notes
 
 

@@ -73,23 +73,35 @@ def _describe(m: ModelConfig) -> str:
     return f"{m.arch}-{m.backbone} x{m.width:g}"
 
 
-def prediction_strip(path: str, models: list, dataset, in_fns: list, n_images: int = 4, scale: int = 3) -> None:
-    """A PNG: one row per val image; image | ground truth | each model's prediction."""
+def prediction_strip(path: str, models: list, dataset, in_fns: list, n_images: int = 4, scale: int = 3,
+                     column_names: list[str] | None = None) -> tuple[int, int]:
+    """A PNG: one row per val image; image | ground truth | each model's prediction, with the
+    column names above and a legend of the class colours (the dataset's class names) below.
+
+    `column_names` names the models' columns (default: teacher, student, distilled for three
+    models, else model 1, model 2, ...). Returns the heights of the header and legend bands."""
     from .metrics import predict_whole
-    from .png import colorize, write_png
+    from .png import colorize, label_picture
 
     info = getattr(dataset, "info", None)
     mean = np.asarray(info.mean if info is not None else (0.5,) * 3, dtype=np.float32)
     std = np.asarray(info.std if info is not None else (0.25,) * 3, dtype=np.float32)
-    rows = []
+    if column_names is None:
+        column_names = (["teacher", "student", "distilled"] if len(models) == 3
+                        else [f"model {k + 1}" for k in range(len(models))])
+    if len(column_names) != len(models):
+        raise ValueError(f"column_names: expected {len(models)} names (one per model), got {len(column_names)}")
+    rows, shown = [], []
     for i in range(min(n_images, len(dataset))):
         image, label = dataset[i]
+        shown.append(label.numpy())
         tiles = [np.clip((image.permute(1, 2, 0).numpy() * std + mean) * 255, 0, 255).astype(np.uint8),
                  colorize(label.numpy())]
         for model, in_fn in zip(models, in_fns):
             x = image[None].to(next(model.parameters()).device)
             x = in_fn(x, label[None].to(x.device)) if in_fn else x
             pred = predict_whole(model, x).argmax(1)[0].cpu().numpy()
+            shown.append(pred)
             tiles.append(colorize(pred))
         sep = np.full((tiles[0].shape[0], 2, 3), 255, np.uint8)
         row = np.concatenate([t for tile in tiles for t in (tile, sep)][:-1], axis=1)
@@ -97,7 +109,12 @@ def prediction_strip(path: str, models: list, dataset, in_fns: list, n_images: i
         rows.append(np.full((2, row.shape[1], 3), 255, np.uint8))
     img = np.concatenate(rows[:-1], axis=0)
     img = img.repeat(scale, 0).repeat(scale, 1)
-    write_png(path, img)
+    class_names = list(info.class_names) if info is not None else None
+    if class_names is None:
+        class_names = [str(k) for k in range(int(max(np.max(np.where(a == 255, 0, a)) for a in shown)) + 1)]
+    has_ignore = any((a == 255).any() for a in shown)
+    return label_picture(path, img, ["image", "ground truth", *column_names], tile_width=tiles[0].shape[1] * scale,
+                         gap=2 * scale, class_names=class_names, show_ignore=has_ignore)
 
 
 def run_demo(*, quick: bool = False, method: str | None = None, out: str = "runs/demo", iters: int | None = None,

@@ -1,4 +1,5 @@
-"""A tiny PNG writer (zlib + struct): the demo's prediction strip needs no imaging library."""
+"""A tiny PNG writer (zlib + struct) and the labelled picture of the demo's prediction strip
+(column names and a class-colour legend drawn with Pillow, a dependency anyway)."""
 
 from __future__ import annotations
 
@@ -40,3 +41,95 @@ def write_png(path: str, rgb: np.ndarray) -> None:
         f.write(chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)))
         f.write(chunk(b"IDAT", zlib.compress(raw, 6)))
         f.write(chunk(b"IEND", b""))
+
+
+# Picture furniture, in output pixels: a header band for the column names (at least HEADER_HEIGHT;
+# taller when narrow columns need names on several lines), legend rows below.
+HEADER_HEIGHT = 22
+LEGEND_ROW_HEIGHT = 20
+SWATCH = 14
+MARGIN = 6
+TEXT = (0, 0, 0)
+OUTLINE = (96, 96, 96)
+
+
+def _font(size: int = 13):
+    """Pillow's built-in font (no font file on disk needed), scaled where Pillow can scale it."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _text_width(draw, text: str, font) -> int:
+    left, _, right, _ = draw.textbbox((0, 0), text, font=font)
+    return right - left
+
+
+def legend_entries(class_names: list[str], show_ignore: bool) -> list[tuple[str, tuple]]:
+    """(name, colour) per class as colorize() draws it, plus the ignore label if shown."""
+    entries = [(f"{k} {name}", tuple(int(v) for v in PALETTE[k % len(PALETTE)])) for k, name in enumerate(class_names)]
+    if show_ignore:
+        entries.append(("255 ignore", (255, 255, 255)))
+    return entries
+
+
+def _legend_rows(draw, entries, width: int, font) -> list[list[tuple[int, str, tuple]]]:
+    """Entries placed left to right, wrapped to the picture width: rows of (x, name, colour)."""
+    rows, row, x = [], [], MARGIN
+    for name, colour in entries:
+        w = SWATCH + 4 + _text_width(draw, name, font) + 12
+        if row and x + w > width - MARGIN:
+            rows.append(row)
+            row, x = [], MARGIN
+        row.append((x, name, colour))
+        x += w
+    if row:
+        rows.append(row)
+    return rows
+
+
+def _header_layout(draw, names: list[str], width: int):
+    """(font, lines per name, header height): the largest font size at which every column name fits
+    its column on one line, else the names split into words over several lines."""
+    for size in (13, 12, 11, 10, 9):
+        font = _font(size)
+        if all(_text_width(draw, name, font) <= width for name in names):
+            return font, [[name] for name in names], HEADER_HEIGHT
+    font = _font(9)
+    lines = [name.split() or [name] for name in names]
+    line_height = 11
+    return font, lines, max(HEADER_HEIGHT, line_height * max(map(len, lines)) + 6)
+
+
+def label_picture(path: str, body: np.ndarray, column_names: list[str], *, tile_width: int, gap: int,
+                  class_names: list[str], show_ignore: bool = False) -> tuple[int, int]:
+    """Write `body` (H, W, 3) with the column names centred above its columns (each tile_width
+    wide, gap apart) and a legend of the class colours below it. Returns (header height, legend
+    height) in pixels. Text is drawn with Pillow's built-in font: no plotting library needed."""
+    from PIL import Image, ImageDraw
+
+    body = np.ascontiguousarray(body, dtype=np.uint8)
+    h, w, _ = body.shape
+    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    head_font, head_lines, header_height = _header_layout(scratch, column_names, tile_width - 2)
+    font = _font()
+    rows = _legend_rows(scratch, legend_entries(class_names, show_ignore), w, font)
+    legend_height = len(rows) * LEGEND_ROW_HEIGHT + MARGIN
+    canvas = Image.new("RGB", (w, header_height + h + legend_height), (255, 255, 255))
+    canvas.paste(Image.fromarray(body), (0, header_height))
+    draw = ImageDraw.Draw(canvas)
+    for k, lines in enumerate(head_lines):
+        centre = k * (tile_width + gap) + tile_width // 2
+        draw.multiline_text((centre, header_height // 2), "\n".join(lines), fill=TEXT, font=head_font,
+                            anchor="mm", align="center", spacing=1)
+    top = header_height + h + MARGIN // 2
+    for r, row in enumerate(rows):
+        y = top + r * LEGEND_ROW_HEIGHT + (LEGEND_ROW_HEIGHT - SWATCH) // 2
+        for x, name, colour in row:
+            draw.rectangle((x, y, x + SWATCH - 1, y + SWATCH - 1), fill=colour, outline=OUTLINE)
+            draw.text((x + SWATCH + 4, y + SWATCH // 2), name, fill=TEXT, font=font, anchor="lm")
+    write_png(path, np.asarray(canvas))
+    return header_height, legend_height
