@@ -776,9 +776,12 @@ def test_triton_layouts_and_teacher_dtype():
         (g2,) = torch.autograd.grad(loss2, s2, grad_outputs=torch.tensor(-0.7))
         assert_close(loss2, loss)
         assert_close(g2, g)
-    # a teacher in another dtype is read in its own dtype, not rounded to the student's
-    (loss3, _), (ref3, _) = _both(s, t.double(), window_size=5, padding="zeros")
+    # a teacher in another dtype is read in its own dtype (an autocast bf16 teacher, an fp32
+    # teacher with an fp16 student), not rounded to the student's
+    (loss3, _), (ref3, _) = _both(s, t.bfloat16(), window_size=5, padding="zeros")
     assert_close(loss3, ref3)
+    (loss4, _), (ref4, _) = _both(s.half(), t, window_size=5, padding="zeros")
+    assert_close(loss4, ref4)
 
 
 @needs_triton
