@@ -152,10 +152,12 @@ def _assert_same_pattern(got: torch.Tensor, want: torch.Tensor, what: str) -> No
         assert not diff, f"{what}: {name} pattern differs from the reference at {diff[:6]}"
     finite = torch.isfinite(want)
     if finite.any():
-        # fp32 values computed in another order: the backends' usual fp32 agreement, with the
-        # absolute part relative to the largest finite value (gradients are ~1 / numel)
+        # The finite entries only have to be the same numbers, not to fp32 accuracy (each op's
+        # own tests hold them to their error budgets): a coarse 1e-4 of the largest finite value
+        # (gradients are ~1 / numel and sums of cancelling terms) catches a wrong or swapped value
+        # without depending on the summation order of the CPU's BLAS.
         scale = want[finite].abs().max().item()
-        torch.testing.assert_close(got[finite], want[finite], rtol=2e-4, atol=2e-5 * scale, msg=what)
+        torch.testing.assert_close(got[finite], want[finite], rtol=1e-3, atol=1e-4 * scale, msg=what)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,7 +171,7 @@ def test_reference_never_hides_nonfinite_input(op, case):
         pytest.skip("no teacher input")
     s, t = _inputs(op, case, "cpu")
     outs, _ = _run(op, "reference", s, t)
-    if op == "pixel_kd_masked" and case[0] == "student" or op == "pixel_kd_masked" and case[0] == "teacher":
+    if op == "pixel_kd_masked" and case[0] in ("student", "teacher"):
         # documented: ignored pixels contribute exactly nothing, whatever their logits
         assert all(torch.isfinite(o).all() for o in outs)
         return
@@ -178,7 +180,7 @@ def test_reference_never_hides_nonfinite_input(op, case):
         assert all(torch.isfinite(o).all() for o in outs)
         return
     assert any(not torch.isfinite(o).all() for o in outs), f"{op}: finite output for a non-finite input"
-    if case[1] != case[1] and op not in ("spatial_pool", "channel_pool", "channel_pool_no_gate", "cbam_gate",
+    if math.isnan(case[1]) and op not in ("spatial_pool", "channel_pool", "channel_pool_no_gate", "cbam_gate",
                                          "knowledge_gap"):
         # a NaN in gives a NaN loss
         assert all(torch.isnan(o).all() for o in outs), f"{op}: NaN input, loss {outs}"
