@@ -29,6 +29,13 @@ the (up to 3 x 3) padded positions that reflect onto each pixel. Under normalize
 
 Per-(n, c) min and max for normalize come from _minmax_kernel (one pass over student and teacher).
 fp16 / bf16 / fp32 inputs, fp32 statistics always; fp64 inputs use the reference.
+
+Non-finite inputs give the reference's NaN and Inf pattern, in the loss and in the gradient: a NaN
+makes its map's min, max and so the whole rescaled map NaN (normalize); a window holding a
+non-finite value gives a NaN SSIM term; the clamp keeps NaN. The banded tl.dot would spread one
+non-finite value over its block's whole column (0 * NaN), so it multiplies blocks with those
+values zeroed and one more product, of the 0/1 band with the non-finite marks, restores NaN
+exactly where the window holds one (one extra tl.dot in each of the forward and the backward).
 """
 
 from __future__ import annotations
