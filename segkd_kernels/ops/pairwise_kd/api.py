@@ -30,9 +30,9 @@ def check_pool(pool, shape=None) -> None:
     k = pool or 1
     if k > h or k > w:
         raise ValueError(f"pool: expected at most the feature map's size {h}x{w}, got {pool}")
-    if -(-h // k) * -(-w // k) < 2:  # ceil mode, as pool_features
-        name = "pool" if k > 1 else "student_feat"
-        raise ValueError(f"{name}: a {h}x{w} map pooled by {k} leaves 1 pixel; pairwise_kd needs at least 2")
+    # (an unpooled 1x1 map is the caller's own choice, and its loss 0 the exact answer)
+    if k > 1 and -(-h // k) * -(-w // k) < 2:  # ceil mode, as pool_features
+        raise ValueError(f"pool: a {h}x{w} map pooled by {k} leaves 1 pixel; pairwise_kd needs at least 2")
 
 
 def pairwise_kd(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, pool: int | None = None,

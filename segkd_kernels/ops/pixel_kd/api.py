@@ -47,8 +47,10 @@ def _check_pixel_map(name: str, value, student_logits: torch.Tensor, *, boolean:
     check_same_device(student_logits=student_logits, **{name: value})
 
 
-def _nonnegative_weight(weight: torch.Tensor | None, *, host_check: bool) -> torch.Tensor | None:
-    """Weights must be >= 0 (a negative one would make the loss, a sum of KLs, negative).
+def _nonnegative_weight(weight: torch.Tensor | None, ignore_mask: torch.Tensor | None = None, *,
+                        host_check: bool) -> torch.Tensor | None:
+    """Weights of the pixels that count must be >= 0 (a negative one would make the loss, a sum of
+    KLs, negative); ignored pixels may hold anything, as their logits may.
 
     Reading the values on the host is free for a CPU tensor, and there a negative weight raises.
     For a CUDA tensor it would wait for the device on every call (and a compiled graph cannot
@@ -56,11 +58,14 @@ def _nonnegative_weight(weight: torch.Tensor | None, *, host_check: bool) -> tor
     elementwise pass over an (N, H, W) map, never a silent wrong value."""
     if weight is None:
         return None
+    negative = weight < 0
+    if ignore_mask is not None:
+        negative = negative & ~ignore_mask
     if host_check:
-        if bool((weight < 0).any()):
-            raise ValueError(f"weight: expected values >= 0, got a minimum of {weight.min().item():g}")
+        if bool(negative.any()):
+            raise ValueError(f"weight: expected values >= 0, got {weight[negative].min().item():g}")
         return weight
-    return torch.where(weight >= 0, weight, torch.full((), float("nan"), dtype=weight.dtype, device=weight.device))
+    return torch.where(negative, torch.full((), float("nan"), dtype=weight.dtype, device=weight.device), weight)
 
 
 def pixel_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0, *,
@@ -77,7 +82,7 @@ def pixel_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: fl
     _check_logits(student_logits, teacher_logits, tau)
     _check_pixel_map("weight", weight, student_logits, boolean=False)
     _check_pixel_map("ignore_mask", ignore_mask, student_logits, boolean=True)
-    weight = _nonnegative_weight(weight, host_check=weight is not None and weight.device.type == "cpu"
+    weight = _nonnegative_weight(weight, ignore_mask, host_check=weight is not None and weight.device.type == "cpu"
                                  and not torch.compiler.is_compiling())
     name = select_backend("pixel_kd", backend, IMPLEMENTED, student_logits)
     if name == "triton":
