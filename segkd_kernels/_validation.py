@@ -42,6 +42,27 @@ def check_same_dims(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor, 
         )
 
 
+def check_teacher_dtype(student_name: str, student: torch.Tensor, teacher_name: str, teacher: torch.Tensor) -> None:
+    """The teacher's dtype rule, the same for every loss.
+
+    A teacher may come in any floating dtype: it is read as given and converted to the dtype the
+    loss is computed in, fp32 (fp64 for an fp64 student), so an autocast teacher (fp16 / bf16)
+    with an fp32 student, or an fp32 teacher with a bf16 student, loses nothing. The one lossy
+    case is refused: an fp64 teacher with a student that is not fp64 would be rounded to fp32
+    without a word, and fp64 math was most likely expected; cast one of them."""
+    if teacher.dtype == torch.float64 and student.dtype != torch.float64:
+        raise ValueError(
+            f"{teacher_name}: float64 needs a float64 {student_name} (got {student.dtype}; the loss is "
+            f"computed in float32 and would round the teacher): cast {teacher_name} or {student_name}"
+        )
+
+
+def check_bool(name: str, value) -> None:
+    """A flag must be a bool: 'yes', 0 or None are refused rather than read by their truth value."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: expected True or False, got {value!r}")
+
+
 def check_positive(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name}: expected a positive number, got {value!r}")

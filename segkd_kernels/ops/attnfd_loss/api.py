@@ -3,7 +3,7 @@
 import torch
 
 from ..._backends import FLOAT_DTYPES, KERNEL_DTYPES, select_backend
-from ..._validation import check_same_device, check_same_shape, check_tensor
+from ..._validation import check_same_device, check_same_shape, check_teacher_dtype, check_tensor
 from . import reference
 from .reference import NORM_EPS
 
@@ -31,11 +31,14 @@ def loss_from_dots(dots: torch.Tensor, batch: int) -> torch.Tensor:
 def attnfd_loss(student_refined: torch.Tensor, teacher_refined: torch.Tensor, *,
                 backend: str = "auto") -> torch.Tensor:
     """(2 - 2 <A_s, A_t> / (||A_s|| ||A_t||)) / N for CBAM-refined maps of the same shape
-    (the student's after the connector). The method's lambda (2) is applied by the caller."""
+    (the student's after the connector). The method's lambda (2) is applied by the caller.
+    Teacher dtype: any floating dtype, converted to the computation dtype (fp32, fp64 for an fp64
+    student); an fp64 teacher needs an fp64 student (ValueError: it would be rounded silently)."""
     check_tensor("student_refined", student_refined, rank=4)
     check_tensor("teacher_refined", teacher_refined, rank=4)
     check_same_shape("student_refined", student_refined, "teacher_refined", teacher_refined)
     check_same_device(student_refined=student_refined, teacher_refined=teacher_refined)
+    check_teacher_dtype("student_refined", student_refined, "teacher_refined", teacher_refined)
     name = select_backend("attnfd_loss", backend, IMPLEMENTED, student_refined)
     if name == "reference":
         return reference.attnfd_loss(student_refined, teacher_refined)

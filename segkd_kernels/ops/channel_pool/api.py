@@ -23,7 +23,9 @@ def channel_pool(x: torch.Tensor, gate: torch.Tensor | None = None, *, backend: 
     x * gate[:, :, None, None]. `gate` (N, C) or (N, C, 1, 1), e.g. CBAM's channel gate M_c;
     differentiable in x and gate, without the caller materialising x * gate.
 
-    The max's gradient goes to one maximal channel per pixel (the first one in the kernels)."""
+    The max's gradient goes to one maximal channel per pixel (the first one in the kernels). NaN
+    counts as the largest value, as in torch.max: the max is NaN and its gradient goes to the first
+    NaN channel."""
     check_tensor("x", x, rank=4)
     if gate is not None:
         check_tensor("gate", gate)

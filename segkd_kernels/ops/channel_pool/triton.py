@@ -56,11 +56,17 @@ def _channel_pool_fwd_kernel(x_ptr, gate_ptr, out_ptr, argmax_ptr,
         run_sum += tl.sum(tl.where(ok, v, 0.0), axis=0)
         # masked lanes hold -inf (set after gating: a negative gate would turn -inf into +inf)
         v_max = tl.where(ok, v, float("-inf"))
-        tile_max = tl.max(v_max, axis=0)
-        # first maximal channel of the tile; padded channels come last, so they never win a tie
-        tile_idx = tl.min(tl.where(v_max == tile_max[None, :], c[:, None], C), axis=0)
-        # strict >: on ties across tiles the earlier channel stays
-        take = (tile_max > run_max) | (run_idx < 0)
+        # NaN wins like torch.max, the first NaN channel giving the argmax; tl.max skips NaN
+        # (IEEE maxNum), so NaN channels are reduced on the side
+        v_nan = v_max != v_max
+        tile_nan = tl.max(v_nan.to(tl.int32), axis=0) > 0
+        tile_max = tl.max(tl.where(v_nan, float("-inf"), v_max), axis=0)
+        # first maximal (or NaN) channel of the tile; padded channels come last, so they never win a tie
+        winner = tl.where(tile_nan[None, :], v_nan, v_max == tile_max[None, :])
+        tile_idx = tl.min(tl.where(winner, c[:, None], C), axis=0)
+        tile_max = tl.where(tile_nan, float("nan"), tile_max)
+        # strict >: on ties across tiles the earlier channel stays; a NaN replaces a number, never a NaN
+        take = (tile_max > run_max) | (tile_nan & (run_max == run_max)) | (run_idx < 0)
         run_max = tl.where(take, tile_max, run_max)
         run_idx = tl.where(take, tile_idx, run_idx)
     out_row = out_ptr + n * 2 * P + p

@@ -3,7 +3,8 @@
 import torch
 
 from ..._backends import FLOAT_DTYPES, KERNEL_DTYPES, select_backend
-from ..._validation import check_positive, check_same_device, check_same_dims, check_tensor, compute_dtype
+from ..._validation import (check_positive, check_same_device, check_same_dims, check_teacher_dtype,
+                             check_tensor, compute_dtype)
 from . import reference
 
 IMPLEMENTED = {"reference": FLOAT_DTYPES, "cuda": KERNEL_DTYPES}
@@ -20,11 +21,14 @@ def cross_image_kd(student_feat: torch.Tensor, teacher_feat: torch.Tensor, tau: 
                    backend: str = "auto") -> torch.Tensor:
     """For every ordered image pair (i, j) of the batch, i == j included, the row-wise KL between
     softmax(teacher similarities / tau) and softmax(student similarities / tau) over the pixels of
-    image j, averaged over rows and pairs. Features (N, C_s, H, W), (N, C_t, H, W)."""
+    image j, averaged over rows and pairs. Features (N, C_s, H, W), (N, C_t, H, W).
+    Teacher dtype: any floating dtype, converted to the computation dtype (fp32, fp64 for an fp64
+    student); an fp64 teacher needs an fp64 student (ValueError: it would be rounded silently)."""
     check_tensor("student_feat", student_feat, rank=4)
     check_tensor("teacher_feat", teacher_feat, rank=4)
     check_same_dims("student_feat", student_feat, "teacher_feat", teacher_feat, dims=(0, 2, 3))
     check_same_device(student_feat=student_feat, teacher_feat=teacher_feat)
+    check_teacher_dtype("student_feat", student_feat, "teacher_feat", teacher_feat)
     check_positive("tau", tau)
     name = select_backend("cross_image_kd", backend, IMPLEMENTED, student_feat)
     if name == "reference":

@@ -76,8 +76,10 @@ def _gram_kernel(x_ptr, xnorm_ptr, y_ptr, ynorm_ptr, g_ptr, CX, CY, P, eps,
         offs_p = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
         mask_p = offs_p < P
         # other=1 keeps masked pixels finite; their features load as 0, so they add nothing
-        x_inv = 1.0 / tl.maximum(tl.load(xnorm_ptr + n * P + offs_p, mask=mask_p, other=1.0), eps)
-        y_inv = 1.0 / tl.maximum(tl.load(ynorm_ptr + n * P + offs_p, mask=mask_p, other=1.0), eps)
+        x_inv = 1.0 / tl.maximum(tl.load(xnorm_ptr + n * P + offs_p, mask=mask_p, other=1.0), eps,
+                                 propagate_nan=tl.PropagateNan.ALL)
+        y_inv = 1.0 / tl.maximum(tl.load(ynorm_ptr + n * P + offs_p, mask=mask_p, other=1.0), eps,
+                                 propagate_nan=tl.PropagateNan.ALL)
         x = tl.load(x_base + offs_i[:, None] * P + offs_p[None, :], mask=mask_i[:, None] & mask_p[None, :],
                     other=0.0).to(tl.float64) * x_inv[None, :]
         y = tl.load(y_base + offs_j[:, None] * P + offs_p[None, :], mask=mask_j[:, None] & mask_p[None, :],
@@ -97,8 +99,10 @@ def _grad_kernel(gaa_ptr, gab_ptr, s_ptr, snorm_ptr, t_ptr, tnorm_ptr, da_ptr, g
     offs_p = tl.program_id(2).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_c = offs_c < CS
     mask_p = offs_p < P
-    s_inv = (1.0 / tl.maximum(tl.load(snorm_ptr + n * P + offs_p, mask=mask_p, other=1.0), eps)).to(ACC_DTYPE)
-    t_inv = (1.0 / tl.maximum(tl.load(tnorm_ptr + n * P + offs_p, mask=mask_p, other=1.0), eps)).to(ACC_DTYPE)
+    s_inv = (1.0 / tl.maximum(tl.load(snorm_ptr + n * P + offs_p, mask=mask_p, other=1.0), eps,
+                              propagate_nan=tl.PropagateNan.ALL)).to(ACC_DTYPE)
+    t_inv = (1.0 / tl.maximum(tl.load(tnorm_ptr + n * P + offs_p, mask=mask_p, other=1.0), eps,
+                              propagate_nan=tl.PropagateNan.ALL)).to(ACC_DTYPE)
     acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC_DTYPE)
     for k0 in range(0, CS, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
@@ -130,7 +134,7 @@ def _norm_bwd_kernel(s_ptr, snorm_ptr, da_ptr, ds_ptr, C, P, eps, BLOCK_C: tl.co
     offs_p = tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < P
     norm = tl.load(snorm_ptr + n * P + offs_p, mask=mask_p, other=1.0)
-    inv = (1.0 / tl.maximum(norm, eps)).to(ACC_DTYPE)
+    inv = (1.0 / tl.maximum(norm, eps, propagate_nan=tl.PropagateNan.ALL)).to(ACC_DTYPE)
     base = n * C * P
     radial = tl.zeros([BLOCK_P], dtype=ACC_DTYPE)
     if not DETACH_NORM:

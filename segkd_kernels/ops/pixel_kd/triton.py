@@ -101,7 +101,7 @@ def _pixel_kd_kernel(s_ptr, t_ptr, ign_ptr, w_ptr, n_ign_ptr, mean_gap_ptr, ds_p
     inv_l_t = 1.0 / l_t
     kl = acc * inv_l_t + (m_s - m_t) + (tl.log(l_s) - tl.log(l_t))
     kl = tl.where(valid, kl, 0.0)
-    gap = tl.maximum(kl, 0.0)
+    gap = tl.maximum(kl, 0.0, propagate_nan=tl.PropagateNan.ALL)  # a NaN gap stays NaN (torch.clamp_min)
     if HAS_WEIGHT:
         w = tl.load(w_ptr + n * P + pix, mask=valid, other=0.0).to(ACC)
         wkl = tl.where(valid, w * kl, 0.0)
@@ -168,7 +168,7 @@ def _pixel_kd_finalize_kernel(part_ptr, programs, n_ign_ptr, total, tau_sq_hi, t
     tau_sq = tl.cast(tau_sq_hi, ACC) + tl.cast(tau_sq_lo, ACC)
     if GAP_WEIGHT:
         # the reference clamps the mean gap at the smallest normal number: all gaps 0 -> weights 0
-        mean_gap = tl.maximum(tl.sum(sum_gap, axis=0) / count, TINY)
+        mean_gap = tl.maximum(tl.sum(sum_gap, axis=0) / count, TINY, propagate_nan=tl.PropagateNan.ALL)
         tl.store(mean_gap_ptr, mean_gap)
         loss = tl.sum(sum_gap_kl, axis=0) / mean_gap / count * tau_sq
     else:

@@ -20,6 +20,8 @@ def spatial_pool(x: torch.Tensor, *, backend: str = "auto") -> tuple[torch.Tenso
     """(avg, max), each (N, C) in x's dtype: mean and max of x over H, W.
 
     The gradient of max goes to one maximal position per (n, c) (the first one in the kernels).
+    NaN counts as the largest value, as in torch.max: a map holding one has a NaN max, whose
+    gradient goes to its first NaN.
     """
     check_tensor("x", x, rank=4)
     name = select_backend("spatial_pool", backend, IMPLEMENTED, x)

@@ -30,12 +30,18 @@ def _spatial_pool_fwd_kernel(x_ptr, avg_ptr, max_ptr, argmax_ptr, plane,
         valid = offs < plane
         v = tl.load(row_start + offs, mask=valid, other=0.0).to(ACC_DTYPE)
         acc_sum += v
-        # Blocks advance in index order, so a strict > keeps each lane's first maximum.
-        take = valid & ((v > acc_max) | (acc_idx == plane))
+        # Blocks advance in index order, so a strict > keeps each lane's first maximum. NaN wins
+        # like torch.max: a NaN replaces a number, nothing replaces a NaN (the first NaN stays).
+        take = valid & ((v > acc_max) | ((v != v) & (acc_max == acc_max)) | (acc_idx == plane))
         acc_max = tl.where(take, v, acc_max)
         acc_idx = tl.where(take, offs.to(tl.int64), acc_idx)
-    row_max = tl.max(acc_max, axis=0)
-    row_argmax = tl.min(tl.where(acc_max == row_max, acc_idx, plane), axis=0)
+    # tl.max skips NaN (IEEE maxNum): NaN lanes are reduced on the side, the first one wins
+    lane_nan = acc_max != acc_max
+    any_nan = tl.max(lane_nan.to(tl.int32), axis=0) > 0
+    finite_max = tl.max(tl.where(lane_nan, float("-inf"), acc_max), axis=0)
+    row_max = tl.where(any_nan, float("nan"), finite_max)
+    winner = tl.where(any_nan, lane_nan, acc_max == finite_max)
+    row_argmax = tl.min(tl.where(winner, acc_idx, plane), axis=0)
     tl.store(avg_ptr + row, (tl.sum(acc_sum, axis=0) / plane).to(avg_ptr.dtype.element_ty))
     tl.store(max_ptr + row, row_max.to(max_ptr.dtype.element_ty))
     tl.store(argmax_ptr + row, row_argmax)

@@ -3,7 +3,8 @@
 import torch
 
 from ..._backends import FLOAT_DTYPES, KERNEL_DTYPES, select_backend
-from ..._validation import check_choice, check_positive, check_same_device, check_same_shape, check_tensor
+from ..._validation import (check_bool, check_choice, check_positive, check_same_device, check_same_shape,
+                             check_teacher_dtype, check_tensor)
 from . import reference
 
 IMPLEMENTED = {"reference": FLOAT_DTYPES, "cuda": KERNEL_DTYPES}
@@ -51,12 +52,16 @@ def ssim_kd(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, window_si
     """mean of clamp((1 - SSIM) / 2, 0, 1) between student and teacher features (N, C, H, W) of
     the same shape, per channel with a Gaussian window. `normalize` min-max rescales each (n, c)
     map to [0, 1] first; `padding` is reflect (kornia), zeros (fused-ssim "same") or valid
-    (pytorch-msssim)."""
+    (pytorch-msssim). `normalize` must be a bool.
+    Teacher dtype: any floating dtype, converted to the computation dtype (fp32, fp64 for an fp64
+    student); an fp64 teacher needs an fp64 student (ValueError: it would be rounded silently)."""
     check_tensor("student_feat", student_feat, rank=4)
     check_tensor("teacher_feat", teacher_feat, rank=4)
     check_same_shape("student_feat", student_feat, "teacher_feat", teacher_feat)
     check_same_device(student_feat=student_feat, teacher_feat=teacher_feat)
+    check_teacher_dtype("student_feat", student_feat, "teacher_feat", teacher_feat)
     check_options(window_size, sigma, data_range, padding)
+    check_bool("normalize", normalize)
     _check_fits(window_size, padding, student_feat.shape)
     name = select_backend("ssim_kd", backend, IMPLEMENTED, student_feat)
     if name == "triton":

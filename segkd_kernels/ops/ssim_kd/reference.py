@@ -44,12 +44,15 @@ def minmax_rescale(x: torch.Tensor) -> torch.Tensor:
 
     A map whose range is at most RANGE_EPS (a constant map, e.g. a dead ReLU channel) becomes 0
     with a zero gradient; dividing by the clamped range instead would scale its gradient by 1e12
-    (inf in fp16)."""
+    (inf in fp16). A map holding a NaN has a NaN min and max (amin / amax propagate NaN), so its
+    range is NaN and the whole rescaled map is NaN: the flat-map test is `not span <= eps`, never
+    `span > eps`, which a NaN range would fail and so turn into a finite map of zeros. An Inf in
+    a map gives an infinite range: its finite pixels rescale to 0, the Inf ones to NaN."""
     lo = x.amin(dim=(2, 3), keepdim=True).detach()
     hi = x.amax(dim=(2, 3), keepdim=True).detach()
     span = hi - lo
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    return torch.where(span > RANGE_EPS, (x - lo) / span.clamp_min(RANGE_EPS), zero)
+    return torch.where(span <= RANGE_EPS, zero, (x - lo) / span.clamp_min(RANGE_EPS))
 
 
 def ssim_map(x: torch.Tensor, y: torch.Tensor, window_size: int, sigma: float, data_range: float,

@@ -29,6 +29,13 @@ the (up to 3 x 3) padded positions that reflect onto each pixel. Under normalize
 
 Per-(n, c) min and max for normalize come from _minmax_kernel (one pass over student and teacher).
 fp16 / bf16 / fp32 inputs, fp32 statistics always; fp64 inputs use the reference.
+
+Non-finite inputs give the reference's NaN and Inf pattern, in the loss and in the gradient: a NaN
+makes its map's min, max and so the whole rescaled map NaN (normalize); a window holding a
+non-finite value gives a NaN SSIM term; the clamp keeps NaN. The banded tl.dot would spread one
+non-finite value over its block's whole column (0 * NaN), so it multiplies blocks with those
+values zeroed and one more product, of the 0/1 band with the non-finite marks, restores NaN
+exactly where the window holds one (one extra tl.dot in each of the forward and the backward).
 """
 
 from __future__ import annotations
@@ -96,30 +103,57 @@ def _tap_matrix(taps_ptr, K: tl.constexpr, BR: tl.constexpr):
 
 
 @triton.jit
+def _finite(h):
+    return tl.abs(h) < float("inf")  # False for +-Inf and NaN
+
+
+@triton.jit
+def _nonfinite_windows(finite, K: tl.constexpr, BR: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Which rows of the banded product band @ h have a non-finite h in their window.
+
+    In a matrix product every output row sees every input row, the off-band ones times a zero tap,
+    and 0 * NaN = NaN: one non-finite value would spread over the block's whole column. So the
+    products take the blocks with their non-finite entries zeroed, and this product of the 0/1
+    band with the non-finite marks (exact small integers) says which outputs must be NaN."""
+    d = tl.arange(0, BR)[None, :] - tl.arange(0, BR)[:, None]
+    window = tl.where((d >= 0) & (d < K), 1.0, 0.0)
+    return tl.dot(window, tl.where(finite, 0.0, 1.0), input_precision=DOT_PRECISION) > 0.0
+
+
+@triton.jit
 def _minmax_kernel(s_ptr, t_ptr, scales_ptr, n_planes, plane_size, range_eps, BLOCK: tl.constexpr):
-    """scales[0/1/2/3, plane] = min(s), 1 / (max(s) - min(s)) or 0 if flat, same for t."""
+    """scales[0/1/2/3, plane] = min(s), 1 / (max(s) - min(s)) or 0 if flat, same for t.
+
+    A NaN anywhere in a map makes its min and NaN its scale, as torch.amin / amax do (the
+    reference): then every rescaled pixel is NaN. tl.minimum / tl.min skip NaN (IEEE minNum), so
+    NaN is counted on the side and substituted at the end."""
     plane = tl.program_id(0).to(tl.int64)
     lanes = tl.arange(0, BLOCK)
     s_lo = tl.full([BLOCK], float("inf"), tl.float32)
     s_hi = tl.full([BLOCK], float("-inf"), tl.float32)
     t_lo = tl.full([BLOCK], float("inf"), tl.float32)
     t_hi = tl.full([BLOCK], float("-inf"), tl.float32)
+    s_nan = tl.zeros([BLOCK], tl.int32)
+    t_nan = tl.zeros([BLOCK], tl.int32)
     for start in range(0, plane_size, BLOCK):
         offs = start + lanes
         ok = offs < plane_size
         s = tl.load(s_ptr + plane * plane_size + offs, mask=ok, other=0.0).to(tl.float32)
         t = tl.load(t_ptr + plane * plane_size + offs, mask=ok, other=0.0).to(tl.float32)
+        s_nan = s_nan | (s != s).to(tl.int32)
+        t_nan = t_nan | (t != t).to(tl.int32)
         s_lo = tl.minimum(s_lo, tl.where(ok, s, float("inf")))
         s_hi = tl.maximum(s_hi, tl.where(ok, s, float("-inf")))
         t_lo = tl.minimum(t_lo, tl.where(ok, t, float("inf")))
         t_hi = tl.maximum(t_hi, tl.where(ok, t, float("-inf")))
-    s_min = tl.min(s_lo, axis=0)
+    s_min = tl.where(tl.max(s_nan, axis=0) > 0, float("nan"), tl.min(s_lo, axis=0))
     s_span = tl.max(s_hi, axis=0) - s_min
-    t_min = tl.min(t_lo, axis=0)
+    t_min = tl.where(tl.max(t_nan, axis=0) > 0, float("nan"), tl.min(t_lo, axis=0))
     t_span = tl.max(t_hi, axis=0) - t_min
-    # A flat map (span <= RANGE_EPS) rescales to 0 with zero gradient: scale 0, not 1 / eps.
-    s_scale = tl.where(s_span > range_eps, 1.0 / tl.where(s_span > range_eps, s_span, 1.0), 0.0)
-    t_scale = tl.where(t_span > range_eps, 1.0 / tl.where(t_span > range_eps, t_span, 1.0), 0.0)
+    # A flat map (span <= RANGE_EPS) rescales to 0 with zero gradient: scale 0, not 1 / eps. The
+    # test is `span <= eps`, so a NaN span gives a NaN scale (and an infinite one 0) as in the reference.
+    s_scale = tl.where(s_span <= range_eps, 0.0, 1.0 / tl.where(s_span <= range_eps, 1.0, s_span))
+    t_scale = tl.where(t_span <= range_eps, 0.0, 1.0 / tl.where(t_span <= range_eps, 1.0, t_span))
     tl.store(scales_ptr + plane, s_min)
     tl.store(scales_ptr + n_planes + plane, s_scale)
     tl.store(scales_ptr + 2 * n_planes + plane, t_min)
@@ -185,11 +219,18 @@ def _ssim_fwd_kernel(s_ptr, t_ptr, taps_ptr, scales_ptr, loss_part_ptr, partials
         h_xy += gx * y
 
     band = _tap_matrix(taps_ptr, K, BR)
-    mu_x = tl.dot(band, h_x, input_precision=DOT_PRECISION)
-    mu_y = tl.dot(band, h_y, input_precision=DOT_PRECISION)
-    e_xx = tl.dot(band, h_xx, input_precision=DOT_PRECISION)
-    e_yy = tl.dot(band, h_yy, input_precision=DOT_PRECISION)
-    e_xy = tl.dot(band, h_xy, input_precision=DOT_PRECISION)
+    # A non-finite input (student or teacher) in a pixel's window makes the reference's statistics
+    # non-finite and its SSIM term NaN (Inf - Inf in the variance, or NaN): mu_x is set to NaN
+    # there, and every term and partial derivative of the pixel follows. (Finite inputs whose
+    # squares overflow fp32, |x| > 1.8e19, are outside what this reproduces.)
+    finite = _finite(h_x) & _finite(h_y) & _finite(h_xx) & _finite(h_yy) & _finite(h_xy)
+    hit = _nonfinite_windows(finite, K, BR, DOT_PRECISION)
+    mu_x = tl.dot(band, tl.where(finite, h_x, 0.0), input_precision=DOT_PRECISION)
+    mu_x = tl.where(hit, float("nan"), mu_x)
+    mu_y = tl.dot(band, tl.where(finite, h_y, 0.0), input_precision=DOT_PRECISION)
+    e_xx = tl.dot(band, tl.where(finite, h_xx, 0.0), input_precision=DOT_PRECISION)
+    e_yy = tl.dot(band, tl.where(finite, h_yy, 0.0), input_precision=DOT_PRECISION)
+    e_xy = tl.dot(band, tl.where(finite, h_xy, 0.0), input_precision=DOT_PRECISION)
 
     var_x = e_xx - mu_x * mu_x
     var_y = e_yy - mu_y * mu_y
@@ -207,7 +248,9 @@ def _ssim_fwd_kernel(s_ptr, t_ptr, taps_ptr, scales_ptr, loss_part_ptr, partials
     out_rows = o0 + r_idx
     out_cols = c0 + tl.arange(0, BC)
     valid = ((r_idx < TH) & (out_rows < HO))[:, None] & (out_cols < WO)[None, :]
-    clamped = tl.minimum(tl.maximum(term, 0.0), 1.0)
+    # NaN-propagating clamp, as torch.clamp (the default tl.minimum / maximum drop a NaN operand)
+    clamped = tl.minimum(tl.maximum(term, 0.0, propagate_nan=tl.PropagateNan.ALL), 1.0,
+                         propagate_nan=tl.PropagateNan.ALL)
     part = tl.sum(tl.sum(tl.where(valid, clamped, 0.0), axis=1), axis=0)
     tl.store(loss_part_ptr + pid, part)
 
@@ -273,9 +316,14 @@ def _ssim_bwd_kernel(partials_ptr, s_ptr, t_ptr, taps_ptr, scales_ptr, gscale_pt
         h_xy += g * tl.load(partials_ptr + 2 * stride + offs, mask=ok, other=0.0)
 
     band = _tap_matrix(taps_ptr, K, BR)
-    z_mu = tl.dot(band, h_mu, input_precision=DOT_PRECISION)
-    z_xx = tl.dot(band, h_xx, input_precision=DOT_PRECISION)
-    z_xy = tl.dot(band, h_xy, input_precision=DOT_PRECISION)
+    # NaN partial derivatives (pixels with a non-finite SSIM term) reach exactly the positions
+    # whose window holds them, as in the reference's adjoint; see _nonfinite_windows
+    finite = _finite(h_mu) & _finite(h_xx) & _finite(h_xy)
+    hit = _nonfinite_windows(finite, K, BR, DOT_PRECISION)
+    z_mu = tl.dot(band, tl.where(finite, h_mu, 0.0), input_precision=DOT_PRECISION)
+    z_mu = tl.where(hit, float("nan"), z_mu)
+    z_xx = tl.dot(band, tl.where(finite, h_xx, 0.0), input_precision=DOT_PRECISION)
+    z_xy = tl.dot(band, tl.where(finite, h_xy, 0.0), input_precision=DOT_PRECISION)
 
     r_idx = tl.arange(0, BR)
     e_rows = e0 + r_idx
