@@ -24,7 +24,7 @@ struct CwdState {
     s.add(a);
     if (b > t.m) {
       const float sc = rescale(t.m, b);
-      t.l = t.l * sc + 1.f;
+      t.l = t.l * sc + exp_self(b);
       acc = acc * sc + (b - a);
       t.m = b;
     } else {
@@ -36,8 +36,8 @@ struct CwdState {
 
   __device__ __forceinline__ void merge(const CwdState& o) {
     s.merge(o.s.m, o.s.l);
-    const float nm = fmaxf(t.m, o.t.m);
-    if (nm == -INFINITY) return;
+    const float nm = fmaxf(t.m, o.t.m);  // never NaN, see OnlineLse
+    if (nm == -INFINITY) { t.l += o.t.l; acc += o.acc; return; }
     const float sa = rescale(t.m, nm), sb = rescale(o.t.m, nm);
     t.l = t.l * sa + o.t.l * sb;
     acc = acc * sa + o.acc * sb;

@@ -85,6 +85,13 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// NaN-propagating max / clamp, as torch.max / torch.clamp: fmaxf / fminf return the other operand
+// when one is NaN (IEEE maxNum), which would turn a NaN into a finite value (e.g. max(NaN, eps) =
+// eps). One compare-and-select more than fmaxf; a NaN in either operand gives NaN.
+__device__ __forceinline__ float max_nan(float a, float b) { return (a > b || a != a) ? a : b; }
+__device__ __forceinline__ float min_nan(float a, float b) { return (a < b || a != a) ? a : b; }
+__device__ __forceinline__ float clamp_nan(float v, float lo, float hi) { return min_nan(max_nan(v, lo), hi); }
+
 // Max with the index of its first occurrence; NaN wins (as in torch.max), ties keep the lower index.
 __device__ __forceinline__ bool max_index_better(float v, int64_t i, float best, int64_t best_i) {
   if (isnan(v)) return !isnan(best) || i < best_i;
@@ -123,16 +130,23 @@ __device__ __forceinline__ float rescale(float m_old, float m_new) {
   return m_old == -INFINITY ? 0.f : expf(m_old - m_new);
 }
 
-// Running max m and sum l of exp(x - m) over the values seen so far.
+// exp(x - x) for a new running max x: 1, or NaN when x = +inf (inf - inf), as the reference's
+// softmax computes it (torch's log_softmax of a row holding +inf is NaN everywhere). A plain 1 would
+// make the log-sum-exp +inf instead, and the other entries' softmax a finite 0.
+__device__ __forceinline__ float exp_self(float x) { return x - x + 1.f; }
+
+// Running max m and sum l of exp(x - m) over the values seen so far. m is never NaN (a NaN x fails
+// x > m and makes l NaN instead), so merge may take fmaxf of two maxima.
 struct OnlineLse {
   float m = -INFINITY, l = 0.f;
   __device__ __forceinline__ void add(float x) {
-    if (x > m) { l = l * rescale(m, x) + 1.f; m = x; }
+    if (x > m) { l = l * rescale(m, x) + exp_self(x); m = x; }
     else l += expf(x - m);
   }
   __device__ __forceinline__ void merge(float om, float ol) {
     const float nm = fmaxf(m, om);
-    if (nm == -INFINITY) return;
+    // both states saw nothing or only -inf: l is 0, or NaN from exp(-inf - (-inf)), which must stay
+    if (nm == -INFINITY) { l += ol; return; }
     l = l * rescale(m, nm) + ol * rescale(om, nm);
     m = nm;
   }

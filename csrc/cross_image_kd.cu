@@ -34,7 +34,7 @@ constexpr int kStageLd = kTile + 8;  // halves per staged row: a multiple of 8 (
 constexpr int kOutLd = kTile + 4;    // floats per row of the accumulator tiles: a multiple of 4
 
 __device__ __forceinline__ float warp_max(float v) {
-  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, offset));
+  for (int offset = 16; offset > 0; offset >>= 1) v = max_nan(v, __shfl_xor_sync(kFullMask, v, offset));
   return v;
 }
 
@@ -191,10 +191,10 @@ cross_image_forward_kernel(const T* __restrict__ xs, const T* __restrict__ xt, c
     for (int q = 0; q < kRowsPerWarp; ++q) {
       const float sv = valid ? sd[q] * row_scale_s[q] * col_s : -INFINITY;
       const float tv = valid ? td[q] * row_scale_t[q] * col_t : -INFINITY;
-      const float nms = fmaxf(ms[q], warp_max(sv));
+      const float nms = max_nan(ms[q], warp_max(sv));
       ls[q] = ls[q] * rescale(ms[q], nms) + warp_sum(valid ? expf(sv - nms) : 0.f);
       ms[q] = nms;
-      const float nmt = fmaxf(mt[q], warp_max(tv));
+      const float nmt = max_nan(mt[q], warp_max(tv));
       const float e = valid ? expf(tv - nmt) : 0.f;
       const float sc = rescale(mt[q], nmt);
       lt[q] = lt[q] * sc + warp_sum(e);

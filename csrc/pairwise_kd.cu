@@ -50,7 +50,7 @@ normalize_pixels_kernel(const T* __restrict__ x, float* __restrict__ out, float*
       const float v = to_float(px[c * plane]);
       ss = fmaf(v, v, ss);
     }
-    const float nv = sqrtf(ss), d = fmaxf(nv, eps);
+    const float nv = sqrtf(ss), d = max_nan(nv, eps);
     norm[g] = nv;
     float* po = out + n * channels * plane + p;
     for (int64_t c = 0; c < channels; ++c) po[c * plane] = to_float(px[c * plane]) / d;
@@ -69,7 +69,7 @@ normalize_pixels_backward_kernel(const float* __restrict__ da, const T* __restri
        g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t n = g / plane, p = g - n * plane;
     const int64_t base = n * channels * plane + p;
-    const float nv = norm[g], d = fmaxf(nv, eps);
+    const float nv = norm[g], d = max_nan(nv, eps);
     // torch.clamp_min passes the gradient to the norm where norm >= eps
     const bool through_norm = !detach_norm && nv >= eps;
     float dot = 0.f;
@@ -108,8 +108,8 @@ gram_kernel(const T* __restrict__ x, const float* __restrict__ norm_x, const T* 
       const int64_t p = p0 + pp;
       float vx = 0.f, vy = 0.f;
       if (p < p_end) {
-        if (i0 + c < cx) vx = to_float(xn[(i0 + c) * plane + p]) / fmaxf(nx[p], eps);
-        if (j0 + c < cy) vy = to_float(yn[(j0 + c) * plane + p]) / fmaxf(ny[p], eps);
+        if (i0 + c < cx) vx = to_float(xn[(i0 + c) * plane + p]) / max_nan(nx[p], eps);
+        if (j0 + c < cy) vy = to_float(yn[(j0 + c) * plane + p]) / max_nan(ny[p], eps);
       }
       xs[c][pp] = vx;
       ys[c][pp] = vy;

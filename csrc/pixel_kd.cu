@@ -37,7 +37,7 @@ pixel_kd_kernel(const T* __restrict__ s, const T* __restrict__ t, const uint8_t*
       continue;
     }
     float w = 1.f;
-    if (weight != nullptr) w = clamp_weight ? fmaxf(weight[g], 0.f) / coef[1] : weight[g];
+    if (weight != nullptr) w = clamp_weight ? max_nan(weight[g], 0.f) / coef[1] : weight[g];
 
     OnlineLse ls, lt;
     float acc = 0.f;
@@ -45,7 +45,7 @@ pixel_kd_kernel(const T* __restrict__ s, const T* __restrict__ t, const uint8_t*
       ls.add(a);
       if (b > lt.m) {
         const float sc = rescale(lt.m, b);
-        lt.l = lt.l * sc + 1.f;
+        lt.l = lt.l * sc + exp_self(b);
         acc = acc * sc + (b - a);
         lt.m = b;
       } else {

@@ -112,7 +112,7 @@ ssim_forward_kernel(const T* __restrict__ s, const T* __restrict__ t, const floa
     const float num = a1 * a2, den = b1 * b2 + 1e-12f;
     const float m = num / den;
     const float u = (1.f - m) * 0.5f;
-    term = fminf(fmaxf(u, 0.f), 1.f);
+    term = clamp_nan(u, 0.f, 1.f);  // a NaN term stays NaN, as in torch.clamp
     if (dmaps != nullptr) {
       // torch.clamp passes the gradient where min <= u <= max (inclusive).
       const float lp = (u >= 0.f && u <= 1.f) ? k.grad_coef : 0.f;

@@ -12,6 +12,7 @@ built by the normal install into segkd_kernels._cuda_host).
 
 from __future__ import annotations
 
+import math
 import os
 import types
 
@@ -133,6 +134,35 @@ def test_cwd_split_rows_plan(host, dtype, vector):
     s = make_tensor(shape, dtype=dtype, seed=5)
     assert _launches(host, lambda: sk.channel_wise_kd(s, s, backend="cuda")) == 2
     _check_op(CWD, shape, shape, dtype, seed=5)
+
+
+@pytest.mark.parametrize("case", [("student", "all", -math.inf), ("teacher", "all", -math.inf),
+                                  ("student", "one", math.inf), ("teacher", "one", math.nan)],
+                         ids=lambda c: "-".join(map(str, c)))
+def test_cwd_split_rows_plan_nonfinite(host, case):
+    # The split plan merges per-split softmax states in a fresh state: a split that saw only -inf
+    # (sum NaN, from exp(-inf - (-inf))) must keep its NaN there, as torch's log_softmax of an
+    # all--inf row is NaN; one +inf makes the row NaN (inf - inf), one NaN too.
+    host.host_set_attribute("multiprocessor_count", 1)
+    shape = (1, 1, 1, 2 * 256 * 4 * 16 + 3)
+    where, how, value = case
+    s = make_tensor(shape, seed=5)
+    t = make_tensor(shape, seed=6)
+    x = s if where == "student" else t
+    if how == "all":
+        x.fill_(value)
+    else:
+        x[0, 0, 0, 1000] = value
+    assert _launches(host, lambda: sk.channel_wise_kd(s, t, backend="cuda")) == 2
+    outs = []
+    for backend in ("reference", "cuda"):
+        sv = s.clone().requires_grad_(True)
+        loss = CWD(sv, t, backend)
+        (g,) = torch.autograd.grad(loss, sv)
+        outs.append((loss.detach(), g))
+    for want, got in zip(outs[0], outs[1]):
+        assert torch.equal(torch.isnan(got), torch.isnan(want)), (case, got, want)
+        assert torch.equal(torch.isinf(got), torch.isinf(want)), (case, got, want)
 
 
 CROSS = lambda s, t, b: sk.cross_image_kd(s, t, 0.5, backend=b)  # noqa: E731

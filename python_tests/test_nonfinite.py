@@ -7,7 +7,8 @@ its outputs and in its gradients, with the same finite values elsewhere.
 Each op is called through one small adapter (student-like input, teacher-like input) -> outputs,
 and differentiated through a fixed random linear functional of its outputs, so a non-finite
 output does not by itself make every gradient non-finite. A backend is added to the comparison
-with one line in BACKENDS.
+with one line in BACKENDS. Without a GPU the cuda backend runs its unchanged kernels on CPU tensors
+through the host build (segkd_kernels._cuda_host, inside _backends.host_execution()).
 """
 
 from __future__ import annotations
@@ -18,23 +19,31 @@ import pytest
 import torch
 
 import segkd_kernels as sk
+from segkd_kernels._backends import host_execution, host_library
 from segkd_kernels.testing import make_tensor
 
-BACKENDS = ["triton"]
+BACKENDS = ["triton", "cuda"]
 
 NAN, INF = math.nan, math.inf
 SHAPE = (2, 3, 7, 9)  # (N, C, H, W): a few rows, channels and odd spatial sizes
 AT = (1, 2, 3, 4)  # where the non-finite value goes
 
 
-def _backend_or_skip(backend: str) -> None:
+@pytest.fixture
+def device(backend):
+    """The device the backend's inputs go to. Without a GPU the cuda backend runs on CPU tensors
+    inside host_execution() (the CUDA kernels compiled for the host), entered for this test only."""
+    if backend == "cuda" and not torch.cuda.is_available():
+        host, reason = host_library()
+        if host is None:
+            pytest.skip(reason)
+        with host_execution(host):
+            yield "cpu"
+        return
     report = sk.available_backends()
     if not report[backend]:
-        pytest.skip(f"{backend} backend cannot run here")
-
-
-def _device(backend: str) -> str:
-    return "cuda" if backend != "reference" and torch.cuda.is_available() else "cpu"
+        pytest.skip(f"{backend} backend cannot run here: {report.reasons[backend]}")
+    yield "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,9 +106,16 @@ OPS = {
     "cbam_gate": (_cbam_gate, (SHAPE[0], SHAPE[1] + 1, SHAPE[2], SHAPE[3]), True),
 }
 
-# (where, value): a single non-finite element, or a whole tensor of NaN
+# (where, value): a single non-finite element, or a whole tensor of NaN or +/-Inf (an all--inf
+# softmax row is NaN in the reference: exp(-inf - (-inf)))
 CASES = [("student", NAN), ("student", INF), ("student", -INF), ("teacher", NAN), ("teacher", INF),
-         ("teacher", -INF), ("student_all", NAN)]
+         ("teacher", -INF), ("student_all", NAN), ("student_all", INF), ("student_all", -INF)]
+
+# Known differences from the reference, expected to fail until fixed (strict: a fix shows up as
+# an unexpected pass): the Triton softmax kernels give a finite loss and gradient for an all--inf
+# student where torch's log_softmax gives NaN.
+KNOWN = {("triton", op, ("student_all", -INF)) for op in
+         ("channel_wise_kd", "knowledge_gap", "pixel_kd", "pixel_kd_masked", "pixel_kd_weighted")}
 
 
 def _case_id(case) -> str:
@@ -175,8 +191,9 @@ def test_reference_never_hides_nonfinite_input(op, case):
         # documented: ignored pixels contribute exactly nothing, whatever their logits
         assert all(torch.isfinite(o).all() for o in outs)
         return
-    if op == "pairwise_kd_pool2" and case[1] == -INF:
-        # max-pooling drops a -Inf next to finite values: the loss is finite by the math
+    if op == "pairwise_kd_pool2" and case[1] == -INF and case[0] != "student_all":
+        # max-pooling drops a -Inf next to finite values: the loss is finite by the math (an
+        # all--inf student pools to -inf, whose normalisation is NaN)
         assert all(torch.isfinite(o).all() for o in outs)
         return
     assert any(not torch.isfinite(o).all() for o in outs), f"{op}: finite output for a non-finite input"
@@ -214,13 +231,13 @@ def test_pixel_kd_ignored_nan_has_exact_zero_gradient():
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("op", sorted(OPS))
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_backend_propagates_like_reference(backend, op, case):
-    _backend_or_skip(backend)
+def test_backend_propagates_like_reference(backend, op, case, device, request):
     if OPS[op][1] is None and case[0] == "teacher":
         pytest.skip("no teacher input")
+    if (backend, op, case) in KNOWN:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=f"{backend} {op}: known difference, see KNOWN"))
     s, t = _inputs(op, case, "cpu")
     want_outs, want_grads = _run(op, "reference", s, t)
-    device = _device(backend)
     got_outs, got_grads = _run(op, backend, s.to(device), None if t is None else t.to(device))
     for i, (got, want) in enumerate(zip(got_outs, want_outs)):
         _assert_same_pattern(got, want, f"{op} {backend} output {i}")

@@ -33,8 +33,10 @@ def _prepare(student, teacher, normalize):
         for x in (s, t):
             lo, hi = x.reshape(n * c, h * w).float().aminmax(dim=1)
             span = hi - lo
-            # a flat map (span <= eps) becomes 0 with zero gradient: scale 0
-            scale = torch.where(span > RANGE_EPS, 1.0 / span.clamp_min(RANGE_EPS), torch.zeros_like(span))
+            # a flat map (span <= eps) becomes 0 with zero gradient: scale 0. The test is `span <= eps`,
+            # not `span > eps`: a map holding a NaN has a NaN span (aminmax propagates NaN), whose
+            # scale must be NaN as in the reference, not 0 (a finite map of zeros)
+            scale = torch.where(span <= RANGE_EPS, torch.zeros_like(span), 1.0 / span.clamp_min(RANGE_EPS))
             rows += [lo, scale]
         stats = torch.stack(rows).contiguous()  # (4, N*C): lo_s, scale_s, lo_t, scale_t
     else:
