@@ -246,11 +246,22 @@ def test_module_bad_settings_raise_on_call(make, shapes, name):
         (lambda: sk.nn.SSIMKD(data_range=-1), "data_range"),
         (lambda: sk.nn.ChannelWiseKD(backend="fastest"), "backend"),
         (lambda: sk.nn.CBAM(8, backend="gpu"), "backend"),
+        # flags must be bools, as the functions require (a string would be read by its truth value)
+        (lambda: sk.nn.SSIMKD(normalize="yes"), "normalize"),
+        (lambda: sk.nn.SSIMKD(normalize=None), "normalize"),
+        (lambda: sk.nn.PairwiseKD(detach_norm=1), "detach_norm"),
+        (lambda: sk.nn.CBAM(8.0), "channels"),
+        (lambda: sk.nn.CBAM(8, reduction=True), "reduction"),
+        (lambda: sk.nn.CBAM(8, kernel_size=6), "kernel_size"),
+        (lambda: sk.nn.CBAM(8, kernel_size="7"), "kernel_size"),
+        (lambda: sk.nn.AttnFD(4, 0), "teacher_channels"),
+        (lambda: sk.nn.AttnFD(4.5, 8), "student_channels"),
     ],
 )
 def test_bad_hyper_parameters_raise_when_the_module_is_built(build, argument):
-    with pytest.raises(ValueError, match=argument):
+    with pytest.raises(ValueError, match=argument) as err:
         build()
+    assert "\n" not in str(err.value)  # one line
 
 
 def test_cbam_repr_shows_its_shape():

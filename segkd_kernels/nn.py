@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ._backends import BACKENDS
-from ._validation import check_choice, check_positive
+from ._validation import check_bool, check_choice, check_positive
 from .ops.attnfd_loss import attnfd_loss
 from .ops.cbam_gate import cbam_gate
 from .ops.channel_pool import channel_pool
@@ -29,6 +29,13 @@ def _checked_backend(backend: str) -> str:
     """Modules check their backend name when built; whether it can run is decided per call."""
     check_choice("backend", backend, ("auto", *BACKENDS))
     return backend
+
+
+def _check_positive_int(name: str, value, *, odd: bool = False) -> None:
+    """Sizes must be ints (not bool, not float: 8.0 channels would fail later inside nn.Linear)."""
+    kind = "an odd positive int" if odd else "a positive int"
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (odd and value % 2 == 0):
+        raise ValueError(f"{name}: expected {kind}, got {value!r}")
 
 
 class ChannelWiseKD(nn.Module):
@@ -85,6 +92,7 @@ class PairwiseKD(nn.Module):
     def __init__(self, pool: int | None = None, detach_norm: bool = False, *, backend: str = "auto"):
         super().__init__()
         check_pool(pool)
+        check_bool("detach_norm", detach_norm)
         self.pool, self.detach_norm, self.backend = pool, detach_norm, _checked_backend(backend)
 
     def forward(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
@@ -117,6 +125,7 @@ class SSIMKD(nn.Module):
                  padding: str = "reflect", normalize: bool = True, *, backend: str = "auto"):
         super().__init__()
         check_ssim_options(window_size, sigma, data_range, padding)
+        check_bool("normalize", normalize)
         self.window_size, self.sigma, self.data_range = window_size, sigma, data_range
         self.padding, self.normalize, self.backend = padding, normalize, _checked_backend(backend)
 
@@ -141,12 +150,9 @@ class CBAM(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7, *, backend: str = "auto"):
         super().__init__()
-        if channels < 1:
-            raise ValueError(f"channels: expected a positive int, got {channels}")
-        if reduction < 1:
-            raise ValueError(f"reduction: expected a positive int, got {reduction}")
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size: expected an odd positive int, got {kernel_size}")
+        _check_positive_int("channels", channels)
+        _check_positive_int("reduction", reduction)
+        _check_positive_int("kernel_size", kernel_size, odd=True)
         hidden = max(1, channels // reduction)
         self.channels, self.reduction, self.kernel_size = channels, reduction, kernel_size
         self.backend = _checked_backend(backend)
@@ -185,6 +191,8 @@ class AttnFD(nn.Module):
     def __init__(self, student_channels: int, teacher_channels: int, reduction: int = 16,
                  kernel_size: int = 7, *, backend: str = "auto"):
         super().__init__()
+        _check_positive_int("student_channels", student_channels)
+        _check_positive_int("teacher_channels", teacher_channels)
         self.backend = _checked_backend(backend)
         self.student_cbam = CBAM(student_channels, reduction, kernel_size, backend=backend)
         self.teacher_cbam = CBAM(teacher_channels, reduction, kernel_size, backend=backend)
