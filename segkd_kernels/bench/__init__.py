@@ -3,6 +3,8 @@
     segkd bench                          # on a GPU: every op, fp32 and bf16, scaling, end to end
     segkd bench --ops ssim_kd,pixel_kd   # a subset
     segkd bench --quick                  # tiny shapes, few repeats; also runs on CPU (harness check)
+    segkd bench --static                 # no GPU: compile every kernel for sm_90/sm_80, registers,
+                                         # spills, occupancy, SASS mix -> benchmarks/results/static_sm*.csv
 
 Rows (columns in harness.COLUMNS) are appended to benchmarks/results/<device>.csv as they are
 measured, so an interrupted run keeps what it measured. The first row of a run is the device's
@@ -47,10 +49,17 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--max-p", type=int, default=None, help="largest P in the resolution sweep")
     parser.add_argument("--e2e", action="store_true", help="also time one distillation training step per method")
     parser.add_argument("--out", type=Path, default=None, help="CSV file (default benchmarks/results/<device>.csv)")
+    parser.add_argument("--static", action="store_true",
+                        help="compile-only report (no GPU, nothing launched): static_sm90.csv / static_sm80.csv in "
+                             "the folder of --out (default benchmarks/results)")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "static", False):
+        from .static import DTYPE_NAMES, spawn  # noqa: PLC0415
+
+        return spawn(args.ops, args.dtypes or list(DTYPE_NAMES), args.out.parent if args.out else DEFAULT_RESULTS)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.quick:
         print("segkd bench: no CUDA device; on CPU only --quick runs (a harness check, not a measurement)")
