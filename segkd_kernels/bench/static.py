@@ -52,7 +52,7 @@ COLUMNS = [
     "num_stages", "grid", "ctas", "regs", "spill_stores", "spill_loads", "stack", "smem", "ctas_per_sm",
     "warps_per_sm", "occupancy", "waves", "sass_total", "ldg_narrow", "ldg32", "ldg64", "ldg128", "stg", "ffma",
     "hmma", "gmma", "dmma", "mufu", "bar", "ldl", "stl", "bytes_model", "bytes_floor", "model_over_floor",
-    "kernel_launches", "fp_fusion_pinned", "note",
+    "kernel_launches", "torch_ops", "fp_fusion_pinned", "note",
 ]
 # Which shapes a run compiles: the benchmark shapes, the small odd shapes of --quick, or both ("gate":
 # the quick shapes plus the first benchmark shape of every op, the CI gate's fast subset).
@@ -269,6 +269,54 @@ class _Capture:
         return False
 
 
+# aten ops that launch nothing on a GPU (allocation without fill, views, metadata)
+_NO_KERNEL = frozenset({
+    "empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided", "view", "_unsafe_view", "as_strided",
+    "t", "transpose", "permute", "expand", "detach", "detach_", "alias", "unsqueeze", "squeeze", "select", "slice",
+    "split", "lift_fresh", "lift_fresh_copy", "reshape", "unbind", "_reshape_alias", "view_as", "split_with_sizes",
+    "set_", "resize_", "unflatten", "flatten", "movedim", "diagonal", "narrow", "chunk", "view_as_real",
+})
+
+
+def _torch_ops_mode():
+    """A dispatch mode that lists the aten ops a wrapper runs besides its Triton launches (each one is
+    a kernel launch on a GPU). Ops on host scalars made with torch.tensor(python number) are not
+    counted: on a GPU they stay on the host. Custom ops run their Python body under the mode, so
+    the torch ops inside the wrappers are seen too."""
+    import weakref  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+    from torch._library.custom_ops import OPDEFS  # noqa: PLC0415
+    from torch.utils._python_dispatch import TorchDispatchMode  # noqa: PLC0415
+
+    class Mode(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops: list[str] = []
+            self.host = weakref.WeakSet()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            qual = func._schema.name
+            if qual in OPDEFS and qual.startswith("segkd::"):
+                with self:
+                    return OPDEFS[qual]._init_fn(*args, **kwargs)
+            out = func(*args, **kwargs)
+            name = qual.split("::")[-1]
+            tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+            if name in ("lift_fresh", "lift_fresh_copy", "scalar_tensor") or (
+                    tensors and all(t in self.host for t in tensors)):
+                for o in (out if isinstance(out, (tuple, list)) else (out,)):
+                    if isinstance(o, torch.Tensor):
+                        self.host.add(o)
+                return out
+            if name not in _NO_KERNEL:
+                self.ops.append(name)
+            return out
+
+    return Mode()
+
+
 @contextlib.contextmanager
 def _cpu_tensors_for_triton():
     """Inside the static tool only: let the triton backend accept CPU tensors (they are never
@@ -293,22 +341,26 @@ def _cpu_tensors_for_triton():
 
 def capture_case(op: str, shapes, dtype_name: str, ccs=(90, 80)):
     """Run op's public API with backend='triton', forward then backward, capturing every launch.
-    Returns (launches, per-launch tensor bytes)."""
+    Returns (launches, per-launch tensor bytes, names of the other torch ops that launch kernels)."""
     import torch  # noqa: PLC0415
 
     from . import cases  # noqa: PLC0415
 
     case = cases.CASES[op]
     dtype = getattr(torch, dtype_name)
+    mode = _torch_ops_mode()
     with _cpu_tensors_for_triton(), _Capture(ccs) as cap:
         inputs = case.make(shapes, dtype, "cpu")
-        out = case.api(*inputs.tensors, backend="triton", **inputs.kwargs)
+        with mode:
+            out = case.api(*inputs.tensors, backend="triton", **inputs.kwargs)
         cap.phase = "backward"
         outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,))
                 if isinstance(o, torch.Tensor) and o.requires_grad]
+        grads = [torch.ones_like(o) for o in outs]
         if outs:
-            torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
-    return cap.launches, cap.tensor_bytes
+            with mode:
+                torch.autograd.backward(outs, grads)
+    return cap.launches, cap.tensor_bytes, mode.ops
 
 
 # ----------------------------------------------------------------------------------------------
@@ -454,7 +506,7 @@ def static_rows(ops, dtypes, archs, cache_dir: Path, log=print, shape_set: str =
             label = cases.shape_label(shapes)
             for dtype_name in dtypes:
                 t0 = time.perf_counter()
-                launches, tensor_bytes = capture_case(op, shapes, dtype_name, ccs)
+                launches, tensor_bytes, torch_ops = capture_case(op, shapes, dtype_name, ccs)
                 import torch  # noqa: PLC0415
 
                 floor = case.bytes(shapes, getattr(torch, dtype_name), "full") if case.bytes else ""
@@ -482,9 +534,11 @@ def static_rows(ops, dtypes, archs, cache_dir: Path, log=print, shape_set: str =
                     model = sum(tensor_bytes)
                     rows.append(dict(
                         row="op", arch=arch, kind="triton", op=op, shape=label, dtype=dtype_name, phase="full",
-                        kernel="(all Triton launches)", launches=len(launches), bytes_model=model, bytes_floor=floor,
-                        model_over_floor=round(model / floor, 2) if floor else "", kernel_launches=len(launches),
-                        note="bytes_model: every tensor argument of every launch read or written once"))
+                        kernel="(all launches)", launches=len(launches), bytes_model=model, bytes_floor=floor,
+                        model_over_floor=round(model / floor, 2) if floor else "",
+                        kernel_launches=len(launches) + len(torch_ops), torch_ops=len(torch_ops),
+                        note="torch ops: " + (" ".join(torch_ops) or "none")
+                             + "; bytes_model: every tensor argument of every Triton launch read or written once"))
                 log(f"static {op:<16}{label:<34}{dtype_name:<9}{len(launches):>3} launches "
                     f"{time.perf_counter() - t0:6.1f} s")
     log(f"static: compiled {compiler.compiled} kernels, {compiler.reused} from the cache ({cache_dir})")

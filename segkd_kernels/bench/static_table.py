@@ -56,11 +56,11 @@ def triton_table(rows: list[dict]) -> list[str]:
 
 
 def op_table(rows: list[dict]) -> list[str]:
-    out = ["| op | shape | dtype | Triton launches | bytes model (MB) | floor (MB) | model / floor |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["| op | shape | dtype | Triton launches | other torch ops | bytes model (MB) | floor (MB) | model / floor |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["row"] == "op":
-            out.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['kernel_launches']} | "
+            out.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['launches']} | {r['torch_ops']} | "
                        f"{int(r['bytes_model']) / 1e6:.1f} | {int(r['bytes_floor']) / 1e6:.1f} | {r['model_over_floor']} |")
     return out
 
@@ -83,8 +83,9 @@ def render(sm90: Path, sm80: Path) -> str:
     parts = [BEGIN, "",
              "Triton kernels on sm_90 (132 SMs), each cell `fp32 / bf16` where they differ "
              "(one value when equal):", "", *triton_table(r90), "",
-             "Per op (Triton backend, forward + backward, sm_90 plans): launches and the bytes model next to "
-             "the inherent floor of bench/cases.py:", "", *op_table(r90), ""]
+             "Per op (Triton backend, forward + backward, sm_90 plans): Triton launches, the other torch ops "
+             "the wrappers run (each a kernel launch on a GPU; their names are in the CSV's note column), and "
+             "the bytes model next to the inherent floor of bench/cases.py:", "", *op_table(r90), ""]
     cuda = cuda_table(r90, r80)
     if len(cuda) > 2:
         parts += ["CUDA kernels (nvcc -Xptxas -v; block sizes are chosen by the host code):", "", *cuda, ""]
