@@ -60,6 +60,25 @@ KNOWN_SPILLS = {
 }
 
 
+# Spills are facts of one compiler: the list holds for these versions (Triton's bundled ptxas and
+# nvcc); with other versions the gate still compiles everything and checks FP fusion, but does not
+# hold the list against another compiler's register allocation.
+KNOWN_SPILLS_TRITON = "3.9."
+KNOWN_SPILLS_NVCC = "release 13.0"
+
+
+def _compilers_as_recorded() -> tuple[str, ...]:
+    kinds = []
+    import triton  # noqa: PLC0415
+
+    if triton.__version__.startswith(KNOWN_SPILLS_TRITON):
+        kinds.append("triton")
+    nvcc = static._nvcc()
+    if nvcc and KNOWN_SPILLS_NVCC in subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout:
+        kinds.append("cuda")
+    return tuple(kinds)
+
+
 def _triton_compiles():
     try:
         import triton  # noqa: F401, PLC0415
@@ -121,10 +140,11 @@ def _check(rows_by_arch, *, every_known_seen: bool, kinds=("triton", "cuda")) ->
 def test_gate_compiles_and_no_new_spills(tmp_path):
     """Fast subset: odd shapes and the first benchmark shape of every op, fp32 and bf16, both archs."""
     rows = _run_static(tmp_path, "gate", cuda=static._nvcc() is not None)
-    _check(rows, every_known_seen=False)
+    kinds = _compilers_as_recorded()
+    _check(rows, every_known_seen=False, kinds=kinds)
     # the listed entries this subset covers must still spill (the slow sweep checks all of them)
     covered = {(r["kind"], r["op"], r["kernel"], arch, r["dtype"]) for arch, rs in rows.items() for r in rs
-               if r["row"] == "kernel"}
+               if r["row"] == "kernel" and r["kind"] in kinds}
     fixed = sorted((KNOWN_SPILLS & covered) - _spill_entries(rows))
     assert not fixed, f"no longer spill, delete from KNOWN_SPILLS: {fixed}"
 
@@ -133,8 +153,7 @@ def test_gate_compiles_and_no_new_spills(tmp_path):
 @needs_triton
 def test_gate_full_benchmark_sweep(tmp_path):
     rows = _run_static(tmp_path, "all", cuda=static._nvcc() is not None)
-    kinds = ("triton", "cuda") if static._nvcc() is not None else ("triton",)
-    _check(rows, every_known_seen=True, kinds=kinds)
+    _check(rows, every_known_seen=True, kinds=_compilers_as_recorded())
 
 
 def test_committed_csvs_within_known_spills():

@@ -239,8 +239,10 @@ class _Capture:
             # The first lines of JITFunction.run, minus the driver: the same options and binding.
             pinned = kwargs.get("enable_fp_fusion") is True
             kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
-            kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-            kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+            # (Triton 3.6 has the first knob only; each is an option wherever it is a knob)
+            for knob in ("instrumentation_mode", "fpsan_homomorphic_casts"):
+                if hasattr(knobs.compilation, knob):
+                    kwargs[knob] = getattr(knobs.compilation, knob)
             launch = Launch(fn.__name__, fn, capture.phase, (), fp_fusion_pinned=pinned)
             for cc, backend in backends.items():
                 binder = binders.get((fn, cc))
