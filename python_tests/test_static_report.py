@@ -124,6 +124,8 @@ def _check(rows_by_arch, *, every_known_seen: bool, kinds=("triton", "cuda")) ->
         # every op launched Triton kernels, and each was compiled (registers known) for this arch
         assert {r["op"] for r in kernels} == set(cases.CASES), arch
         for r in kernels:
+            assert not r["note"].startswith("COMPILE FAILED"), (arch, r["op"], r["shape"], r["dtype"], r["kernel"],
+                                                                r["note"])
             assert int(r["regs"]) > 0 and int(r["sass_total"]) > 0, (arch, r["op"], r["kernel"])
             assert r["fp_fusion_pinned"] == "True", f"{r['op']} {r['kernel']}: launch does not pass **FP_FUSION"
             assert int(r["ctas_per_sm"]) >= 1, f"{r['op']} {r['kernel']} {arch}: does not fit on an SM"

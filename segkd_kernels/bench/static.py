@@ -519,7 +519,19 @@ def static_rows(ops, dtypes, archs, cache_dir: Path, log=print, shape_set: str =
                         k = (launch.phase, launch.key(cc), launch.grid)
                         groups.setdefault(k, [launch, 0])[1] += 1
                     for (phase, _, grid), (launch, count) in groups.items():
-                        f = compiler.facts(launch, cc)
+                        try:
+                            f = compiler.facts(launch, cc)
+                        except Exception as err:  # noqa: BLE001  (a compiler failure is a result here)
+                            first = (str(err).strip().splitlines() or [""])[0][:200]
+                            rows.append(dict(row="kernel", arch=arch, kind="triton", op=op, shape=label, dtype=dtype_name,
+                                             phase=phase, kernel=launch.kernel, launches=count,
+                                             constexprs=_fmt_constexprs(launch.fn, launch.bound[cc][1]),
+                                             grid="x".join(map(str, grid)), ctas=math.prod(grid),
+                                             fp_fusion_pinned=launch.fp_fusion_pinned,
+                                             note=f"COMPILE FAILED: {type(err).__name__}: {first}"))
+                            log(f"static: {op} {label} {dtype_name} {launch.kernel} {arch}: compile failed "
+                                f"({type(err).__name__}: {first})")
+                            continue
                         ctas = math.prod(grid)
                         per_sm, warps, occ = occupancy(cc, f.get("regs", 0), f["smem"], f["num_warps"])
                         waves = ctas / (per_sm * sms) if per_sm else float("inf")
