@@ -8,8 +8,10 @@ delete an entry when its kernel is fixed. CUDA entries have dtype "" (one source
 the kernel name carries the instantiation).
 
 The compiles run in a child process with TRITON_INTERPRET unset (this test process runs the kernels
-through the interpreter, which replaces every kernel by a Python function). The default run compiles
-the small odd shapes of every op plus its first benchmark shape; the full benchmark sweep is `slow`.
+through the interpreter, which replaces every kernel by a Python function). The default run compiles the
+small odd shapes of every op and every CUDA kernel; the sweep over the benchmark shapes, which also
+requires every listed entry to still spill, is `slow`; test_committed_csvs_within_known_spills holds
+the committed benchmark-shape report against the list in the default run.
 Compiled kernels and their facts are cached under benchmarks/results/.static_cache, so a rerun on an
 unchanged tree takes seconds.
 """
@@ -140,15 +142,15 @@ def _check(rows_by_arch, *, every_known_seen: bool, kinds=("triton", "cuda")) ->
 
 @needs_triton
 def test_gate_compiles_and_no_new_spills(tmp_path):
-    """Fast subset: odd shapes and the first benchmark shape of every op, fp32 and bf16, both archs."""
-    rows = _run_static(tmp_path, "gate", cuda=static._nvcc() is not None)
+    """Fast subset: the small odd shapes of every op, fp32 and bf16, both archs, and every CUDA kernel."""
+    rows = _run_static(tmp_path, "quick", cuda=static._nvcc() is not None)
     kinds = _compilers_as_recorded()
     _check(rows, every_known_seen=False, kinds=kinds)
-    # the listed entries this subset covers must still spill (the slow sweep checks all of them)
-    covered = {(r["kind"], r["op"], r["kernel"], arch, r["dtype"]) for arch, rs in rows.items() for r in rs
-               if r["row"] == "kernel" and r["kind"] in kinds}
-    fixed = sorted((KNOWN_SPILLS & covered) - _spill_entries(rows))
-    assert not fixed, f"no longer spill, delete from KNOWN_SPILLS: {fixed}"
+    # CUDA kernels do not depend on shapes: every listed CUDA entry must still spill. (Triton plans
+    # do; the slow sweep holds every Triton entry against the benchmark shapes.)
+    if "cuda" in kinds:
+        fixed = sorted({e for e in KNOWN_SPILLS if e[0] == "cuda"} - _spill_entries(rows))
+        assert not fixed, f"no longer spill, delete from KNOWN_SPILLS: {fixed}"
 
 
 @pytest.mark.slow

@@ -377,6 +377,12 @@ class Compiler:
         self.compiled = 0
         self.reused = 0
 
+    def _index(self, launch: Launch, cc: int) -> Path:
+        return self.cache_dir / "facts" / (hashlib.sha256(launch.key(cc).encode()).hexdigest()[:32] + f"_{cc}.json")
+
+    def cached(self, launch: Launch, cc: int) -> bool:
+        return self._index(launch, cc).exists()
+
     def facts(self, launch: Launch, cc: int) -> dict:
         import triton  # noqa: PLC0415
         from triton import knobs  # noqa: PLC0415
@@ -384,7 +390,7 @@ class Compiler:
         from triton.compiler import ASTSource  # noqa: PLC0415
 
         sig, cx, attrs, opts = launch.bound[cc]
-        index = self.cache_dir / "facts" / (hashlib.sha256(launch.key(cc).encode()).hexdigest()[:32] + f"_{cc}.json")
+        index = self._index(launch, cc)
         if index.exists():
             self.reused += 1
             return json.loads(index.read_text())
@@ -419,39 +425,41 @@ class Compiler:
         return parse_ptxas(res.stderr + res.stdout)
 
 
-def cuda_kernel_facts(cc: int, cache_dir: Path, sources=None) -> list[dict]:
-    """Registers, spills, stack and shared memory of every CUDA kernel in csrc/ for cc (nvcc -Xptxas -v),
-    with the SASS mix. [] when nvcc is missing."""
+def cuda_source_facts(src: Path, cc: int, cache_dir: Path) -> list[dict]:
+    """Registers, spills, stack and shared memory of every kernel in one csrc/ source for cc
+    (nvcc -cubin -Xptxas -v), with the SASS mix; cached by the source, common.cuh, cc and nvcc."""
     nvcc = _nvcc()
-    if nvcc is None:
+    text = src.read_bytes() + (REPO / "csrc" / "common.cuh").read_bytes()
+    key = hashlib.sha256(text + f"{cc}{nvcc}".encode()).hexdigest()[:24]
+    cached = Path(cache_dir) / "facts" / f"cuda_{src.stem}_{key}.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        res = subprocess.run([nvcc, "-cubin", f"-arch=sm_{cc}", "-Xptxas", "-v", "-O3", "-lineinfo",
+                              "--expt-relaxed-constexpr", "-std=c++17", f"-I{REPO / 'csrc'}", str(src), "-o",
+                              str(cubin)], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"nvcc failed on {src.name} for sm_{cc}:\n{res.stderr[-2000:]}")
+        ptxas = parse_ptxas(res.stderr + res.stdout)
+        sass = split_sass_functions(subprocess.run([_triton_bin("cuobjdump"), "-sass", str(cubin)],
+                                                   capture_output=True, text=True).stdout)
+    names = _demangle(list(ptxas))
+    found = [dict(facts, source=src.name, mangled=mangled, kernel=names[mangled], **sass_mix(sass.get(mangled, "")))
+             for mangled, facts in ptxas.items()]
+    cached.write_text(json.dumps(found))
+    return found
+
+
+def cuda_kernel_facts(cc: int, cache_dir: Path, sources=None, jobs: int | None = None) -> list[dict]:
+    """cuda_source_facts of every csrc/*.cu for cc, nvcc runs in parallel; [] when nvcc is missing."""
+    if _nvcc() is None:
         return []
-    rows = []
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
     sources = sources or sorted((REPO / "csrc").glob("*.cu"))
-    for src in sources:
-        text = src.read_bytes() + (REPO / "csrc" / "common.cuh").read_bytes()
-        key = hashlib.sha256(text + f"{cc}{nvcc}".encode()).hexdigest()[:24]
-        cached = Path(cache_dir) / "facts" / f"cuda_{src.stem}_{key}.json"
-        if cached.exists():
-            rows += json.loads(cached.read_text())
-            continue
-        with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-            cubin = Path(tmp) / "k.cubin"
-            res = subprocess.run([nvcc, "-cubin", f"-arch=sm_{cc}", "-Xptxas", "-v", "-O3", "-lineinfo",
-                                  "--expt-relaxed-constexpr", "-std=c++17", f"-I{REPO / 'csrc'}", str(src), "-o",
-                                  str(cubin)], capture_output=True, text=True)
-            if res.returncode != 0:
-                raise RuntimeError(f"nvcc failed on {src.name} for sm_{cc}:\n{res.stderr[-2000:]}")
-            ptxas = parse_ptxas(res.stderr + res.stdout)
-            sass = split_sass_functions(subprocess.run([_triton_bin("cuobjdump"), "-sass", str(cubin)],
-                                                       capture_output=True, text=True).stdout)
-        names = _demangle(list(ptxas))
-        found = []
-        for mangled, facts in ptxas.items():
-            found.append(dict(facts, source=src.name, mangled=mangled, kernel=names[mangled],
-                              **sass_mix(sass.get(mangled, ""))))
-        cached.write_text(json.dumps(found))
-        rows += found
-    return rows
+    with ThreadPoolExecutor(jobs or os.cpu_count() or 1) as pool:
+        return [f for found in pool.map(lambda src: cuda_source_facts(src, cc, cache_dir), sources) for f in found]
 
 
 def short_kernel_name(demangled: str) -> str:
@@ -496,12 +504,51 @@ def _fmt_constexprs(fn, cx: dict) -> str:
     return ";".join(parts)
 
 
-def static_rows(ops, dtypes, archs, cache_dir: Path, log=print, shape_set: str = "bench") -> list[dict]:
+_WORK: list = []  # (launch, cc) pairs for the forked compile workers
+
+
+def _compile_one(i: int, cache_dir: str):
+    launch, cc = _WORK[i]
+    try:
+        return "ok", Compiler(Path(cache_dir)).facts(launch, cc)
+    except Exception as err:  # noqa: BLE001  (a compiler failure is a result here)
+        return "error", f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+
+
+def compile_all(compiler: "Compiler", pending: dict, jobs: int, log=print) -> dict:
+    """{(key, cc): launch} -> {(key, cc): ("ok", facts) | ("error", message)}, compiling what the facts
+    cache lacks in `jobs` forked processes (each compile is mostly single-threaded)."""
+    global _WORK
+    keys = list(pending)
+    _WORK = [(pending[k], k[1]) for k in keys]
+    todo = [i for i, (launch, cc) in enumerate(_WORK) if not compiler.cached(launch, cc)]
+    results = {}
+    if len(todo) > 1 and jobs > 1:
+        import multiprocessing  # noqa: PLC0415
+
+        with multiprocessing.get_context("fork").Pool(min(jobs, len(todo))) as pool:
+            for i, res in zip(todo, pool.starmap(_compile_one, [(i, str(compiler.cache_dir)) for i in todo])):
+                results[keys[i]] = res
+    else:
+        for i in todo:
+            results[keys[i]] = _compile_one(i, str(compiler.cache_dir))
+    compiler.compiled += len(todo)
+    for i, k in enumerate(keys):
+        if k not in results:
+            results[k] = ("ok", compiler.facts(*_WORK[i]))
+    _WORK = []
+    return results
+
+
+def static_rows(ops, dtypes, archs, cache_dir: Path, log=print, shape_set: str = "bench",
+                jobs: int | None = None) -> list[dict]:
+    import torch  # noqa: PLC0415
+
     from . import cases  # noqa: PLC0415
 
     compiler = Compiler(cache_dir)
-    rows = []
     ccs = [ARCHS[a][0] for a in archs]
+    captured = []
     for op in ops:
         case = cases.CASES[op]
         for shapes in shapes_for(case, shape_set):
@@ -509,53 +556,53 @@ def static_rows(ops, dtypes, archs, cache_dir: Path, log=print, shape_set: str =
             for dtype_name in dtypes:
                 t0 = time.perf_counter()
                 launches, tensor_bytes, torch_ops = capture_case(op, shapes, dtype_name, ccs)
-                import torch  # noqa: PLC0415
-
                 floor = case.bytes(shapes, getattr(torch, dtype_name), "full") if case.bytes else ""
-                for arch in archs:
-                    cc, sms, _ = ARCHS[arch]
-                    groups: dict = {}
-                    for launch in launches:
-                        k = (launch.phase, launch.key(cc), launch.grid)
-                        groups.setdefault(k, [launch, 0])[1] += 1
-                    for (phase, _, grid), (launch, count) in groups.items():
-                        try:
-                            f = compiler.facts(launch, cc)
-                        except Exception as err:  # noqa: BLE001  (a compiler failure is a result here)
-                            first = (str(err).strip().splitlines() or [""])[0][:200]
-                            rows.append(dict(row="kernel", arch=arch, kind="triton", op=op, shape=label, dtype=dtype_name,
-                                             phase=phase, kernel=launch.kernel, launches=count,
-                                             constexprs=_fmt_constexprs(launch.fn, launch.bound[cc][1]),
-                                             grid="x".join(map(str, grid)), ctas=math.prod(grid),
-                                             fp_fusion_pinned=launch.fp_fusion_pinned,
-                                             note=f"COMPILE FAILED: {type(err).__name__}: {first}"))
-                            log(f"static: {op} {label} {dtype_name} {launch.kernel} {arch}: compile failed "
-                                f"({type(err).__name__}: {first})")
-                            continue
-                        ctas = math.prod(grid)
-                        per_sm, warps, occ = occupancy(cc, f.get("regs", 0), f["smem"], f["num_warps"])
-                        waves = ctas / (per_sm * sms) if per_sm else float("inf")
-                        rows.append(dict(
-                            row="kernel", arch=arch, kind="triton", op=op, shape=label, dtype=dtype_name, phase=phase,
-                            kernel=launch.kernel, launches=count,
-                            constexprs=_fmt_constexprs(launch.fn, launch.bound[cc][1]), num_warps=f["num_warps"],
-                            num_stages=f["num_stages"], grid="x".join(map(str, grid)), ctas=ctas,
-                            regs=f.get("regs", ""), spill_stores=f.get("spill_stores", ""),
-                            spill_loads=f.get("spill_loads", ""), stack=f.get("stack", ""), smem=f["smem"],
-                            ctas_per_sm=per_sm, warps_per_sm=warps, occupancy=round(occ, 3),
-                            waves=round(waves, 2), fp_fusion_pinned=launch.fp_fusion_pinned,
-                            **{k: f[k] for k in sass_mix("")}))
-                    model = sum(tensor_bytes)
-                    rows.append(dict(
-                        row="op", arch=arch, kind="triton", op=op, shape=label, dtype=dtype_name, phase="full",
-                        kernel="(all launches)", launches=len(launches), bytes_model=model, bytes_floor=floor,
-                        model_over_floor=round(model / floor, 2) if floor else "",
-                        kernel_launches=len(launches) + len(torch_ops), torch_ops=len(torch_ops),
-                        note="torch ops: " + (" ".join(torch_ops) or "none")
-                             + "; bytes_model: every tensor argument of every Triton launch read or written once"))
-                log(f"static {op:<16}{label:<34}{dtype_name:<9}{len(launches):>3} launches "
+                captured.append((op, label, dtype_name, launches, tensor_bytes, torch_ops, floor))
+                log(f"static: captured {op:<16}{label:<34}{dtype_name:<9}{len(launches):>3} launches "
                     f"{time.perf_counter() - t0:6.1f} s")
-    log(f"static: compiled {compiler.compiled} kernels, {compiler.reused} from the cache ({cache_dir})")
+    pending = {}
+    for *_, launches, _tb, _to, _fl in captured:
+        for launch in launches:
+            for cc in ccs:
+                pending.setdefault((launch.key(cc), cc), launch)
+    t0 = time.perf_counter()
+    results = compile_all(compiler, pending, jobs or os.cpu_count() or 1, log)
+    log(f"static: {len(pending)} distinct kernels x arch, {compiler.compiled} compiled "
+        f"({time.perf_counter() - t0:.0f} s), the rest from the cache ({cache_dir})")
+
+    rows = []
+    for op, label, dtype_name, launches, tensor_bytes, torch_ops, floor in captured:
+        for arch in archs:
+            cc, sms, _ = ARCHS[arch]
+            groups: dict = {}
+            for launch in launches:
+                groups.setdefault((launch.phase, launch.key(cc), launch.grid), [launch, 0])[1] += 1
+            for (phase, key, grid), (launch, count) in groups.items():
+                base = dict(row="kernel", arch=arch, kind="triton", op=op, shape=label, dtype=dtype_name, phase=phase,
+                            kernel=launch.kernel, launches=count,
+                            constexprs=_fmt_constexprs(launch.fn, launch.bound[cc][1]),
+                            grid="x".join(map(str, grid)), ctas=math.prod(grid),
+                            fp_fusion_pinned=launch.fp_fusion_pinned)
+                status, f = results[(key, cc)]
+                if status != "ok":
+                    rows.append(dict(base, note=f"COMPILE FAILED: {f}"))
+                    log(f"static: {op} {label} {dtype_name} {launch.kernel} {arch}: compile failed ({f})")
+                    continue
+                per_sm, warps, occ = occupancy(cc, f.get("regs", 0), f["smem"], f["num_warps"])
+                waves = base["ctas"] / (per_sm * sms) if per_sm else float("inf")
+                rows.append(dict(
+                    base, num_warps=f["num_warps"], num_stages=f["num_stages"], regs=f.get("regs", ""),
+                    spill_stores=f.get("spill_stores", ""), spill_loads=f.get("spill_loads", ""),
+                    stack=f.get("stack", ""), smem=f["smem"], ctas_per_sm=per_sm, warps_per_sm=warps,
+                    occupancy=round(occ, 3), waves=round(waves, 2), **{k: f[k] for k in sass_mix("")}))
+            model = sum(tensor_bytes)
+            rows.append(dict(
+                row="op", arch=arch, kind="triton", op=op, shape=label, dtype=dtype_name, phase="full",
+                kernel="(all launches)", launches=len(launches), bytes_model=model, bytes_floor=floor,
+                model_over_floor=round(model / floor, 2) if floor else "",
+                kernel_launches=len(launches) + len(torch_ops), torch_ops=len(torch_ops),
+                note="torch ops: " + (" ".join(torch_ops) or "none")
+                     + "; bytes_model: every tensor argument of every Triton launch read or written once"))
     return rows
 
 
