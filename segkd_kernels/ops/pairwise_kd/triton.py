@@ -178,9 +178,17 @@ def _norms(x: torch.Tensor) -> torch.Tensor:
     return norm
 
 
+_GRAM_UPCAST_16BIT = tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 9)
+
+
 def _gram(x, xnorm, y=None, ynorm=None) -> torch.Tensor:
     """X^T Y per image (fp64); X^T X when y is None, computing the upper tiles only."""
     symmetric = y is None
+    if _GRAM_UPCAST_16BIT:
+        # Triton before 3.9 fails to lower an fp64 tl.dot whose operands were loaded as 16-bit
+        # (ConvertTritonGPUToLLVM, sm_80 and sm_90; 3.6 seen): give it fp32 operands instead.
+        x = x.float() if x.element_size() == 2 else x
+        y = y.float() if y is not None and y.element_size() == 2 else y
     if symmetric:
         y, ynorm = x, xnorm
     n, cx, p = x.shape
