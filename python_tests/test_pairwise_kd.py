@@ -587,3 +587,23 @@ def test_cuda_benchmark_shape_memory():
     assert abs(out[0].item() - ref[0].item()) <= 1e-4 * ref[0].item()
     scale = ref[1].abs().max().item()
     torch.testing.assert_close(out[1].double(), ref[1], rtol=1e-3, atol=1e-3 * scale)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend unavailable")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gram_fp32_operands_for_older_triton(dtype, monkeypatch):
+    """Triton before 3.9 gets fp32 operands for the fp64 Gram of 16-bit inputs (it cannot lower the
+    16-bit load + fp64 dot): the upcast path gives the same loss and gradient as the direct one."""
+    from segkd_kernels.ops.pairwise_kd import triton as pairwise_triton
+
+    s = make_tensor((2, 5, 7, 9), dtype=dtype, seed=11).requires_grad_()
+    t = make_tensor((2, 6, 7, 9), dtype=dtype, seed=12)
+    results = []
+    for upcast in (False, True):
+        monkeypatch.setattr(pairwise_triton, "_GRAM_UPCAST_16BIT", upcast)
+        loss = sk.pairwise_kd(s, t, backend="triton")
+        (grad,) = torch.autograd.grad(loss, s)
+        results.append((loss.float(), grad.float()))
+    # fp32 holds every 16-bit value exactly, so both paths feed the fp64 dot the same numbers
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])

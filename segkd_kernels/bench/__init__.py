@@ -3,6 +3,8 @@
     segkd bench                          # on a GPU: every op, fp32 and bf16, scaling, end to end
     segkd bench --ops ssim_kd,pixel_kd   # a subset
     segkd bench --quick                  # tiny shapes, few repeats; also runs on CPU (harness check)
+    segkd bench --static                 # no GPU: compile every kernel for sm_90/sm_80, registers,
+                                         # spills, occupancy, SASS mix -> benchmarks/results/static_sm*.csv
 
 Each run writes into its own folder, runs/bench/<device>-<date>-<time>/ (relative to the current
 directory): <device>.csv with the rows (columns in harness.COLUMNS, appended as they are measured,
@@ -30,6 +32,8 @@ from .scaling import plot_scaling, run_scaling
 # Default: a fresh folder per run under the current directory (never inside the package or the
 # checkout's committed results: those are written only when --out names them).
 DEFAULT_RUNS = Path("runs") / "bench"
+# The static report is a committed artefact (the README table is generated from it).
+DEFAULT_STATIC = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -55,6 +59,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--out", type=Path, default=None,
                         help="a CSV file to append to, or a folder for <device>.csv "
                              "(default: a new folder runs/bench/<device>-<date>-<time>/)")
+    parser.add_argument("--static", action="store_true",
+                        help="compile-only report (no GPU, nothing launched): static_sm90.csv / static_sm80.csv in "
+                             "the folder --out names (default benchmarks/results, the committed report)")
     return parser
 
 
@@ -74,6 +81,11 @@ def output_path(out: Path | None, slug: str, now: datetime.datetime | None = Non
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "static", False):
+        from .static import DTYPE_NAMES, spawn  # noqa: PLC0415
+
+        folder = DEFAULT_STATIC if args.out is None else (args.out.parent if args.out.suffix else args.out)
+        return spawn(args.ops, args.dtypes or list(DTYPE_NAMES), folder)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.quick:
         print("segkd bench: no CUDA device; on CPU only --quick runs (a harness check, not a measurement)")

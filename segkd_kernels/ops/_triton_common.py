@@ -39,3 +39,10 @@ def flat_pixel_strides(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, i
         return x, (x.stride(0), x.stride(1), x.stride(2) if w == 1 else x.stride(3))
     x = x.contiguous()
     return x, (x.stride(0), x.stride(1), 1)
+
+
+# Every launch passes **FP_FUSION. Triton 3.9 fuses a*b+c into one FMA unless told otherwise, and
+# Triton 3.10 turns that default off, which would round each product separately and change results
+# (and instruction counts) between Triton versions; pinned here so every version compiles the same
+# arithmetic. The interpreter ignores launch options.
+FP_FUSION = {"enable_fp_fusion": True}

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._triton_common import FP_FUSION
+
 BLOCK = 1024
 MAX_PROGRAMS = 1024  # partial rows: enough programs to fill a GPU, few enough to sum cheaply
 
@@ -85,7 +87,7 @@ def attnfd_dots_triton(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     programs = max(1, min(triton.cdiv(numel, BLOCK), MAX_PROGRAMS))
     part = torch.empty(programs, 3, dtype=torch.float64, device=s.device)
     if numel > 0:
-        _dots_kernel[(programs,)](s_flat, t_flat, part, numel, programs, BLOCK=BLOCK)
+        _dots_kernel[(programs,)](s_flat, t_flat, part, numel, programs, BLOCK=BLOCK, **FP_FUSION)
     else:
         part.zero_()
     return part.sum(dim=0)
@@ -101,7 +103,7 @@ def attnfd_dots_backward_triton(a: torch.Tensor, b: torch.Tensor, coef: torch.Te
         block = min(triton.next_power_of_2(numel), BLOCK)
         acc = tl.float64 if a.dtype == torch.float64 else tl.float32
         _axpby_kernel[(triton.cdiv(numel, block),)](a_flat, b_flat, coef.contiguous(), out_perm.reshape(-1), numel,
-                                                    BLOCK=block, ACC_DTYPE=acc)
+                                                    BLOCK=block, ACC_DTYPE=acc, **FP_FUSION)
     inverse = [order.index(d) for d in range(a.dim())]
     return out_perm.permute(inverse)
 

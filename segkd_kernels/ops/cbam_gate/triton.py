@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_common import acc_dtype, acc_torch_dtype, pixel_strides
+from .._triton_common import FP_FUSION, acc_dtype, acc_torch_dtype, pixel_strides
 from ..channel_pool.triton import _blocks, _pixel_offsets
 
 
@@ -100,7 +100,7 @@ def cbam_gate_triton(x: torch.Tensor, channel_gate: torch.Tensor, spatial_gate: 
             x, channel_gate, spatial_gate, out, c, p, w, *sx, *so,
             channel_gate.stride(0), channel_gate.stride(1), spatial_gate.stride(0), ss_h, ss_w,
             X_MERGED=x_merged, O_MERGED=o_merged, S_MERGED=s_merged,
-            BLOCK_C=block_c, BLOCK_P=block_p, ACC_DTYPE=acc_dtype(x.dtype))
+            BLOCK_C=block_c, BLOCK_P=block_p, ACC_DTYPE=acc_dtype(x.dtype), **FP_FUSION)
     return out
 
 
@@ -125,7 +125,7 @@ def cbam_gate_backward_triton(grad: torch.Tensor, x: torch.Tensor, channel_gate:
             grad, x, channel_gate, spatial_gate, dx, dmc_part, dms, c, p, w, n_pblocks,
             *sg, *sx, *sd, channel_gate.stride(0), channel_gate.stride(1), spatial_gate.stride(0), ss_h, ss_w,
             G_MERGED=g_merged, X_MERGED=x_merged, D_MERGED=d_merged, S_MERGED=s_merged,
-            BLOCK_C=block_c, BLOCK_P=block_p, ACC_DTYPE=acc_dtype(x.dtype))
+            BLOCK_C=block_c, BLOCK_P=block_p, ACC_DTYPE=acc_dtype(x.dtype), **FP_FUSION)
     return dx, dmc_part.sum(dim=1).to(channel_gate.dtype), dms
 
 

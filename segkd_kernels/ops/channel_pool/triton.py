@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_common import acc_dtype, acc_torch_dtype, pixel_strides
+from .._triton_common import FP_FUSION, acc_dtype, acc_torch_dtype, pixel_strides
 
 
 @triton.jit
@@ -142,7 +142,7 @@ def channel_pool_triton(x: torch.Tensor, gate: torch.Tensor | None) -> tuple[tor
             x, gate if gate is not None else x, out, argmax, c, p, w,
             x.stride(0), x.stride(1), sx_h, sx_w, *_gate_strides(gate),
             HAS_GATE=gate is not None, X_MERGED=x_merged,
-            BLOCK_C=block_c, BLOCK_P=block_p, ACC_DTYPE=acc_dtype(x.dtype))
+            BLOCK_C=block_c, BLOCK_P=block_p, ACC_DTYPE=acc_dtype(x.dtype), **FP_FUSION)
     return out, argmax
 
 
@@ -168,7 +168,7 @@ def channel_pool_backward_triton(grad: torch.Tensor, x: torch.Tensor, gate: torc
             grad, x, gate if gate is not None else x, argmax, dx, dgate_part, c, p, w, n_pblocks,
             x.stride(0), x.stride(1), sx_h, sx_w, dx.stride(0), dx.stride(1), sd_h, sd_w, *_gate_strides(gate),
             HAS_GATE=gate is not None, X_MERGED=x_merged, D_MERGED=d_merged,
-            BLOCK_C=block_c, BLOCK_P=block_p, ACC_DTYPE=acc_dtype(x.dtype))
+            BLOCK_C=block_c, BLOCK_P=block_p, ACC_DTYPE=acc_dtype(x.dtype), **FP_FUSION)
     if gate is None:
         return dx, x.new_empty(0)
     return dx, dgate_part.sum(dim=1).to(gate.dtype)

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .._saved_grad import scale_saved_grad
-from .._triton_common import acc_dtype, acc_torch_dtype, flat_pixel_strides
+from .._triton_common import FP_FUSION, acc_dtype, acc_torch_dtype, flat_pixel_strides
 
 # Largest row held in registers by one program (fp32: 16 warps x 32 lanes x 16 values per tensor).
 _MAX_TILE = 8192
@@ -197,7 +197,7 @@ def channel_wise_kd_triton(student: torch.Tensor, teacher: torch.Tensor, tau: fl
         # without WRITE_GRAD the ds pointer is never used: any non-empty tensor stands in
         s, t, ds if fused else stats, stats, kl, c, p, chunk, splits, rows, *s_strides, *t_strides,
         *_split(1.0 / tau), *_split(tau / rows), *_split(tau * tau / rows), BLOCK=block, ONE_TILE=one_tile,
-        WRITE_GRAD=fused, ACC=acc_dtype(acc_torch), NEG=_NEG, num_warps=warps)
+        WRITE_GRAD=fused, ACC=acc_dtype(acc_torch), NEG=_NEG, num_warps=warps, **FP_FUSION)
     if one_tile:
         return kl.sum().to(student.dtype), ds, stats
     # combine the splits of every row: (max, sum-exp) pairs rescaled to the row max
@@ -228,7 +228,7 @@ def channel_wise_kd_backward_triton(student: torch.Tensor, teacher: torch.Tensor
     block = min(_BLOCK, max(16, triton.next_power_of_2(p)))
     _cwd_bwd_kernel[(rows, triton.cdiv(p, block))](
         s, t, lse.contiguous(), grad.reshape(()).contiguous(), ds, c, p, rows, *s_strides, *t_strides,
-        *_split(1.0 / tau), *_split(tau / rows), BLOCK=block, ACC=acc_dtype(lse.dtype), num_warps=4)
+        *_split(1.0 / tau), *_split(tau / rows), BLOCK=block, ACC=acc_dtype(lse.dtype), num_warps=4, **FP_FUSION)
     return ds
 
 

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ..._backends import TRITON_INTERPRET
+from .._triton_common import FP_FUSION
 
 
 @triton.jit
@@ -167,7 +168,7 @@ def cross_image_kd_triton(a: torch.Tensor, b: torch.Tensor, tau: float) -> tuple
     lse_t = torch.empty_like(kl)
     _fwd_kernel[(triton.cdiv(p, _BLOCK_M), n, n)](
         a, b, kl, lse_s, lse_t, n, p, cs, ct, 1.0 / tau, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N,
-        BLOCK_K=_k_block(cs, ct), DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype, PRECISION=precision)
+        BLOCK_K=_k_block(cs, ct), DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype, PRECISION=precision, **FP_FUSION)
     # fp64 sum: N^2 P row terms, summed once
     loss = (kl.sum(dtype=torch.float64) / (p * n * n)).to(a.dtype)
     return loss, lse_s, lse_t
@@ -185,7 +186,7 @@ def cross_image_kd_backward_triton(grad: torch.Tensor, a: torch.Tensor, b: torch
     _bwd_kernel[(triton.cdiv(p, _BLOCK_M), n, triton.cdiv(cs, block_d))](
         a, b, lse_s.contiguous(), lse_t.contiguous(), grad.contiguous(), da, n, p, cs, ct, 1.0 / tau,
         1.0 / (p * n * n * tau), BLOCK_O=_BLOCK_M, BLOCK_Q=_BLOCK_N, BLOCK_K=_k_block(cs, ct), BLOCK_D=block_d,
-        DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype, PRECISION=precision)
+        DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype, PRECISION=precision, **FP_FUSION)
     return da
 
 

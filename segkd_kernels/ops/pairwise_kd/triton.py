@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_common import acc_dtype, acc_torch_dtype
+from .._triton_common import FP_FUSION, acc_dtype, acc_torch_dtype
 
 from ..._backends import TRITON_INTERPRET
 
@@ -174,13 +174,21 @@ def _norms(x: torch.Tensor) -> torch.Tensor:
     n, c, p = x.shape
     norm = torch.empty(n, p, dtype=torch.float64, device=x.device)
     block_c = min(triton.next_power_of_2(c), 32)
-    _norm_kernel[(n, triton.cdiv(p, _BLOCK_P))](x, norm, c, p, BLOCK_C=block_c, BLOCK_P=_BLOCK_P)
+    _norm_kernel[(n, triton.cdiv(p, _BLOCK_P))](x, norm, c, p, BLOCK_C=block_c, BLOCK_P=_BLOCK_P, **FP_FUSION)
     return norm
+
+
+_GRAM_UPCAST_16BIT = tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 9)
 
 
 def _gram(x, xnorm, y=None, ynorm=None) -> torch.Tensor:
     """X^T Y per image (fp64); X^T X when y is None, computing the upper tiles only."""
     symmetric = y is None
+    if _GRAM_UPCAST_16BIT:
+        # Triton before 3.9 fails to lower an fp64 tl.dot whose operands were loaded as 16-bit
+        # (ConvertTritonGPUToLLVM, sm_80 and sm_90; 3.6 seen): give it fp32 operands instead.
+        x = x.float() if x.element_size() == 2 else x
+        y = y.float() if y is not None and y.element_size() == 2 else y
     if symmetric:
         y, ynorm = x, xnorm
     n, cx, p = x.shape
@@ -189,7 +197,8 @@ def _gram(x, xnorm, y=None, ynorm=None) -> torch.Tensor:
     bi, bj = _tile(cx, _GRAM_TILE), _tile(cy, _GRAM_TILE)
     block_p = 128 if TRITON_INTERPRET else 32
     _gram_kernel[(n, triton.cdiv(cx, bi), triton.cdiv(cy, bj))](
-        x, xnorm, y, ynorm, g, cx, cy, p, NORM_EPS, BLOCK_I=bi, BLOCK_J=bj, BLOCK_P=block_p, SYMMETRIC=symmetric)
+        x, xnorm, y, ynorm, g, cx, cy, p, NORM_EPS, BLOCK_I=bi, BLOCK_J=bj, BLOCK_P=block_p, SYMMETRIC=symmetric,
+        **FP_FUSION)
     if symmetric:  # fill the skipped tiles (tile row > tile column) from their mirror images
         tile = torch.arange(cx, device=x.device) // bi
         below = tile[:, None] > tile[None, :]
@@ -228,11 +237,11 @@ def pairwise_kd_backward_triton(grad: torch.Tensor, s: torch.Tensor, t: torch.Te
     block_k = _GRAD_TILE_K
     _grad_kernel[(n, triton.cdiv(cs, block_c), triton.cdiv(p, _BLOCK_P))](
         gaa.to(acc).contiguous(), gab.to(acc).contiguous(), s, snorm, t, tnorm, da, grad.contiguous(), cs, ct, p, NORM_EPS, scale,
-        BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_P=_BLOCK_P, ACC_DTYPE=acc_dtype(s.dtype))
+        BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_P=_BLOCK_P, ACC_DTYPE=acc_dtype(s.dtype), **FP_FUSION)
     ds = torch.empty_like(s)
     _norm_bwd_kernel[(n, triton.cdiv(p, _BLOCK_P))](
         s, snorm, da, ds, cs, p, NORM_EPS, BLOCK_C=min(triton.next_power_of_2(cs), 32), BLOCK_P=_BLOCK_P,
-        DETACH_NORM=bool(detach_norm), ACC_DTYPE=acc_dtype(s.dtype))
+        DETACH_NORM=bool(detach_norm), ACC_DTYPE=acc_dtype(s.dtype), **FP_FUSION)
     return ds
 
 

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .._saved_grad import scale_saved_grad
-from .._triton_common import acc_dtype, acc_torch_dtype, flat_pixel_strides
+from .._triton_common import FP_FUSION, acc_dtype, acc_torch_dtype, flat_pixel_strides
 
 # Classes held in registers at once, and the tile size (classes x pixels) a program works on.
 _MAX_BLOCK_K = 32
@@ -221,7 +221,7 @@ def _launch(s, t, ignore_mask, weight, n_ignored, mean_gap, tau, *, gap_weight=F
         s, t, ign, wt, _or(n_ignored), _or(mean_gap), _or(ds), _or(kl), partials, k, p, n * p, *s_strides,
         *t_strides, *_split(1.0 / tau), *_split(tau), BLOCK_K=block_k, BLOCK_P=block_p, ONE_TILE=one_tile,
         HAS_MASK=ignore_mask is not None, HAS_WEIGHT=weight is not None, GAP_WEIGHT=gap_weight,
-        WRITE_GRAD=write_grad, WRITE_KL=write_kl, ACC=acc_dtype(acc_torch), NEG=_NEG, num_warps=warps)
+        WRITE_GRAD=write_grad, WRITE_KL=write_kl, ACC=acc_dtype(acc_torch), NEG=_NEG, num_warps=warps, **FP_FUSION)
     return partials, ds, kl
 
 
@@ -235,7 +235,7 @@ def _finalize(student, partials, n_ignored, tau, *, gap_weight=False):
         partials, programs, n_ignored if n_ignored is not None else partials, n * h * w, *_split(tau * tau),
         loss, mean_gap if mean_gap is not None else partials, HAS_MASK=n_ignored is not None,
         GAP_WEIGHT=gap_weight, BLOCK=min(1024, max(16, triton.next_power_of_2(programs))),
-        ACC=acc_dtype(partials.dtype), TINY=_TINY, num_warps=4)
+        ACC=acc_dtype(partials.dtype), TINY=_TINY, num_warps=4, **FP_FUSION)
     return loss, mean_gap
 
 

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_common import acc_dtype
+from .._triton_common import FP_FUSION, acc_dtype
 from . import autograd
 
 
@@ -72,7 +72,8 @@ def spatial_pool_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     argmax = x.new_empty(n, c, dtype=torch.int64)
     if rows > 0:
         block = min(triton.next_power_of_2(plane), 2048)
-        _spatial_pool_fwd_kernel[(rows,)](x, avg, mx, argmax, plane, BLOCK=block, ACC_DTYPE=acc_dtype(x.dtype))
+        _spatial_pool_fwd_kernel[(rows,)](x, avg, mx, argmax, plane, BLOCK=block, ACC_DTYPE=acc_dtype(x.dtype),
+                                          **FP_FUSION)
     return avg, mx, argmax
 
 
@@ -86,7 +87,7 @@ def spatial_pool_backward_triton(grad_avg: torch.Tensor, grad_max: torch.Tensor,
         block = min(triton.next_power_of_2(plane), 1024)
         grid = (rows, triton.cdiv(plane, block))
         _spatial_pool_bwd_kernel[grid](grad_avg.contiguous(), grad_max.contiguous(), argmax.contiguous(), dx,
-                                       plane, BLOCK=block, ACC_DTYPE=acc_dtype(dx.dtype))
+                                       plane, BLOCK=block, ACC_DTYPE=acc_dtype(dx.dtype), **FP_FUSION)
     return dx
 
 

@@ -44,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._triton_common import FP_FUSION
 from .reference import MAP_EPS, RANGE_EPS, gaussian_taps
 
 PAD_CODES = {"reflect": 0, "zeros": 1, "valid": 2}
@@ -407,7 +408,7 @@ def _scales(s: torch.Tensor, t: torch.Tensor, normalize: bool) -> torch.Tensor:
         scales[1::2] = 1.0
     else:
         block = min(triton.next_power_of_2(h * w), 1024)
-        _minmax_kernel[(n * c,)](s, t, scales, n * c, h * w, RANGE_EPS, BLOCK=block)
+        _minmax_kernel[(n * c,)](s, t, scales, n * c, h * w, RANGE_EPS, BLOCK=block, **FP_FUSION)
     return scales
 
 
@@ -442,7 +443,7 @@ def ssim_kd_triton(student: torch.Tensor, teacher: torch.Tensor, window_size: in
         h, w, ho, wo, n * c, n_tile_cols, tiles,
         (0.01 * data_range) ** 2, (0.03 * data_range) ** 2, MAP_EPS,
         K=window_size, PAD=PAD_CODES[padding], NORMALIZE=normalize, STORE=need_partials, BR=br, BC=bc,
-        DOT_PRECISION=DOT_PRECISION, num_warps=_num_warps(br, bc))
+        DOT_PRECISION=DOT_PRECISION, num_warps=_num_warps(br, bc), **FP_FUSION)
     loss = (loss_parts.sum() / (n * c * ho * wo)).to(student.dtype)
     return loss, partials, scales
 
@@ -470,12 +471,12 @@ def ssim_kd_backward_triton(grad_loss: torch.Tensor, student: torch.Tensor, teac
     _ssim_bwd_kernel[(n * c * tiles,)](
         partials, s, t, taps, scales, gscale, out, h, w, ho, wo, hb, wb, n * c, n_tile_cols, tiles,
         K=window_size, PAD=PAD_CODES[padding], NORMALIZE=normalize, BR=br, BC=bc,
-        DOT_PRECISION=DOT_PRECISION, num_warps=_num_warps(br, bc))
+        DOT_PRECISION=DOT_PRECISION, num_warps=_num_warps(br, bc), **FP_FUSION)
     if padding == "reflect":
         block = min(triton.next_power_of_2(h * w), 1024)
         blocks = triton.cdiv(h * w, block)
         _ssim_fold_kernel[(n * c * blocks,)](out, scales, grad, h, w, n * c, blocks,
-                                             R=r, NORMALIZE=normalize, BLOCK=block)
+                                             R=r, NORMALIZE=normalize, BLOCK=block, **FP_FUSION)
     return grad
 
 

@@ -1,0 +1,242 @@
+"""CI gates from `segkd bench --static` (compile-only, no GPU): every Triton kernel compiles for sm_80
+and sm_90 at every plan its wrapper picks, every launch pins FP fusion, and no Triton or CUDA kernel
+spills registers except the entries of KNOWN_SPILLS.
+
+KNOWN_SPILLS names exactly the (kind, op, kernel, arch, dtype) entries that spill today. The gate fails
+on a spill not in the list and on a listed entry that no longer spills, so the list can only shrink:
+delete an entry when its kernel is fixed. CUDA entries have dtype "" (one source serves every dtype;
+the kernel name carries the instantiation).
+
+The compiles run in a child process with TRITON_INTERPRET unset (this test process runs the kernels
+through the interpreter, which replaces every kernel by a Python function). The default run compiles the
+small odd shapes of every op and every CUDA kernel; the sweep over the benchmark shapes, which also
+requires every listed entry to still spill, is `slow`; test_committed_csvs_within_known_spills holds
+the committed benchmark-shape report against the list in the default run.
+Compiled kernels and their facts are cached under benchmarks/results/.static_cache, so a rerun on an
+unchanged tree takes seconds.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from segkd_kernels.bench import static
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / "benchmarks" / "results" / ".static_cache"
+
+# Today's spills (ptxas -v, spill stores + loads > 0). Fix a kernel, then delete its entries.
+KNOWN_SPILLS = {
+    ("cuda", "cross_image_kd", "cross_image_backward_kernel<__half>", "sm_90", ""),
+    ("cuda", "cross_image_kd", "cross_image_backward_kernel<float>", "sm_90", ""),
+    ("cuda", "cross_image_kd", "cross_image_backward_owned_kernel<__half, false>", "sm_90", ""),
+    ("cuda", "cross_image_kd", "cross_image_backward_owned_kernel<__nv_bfloat16, false>", "sm_90", ""),
+    ("cuda", "cross_image_kd", "cross_image_forward_kernel<__half>", "sm_80", ""),
+    ("cuda", "pairwise_kd", "normalize_pixels_kernel<float>", "sm_80", ""),
+    ("cuda", "pairwise_kd", "normalize_pixels_kernel<float>", "sm_90", ""),
+    # 4 B at the small odd shapes only (BLOCK_C=8 plan), not at the benchmark shapes
+    ("triton", "channel_pool", "_channel_pool_bwd_kernel", "sm_80", "bfloat16"),
+    ("triton", "cross_image_kd", "_bwd_kernel", "sm_80", "bfloat16"),
+    ("triton", "cross_image_kd", "_bwd_kernel", "sm_80", "float32"),
+    ("triton", "cross_image_kd", "_bwd_kernel", "sm_90", "float32"),
+    ("triton", "cross_image_kd", "_fwd_kernel", "sm_80", "float32"),
+    ("triton", "cross_image_kd", "_fwd_kernel", "sm_90", "float32"),
+    ("triton", "pairwise_kd", "_grad_kernel", "sm_80", "bfloat16"),
+    ("triton", "pairwise_kd", "_grad_kernel", "sm_80", "float32"),
+    ("triton", "pairwise_kd", "_grad_kernel", "sm_90", "bfloat16"),
+    ("triton", "pairwise_kd", "_grad_kernel", "sm_90", "float32"),
+    ("triton", "pairwise_kd", "_gram_kernel", "sm_80", "bfloat16"),
+    ("triton", "ssim_kd", "_ssim_bwd_kernel", "sm_80", "bfloat16"),
+    ("triton", "ssim_kd", "_ssim_bwd_kernel", "sm_80", "float32"),
+    ("triton", "ssim_kd", "_ssim_bwd_kernel", "sm_90", "bfloat16"),
+    ("triton", "ssim_kd", "_ssim_bwd_kernel", "sm_90", "float32"),
+    ("triton", "ssim_kd", "_ssim_fwd_kernel", "sm_90", "bfloat16"),
+    ("triton", "ssim_kd", "_ssim_fwd_kernel", "sm_90", "float32"),
+    # since NaN/Inf propagate as in the reference (extra finite-mask product in SSIM, NaN-keeping
+    # norm clamps in the Gram): 232 / 224 B (SSIM forward), 16 B (Gram) on sm_80
+    ("triton", "pairwise_kd", "_gram_kernel", "sm_80", "float32"),
+    ("triton", "ssim_kd", "_ssim_fwd_kernel", "sm_80", "bfloat16"),
+    ("triton", "ssim_kd", "_ssim_fwd_kernel", "sm_80", "float32"),
+}
+
+
+# Spills are facts of one compiler: the list holds for these versions (Triton's bundled ptxas and
+# nvcc); with other versions the gate still compiles everything and checks FP fusion, but does not
+# hold the list against another compiler's register allocation.
+KNOWN_SPILLS_TRITON = "3.9."
+KNOWN_SPILLS_NVCC = "release 13.0"
+
+
+def _compilers_as_recorded() -> tuple[str, ...]:
+    kinds = []
+    import triton  # noqa: PLC0415
+
+    if triton.__version__.startswith(KNOWN_SPILLS_TRITON):
+        kinds.append("triton")
+    nvcc = static._nvcc()
+    if nvcc and KNOWN_SPILLS_NVCC in subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout:
+        kinds.append("cuda")
+    return tuple(kinds)
+
+
+def _triton_compiles():
+    try:
+        import triton  # noqa: F401, PLC0415
+    except ImportError:
+        return False
+    return True
+
+
+needs_triton = pytest.mark.skipif(not _triton_compiles(), reason="triton is not installed")
+
+
+def _run_static(tmp: Path, shape_set: str, cuda: bool) -> dict[str, list[dict]]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "segkd_kernels.bench.static", "--shapes", shape_set, "--out-dir", str(tmp),
+           "--cache-dir", str(CACHE)]
+    if not cuda:
+        cmd.append("--no-cuda")
+    res = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert res.returncode == 0, f"static report failed:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
+    out = {}
+    for arch in static.ARCHS:
+        with open(tmp / f"static_{arch.replace('_', '')}.csv", newline="") as fh:
+            out[arch] = list(csv.DictReader(fh))
+    return out
+
+
+def _spill_entries(rows_by_arch) -> set:
+    found = set()
+    for arch, rows in rows_by_arch.items():
+        for r in rows:
+            if r["row"] != "kernel":
+                continue
+            if int(r["spill_stores"] or 0) + int(r["spill_loads"] or 0) > 0:
+                found.add((r["kind"], r["op"], r["kernel"], arch, r["dtype"]))
+    return found
+
+
+def _check(rows_by_arch, *, every_known_seen: bool, kinds=("triton", "cuda")) -> None:
+    from segkd_kernels.bench import cases  # noqa: PLC0415
+
+    for arch, rows in rows_by_arch.items():
+        kernels = [r for r in rows if r["row"] == "kernel" and r["kind"] == "triton"]
+        # every op launched Triton kernels, and each was compiled (registers known) for this arch
+        assert {r["op"] for r in kernels} == set(cases.CASES), arch
+        for r in kernels:
+            assert not r["note"].startswith("COMPILE FAILED"), (arch, r["op"], r["shape"], r["dtype"], r["kernel"],
+                                                                r["note"])
+            assert int(r["regs"]) > 0 and int(r["sass_total"]) > 0, (arch, r["op"], r["kernel"])
+            assert r["fp_fusion_pinned"] == "True", f"{r['op']} {r['kernel']}: launch does not pass **FP_FUSION"
+            assert int(r["ctas_per_sm"]) >= 1, f"{r['op']} {r['kernel']} {arch}: does not fit on an SM"
+    found = {e for e in _spill_entries(rows_by_arch) if e[0] in kinds}
+    known = {e for e in KNOWN_SPILLS if e[0] in kinds}
+    new = sorted(found - known)
+    assert not new, f"register spills not in KNOWN_SPILLS: {new}"
+    if every_known_seen:
+        fixed = sorted(known - found)
+        assert not fixed, f"no longer spill, delete from KNOWN_SPILLS: {fixed}"
+
+
+@needs_triton
+def test_gate_compiles_and_no_new_spills(tmp_path):
+    """Fast subset: the small odd shapes of every op, fp32 and bf16, both archs, and every CUDA kernel."""
+    rows = _run_static(tmp_path, "quick", cuda=static._nvcc() is not None)
+    kinds = _compilers_as_recorded()
+    _check(rows, every_known_seen=False, kinds=kinds)
+    # CUDA kernels do not depend on shapes: every listed CUDA entry must still spill. (Triton plans
+    # do; the slow sweep holds every Triton entry against the benchmark shapes.)
+    if "cuda" in kinds:
+        fixed = sorted({e for e in KNOWN_SPILLS if e[0] == "cuda"} - _spill_entries(rows))
+        assert not fixed, f"no longer spill, delete from KNOWN_SPILLS: {fixed}"
+
+
+@pytest.mark.slow
+@needs_triton
+def test_gate_full_benchmark_sweep(tmp_path):
+    rows = _run_static(tmp_path, "all", cuda=static._nvcc() is not None)
+    _check(rows, every_known_seen=True, kinds=_compilers_as_recorded())
+
+
+def test_committed_csvs_within_known_spills():
+    """The committed report (benchmark shapes) spills only where the list says."""
+    rows = {}
+    for arch in static.ARCHS:
+        path = REPO / "benchmarks" / "results" / f"static_{arch.replace('_', '')}.csv"
+        with open(path, newline="") as fh:
+            rows[arch] = list(csv.DictReader(fh))
+    assert _spill_entries(rows) <= KNOWN_SPILLS
+
+
+# ---- the pure parts of the report -----------------------------------------------------------------
+
+def test_occupancy_limits():
+    # 255 registers -> 8192 per warp -> 2 warps per scheduler, 8 per SM: one 8-warp CTA, or two 4-warp
+    assert static.occupancy(90, 255, 0, 8) == (1, 8, 8 / 64)
+    assert static.occupancy(90, 255, 0, 4) == (2, 8, 8 / 64)
+    # 32 registers, 4 warps: the 64-warp limit (16 CTAs) binds before registers (16 warps/scheduler)
+    assert static.occupancy(80, 32, 0, 4) == (16, 64, 1.0)
+    # shared memory: 100 KiB per CTA fits twice in sm_90's 228 KiB, once in sm_80's 164 KiB
+    assert static.occupancy(90, 32, 100 * 1024, 4)[0] == 2
+    assert static.occupancy(80, 32, 100 * 1024, 4)[0] == 1
+    # 1 warp per CTA: the 32-CTA limit binds
+    assert static.occupancy(90, 16, 0, 1) == (32, 32, 0.5)
+
+
+def test_parse_ptxas_and_sass():
+    log = """ptxas info    : 11 bytes gmem
+ptxas info    : Compiling entry function '_k' for 'sm_90a'
+ptxas info    : Function properties for _k
+    24 bytes stack frame, 12 bytes spill stores, 16 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 4096 bytes smem, 400 bytes cmem[0]
+ptxas info    : Compiling entry function '_Z1fPf' for 'sm_80'
+ptxas info    : Function properties for _Z1fPf
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 40 registers, used 0 barriers, 360 bytes cmem[0]
+"""
+    facts = static.parse_ptxas(log)
+    assert facts["_k"] == dict(regs=255, spill_stores=12, spill_loads=16, stack=24, smem=4096)
+    assert facts["_Z1fPf"] == dict(regs=40, spill_stores=0, spill_loads=0, stack=0, smem=0)
+    sass = """
+        Function : _k
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                 /* 0x00000a00ff017b82 */
+        /*0460*/               @P5 LDG.E.128 R12, desc[UR14][R20.64] ;   /* 0x0000000e140c5981 */
+        /*0470*/              @!P1 LDG.E R8, desc[UR14][R22.64] ;        /* 0x0000000e16081981 */
+        /*0480*/                   LDG.E.U16 R9, desc[UR14][R22.64] ;    /* 0x0000000e16081981 */
+        /*0490*/                   LDG.E.64 R10, desc[UR14][R22.64] ;    /* 0x0000000e16081981 */
+        /*04a0*/                   FFMA R2, R3, R4, R5 ;                 /* 0x0000000403027223 */
+        /*04b0*/                   HGMMA.64x64x16.F32 R24, gdesc[UR4], RZ ; /* 0x0 */
+        /*04c0*/                   MUFU.EX2 R51, R37 ;                   /* 0x0000002500337308 */
+        /*04d0*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;         /* 0x0000000000007b1d */
+        /*04e0*/                   STL [R1], R2 ;                        /* 0x0 */
+        /*04f0*/                   LDL R2, [R1] ;                        /* 0x0 */
+        /*0500*/                   STG.E desc[UR14][R2.64], R5 ;         /* 0x0 */
+        /*0510*/                   NOP ;                                 /* 0x0 */
+        Function : _other
+        /*0000*/                   EXIT ;                                /* 0x0 */
+"""
+    funcs = static.split_sass_functions(sass)
+    assert set(funcs) == {"_k", "_other"}
+    mix = static.sass_mix(funcs["_k"])
+    assert mix == dict(sass_total=12, ldg_narrow=1, ldg32=1, ldg64=1, ldg128=1, stg=1, ffma=1, hmma=0, gmma=1,
+                       dmma=0, mufu=1, bar=1, ldl=1, stl=1)
+    assert static.sass_mix(funcs["_other"])["sass_total"] == 1
+
+
+def test_readme_table_is_generated_from_the_csvs(tmp_path):
+    from segkd_kernels.bench import static_table  # noqa: PLC0415
+
+    readme = (REPO / "README.md").read_text()
+    assert static_table.BEGIN in readme and static_table.END in readme
+    results = REPO / "benchmarks" / "results"
+    copy = tmp_path / "README.md"
+    shutil.copy(REPO / "README.md", copy)
+    static_table.update_readme(copy, results / "static_sm90.csv", results / "static_sm80.csv")
+    assert copy.read_text() == readme, "README static table is stale: run python benchmarks/make_static_table.py"

@@ -1,0 +1,690 @@
+"""`segkd bench --static`: what the compiler makes of every kernel, on any machine, no GPU needed.
+
+For every op of bench/cases.py at its benchmark shapes (fp32 and bf16) the real Triton wrappers run
+on CPU tensors whose contents never matter: every `JITFunction.run` is intercepted, so nothing is
+launched, and each launch's binding (signature, constexprs, alignment attributes, num_warps,
+num_stages, grid) is recorded exactly as Triton's own launcher would bind it for the target. Each
+distinct launch is then compiled ahead of time for sm_90 and sm_80 (`triton.compile` with a
+GPUTarget) and read back: registers, spill bytes and stack from ptxas, shared memory from the
+kernel's metadata, the SASS instruction mix from cuobjdump. The CUDA kernels of csrc/ are compiled
+with `nvcc -cubin -Xptxas -v` for the same archs where nvcc exists.
+
+Occupancy is the usual per-SM limit model (registers per warp rounded to 256 and split over the 4
+schedulers, shared memory with 1 KiB reserved per CTA, 64 warps and 32 CTAs per SM); waves are
+CTAs / (CTAs per SM x SMs) on an H100/H200 (132 SMs) or A100 (108 SMs). Everything here is a
+compiler fact or a model, never a timing.
+
+This must run in a process where TRITON_INTERPRET is unset before Triton is imported: the
+interpreter replaces every kernel by a Python function, and some wrappers pick interpreter-only
+tile sizes. `segkd bench --static` re-executes itself in such a process when needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ARCHS = {"sm_90": (90, 132, "H100/H200"), "sm_80": (80, 108, "A100")}
+# Per-SM limits used by the occupancy model (CUDA occupancy calculator data for cc 8.0 / 9.0).
+SM_LIMITS = {
+    80: dict(regs=65536, warps=64, ctas=32, smem=167936, smem_reserved=1024),
+    90: dict(regs=65536, warps=64, ctas=32, smem=233472, smem_reserved=1024),
+}
+DTYPE_NAMES = ("float32", "bfloat16")
+DEFAULT_CSV = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+REPO = Path(__file__).resolve().parents[2]
+
+COLUMNS = [
+    "row", "arch", "kind", "op", "shape", "dtype", "phase", "kernel", "launches", "constexprs", "num_warps",
+    "num_stages", "grid", "ctas", "regs", "spill_stores", "spill_loads", "stack", "smem", "ctas_per_sm",
+    "warps_per_sm", "occupancy", "waves", "sass_total", "ldg_narrow", "ldg32", "ldg64", "ldg128", "stg", "ffma",
+    "hmma", "gmma", "dmma", "mufu", "bar", "ldl", "stl", "bytes_model", "bytes_floor", "model_over_floor",
+    "kernel_launches", "torch_ops", "fp_fusion_pinned", "note",
+]
+# Which shapes a run compiles: the benchmark shapes, the small odd shapes of --quick, or both ("gate":
+# the quick shapes plus the first benchmark shape of every op, the CI gate's fast subset).
+SHAPE_SETS = ("bench", "quick", "gate", "all")
+
+
+def shapes_for(case, shape_set: str) -> list:
+    if shape_set == "bench":
+        return list(case.shapes)
+    if shape_set == "quick":
+        return list(case.quick_shapes)
+    if shape_set == "gate":
+        return list(case.quick_shapes) + list(case.shapes[:1])
+    if shape_set == "all":
+        return list(case.quick_shapes) + list(case.shapes)
+    raise ValueError(f"shape set: expected one of {SHAPE_SETS}, got {shape_set!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# occupancy and SASS parsing (pure functions, unit-tested)
+
+def occupancy(cc: int, regs: int, smem: int, warps_per_cta: int) -> tuple[int, int, float]:
+    """(CTAs per SM, warps per SM, occupancy fraction) from the per-SM limits of compute capability cc."""
+    lim = SM_LIMITS[cc]
+    regs_per_warp = math.ceil(max(regs, 1) * 32 / 256) * 256
+    # registers are allocated per scheduler (4 per SM), whole warps at a time
+    warps_by_regs = 4 * ((lim["regs"] // 4) // regs_per_warp)
+    ctas = min(lim["ctas"], lim["warps"] // warps_per_cta, warps_by_regs // warps_per_cta)
+    if smem:
+        ctas = min(ctas, lim["smem"] // (smem + lim["smem_reserved"]))
+    ctas = max(ctas, 0)
+    return ctas, ctas * warps_per_cta, ctas * warps_per_cta / lim["warps"]
+
+
+_OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)")
+
+
+def sass_mix(sass: str) -> dict[str, int]:
+    """Static instruction counts of one function's SASS (cuobjdump -sass text)."""
+    mix = dict(sass_total=0, ldg_narrow=0, ldg32=0, ldg64=0, ldg128=0, stg=0, ffma=0, hmma=0, gmma=0, dmma=0,
+               mufu=0, bar=0, ldl=0, stl=0)
+    for m in _OPCODE.finditer(sass):
+        op = m.group(1)
+        base, *mods = op.split(".")
+        if base == "NOP":
+            continue
+        mix["sass_total"] += 1
+        if base == "LDG":
+            if "128" in mods:
+                mix["ldg128"] += 1
+            elif "64" in mods:
+                mix["ldg64"] += 1
+            elif any(x in mods for x in ("U8", "S8", "U16", "S16")):
+                mix["ldg_narrow"] += 1
+            else:
+                mix["ldg32"] += 1
+        elif base in ("STG", "RED", "ATOMG"):
+            mix["stg"] += 1
+        elif base == "FFMA":
+            mix["ffma"] += 1
+        elif base == "HMMA":
+            mix["hmma"] += 1
+        elif base in ("HGMMA", "GMMA", "WGMMA"):
+            mix["gmma"] += 1
+        elif base == "DMMA":
+            mix["dmma"] += 1
+        elif base == "MUFU":
+            mix["mufu"] += 1
+        elif base == "BAR":
+            mix["bar"] += 1
+        elif base == "LDL":
+            mix["ldl"] += 1
+        elif base == "STL":
+            mix["stl"] += 1
+    return mix
+
+
+def split_sass_functions(sass: str) -> dict[str, str]:
+    """cuobjdump -sass output of a cubin -> {function name: its SASS}."""
+    out, name, lines = {}, None, []
+    for line in sass.splitlines():
+        m = re.match(r"\s*Function : (\S+)", line)
+        if m:
+            if name is not None:
+                out[name] = "\n".join(lines)
+            name, lines = m.group(1), []
+        elif name is not None:
+            lines.append(line)
+    if name is not None:
+        out[name] = "\n".join(lines)
+    return out
+
+
+def parse_ptxas(log: str) -> dict[str, dict]:
+    """ptxas -v output -> {mangled function name: regs, spill_stores, spill_loads, stack, smem}."""
+    out, name = {}, None
+    for line in log.splitlines():
+        m = re.search(r"(?:Compiling entry function|Function properties for) '?([\w$.]+)'?", line)
+        if m:
+            name = m.group(1)
+            out.setdefault(name, dict(regs=0, spill_stores=0, spill_loads=0, stack=0, smem=0))
+            continue
+        if name is None:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            out[name].update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            out[name]["regs"] = int(m.group(1))
+            s = re.search(r"(\d+) bytes smem", line)
+            if s:
+                out[name]["smem"] = int(s.group(1))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# tools
+
+def _triton_bin(tool: str) -> str:
+    import triton  # noqa: PLC0415
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / tool
+    return str(path) if path.exists() else (shutil.which(tool) or tool)
+
+
+def _nvcc() -> str | None:
+    for cand in (os.environ.get("NVCC"), shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
+        if cand and Path(cand).exists():
+            return cand
+    return None
+
+
+def _sass_of_cubin(cubin: bytes, workdir: Path) -> str:
+    path = workdir / f"k_{hashlib.sha1(cubin).hexdigest()[:16]}.cubin"
+    path.write_bytes(cubin)
+    try:
+        return subprocess.run([_triton_bin("cuobjdump"), "-sass", str(path)], check=True, capture_output=True,
+                              text=True).stdout
+    finally:
+        path.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# capturing the launches of the real wrappers
+
+@dataclass
+class Launch:
+    kernel: str
+    fn: object
+    phase: str
+    grid: tuple
+    bound: dict = field(default_factory=dict)    # cc -> (signature, constexprs, attrs, options)
+    fp_fusion_pinned: bool = False               # the launch passed enable_fp_fusion=True itself
+
+    def key(self, cc: int) -> str:
+        sig, cx, attrs, opts = self.bound[cc]
+        return repr((self.fn.__module__, self.kernel, sorted(sig.items()), sorted(cx.items()),
+                     sorted(attrs.items()), sorted(opts.__dict__.items())))
+
+
+class _Capture:
+    """Replaces JITFunction.run while active: binds each launch for every arch, launches nothing."""
+
+    def __init__(self, ccs):
+        self.ccs = ccs
+        self.launches: list[Launch] = []
+        self.phase = "forward"
+        self.tensor_bytes: list[int] = []
+
+    def __enter__(self):
+        from triton import knobs  # noqa: PLC0415
+        from triton.backends.compiler import GPUTarget  # noqa: PLC0415
+        from triton.compiler import make_backend  # noqa: PLC0415
+        from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: PLC0415
+
+        import torch  # noqa: PLC0415
+
+        backends = {cc: make_backend(GPUTarget("cuda", cc, 32)) for cc in self.ccs}
+        binders: dict = {}
+        capture = self
+
+        def run(fn, *args, grid, warmup, **kwargs):
+            # The first lines of JITFunction.run, minus the driver: the same options and binding.
+            pinned = kwargs.get("enable_fp_fusion") is True
+            kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+            # (Triton 3.6 has the first knob only; each is an option wherever it is a knob)
+            for knob in ("instrumentation_mode", "fpsan_homomorphic_casts"):
+                if hasattr(knobs.compilation, knob):
+                    kwargs[knob] = getattr(knobs.compilation, knob)
+            launch = Launch(fn.__name__, fn, capture.phase, (), fp_fusion_pinned=pinned)
+            for cc, backend in backends.items():
+                binder = binders.get((fn, cc))
+                if binder is None:
+                    binder = binders[(fn, cc)] = create_function_from_signature(fn.signature, fn.params, backend)
+                bound_args, specialization, options = binder(*args, **kwargs)
+                opts, sig, cx, attrs = fn._pack_args(backend, dict(kwargs), bound_args, specialization, options)
+                launch.bound[cc] = (sig, cx, attrs, opts)
+                if not launch.grid:
+                    g = grid(bound_args) if callable(grid) else grid
+                    launch.grid = tuple(int(x) for x in g)
+            # bytes model: every tensor argument read or written once by this launch
+            capture.tensor_bytes.append(sum(a.numel() * a.element_size() for a in args
+                                            if isinstance(a, torch.Tensor)))
+            capture.launches.append(launch)
+            return None
+
+        self._saved = JITFunction.run
+        JITFunction.run = run
+        return self
+
+    def __exit__(self, *exc):
+        from triton.runtime.jit import JITFunction  # noqa: PLC0415
+
+        JITFunction.run = self._saved
+        return False
+
+
+# aten ops that launch nothing on a GPU (allocation without fill, views, metadata)
+_NO_KERNEL = frozenset({
+    "empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided", "view", "_unsafe_view", "as_strided",
+    "t", "transpose", "permute", "expand", "detach", "detach_", "alias", "unsqueeze", "squeeze", "select", "slice",
+    "split", "lift_fresh", "lift_fresh_copy", "reshape", "unbind", "_reshape_alias", "view_as", "split_with_sizes",
+    "set_", "resize_", "unflatten", "flatten", "movedim", "diagonal", "narrow", "chunk", "view_as_real",
+})
+
+
+def _torch_ops_mode():
+    """A dispatch mode that lists the aten ops a wrapper runs besides its Triton launches (each one is
+    a kernel launch on a GPU). Ops on host scalars made with torch.tensor(python number) are not
+    counted: on a GPU they stay on the host. Custom ops run their Python body under the mode, so
+    the torch ops inside the wrappers are seen too."""
+    import weakref  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+    from torch._library.custom_ops import OPDEFS  # noqa: PLC0415
+    from torch.utils._python_dispatch import TorchDispatchMode  # noqa: PLC0415
+
+    class Mode(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops: list[str] = []
+            self.host = weakref.WeakSet()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            qual = func._schema.name
+            if qual in OPDEFS and qual.startswith("segkd::"):
+                with self:
+                    return OPDEFS[qual]._init_fn(*args, **kwargs)
+            out = func(*args, **kwargs)
+            name = qual.split("::")[-1]
+            tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+            if name in ("lift_fresh", "lift_fresh_copy", "scalar_tensor") or (
+                    tensors and all(t in self.host for t in tensors)):
+                for o in (out if isinstance(out, (tuple, list)) else (out,)):
+                    if isinstance(o, torch.Tensor):
+                        self.host.add(o)
+                return out
+            if name not in _NO_KERNEL:
+                self.ops.append(name)
+            return out
+
+    return Mode()
+
+
+@contextlib.contextmanager
+def _cpu_tensors_for_triton():
+    """Inside the static tool only: let the triton backend accept CPU tensors (they are never
+    launched on) and keep the GPU's operand dtypes where a wrapper decides by device."""
+    from .. import _backends  # noqa: PLC0415
+    from ..ops.cross_image_kd import api as cross_api  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    saved = (_backends.TRITON_INTERPRET, cross_api.compute_dtype, torch.randn, torch.rand)
+    _backends.TRITON_INTERPRET = True
+    # on a GPU the cross-image kernels take fp16/bf16 operands as they are
+    cross_api.compute_dtype = lambda t: t.dtype
+    # contents never matter (nothing runs), so skip filling hundreds of MB with random numbers
+    torch.randn = lambda *a, **k: torch.empty(*a, **k)
+    torch.rand = lambda *a, **k: torch.empty(*a, **k)
+    try:
+        yield
+    finally:
+        _backends.TRITON_INTERPRET, cross_api.compute_dtype, torch.randn, torch.rand = saved
+
+
+def capture_case(op: str, shapes, dtype_name: str, ccs=(90, 80)):
+    """Run op's public API with backend='triton', forward then backward, capturing every launch.
+    Returns (launches, per-launch tensor bytes, names of the other torch ops that launch kernels)."""
+    import torch  # noqa: PLC0415
+
+    from . import cases  # noqa: PLC0415
+
+    case = cases.CASES[op]
+    dtype = getattr(torch, dtype_name)
+    mode = _torch_ops_mode()
+    with _cpu_tensors_for_triton(), _Capture(ccs) as cap:
+        inputs = case.make(shapes, dtype, "cpu")
+        with mode:
+            out = case.api(*inputs.tensors, backend="triton", **inputs.kwargs)
+        cap.phase = "backward"
+        outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,))
+                if isinstance(o, torch.Tensor) and o.requires_grad]
+        grads = [torch.ones_like(o) for o in outs]
+        if outs:
+            with mode:
+                torch.autograd.backward(outs, grads)
+    return cap.launches, cap.tensor_bytes, mode.ops
+
+
+# ----------------------------------------------------------------------------------------------
+# compiling
+
+class Compiler:
+    """Compiles captured launches for a cc, caching the parsed facts by Triton's kernel hash."""
+
+    def __init__(self, cache_dir: Path):
+        self.cache_dir = Path(cache_dir)
+        (self.cache_dir / "facts").mkdir(parents=True, exist_ok=True)
+        self.compiled = 0
+        self.reused = 0
+
+    def _index(self, launch: Launch, cc: int) -> Path:
+        return self.cache_dir / "facts" / (hashlib.sha256(launch.key(cc).encode()).hexdigest()[:32] + f"_{cc}.json")
+
+    def cached(self, launch: Launch, cc: int) -> bool:
+        return self._index(launch, cc).exists()
+
+    def facts(self, launch: Launch, cc: int) -> dict:
+        import triton  # noqa: PLC0415
+        from triton import knobs  # noqa: PLC0415
+        from triton.backends.compiler import GPUTarget  # noqa: PLC0415
+        from triton.compiler import ASTSource  # noqa: PLC0415
+
+        sig, cx, attrs, opts = launch.bound[cc]
+        index = self._index(launch, cc)
+        if index.exists():
+            self.reused += 1
+            return json.loads(index.read_text())
+        log = io.StringIO()
+        saved = knobs.nvidia.dump_ptxas_log
+        knobs.nvidia.dump_ptxas_log = True
+        try:
+            with contextlib.redirect_stdout(log):
+                kernel = triton.compile(ASTSource(launch.fn, sig, cx, attrs), target=GPUTarget("cuda", cc, 32),
+                                        options=opts.__dict__)
+        finally:
+            knobs.nvidia.dump_ptxas_log = saved
+        self.compiled += 1
+        name = kernel.metadata.name
+        ptxas = parse_ptxas(log.getvalue()).get(name)
+        if ptxas is None:  # Triton's own cache answered: run ptxas -v on its PTX
+            ptxas = self._ptxas(kernel.asm["ptx"], cc).get(name, {})
+        sass = split_sass_functions(_sass_of_cubin(kernel.asm["cubin"], self.cache_dir))
+        facts = dict(ptxas, smem=int(kernel.metadata.shared), num_warps=int(kernel.metadata.num_warps),
+                     num_stages=int(kernel.metadata.num_stages), **sass_mix(sass.get(name, "")))
+        index.write_text(json.dumps(facts))
+        return facts
+
+    def _ptxas(self, ptx: str, cc: int) -> dict:
+        with tempfile.TemporaryDirectory(dir=self.cache_dir) as tmp:
+            src = Path(tmp) / "k.ptx"
+            src.write_text(ptx)
+            arch = f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
+            res = subprocess.run([_triton_bin("ptxas"), "-lineinfo", "-v", "--regAllocOptLevel=2",
+                                  f"--gpu-name={arch}", str(src), "-o", str(Path(tmp) / "k.o")],
+                                 capture_output=True, text=True, check=True)
+        return parse_ptxas(res.stderr + res.stdout)
+
+
+def cuda_source_facts(src: Path, cc: int, cache_dir: Path) -> list[dict]:
+    """Registers, spills, stack and shared memory of every kernel in one csrc/ source for cc
+    (nvcc -cubin -Xptxas -v), with the SASS mix; cached by the source, common.cuh, cc and nvcc."""
+    nvcc = _nvcc()
+    text = src.read_bytes() + (REPO / "csrc" / "common.cuh").read_bytes()
+    key = hashlib.sha256(text + f"{cc}{nvcc}".encode()).hexdigest()[:24]
+    cached = Path(cache_dir) / "facts" / f"cuda_{src.stem}_{key}.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        res = subprocess.run([nvcc, "-cubin", f"-arch=sm_{cc}", "-Xptxas", "-v", "-O3", "-lineinfo",
+                              "--expt-relaxed-constexpr", "-std=c++17", f"-I{REPO / 'csrc'}", str(src), "-o",
+                              str(cubin)], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"nvcc failed on {src.name} for sm_{cc}:\n{res.stderr[-2000:]}")
+        ptxas = parse_ptxas(res.stderr + res.stdout)
+        sass = split_sass_functions(subprocess.run([_triton_bin("cuobjdump"), "-sass", str(cubin)],
+                                                   capture_output=True, text=True).stdout)
+    names = _demangle(list(ptxas))
+    found = [dict(facts, source=src.name, mangled=mangled, kernel=names[mangled], **sass_mix(sass.get(mangled, "")))
+             for mangled, facts in ptxas.items()]
+    cached.write_text(json.dumps(found))
+    return found
+
+
+def cuda_kernel_facts(cc: int, cache_dir: Path, sources=None, jobs: int | None = None) -> list[dict]:
+    """cuda_source_facts of every csrc/*.cu for cc, nvcc runs in parallel; [] when nvcc is missing."""
+    if _nvcc() is None:
+        return []
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+    sources = sources or sorted((REPO / "csrc").glob("*.cu"))
+    with ThreadPoolExecutor(jobs or os.cpu_count() or 1) as pool:
+        return [f for found in pool.map(lambda src: cuda_source_facts(src, cc, cache_dir), sources) for f in found]
+
+
+def short_kernel_name(demangled: str) -> str:
+    """'void ns::(anonymous namespace)::k<float, false>(float const*, long)' -> 'k<float, false>'."""
+    name = demangled.removeprefix("void ")
+    depth = 0
+    for i, ch in enumerate(name):
+        if ch == "<":
+            depth += 1
+        elif ch == ">":
+            depth -= 1
+        elif ch == "(" and depth == 0 and not name[:i].endswith("::") and name[i:].startswith("(") \
+                and not name.startswith("(anonymous namespace)", i):
+            name = name[:i]
+            break
+    return name.replace("(anonymous namespace)::", "").split("::")[-1] if "<" not in name \
+        else re.sub(r"^(?:[\w]+::|\(anonymous namespace\)::)+", "", name)
+
+
+def _demangle(names: list[str]) -> dict[str, str]:
+    filt = shutil.which("cu++filt") or shutil.which("c++filt")
+    if not filt or not names:
+        return {n: n for n in names}
+    res = subprocess.run([filt], input="\n".join(names), capture_output=True, text=True)
+    out = res.stdout.splitlines()
+    return {n: (out[i] if i < len(out) else n) for i, n in enumerate(names)}
+
+
+# ----------------------------------------------------------------------------------------------
+# the report
+
+def _fmt_constexprs(fn, cx: dict) -> str:
+    names = [p.name for p in fn.params]
+    parts = []
+    for path, value in sorted(cx.items()):
+        name = names[path[0]] if len(path) == 1 else str(path)
+        # block sizes and flags: upper-case constexpr parameters (strides specialised to 1 are dropped)
+        if name.isupper() or name.startswith("BLOCK"):
+            if hasattr(value, "name"):
+                value = value.name
+            parts.append(f"{name}={value}")
+    return ";".join(parts)
+
+
+_WORK: list = []  # (launch, cc) pairs for the forked compile workers
+
+
+def _compile_one(i: int, cache_dir: str):
+    launch, cc = _WORK[i]
+    try:
+        return "ok", Compiler(Path(cache_dir)).facts(launch, cc)
+    except Exception as err:  # noqa: BLE001  (a compiler failure is a result here)
+        return "error", f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+
+
+def compile_all(compiler: "Compiler", pending: dict, jobs: int, log=print) -> dict:
+    """{(key, cc): launch} -> {(key, cc): ("ok", facts) | ("error", message)}, compiling what the facts
+    cache lacks in `jobs` forked processes (each compile is mostly single-threaded)."""
+    global _WORK
+    keys = list(pending)
+    _WORK = [(pending[k], k[1]) for k in keys]
+    todo = [i for i, (launch, cc) in enumerate(_WORK) if not compiler.cached(launch, cc)]
+    results = {}
+    if len(todo) > 1 and jobs > 1:
+        import multiprocessing  # noqa: PLC0415
+
+        with multiprocessing.get_context("fork").Pool(min(jobs, len(todo))) as pool:
+            for i, res in zip(todo, pool.starmap(_compile_one, [(i, str(compiler.cache_dir)) for i in todo])):
+                results[keys[i]] = res
+    else:
+        for i in todo:
+            results[keys[i]] = _compile_one(i, str(compiler.cache_dir))
+    compiler.compiled += len(todo)
+    for i, k in enumerate(keys):
+        if k not in results:
+            results[k] = ("ok", compiler.facts(*_WORK[i]))
+    _WORK = []
+    return results
+
+
+def static_rows(ops, dtypes, archs, cache_dir: Path, log=print, shape_set: str = "bench",
+                jobs: int | None = None) -> list[dict]:
+    import torch  # noqa: PLC0415
+
+    from . import cases  # noqa: PLC0415
+
+    compiler = Compiler(cache_dir)
+    ccs = [ARCHS[a][0] for a in archs]
+    captured = []
+    for op in ops:
+        case = cases.CASES[op]
+        for shapes in shapes_for(case, shape_set):
+            label = cases.shape_label(shapes)
+            for dtype_name in dtypes:
+                t0 = time.perf_counter()
+                launches, tensor_bytes, torch_ops = capture_case(op, shapes, dtype_name, ccs)
+                floor = case.bytes(shapes, getattr(torch, dtype_name), "full") if case.bytes else ""
+                captured.append((op, label, dtype_name, launches, tensor_bytes, torch_ops, floor))
+                log(f"static: captured {op:<16}{label:<34}{dtype_name:<9}{len(launches):>3} launches "
+                    f"{time.perf_counter() - t0:6.1f} s")
+    pending = {}
+    for *_, launches, _tb, _to, _fl in captured:
+        for launch in launches:
+            for cc in ccs:
+                pending.setdefault((launch.key(cc), cc), launch)
+    t0 = time.perf_counter()
+    results = compile_all(compiler, pending, jobs or os.cpu_count() or 1, log)
+    log(f"static: {len(pending)} distinct kernels x arch, {compiler.compiled} compiled "
+        f"({time.perf_counter() - t0:.0f} s), the rest from the cache ({cache_dir})")
+
+    rows = []
+    for op, label, dtype_name, launches, tensor_bytes, torch_ops, floor in captured:
+        for arch in archs:
+            cc, sms, _ = ARCHS[arch]
+            groups: dict = {}
+            for launch in launches:
+                groups.setdefault((launch.phase, launch.key(cc), launch.grid), [launch, 0])[1] += 1
+            for (phase, key, grid), (launch, count) in groups.items():
+                base = dict(row="kernel", arch=arch, kind="triton", op=op, shape=label, dtype=dtype_name, phase=phase,
+                            kernel=launch.kernel, launches=count,
+                            constexprs=_fmt_constexprs(launch.fn, launch.bound[cc][1]),
+                            grid="x".join(map(str, grid)), ctas=math.prod(grid),
+                            fp_fusion_pinned=launch.fp_fusion_pinned)
+                status, f = results[(key, cc)]
+                if status != "ok":
+                    rows.append(dict(base, note=f"COMPILE FAILED: {f}"))
+                    log(f"static: {op} {label} {dtype_name} {launch.kernel} {arch}: compile failed ({f})")
+                    continue
+                per_sm, warps, occ = occupancy(cc, f.get("regs", 0), f["smem"], f["num_warps"])
+                waves = base["ctas"] / (per_sm * sms) if per_sm else float("inf")
+                rows.append(dict(
+                    base, num_warps=f["num_warps"], num_stages=f["num_stages"], regs=f.get("regs", ""),
+                    spill_stores=f.get("spill_stores", ""), spill_loads=f.get("spill_loads", ""),
+                    stack=f.get("stack", ""), smem=f["smem"], ctas_per_sm=per_sm, warps_per_sm=warps,
+                    occupancy=round(occ, 3), waves=round(waves, 2), **{k: f[k] for k in sass_mix("")}))
+            model = sum(tensor_bytes)
+            rows.append(dict(
+                row="op", arch=arch, kind="triton", op=op, shape=label, dtype=dtype_name, phase="full",
+                kernel="(all launches)", launches=len(launches), bytes_model=model, bytes_floor=floor,
+                model_over_floor=round(model / floor, 2) if floor else "",
+                kernel_launches=len(launches) + len(torch_ops), torch_ops=len(torch_ops),
+                note="torch ops: " + (" ".join(torch_ops) or "none")
+                     + "; bytes_model: every tensor argument of every Triton launch read or written once"))
+    return rows
+
+
+def cuda_rows(archs, cache_dir: Path, log=print) -> list[dict]:
+    rows = []
+    for arch in archs:
+        cc = ARCHS[arch][0]
+        for f in cuda_kernel_facts(cc, cache_dir):
+            rows.append(dict(row="kernel", arch=arch, kind="cuda", op=f["source"].removesuffix(".cu"),
+                             kernel=short_kernel_name(f["kernel"]), regs=f["regs"], spill_stores=f["spill_stores"],
+                             spill_loads=f["spill_loads"], stack=f["stack"], smem=f["smem"],
+                             **{k: f[k] for k in sass_mix("")},
+                             note="block size and grid are chosen by the host code at run time"))
+    if not rows:
+        log("static: nvcc not found, CUDA kernels skipped")
+    return rows
+
+
+def write_csv(rows, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in COLUMNS})
+
+
+def run_static(ops, dtypes=DTYPE_NAMES, archs=tuple(ARCHS), out_dir: Path = DEFAULT_CSV, cache_dir: Path | None = None,
+               cuda: bool = True, log=print, shape_set: str = "bench") -> dict[str, Path]:
+    """Capture, compile and write static_<arch>.csv per arch; returns {arch: path}."""
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    cache_dir = Path(cache_dir or out_dir / ".static_cache")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["TRITON_CACHE_DIR"] = str(cache_dir / "triton")
+    rows = static_rows(ops, dtypes, archs, cache_dir, log, shape_set)
+    if cuda:
+        rows += cuda_rows(archs, cache_dir, log)
+    paths = {}
+    for arch in archs:
+        paths[arch] = out_dir / f"static_{arch.replace('_', '')}.csv"
+        write_csv([r for r in rows if r["arch"] == arch], paths[arch])
+        log(f"wrote {paths[arch]}")
+    log(f"static report: {time.perf_counter() - t0:.0f} s")
+    return paths
+
+
+def main(argv=None) -> int:
+    """Entry point of `segkd bench --static` (always in a process without TRITON_INTERPRET)."""
+    import argparse  # noqa: PLC0415
+
+    from . import cases  # noqa: PLC0415
+
+    p = argparse.ArgumentParser(prog="segkd bench --static")
+    p.add_argument("--ops", default=",".join(cases.CASES))
+    p.add_argument("--dtypes", default=",".join(DTYPE_NAMES))
+    p.add_argument("--archs", default=",".join(ARCHS))
+    p.add_argument("--out-dir", type=Path, default=DEFAULT_CSV)
+    p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--no-cuda", action="store_true")
+    p.add_argument("--shapes", choices=SHAPE_SETS, default="bench")
+    a = p.parse_args(argv)
+    run_static([o for o in a.ops.split(",") if o], [d for d in a.dtypes.split(",") if d],
+               [x for x in a.archs.split(",") if x], a.out_dir, a.cache_dir, cuda=not a.no_cuda,
+               shape_set=a.shapes)
+    return 0
+
+
+def spawn(ops, dtypes, out_dir, cache_dir=None, cuda=True, archs=tuple(ARCHS)) -> int:
+    """Run the static report in a fresh process with TRITON_INTERPRET unset."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    cmd = [sys.executable, "-m", "segkd_kernels.bench.static", "--ops", ",".join(ops), "--dtypes", ",".join(dtypes),
+           "--archs", ",".join(archs), "--out-dir", str(out_dir)]
+    if cache_dir:
+        cmd += ["--cache-dir", str(cache_dir)]
+    if not cuda:
+        cmd.append("--no-cuda")
+    return subprocess.call(cmd, env=env)
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        sys.exit("segkd bench --static: TRITON_INTERPRET=1 is set; the static report compiles real kernels")
+    sys.exit(main())
