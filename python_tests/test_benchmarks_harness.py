@@ -205,7 +205,8 @@ def test_host_benchmark_rows(tmp_path):
         assert (int(r["triton_launches"]) > 0) == (r["provider"] == "triton")
     split = next(r for r in rows if r["plan"] == "split" and r["provider"] == "triton")
     one = next(r for r in rows if r["plan"] == "default" and r["op"] == "channel_wise_kd" and r["provider"] == "triton")
-    assert int(split["triton_launches"]) == 2 and int(one["triton_launches"]) == 1  # forward (+ recompute backward)
+    # the split path adds at least the recomputing backward's launch to the one-tile forward's
+    assert int(split["triton_launches"]) > int(one["triton_launches"]) >= 1
     assert "| channel_wise_kd | split |" in host.markdown_table(rows)
 
 

@@ -62,6 +62,8 @@ def _cwd_split():
 PLANS = {"channel_wise_kd": {"split": _cwd_split}}
 
 # Host reads of tensor values: each one waits for the device on a GPU.
+SYNC_OPS = frozenset({"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "nonzero_static",
+                      "masked_select", "unique", "_unique2", "unique_consecutive", "repeat_interleave", "_assert_async"})
 _READERS = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__", "is_nonzero", "equal")
 
 
@@ -135,6 +137,9 @@ def measure(op: str, provider: str, plan: str = "", repeats: int = 300, warmup: 
         with mode:
             _call(case, inputs, provider)
         launches = cap.count
+        # aten ops that read device values on the host or size an output by them (the Python-level
+        # guard does not see the ones called from C++, such as a boolean-mask index's nonzero)
+        sites += [f"aten:{name}" for name in mode.ops if name in SYNC_OPS]
         for _ in range(warmup):
             _call(case, inputs, provider)
         times = []
