@@ -179,3 +179,53 @@ def test_compile_provider_never_falls_back_to_eager(capfd):
     captured = capfd.readouterr()
     assert "recompile_limit" not in captured.out + captured.err
     assert counters["stats"]["unique_graphs"] >= len(cases.CASES)
+
+
+def test_host_benchmark_rows(tmp_path):
+    """`segkd bench --host` writes one triton and one eager row per op and plan, counts launches and
+    torch ops, and sees the host reads it exists to find."""
+    import subprocess
+    import sys as _sys
+
+    from segkd_kernels.bench import host
+
+    out = tmp_path / "host.csv"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([_sys.executable, "-m", "segkd_kernels.bench.host", "--ops", "channel_wise_kd,spatial_pool",
+                          "--out", str(out), "--repeats", "5", "--warmup", "1"], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    with open(out, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == host.COLUMNS
+    keys = {(r["op"], r["plan"], r["provider"]) for r in rows}
+    assert keys == {(op, plan, prov) for op, plan in [("channel_wise_kd", "default"), ("channel_wise_kd", "split"),
+                                                     ("spatial_pool", "default")] for prov in ("triton", "eager")}
+    for r in rows:
+        assert float(r["us_per_call"]) > 0
+        assert (int(r["triton_launches"]) > 0) == (r["provider"] == "triton")
+    split = next(r for r in rows if r["plan"] == "split" and r["provider"] == "triton")
+    one = next(r for r in rows if r["plan"] == "default" and r["op"] == "channel_wise_kd" and r["provider"] == "triton")
+    # the split path adds at least the recomputing backward's launch to the one-tile forward's
+    assert int(split["triton_launches"]) > int(one["triton_launches"]) >= 1
+    assert "| channel_wise_kd | split |" in host.markdown_table(rows)
+
+
+def test_host_read_guard_sees_every_kind_of_read():
+    import torch
+
+    from segkd_kernels.bench.host import host_read_guard
+
+    x = torch.ones(3)
+    sites: list = []
+    with host_read_guard(sites):
+        x.sum().item()
+        bool(x[0] > 0)
+        float(x[1])
+        int(x[2])
+        x.tolist()
+        torch.equal(x, x)
+    assert [s.rsplit(":", 1)[1] for s in sites] == ["item", "__bool__", "__float__", "__int__", "tolist", "equal"]
+    assert torch.Tensor.item is not None and not sites[0].startswith("host.py")
+    n = len(sites)
+    x.sum().item()  # outside: not recorded, and the patch is gone
+    assert len(sites) == n

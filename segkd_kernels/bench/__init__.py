@@ -5,6 +5,8 @@
     segkd bench --quick                  # tiny shapes, few repeats; also runs on CPU (harness check)
     segkd bench --static                 # no GPU: compile every kernel for sm_90/sm_80, registers,
                                          # spills, occupancy, SASS mix -> benchmarks/results/static_sm*.csv
+    segkd bench --host                   # no GPU: host time per forward+backward call, kernels stubbed,
+                                         # next to the eager baseline -> benchmarks/results/host_cpu.csv
 
 Each run writes into its own folder, runs/bench/<device>-<date>-<time>/ (relative to the current
 directory): <device>.csv with the rows (columns in harness.COLUMNS, appended as they are measured,
@@ -62,6 +64,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--static", action="store_true",
                         help="compile-only report (no GPU, nothing launched): static_sm90.csv / static_sm80.csv in "
                              "the folder --out names (default benchmarks/results, the committed report)")
+    parser.add_argument("--host", action="store_true",
+                        help="host overhead per forward+backward call with the kernels stubbed, next to the eager "
+                             "baseline, on CPU (default --out benchmarks/results/host_cpu.csv, the committed table)")
     return parser
 
 
@@ -86,6 +91,12 @@ def run(args: argparse.Namespace) -> int:
 
         folder = DEFAULT_STATIC if args.out is None else (args.out.parent if args.out.suffix else args.out)
         return spawn(args.ops, args.dtypes or list(DTYPE_NAMES), folder)
+    if getattr(args, "host", False):
+        from .host import DEFAULT_CSV as host_csv  # noqa: PLC0415
+        from .host import spawn as host_spawn  # noqa: PLC0415
+
+        out = host_csv if args.out is None else (args.out if args.out.suffix else args.out / "host_cpu.csv")
+        return host_spawn(args.ops, out)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.quick:
         print("segkd bench: no CUDA device; on CPU only --quick runs (a harness check, not a measurement)")

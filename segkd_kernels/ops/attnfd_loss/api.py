@@ -9,11 +9,11 @@ from .reference import NORM_EPS
 
 IMPLEMENTED = {"reference": FLOAT_DTYPES, "cuda": KERNEL_DTYPES}
 try:
-    from .triton import attnfd_dots_triton
+    from .triton import attnfd_dots_triton, attnfd_loss_triton
 
     IMPLEMENTED["triton"] = FLOAT_DTYPES
 except ImportError:  # triton missing: _backends reports why
-    attnfd_dots_triton = None
+    attnfd_dots_triton = attnfd_loss_triton = None
 from .cuda import attnfd_loss_cuda
 
 
@@ -44,5 +44,4 @@ def attnfd_loss(student_refined: torch.Tensor, teacher_refined: torch.Tensor, *,
         return reference.attnfd_loss(student_refined, teacher_refined)
     if name == "cuda":
         return attnfd_loss_cuda(student_refined, teacher_refined.detach())[0]
-    dots = attnfd_dots_triton(student_refined, teacher_refined.detach())
-    return loss_from_dots(dots, student_refined.shape[0]).to(student_refined.dtype)
+    return attnfd_loss_triton(student_refined, teacher_refined.detach(), NORM_EPS)[0]

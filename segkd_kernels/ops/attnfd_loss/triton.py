@@ -2,8 +2,10 @@
 
 Forward: a fixed grid of programs strides over the flat tensors (both read once, in a memory order
 they share, so channels_last pairs need no copy); each lane accumulates the three products in fp64
-and each program writes one row of partial sums, which one torch sum (fp64, deterministic, no
-atomics) finishes. The loss is then a handful of fp64 scalar ops in api.py.
+and each program writes one row of partial sums. One more program sums them in a fixed order (fp64,
+deterministic, no atomics) and computes the loss and the gradient's two coefficients
+(attnfd_loss_triton); attnfd_dots_triton returns the dots alone (torch sums the partials), for
+second derivatives.
 
 Why fp64 and not fp32 partials: the loss is 2 - 2 cos, which cancels to ~1e-6 when the student is
 close to the teacher, so the dot products need ~1e-10 relative accuracy. fp32 products and fp32
@@ -16,6 +18,8 @@ coefficients read from device memory (no host synchronisation); computed in fp32
 """
 
 from __future__ import annotations
+
+import struct
 
 import torch
 import triton
@@ -58,6 +62,51 @@ def _axpby_kernel(a_ptr, b_ptr, coef_ptr, out_ptr, numel, BLOCK: tl.constexpr, A
     a = tl.load(a_ptr + offs, mask=ok, other=0.0).to(ACC_DTYPE)
     b = tl.load(b_ptr + offs, mask=ok, other=0.0).to(ACC_DTYPE)
     tl.store(out_ptr + offs, (ca * a + cb * b).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _finish_kernel(part_ptr, loss_ptr, coef_ptr, programs, batch, eps_hi, eps_lo, BLOCK_P: tl.constexpr,
+                   OUT_FP64: tl.constexpr):
+    """One program: the fixed-order fp64 sum of the partial rows, the loss, and the student's
+    gradient coefficients for grad_output 1, [2 dL/d<s,s>, dL/d<s,t>]: the whole scalar epilogue
+    (about 25 fp64 torch ops forward and backward) in one launch. The formulas follow api.py's
+    loss_from_dots step by step, and its gradient as autograd takes it (clamp_min passes the
+    gradient where <s,s> >= eps^2)."""
+    lanes = tl.arange(0, BLOCK_P)
+    acc_ss = tl.zeros([BLOCK_P], dtype=tl.float64)
+    acc_tt = tl.zeros([BLOCK_P], dtype=tl.float64)
+    acc_st = tl.zeros([BLOCK_P], dtype=tl.float64)
+    for start in range(0, programs, BLOCK_P):
+        rows = start + lanes
+        ok = rows < programs
+        acc_ss += tl.load(part_ptr + rows * 3, mask=ok, other=0.0)
+        acc_tt += tl.load(part_ptr + rows * 3 + 1, mask=ok, other=0.0)
+        acc_st += tl.load(part_ptr + rows * 3 + 2, mask=ok, other=0.0)
+    ss = tl.sum(acc_ss, axis=0)
+    tt = tl.sum(acc_tt, axis=0)
+    st = tl.sum(acc_st, axis=0)
+    # fp32 kernel arguments carry eps as hi + lo; squared in fp64 (fp64 sqrt is correctly rounded)
+    eps = tl.cast(eps_hi, tl.float64) + tl.cast(eps_lo, tl.float64)
+    eps_sq = eps * eps
+    # clamp_min keeps a NaN (tl.maximum would drop it)
+    ns = tl.sqrt(tl.where(ss != ss, ss, tl.maximum(ss, eps_sq)))
+    nt = tl.sqrt(tl.where(tt != tt, tt, tl.maximum(tt, eps_sq)))
+    ns2 = ns * ns
+    nt2 = nt * nt
+    nst = ns * nt
+    n = tl.cast(batch, tl.float64)
+    loss = (ss / ns2 + tt / nt2 - 2.0 * st / nst) / n
+    # through fp32, as torch converts fp64 to fp16/bf16 (and the interpreter has no direct fp64 -> bf16)
+    if OUT_FP64:
+        tl.store(loss_ptr, loss)
+    else:
+        tl.store(loss_ptr, loss.to(tl.float32).to(loss_ptr.dtype.element_ty))
+    # d/d ns of ss / ns^2 - 2 st / (ns nt), then through ns = sqrt(max(ss, eps^2))
+    g_ns = -ss / (ns2 * ns2) * (2.0 * ns) + 2.0 * st / (nst * nst) * nt
+    g_ss = 1.0 / ns2 + tl.where(ss >= eps_sq, g_ns / (2.0 * ns), 0.0)
+    g_st = -2.0 / nst
+    tl.store(coef_ptr, 2.0 * g_ss / n)
+    tl.store(coef_ptr + 1, g_st / n)
 
 
 def _dense_order(s: torch.Tensor, t: torch.Tensor) -> tuple[int, ...] | None:
@@ -143,3 +192,61 @@ def _backward(ctx, grad):
 
 
 attnfd_dots_triton.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _fp32_parts(value: float) -> tuple[float, float]:
+    """value as hi + lo, both fp32 (Triton passes float arguments as fp32)."""
+    hi = struct.unpack("f", struct.pack("f", value))[0]
+    return hi, struct.unpack("f", struct.pack("f", value - hi))[0]
+
+
+@torch.library.custom_op("segkd::attnfd_loss_triton", mutates_args=())
+def attnfd_loss_triton(s: torch.Tensor, t: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss in s's dtype, fp64 (2,) [2 dL/d<s,s>, dL/d<s,t>] for grad_output 1): the dots' pass and
+    one epilogue launch."""
+    s_flat, t_flat, _ = _flat_pair(s, t)
+    numel = s_flat.numel()
+    programs = max(1, min(triton.cdiv(numel, BLOCK), MAX_PROGRAMS))
+    part = torch.empty(programs, 3, dtype=torch.float64, device=s.device)
+    if numel > 0:
+        _dots_kernel[(programs,)](s_flat, t_flat, part, numel, programs, BLOCK=BLOCK, **FP_FUSION)
+    else:
+        part.zero_()
+    loss = torch.empty((), dtype=s.dtype, device=s.device)
+    coef = torch.empty(2, dtype=torch.float64, device=s.device)
+    _finish_kernel[(1,)](part, loss, coef, programs, s.shape[0], *_fp32_parts(eps),
+                         BLOCK_P=min(1024, triton.next_power_of_2(programs)),
+                         OUT_FP64=s.dtype == torch.float64, num_warps=4, **FP_FUSION)
+    return loss, coef
+
+
+@attnfd_loss_triton.register_fake
+def _(s, t, eps):
+    return s.new_empty(()), s.new_empty(2, dtype=torch.float64)
+
+
+def _loss_setup_context(ctx, inputs, output):
+    s, t, eps = inputs
+    ctx.eps = eps
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(s, t, output[1])
+
+
+def _loss_backward(ctx, grad_loss, _grad_coef):
+    s, t, coef = ctx.saved_tensors
+    if not ctx.needs_input_grad[0] or grad_loss is None:
+        return None, None, None
+    if torch.is_grad_enabled():
+        # a second derivative was asked for (create_graph=True): the dots' op and the loss in
+        # torch ops, which autograd can differentiate again
+        from .api import loss_from_dots  # noqa: PLC0415
+
+        with torch.enable_grad():
+            s_ = s if s.requires_grad else s.detach().requires_grad_(True)
+            loss = loss_from_dots(attnfd_dots_triton(s_, t.detach()), s.shape[0]).to(s.dtype)
+            (ds,) = torch.autograd.grad(loss, s_, grad_loss, create_graph=True)
+        return ds, None, None
+    return attnfd_dots_backward_triton(s, t, coef * grad_loss.to(torch.float64)), None, None
+
+
+attnfd_loss_triton.register_autograd(_loss_backward, setup_context=_loss_setup_context)

@@ -11,8 +11,8 @@ log(sum) to 1e-3 and every probability with it.
 - Longer rows: one program per (row, split), several splits per row so that there are enough
   programs for the GPU even when N*C is small (8 x 19 rows of 10^6 positions). A split streams its
   part in blocks with online max / sum-exp of s/tau and t/tau and a rescaled accumulator of
-  exp(t/tau - m_t) (t - s)/tau, and saves five numbers; torch combines the splits (rows x splits
-  numbers) into the row statistics and KL. The backward recomputes the softmaxes from the saved row
+  exp(t/tau - m_t) (t - s)/tau, and saves five numbers; one small program combines the splits
+  (rows x splits numbers) into the row statistics and the loss. The backward recomputes the softmaxes from the saved row
   statistics, one program per (row, block), and writes ds scaled by grad_output.
 
 Accumulation is fp32 (fp64 for fp64 inputs). Inputs are read through their strides when the H, W
@@ -20,6 +20,9 @@ axes flatten to one (contiguous NCHW: stride 1; channels_last: stride C), so nei
 """
 
 from __future__ import annotations
+
+import math
+import struct
 
 import torch
 import triton
@@ -117,6 +120,62 @@ def _cwd_fwd_kernel(s_ptr, t_ptr, ds_ptr, stats_ptr, kl_ptr, C, P, chunk, splits
 
 
 @triton.jit
+def _cwd_combine_kernel(stats_ptr, lse_ptr, loss_ptr, rows, splits, scale_hi, scale_lo,
+                        BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
+    """One program combines the splits of every row (max, sum-exp pairs rescaled to the row max)
+    into the row statistics and writes the loss: the whole epilogue in one launch, the loss summed
+    in a fixed order."""
+    plane = rows * splits
+    total = tl.zeros([BLOCK_R], ACC)
+    for r0 in range(0, rows, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        in_rows = r < rows
+        m_s = tl.full([BLOCK_R], float("-inf"), ACC)
+        m_t = tl.full([BLOCK_R], float("-inf"), ACC)
+        for s0 in range(0, splits, BLOCK_S):
+            sp = s0 + tl.arange(0, BLOCK_S)
+            ok = in_rows[:, None] & (sp < splits)[None, :]
+            slot = r[:, None].to(tl.int64) * splits + sp[None, :]
+            m_s = tl.maximum(m_s, tl.max(tl.load(stats_ptr + slot, mask=ok, other=float("-inf")), axis=1))
+            m_t = tl.maximum(m_t, tl.max(tl.load(stats_ptr + 2 * plane + slot, mask=ok, other=float("-inf")), axis=1))
+        # rows past the end: a finite max and a sum of 1, so that their (discarded) lanes compute no
+        # inf - inf or log(0)
+        m_s_sub = tl.where(in_rows, m_s, 0.0)
+        m_t_sub = tl.where(in_rows, m_t, 0.0)
+        l_s = tl.zeros([BLOCK_R], ACC)
+        l_t = tl.zeros([BLOCK_R], ACC)
+        a = tl.zeros([BLOCK_R], ACC)
+        for s0 in range(0, splits, BLOCK_S):
+            sp = s0 + tl.arange(0, BLOCK_S)
+            ok = in_rows[:, None] & (sp < splits)[None, :]
+            slot = r[:, None].to(tl.int64) * splits + sp[None, :]
+            # masked slots: l = 0 and a max of -inf, so they add exactly 0 (the row maxima start at
+            # -inf as torch's amax would, so a row of -inf logits gives NaN as the reference does)
+            m_s_part = tl.load(stats_ptr + slot, mask=ok, other=float("-inf"))
+            l_s_part = tl.load(stats_ptr + plane + slot, mask=ok, other=0.0)
+            m_t_part = tl.load(stats_ptr + 2 * plane + slot, mask=ok, other=float("-inf"))
+            l_t_part = tl.load(stats_ptr + 3 * plane + slot, mask=ok, other=0.0)
+            a_part = tl.load(stats_ptr + 4 * plane + slot, mask=ok, other=0.0)
+            l_s += tl.sum(l_s_part * tl.exp(m_s_part - m_s_sub[:, None]), axis=1)
+            l_t_rescaled = l_t_part * tl.exp(m_t_part - m_t_sub[:, None])
+            l_t += tl.sum(l_t_rescaled, axis=1)
+            a += tl.sum(l_t_rescaled * a_part, axis=1)
+        l_s = tl.where(in_rows, l_s, 1.0)
+        l_t = tl.where(in_rows, l_t, 1.0)
+        log_l_s = tl.log(l_s)
+        log_l_t = tl.log(l_t)
+        # KL = sum p_t (t - s)/tau - lse_t + lse_s, the two lse differenced by parts (max, then log-sum)
+        kl = a / l_t + (m_s_sub - m_t_sub) + (log_l_s - log_l_t)
+        total += tl.where(in_rows, kl, 0.0)
+        tl.store(lse_ptr + r, m_s, mask=in_rows)
+        tl.store(lse_ptr + rows + r, log_l_s, mask=in_rows)
+        tl.store(lse_ptr + 2 * rows + r, m_t, mask=in_rows)
+        tl.store(lse_ptr + 3 * rows + r, log_l_t, mask=in_rows)
+    loss = tl.sum(total, axis=0) * (tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC))
+    tl.store(loss_ptr, loss.to(loss_ptr.dtype.element_ty))
+
+
+@triton.jit
 def _cwd_bwd_kernel(s_ptr, t_ptr, lse_ptr, grad_ptr, ds_ptr, C, P, rows,
                     s_sn, s_sc, s_sp, t_sn, t_sc, t_sp, inv_tau_hi, inv_tau_lo, coef_hi, coef_lo,
                     BLOCK: tl.constexpr, ACC: tl.constexpr):
@@ -140,10 +199,19 @@ def _cwd_bwd_kernel(s_ptr, t_ptr, lse_ptr, grad_ptr, ds_ptr, C, P, rows,
 
 
 
+def _fp32(value: float) -> float:
+    """value rounded to the nearest fp32 (to +-inf past its range), without a tensor: plain host
+    arithmetic, so no launch argument ever costs a tensor round trip."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
+
+
 def _split(value: float) -> tuple[float, float]:
     """value as hi + lo, both exactly representable in fp32 (Triton passes float arguments as fp32)."""
-    hi = float(torch.tensor(value, dtype=torch.float32))
-    return hi, float(torch.tensor(value - hi, dtype=torch.float32))
+    hi = _fp32(value)
+    return hi, _fp32(value - hi)
 
 
 
@@ -200,19 +268,14 @@ def channel_wise_kd_triton(student: torch.Tensor, teacher: torch.Tensor, tau: fl
         WRITE_GRAD=fused, ACC=acc_dtype(acc_torch), NEG=_NEG, num_warps=warps, **FP_FUSION)
     if one_tile:
         return kl.sum().to(student.dtype), ds, stats
-    # combine the splits of every row: (max, sum-exp) pairs rescaled to the row max
-    m_s_part, l_s_part, m_t_part, l_t_part, a_part = stats.unbind(0)
-    m_s = m_s_part.amax(dim=1)
-    l_s = (l_s_part * torch.exp(m_s_part - m_s[:, None])).sum(dim=1)
-    m_t = m_t_part.amax(dim=1)
-    l_t_rescaled = l_t_part * torch.exp(m_t_part - m_t[:, None])
-    l_t = l_t_rescaled.sum(dim=1)
-    a = (l_t_rescaled * a_part).sum(dim=1) / l_t
-    log_l_s, log_l_t = torch.log(l_s), torch.log(l_t)
-    # KL = sum p_t (t - s)/tau - lse_t + lse_s, the two lse differenced by parts (max, then log-sum)
-    kl = a + (m_s - m_t) + (log_l_s - log_l_t)
-    loss = (kl.sum() * (tau * tau / rows)).to(student.dtype)
-    return loss, ds, torch.stack([m_s, log_l_s, m_t, log_l_t])
+    # combine the splits of every row in one launch (rows x splits numbers)
+    lse = torch.empty(4, rows, dtype=acc_torch, device=student.device)
+    loss = torch.empty((), dtype=student.dtype, device=student.device)
+    block_s = min(64, triton.next_power_of_2(splits))
+    _cwd_combine_kernel[(1,)](stats, lse, loss, rows, splits, *_split(tau * tau / rows),
+                              BLOCK_R=max(1, 1024 // block_s), BLOCK_S=block_s, ACC=acc_dtype(acc_torch),
+                              num_warps=4, **FP_FUSION)
+    return loss, ds, lse
 
 
 @torch.library.custom_op("segkd::channel_wise_kd_backward_triton", mutates_args=())

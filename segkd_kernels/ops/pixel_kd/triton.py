@@ -22,6 +22,9 @@ The backward only scales ds by grad_output. Accumulation is fp32 (fp64 for fp64 
 
 from __future__ import annotations
 
+import math
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -180,10 +183,19 @@ def _pixel_kd_finalize_kernel(part_ptr, programs, n_ign_ptr, total, tau_sq_hi, t
 
 
 
+def _fp32(value: float) -> float:
+    """value rounded to the nearest fp32 (to +-inf past its range), without a tensor: plain host
+    arithmetic, so no launch argument ever costs a tensor round trip."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
+
+
 def _split(value: float) -> tuple[float, float]:
     """value as hi + lo, both exactly representable in fp32 (Triton passes float arguments as fp32)."""
-    hi = float(torch.tensor(value, dtype=torch.float32))
-    return hi, float(torch.tensor(value - hi, dtype=torch.float32))
+    hi = _fp32(value)
+    return hi, _fp32(value - hi)
 
 
 
