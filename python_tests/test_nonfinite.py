@@ -112,10 +112,8 @@ CASES = [("student", NAN), ("student", INF), ("student", -INF), ("teacher", NAN)
          ("teacher", -INF), ("student_all", NAN), ("student_all", INF), ("student_all", -INF)]
 
 # Known differences from the reference, expected to fail until fixed (strict: a fix shows up as
-# an unexpected pass): the Triton softmax kernels give a finite loss and gradient for an all--inf
-# student where torch's log_softmax gives NaN.
-KNOWN = {("triton", op, ("student_all", -INF)) for op in
-         ("channel_wise_kd", "knowledge_gap", "pixel_kd", "pixel_kd_masked", "pixel_kd_weighted")}
+# an unexpected pass): entries are (backend, op, case).
+KNOWN: set = set()
 
 
 def _case_id(case) -> str:
@@ -239,6 +237,61 @@ def test_backend_propagates_like_reference(backend, op, case, device, request):
     s, t = _inputs(op, case, "cpu")
     want_outs, want_grads = _run(op, "reference", s, t)
     got_outs, got_grads = _run(op, backend, s.to(device), None if t is None else t.to(device))
+    for i, (got, want) in enumerate(zip(got_outs, want_outs)):
+        _assert_same_pattern(got, want, f"{op} {backend} output {i}")
+    for i, (got, want) in enumerate(zip(got_grads, want_grads)):
+        _assert_same_pattern(got, want, f"{op} {backend} gradient {i}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton softmax kernels on their streaming plans: an all--inf softmax row is NaN as in the
+# reference, while -inf confined to the first blocks (or to a whole split) of a row that has
+# finite values elsewhere gives no premature NaN (running maxima start at -inf)
+# ----------------------------------------------------------------------------------------------
+
+# (row, flat positions) of the CWD rows set to -inf; shape (2, 3, 10, 13): P = 130 in two splits of
+# 80 positions and blocks of 16 (a partial block and a fully masked block in the last split)
+_CWD_SHAPE = (2, 3, 10, 13)
+_CWD_NEG_INF = {"row_all": [((0, 1), slice(None))],
+                "first_blocks": [((0, 1), slice(0, 20)), ((1, 0), slice(0, 80)), ((1, 2), slice(80, 101))]}
+# (pixel, classes) of the pixel-KD logits set to -inf; K = 40 classes in tiles of 16
+_PIX_SHAPE = (2, 40, 5, 7)
+_PIX_NEG_INF = {"row_all": [((0, 1, 2), slice(None))],
+                "first_blocks": [((1, 3, 4), slice(0, 16)), ((1, 0, 0), slice(0, 20)), ((0, 4, 6), slice(16, 40))]}
+
+
+@pytest.mark.parametrize("where", ["student", "teacher"])
+@pytest.mark.parametrize("pattern", ["row_all", "first_blocks"])
+@pytest.mark.parametrize("op", ["channel_wise_kd", "pixel_kd", "pixel_kd_masked", "pixel_kd_weighted",
+                                "knowledge_gap", "pfs_pixel_kd"])
+@pytest.mark.parametrize("backend", ["triton"])
+def test_triton_streaming_plans_match_reference_on_neg_inf_rows(backend, op, pattern, where, device,
+                                                                 monkeypatch):
+    from segkd_kernels.ops.channel_wise_kd import triton as cwd_triton
+    from segkd_kernels.ops.pixel_kd import triton as pixel_triton
+
+    if op == "channel_wise_kd":
+        shape, spots = _CWD_SHAPE, _CWD_NEG_INF[pattern]
+        monkeypatch.setattr(cwd_triton, "_MAX_TILE", 64)
+        monkeypatch.setattr(cwd_triton, "_BLOCK", 16)
+        monkeypatch.setattr(cwd_triton, "_TARGET_PROGRAMS", 12)
+        rows, p = shape[0] * shape[1], shape[2] * shape[3]
+        # the shape really takes the split plan: several splits of several blocks each
+        chunk, splits = cwd_triton._plan(rows, p)
+        assert p > cwd_triton._MAX_TILE and splits == 2 and chunk == 80
+    else:
+        shape, spots = _PIX_SHAPE, _PIX_NEG_INF[pattern]
+        assert not pixel_triton._blocks(shape[1], shape[2] * shape[3])[2]  # classes looped in tiles
+    s = make_tensor(shape, seed=1, device="cpu")
+    t = make_tensor(shape, seed=2, device="cpu")
+    x = s if where == "student" else t
+    for index, part in spots:
+        if op == "channel_wise_kd":
+            x[index].view(-1)[part] = -INF
+        else:
+            x[index[0], part, index[1], index[2]] = -INF
+    want_outs, want_grads = _run(op, "reference", s, t)
+    got_outs, got_grads = _run(op, backend, s.to(device), t.to(device))
     for i, (got, want) in enumerate(zip(got_outs, want_outs)):
         _assert_same_pattern(got, want, f"{op} {backend} output {i}")
     for i, (got, want) in enumerate(zip(got_grads, want_grads)):

@@ -36,15 +36,13 @@ _MAX_TILE = 8192
 # Block of the streaming (long-row) kernels, and how many programs the forward aims for.
 _BLOCK = 2048
 _TARGET_PROGRAMS = 1024
-# Stand-in for -inf in masked lanes: finite, so (x - max) never makes inf - inf = NaN.
-_NEG = -3.0e38
 
 
 @triton.jit
 def _cwd_fwd_kernel(s_ptr, t_ptr, ds_ptr, stats_ptr, kl_ptr, C, P, chunk, splits, rows,
                     s_sn, s_sc, s_sp, t_sn, t_sc, t_sp, inv_tau_hi, inv_tau_lo, grad_scale_hi, grad_scale_lo,
                     kl_scale_hi, kl_scale_lo, BLOCK: tl.constexpr, ONE_TILE: tl.constexpr,
-                    WRITE_GRAD: tl.constexpr, ACC: tl.constexpr, NEG: tl.constexpr):
+                    WRITE_GRAD: tl.constexpr, ACC: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
     n = row // C
@@ -59,11 +57,14 @@ def _cwd_fwd_kernel(s_ptr, t_ptr, ds_ptr, stats_ptr, kl_ptr, C, P, chunk, splits
         offs = lanes.to(tl.int64)
         xs = tl.load(s_row + offs * s_sp, mask=inside, other=0.0).to(ACC) * inv_tau
         xt = tl.load(t_row + offs * t_sp, mask=inside, other=0.0).to(ACC) * inv_tau
-        xs = tl.where(inside, xs, NEG)
-        xt = tl.where(inside, xt, NEG)
+        # padding lanes hold -inf, as torch's amax and softmax see only the real elements: the max
+        # is -inf only when every real element is, and then exp(x - max) = exp(-inf - -inf) is NaN
+        # in every lane, the reference's NaN softmax; otherwise padding gives exp(-inf) = 0
+        xs = tl.where(inside, xs, float("-inf"))
+        xt = tl.where(inside, xt, float("-inf"))
         m_s = tl.max(xs, axis=0)
         m_t = tl.max(xt, axis=0)
-        e_s = tl.exp(xs - m_s)  # 0 in masked lanes
+        e_s = tl.exp(xs - m_s)
         e_t = tl.exp(xt - m_t)
         l_s = tl.sum(e_s, axis=0)
         l_t = tl.sum(e_t, axis=0)
@@ -73,8 +74,11 @@ def _cwd_fwd_kernel(s_ptr, t_ptr, ds_ptr, stats_ptr, kl_ptr, C, P, chunk, splits
             ds = grad_scale * (e_s * (1.0 / l_s) - e_t * (1.0 / l_t))
             tl.store(ds_ptr + row * P + offs, ds.to(ds_ptr.dtype.element_ty), mask=inside)
     else:
-        m_s = tl.full([], NEG, ACC)
-        m_t = tl.full([], NEG, ACC)
+        # running maxima start at -inf and padding lanes hold -inf, so a split whose real elements
+        # are all -inf ends with (max -inf, sum 0): the combine then gives the whole row NaN, as the
+        # reference does, exactly when every split of the row is like that
+        m_s = tl.full([], float("-inf"), ACC)
+        m_t = tl.full([], float("-inf"), ACC)
         l_s = tl.zeros([], ACC)
         l_t = tl.zeros([], ACC)
         acc = tl.zeros([], ACC)
@@ -84,14 +88,18 @@ def _cwd_fwd_kernel(s_ptr, t_ptr, ds_ptr, stats_ptr, kl_ptr, C, P, chunk, splits
             inside = offs < P
             xs = tl.load(s_row + offs * s_sp, mask=inside, other=0.0).to(ACC) * inv_tau
             xt = tl.load(t_row + offs * t_sp, mask=inside, other=0.0).to(ACC) * inv_tau
-            xs = tl.where(inside, xs, NEG)
-            xt = tl.where(inside, xt, NEG)
+            xs = tl.where(inside, xs, float("-inf"))
+            xt = tl.where(inside, xt, float("-inf"))
             # one rescale per block (scalar running max), one exp per element and tensor
             new_m_s = tl.maximum(m_s, tl.max(xs, axis=0))
             new_m_t = tl.maximum(m_t, tl.max(xt, axis=0))
-            alpha_t = tl.exp(m_t - new_m_t)
-            e_t = tl.exp(xt - new_m_t)
-            l_s = l_s * tl.exp(m_s - new_m_s) + tl.sum(tl.exp(xs - new_m_s), axis=0)
+            # while everything seen so far is -inf, shift by 0 instead (one scalar select per
+            # block): exp(-inf - 0) = 0 keeps (max -inf, sum 0) instead of a premature NaN
+            sub_s = tl.where(new_m_s == float("-inf"), 0.0, new_m_s)
+            sub_t = tl.where(new_m_t == float("-inf"), 0.0, new_m_t)
+            alpha_t = tl.exp(m_t - sub_t)
+            e_t = tl.exp(xt - sub_t)
+            l_s = l_s * tl.exp(m_s - sub_s) + tl.sum(tl.exp(xs - sub_s), axis=0)
             l_t = l_t * alpha_t + tl.sum(e_t, axis=0)
             acc = acc * alpha_t + tl.sum(tl.where(inside, e_t * (xt - xs), 0.0), axis=0)
             m_s = new_m_s
@@ -265,7 +273,7 @@ def channel_wise_kd_triton(student: torch.Tensor, teacher: torch.Tensor, tau: fl
         # without WRITE_GRAD the ds pointer is never used: any non-empty tensor stands in
         s, t, ds if fused else stats, stats, kl, c, p, chunk, splits, rows, *s_strides, *t_strides,
         *_split(1.0 / tau), *_split(tau / rows), *_split(tau * tau / rows), BLOCK=block, ONE_TILE=one_tile,
-        WRITE_GRAD=fused, ACC=acc_dtype(acc_torch), NEG=_NEG, num_warps=warps, **FP_FUSION)
+        WRITE_GRAD=fused, ACC=acc_dtype(acc_torch), num_warps=warps, **FP_FUSION)
     if one_tile:
         return kl.sum().to(student.dtype), ds, stats
     # combine the splits of every row in one launch (rows x splits numbers)

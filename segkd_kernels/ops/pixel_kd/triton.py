@@ -36,7 +36,7 @@ from .._triton_common import FP_FUSION, acc_dtype, acc_torch_dtype, flat_pixel_s
 _MAX_BLOCK_K = 32
 _LOOP_BLOCK_K = 16
 _TILE = 4096
-_NEG = -3.0e38  # finite stand-in for -inf in masked class lanes: never inf - inf = NaN
+_NEG = -3.0e38  # finite exponent for masked class lanes of the gradient loop: exp(_NEG) = 0, never NaN
 _TINY = 1.1754943508222875e-38  # smallest normal fp32 (exact in fp64 too): the mean-gap clamp
 
 
@@ -65,18 +65,21 @@ def _pixel_kd_kernel(s_ptr, t_ptr, ign_ptr, w_ptr, n_ign_ptr, mean_gap_ptr, ds_p
         lm = kin[:, None] & valid[None, :]
         xs = tl.load(s_base + ks[:, None].to(tl.int64) * s_sk, mask=lm, other=0.0).to(ACC) * inv_tau
         xt = tl.load(t_base + ks[:, None].to(tl.int64) * t_sk, mask=lm, other=0.0).to(ACC) * inv_tau
-        xs = tl.where(kin[:, None], xs, NEG)
-        xt = tl.where(kin[:, None], xt, NEG)
+        # masked class lanes hold -inf, as torch's softmax sees only the K classes: the max is -inf
+        # only when all K logits are, and then exp(x - max) = exp(-inf - -inf) is NaN in every
+        # lane, the reference's NaN softmax; otherwise masked lanes give exp(-inf) = 0
+        xs = tl.where(kin[:, None], xs, float("-inf"))
+        xt = tl.where(kin[:, None], xt, float("-inf"))
         m_s = tl.max(xs, axis=0)
         m_t = tl.max(xt, axis=0)
-        e_s = tl.exp(xs - m_s[None, :])  # 0 in masked class lanes
+        e_s = tl.exp(xs - m_s[None, :])
         e_t = tl.exp(xt - m_t[None, :])
         l_s = tl.sum(e_s, axis=0)
         l_t = tl.sum(e_t, axis=0)
         acc = tl.sum(tl.where(kin[:, None], e_t * (xt - xs), 0.0), axis=0)
     else:
-        m_s = tl.full([BLOCK_P], NEG, ACC)
-        m_t = tl.full([BLOCK_P], NEG, ACC)
+        m_s = tl.full([BLOCK_P], float("-inf"), ACC)
+        m_t = tl.full([BLOCK_P], float("-inf"), ACC)
         l_s = tl.zeros([BLOCK_P], ACC)
         l_t = tl.zeros([BLOCK_P], ACC)
         acc = tl.zeros([BLOCK_P], ACC)
@@ -86,17 +89,25 @@ def _pixel_kd_kernel(s_ptr, t_ptr, ign_ptr, w_ptr, n_ign_ptr, mean_gap_ptr, ds_p
             lm = kin[:, None] & valid[None, :]
             xs = tl.load(s_base + kk[:, None].to(tl.int64) * s_sk, mask=lm, other=0.0).to(ACC) * inv_tau
             xt = tl.load(t_base + kk[:, None].to(tl.int64) * t_sk, mask=lm, other=0.0).to(ACC) * inv_tau
-            xs = tl.where(kin[:, None], xs, NEG)
-            xt = tl.where(kin[:, None], xt, NEG)
+            xs = tl.where(kin[:, None], xs, float("-inf"))
+            xt = tl.where(kin[:, None], xt, float("-inf"))
             new_m_s = tl.maximum(m_s, tl.max(xs, axis=0))
             new_m_t = tl.maximum(m_t, tl.max(xt, axis=0))
-            alpha_t = tl.exp(m_t - new_m_t)
-            e_t = tl.exp(xt - new_m_t[None, :])
-            l_s = l_s * tl.exp(m_s - new_m_s) + tl.sum(tl.exp(xs - new_m_s[None, :]), axis=0)
+            # while every class seen so far is -inf, shift by 0 instead (one select per pixel and
+            # tile, not per element): exp(-inf - 0) = 0 keeps (max -inf, sum 0), no premature NaN
+            sub_s = tl.where(new_m_s == float("-inf"), 0.0, new_m_s)
+            sub_t = tl.where(new_m_t == float("-inf"), 0.0, new_m_t)
+            alpha_t = tl.exp(m_t - sub_t)
+            e_t = tl.exp(xt - sub_t[None, :])
+            l_s = l_s * tl.exp(m_s - sub_s) + tl.sum(tl.exp(xs - sub_s[None, :]), axis=0)
             l_t = l_t * alpha_t + tl.sum(e_t, axis=0)
             acc = acc * alpha_t + tl.sum(tl.where(kin[:, None], e_t * (xt - xs), 0.0), axis=0)
             m_s = new_m_s
             m_t = new_m_t
+        # all K logits -inf: the reference's softmax is exp(-inf - -inf) = NaN, so make the sum NaN
+        # (one select per pixel), which carries into the KL and the recomputed gradient
+        l_s = tl.where(m_s == float("-inf"), float("nan"), l_s)
+        l_t = tl.where(m_t == float("-inf"), float("nan"), l_t)
 
     # lse_s - lse_t by parts (max, then log-sum), and probabilities as exp(x - max) / sum: with
     # logits of 1e4, m + log(l) in fp32 would round log(l), and every probability with it, to 1e-3
