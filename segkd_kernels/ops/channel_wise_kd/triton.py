@@ -31,6 +31,11 @@ import triton.language as tl
 from .._saved_grad import scale_saved_grad
 from .._triton_common import FP_FUSION, acc_dtype, acc_torch_dtype, flat_pixel_strides
 
+# Start of the streaming running maxima: the lowest finite fp32, so that every finite element is
+# >= it (exp(x - max) = 1 at the max: a split with any element above -inf has a sum >= 1) and a
+# block of -inf never makes the rescale exp(-inf - -inf) = NaN.
+_NEG = -3.4028234663852886e38
+
 # Largest row held in registers by one program (fp32: 16 warps x 32 lanes x 16 values per tensor).
 _MAX_TILE = 8192
 # Block of the streaming (long-row) kernels, and how many programs the forward aims for.
@@ -42,7 +47,7 @@ _TARGET_PROGRAMS = 1024
 def _cwd_fwd_kernel(s_ptr, t_ptr, ds_ptr, stats_ptr, kl_ptr, C, P, chunk, splits, rows,
                     s_sn, s_sc, s_sp, t_sn, t_sc, t_sp, inv_tau_hi, inv_tau_lo, grad_scale_hi, grad_scale_lo,
                     kl_scale_hi, kl_scale_lo, BLOCK: tl.constexpr, ONE_TILE: tl.constexpr,
-                    WRITE_GRAD: tl.constexpr, ACC: tl.constexpr):
+                    WRITE_GRAD: tl.constexpr, ACC: tl.constexpr, NEG: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
     n = row // C
@@ -74,11 +79,9 @@ def _cwd_fwd_kernel(s_ptr, t_ptr, ds_ptr, stats_ptr, kl_ptr, C, P, chunk, splits
             ds = grad_scale * (e_s * (1.0 / l_s) - e_t * (1.0 / l_t))
             tl.store(ds_ptr + row * P + offs, ds.to(ds_ptr.dtype.element_ty), mask=inside)
     else:
-        # running maxima start at -inf and padding lanes hold -inf, so a split whose real elements
-        # are all -inf ends with (max -inf, sum 0): the combine then gives the whole row NaN, as the
-        # reference does, exactly when every split of the row is like that
-        m_s = tl.full([], float("-inf"), ACC)
-        m_t = tl.full([], float("-inf"), ACC)
+        # running maxima start at NEG (finite) and padding lanes hold -inf (exp(-inf - max) = 0)
+        m_s = tl.full([], NEG, ACC)
+        m_t = tl.full([], NEG, ACC)
         l_s = tl.zeros([], ACC)
         l_t = tl.zeros([], ACC)
         acc = tl.zeros([], ACC)
@@ -93,17 +96,18 @@ def _cwd_fwd_kernel(s_ptr, t_ptr, ds_ptr, stats_ptr, kl_ptr, C, P, chunk, splits
             # one rescale per block (scalar running max), one exp per element and tensor
             new_m_s = tl.maximum(m_s, tl.max(xs, axis=0))
             new_m_t = tl.maximum(m_t, tl.max(xt, axis=0))
-            # while everything seen so far is -inf, shift by 0 instead (one scalar select per
-            # block): exp(-inf - 0) = 0 keeps (max -inf, sum 0) instead of a premature NaN
-            sub_s = tl.where(new_m_s == float("-inf"), 0.0, new_m_s)
-            sub_t = tl.where(new_m_t == float("-inf"), 0.0, new_m_t)
-            alpha_t = tl.exp(m_t - sub_t)
-            e_t = tl.exp(xt - sub_t)
-            l_s = l_s * tl.exp(m_s - sub_s) + tl.sum(tl.exp(xs - sub_s), axis=0)
+            alpha_t = tl.exp(m_t - new_m_t)
+            e_t = tl.exp(xt - new_m_t)
+            l_s = l_s * tl.exp(m_s - new_m_s) + tl.sum(tl.exp(xs - new_m_s), axis=0)
             l_t = l_t * alpha_t + tl.sum(e_t, axis=0)
             acc = acc * alpha_t + tl.sum(tl.where(inside, e_t * (xt - xs), 0.0), axis=0)
             m_s = new_m_s
             m_t = new_m_t
+        # a sum of 0 means every element of the split is -inf: save its max as -inf (one select per
+        # split), so that the combine ignores it beside finite splits (l = 0) and gives the row NaN,
+        # exp(-inf - -inf), as the reference's softmax does when every split of the row is -inf
+        m_s = tl.where(l_s == 0.0, float("-inf"), m_s)
+        m_t = tl.where(l_t == 0.0, float("-inf"), m_t)
     # (max, sum) pairs, not m + log(l): with logits of 1e4, m + log(l) in fp32 would round log(l)
     # to 1e-3 and every probability with it
     if ONE_TILE:
@@ -273,7 +277,7 @@ def channel_wise_kd_triton(student: torch.Tensor, teacher: torch.Tensor, tau: fl
         # without WRITE_GRAD the ds pointer is never used: any non-empty tensor stands in
         s, t, ds if fused else stats, stats, kl, c, p, chunk, splits, rows, *s_strides, *t_strides,
         *_split(1.0 / tau), *_split(tau / rows), *_split(tau * tau / rows), BLOCK=block, ONE_TILE=one_tile,
-        WRITE_GRAD=fused, ACC=acc_dtype(acc_torch), num_warps=warps, **FP_FUSION)
+        WRITE_GRAD=fused, ACC=acc_dtype(acc_torch), NEG=_NEG, num_warps=warps, **FP_FUSION)
     if one_tile:
         return kl.sum().to(student.dtype), ds, stats
     # combine the splits of every row in one launch (rows x splits numbers)

@@ -36,7 +36,10 @@ from .._triton_common import FP_FUSION, acc_dtype, acc_torch_dtype, flat_pixel_s
 _MAX_BLOCK_K = 32
 _LOOP_BLOCK_K = 16
 _TILE = 4096
-_NEG = -3.0e38  # finite exponent for masked class lanes of the gradient loop: exp(_NEG) = 0, never NaN
+# Lowest finite fp32: start of the running maxima of the class loop (every finite logit is >= it,
+# so a pixel with any logit above -inf has a sum >= 1, and a tile of -inf never makes the rescale
+# exp(-inf - -inf) = NaN), and the exponent of masked class lanes in the gradient loop (exp = 0).
+_NEG = -3.4028234663852886e38
 _TINY = 1.1754943508222875e-38  # smallest normal fp32 (exact in fp64 too): the mean-gap clamp
 
 
@@ -78,8 +81,8 @@ def _pixel_kd_kernel(s_ptr, t_ptr, ign_ptr, w_ptr, n_ign_ptr, mean_gap_ptr, ds_p
         l_t = tl.sum(e_t, axis=0)
         acc = tl.sum(tl.where(kin[:, None], e_t * (xt - xs), 0.0), axis=0)
     else:
-        m_s = tl.full([BLOCK_P], float("-inf"), ACC)
-        m_t = tl.full([BLOCK_P], float("-inf"), ACC)
+        m_s = tl.full([BLOCK_P], NEG, ACC)
+        m_t = tl.full([BLOCK_P], NEG, ACC)
         l_s = tl.zeros([BLOCK_P], ACC)
         l_t = tl.zeros([BLOCK_P], ACC)
         acc = tl.zeros([BLOCK_P], ACC)
@@ -93,21 +96,17 @@ def _pixel_kd_kernel(s_ptr, t_ptr, ign_ptr, w_ptr, n_ign_ptr, mean_gap_ptr, ds_p
             xt = tl.where(kin[:, None], xt, float("-inf"))
             new_m_s = tl.maximum(m_s, tl.max(xs, axis=0))
             new_m_t = tl.maximum(m_t, tl.max(xt, axis=0))
-            # while every class seen so far is -inf, shift by 0 instead (one select per pixel and
-            # tile, not per element): exp(-inf - 0) = 0 keeps (max -inf, sum 0), no premature NaN
-            sub_s = tl.where(new_m_s == float("-inf"), 0.0, new_m_s)
-            sub_t = tl.where(new_m_t == float("-inf"), 0.0, new_m_t)
-            alpha_t = tl.exp(m_t - sub_t)
-            e_t = tl.exp(xt - sub_t[None, :])
-            l_s = l_s * tl.exp(m_s - sub_s) + tl.sum(tl.exp(xs - sub_s[None, :]), axis=0)
+            alpha_t = tl.exp(m_t - new_m_t)
+            e_t = tl.exp(xt - new_m_t[None, :])
+            l_s = l_s * tl.exp(m_s - new_m_s) + tl.sum(tl.exp(xs - new_m_s[None, :]), axis=0)
             l_t = l_t * alpha_t + tl.sum(e_t, axis=0)
             acc = acc * alpha_t + tl.sum(tl.where(kin[:, None], e_t * (xt - xs), 0.0), axis=0)
             m_s = new_m_s
             m_t = new_m_t
-        # all K logits -inf: the reference's softmax is exp(-inf - -inf) = NaN, so make the sum NaN
-        # (one select per pixel), which carries into the KL and the recomputed gradient
-        l_s = tl.where(m_s == float("-inf"), float("nan"), l_s)
-        l_t = tl.where(m_t == float("-inf"), float("nan"), l_t)
+        # a sum of 0 means all K logits are -inf: the reference's softmax is exp(-inf - -inf) = NaN,
+        # so make the sum NaN (one select per pixel), which carries into the KL and the gradient
+        l_s = tl.where(l_s == 0.0, float("nan"), l_s)
+        l_t = tl.where(l_t == 0.0, float("nan"), l_t)
 
     # lse_s - lse_t by parts (max, then log-sum), and probabilities as exp(x - max) / sum: with
     # logits of 1e4, m + log(l) in fp32 would round log(l), and every probability with it, to 1e-3
