@@ -33,7 +33,8 @@ from .._triton_common import FP_FUSION, acc_dtype, acc_torch_dtype, flat_pixel_s
 
 # Start of the streaming running maxima: the lowest finite fp32, so that every finite element is
 # >= it (exp(x - max) = 1 at the max: a split with any element above -inf has a sum >= 1) and a
-# block of -inf never makes the rescale exp(-inf - -inf) = NaN.
+# block of -inf never makes the rescale exp(-inf - -inf) = NaN. (fp64 logits below it, far outside any
+# logit range, would count as -inf.)
 _NEG = -3.4028234663852886e38
 
 # Largest row held in registers by one program (fp32: 16 warps x 32 lanes x 16 values per tensor).

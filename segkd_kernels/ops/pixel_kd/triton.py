@@ -39,6 +39,7 @@ _TILE = 4096
 # Lowest finite fp32: start of the running maxima of the class loop (every finite logit is >= it,
 # so a pixel with any logit above -inf has a sum >= 1, and a tile of -inf never makes the rescale
 # exp(-inf - -inf) = NaN), and the exponent of masked class lanes in the gradient loop (exp = 0).
+# fp64 logits below it, far outside any logit range, would count as -inf.
 _NEG = -3.4028234663852886e38
 _TINY = 1.1754943508222875e-38  # smallest normal fp32 (exact in fp64 too): the mean-gap clamp
 
