@@ -1,4 +1,4 @@
-// CBAM spatial-gate input and the AttnFD loss (LOSSES.md 6).
+// CBAM spatial-gate input and the AttnFD loss (docs/losses.md 6).
 //
 // channel_pool: for every pixel of x * gate[n, c] (never materialised), the max and the mean over
 // the C channels, and the channel of the first maximum (for the backward). One thread per pixel,

@@ -1,4 +1,4 @@
-// Channel-wise distillation (LOSSES.md 1): for every (n, c) row of P positions, the KL between
+// Channel-wise distillation (docs/losses.md 1): for every (n, c) row of P positions, the KL between
 // softmax(t / tau) and softmax(s / tau), and optionally d loss / d s for a unit upstream gradient.
 //
 // One block per row. Pass 1 keeps, per thread, an online softmax state for s and t and the

@@ -1,4 +1,4 @@
-// Cross-image pixel-to-pixel distillation (LOSSES.md 4), flash-style: the N^2 P x P similarity
+// Cross-image pixel-to-pixel distillation (docs/losses.md 4), flash-style: the N^2 P x P similarity
 // matrices are never stored.
 //
 // Inputs are the raw features x_s (N, C_s, P), x_t (N, C_t, P) in one dtype and the inverse

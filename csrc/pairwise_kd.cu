@@ -1,4 +1,4 @@
-// Pairwise similarity distillation (LOSSES.md 3), Gram path: per image, the Gram matrices of the
+// Pairwise similarity distillation (docs/losses.md 3), Gram path: per image, the Gram matrices of the
 // per-pixel L2-normalised features, G = X_hat X_hat^T / Y_hat (C_x x C_y), never the P x P matrix.
 //
 // The loss ||AA||^2 - 2 ||AB||^2 + ||BB||^2 cancels when student ~ teacher, so the Gram entries are

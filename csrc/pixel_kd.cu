@@ -1,4 +1,4 @@
-// Pixel-wise KD (LOSSES.md 2) and its knowledge-gap weighting (2b), NCHW-native.
+// Pixel-wise KD (docs/losses.md 2) and its knowledge-gap weighting (2b), NCHW-native.
 //
 // One thread per pixel (n, h, w); the K classes of a pixel are P elements apart, so consecutive
 // threads read consecutive addresses for every class (coalesced, no permute copy). The thread

@@ -1,4 +1,4 @@
-// SSIM feature distillation (LOSSES.md 5): kornia's ssim_loss with reflect / zeros / valid padding.
+// SSIM feature distillation (docs/losses.md 5): kornia's ssim_loss with reflect / zeros / valid padding.
 //
 // Forward: grid over (n*c map x column tile, row tile). A block loads its input tile plus the halo
 // of window // 2 pixels into shared memory (min-max rescaled on the fly, padding resolved at load),

@@ -37,3 +37,13 @@ def _no_backend_override(monkeypatch):
 @pytest.fixture
 def device() -> str:
     return "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models and tensors: on a loaded 2-core machine intra-op threads only add contention and
+    synchronisation (used by the trainer and CLI test modules through pytestmark)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

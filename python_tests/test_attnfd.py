@@ -1,4 +1,4 @@
-"""AttnFD (LOSSES.md 6): sk.attnfd_loss, sk.channel_pool, sk.nn.CBAM and sk.nn.AttnFD.
+"""AttnFD (docs/losses.md 6): sk.attnfd_loss, sk.channel_pool, sk.nn.CBAM and sk.nn.AttnFD.
 
 Oracles are written here, independently of the reference: the loss in its dot-product form with
 exact (math.fsum) fp64 sums and its analytic gradient; channel_pool by explicit loops over the
@@ -108,7 +108,7 @@ def _gate(n: int, c: int, *, seed: int, dtype=torch.float32, four_d: bool = Fals
 
 
 def cbam_by_hand(m: sk.nn.CBAM, x: torch.Tensor, running_mean=None, running_var=None) -> torch.Tensor:
-    """CBAM written from LOSSES.md 6 with plain torch ops and the module's parameters.
+    """CBAM written from docs/losses.md 6 with plain torch ops and the module's parameters.
 
     In training mode the batch-norm running statistics are the given tensors (updated in place)."""
     lin1, lin2 = m.mlp[0], m.mlp[2]

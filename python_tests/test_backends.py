@@ -1,4 +1,4 @@
-"""Backend reporting and the single dispatch point (API.md rules)."""
+"""Backend reporting and the single dispatch point (docs/api.md rules)."""
 
 import pytest
 import torch

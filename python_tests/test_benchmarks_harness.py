@@ -49,7 +49,7 @@ def test_quick_benchmark_writes_csv_and_table(tmp_path):
 
 @pytest.mark.parametrize("op", sorted(cases.CASES))
 def test_eager_baseline_computes_the_same_loss(op):
-    """The eager baselines are the toolboxes' code shapes with LOSSES.md's normalisations."""
+    """The eager baselines are the toolboxes' code shapes with docs/losses.md's normalisations."""
     case = cases.CASES[op]
     inputs = case.make(case.quick_shapes[0], torch.float64, "cpu")
     got = case.eager(*inputs.tensors)

@@ -450,7 +450,7 @@ def test_attnfd_triton_compiles():
 
 
 # --------------------------------------------------------------------------------------------
-# GPU: fp16 / bf16 error budgets on realistic shapes (ARCHITECTURE.md rule)
+# GPU: fp16 / bf16 error budgets on realistic shapes (docs/backends.md rule)
 # --------------------------------------------------------------------------------------------
 
 

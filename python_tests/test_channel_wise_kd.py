@@ -1,4 +1,4 @@
-"""channel_wise_kd (LOSSES.md 1): values and gradients against an explicit-loop fp64 oracle, autograd
+"""channel_wise_kd (docs/losses.md 1): values and gradients against an explicit-loop fp64 oracle, autograd
 rules (teacher detached, grad_output, gradcheck), layouts, dtypes, torch.compile, input checks."""
 
 import math
@@ -32,7 +32,7 @@ def _softmax_row(values, tau):
 
 
 def naive_cwd(student, teacher, tau):
-    """(loss, d loss / d student) as Python float and fp64 tensor, straight from LOSSES.md 1."""
+    """(loss, d loss / d student) as Python float and fp64 tensor, straight from docs/losses.md 1."""
     n, c, h, w = student.shape
     s = student.detach().cpu().double().reshape(n, c, h * w).tolist()
     t = teacher.detach().cpu().double().reshape(n, c, h * w).tolist()
@@ -88,7 +88,7 @@ def test_auto_backend_is_triton(device):
     assert name == "triton" if device == "cpu" else name in ("triton", "cuda")  # cuda: per AUTO_ORDER_CUDA
     assert torch.equal(sk.channel_wise_kd(s, t, backend="auto"), sk.channel_wise_kd(s, t, backend=name))
     assert_close(sk.channel_wise_kd(s, t, backend="auto"), sk.channel_wise_kd(s, t, backend="reference"))
-    # default tau is 4.0 (LOSSES.md 1)
+    # default tau is 4.0 (docs/losses.md 1)
     assert torch.equal(sk.channel_wise_kd(s, t), sk.channel_wise_kd(s, t, 4.0, backend=name))
     assert sk.channel_wise_kd(s, t).item() == pytest.approx(naive_cwd(s, t, 4.0)[0], rel=1e-9)
 
@@ -488,7 +488,7 @@ def test_torch_compile_fullgraph_triton(triton_path, device):
     assert_close(s2.grad, 0.75 * want_grad)
 
 
-# GPU only: the half-precision error budget (ARCHITECTURE.md) and a full-resolution row.
+# GPU only: the half-precision error budget (docs/backends.md) and a full-resolution row.
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

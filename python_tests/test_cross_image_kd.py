@@ -1,4 +1,4 @@
-"""Tests of sk.cross_image_kd (LOSSES.md 4): cross-image pixel-to-pixel similarity distillation.
+"""Tests of sk.cross_image_kd (docs/losses.md 4): cross-image pixel-to-pixel similarity distillation.
 
 The oracle here loops over ordered image pairs (i, j) and rows r and uses the textbook softmax
 (exp / sum exp) in fp64; it shares no code with segkd_kernels/ops/cross_image_kd/reference.py (a
@@ -52,7 +52,7 @@ def _features(n, c_s, c_t, h, w, *, dtype=torch.float64, seed=0):
 
 
 def oracle_cross_image(s, t, tau):
-    """LOSSES.md 4 term by term, in fp64: explicit loops over image pairs and rows."""
+    """docs/losses.md 4 term by term, in fp64: explicit loops over image pairs and rows."""
     s = s.double()
     t = t.detach().double()
     n, _, h, w = s.shape

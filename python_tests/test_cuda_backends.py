@@ -720,7 +720,7 @@ class EmulatedLib:
         u = (1 - num / den) / 2
         total = u.clamp(0, 1).sum()
         _view(partials, (2,), torch.float32).copy_(torch.stack([total / 2, total / 2]))
-        if dmaps:  # l'(p) d map / d (mu_x, E[x^2], E[xy]) from LOSSES.md 5, l' of the clamped mean
+        if dmaps:  # l'(p) d map / d (mu_x, E[x^2], E[xy]) from docs/losses.md 5, l' of the clamped mean
             lp = torch.where((u >= 0) & (u <= 1), -0.5 / u.numel(), 0.0)
             q = num / den ** 2
             d = torch.stack([lp * (2 * mu_y * (a2 - a1) / den - q * 2 * mu_x * (b2 - b1)), lp * (-q * b1),

@@ -182,7 +182,7 @@ def test_module_repr_shows_hyper_parameters(case):
      (sk.nn.SSIMKD, "window_size=11, sigma=1.5, data_range=1.0, padding='reflect', normalize=True")],
 )
 def test_module_defaults_follow_the_api(module, expected):
-    """Default hyper-parameters as in API.md / LOSSES.md."""
+    """Default hyper-parameters as in docs/api.md / docs/losses.md."""
     assert expected in repr(module())
 
 

@@ -1,4 +1,4 @@
-"""Tests of sk.pairwise_kd (LOSSES.md 3): pairwise pixel-similarity distillation.
+"""Tests of sk.pairwise_kd (docs/losses.md 3): pairwise pixel-similarity distillation.
 
 The oracle here is the naive N x P x P form (CIRKD's CriterionStructuralKD): build both cosine
 similarity matrices per image and take the mean of the squared differences. It shares no code

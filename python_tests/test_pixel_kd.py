@@ -1,4 +1,4 @@
-"""pixel_kd, knowledge_gap, pfs_pixel_kd (LOSSES.md 2, 2b): values and gradients against an
+"""pixel_kd, knowledge_gap, pfs_pixel_kd (docs/losses.md 2, 2b): values and gradients against an
 explicit-loop fp64 oracle, weight and ignore_mask semantics, autograd rules (teacher and weight
 detached, grad_output, gradcheck), layouts, dtypes, torch.compile, input checks, numerical safety."""
 
@@ -53,7 +53,7 @@ def naive_gap(student, teacher, tau):
 
 
 def naive_pixel_kd(student, teacher, tau, weight=None, ignore_mask=None):
-    """(loss, d loss / d student) straight from LOSSES.md 2; ignored pixels are never looked at, so
+    """(loss, d loss / d student) straight from docs/losses.md 2; ignored pixels are never looked at, so
     whatever their logits hold cannot reach the result."""
     n, k, h, w = student.shape
     s, t = _pixels(student), _pixels(teacher)
@@ -166,7 +166,7 @@ def test_pixel_kd_weight_and_mask_match_loop_oracle(use_weight, use_mask, shape,
 
 def test_pixel_kd_defaults_and_auto_backend(device):
     s, t = _logits((2, 3, 5, 7), device=device)
-    want = naive_pixel_kd(s, t, 1.0)[0]  # default tau is 1.0 (LOSSES.md 2)
+    want = naive_pixel_kd(s, t, 1.0)[0]  # default tau is 1.0 (docs/losses.md 2)
     assert sk.pixel_kd(s, t).item() == pytest.approx(want, rel=1e-9)
     # auto is triton: for CUDA tensors, and for CPU tensors under the interpreter (conftest)
     name = select_backend("pixel_kd", "auto", pixel_api.IMPLEMENTED, s)
@@ -354,7 +354,7 @@ def test_knowledge_gap_is_per_pixel_kl(shape, tau, dtype, device):
 @pytest.mark.parametrize("use_mask", [False, True], ids=["no_mask", "mask"])
 def test_pfs_pixel_kd_matches_loop_oracle(use_mask, shape, tau, dtype, device):
     """Value = pixel KD with w = gap / mean valid gap; gradient = the pixel-KD gradient with those
-    weights held constant (the gap is detached, LOSSES.md 2b)."""
+    weights held constant (the gap is detached, docs/losses.md 2b)."""
     s, t = _logits(shape, dtype, device, seed=17)
     mask = _mask(shape, device, seed=18) if use_mask else None
     loss = sk.pfs_pixel_kd(s, t, tau, ignore_mask=mask, backend="reference")
@@ -927,7 +927,7 @@ def test_torch_compile_fullgraph_triton(variant, device):
     assert_close(s2.grad, 0.75 * want_grad)
 
 
-# GPU only: the half-precision error budget (ARCHITECTURE.md) and a full-resolution batch.
+# GPU only: the half-precision error budget (docs/backends.md) and a full-resolution batch.
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -1,4 +1,4 @@
-"""sk.ssim_kd (LOSSES.md 5: kornia's ssim_loss semantics).
+"""sk.ssim_kd (docs/losses.md 5: kornia's ssim_loss semantics).
 
 The oracle below is written independently of segkd_kernels.ops.ssim_kd.reference: a direct
 (non-separable) 2-D Gaussian window, padding done by index reflection / skipping out-of-range

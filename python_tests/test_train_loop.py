@@ -23,13 +23,8 @@ TINY = ["data.options.image_size=16", "data.options.train={num_images: 12}", "da
         "iters=4", "data.eval_batch_size=3"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add synchronisation on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny models and tensors: see conftest.one_torch_thread
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(out, *extra, **fields):

@@ -8,7 +8,6 @@ import os
 import signal
 
 import pytest
-import torch
 
 from segkd_kernels import cli
 from segkd_kernels.train import checkpoint as ckpt
@@ -21,12 +20,8 @@ TINY = ["data.options.image_size=16", "data.options.train={num_images: 8}", "dat
         "iters=4", "data.eval_batch_size=1", "device=cpu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny models and tensors: see conftest.one_torch_thread
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(out, *extra):

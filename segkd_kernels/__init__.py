@@ -1,7 +1,7 @@
 """segkd_kernels: fused knowledge-distillation losses for semantic segmentation.
 
 Every loss has a readable PyTorch reference and, where written, fused Triton and CUDA kernels
-behind one API (API.md); semantics in LOSSES.md. Importing the package registers every custom op.
+behind one API (docs/api.md); semantics in docs/losses.md. Importing the package registers every custom op.
 """
 
 from . import nn

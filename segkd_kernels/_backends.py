@@ -8,7 +8,7 @@ Backends:
              (tests run the same kernels on CPU tensors inside host_execution(), through their
              host build segkd_kernels._cuda_host; nothing else ever selects that build)
 
-Rules (API.md): "auto" picks the fastest backend that supports the inputs; SEGKD_BACKEND overrides
+Rules (docs/api.md): "auto" picks the fastest backend that supports the inputs; SEGKD_BACKEND overrides
 "auto"; an explicitly named backend never falls back silently, it raises saying why.
 """
 

@@ -39,7 +39,7 @@ def _check_positive_int(name: str, value, *, odd: bool = False) -> None:
 
 
 class ChannelWiseKD(nn.Module):
-    """Channel-wise distillation (LOSSES.md 1)."""
+    """Channel-wise distillation (docs/losses.md 1)."""
 
     def __init__(self, tau: float = 4.0, *, backend: str = "auto"):
         super().__init__()
@@ -54,7 +54,7 @@ class ChannelWiseKD(nn.Module):
 
 
 class PixelKD(nn.Module):
-    """Pixel-wise KD over the class axis (LOSSES.md 2)."""
+    """Pixel-wise KD over the class axis (docs/losses.md 2)."""
 
     def __init__(self, tau: float = 1.0, *, backend: str = "auto"):
         super().__init__()
@@ -71,7 +71,7 @@ class PixelKD(nn.Module):
 
 
 class PFSPixelKD(nn.Module):
-    """Knowledge-gap weighted pixel KD (LOSSES.md 2b)."""
+    """Knowledge-gap weighted pixel KD (docs/losses.md 2b)."""
 
     def __init__(self, tau: float = 1.0, *, backend: str = "auto"):
         super().__init__()
@@ -87,7 +87,7 @@ class PFSPixelKD(nn.Module):
 
 
 class PairwiseKD(nn.Module):
-    """Pairwise pixel-similarity distillation (LOSSES.md 3)."""
+    """Pairwise pixel-similarity distillation (docs/losses.md 3)."""
 
     def __init__(self, pool: int | None = None, detach_norm: bool = False, *, backend: str = "auto"):
         super().__init__()
@@ -104,7 +104,7 @@ class PairwiseKD(nn.Module):
 
 
 class CrossImageKD(nn.Module):
-    """Cross-image pixel-to-pixel distillation (LOSSES.md 4)."""
+    """Cross-image pixel-to-pixel distillation (docs/losses.md 4)."""
 
     def __init__(self, tau: float = 0.1, *, backend: str = "auto"):
         super().__init__()
@@ -119,7 +119,7 @@ class CrossImageKD(nn.Module):
 
 
 class SSIMKD(nn.Module):
-    """SSIM feature distillation (LOSSES.md 5)."""
+    """SSIM feature distillation (docs/losses.md 5)."""
 
     def __init__(self, window_size: int = 11, sigma: float = 1.5, data_range: float = 1.0,
                  padding: str = "reflect", normalize: bool = True, *, backend: str = "auto"):
@@ -140,7 +140,7 @@ class SSIMKD(nn.Module):
 
 
 class CBAM(nn.Module):
-    """Convolutional block attention (LOSSES.md 6): CBAM(F) = M_s * (M_c * F).
+    """Convolutional block attention (docs/losses.md 6): CBAM(F) = M_s * (M_c * F).
 
     M_c = sigmoid(MLP(avgpool F) + MLP(maxpool F)), shared MLP C -> C/r -> C;
     M_s = sigmoid(BN(conv_k([max_C, mean_C] of M_c * F))), 2 -> 1 channels, no bias.
@@ -181,7 +181,7 @@ class CBAM(nn.Module):
 
 
 class AttnFD(nn.Module):
-    """AttnFD at one distillation point (LOSSES.md 6): CBAM_s + connector + CBAM_t + loss.
+    """AttnFD at one distillation point (docs/losses.md 6): CBAM_s + connector + CBAM_t + loss.
 
     A_t = CBAM_t(F_t) (not trained: its parameters are frozen and no gradient reaches it),
     A_s = Connector(CBAM_s(F_s)), Connector = 1x1 conv C_s -> C_t (no bias) + BN.

@@ -92,7 +92,7 @@ def assert_within_error_budget(kernel: torch.Tensor, reference_fp64: torch.Tenso
 
 def within_error_budget(kernel: torch.Tensor, reference_same_dtype: torch.Tensor, reference_fp64: torch.Tensor,
                         atol: float = 1e-5) -> bool:
-    """fp16/bf16 rule (ARCHITECTURE.md): err(kernel) <= 2 * err(reference run in that dtype) + atol,
+    """fp16/bf16 rule (docs/backends.md): err(kernel) <= 2 * err(reference run in that dtype) + atol,
     both errors measured against the fp64 reference (max abs)."""
     truth = reference_fp64.double()
     err_kernel = (kernel.double() - truth).abs().max().item()

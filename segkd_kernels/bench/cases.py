@@ -1,6 +1,6 @@
 """What each op benchmark runs: shapes, inputs, the public call, the eager baseline, peers, floors.
 
-Shapes come from real segmentation heads (ARCHITECTURE.md): Cityscapes 512x1024 crops at output
+Shapes come from real segmentation heads (docs/backends.md): Cityscapes 512x1024 crops at output
 stride 8 give 64x128 features and 19-class logits; logits are also distilled at 128x256 and at
 full resolution 512x1024; batch 8. Student and teacher channels differ for the pairwise losses
 (128 vs 256).

@@ -2,7 +2,7 @@
 
 These are what users run today (CIRKD, mmrazor / TorchDistiller, AttnFD and CBAM code), kept
 faithful to those codes' shape of computation (permute copies, P x P matrices, per-pair loops,
-materialised gated maps), with the normalisations of LOSSES.md so that every provider computes
+materialised gated maps), with the normalisations of docs/losses.md so that every provider computes
 the same number. They are baselines, not oracles: the tests compare backends with
 `ops/<op>/reference.py`, never with these.
 """

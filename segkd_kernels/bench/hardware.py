@@ -6,7 +6,7 @@ import torch
 
 # Dense (no sparsity) peak TFLOP/s from the vendors' data sheets, matched by substring of
 # torch.cuda.get_device_name(). "fp32": CUDA-core FP32 (our kernels do not use TF32: the pairwise
-# losses cancel, ARCHITECTURE.md); "tensor16": fp16/bf16 tensor cores. First match wins, so the
+# losses cancel, docs/backends.md); "tensor16": fp16/bf16 tensor cores. First match wins, so the
 # more specific names come first.
 PEAK_TFLOPS = [
     ("H100 PCIe", {"fp32": 51.2, "tensor16": 756.0}),

@@ -7,12 +7,15 @@ channels_last, or every-other-element views), else at (p // W) * s_h + (p % W) *
 
 from __future__ import annotations
 
+import math
+import struct
+
 import torch
 import triton.language as tl
 
 
 def acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulate in fp32, or fp64 for fp64 inputs (LOSSES.md), as a torch dtype for buffers."""
+    """Accumulate in fp32, or fp64 for fp64 inputs (docs/losses.md), as a torch dtype for buffers."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -46,3 +49,18 @@ def flat_pixel_strides(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, i
 # (and instruction counts) between Triton versions; pinned here so every version compiles the same
 # arithmetic. The interpreter ignores launch options.
 FP_FUSION = {"enable_fp_fusion": True}
+
+
+def fp32_nearest(value: float) -> float:
+    """value rounded to the nearest fp32 (to +-inf past its range), without a tensor: plain host
+    arithmetic, so no launch argument ever costs a tensor round trip."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
+
+
+def fp32_split(value: float) -> tuple[float, float]:
+    """value as hi + lo, both exactly representable in fp32 (Triton passes float arguments as fp32)."""
+    hi = fp32_nearest(value)
+    return hi, fp32_nearest(value - hi)

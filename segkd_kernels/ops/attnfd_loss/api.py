@@ -1,4 +1,4 @@
-"""sk.attnfd_loss: the AttnFD distance between refined feature maps at one point (LOSSES.md 6)."""
+"""sk.attnfd_loss: the AttnFD distance between refined feature maps at one point (docs/losses.md 6)."""
 
 import torch
 

@@ -1,4 +1,4 @@
-"""AttnFD loss at one distillation point (LOSSES.md 6) in plain PyTorch."""
+"""AttnFD loss at one distillation point (docs/losses.md 6) in plain PyTorch."""
 
 import torch
 

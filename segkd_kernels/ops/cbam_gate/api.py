@@ -1,4 +1,4 @@
-"""sk.cbam_gate: CBAM's gated product M_s * (M_c * F) in one pass (LOSSES.md 6)."""
+"""sk.cbam_gate: CBAM's gated product M_s * (M_c * F) in one pass (docs/losses.md 6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""sk.channel_wise_kd: channel-wise distillation (CWD, LOSSES.md 1)."""
+"""sk.channel_wise_kd: channel-wise distillation (CWD, docs/losses.md 1)."""
 
 import torch
 

@@ -1,4 +1,4 @@
-"""Channel-wise distillation (CWD, LOSSES.md 1) in plain PyTorch."""
+"""Channel-wise distillation (CWD, docs/losses.md 1) in plain PyTorch."""
 
 import torch
 import torch.nn.functional as F

@@ -1,4 +1,4 @@
-"""channel_wise_kd in Triton (LOSSES.md 1): softmax over the P = H*W positions of every (n, c) row.
+"""channel_wise_kd in Triton (docs/losses.md 1): softmax over the P = H*W positions of every (n, c) row.
 
 Per row, KL = sum p_t (t - s)/tau - lse_t + lse_s, with the log-sum-exps kept by parts (max, then
 log of the sum of exp(x - max)): with logits of 1e4, max + log(sum) rounded to fp32 would lose the
@@ -21,15 +21,13 @@ axes flatten to one (contiguous NCHW: stride 1; channels_last: stride C), so nei
 
 from __future__ import annotations
 
-import math
-import struct
 
 import torch
 import triton
 import triton.language as tl
 
 from .._saved_grad import scale_saved_grad
-from .._triton_common import FP_FUSION, acc_dtype, acc_torch_dtype, flat_pixel_strides
+from .._triton_common import FP_FUSION, acc_dtype, acc_torch_dtype, flat_pixel_strides, fp32_split
 
 # Start of the streaming running maxima: the lowest finite fp32, so that every finite element is
 # >= it (exp(x - max) = 1 at the max: a split with any element above -inf has a sum >= 1) and a
@@ -212,19 +210,6 @@ def _cwd_bwd_kernel(s_ptr, t_ptr, lse_ptr, grad_ptr, ds_ptr, C, P, rows,
 
 
 
-def _fp32(value: float) -> float:
-    """value rounded to the nearest fp32 (to +-inf past its range), without a tensor: plain host
-    arithmetic, so no launch argument ever costs a tensor round trip."""
-    try:
-        return struct.unpack("f", struct.pack("f", value))[0]
-    except OverflowError:
-        return math.copysign(math.inf, value)
-
-
-def _split(value: float) -> tuple[float, float]:
-    """value as hi + lo, both exactly representable in fp32 (Triton passes float arguments as fp32)."""
-    hi = _fp32(value)
-    return hi, _fp32(value - hi)
 
 
 
@@ -277,7 +262,7 @@ def channel_wise_kd_triton(student: torch.Tensor, teacher: torch.Tensor, tau: fl
     _cwd_fwd_kernel[(rows, splits)](
         # without WRITE_GRAD the ds pointer is never used: any non-empty tensor stands in
         s, t, ds if fused else stats, stats, kl, c, p, chunk, splits, rows, *s_strides, *t_strides,
-        *_split(1.0 / tau), *_split(tau / rows), *_split(tau * tau / rows), BLOCK=block, ONE_TILE=one_tile,
+        *fp32_split(1.0 / tau), *fp32_split(tau / rows), *fp32_split(tau * tau / rows), BLOCK=block, ONE_TILE=one_tile,
         WRITE_GRAD=fused, ACC=acc_dtype(acc_torch), NEG=_NEG, num_warps=warps, **FP_FUSION)
     if one_tile:
         return kl.sum().to(student.dtype), ds, stats
@@ -285,7 +270,7 @@ def channel_wise_kd_triton(student: torch.Tensor, teacher: torch.Tensor, tau: fl
     lse = torch.empty(4, rows, dtype=acc_torch, device=student.device)
     loss = torch.empty((), dtype=student.dtype, device=student.device)
     block_s = min(64, triton.next_power_of_2(splits))
-    _cwd_combine_kernel[(1,)](stats, lse, loss, rows, splits, *_split(tau * tau / rows),
+    _cwd_combine_kernel[(1,)](stats, lse, loss, rows, splits, *fp32_split(tau * tau / rows),
                               BLOCK_R=max(1, 1024 // block_s), BLOCK_S=block_s, ACC=acc_dtype(acc_torch),
                               num_warps=4, **FP_FUSION)
     return loss, ds, lse
@@ -304,7 +289,7 @@ def channel_wise_kd_backward_triton(student: torch.Tensor, teacher: torch.Tensor
     block = min(_BLOCK, max(16, triton.next_power_of_2(p)))
     _cwd_bwd_kernel[(rows, triton.cdiv(p, block))](
         s, t, lse.contiguous(), grad.reshape(()).contiguous(), ds, c, p, rows, *s_strides, *t_strides,
-        *_split(1.0 / tau), *_split(tau / rows), BLOCK=block, ACC=acc_dtype(lse.dtype), num_warps=4, **FP_FUSION)
+        *fp32_split(1.0 / tau), *fp32_split(tau / rows), BLOCK=block, ACC=acc_dtype(lse.dtype), num_warps=4, **FP_FUSION)
     return ds
 
 

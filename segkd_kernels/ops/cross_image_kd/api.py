@@ -1,4 +1,4 @@
-"""sk.cross_image_kd: cross-image pixel-to-pixel similarity distillation (LOSSES.md 4)."""
+"""sk.cross_image_kd: cross-image pixel-to-pixel similarity distillation (docs/losses.md 4)."""
 
 import torch
 

@@ -1,4 +1,4 @@
-"""Cross-image pixel-to-pixel distillation (CIRKD mini-batch; LOSSES.md 4) in plain PyTorch.
+"""Cross-image pixel-to-pixel distillation (CIRKD mini-batch; docs/losses.md 4) in plain PyTorch.
 
 The formula per ordered image pair (i, j) needs the P x P similarity matrices S_ij = a_i^T a_j / tau
 and T_ij = b_i^T b_j / tau (268 MB each at P = 8192). This form never holds more than a block of

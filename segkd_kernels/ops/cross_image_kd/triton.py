@@ -1,4 +1,4 @@
-"""cross_image_kd in Triton: a FlashAttention-style streaming kernel (LOSSES.md 4).
+"""cross_image_kd in Triton: a FlashAttention-style streaming kernel (docs/losses.md 4).
 
 Inputs are the unit pixel features in pixel-major layout, a: (N, P, C_s), b: (N, P, C_t) (the
 normalisation and its gradient stay in torch, O(N P C)). No P x P matrix is ever stored.

@@ -1,4 +1,4 @@
-"""sk.pairwise_kd: pairwise pixel-similarity distillation (LOSSES.md 3)."""
+"""sk.pairwise_kd: pairwise pixel-similarity distillation (docs/losses.md 3)."""
 
 from __future__ import annotations
 

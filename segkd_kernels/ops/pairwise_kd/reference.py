@@ -1,4 +1,4 @@
-"""Pairwise similarity distillation (SKD pair-wise, PFS; LOSSES.md 3) in plain PyTorch.
+"""Pairwise similarity distillation (SKD pair-wise, PFS; docs/losses.md 3) in plain PyTorch.
 
 Uses the exact Gram identity, so no P x P matrix is ever built (A: P x C_s, B: P x C_t per image):
     sum_{i,j} (a_i.a_j - b_i.b_j)^2 = ||A^T A||_F^2 - 2 ||A^T B||_F^2 + ||B^T B||_F^2

@@ -1,4 +1,4 @@
-"""pairwise_kd in Triton: the exact Gram identity (LOSSES.md 3) with fused per-pixel normalisation.
+"""pairwise_kd in Triton: the exact Gram identity (docs/losses.md 3) with fused per-pixel normalisation.
 
 Per image, with A = [a_p] (P x C_s) and B = [b_p] (P x C_t) the unit pixel features:
     loss = (||A^T A||_F^2 - 2 ||A^T B||_F^2 + ||B^T B||_F^2) / (N P^2)

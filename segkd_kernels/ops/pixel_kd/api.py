@@ -1,4 +1,4 @@
-"""sk.pixel_kd, sk.knowledge_gap, sk.pfs_pixel_kd (LOSSES.md 2, 2b)."""
+"""sk.pixel_kd, sk.knowledge_gap, sk.pfs_pixel_kd (docs/losses.md 2, 2b)."""
 
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ def knowledge_gap(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ta
 
 def pfs_pixel_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0, *,
                  ignore_mask: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
-    """Pixel KD weighted by the knowledge gap, w_p = gap_p / mean valid gap (LOSSES.md 2b).
+    """Pixel KD weighted by the knowledge gap, w_p = gap_p / mean valid gap (docs/losses.md 2b).
     Teacher dtype: any floating dtype, converted to the computation dtype (fp32, fp64 for an fp64
     student); an fp64 teacher needs an fp64 student (ValueError: it would be rounded silently)."""
     _check_logits(student_logits, teacher_logits, tau)

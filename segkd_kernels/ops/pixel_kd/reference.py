@@ -1,4 +1,4 @@
-"""Pixel-wise KD (LOSSES.md 2) and the knowledge-gap weighting of PFS (2b) in plain PyTorch."""
+"""Pixel-wise KD (docs/losses.md 2) and the knowledge-gap weighting of PFS (2b) in plain PyTorch."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""pixel_kd, knowledge_gap and pfs_pixel_kd in Triton (LOSSES.md 2, 2b), on NCHW directly.
+"""pixel_kd, knowledge_gap and pfs_pixel_kd in Triton (docs/losses.md 2, 2b), on NCHW directly.
 
 One program per (block of pixels, image): pixels on the fast axis (coalesced loads for NCHW), the K
 classes looped over in tiles of BLOCK_K held in registers. Per pixel it keeps the online
@@ -22,15 +22,13 @@ The backward only scales ds by grad_output. Accumulation is fp32 (fp64 for fp64 
 
 from __future__ import annotations
 
-import math
-import struct
 
 import torch
 import triton
 import triton.language as tl
 
 from .._saved_grad import scale_saved_grad
-from .._triton_common import FP_FUSION, acc_dtype, acc_torch_dtype, flat_pixel_strides
+from .._triton_common import FP_FUSION, acc_dtype, acc_torch_dtype, flat_pixel_strides, fp32_split
 
 # Classes held in registers at once, and the tile size (classes x pixels) a program works on.
 _MAX_BLOCK_K = 32
@@ -194,19 +192,6 @@ def _pixel_kd_finalize_kernel(part_ptr, programs, n_ign_ptr, total, tau_sq_hi, t
 
 
 
-def _fp32(value: float) -> float:
-    """value rounded to the nearest fp32 (to +-inf past its range), without a tensor: plain host
-    arithmetic, so no launch argument ever costs a tensor round trip."""
-    try:
-        return struct.unpack("f", struct.pack("f", value))[0]
-    except OverflowError:
-        return math.copysign(math.inf, value)
-
-
-def _split(value: float) -> tuple[float, float]:
-    """value as hi + lo, both exactly representable in fp32 (Triton passes float arguments as fp32)."""
-    hi = _fp32(value)
-    return hi, _fp32(value - hi)
 
 
 
@@ -242,7 +227,7 @@ def _launch(s, t, ignore_mask, weight, n_ignored, mean_gap, tau, *, gap_weight=F
 
     _pixel_kd_kernel[grid](
         s, t, ign, wt, _or(n_ignored), _or(mean_gap), _or(ds), _or(kl), partials, k, p, n * p, *s_strides,
-        *t_strides, *_split(1.0 / tau), *_split(tau), BLOCK_K=block_k, BLOCK_P=block_p, ONE_TILE=one_tile,
+        *t_strides, *fp32_split(1.0 / tau), *fp32_split(tau), BLOCK_K=block_k, BLOCK_P=block_p, ONE_TILE=one_tile,
         HAS_MASK=ignore_mask is not None, HAS_WEIGHT=weight is not None, GAP_WEIGHT=gap_weight,
         WRITE_GRAD=write_grad, WRITE_KL=write_kl, ACC=acc_dtype(acc_torch), NEG=_NEG, num_warps=warps, **FP_FUSION)
     return partials, ds, kl
@@ -255,7 +240,7 @@ def _finalize(student, partials, n_ignored, tau, *, gap_weight=False):
     mean_gap = torch.empty(1, dtype=partials.dtype, device=student.device) if gap_weight else None
     programs = partials.shape[0]
     _pixel_kd_finalize_kernel[(1,)](
-        partials, programs, n_ignored if n_ignored is not None else partials, n * h * w, *_split(tau * tau),
+        partials, programs, n_ignored if n_ignored is not None else partials, n * h * w, *fp32_split(tau * tau),
         loss, mean_gap if mean_gap is not None else partials, HAS_MASK=n_ignored is not None,
         GAP_WEIGHT=gap_weight, BLOCK=min(1024, max(16, triton.next_power_of_2(programs))),
         ACC=acc_dtype(partials.dtype), TINY=_TINY, num_warps=4, **FP_FUSION)

@@ -1,4 +1,4 @@
-"""sk.ssim_kd: SSIM between student and teacher feature maps (SSIM-KD, LOSSES.md 5)."""
+"""sk.ssim_kd: SSIM between student and teacher feature maps (SSIM-KD, docs/losses.md 5)."""
 
 import torch
 

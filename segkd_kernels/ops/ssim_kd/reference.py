@@ -1,4 +1,4 @@
-"""SSIM feature distillation (SSIM-KD, LOSSES.md 5) in plain PyTorch: kornia's ssim_loss semantics.
+"""SSIM feature distillation (SSIM-KD, docs/losses.md 5) in plain PyTorch: kornia's ssim_loss semantics.
 
 The five local statistics (mu_x, mu_y, E[x^2], E[y^2], E[xy]) come from one depthwise separable
 Gaussian filter applied to the five maps stacked along the batch axis. Always fp32 or fp64:

@@ -1,4 +1,4 @@
-"""ssim_kd in Triton (LOSSES.md 5): fused forward and backward.
+"""ssim_kd in Triton (docs/losses.md 5): fused forward and backward.
 
 Layout of the work: the grid is (N*C planes) x (spatial tiles of the output map), flattened into
 one axis, so a KD feature tensor with hundreds of channels and a small H x W gives thousands of
@@ -511,7 +511,7 @@ def _backward(ctx, grad_loss, _grad_partials, _grad_scales):
                                                  normalize, True)
         grad_student = ssim_kd_backward_triton(grad_loss, student, teacher, partials, scales, window_size,
                                                sigma, padding, normalize)
-    # the teacher is a target: no gradient (LOSSES.md)
+    # the teacher is a target: no gradient (docs/losses.md)
     return grad_student, None, None, None, None, None, None, None
 
 

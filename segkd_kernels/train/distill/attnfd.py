@@ -1,4 +1,4 @@
-"""attnfd: attention-guided feature distillation (LOSSES.md 6 and 8): CBAM-refined features at the
+"""attnfd: attention-guided feature distillation (docs/losses.md 6 and 8): CBAM-refined features at the
 last backbone stage, the ASPP output and the decoder output (the points both models have), connector
 1x1 conv + BN, lambda 2 x the sum over points."""
 

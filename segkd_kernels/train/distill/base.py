@@ -97,7 +97,7 @@ def match_size(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def adapter(in_channels: int, out_channels: int) -> nn.Module:
-    """1x1 conv + BN mapping student channels to the teacher's (LOSSES.md 1, 5)."""
+    """1x1 conv + BN mapping student channels to the teacher's (docs/losses.md 1, 5)."""
     return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels))
 
 

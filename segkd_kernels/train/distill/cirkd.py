@@ -1,5 +1,5 @@
 """cirkd: cross-image pixel-to-pixel distillation on the neck (ASPP-block) embeddings, tau 0.1,
-+ 1 x pixel KD on the logits (LOSSES.md 4 and 8). The similarity matrices live inside one image
++ 1 x pixel KD on the logits (docs/losses.md 4 and 8). The similarity matrices live inside one image
 pair, so student and teacher channel counts may differ (no adapter)."""
 
 from __future__ import annotations

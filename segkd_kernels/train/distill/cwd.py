@@ -1,4 +1,4 @@
-"""cwd: channel-wise distillation on the logits, 3 x CWD at tau 4 (LOSSES.md 1 and 8).
+"""cwd: channel-wise distillation on the logits, 3 x CWD at tau 4 (docs/losses.md 1 and 8).
 
 Optionally also on the neck (ASPP) features through a 1x1 conv + BN adapter (weight `feat`, off by
 default as in the paper's logits recipe)."""

@@ -1,4 +1,4 @@
-"""kd: Hinton KD per pixel on the logits (LOSSES.md 2 and 8), 1 x pixel KD at tau 1."""
+"""kd: Hinton KD per pixel on the logits (docs/losses.md 2 and 8), 1 x pixel KD at tau 1."""
 
 from __future__ import annotations
 

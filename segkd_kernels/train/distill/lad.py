@@ -1,4 +1,4 @@
-"""lad: label-assisted distillation (LOSSES.md 7 and 8).
+"""lad: label-assisted distillation (docs/losses.md 7 and 8).
 
 Teacher stage (`stage: teacher`, `method: lad`): the teacher takes the image plus a fourth channel that
 encodes the label map, and trains on two independently noised encodings of each image (dual path):

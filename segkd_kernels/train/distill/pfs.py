@@ -1,5 +1,5 @@
 """pfs: pairwise feature similarities at full resolution on high-level features + knowledge-gap
-weighted pixel KD on the logits (LOSSES.md 2b, 3 and 8), weights 1 and 1."""
+weighted pixel KD on the logits (docs/losses.md 2b, 3 and 8), weights 1 and 1."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""skd: structured KD (LOSSES.md 3 and 8): 10 x pairwise similarity on the neck (ASPP-block) features
+"""skd: structured KD (docs/losses.md 3 and 8): 10 x pairwise similarity on the neck (ASPP-block) features
 + 1 x pixel KD on the logits. `pool: 2` is CIRKD parity; `pool: null` is full resolution."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""ssim: SSIM feature distillation (LOSSES.md 5 and 8) on backbone / neck features, each student point
+"""ssim: SSIM feature distillation (docs/losses.md 5 and 8) on backbone / neck features, each student point
 mapped to the teacher's channels by a 1x1 conv + BN adapter; weight 3 (the papers use 2..4)."""
 
 from __future__ import annotations

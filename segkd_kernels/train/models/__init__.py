@@ -88,7 +88,7 @@ def load_backbone_weights(backbone: nn.Module, path_or_state: str | os.PathLike 
 
     For a backbone with more input channels than the checkpoint (LAD's 4-channel teacher), the
     checkpoint's first-conv weights fill the first channels and the extra ones are drawn from
-    N(0, 0.1^2) (LOSSES.md section 7)."""
+    N(0, 0.1^2) (docs/losses.md section 7)."""
     if isinstance(path_or_state, dict):
         state = path_or_state
     else:
