@@ -19,13 +19,11 @@ coefficients read from device memory (no host synchronisation); computed in fp32
 
 from __future__ import annotations
 
-import struct
-
 import torch
 import triton
 import triton.language as tl
 
-from .._triton_common import FP_FUSION
+from .._triton_common import FP_FUSION, fp32_split
 
 BLOCK = 1024
 MAX_PROGRAMS = 1024  # partial rows: enough programs to fill a GPU, few enough to sum cheaply
@@ -128,9 +126,8 @@ def _flat_pair(s: torch.Tensor, t: torch.Tensor):
     return s.permute(order).reshape(-1), t.permute(order).reshape(-1), order
 
 
-@torch.library.custom_op("segkd::attnfd_dots_triton", mutates_args=())
-def attnfd_dots_triton(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """fp64 (3,): [<s,s>, <t,t>, <s,t>] over all elements (s and t of one shape, any dtypes)."""
+def _dot_partials(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """fp64 (programs, 3): per-program partial sums of <s,s>, <t,t>, <s,t> (the one pass over s, t)."""
     s_flat, t_flat, _ = _flat_pair(s, t)
     numel = s_flat.numel()
     programs = max(1, min(triton.cdiv(numel, BLOCK), MAX_PROGRAMS))
@@ -139,7 +136,13 @@ def attnfd_dots_triton(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         _dots_kernel[(programs,)](s_flat, t_flat, part, numel, programs, BLOCK=BLOCK, **FP_FUSION)
     else:
         part.zero_()
-    return part.sum(dim=0)
+    return part
+
+
+@torch.library.custom_op("segkd::attnfd_dots_triton", mutates_args=())
+def attnfd_dots_triton(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """fp64 (3,): [<s,s>, <t,t>, <s,t>] over all elements (s and t of one shape, any dtypes)."""
+    return _dot_partials(s, t).sum(dim=0)
 
 
 @torch.library.custom_op("segkd::attnfd_dots_backward_triton", mutates_args=())
@@ -194,27 +197,15 @@ def _backward(ctx, grad):
 attnfd_dots_triton.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _fp32_parts(value: float) -> tuple[float, float]:
-    """value as hi + lo, both fp32 (Triton passes float arguments as fp32)."""
-    hi = struct.unpack("f", struct.pack("f", value))[0]
-    return hi, struct.unpack("f", struct.pack("f", value - hi))[0]
-
-
 @torch.library.custom_op("segkd::attnfd_loss_triton", mutates_args=())
 def attnfd_loss_triton(s: torch.Tensor, t: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss in s's dtype, fp64 (2,) [2 dL/d<s,s>, dL/d<s,t>] for grad_output 1): the dots' pass and
     one epilogue launch."""
-    s_flat, t_flat, _ = _flat_pair(s, t)
-    numel = s_flat.numel()
-    programs = max(1, min(triton.cdiv(numel, BLOCK), MAX_PROGRAMS))
-    part = torch.empty(programs, 3, dtype=torch.float64, device=s.device)
-    if numel > 0:
-        _dots_kernel[(programs,)](s_flat, t_flat, part, numel, programs, BLOCK=BLOCK, **FP_FUSION)
-    else:
-        part.zero_()
+    part = _dot_partials(s, t)
+    programs = part.shape[0]
     loss = torch.empty((), dtype=s.dtype, device=s.device)
     coef = torch.empty(2, dtype=torch.float64, device=s.device)
-    _finish_kernel[(1,)](part, loss, coef, programs, s.shape[0], *_fp32_parts(eps),
+    _finish_kernel[(1,)](part, loss, coef, programs, s.shape[0], *fp32_split(eps),
                          BLOCK_P=min(1024, triton.next_power_of_2(programs)),
                          OUT_FP64=s.dtype == torch.float64, num_warps=4, **FP_FUSION)
     return loss, coef
