@@ -100,3 +100,63 @@ def test_ssim_loss_is_half_of_one_minus_mean_ssim_with_valid_padding():
     ssim = ((2 * mu_x * mu_y + c1) * (2 * cov + c2) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))).mean()
     ours = sk.ssim_kd(x, y, padding="valid", normalize=False, backend="reference")
     torch.testing.assert_close(1 - 2 * ours, ssim)
+
+
+@pytest.mark.filterwarnings("ignore:reduction")  # torch's note on the 'mean' default: that default is the point
+def test_torchdistiller_kd_module_form_has_no_tau_squared():
+    """The same convention through nn.KLDivLoss() itself (its default reduction is the mean over every
+    element): the loss is pixel KD divided by K * tau^2, so it shrinks as tau grows where pixel KD
+    does not."""
+    s, t = logits(10), logits(11)
+    for tau in (1.0, 2.0, 4.0):
+        theirs = torch.nn.KLDivLoss()(F.log_softmax(s / tau, dim=1), F.softmax(t / tau, dim=1))
+        torch.testing.assert_close(theirs, sk.pixel_kd(s, t, tau, backend="reference") / (K * tau**2))
+
+
+def test_skd_pixel_wise_grows_with_the_batch_where_pixel_kd_does_not():
+    """Stacking the same batch twice doubles SKD's pixel-wise value (it divides by H*W, not by N*H*W);
+    pixel KD, a mean over pixels, is unchanged."""
+    s, t = logits(12), logits(13)
+
+    def skd(s, t):
+        return (-F.softmax(t, dim=1) * F.log_softmax(s, dim=1)).sum() / (s.shape[2] * s.shape[3])
+
+    s2, t2 = torch.cat([s, s]), torch.cat([t, t])
+    torch.testing.assert_close(skd(s2, t2), 2 * skd(s, t))
+    torch.testing.assert_close(sk.pixel_kd(s2, t2, 1.0, backend="reference"), sk.pixel_kd(s, t, 1.0, backend="reference"))
+
+
+def _cirkd_cross_image(fs, ft, tau):
+    """CIRKD's mini-batch cross-image loss as its current code computes it, pooling rule included:
+    4x4 average pooling (ceil mode) when H and W are both at least 256, then per ordered image pair a
+    batchmean KL between the row softmaxes of the P x P similarity matrices, averaged over pairs."""
+    n, _, h, w = fs.shape
+    if h >= 256 and w >= 256:
+        fs, ft = (F.avg_pool2d(x, 4, 4, ceil_mode=True) for x in (fs, ft))
+    fs, ft = F.normalize(fs, dim=1).flatten(2), F.normalize(ft, dim=1).flatten(2)
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            log_ps = F.log_softmax(fs[i].T @ fs[j] / tau, dim=1)
+            p_t = F.softmax(ft[i].T @ ft[j] / tau, dim=1)
+            total = total + F.kl_div(log_ps, p_t, reduction="batchmean")
+    return total / (n * n)
+
+
+@pytest.mark.parametrize("hw", [(256, 256), (260, 257)])
+def test_cirkd_cross_image_pools_4x4_from_256(hw):
+    g = torch.Generator().manual_seed(14)
+    s = torch.randn(2, 3, *hw, generator=g)
+    t = torch.randn(2, 4, *hw, generator=g)
+    pooled = [F.avg_pool2d(x.double(), 4, 4, ceil_mode=True) for x in (s, t)]
+    theirs = _cirkd_cross_image(s, t, 0.1).double()
+    # fp32 rows of P = 4096 terms against the fp64 reference form: rounding near 1e-7 relative
+    torch.testing.assert_close(sk.cross_image_kd(*pooled, 0.1, backend="reference"), theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("hw", [(255, 8), (8, 300)])
+def test_cirkd_cross_image_does_not_pool_when_one_side_is_below_256(hw):
+    g = torch.Generator().manual_seed(15)
+    s = torch.randn(2, 3, *hw, generator=g, dtype=torch.float64)
+    t = torch.randn(2, 4, *hw, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(sk.cross_image_kd(s, t, 0.1, backend="reference"), _cirkd_cross_image(s, t, 0.1))
