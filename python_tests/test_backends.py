@@ -9,7 +9,7 @@ from segkd_kernels._backends import BackendUnavailableError, select_backend
 from segkd_kernels.ops import implemented_backends
 from segkd_kernels.ops.spatial_pool.api import IMPLEMENTED as POOL_IMPLEMENTED
 
-PUBLIC_OPS = ["channel_wise_kd", "pixel_kd", "pfs_pixel_kd", "pairwise_kd", "cross_image_kd", "ssim_kd",
+PUBLIC_OPS = ["channel_wise_kd", "pixel_kd", "pfs_pixel_kd", "pairwise_kd", "cross_image_kd", "memory_contrast_kd", "ssim_kd",
               "attnfd_loss", "spatial_pool", "channel_pool", "cbam_gate"]
 
 

@@ -11,6 +11,7 @@ from .ops.cbam_gate import cbam_gate
 from .ops.channel_pool import channel_pool
 from .ops.channel_wise_kd import channel_wise_kd
 from .ops.cross_image_kd import cross_image_kd
+from .ops.memory_contrast_kd import memory_contrast_kd
 from .ops.pairwise_kd import pairwise_kd
 from .ops.pixel_kd import knowledge_gap, pfs_pixel_kd, pixel_kd
 from .ops.spatial_pool import spatial_pool
@@ -25,6 +26,7 @@ __all__ = [
     "pfs_pixel_kd",
     "pairwise_kd",
     "cross_image_kd",
+    "memory_contrast_kd",
     "ssim_kd",
     "attnfd_loss",
     "spatial_pool",

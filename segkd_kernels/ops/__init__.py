@@ -10,6 +10,7 @@ OP_FOLDERS = {
     "pfs_pixel_kd": "pixel_kd",
     "pairwise_kd": "pairwise_kd",
     "cross_image_kd": "cross_image_kd",
+    "memory_contrast_kd": "memory_contrast_kd",
     "ssim_kd": "ssim_kd",
     "attnfd_loss": "attnfd_loss",
     "spatial_pool": "spatial_pool",

@@ -1,0 +1,160 @@
+"""Tests of sk.memory_contrast_kd (docs/losses.md 4b): CIRKD's memory-bank contrast terms.
+
+The oracle re-derives the upstream computation step by step, in CIRKD's own order of operations:
+unit rows, similarity logits divided by the contrast temperature, then log-softmax / softmax at the
+KD temperature, `kl_div(..., reduction="batchmean")`, times the KD temperature squared. It shares
+no code with segkd_kernels/ops/memory_contrast_kd/ (the reference folds both temperatures into one
+scale; the Triton kernel streams the bank with an online log-sum-exp).
+
+Without a GPU the Triton kernel runs under the interpreter, so its cases are a chosen subset.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import segkd_kernels as sk
+from segkd_kernels.ops.memory_contrast_kd.api import IMPLEMENTED
+from segkd_kernels.testing import assert_close, make_tensor, within_error_budget
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_AVAILABLE = sk.available_backends()
+BACKENDS = [name for name in ("reference", "triton", "cuda") if name in IMPLEMENTED and _AVAILABLE[name]]
+needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend not available here")
+
+# (M anchors, C channels, Q bank entries): a single anchor / entry / channel, sizes that straddle
+# the kernels' 64-row, 64-entry, 64-channel and 128-channel tiles.
+SHAPES = [(1, 1, 1), (5, 3, 7), (37, 17, 65), (70, 4, 130), (65, 130, 9)]
+
+
+def oracle(s, t, bank, contrast_tau, kd_tau):
+    """CIRKD's StudentSegContrast loss on already-selected anchor rows and a sampled bank."""
+    s = F.normalize(s.double(), p=2, dim=1)
+    t = F.normalize(t.detach().double(), p=2, dim=1)
+    bank = bank.double()
+    s_logits = torch.div(torch.mm(s, bank.T), contrast_tau)
+    t_logits = torch.div(torch.mm(t, bank.T), contrast_tau)
+    log_p_s = F.log_softmax(s_logits / kd_tau, dim=1)
+    p_t = F.softmax(t_logits / kd_tau, dim=1)
+    return F.kl_div(log_p_s, p_t, reduction="batchmean") * kd_tau**2
+
+
+def _inputs(m, c, q, *, dtype=torch.float64, seed=0, bank_scale=1.0):
+    s = make_tensor((m, c), dtype=dtype, device=DEVICE, seed=seed, requires_grad=True)
+    t = make_tensor((m, c), dtype=dtype, device=DEVICE, seed=seed + 1)
+    bank = F.normalize(make_tensor((q, c), dtype=torch.float64, device=DEVICE, seed=seed + 2), dim=1)
+    return s, t, (bank * bank_scale).to(dtype)
+
+
+def _loss_and_grad(s, t, bank, tau, kd_tau, backend):
+    loss = sk.memory_contrast_kd(s, t, bank, tau, kd_tau, backend=backend)
+    return loss, torch.autograd.grad(loss, s)[0]
+
+
+@pytest.mark.parametrize("tau,kd_tau", [(0.1, 1.0), (0.07, 4.0), (1.0, 0.5)])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_reference_matches_the_upstream_formula(shape, tau, kd_tau):
+    s, t, bank = _inputs(*shape)
+    loss, grad = _loss_and_grad(s, t, bank, tau, kd_tau, "reference")
+    expected = oracle(s, t, bank, tau, kd_tau)
+    assert_close(loss, expected)
+    assert_close(grad, torch.autograd.grad(expected, s)[0])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_triton_matches_the_reference(shape, dtype):
+    s, t, bank = _inputs(*shape, dtype=dtype, seed=3)
+    loss, grad = _loss_and_grad(s, t, bank, 0.1, 1.0, "triton")
+    ref_loss, ref_grad = _loss_and_grad(s, t, bank, 0.1, 1.0, "reference")
+    assert loss.dtype == dtype and grad.dtype == dtype
+    assert_close(loss, ref_loss, dtype=dtype)
+    assert_close(grad, ref_grad, dtype=dtype)
+
+
+@needs_triton
+def test_triton_with_kd_temperature_a_scaled_output_and_a_non_unit_bank():
+    """kd_tau != 1, a bank that is not made of unit rows (used as given), and grad_output != 1."""
+    s, t, bank = _inputs(33, 6, 20, seed=5, bank_scale=1.7)
+    out = {}
+    for backend in ("triton", "reference"):
+        loss = sk.memory_contrast_kd(s, t, bank, 0.2, 3.0, backend=backend)
+        out[backend] = (loss, torch.autograd.grad(-2.5 * loss, s)[0])
+    assert_close(out["triton"][0], out["reference"][0])
+    assert_close(out["triton"][1], out["reference"][1])
+    assert_close(out["reference"][0], oracle(s, t, bank, 0.2, 3.0))
+
+
+@needs_triton
+def test_triton_peaked_similarities_stay_finite():
+    """tau = 0.01: logits up to +-100 over the bank, where exp overflows without the running max."""
+    s, t, bank = _inputs(20, 5, 70, seed=7)
+    loss, grad = _loss_and_grad(s, t, bank, 0.01, 1.0, "triton")
+    ref_loss, ref_grad = _loss_and_grad(s, t, bank, 0.01, 1.0, "reference")
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert_close(loss, ref_loss)
+    assert_close(grad, ref_grad)
+
+
+@needs_triton
+def test_triton_bf16_within_the_error_budget():
+    s, t, bank = _inputs(40, 8, 30, dtype=torch.bfloat16, seed=9)
+    truth = oracle(s, t, bank, 0.1, 1.0)
+    ref = sk.memory_contrast_kd(s, t, bank, backend="reference")
+    tri = sk.memory_contrast_kd(s, t, bank, backend="triton")
+    assert tri.dtype == torch.bfloat16
+    assert within_error_budget(tri, ref, truth)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    s, t, bank = _inputs(12, 9, 10, seed=11)
+    s_nc = s.detach().T.contiguous().T.requires_grad_(True)  # same values, column-major
+    assert not s_nc.is_contiguous()
+    loss, grad = _loss_and_grad(s_nc, t[::1], bank.T.contiguous().T, 0.1, 1.0, backend)
+    assert_close(loss, oracle(s, t, bank, 0.1, 1.0))
+    assert_close(grad, torch.autograd.grad(oracle(s, t, bank, 0.1, 1.0), s)[0])
+
+
+def test_no_gradient_reaches_the_teacher_or_the_bank():
+    s, t, bank = _inputs(6, 4, 5, seed=13)
+    t.requires_grad_(True)
+    bank.requires_grad_(True)
+    sk.memory_contrast_kd(s, t, bank, backend="reference").backward()
+    assert t.grad is None and bank.grad is None and s.grad is not None
+
+
+def test_identical_student_and_teacher_give_zero():
+    s, _, bank = _inputs(9, 4, 11, seed=15)
+    loss = sk.memory_contrast_kd(s, 3.0 * s.detach(), bank, backend="reference")  # same unit rows
+    assert abs(loss.item()) < 1e-12
+
+
+def test_the_cuda_backend_is_not_implemented():
+    s, t, bank = _inputs(3, 2, 4)
+    with pytest.raises(sk.BackendUnavailableError, match="memory_contrast_kd has no cuda backend"):
+        sk.memory_contrast_kd(s, t, bank, backend="cuda")
+
+
+@pytest.mark.parametrize("case,match", [
+    (lambda s, t, b: (s[None], t, b), "student_embed: expected a 2-d tensor"),
+    (lambda s, t, b: (s, t[:, :3], b), "teacher_embed: expected the shape of student_embed"),
+    (lambda s, t, b: (s, t, b[:, :3]), "memory: expected 4 columns"),
+    (lambda s, t, b: (s, t, b[None]), "memory: expected a 2-d tensor"),
+    (lambda s, t, b: (s, t, b[:0]), "memory: expected a non-empty tensor"),
+    (lambda s, t, b: (s, t.long(), b), "teacher_embed: expected a floating-point tensor"),
+    (lambda s, t, b: (s.float(), t, b.float()), "teacher_embed: float64 needs a float64 student_embed"),
+    (lambda s, t, b: (s.float(), t.float(), b), "memory: float64 needs a float64 student_embed"),
+])
+def test_bad_inputs(case, match):
+    s, t, bank = _inputs(5, 4, 6)
+    with pytest.raises(ValueError, match=match):
+        sk.memory_contrast_kd(*case(s.detach(), t, bank))
+
+
+@pytest.mark.parametrize("name,value", [("tau", 0.0), ("tau", float("inf")), ("kd_tau", -1.0), ("kd_tau", True)])
+def test_bad_temperatures(name, value):
+    s, t, bank = _inputs(5, 4, 6)
+    with pytest.raises(ValueError, match=f"{name}: expected a positive"):
+        sk.memory_contrast_kd(s, t, bank, **{name: value})

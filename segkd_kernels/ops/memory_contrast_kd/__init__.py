@@ -1,0 +1,3 @@
+from .api import memory_contrast_kd
+
+__all__ = ["memory_contrast_kd"]
