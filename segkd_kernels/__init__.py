@@ -4,7 +4,7 @@ Every loss has a readable PyTorch reference and, where written, fused Triton and
 behind one API (docs/api.md); semantics in docs/losses.md. Importing the package registers every custom op.
 """
 
-from . import nn
+from . import compat, nn
 from ._backends import BackendUnavailableError, available_backends
 from .ops.attnfd_loss import attnfd_loss
 from .ops.cbam_gate import cbam_gate
@@ -35,5 +35,6 @@ __all__ = [
     "available_backends",
     "BackendUnavailableError",
     "nn",
+    "compat",
     "__version__",
 ]
