@@ -158,3 +158,66 @@ def test_bad_temperatures(name, value):
     s, t, bank = _inputs(5, 4, 6)
     with pytest.raises(ValueError, match=f"{name}: expected a positive"):
         sk.memory_contrast_kd(s, t, bank, **{name: value})
+
+
+# ---- the CIRKD distiller's memory terms --------------------------------------------------------------
+
+def _cirkd(weights=None, options=None, k=4, c_s=6, c_t=8):
+    from segkd_kernels.train.distill import build_distiller
+
+    return build_distiller("cirkd", {"logits": k, "neck": c_s}, {"logits": k, "neck": c_t}, k,
+                           weights=weights, options=options, backend="reference")
+
+
+def _outputs(k=4, c_s=6, c_t=8, n=2, h=4, w=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    student = {"logits": torch.randn(n, k, h, w, generator=g, requires_grad=True),
+               "neck": torch.randn(n, c_s, h, w, generator=g, requires_grad=True)}
+    teacher = {"logits": torch.randn(n, k, h, w, generator=g), "neck": torch.randn(n, c_t, h, w, generator=g)}
+    labels = torch.randint(0, k, (n, 4 * h, 4 * w), generator=g)
+    labels[:, :3] = 255
+    return student, teacher, labels
+
+
+def test_cirkd_distiller_memory_terms_follow_cirkd():
+    """Defaults as CIRKD's training script, per-class bank slots size // K + 1, pixels drawn from the
+    class, and each term is its weight times StudentSegContrast's loss on the neck embeddings."""
+    from segkd_kernels.compat.cirkd import StudentSegContrast
+
+    d = _cirkd(options={"pixel_memory_size": 30, "region_memory_size": 5, "pixel_contrast_size": 9,
+                        "region_contrast_size": 6}, weights={"memory_pixel": 0.3, "memory_region": 0.02})
+    assert d.default_weights["memory_pixel"] == 0.1 and d.default_weights["memory_region"] == 0.1
+    assert d.default_options["pixel_memory_size"] == 20000 and d.default_options["region_memory_size"] == 2000
+    m = d.memory
+    assert isinstance(m, StudentSegContrast) and m.class_pixels
+    assert (m.pixel_contrast_size, m.region_contrast_size) == (9 // 4 + 1, 6 // 4 + 1)
+    assert tuple(m.teacher_pixel_queue.shape) == (4, 30, 8) and tuple(m.teacher_segment_queue.shape) == (4, 5, 8)
+    before = m.teacher_pixel_queue.clone()
+    # a twin module in the same state, driven by the same draws, gives the unweighted losses
+    twin = StudentSegContrast(4, 30, 5, 2, 3, 1.0, 0.1, 6, 8, 255, class_pixels=True, backend="reference")
+    twin.load_state_dict(m.state_dict())
+    twin.generator = torch.Generator().manual_seed(0)
+    d.memory.generator = torch.Generator().manual_seed(0)
+    student, teacher, labels = _outputs()
+    out = d(student, teacher, labels)
+    assert set(out) == {"cross_image", "kd", "memory_pixel", "memory_region"}
+    pixel, region = twin(student["neck"], teacher["neck"], labels)
+    assert_close(out["memory_pixel"], 0.3 * pixel)
+    assert_close(out["memory_region"], 0.02 * region)
+    assert not torch.equal(before, m.teacher_pixel_queue)  # the queue took this step's teacher pixels
+    sum(out.values()).backward()
+    assert student["neck"].grad is not None
+    assert all(p.grad is not None for p in m.project_head.parameters())  # trained with the student
+
+
+def test_cirkd_distiller_without_memory_terms():
+    d = _cirkd(weights={"memory_pixel": 0.0, "memory_region": 0.0})
+    assert d.memory is None
+    assert set(d(*_outputs())) == {"cross_image", "kd"}
+
+
+@pytest.mark.parametrize("name,value", [("pixel_memory_size", 0), ("region_contrast_size", 2.5),
+                                        ("pixel_contrast_size", True)])
+def test_cirkd_distiller_bad_memory_options(name, value):
+    with pytest.raises(ValueError, match=f"distill.options.{name}: expected a positive integer"):
+        _cirkd(options={name: value})

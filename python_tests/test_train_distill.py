@@ -26,7 +26,7 @@ def _one_thread():
 
 METHODS = ("kd", "cwd", "skd", "pfs", "cirkd", "ssim", "attnfd", "lad")
 TERMS = {"kd": {"kd"}, "cwd": {"cwd"}, "skd": {"pairwise", "kd"}, "pfs": {"pairwise", "gap_kd"},
-         "cirkd": {"cross_image", "kd"}, "ssim": {"ssim"}, "attnfd": {"attnfd"}, "lad": {"cwd"}}
+         "cirkd": {"cross_image", "kd", "memory_pixel", "memory_region"}, "ssim": {"ssim"}, "attnfd": {"attnfd"}, "lad": {"cwd"}}
 
 
 def tiny_pair(method, widths=(0.125, 0.25)):

@@ -121,12 +121,12 @@ class StudentSegContrast(nn.Module):
         self.project_head = nn.Sequential(
             nn.Conv2d(s_channels, t_channels, 1, bias=False), nn.BatchNorm2d(t_channels), nn.ReLU(True),
             nn.Conv2d(t_channels, t_channels, 1, bias=False))
-        # queues start as random unit vectors, as CIRKD's (drawn from the global generator at build)
-        self.register_buffer("teacher_segment_queue",
-                             F.normalize(torch.randn(num_classes, region_memory_size, t_channels), p=2, dim=2))
+        # queues start as random unit vectors, as CIRKD's (drawn from `generator` at build)
+        self.register_buffer("teacher_segment_queue", F.normalize(
+            torch.randn(num_classes, region_memory_size, t_channels, generator=generator), p=2, dim=2))
         self.register_buffer("segment_queue_ptr", torch.zeros(num_classes, dtype=torch.long))
-        self.register_buffer("teacher_pixel_queue",
-                             F.normalize(torch.randn(num_classes, pixel_memory_size, t_channels), p=2, dim=2))
+        self.register_buffer("teacher_pixel_queue", F.normalize(
+            torch.randn(num_classes, pixel_memory_size, t_channels, generator=generator), p=2, dim=2))
         self.register_buffer("pixel_queue_ptr", torch.zeros(num_classes, dtype=torch.long))
 
     def _randperm(self, n: int) -> torch.Tensor:
