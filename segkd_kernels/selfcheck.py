@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 import segkd_kernels as sk
 from segkd_kernels.ops import implemented_backends
@@ -66,6 +67,7 @@ def _cases(size: str) -> list[Case]:
     k, c_s, c_t = 19, 24, 40
     logits, feats_s, feats_t = (n, k, h, w), (n, c_s, h, w), (n, c_t, h, w)
     feats = (n, c_t, h, w)
+    m, q = n * h * w // 4, (257 if size == "small" else 1029)
     # cbam_gate: x (N, C, H, W), the channel gate from the teacher tensor's first column, the
     # spatial gate from its first channel; squashed to (0, 1) as CBAM's sigmoids are.
     def gate(s, t, b):
@@ -78,6 +80,10 @@ def _cases(size: str) -> list[Case]:
         Case("pfs_pixel_kd", (logits, logits), lambda s, t, b: sk.pfs_pixel_kd(s, t, 1.0, backend=b)),
         Case("pairwise_kd", (feats_s, feats_t), lambda s, t, b: sk.pairwise_kd(s, t, backend=b)),
         Case("cross_image_kd", (feats_s, feats_t), lambda s, t, b: sk.cross_image_kd(s, t, 0.1, backend=b)),
+        # memory_contrast_kd: anchors (M, C_t) and, as the teacher tensor, M teacher rows followed by a
+        # bank of Q rows (unit length, as CIRKD's queue)
+        Case("memory_contrast_kd", ((m, c_t), (m + q, c_t)),
+             lambda s, t, b: sk.memory_contrast_kd(s, t[:m], F.normalize(t[m:], dim=1), backend=b)),
         Case("ssim_kd", (feats, feats), lambda s, t, b: sk.ssim_kd(s, t, window_size=7, backend=b)),
         Case("attnfd_loss", (feats, feats), lambda s, t, b: sk.attnfd_loss(s, t, backend=b)),
         Case("spatial_pool", (feats, feats), lambda s, t, b: sk.spatial_pool(s, backend=b)),
@@ -122,7 +128,7 @@ def run_selfcheck(size: str = "small", ops=None) -> int:
         if not ok:
             print(f"  {name} skipped: {report.reasons[name]}")
     dtypes = [torch.float32] + ([torch.bfloat16] if device == "cuda" else [])
-    header = f"{'op':<16}{'backend':<11}{'dtype':<10}{'loss':>14}{'rel err':>11}{'grad rel err':>14}{'ms':>10}  status"
+    header = f"{'op':<20}{'backend':<11}{'dtype':<10}{'loss':>14}{'rel err':>11}{'grad rel err':>14}{'ms':>10}  status"
     print("\n" + header + "\n" + "-" * len(header))
     failures = 0
     implemented = implemented_backends()
@@ -143,14 +149,14 @@ def run_selfcheck(size: str = "small", ops=None) -> int:
                     value, grad, ms = _run(case, backend, student, teacher)
                 except Exception as err:  # report, keep checking the others
                     failures += 1
-                    print(f"{case.op:<16}{backend:<11}{str(dtype)[6:]:<10}  ERROR {type(err).__name__}: {err}")
+                    print(f"{case.op:<20}{backend:<11}{str(dtype)[6:]:<10}  ERROR {type(err).__name__}: {err}")
                     continue
                 err_v = _rel_err(value, ref_value)
                 err_g = _rel_err(grad, ref_grad) if case.grad else 0.0
                 ok = err_v <= REL_TOL[dtype] and err_g <= REL_TOL[dtype]
                 failures += not ok
                 shown_g = f"{err_g:>14.2e}" if case.grad else f"{'(detached)':>14}"
-                print(f"{case.op:<16}{backend:<11}{str(dtype)[6:]:<10}{value.item():>14.6g}{err_v:>11.2e}"
+                print(f"{case.op:<20}{backend:<11}{str(dtype)[6:]:<10}{value.item():>14.6g}{err_v:>11.2e}"
                       f"{shown_g}{ms:>10.1f}  {'ok' if ok else 'MISMATCH'}")
     print(f"\nerrors are relative to the reference run in fp64 on the same inputs; tolerance {REL_TOL[torch.float32]:g} "
           "for fp32" + (f", {REL_TOL[torch.bfloat16]:g} for bf16" if device == "cuda" else ""))
