@@ -290,3 +290,58 @@ def test_attnfd_connector_draws_the_same_weights():
     for (name, a), (name_b, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
         assert name == name_b
         assert torch.equal(a, b), name
+
+
+# ---- StudentSegContrast under torch.distributed -----------------------------------------------------
+
+def _gather_worker(rank, world, port, result_file):
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        crit = _gather_case_module()
+        t, labels = _gather_case_inputs()
+        half = t.shape[0] // world
+        rows = slice(rank * half, (rank + 1) * half)
+        crit._dequeue_and_enqueue(t[rows], labels[rows])
+        torch.save({k: v for k, v in crit.state_dict().items() if "queue" in k}, f"{result_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _gather_case_module():
+    return cirkd.StudentSegContrast(3, 40, 4, 2, 2, 1.0, 0.1, 2, 5, 255, class_pixels=True,
+                                    generator=torch.Generator().manual_seed(0))
+
+
+def _gather_case_inputs():
+    g = torch.Generator().manual_seed(70)
+    t = F.normalize(torch.randn(4, 5, 3, 4, generator=g), dim=1)
+    labels = torch.randint(0, 3, (4, 3, 4), generator=g)
+    labels[1, 0] = 255
+    return t, labels
+
+
+def test_student_seg_contrast_gathers_every_rank_before_enqueueing(tmp_path):
+    """Two gloo processes, each holding half of the batch, end with the queues of one process that
+    enqueued the whole batch (as CIRKD's all_gather)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_gather_worker, args=(2, port, str(tmp_path / "q")), nprocs=2, join=True)
+    single = _gather_case_module()
+    single._dequeue_and_enqueue(*_gather_case_inputs())
+    expected = {k: v for k, v in single.state_dict().items() if "queue" in k}
+    for rank in (0, 1):
+        got = torch.load(f"{tmp_path / 'q'}.{rank}")
+        assert set(got) == set(expected)
+        for k in expected:
+            assert torch.equal(got[k], expected[k]), (rank, k)
