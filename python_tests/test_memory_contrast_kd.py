@@ -117,6 +117,20 @@ def test_non_contiguous_inputs(backend):
     assert_close(grad, torch.autograd.grad(oracle(s, t, bank, 0.1, 1.0), s)[0])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile(backend):
+    """fullgraph: the checks trace, and the Triton op has its fake implementations (aot_eager: no
+    C++ compiler needed)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a, b, c: sk.memory_contrast_kd(a, b, c, 0.2, 2.0, backend=backend),
+                             fullgraph=True, backend="aot_eager")
+    s, t, bank = _inputs(21, 5, 13, dtype=torch.float32, seed=17)
+    loss = compiled(s, t, bank)
+    ref = sk.memory_contrast_kd(s, t, bank, 0.2, 2.0, backend=backend)
+    assert_close(loss, ref)
+    assert_close(torch.autograd.grad(loss, s)[0], torch.autograd.grad(ref, s)[0])
+
+
 def test_no_gradient_reaches_the_teacher_or_the_bank():
     s, t, bank = _inputs(6, 4, 5, seed=13)
     t.requires_grad_(True)
