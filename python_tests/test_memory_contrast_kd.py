@@ -23,7 +23,7 @@ BACKENDS = [name for name in ("reference", "triton", "cuda") if name in IMPLEMEN
 needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend not available here")
 
 # (M anchors, C channels, Q bank entries): a single anchor / entry / channel, sizes that straddle
-# the kernels' 64-row, 64-entry, 64-channel and 128-channel tiles.
+# the kernels' 64-row and 64-entry tiles, 32-channel operand blocks and 64-channel gradient tiles.
 SHAPES = [(1, 1, 1), (5, 3, 7), (37, 17, 65), (70, 4, 130), (65, 130, 9)]
 
 
