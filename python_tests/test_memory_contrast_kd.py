@@ -235,3 +235,27 @@ def test_cirkd_distiller_without_memory_terms():
 def test_cirkd_distiller_bad_memory_options(name, value):
     with pytest.raises(ValueError, match=f"distill.options.{name}: expected a positive integer"):
         _cirkd(options={name: value})
+
+
+def test_lower_precision_teacher_and_bank_are_read_exactly():
+    s, t, bank = _inputs(9, 6, 11, dtype=torch.float32, seed=19)
+    t16, bank16 = t.bfloat16(), bank.bfloat16()
+    for backend in BACKENDS:
+        torch.testing.assert_close(sk.memory_contrast_kd(s, t16, bank16, backend=backend),
+                                   sk.memory_contrast_kd(s, t16.float(), bank16.float(), backend=backend),
+                                   rtol=0, atol=0)
+        out = sk.memory_contrast_kd(s.detach().bfloat16(), t, bank, backend=backend)
+        assert out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("where", ["student", "teacher", "memory"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_input_gives_a_nan_loss_on_every_backend(where, value):
+    """No silent masking: one non-finite entry anywhere makes the loss NaN (its row's unit vector,
+    or every row's logits against that bank entry, is NaN), as in the reference."""
+    s, t, bank = _inputs(10, 4, 7, dtype=torch.float32, seed=21)
+    target = {"student": s, "teacher": t, "memory": bank}[where]
+    with torch.no_grad():
+        target[2, 1] = value
+    for backend in BACKENDS:
+        assert torch.isnan(sk.memory_contrast_kd(s, t, bank, backend=backend)), backend
