@@ -227,6 +227,28 @@ PYBIND11_MODULE(SEGKD_MODULE_NAME, m) {
       py::arg("xs"), py::arg("xt"), py::arg("inv_s"), py::arg("inv_t"), py::arg("lse"), py::arg("grad_loss"),
       py::arg("da"), py::arg("batch"), py::arg("cs"), py::arg("ct"), py::arg("plane"), py::arg("tau"),
       py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "memory_contrast_forward",
+      [](std::uintptr_t a, std::uintptr_t b, std::uintptr_t bank, std::uintptr_t row_kl, std::uintptr_t lse,
+          int64_t rows, int64_t channels, int64_t entries, double inv_temp, int dtype, int device,
+          std::uintptr_t stream) {
+        segkd::memory_contrast_forward(a, b, bank, row_kl, lse, rows, channels, entries, inv_temp,
+          static_cast<DType>(dtype), device, stream);
+      },
+      py::arg("a"), py::arg("b"), py::arg("bank"), py::arg("row_kl"), py::arg("lse"), py::arg("rows"),
+      py::arg("channels"), py::arg("entries"), py::arg("inv_temp"), py::arg("dtype"), py::arg("device"),
+      py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "memory_contrast_backward",
+      [](std::uintptr_t a, std::uintptr_t b, std::uintptr_t bank, std::uintptr_t lse, std::uintptr_t grad_loss,
+          std::uintptr_t da, int64_t rows, int64_t channels, int64_t entries, double inv_temp, double grad_scale,
+          int dtype, int device, std::uintptr_t stream) {
+        segkd::memory_contrast_backward(a, b, bank, lse, grad_loss, da, rows, channels, entries, inv_temp,
+          grad_scale, static_cast<DType>(dtype), device, stream);
+      },
+      py::arg("a"), py::arg("b"), py::arg("bank"), py::arg("lse"), py::arg("grad_loss"), py::arg("da"),
+      py::arg("rows"), py::arg("channels"), py::arg("entries"), py::arg("inv_temp"), py::arg("grad_scale"),
+      py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
 #ifdef SEGKD_HOST_EXECUTION_MODULE
   segkd_host::bind_controls(m);
 #endif

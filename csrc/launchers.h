@@ -108,4 +108,17 @@ void cross_image_backward(std::uintptr_t xs, std::uintptr_t xt, std::uintptr_t i
                           std::uintptr_t lse, std::uintptr_t grad_loss, std::uintptr_t da, int64_t batch, int64_t cs,
                           int64_t ct, int64_t plane, double tau, DType dtype, int device, std::uintptr_t stream);
 
+// memory_contrast_kd (csrc/memory_contrast_kd.cu): unit anchor rows a, b (rows x channels) and the bank
+// (entries x channels, entries >= 1), row-major in one dtype; logits = dot * inv_temp.
+// row_kl (fp32, rows), lse (fp32, 2 x rows: student, teacher).
+void memory_contrast_forward(std::uintptr_t a, std::uintptr_t b, std::uintptr_t bank, std::uintptr_t row_kl,
+                             std::uintptr_t lse, int64_t rows, int64_t channels, int64_t entries, double inv_temp,
+                             DType dtype, int device, std::uintptr_t stream);
+// da (fp32, rows x channels, every element written) = grad_scale * grad_loss[0] *
+// sum_q (exp(S - lse_S) - exp(T - lse_T))[., q] bank[q, .]; grad_loss is one fp32 on the device.
+void memory_contrast_backward(std::uintptr_t a, std::uintptr_t b, std::uintptr_t bank, std::uintptr_t lse,
+                              std::uintptr_t grad_loss, std::uintptr_t da, int64_t rows, int64_t channels,
+                              int64_t entries, double inv_temp, double grad_scale, DType dtype, int device,
+                              std::uintptr_t stream);
+
 }  // namespace segkd

@@ -145,12 +145,6 @@ def test_identical_student_and_teacher_give_zero():
     assert abs(loss.item()) < 1e-12
 
 
-def test_the_cuda_backend_is_not_implemented():
-    s, t, bank = _inputs(3, 2, 4)
-    with pytest.raises(sk.BackendUnavailableError, match="memory_contrast_kd has no cuda backend"):
-        sk.memory_contrast_kd(s, t, bank, backend="cuda")
-
-
 @pytest.mark.parametrize("case,match", [
     (lambda s, t, b: (s[None], t, b), "student_embed: expected a 2-d tensor"),
     (lambda s, t, b: (s, t[:, :3], b), "teacher_embed: expected the shape of student_embed"),
@@ -259,3 +253,88 @@ def test_a_non_finite_input_gives_a_nan_loss_on_every_backend(where, value):
         target[2, 1] = value
     for backend in BACKENDS:
         assert torch.isnan(sk.memory_contrast_kd(s, t, bank, backend=backend)), backend
+
+
+# ---- the CUDA kernels (csrc/memory_contrast_kd.cu): on a GPU, or on CPU through the host build ------
+
+def _cuda_target():
+    """A context in which backend="cuda" runs: the GPU, or the host execution layer on CPU tensors."""
+    import contextlib
+
+    from segkd_kernels._backends import host_execution, host_library
+
+    if torch.cuda.is_available() and _AVAILABLE["cuda"]:
+        return contextlib.nullcontext("cuda")
+    lib, reason = host_library()
+    if lib is None or not hasattr(lib, "memory_contrast_forward"):
+        pytest.skip(f"no GPU and no host build with this op's kernels: {reason}")
+
+    @contextlib.contextmanager
+    def run():
+        with host_execution(lib):
+            lib.host_reset()
+            lib.host_set_seed(1234)
+            yield "cpu"
+            lib.host_reset()
+
+    return run()
+
+
+def _on(device, *tensors):
+    return [x.detach().to(device).requires_grad_(x.requires_grad) for x in tensors]
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(33, 64, 32), (40, 33, 100)])
+def test_cuda_matches_the_reference_fp32(shape):
+    with _cuda_target() as device:
+        s, t, bank = _on(device, *_inputs(*shape, dtype=torch.float32, seed=23))
+        for tau, kd_tau in ((0.1, 1.0), (0.3, 2.5)):
+            loss = sk.memory_contrast_kd(s, t, bank, tau, kd_tau, backend="cuda")
+            grad = torch.autograd.grad(-1.5 * loss, s)[0]
+            ref = sk.memory_contrast_kd(s, t, bank, tau, kd_tau, backend="reference")
+            ref_grad = torch.autograd.grad(-1.5 * ref, s)[0]
+            assert loss.dtype == torch.float32 and grad.dtype == torch.float32
+            assert_close(loss, ref, dtype=torch.float32)
+            assert_close(grad, ref_grad, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_half_precision_within_the_error_budget(dtype):
+    with _cuda_target() as device:
+        s, t, bank = _on(device, *_inputs(45, 24, 70, dtype=dtype, seed=25))
+        truth = oracle(s, t, bank, 0.1, 1.0)
+        truth_grad = torch.autograd.grad(truth, s)[0]
+        loss = sk.memory_contrast_kd(s, t, bank, backend="cuda")
+        grad = torch.autograd.grad(loss, s)[0]
+        ref = sk.memory_contrast_kd(s, t, bank, backend="reference")
+        ref_grad = torch.autograd.grad(ref, s)[0]
+        assert loss.dtype == dtype and grad.dtype == dtype
+        assert within_error_budget(loss, ref, truth)
+        assert within_error_budget(grad, ref_grad, truth_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_kernels_read_half_operands_exactly(dtype):
+    """The launchers' fp16 / bf16 instantiations: the same values as fp32 operands holding the same
+    (rounded) numbers, since every product and sum is fp32."""
+    from segkd_kernels.ops.memory_contrast_kd.cuda import memory_contrast_kd_cuda
+
+    with _cuda_target() as device:
+        s, t, bank = _on(device, *_inputs(37, 40, 50, dtype=torch.float32, seed=27))
+        a = F.normalize(s.detach(), dim=1).to(dtype).requires_grad_(True)
+        b, q = F.normalize(t, dim=1).to(dtype), bank.to(dtype)
+        loss, _ = memory_contrast_kd_cuda(a, b, q, 0.1, 2.0)
+        grad = torch.autograd.grad(loss, a)[0]
+        a32 = a.detach().float().requires_grad_(True)
+        loss32, _ = memory_contrast_kd_cuda(a32, b.float(), q.float(), 0.1, 2.0)
+        grad32 = torch.autograd.grad(loss32, a32)[0]
+        assert loss.dtype == dtype and grad.dtype == dtype
+        # identical fp32 arithmetic; only the outputs are rounded to the half dtype
+        assert loss == loss32.to(dtype)
+        assert torch.equal(grad, grad32.to(dtype))
+
+
+def test_cuda_refuses_fp64_and_tensors_it_cannot_reach():
+    s, t, bank = _inputs(3, 2, 4)
+    with pytest.raises(sk.BackendUnavailableError, match="memory_contrast_kd"):
+        sk.memory_contrast_kd(s, t, bank, backend="cuda")

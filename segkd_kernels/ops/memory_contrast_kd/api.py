@@ -3,19 +3,18 @@
 
 import torch
 
-from ..._backends import FLOAT_DTYPES, select_backend
+from ..._backends import FLOAT_DTYPES, KERNEL_DTYPES, select_backend
 from ..._validation import check_positive, check_same_device, check_same_shape, check_teacher_dtype, check_tensor
 from . import reference
 
-# No hand-written CUDA kernel for this op: backend="cuda" raises BackendUnavailableError naming the
-# implemented backends, and "auto" on CUDA tensors picks Triton.
-IMPLEMENTED = {"reference": FLOAT_DTYPES}
+IMPLEMENTED = {"reference": FLOAT_DTYPES, "cuda": KERNEL_DTYPES}
 try:
     from .triton import memory_contrast_kd_triton
 
     IMPLEMENTED["triton"] = FLOAT_DTYPES
 except ImportError:  # triton missing: _backends reports why
     memory_contrast_kd_triton = None
+from .cuda import memory_contrast_kd_cuda
 
 
 def memory_contrast_kd(student_embed: torch.Tensor, teacher_embed: torch.Tensor, memory: torch.Tensor,
@@ -40,7 +39,14 @@ def memory_contrast_kd(student_embed: torch.Tensor, teacher_embed: torch.Tensor,
     name = select_backend("memory_contrast_kd", backend, IMPLEMENTED, student_embed)
     if name == "reference":
         return reference.memory_contrast_kd(student_embed, teacher_embed, memory, float(tau), float(kd_tau))
-    # The kernel takes unit rows; normalising here keeps the student norm's gradient in autograd.
+    # The kernels take unit rows; normalising here keeps the student norm's gradient in autograd.
+    if name == "cuda":
+        # fp32 unit rows whatever the input dtype: the kernels multiply with fp32 FMA (no tensor
+        # cores), so rounding the normalised rows back to fp16 / bf16 would only add error
+        a = reference.unit_rows(student_embed)
+        b = reference.unit_rows(teacher_embed.detach()).to(a.dtype)
+        loss = memory_contrast_kd_cuda(a, b, memory.detach().to(a.dtype), float(tau), float(kd_tau))[0]
+        return loss.to(student_embed.dtype)
     # On a GPU fp16/bf16 go back to their dtype after the fp32 normalisation (tensor-core operands);
     # the interpreter computes in fp32 (its bf16 tl.dot is wrong).
     s = reference.unit_rows(student_embed)
