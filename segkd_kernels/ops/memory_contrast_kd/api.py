@@ -39,20 +39,15 @@ def memory_contrast_kd(student_embed: torch.Tensor, teacher_embed: torch.Tensor,
     name = select_backend("memory_contrast_kd", backend, IMPLEMENTED, student_embed)
     if name == "reference":
         return reference.memory_contrast_kd(student_embed, teacher_embed, memory, float(tau), float(kd_tau))
-    # The kernels take unit rows; normalising here keeps the student norm's gradient in autograd.
+    # The kernels take unit rows, normalised here in fp32 (fp64 for fp64) so the student norm's
+    # gradient stays in autograd. They stay in that dtype whatever the input dtype: rounding unit
+    # rows to fp16 / bf16 moves logits of scale 1 / tau by about 1e-2 (bf16), far beyond the error
+    # the reference makes from the same half-precision inputs.
+    a = reference.unit_rows(student_embed)
+    b = reference.unit_rows(teacher_embed.detach()).to(a.dtype)
+    bank = memory.detach().to(a.dtype)
     if name == "cuda":
-        # fp32 unit rows whatever the input dtype: the kernels multiply with fp32 FMA (no tensor
-        # cores), so rounding the normalised rows back to fp16 / bf16 would only add error
-        a = reference.unit_rows(student_embed)
-        b = reference.unit_rows(teacher_embed.detach()).to(a.dtype)
-        loss = memory_contrast_kd_cuda(a, b, memory.detach().to(a.dtype), float(tau), float(kd_tau))[0]
-        return loss.to(student_embed.dtype)
-    # On a GPU fp16/bf16 go back to their dtype after the fp32 normalisation (tensor-core operands);
-    # the interpreter computes in fp32 (its bf16 tl.dot is wrong).
-    s = reference.unit_rows(student_embed)
-    kernel_dtype = student_embed.dtype if student_embed.is_cuda else s.dtype
-    a = s.to(kernel_dtype)
-    b = reference.unit_rows(teacher_embed.detach()).to(kernel_dtype)
-    bank = memory.detach().to(kernel_dtype)
-    loss = memory_contrast_kd_triton(a, b, bank, float(tau), float(kd_tau))[0]
+        loss = memory_contrast_kd_cuda(a, b, bank, float(tau), float(kd_tau))[0]
+    else:
+        loss = memory_contrast_kd_triton(a, b, bank, float(tau), float(kd_tau))[0]
     return loss.to(student_embed.dtype)

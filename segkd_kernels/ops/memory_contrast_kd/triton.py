@@ -15,9 +15,10 @@ Backward, one program per (block of anchors, tile of channels), no atomics: reco
 (the derivative of kd_tau^2 KL with respect to logits scaled by 1/(tau kd_tau)). The bank and the
 teacher get no gradient.
 
-Precision: fp32 operands use input_precision="ieee" (no TF32); fp16/bf16 operands go to tl.dot as
-they are on a GPU (fp32 accumulation) and are upcast under the interpreter, where bf16 tl.dot is
-wrong; exp/log and the running statistics are fp32 (fp64 for fp64 inputs).
+Precision: the public function passes fp32 unit rows (fp64 for fp64 inputs) whatever the input
+dtype, and fp32 operands use input_precision="ieee" (no TF32). fp16/bf16 operands, if given to the
+custom op directly, go to tl.dot as they are on a GPU (fp32 accumulation) and are upcast under the
+interpreter, where bf16 tl.dot is wrong; exp/log and the running statistics are fp32 (fp64 for fp64).
 """
 
 import torch
