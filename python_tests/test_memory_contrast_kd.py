@@ -338,3 +338,17 @@ def test_cuda_refuses_fp64_and_tensors_it_cannot_reach():
     s, t, bank = _inputs(3, 2, 4)
     with pytest.raises(sk.BackendUnavailableError, match="memory_contrast_kd"):
         sk.memory_contrast_kd(s, t, bank, backend="cuda")
+
+
+def test_cirkd_distiller_state_dict_carries_the_memory_draws():
+    """A distiller loaded from another's state dict (a resumed run) continues with the same queues
+    and the same random draws."""
+    options = {"pixel_memory_size": 30, "region_memory_size": 5, "pixel_contrast_size": 9, "region_contrast_size": 6}
+    a = _cirkd(options=options)
+    a(*_outputs(seed=1))
+    b = _cirkd(options={**options, "memory_seed": 7})  # a different stream until loaded
+    b.load_state_dict(a.state_dict())
+    out_a, out_b = a(*_outputs(seed=2)), b(*_outputs(seed=2))
+    for term in ("memory_pixel", "memory_region"):
+        assert torch.equal(out_a[term], out_b[term]), term
+    assert torch.equal(a.memory.teacher_pixel_queue, b.memory.teacher_pixel_queue)

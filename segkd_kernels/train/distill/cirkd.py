@@ -52,6 +52,14 @@ class CIRKD(Distiller):
                 o["memory_kd_tau"], o["tau"], student_channels[point], teacher_channels[point], IGNORE_INDEX,
                 class_pixels=True, generator=torch.Generator().manual_seed(int(o["memory_seed"])),
                 backend=self.backend)
+            # The generator's state travels with the queues in checkpoints, so a resumed run draws
+            # what the uninterrupted one would have.
+            self.register_buffer("memory_rng_state", self.memory.generator.get_state())
+            self.register_load_state_dict_post_hook(CIRKD._restore_memory_rng)
+
+    @staticmethod
+    def _restore_memory_rng(module, _incompatible_keys):
+        module.memory.generator.set_state(module.memory_rng_state.cpu())
 
     def forward(self, student, teacher, labels):
         point, pool = self.options["point"], self.options["pool"]
@@ -62,6 +70,7 @@ class CIRKD(Distiller):
         if self.memory is not None:
             # on the embeddings before any pooling, as CIRKD; the queues are updated first
             pixel, region = self.memory(fs, ft.detach(), labels)
+            self.memory_rng_state.copy_(self.memory.generator.get_state())
             out["memory_pixel"] = self.weights["memory_pixel"] * pixel
             out["memory_region"] = self.weights["memory_region"] * region
         if pool:
