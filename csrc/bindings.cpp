@@ -214,6 +214,17 @@ PYBIND11_MODULE(SEGKD_MODULE_NAME, m) {
       py::arg("cs"), py::arg("ct"), py::arg("plane"), py::arg("splits"), py::arg("fast"), py::arg("dtype"),
       py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def(
+      "pairwise_grad_mma",
+      [](std::uintptr_t aa, std::uintptr_t ab, std::uintptr_t s, std::uintptr_t t, std::uintptr_t inv_s,
+          std::uintptr_t inv_t, std::uintptr_t grad_loss, std::uintptr_t da, int64_t batch, int64_t cs, int64_t ct,
+          int64_t plane, double scale, int dtype, int device, std::uintptr_t stream) {
+        segkd::pairwise_grad_mma(aa, ab, s, t, inv_s, inv_t, grad_loss, da, batch, cs, ct, plane, scale,
+          static_cast<DType>(dtype), device, stream);
+      },
+      py::arg("aa"), py::arg("ab"), py::arg("s"), py::arg("t"), py::arg("inv_s"), py::arg("inv_t"),
+      py::arg("grad_loss"), py::arg("da"), py::arg("batch"), py::arg("cs"), py::arg("ct"), py::arg("plane"),
+      py::arg("scale"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def(
       "cross_image_forward",
       [](std::uintptr_t xs, std::uintptr_t xt, std::uintptr_t inv_s, std::uintptr_t inv_t, std::uintptr_t row_kl,
           std::uintptr_t lse, int64_t batch, int64_t cs, int64_t ct, int64_t plane, double tau, int dtype, int device,

@@ -11,6 +11,9 @@
 // Grid: (upper tiles of the C x C tile grid, pixel splits, images); each program writes its own
 // partial tile, which the host sums over the splits in a fixed order (deterministic, no atomics).
 // Also here: the per-pixel normalisation (fp32 copy) and its backward, shared with cross_image_kd.
+#include <mma.h>
+
+#include <cmath>
 #include <type_traits>
 
 #include "common.cuh"
@@ -207,6 +210,92 @@ zgram_kernel(const T* __restrict__ s, const double* __restrict__ inv_s, const T*
     for (int c = 0; c < 4; ++c) out[(ty * 4 + r) * kGramTile + tx * 4 + c] = acc[r][c];
 }
 
+
+// ---- backward, half / bfloat16: da = ((G_aa S) * inv_s - (G_ab T) * inv_t) * coef on tensor cores.
+// The per-pixel inverse norms factor out of the channel sums, so the MMA operands are the raw 16-bit
+// features (exact) and G, scaled by 2^-g_shift (|G| <= P: no fp16 overflow) and split into 16-bit
+// hi + lo parts (2^-22 relative for bf16 and fp16 alike); fp32 accumulators.
+constexpr int kBwdTile = 64;     // student channels x pixels per block
+constexpr int kBwdK = 16;        // k-step (wmma K)
+constexpr int kBwdThreads = 128; // 4 warps, each a 16-channel x 64-pixel strip (4 fragments per product)
+constexpr int kBwdGLd = kBwdK + 8;      // 16-bit elements per staged G row (multiple of 8 for wmma)
+constexpr int kBwdXLd = kBwdTile + 8;   // per staged feature row
+constexpr int kBwdOutLd = kBwdTile + 4; // floats per epilogue row
+
+template <typename T>
+struct BwdSmem {
+  __align__(32) T g_hi[kBwdTile][kBwdGLd];
+  __align__(32) T g_lo[kBwdTile][kBwdGLd];
+  __align__(32) T x[kBwdK][kBwdXLd];
+  __align__(32) float out[2][kBwdTile][kBwdOutLd];  // the two products, for the epilogue
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kBwdThreads)
+pairwise_grad_mma_kernel(const double* __restrict__ aa, const double* __restrict__ ab, const T* __restrict__ s,
+                         const T* __restrict__ t, const double* __restrict__ inv_s, const double* __restrict__ inv_t,
+                         const float* __restrict__ grad_loss, float* __restrict__ da, int64_t cs, int64_t ct,
+                         int64_t plane, double scale, int g_shift) {
+  using namespace nvcuda;
+  __shared__ BwdSmem<T> sm;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kBwdTile, p0 = static_cast<int64_t>(blockIdx.y) * kBwdTile;
+  const int64_t n = blockIdx.z;
+  const int warp = threadIdx.x / 32;
+  const double g_scale = std::ldexp(1.0, -g_shift);
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][4];
+#pragma unroll
+  for (int part = 0; part < 2; ++part)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) wmma::fill_fragment(acc[part][j], 0.f);
+#pragma unroll  // acc[part] must be registers, not a stack array indexed at run time
+  for (int part = 0; part < 2; ++part) {
+    const int64_t kc = part == 0 ? cs : ct;  // G_aa (cs x cs) with S, then G_ab (cs x ct) with T
+    const double* g = (part == 0 ? aa : ab) + n * cs * kc;
+    const T* x = (part == 0 ? s : t) + n * kc * plane;
+    for (int64_t k0 = 0; k0 < kc; k0 += kBwdK) {
+      for (int idx = threadIdx.x; idx < kBwdTile * kBwdK; idx += kBwdThreads) {
+        const int r = idx / kBwdK, kk = idx - r * kBwdK;
+        const double v = (c0 + r < cs && k0 + kk < kc) ? g[(c0 + r) * kc + k0 + kk] * g_scale : 0.0;
+        const T hi = from_float<T>(static_cast<float>(v));
+        sm.g_hi[r][kk] = hi;
+        sm.g_lo[r][kk] = from_float<T>(static_cast<float>(v - static_cast<double>(to_float(hi))));
+      }
+      for (int idx = threadIdx.x; idx < kBwdK * kBwdTile; idx += kBwdThreads) {
+        const int kk = idx / kBwdTile, pp = idx - kk * kBwdTile;  // consecutive threads, consecutive pixels
+        sm.x[kk][pp] = (k0 + kk < kc && p0 + pp < plane) ? x[(k0 + kk) * plane + p0 + pp] : from_float<T>(0.f);
+      }
+      __syncthreads();
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> f_hi, f_lo;
+      wmma::load_matrix_sync(f_hi, &sm.g_hi[warp * 16][0], kBwdGLd);
+      wmma::load_matrix_sync(f_lo, &sm.g_lo[warp * 16][0], kBwdGLd);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+        wmma::load_matrix_sync(fb, &sm.x[0][j * 16], kBwdXLd);
+        wmma::mma_sync(acc[part][j], f_hi, fb, acc[part][j]);
+        wmma::mma_sync(acc[part][j], f_lo, fb, acc[part][j]);
+      }
+      __syncthreads();
+    }
+  }
+#pragma unroll
+  for (int part = 0; part < 2; ++part)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      wmma::store_matrix_sync(&sm.out[part][warp * 16][j * 16], acc[part][j], kBwdOutLd, wmma::mem_row_major);
+  __syncthreads();
+  const double coef = scale * static_cast<double>(grad_loss[0]) / g_scale;
+  for (int idx = threadIdx.x; idx < kBwdTile * kBwdTile; idx += kBwdThreads) {
+    const int r = idx / kBwdTile, pp = idx - r * kBwdTile;
+    const int64_t c = c0 + r, p = p0 + pp;
+    if (c < cs && p < plane) {
+      const double v = static_cast<double>(sm.out[0][r][pp]) * inv_s[n * plane + p] -
+                       static_cast<double>(sm.out[1][r][pp]) * inv_t[n * plane + p];
+      da[(n * cs + c) * plane + p] = static_cast<float>(v * coef);
+    }
+  }
+}
+
 }  // namespace
 
 void pixel_norm(std::uintptr_t x, std::uintptr_t norm, int64_t batch, int64_t channels, int64_t plane, DType dtype,
@@ -296,6 +385,30 @@ void pairwise_gram(std::uintptr_t s, std::uintptr_t inv_s, std::uintptr_t t, std
           ps, pis, pt, pit, pp, cs, ct, plane, tiles_s, tiles, pix);
   });
   check_launch("pairwise_gram");
+}
+
+void pairwise_grad_mma(std::uintptr_t aa, std::uintptr_t ab, std::uintptr_t s, std::uintptr_t t,
+                       std::uintptr_t inv_s, std::uintptr_t inv_t, std::uintptr_t grad_loss, std::uintptr_t da,
+                       int64_t batch, int64_t cs, int64_t ct, int64_t plane, double scale, DType dtype, int device,
+                       std::uintptr_t stream) {
+  if (batch == 0 || cs == 0 || plane == 0) return;
+  const int64_t gx = (cs + kBwdTile - 1) / kBwdTile, gy = (plane + kBwdTile - 1) / kBwdTile;
+  if (gy > 65535 || batch > 65535) throw std::invalid_argument("pairwise_grad_mma: problem too large for one grid");
+  int g_shift = 0;  // 2^g_shift >= plane >= |G|
+  while ((int64_t{1} << g_shift) < plane) ++g_shift;
+  DeviceGuard guard(device);
+  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(batch));
+  auto launch = [&](auto tag) {
+    using T = decltype(tag);
+    SEGKD_LAUNCH(grid, kBwdThreads, 0, as_stream(stream), pairwise_grad_mma_kernel<T>)(
+        reinterpret_cast<const double*>(aa), reinterpret_cast<const double*>(ab), reinterpret_cast<const T*>(s),
+        reinterpret_cast<const T*>(t), reinterpret_cast<const double*>(inv_s), reinterpret_cast<const double*>(inv_t),
+        reinterpret_cast<const float*>(grad_loss), reinterpret_cast<float*>(da), cs, ct, plane, scale, g_shift);
+  };
+  if (dtype == DType::Float16) launch(__half{});
+  else if (dtype == DType::BFloat16) launch(__nv_bfloat16{});
+  else throw std::invalid_argument("pairwise_grad_mma: half or bfloat16 features only");
+  check_launch("pairwise_grad_mma");
 }
 
 }  // namespace segkd

@@ -125,6 +125,7 @@ def test_empty_launches_touch_no_device():
     LIB.normalize_pixels(0, 0, 0, 0, 3, 5, 1e-12, f32, 0, 0)
     LIB.pixel_inv_norm(0, 0, 0, 0, 3, 5, 1e-12, f32, 0, 0)
     LIB.pairwise_gram(0, 0, 0, 0, 0, 0, 3, 3, 5, 1, False, f32, 0, 0)
+    LIB.pairwise_grad_mma(*[0] * 8, 0, 3, 3, 5, 1.0, 2, 0, 0)
     LIB.cross_image_forward(*[0] * 6, 0, 3, 3, 5, 0.1, f32, 0, 0)
     assert LIB.ssim_num_partials(0, 16, 16, 5, 0) == 0
 
@@ -783,6 +784,16 @@ class EmulatedLib:
         out = _view(part, (batch, splits, len(iu[0]), tile, tile), torch.float64)
         out.zero_()
         out[:, 0] = g[:, iu[0], iu[1]]
+
+    @staticmethod
+    def pairwise_grad_mma(aa, ab, s, t, inv_s, inv_t, grad_loss, da, batch, cs, ct, plane, scale, dtype, device,
+                          stream):
+        dt = _CODE_DTYPES[dtype]
+        a = _view(s, (batch, cs, plane), dt).double() * _view(inv_s, (batch, 1, plane), torch.float64)
+        b = _view(t, (batch, ct, plane), dt).double() * _view(inv_t, (batch, 1, plane), torch.float64)
+        g = _view(grad_loss, (1,), torch.float32)[0].double() * scale
+        _view(da, (batch, cs, plane), torch.float32).copy_(
+            (_view(aa, (batch, cs, cs), torch.float64) @ a - _view(ab, (batch, cs, ct), torch.float64) @ b) * g)
 
     @staticmethod
     def _cross_image_sims(xs, xt, inv_s, inv_t, batch, cs, ct, plane, tau, dt):

@@ -4,8 +4,9 @@ Forward: per-pixel inverse norms (once, fp64), then ONE launch for the upper 64 
 Gram matrix of Z = [A | B] over pixel splits (fp64 partials, or precision="fast": fp32 sums over
 64-pixel chunks added in fp64), summed over the splits by torch in a fixed order; the loss
     (||A^T A||^2 - 2 ||A^T B||^2 + ||B^T B||^2) / (N P^2)
-is combined in fp64 (it cancels when student ~ teacher). Backward: d/dA = 4 (A (A^T A) - B (B^T A))
-with the C x C products through torch matmul in fp64, then the normalisation backward kernel.
+is combined in fp64 (it cancels when student ~ teacher). Backward: d/dA = 4 (A (A^T A) - B (B^T A)):
+for half / bfloat16 features on tensor cores (pairwise_grad_mma), for fp32 features through torch
+matmul in fp64; then the normalisation backward kernel.
 Pooling (pool=2) is applied by the caller before this op.
 """
 
@@ -130,6 +131,18 @@ def pairwise_kd_backward_cuda(grad_loss: torch.Tensor, student: torch.Tensor, te
     p = h * w
     if s.numel() == 0 or t.numel() == 0:
         return torch.zeros_like(s)
+    if s.element_size() == 2:
+        # half / bfloat16: the raw features are exact MMA operands, the inverse norms factor out of
+        # the channel sums; G split into 16-bit hi + lo parts on tensor cores, fp32 accumulators
+        ct = t.shape[1]
+        _, inv_s = inv_norms(lib, s)
+        _, inv_t = inv_norms(lib, t)
+        da = torch.empty(n, cs, p, dtype=torch.float32, device=s.device)
+        g = grad_loss.detach().to(torch.float32).reshape(1)
+        lib.pairwise_grad_mma(aa.contiguous().data_ptr(), ab.contiguous().data_ptr(), s.data_ptr(), t.data_ptr(),
+                              inv_s.data_ptr(), inv_t.data_ptr(), g.data_ptr(), da.data_ptr(), n, cs, ct, p,
+                              4.0 / (n * p * p), **launch_args(OP, s))
+        return normalize_pixels_backward(lib, da.reshape(n, cs, h, w), s, pixel_norms(lib, s), detach_norm)
     a, norm_s = normalize_pixels(lib, s)
     b, _ = normalize_pixels(lib, t)
     # d total / d a = 4 (AA a - AB b) per image, (C_s, P); fp64 because the two terms cancel when a ~ b
