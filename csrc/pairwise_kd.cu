@@ -214,7 +214,7 @@ zgram_kernel(const T* __restrict__ s, const double* __restrict__ inv_s, const T*
 // ---- backward, half / bfloat16: da = ((G_aa S) * inv_s - (G_ab T) * inv_t) * coef on tensor cores.
 // The per-pixel inverse norms factor out of the channel sums, so the MMA operands are the raw 16-bit
 // features (exact) and G, scaled by 2^-g_shift (|G| <= P: no fp16 overflow) and split into 16-bit
-// hi + lo parts (2^-22 relative for bf16 and fp16 alike); fp32 accumulators.
+// hi + lo parts (about 2^-17 relative for bf16, 2^-22 for fp16); fp32 accumulators.
 constexpr int kBwdTile = 64;     // student channels x pixels per block
 constexpr int kBwdK = 16;        // k-step (wmma K)
 constexpr int kBwdThreads = 128; // 4 warps, each a 16-channel x 64-pixel strip (4 fragments per product)
