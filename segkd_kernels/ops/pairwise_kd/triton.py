@@ -122,8 +122,8 @@ def _zgram_kernel(s_ptr, sinv_ptr, t_ptr, tinv_ptr, part_ptr, CS, CT, P, TA, T, 
             # pixels (two dots of half the pixels: the 3xTF32 operand halves of a whole block
             # spill on sm_80), that chunk sum added in fp64
             chunk = tl.zeros([TILE, TILE], dtype=tl.float32)
-            for h in tl.static_range(2):
-                offs_p = p0 + h * (BLOCK_P // 2) + tl.arange(0, BLOCK_P // 2)
+            for h in range(0, BLOCK_P, BLOCK_P // 2):
+                offs_p = p0 + h + tl.arange(0, BLOCK_P // 2)
                 x, y = _zgram_operands(x_base, mask_x, y_base, mask_y, offs_p, p_end, P, offs_r)
                 xf = x.to(tl.float32) * tl.load(x_inv + offs_p, mask=offs_p < p_end, other=0.0).to(tl.float32)[None, :]
                 yf = y.to(tl.float32) * tl.load(y_inv + offs_p, mask=offs_p < p_end, other=0.0).to(tl.float32)[None, :]
