@@ -195,16 +195,35 @@ PYBIND11_MODULE(SEGKD_MODULE_NAME, m) {
       py::arg("plane"), py::arg("eps"), py::arg("detach_norm"), py::arg("dtype"), py::arg("device"),
       py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def(
-      "normalized_gram",
-      [](std::uintptr_t x, std::uintptr_t norm_x, std::uintptr_t y, std::uintptr_t norm_y, std::uintptr_t gram,
-          int64_t batch, int64_t cx, int64_t cy, int64_t plane, double eps, int dtype, int device,
+      "pixel_inv_norm",
+      [](std::uintptr_t x, std::uintptr_t norm, std::uintptr_t inv, int64_t batch, int64_t channels, int64_t plane,
+          double eps, int dtype, int device, std::uintptr_t stream) {
+        segkd::pixel_inv_norm(x, norm, inv, batch, channels, plane, eps, static_cast<DType>(dtype), device, stream);
+      },
+      py::arg("x"), py::arg("norm"), py::arg("inv"), py::arg("batch"), py::arg("channels"), py::arg("plane"),
+      py::arg("eps"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "pairwise_gram",
+      [](std::uintptr_t s, std::uintptr_t inv_s, std::uintptr_t t, std::uintptr_t inv_t, std::uintptr_t part,
+          int64_t batch, int64_t cs, int64_t ct, int64_t plane, int64_t splits, bool fast, int dtype, int device,
           std::uintptr_t stream) {
-        segkd::normalized_gram(x, norm_x, y, norm_y, gram, batch, cx, cy, plane, eps, static_cast<DType>(dtype),
+        segkd::pairwise_gram(s, inv_s, t, inv_t, part, batch, cs, ct, plane, splits, fast, static_cast<DType>(dtype),
           device, stream);
       },
-      py::arg("x"), py::arg("norm_x"), py::arg("y"), py::arg("norm_y"), py::arg("gram"), py::arg("batch"),
-      py::arg("cx"), py::arg("cy"), py::arg("plane"), py::arg("eps"), py::arg("dtype"), py::arg("device"),
-      py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+      py::arg("s"), py::arg("inv_s"), py::arg("t"), py::arg("inv_t"), py::arg("part"), py::arg("batch"),
+      py::arg("cs"), py::arg("ct"), py::arg("plane"), py::arg("splits"), py::arg("fast"), py::arg("dtype"),
+      py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "pairwise_grad_mma",
+      [](std::uintptr_t aa, std::uintptr_t ab, std::uintptr_t s, std::uintptr_t t, std::uintptr_t inv_s,
+          std::uintptr_t inv_t, std::uintptr_t grad_loss, std::uintptr_t da, int64_t batch, int64_t cs, int64_t ct,
+          int64_t plane, double scale, int dtype, int device, std::uintptr_t stream) {
+        segkd::pairwise_grad_mma(aa, ab, s, t, inv_s, inv_t, grad_loss, da, batch, cs, ct, plane, scale,
+          static_cast<DType>(dtype), device, stream);
+      },
+      py::arg("aa"), py::arg("ab"), py::arg("s"), py::arg("t"), py::arg("inv_s"), py::arg("inv_t"),
+      py::arg("grad_loss"), py::arg("da"), py::arg("batch"), py::arg("cs"), py::arg("ct"), py::arg("plane"),
+      py::arg("scale"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def(
       "cross_image_forward",
       [](std::uintptr_t xs, std::uintptr_t xt, std::uintptr_t inv_s, std::uintptr_t inv_t, std::uintptr_t row_kl,

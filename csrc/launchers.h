@@ -91,10 +91,25 @@ void normalize_pixels(std::uintptr_t x, std::uintptr_t out, std::uintptr_t norm,
 void normalize_pixels_backward(std::uintptr_t da, std::uintptr_t x, std::uintptr_t norm, std::uintptr_t dx,
                                int64_t batch, int64_t channels, int64_t plane, double eps, bool detach_norm,
                                DType dtype, int device, std::uintptr_t stream);
-// pairwise_kd: gram (fp64, batch x cx x cy, zero-filled by the caller) += x_hat y_hat^T per image.
-void normalized_gram(std::uintptr_t x, std::uintptr_t norm_x, std::uintptr_t y, std::uintptr_t norm_y,
-                     std::uintptr_t gram, int64_t batch, int64_t cx, int64_t cy, int64_t plane, double eps,
-                     DType dtype, int device, std::uintptr_t stream);
+// pairwise_kd: norm (fp64, batch x plane) = ||x_p||, inv (fp64) = 1 / max(||x_p||, eps).
+void pixel_inv_norm(std::uintptr_t x, std::uintptr_t norm, std::uintptr_t inv, int64_t batch, int64_t channels,
+                    int64_t plane, double eps, DType dtype, int device, std::uintptr_t stream);
+// pairwise_kd: the upper 64 x 64 tiles of Z^T Z, Z = [s_hat; t_hat] per image with the student's
+// channels padded to whole tiles (tiles = ceil(cs/64) + ceil(ct/64), n_up = tiles (tiles + 1) / 2),
+// over `splits` pixel ranges of ceil(plane / splits) rounded up to a multiple of 64 pixels (splits
+// must equal ceil(plane / that)): part (fp64, batch x splits x n_up x 64 x 64), every entry written.
+// fast: fp32 sums over 64-pixel chunks added in fp64; else fp64 throughout.
+void pairwise_gram(std::uintptr_t s, std::uintptr_t inv_s, std::uintptr_t t, std::uintptr_t inv_t,
+                   std::uintptr_t part, int64_t batch, int64_t cs, int64_t ct, int64_t plane, int64_t splits,
+                   bool fast, DType dtype, int device, std::uintptr_t stream);
+// pairwise_kd backward, half / bfloat16 features s (batch, cs, plane), t (batch, ct, plane): da (fp32,
+// batch x cs x plane) = scale * grad_loss[0] * ((aa s) * inv_s - (ab t) * inv_t) per image, with
+// aa (fp64, batch x cs x cs), ab (fp64, batch x cs x ct), inv_s / inv_t (fp64, batch x plane),
+// grad_loss one fp32 on the device. Tensor cores (wmma).
+void pairwise_grad_mma(std::uintptr_t aa, std::uintptr_t ab, std::uintptr_t s, std::uintptr_t t,
+                       std::uintptr_t inv_s, std::uintptr_t inv_t, std::uintptr_t grad_loss, std::uintptr_t da,
+                       int64_t batch, int64_t cs, int64_t ct, int64_t plane, double scale, DType dtype, int device,
+                       std::uintptr_t stream);
 
 // cross_image_kd (csrc/cross_image_kd.cu): raw features xs (batch, cs, plane), xt (batch, ct, plane)
 // in one dtype, inverse clamped pixel norms inv_s, inv_t (fp32, batch x plane).

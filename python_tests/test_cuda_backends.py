@@ -123,7 +123,9 @@ def test_empty_launches_touch_no_device():
     LIB.cbam_gate_forward(0, 0, 0, 0, 0, 3, 5, f32, 0, 0)
     LIB.ssim_forward(*[0] * 8, 0, 16, 16, 5, 1.5, 1.0, 0, f32, 0, 0)
     LIB.normalize_pixels(0, 0, 0, 0, 3, 5, 1e-12, f32, 0, 0)
-    LIB.normalized_gram(0, 0, 0, 0, 0, 0, 3, 3, 5, 1e-12, f32, 0, 0)
+    LIB.pixel_inv_norm(0, 0, 0, 0, 3, 5, 1e-12, f32, 0, 0)
+    LIB.pairwise_gram(0, 0, 0, 0, 0, 0, 3, 3, 5, 1, False, f32, 0, 0)
+    LIB.pairwise_grad_mma(*[0] * 8, 0, 3, 3, 5, 1.0, 2, 0, 0)
     LIB.cross_image_forward(*[0] * 6, 0, 3, 3, 5, 0.1, f32, 0, 0)
     assert LIB.ssim_num_partials(0, 16, 16, 5, 0) == 0
 
@@ -763,11 +765,35 @@ class EmulatedLib:
         _view(dx, (batch, channels, plane), dt).copy_(g)
 
     @staticmethod
-    def normalized_gram(x, norm_x, y, norm_y, gram, batch, cx, cy, plane, eps, dtype, device, stream):
+    def pixel_inv_norm(x, norm, inv, batch, channels, plane, eps, dtype, device, stream):
+        nv = _view(x, (batch, channels, plane), _CODE_DTYPES[dtype]).double().norm(dim=1)
+        _view(norm, (batch, plane), torch.float64).copy_(nv)
+        _view(inv, (batch, plane), torch.float64).copy_(1.0 / nv.clamp_min(eps))
+
+    @staticmethod
+    def pairwise_gram(s, inv_s, t, inv_t, part, batch, cs, ct, plane, splits, fast, dtype, device, stream):
+        # one split holding all pixels, the rest zero: the host's sum over splits gives the same G
+        dt, tile = _CODE_DTYPES[dtype], 64
+        ta, tb = -(-cs // tile), -(-ct // tile)
+        z = torch.zeros(batch, (ta + tb) * tile, plane, dtype=torch.float64)
+        z[:, :cs] = _view(s, (batch, cs, plane), dt).double() * _view(inv_s, (batch, 1, plane), torch.float64)
+        z[:, ta * tile:ta * tile + ct] = (_view(t, (batch, ct, plane), dt).double()
+                                          * _view(inv_t, (batch, 1, plane), torch.float64))
+        g = (z @ z.transpose(1, 2)).unflatten(1, (ta + tb, tile)).unflatten(3, (ta + tb, tile)).transpose(2, 3)
+        iu = torch.triu_indices(ta + tb, ta + tb)
+        out = _view(part, (batch, splits, len(iu[0]), tile, tile), torch.float64)
+        out.zero_()
+        out[:, 0] = g[:, iu[0], iu[1]]
+
+    @staticmethod
+    def pairwise_grad_mma(aa, ab, s, t, inv_s, inv_t, grad_loss, da, batch, cs, ct, plane, scale, dtype, device,
+                          stream):
         dt = _CODE_DTYPES[dtype]
-        a = _view(x, (batch, cx, plane), dt).double() / _view(norm_x, (batch, 1, plane), torch.float32).clamp_min(eps)
-        b = _view(y, (batch, cy, plane), dt).double() / _view(norm_y, (batch, 1, plane), torch.float32).clamp_min(eps)
-        _view(gram, (batch, cx, cy), torch.float64).add_(a @ b.transpose(1, 2))
+        a = _view(s, (batch, cs, plane), dt).double() * _view(inv_s, (batch, 1, plane), torch.float64)
+        b = _view(t, (batch, ct, plane), dt).double() * _view(inv_t, (batch, 1, plane), torch.float64)
+        g = _view(grad_loss, (1,), torch.float32)[0].double() * scale
+        _view(da, (batch, cs, plane), torch.float32).copy_(
+            (_view(aa, (batch, cs, cs), torch.float64) @ a - _view(ab, (batch, cs, ct), torch.float64) @ b) * g)
 
     @staticmethod
     def _cross_image_sims(xs, xt, inv_s, inv_t, batch, cs, ct, plane, tau, dt):

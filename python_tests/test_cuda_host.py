@@ -198,10 +198,12 @@ def test_ssim_paddings_and_windows(host, padding, window):
     _check_op(fn, (1, 2, 17, 37), (1, 2, 17, 37), torch.float32, seed=window)
 
 
+@pytest.mark.parametrize("precision", ["exact", "fast"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_pairwise_tiles_and_pixel_splits(host, dtype):
-    # 40 x 35 channels: 2 x 2 Gram tiles of 32; 65 x 65 = 4225 pixels: two splits of 4096 (atomics)
-    fn = lambda s, t, b: sk.pairwise_kd(s, t, backend=b)  # noqa: E731
+def test_pairwise_tiles_and_pixel_splits(host, dtype, precision):
+    # 40 + 35 channels: one 64-channel tile of Z each (3 upper tiles); 65 x 65 = 4225 pixels: 9
+    # pixel splits of 512 (partials summed on the host), the last one short
+    fn = lambda s, t, b: sk.pairwise_kd(s, t, precision=precision, backend=b)  # noqa: E731
     _check_op(fn, (1, 40, 65, 65), (1, 35, 65, 65), dtype, seed=9)
 
 

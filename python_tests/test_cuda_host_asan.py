@@ -21,18 +21,20 @@ DRIVER = r"""
 #include <vector>
 #include "launchers.h"
 
-// normalized_gram over 2 images of 5 x 7 channels and 4100 pixels (two pixel splits of 4096),
+// pairwise_gram over 2 images of 5 x 7 channels and 4100 pixels (two pixel splits of 2112 and 1988),
 // every buffer exactly as large as csrc/launchers.h says.
 int main() {
-  const int64_t batch = 2, cx = 5, cy = 7, plane = 4100;
-  std::vector<float> x(batch * cx * plane), y(batch * cy * plane), nx(batch * plane), ny(batch * plane);
-  std::vector<double> gram(batch * cx * cy, 0.0);
+  const int64_t batch = 2, cs = 5, ct = 7, plane = 4100, splits = 2, n_up = 3;
+  std::vector<float> x(batch * cs * plane), y(batch * ct * plane);
+  std::vector<double> nx(batch * plane), ix(batch * plane), ny(batch * plane), iy(batch * plane);
+  std::vector<double> gram(batch * splits * n_up * 64 * 64);
   for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>((i * 37) % 11) - 5.f;
   for (size_t i = 0; i < y.size(); ++i) y[i] = static_cast<float>((i * 53) % 13) - 6.f;
   auto u = [](auto& v) { return reinterpret_cast<std::uintptr_t>(v.data()); };
-  segkd::pixel_norm(u(x), u(nx), batch, cx, plane, segkd::DType::Float32, 0, 0);
-  segkd::pixel_norm(u(y), u(ny), batch, cy, plane, segkd::DType::Float32, 0, 0);
-  segkd::normalized_gram(u(x), u(nx), u(y), u(ny), u(gram), batch, cx, cy, plane, 1e-12, segkd::DType::Float32, 0, 0);
+  segkd::pixel_inv_norm(u(x), u(nx), u(ix), batch, cs, plane, 1e-12, segkd::DType::Float32, 0, 0);
+  segkd::pixel_inv_norm(u(y), u(ny), u(iy), batch, ct, plane, 1e-12, segkd::DType::Float32, 0, 0);
+  segkd::pairwise_gram(u(x), u(ix), u(y), u(iy), u(gram), batch, cs, ct, plane, splits, false, segkd::DType::Float32,
+                       0, 0);
   double sum = 0;
   for (double g : gram) sum += g;
   std::printf("gram sum %.6f\n", sum);

@@ -5,6 +5,7 @@ similarity matrices per image and take the mean of the squared differences. It s
 with the Gram-identity reference in segkd_kernels/ops/pairwise_kd/reference.py.
 """
 
+import contextlib
 import math
 import os
 import subprocess
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch.autograd.gradcheck import GradcheckError
 
 import segkd_kernels as sk
+from segkd_kernels._backends import host_execution, host_library
 from segkd_kernels.ops.pairwise_kd.api import IMPLEMENTED
 from segkd_kernels.testing import assert_close, channels_last, make_tensor, non_contiguous, within_error_budget
 
@@ -174,6 +176,117 @@ def test_student_equals_teacher_is_zero(dtype, backend):
     (grad,) = torch.autograd.grad(loss, s)
     assert abs(loss.item()) < 1e-10
     assert grad.abs().max().item() < 1e-8
+
+
+# --------------------------------------------------------------------------------------------
+# 2b. precision="exact" | "fast": every backend against the fp64 oracle, within the bound of
+#     docs/losses.md 3
+# --------------------------------------------------------------------------------------------
+
+U32 = 2.0 ** -24  # fp32 unit roundoff
+FAST_CHUNK = 64
+# Without a GPU the CUDA kernels still run, on CPU tensors through the host execution layer
+PRECISION_BACKENDS = BACKENDS + (["cuda-on-host"] if "cuda" not in BACKENDS and host_library()[0] else [])
+
+
+@contextlib.contextmanager
+def _run_on(backend):
+    if backend == "cuda-on-host":
+        with host_execution():
+            yield "cuda"
+    else:
+        yield backend
+
+
+def _entry_error(precision, c, p):
+    """e of docs/losses.md 3: every Gram entry is off by at most e * H_cc' (H = |Z|^T |Z|)."""
+    if precision == "exact":
+        # fp64 unit features (a norm of c squares, a division) and fp64 sums of p products
+        return (p + c + 8) * 2.0 ** -53
+    # fp32 unit features (2 roundings each), 3xTF32 products (3 * 2^-22), 3 K fp32 additions of
+    # partial products per chunk with a truncating adder (2u each), chunk sums in fp64
+    return 4 * U32 + 12 * U32 + 6 * FAST_CHUNK * U32 + 2.0 ** -44
+
+
+def _loss_error_bound(s, t, precision):
+    """|computed - true loss| <= this, for any summation order (docs/losses.md 3), including the
+    fp64 rounding of the final combination of the squared entries."""
+    a = F.normalize(s.detach().double().flatten(2), dim=1, eps=1e-12)
+    b = F.normalize(t.detach().double().flatten(2), dim=1, eps=1e-12)
+    z = torch.cat([a, b], dim=1)  # (N, C_s + C_t, P)
+    n, c, p = z.shape
+    g = z @ z.transpose(1, 2)
+    h = z.abs() @ z.abs().transpose(1, 2)
+    e = _entry_error(precision, c, p)
+    gram = (2 * g.abs() * e * h + (e * h) ** 2).sum()
+    combine = 2.0 ** -53 * (c * c + 8) * g.square().sum()
+    return (gram + combine).item() / (n * p * p)
+
+
+def _hard_case():
+    """student = teacher + 1e-3 noise (fp32); the teacher's channels twice (C_t = 2 C_s, same
+    similarities), so the loss is ~1e-7 of each Gram term."""
+    t = make_tensor((2, 16, 32, 40), device=DEVICE, seed=91)
+    s = (t.double() + 1e-3 * make_tensor(t.shape, dtype=torch.float64, device=DEVICE, seed=92)).float()
+    return s, torch.cat([t, t], dim=1)
+
+
+@pytest.mark.parametrize("backend", PRECISION_BACKENDS)
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_precision_error_within_bound_hard_case(precision, backend):
+    s, t = _hard_case()
+    with _run_on(backend) as name:
+        loss, grad = _value_and_grad(sk.pairwise_kd, s, t, precision=precision, backend=name)
+    ref_loss, ref_grad = _value_and_grad(sk.pairwise_kd, s.double(), t.double(), backend="reference")
+    assert loss.dtype == torch.float32
+    truth = ref_loss.item()
+    assert 0 < truth < 1e-5  # the near-cancelling regime
+    # the result is rounded once to fp32 at the end
+    bound = _loss_error_bound(s, t, precision) + U32 * truth
+    assert abs(loss.item() - truth) <= bound, (loss.item(), truth, bound)
+    if precision == "exact":  # the exact bound itself is a few ppm of this loss
+        assert bound <= 1e-5 * truth
+    # the gradient is unaffected by the mode (the backward does not cancel)
+    scale = ref_grad.abs().max().item()
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-3, atol=1e-3 * scale)
+
+
+@pytest.mark.parametrize("backend", PRECISION_BACKENDS)
+def test_precision_fast_unrelated_features(backend):
+    """Student and teacher unrelated: no cancellation, and the fast bound is ~1e-4 of the loss, so
+    a fast path that dropped or repeated a chunk or a split would fail here."""
+    s, t = _features(2, 20, 36, 23, 29, dtype=torch.float32, seed=93)
+    with _run_on(backend) as name:
+        loss = sk.pairwise_kd(s, t, precision="fast", backend=name)
+    truth = sk.pairwise_kd(s.double(), t.double(), backend="reference").item()
+    bound = _loss_error_bound(s, t, "fast") + U32 * truth
+    assert bound < 1e-3 * truth
+    assert abs(loss.item() - truth) <= bound
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_precision_fast_fp64_inputs_compute_in_fp64(backend):
+    _skip_unsupported(backend, torch.float64)
+    s, t = _features(2, 3, 5, 5, 7, dtype=torch.float64, seed=94)
+    assert torch.equal(sk.pairwise_kd(s, t, precision="fast", backend=backend),
+                       sk.pairwise_kd(s, t, precision="exact", backend=backend))
+
+
+@pytest.mark.parametrize("precision", ["EXACT", "fp32", "", None, True, 1, "tf32"])
+def test_bad_precision(precision):
+    s, t = _good()
+    with pytest.raises(ValueError, match="precision"):
+        sk.pairwise_kd(s, t, precision=precision)
+    with pytest.raises(ValueError, match="precision"):
+        sk.nn.PairwiseKD(precision=precision)
+
+
+def test_module_passes_precision():
+    s, t = _hard_case()
+    for precision in ("exact", "fast"):
+        module = sk.nn.PairwiseKD(precision=precision, backend="reference")
+        assert f"precision={precision!r}" in repr(module)
+        assert torch.equal(module(s, t), sk.pairwise_kd(s, t, precision=precision, backend="reference"))
 
 
 # --------------------------------------------------------------------------------------------

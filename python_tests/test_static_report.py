@@ -39,8 +39,6 @@ KNOWN_SPILLS = {
     ("cuda", "cross_image_kd", "cross_image_backward_owned_kernel<__half, false>", "sm_90", ""),
     ("cuda", "cross_image_kd", "cross_image_backward_owned_kernel<__nv_bfloat16, false>", "sm_90", ""),
     ("cuda", "cross_image_kd", "cross_image_forward_kernel<__half>", "sm_80", ""),
-    ("cuda", "pairwise_kd", "normalize_pixels_kernel<float>", "sm_80", ""),
-    ("cuda", "pairwise_kd", "normalize_pixels_kernel<float>", "sm_90", ""),
     # 4 B at the small odd shapes only (BLOCK_C=8 plan), not at the benchmark shapes
     ("triton", "channel_pool", "_channel_pool_bwd_kernel", "sm_80", "bfloat16"),
     ("triton", "cross_image_kd", "_bwd_kernel", "sm_80", "bfloat16"),
@@ -48,20 +46,14 @@ KNOWN_SPILLS = {
     ("triton", "cross_image_kd", "_bwd_kernel", "sm_90", "float32"),
     ("triton", "cross_image_kd", "_fwd_kernel", "sm_80", "float32"),
     ("triton", "cross_image_kd", "_fwd_kernel", "sm_90", "float32"),
-    ("triton", "pairwise_kd", "_grad_kernel", "sm_80", "bfloat16"),
-    ("triton", "pairwise_kd", "_grad_kernel", "sm_80", "float32"),
-    ("triton", "pairwise_kd", "_grad_kernel", "sm_90", "bfloat16"),
-    ("triton", "pairwise_kd", "_grad_kernel", "sm_90", "float32"),
-    ("triton", "pairwise_kd", "_gram_kernel", "sm_80", "bfloat16"),
     ("triton", "ssim_kd", "_ssim_bwd_kernel", "sm_80", "bfloat16"),
     ("triton", "ssim_kd", "_ssim_bwd_kernel", "sm_80", "float32"),
     ("triton", "ssim_kd", "_ssim_bwd_kernel", "sm_90", "bfloat16"),
     ("triton", "ssim_kd", "_ssim_bwd_kernel", "sm_90", "float32"),
     ("triton", "ssim_kd", "_ssim_fwd_kernel", "sm_90", "bfloat16"),
     ("triton", "ssim_kd", "_ssim_fwd_kernel", "sm_90", "float32"),
-    # since NaN/Inf propagate as in the reference (extra finite-mask product in SSIM, NaN-keeping
-    # norm clamps in the Gram): 232 / 224 B (SSIM forward), 16 B (Gram) on sm_80
-    ("triton", "pairwise_kd", "_gram_kernel", "sm_80", "float32"),
+    # since NaN/Inf propagate as in the reference (extra finite-mask product in SSIM): 232 / 224 B
+    # (SSIM forward) on sm_80
     ("triton", "ssim_kd", "_ssim_fwd_kernel", "sm_80", "bfloat16"),
     ("triton", "ssim_kd", "_ssim_fwd_kernel", "sm_80", "float32"),
 }

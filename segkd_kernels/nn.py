@@ -16,7 +16,7 @@ from .ops.channel_pool import channel_pool
 from .ops.channel_wise_kd import channel_wise_kd
 from .ops.cross_image_kd import cross_image_kd
 from .ops.pairwise_kd import pairwise_kd
-from .ops.pairwise_kd.api import check_pool
+from .ops.pairwise_kd.api import check_pool, check_precision
 from .ops.pixel_kd import pfs_pixel_kd, pixel_kd
 from .ops.spatial_pool import spatial_pool
 from .ops.ssim_kd import ssim_kd
@@ -89,18 +89,21 @@ class PFSPixelKD(nn.Module):
 class PairwiseKD(nn.Module):
     """Pairwise pixel-similarity distillation (docs/losses.md 3)."""
 
-    def __init__(self, pool: int | None = None, detach_norm: bool = False, *, backend: str = "auto"):
+    def __init__(self, pool: int | None = None, detach_norm: bool = False, *, precision: str = "exact",
+                 backend: str = "auto"):
         super().__init__()
         check_pool(pool)
         check_bool("detach_norm", detach_norm)
-        self.pool, self.detach_norm, self.backend = pool, detach_norm, _checked_backend(backend)
+        check_precision(precision)
+        self.pool, self.detach_norm, self.precision = pool, detach_norm, precision
+        self.backend = _checked_backend(backend)
 
     def forward(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
         return pairwise_kd(student_feat, teacher_feat, pool=self.pool, detach_norm=self.detach_norm,
-                           backend=self.backend)
+                           precision=self.precision, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"pool={self.pool}, detach_norm={self.detach_norm}"
+        return f"pool={self.pool}, detach_norm={self.detach_norm}, precision={self.precision!r}"
 
 
 class CrossImageKD(nn.Module):

@@ -7,6 +7,7 @@ import torch
 from ..._backends import FLOAT_DTYPES, KERNEL_DTYPES, select_backend
 from ..._validation import check_bool, check_same_device, check_same_dims, check_teacher_dtype, check_tensor
 from . import reference
+from .reference import PRECISIONS
 
 IMPLEMENTED = {"reference": FLOAT_DTYPES, "cuda": KERNEL_DTYPES}
 try:
@@ -35,12 +36,20 @@ def check_pool(pool, shape=None) -> None:
         raise ValueError(f"pool: a {h}x{w} map pooled by {k} leaves 1 pixel; pairwise_kd needs at least 2")
 
 
+def check_precision(precision) -> None:
+    """One of PRECISIONS (a str: a non-str such as True is named in the error, not hashed)."""
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
+
+
 def pairwise_kd(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, pool: int | None = None,
-                detach_norm: bool = False, backend: str = "auto") -> torch.Tensor:
+                detach_norm: bool = False, precision: str = "exact", backend: str = "auto") -> torch.Tensor:
     """Squared difference of the student's and teacher's pixel-to-pixel cosine similarities,
     averaged over N * P^2 pairs. Features (N, C_s, H, W) and (N, C_t, H, W): channel counts may
     differ. `pool=2` max-pools 2x2 first (CIRKD parity); `pool=None` keeps full resolution.
     `detach_norm=True` treats the per-pixel norms as constants in the gradient.
+    `precision`: "exact" (fp64 Gram accumulation) or "fast" (fp32 sums over 64-pixel chunks, on
+    tensor cores in the kernels; error bound in docs/losses.md 3); fp64 inputs compute in fp64.
     Teacher dtype: any floating dtype, converted to the computation dtype (fp32, fp64 for an fp64
     student); an fp64 teacher needs an fp64 student (ValueError: it would be rounded silently)."""
     check_tensor("student_feat", student_feat, rank=4)
@@ -50,14 +59,15 @@ def pairwise_kd(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, pool:
     check_teacher_dtype("student_feat", student_feat, "teacher_feat", teacher_feat)
     check_pool(pool, student_feat.shape)
     check_bool("detach_norm", detach_norm)
+    check_precision(precision)
     name = select_backend("pairwise_kd", backend, IMPLEMENTED, student_feat)
     if name == "reference":
-        return reference.pairwise_kd(student_feat, teacher_feat, pool, bool(detach_norm))
+        return reference.pairwise_kd(student_feat, teacher_feat, pool, bool(detach_norm), precision)
     if name == "cuda":  # the cuda op takes the pooled (N, C, H', W') features
         s4 = reference.pool_features(student_feat, pool)
         t4 = reference.pool_features(teacher_feat.detach(), pool)
-        return pairwise_kd_cuda(s4, t4.to(s4.dtype), bool(detach_norm))[0]
+        return pairwise_kd_cuda(s4, t4.to(s4.dtype), bool(detach_norm), precision)[0]
     # Pooling stays in torch (autograd routes its gradient); the kernels see (N, C, P) features.
     s = reference.pool_features(student_feat, pool).flatten(2)
     t = reference.pool_features(teacher_feat.detach(), pool).flatten(2)
-    return pairwise_kd_triton(s, t.to(s.dtype), bool(detach_norm))[0]
+    return pairwise_kd_triton(s, t.to(s.dtype), bool(detach_norm), precision)[0]

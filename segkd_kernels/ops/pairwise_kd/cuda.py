@@ -1,10 +1,12 @@
 """pairwise_kd (Gram path) on the hand-written CUDA kernels of csrc/pairwise_kd.cu.
 
-Forward: per-pixel norms, then the three Gram matrices of the normalised features, normalisation
-fused into the Gram kernel and accumulation in fp64; the loss
+Forward: per-pixel inverse norms (once, fp64), then ONE launch for the upper 64 x 64 tiles of the
+Gram matrix of Z = [A | B] over pixel splits (fp64 partials, or precision="fast": fp32 sums over
+64-pixel chunks added in fp64), summed over the splits by torch in a fixed order; the loss
     (||A^T A||^2 - 2 ||A^T B||^2 + ||B^T B||^2) / (N P^2)
-is combined in fp64 (it cancels when student ~ teacher). Backward: d/dA = 4 (A (A^T A) - B (B^T A))
-with the C x C products through torch matmul in fp64, then the normalisation backward kernel.
+is combined in fp64 (it cancels when student ~ teacher). Backward: d/dA = 4 (A (A^T A) - B (B^T A)):
+for half / bfloat16 features on tensor cores (pairwise_grad_mma), for fp32 features through torch
+matmul in fp64; then the normalisation backward kernel.
 Pooling (pool=2) is applied by the caller before this op.
 """
 
@@ -13,7 +15,10 @@ from __future__ import annotations
 import torch
 
 from .._cuda_common import cuda_lib, launch_args
-from .reference import NORM_EPS
+from .reference import FAST_CHUNK, NORM_EPS, combine_upper_tiles, upper_tiles_to_blocks
+TILE = 64  # kGramTile of csrc/pairwise_kd.cu
+_SMS_DEFAULT = 132  # H100/H200: the split count is planned for it when no device says otherwise
+_MIN_SPLIT = 8 * FAST_CHUNK  # pixels per split at least: a split is several 16-pixel steps
 
 OP = "pairwise_kd"
 
@@ -55,21 +60,45 @@ def normalize_pixels_backward(lib, da: torch.Tensor, x: torch.Tensor, norm: torc
     return dx
 
 
-def _gram(lib, x, norm_x, y, norm_y) -> torch.Tensor:
-    n, cx, h, w = x.shape
-    cy = y.shape[1]
-    gram = torch.zeros(n, cx, cy, dtype=torch.float64, device=x.device)
-    if x.dtype != y.dtype:
-        raise ValueError(f"{OP}: Gram operands must share a dtype")
-    lib.normalized_gram(x.data_ptr(), norm_x.data_ptr(), y.data_ptr(), norm_y.data_ptr(), gram.data_ptr(), n, cx, cy,
-                        h * w, NORM_EPS, **launch_args(OP, x))
-    return gram
+def inv_norms(lib, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norms, 1 / max(norms, eps)), both (N, P) fp64, for x (N, C, H, W) contiguous."""
+    n, c, h, w = x.shape
+    norm = torch.empty(n, h * w, dtype=torch.float64, device=x.device)
+    inv = torch.empty_like(norm)
+    lib.pixel_inv_norm(x.data_ptr(), norm.data_ptr(), inv.data_ptr(), n, c, h * w, NORM_EPS, **launch_args(OP, x))
+    return norm, inv
+
+
+def _splits(n: int, n_up: int, p: int, device: torch.device) -> int:
+    """Pixel splits for two full waves of 256-thread blocks (2 per SM at 108-128 registers), each
+    split a whole number of 64-pixel chunks; the launcher's contract: ceil(p / pix) == splits."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else _SMS_DEFAULT
+    want = -(-2 * 2 * sms // (n * n_up))
+    splits = max(1, min(want, -(-p // _MIN_SPLIT)))
+    pix = -(-(-(-p // splits)) // FAST_CHUNK) * FAST_CHUNK
+    return -(-p // pix)
+
+
+def _gram_tiles(lib, s, t, precision):
+    """(upper tiles of Z^T Z (N, n_up, 64, 64) fp64, |s_p| (N, P) fp64)."""
+    n, cs, h, w = s.shape
+    ct, p = t.shape[1], h * w
+    ta, tb = -(-cs // TILE), -(-ct // TILE)
+    n_up = (ta + tb) * (ta + tb + 1) // 2
+    norm_s, inv_s = inv_norms(lib, s)
+    _, inv_t = inv_norms(lib, t)
+    splits = _splits(n, n_up, p, s.device)
+    part = torch.empty(n, splits, n_up, TILE, TILE, dtype=torch.float64, device=s.device)
+    lib.pairwise_gram(s.data_ptr(), inv_s.data_ptr(), t.data_ptr(), inv_t.data_ptr(), part.data_ptr(), n, cs, ct, p,
+                      splits, precision == "fast", **launch_args(OP, s))
+    return part.sum(1), norm_s  # over the splits, in a fixed order: deterministic
 
 
 @torch.library.custom_op("segkd::pairwise_kd_cuda", mutates_args=())
-def pairwise_kd_cuda(student: torch.Tensor, teacher: torch.Tensor, detach_norm: bool
+def pairwise_kd_cuda(student: torch.Tensor, teacher: torch.Tensor, detach_norm: bool, precision: str = "exact"
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss 0-dim in the student's dtype, A^T A (N, C_s, C_s) fp64, A^T B (N, C_s, C_t) fp64)."""
+    """(loss 0-dim in the student's dtype, A^T A (N, C_s, C_s) fp64, A^T B (N, C_s, C_t) fp64);
+    precision "exact" or "fast" (docs/losses.md 3)."""
     lib = cuda_lib(OP)
     _check(student, teacher)
     launch_args(OP, student)
@@ -81,9 +110,10 @@ def pairwise_kd_cuda(student: torch.Tensor, teacher: torch.Tensor, detach_norm: 
     if s.numel() == 0 or t.numel() == 0:
         zeros = s.new_zeros(n, cs, cs, dtype=torch.float64), s.new_zeros(n, cs, ct, dtype=torch.float64)
         return student.new_zeros(()), *zeros
-    ns, nt = pixel_norms(lib, s), pixel_norms(lib, t)
-    aa, ab, bb = _gram(lib, s, ns, s, ns), _gram(lib, s, ns, t, nt), _gram(lib, t, nt, t, nt)
-    total = aa.square().sum() - 2.0 * ab.square().sum() + bb.square().sum()
+    g, _ = _gram_tiles(lib, s, t, precision)
+    ta, tb = -(-cs // TILE), -(-ct // TILE)
+    total = combine_upper_tiles(g, ta, tb)
+    aa, ab = upper_tiles_to_blocks(g, ta, tb, cs, ct)
     return (total / (n * p * p)).to(student.dtype), aa, ab
 
 
@@ -101,6 +131,18 @@ def pairwise_kd_backward_cuda(grad_loss: torch.Tensor, student: torch.Tensor, te
     p = h * w
     if s.numel() == 0 or t.numel() == 0:
         return torch.zeros_like(s)
+    if s.element_size() == 2:
+        # half / bfloat16: the raw features are exact MMA operands, the inverse norms factor out of
+        # the channel sums; G split into 16-bit hi + lo parts on tensor cores, fp32 accumulators
+        ct = t.shape[1]
+        _, inv_s = inv_norms(lib, s)
+        _, inv_t = inv_norms(lib, t)
+        da = torch.empty(n, cs, p, dtype=torch.float32, device=s.device)
+        g = grad_loss.detach().to(torch.float32).reshape(1)
+        lib.pairwise_grad_mma(aa.contiguous().data_ptr(), ab.contiguous().data_ptr(), s.data_ptr(), t.data_ptr(),
+                              inv_s.data_ptr(), inv_t.data_ptr(), g.data_ptr(), da.data_ptr(), n, cs, ct, p,
+                              4.0 / (n * p * p), **launch_args(OP, s))
+        return normalize_pixels_backward(lib, da.reshape(n, cs, h, w), s, pixel_norms(lib, s), detach_norm)
     a, norm_s = normalize_pixels(lib, s)
     b, _ = normalize_pixels(lib, t)
     # d total / d a = 4 (AA a - AB b) per image, (C_s, P); fp64 because the two terms cancel when a ~ b
@@ -110,7 +152,7 @@ def pairwise_kd_backward_cuda(grad_loss: torch.Tensor, student: torch.Tensor, te
 
 
 @pairwise_kd_cuda.register_fake
-def _(student, teacher, detach_norm):
+def _(student, teacher, detach_norm, precision="exact"):
     n, cs = student.shape[:2]
     ct = teacher.shape[1]
     return (student.new_empty(()), student.new_empty(n, cs, cs, dtype=torch.float64),
@@ -124,7 +166,7 @@ def _(grad_loss, student, teacher, aa, ab, detach_norm):
 
 
 def _setup_context(ctx, inputs, output):
-    student, teacher, detach_norm = inputs
+    student, teacher, detach_norm, _precision = inputs
     ctx.mark_non_differentiable(output[1], output[2])
     ctx.save_for_backward(student, teacher, output[1], output[2])
     ctx.detach_norm = detach_norm
@@ -134,9 +176,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, _grad_aa, _grad_ab):
     student, teacher, aa, ab = ctx.saved_tensors
     if grad_loss is None:
-        return None, None, None
+        return None, None, None, None
     ds = pairwise_kd_backward_cuda(grad_loss, student, teacher, aa, ab, ctx.detach_norm)
-    return ds.to(ctx.student_dtype), None, None
+    return ds.to(ctx.student_dtype), None, None, None
 
 
 pairwise_kd_cuda.register_autograd(_backward, setup_context=_setup_context)
