@@ -120,6 +120,16 @@ __device__ __forceinline__ void load16(const T* __restrict__ p, float (&out)[Vec
   for (int i = 0; i < Vec16<T>::kSize; ++i) out[i] = to_float(e[i]);
 }
 
+// 128-bit store of 4 floats or 8 halves / bfloat16 converted from fp32 (p 16-byte aligned).
+template <typename T>
+__device__ __forceinline__ void store16(T* __restrict__ p, const float (&val)[Vec16<T>::kSize]) {
+  uint4 raw;
+  T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < Vec16<T>::kSize; ++i) e[i] = from_float<T>(val[i]);
+  *reinterpret_cast<uint4*>(p) = raw;
+}
+
 inline bool aligned16(std::uintptr_t p) { return (p & 15u) == 0; }
 
 // ---- online softmax ---------------------------------------------------------------------------
