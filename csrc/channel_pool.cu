@@ -1,10 +1,12 @@
 // CBAM spatial-gate input and the AttnFD loss (docs/losses.md 6).
 //
 // channel_pool: for every pixel of x * gate[n, c] (never materialised), the max and the mean over
-// the C channels, and the channel of the first maximum (for the backward). One thread per pixel,
-// channels P apart in memory, so the threads of a warp read contiguous addresses.
+// the C channels, and the channel of the first maximum (for the backward). A lane per pixel and the
+// channels split over the block's warps (channels P apart in memory, so the lanes of a warp read
+// contiguous addresses), combined once in shared memory.
 // channel_pool backward: one block per (n, c) row: dx = gate * (g_mean / C + [c == argmax] g_max)
-// and dgate[n, c] = sum over the row of x * (g_mean / C + [c == argmax] g_max), reduced in-block.
+// and dgate[n, c] = sum over the row of x * (g_mean / C + [c == argmax] g_max), reduced in-block;
+// 4 positions per access where the rows are aligned (as the cbam_gate row kernel).
 // attnfd dots: <s,s>, <t,t>, <s,t> as fp64 per-block partials (the caller sums them in fp64);
 // attnfd backward: ds = alpha * s + beta * t with alpha, beta (fp64, on the device) from the caller.
 // cbam_gate: the gated product M_s * (M_c * x) and its backward (dx, dM_c by row, dM_s by pixel).
@@ -73,7 +75,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
 channel_pool_backward_kernel(const T* __restrict__ grad_out, const int32_t* __restrict__ argmax,
                              const T* __restrict__ x, const float* __restrict__ gate, T* __restrict__ dx,
-                             float* __restrict__ dgate, int64_t channels, int64_t plane) {
+                             float* __restrict__ dgate, int64_t channels, int64_t plane, bool vec) {
   const int64_t row = blockIdx.x;  // (n, c)
   const int64_t n = row / channels, c = row - n * channels;
   const T* g_max = grad_out + n * 2 * plane;
@@ -82,11 +84,30 @@ channel_pool_backward_kernel(const T* __restrict__ grad_out, const int32_t* __re
   const float inv_c = 1.f / static_cast<float>(channels);
   const float gv = gate == nullptr ? 1.f : gate[row];
   float dg = 0.f;
-  for (int64_t p = threadIdx.x; p < plane; p += blockDim.x) {
-    float d = to_float(g_mean[p]) * inv_c;
-    if (am[p] == c) d += to_float(g_max[p]);
-    dx[row * plane + p] = from_float<T>(gv * d);
-    if (dgate != nullptr) dg += to_float(x[row * plane + p]) * d;
+  if (vec) {  // plane % 4 == 0 and aligned rows: 4 positions per access
+    for (int64_t p = threadIdx.x * 4LL; p < plane; p += blockDim.x * 4LL) {
+      float ga[4], gm[4], xv[4] = {0.f, 0.f, 0.f, 0.f}, out[4];
+      load4(g_mean + p, ga);
+      load4(g_max + p, gm);
+      const int4 a = *reinterpret_cast<const int4*>(am + p);
+      const int ai[4] = {a.x, a.y, a.z, a.w};
+      if (dgate != nullptr) load4(x + row * plane + p, xv);
+#pragma unroll
+      for (int v = 0; v < 4; ++v) {
+        float d = ga[v] * inv_c;
+        if (ai[v] == c) d += gm[v];
+        out[v] = gv * d;
+        dg += xv[v] * d;
+      }
+      store4(dx + row * plane + p, out);
+    }
+  } else {
+    for (int64_t p = threadIdx.x; p < plane; p += blockDim.x) {
+      float d = to_float(g_mean[p]) * inv_c;
+      if (am[p] == c) d += to_float(g_max[p]);
+      dx[row * plane + p] = from_float<T>(gv * d);
+      if (dgate != nullptr) dg += to_float(x[row * plane + p]) * d;
+    }
   }
   if (dgate == nullptr) return;
   __shared__ float scratch[32];
@@ -208,15 +229,31 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
 cbam_gate_backward_rows_kernel(const T* __restrict__ g, const T* __restrict__ x, const float* __restrict__ mc,
                                const float* __restrict__ ms, T* __restrict__ dx, float* __restrict__ dmc,
-                               int64_t channels, int64_t plane) {
+                               int64_t channels, int64_t plane, bool vec) {
   const int64_t row = blockIdx.x, n = row / channels;
   const float gate_c = mc[row];
   const float* ms_n = ms + n * plane;
   float acc = 0.f;
-  for (int64_t p = threadIdx.x; p < plane; p += blockDim.x) {
-    const float gv = to_float(g[row * plane + p]), sv = ms_n[p];
-    dx[row * plane + p] = from_float<T>(gv * gate_c * sv);
-    acc = fmaf(gv * to_float(x[row * plane + p]), sv, acc);
+  if (vec) {  // plane % 4 == 0 and aligned rows: 4 positions per access
+    for (int64_t p = threadIdx.x * 4LL; p < plane; p += blockDim.x * 4LL) {
+      float gv[4], xv[4], out[4];
+      load4(g + row * plane + p, gv);
+      load4(x + row * plane + p, xv);
+      const float4 s4 = __ldg(reinterpret_cast<const float4*>(ms_n + p));
+      const float sv[4] = {s4.x, s4.y, s4.z, s4.w};
+#pragma unroll
+      for (int v = 0; v < 4; ++v) {
+        out[v] = gv[v] * gate_c * sv[v];
+        acc = fmaf(gv[v] * xv[v], sv[v], acc);
+      }
+      store4(dx + row * plane + p, out);
+    }
+  } else {
+    for (int64_t p = threadIdx.x; p < plane; p += blockDim.x) {
+      const float gv = to_float(g[row * plane + p]), sv = ms_n[p];
+      dx[row * plane + p] = from_float<T>(gv * gate_c * sv);
+      acc = fmaf(gv * to_float(x[row * plane + p]), sv, acc);
+    }
   }
   __shared__ float scratch[32];
   acc = block_sum(acc, scratch);
@@ -282,10 +319,13 @@ void channel_pool_backward(std::uintptr_t grad_out, std::uintptr_t argmax, std::
   DeviceGuard guard(device);
   dispatch_float_types(dtype, "channel_pool_backward", [&](auto tag) {
     using T = decltype(tag);
+    // 4 positions per access: every row start aligned (plane % 4 == 0, 16-byte aligned bases)
+    const bool vec = plane % 4 == 0 && aligned16(grad_out) && aligned16(argmax) && aligned16(dx) &&
+                     (dgate == 0 || aligned16(x));
     SEGKD_LAUNCH(static_cast<unsigned>(rows), kThreads, 0, as_stream(stream), channel_pool_backward_kernel<T>)(
         reinterpret_cast<const T*>(grad_out), reinterpret_cast<const int32_t*>(argmax), reinterpret_cast<const T*>(x),
         reinterpret_cast<const float*>(gate), reinterpret_cast<T*>(dx), reinterpret_cast<float*>(dgate), channels,
-        plane);
+        plane, vec);
   });
   check_launch("channel_pool_backward");
 }
@@ -359,10 +399,12 @@ void cbam_gate_backward(std::uintptr_t grad_out, std::uintptr_t x, std::uintptr_
   DeviceGuard guard(device);
   dispatch_float_types(dtype, "cbam_gate_backward", [&](auto tag) {
     using T = decltype(tag);
+    const bool vec = plane % 4 == 0 && aligned16(grad_out) && aligned16(x) && aligned16(spatial_gate) &&
+                     aligned16(dx);
     SEGKD_LAUNCH(static_cast<unsigned>(rows), kThreads, 0, as_stream(stream), cbam_gate_backward_rows_kernel<T>)(
         reinterpret_cast<const T*>(grad_out), reinterpret_cast<const T*>(x),
         reinterpret_cast<const float*>(channel_gate), reinterpret_cast<const float*>(spatial_gate),
-        reinterpret_cast<T*>(dx), reinterpret_cast<float*>(d_channel_gate), channels, plane);
+        reinterpret_cast<T*>(dx), reinterpret_cast<float*>(d_channel_gate), channels, plane, vec);
     check_launch("cbam_gate_backward (rows)");
     SEGKD_LAUNCH(split_grid(batch, plane), kSplitThreads, 0, as_stream(stream),
                  cbam_gate_backward_pixels_kernel<T>)(

@@ -277,7 +277,9 @@ def _gpu_cases():
         cases[f"pixel_kd_plain{shape}"] = (shape, shape, None, lambda s, t, e, b: sk.pixel_kd(s, t, backend=b))
         cases[f"pfs{shape}"] = (shape, shape, "mask",
                                 lambda s, t, e, b: sk.pfs_pixel_kd(s, t, 2.0, ignore_mask=e[0], backend=b))
-    for shape in [(1, 3, 5, 7), (2, 33, 9, 17)]:
+    # (2, 5, 32, 40): H*W a multiple of 8, so the 128-bit / 4-wide paths run (the others take the
+    # element-by-element fallbacks)
+    for shape in [(1, 3, 5, 7), (2, 33, 9, 17), (2, 5, 32, 40)]:
         # channel_pool takes only the channel gate: a spatial gate leaf would get no gradient
         cases[f"channel_pool{shape}"] = (shape, None, "channel_gate",
                                          lambda s, t, e, b: sk.channel_pool(s, e[2], backend=b))
@@ -285,7 +287,9 @@ def _gpu_cases():
         cases[f"cbam_gate{shape}"] = (shape, None, "gate",
                                       lambda s, t, e, b: sk.cbam_gate(s, e[2], e[3], backend=b))
         cases[f"attnfd{shape}"] = (shape, shape, None, lambda s, t, e, b: sk.attnfd_loss(s, t, backend=b))
-    for shape in [(1, 3, 5, 7), (2, 5, 17, 33)]:  # one row per block: planes below and above 256 threads
+    # one row per block: planes below and above 256 threads; (2, 3, 64, 72): 128-bit loads, two per
+    # step and a one-vector tail in the forward, several blocks per row in the backward
+    for shape in [(1, 3, 5, 7), (2, 5, 17, 33), (2, 3, 64, 72)]:
         cases[f"spatial_pool{shape}"] = (shape, None, None, lambda s, t, e, b: torch.cat(
             [x.flatten() for x in sk.spatial_pool(s, backend=b)]))
     for padding in ["reflect", "zeros", "valid"]:
