@@ -54,23 +54,35 @@ PYBIND11_MODULE(SEGKD_MODULE_NAME, m) {
       "channel_wise_kd_forward",
       [](std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t row_kl, std::uintptr_t grad,
           std::uintptr_t workspace, int64_t workspace_floats, int64_t rows, int64_t plane, double tau,
-          double grad_scale, int dtype, int device, std::uintptr_t stream) {
+          double grad_scale, std::uintptr_t grad_mult, int dtype, int device, std::uintptr_t stream) {
         segkd::channel_wise_kd_forward(student, teacher, row_kl, grad, workspace, workspace_floats, rows, plane, tau,
-          grad_scale, static_cast<DType>(dtype), device, stream);
+          grad_scale, grad_mult, static_cast<DType>(dtype), device, stream);
       },
       py::arg("student"), py::arg("teacher"), py::arg("row_kl"), py::arg("grad"), py::arg("workspace"),
       py::arg("workspace_floats"), py::arg("rows"), py::arg("plane"), py::arg("tau"), py::arg("grad_scale"),
-      py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+      py::arg("grad_mult"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "saved_grad_scale",
+      [](std::uintptr_t x, std::uintptr_t g, int64_t n, int dtype, int device, std::uintptr_t stream) {
+        segkd::saved_grad_scale(x, g, n, static_cast<DType>(dtype), device, stream);
+      },
+      py::arg("x"), py::arg("g"), py::arg("n"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "pixel_kd_num_partials",
+      [](int64_t batch, int64_t plane) { return segkd::pixel_kd_num_partials(batch, plane); },
+      py::arg("batch"), py::arg("plane"));
   m.def(
       "pixel_kd_forward",
       [](std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t ignore, std::uintptr_t weight,
-          bool clamp_weight, std::uintptr_t coef, std::uintptr_t out, std::uintptr_t grad, int64_t batch,
-          int64_t classes, int64_t plane, double tau, int dtype, int device, std::uintptr_t stream) {
-        segkd::pixel_kd_forward(student, teacher, ignore, weight, clamp_weight, coef, out, grad, batch, classes,
-          plane, tau, static_cast<DType>(dtype), device, stream);
+          bool clamp_weight, std::uintptr_t coef, std::uintptr_t out, std::uintptr_t partials, std::uintptr_t grad,
+          std::uintptr_t grad_mult, int64_t batch, int64_t classes, int64_t plane, double tau, int dtype, int device,
+          std::uintptr_t stream) {
+        segkd::pixel_kd_forward(student, teacher, ignore, weight, clamp_weight, coef, out, partials, grad, grad_mult,
+          batch, classes, plane, tau, static_cast<DType>(dtype), device, stream);
       },
       py::arg("student"), py::arg("teacher"), py::arg("ignore"), py::arg("weight"), py::arg("clamp_weight"),
-      py::arg("coef"), py::arg("out"), py::arg("grad"), py::arg("batch"), py::arg("classes"), py::arg("plane"),
+      py::arg("coef"), py::arg("out"), py::arg("partials"), py::arg("grad"), py::arg("grad_mult"), py::arg("batch"), py::arg("classes"), py::arg("plane"),
       py::arg("tau"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def(
       "channel_pool_forward",

@@ -1,10 +1,12 @@
 // CBAM spatial-gate input and the AttnFD loss (docs/losses.md 6).
 //
 // channel_pool: for every pixel of x * gate[n, c] (never materialised), the max and the mean over
-// the C channels, and the channel of the first maximum (for the backward). One thread per pixel,
-// channels P apart in memory, so the threads of a warp read contiguous addresses.
+// the C channels, and the channel of the first maximum (for the backward). A lane per pixel and the
+// channels split over the block's warps (channels P apart in memory, so the lanes of a warp read
+// contiguous addresses), combined once in shared memory.
 // channel_pool backward: one block per (n, c) row: dx = gate * (g_mean / C + [c == argmax] g_max)
-// and dgate[n, c] = sum over the row of x * (g_mean / C + [c == argmax] g_max), reduced in-block.
+// and dgate[n, c] = sum over the row of x * (g_mean / C + [c == argmax] g_max), reduced in-block;
+// 4 positions per access where the rows are aligned (as the cbam_gate row kernel).
 // attnfd dots: <s,s>, <t,t>, <s,t> as fp64 per-block partials (the caller sums them in fp64);
 // attnfd backward: ds = alpha * s + beta * t with alpha, beta (fp64, on the device) from the caller.
 // cbam_gate: the gated product M_s * (M_c * x) and its backward (dx, dM_c by row, dM_s by pixel).
@@ -15,36 +17,65 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// Channel reductions per pixel (channel_pool forward, cbam_gate dM_s): a block is kSplitWarps warps
+// over the same 32 pixels (one per lane, so every warp load is 32 consecutive positions of one
+// channel); warp w takes channels w, w + kSplitWarps, ... and the per-warp results are combined
+// through shared memory once (one barrier). Grid: x = 32-pixel tiles of an image, y = images (looping
+// past the grid's y limit), so no thread divides a flat pixel index.
+constexpr int kSplitWarps = 16;
+constexpr int kSplitThreads = kSplitWarps * 32;
+
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kSplitThreads)
 channel_pool_forward_kernel(const T* __restrict__ x, const float* __restrict__ gate, T* __restrict__ out,
-                            int32_t* __restrict__ argmax, int64_t batch, int64_t channels, int64_t plane) {
-  const int64_t pixels = batch * plane;
+                            int32_t* __restrict__ argmax, int64_t batch, int channels, int64_t plane) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t p = blockIdx.x * 32LL + lane;
   const float inv_c = 1.f / static_cast<float>(channels);
-  for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < pixels;
-       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t n = g / plane, p = g - n * plane;
-    const T* px = x + n * channels * plane + p;
-    const float* pg = gate == nullptr ? nullptr : gate + n * channels;
+  __shared__ float sh_sum[kSplitWarps][32], sh_best[kSplitWarps][32];
+  __shared__ int sh_c[kSplitWarps][32];
+  for (int64_t n = blockIdx.y; n < batch; n += gridDim.y) {
     float sum = 0.f, best = -INFINITY;
-    int64_t best_c = channels;  // loses every tie
-    for (int64_t c = 0; c < channels; ++c) {
-      float v = to_float(px[c * plane]);
-      if (pg != nullptr) v *= pg[c];
-      sum += v;
-      if (max_index_better(v, c, best, best_c)) { best = v; best_c = c; }
+    int best_c = channels;  // loses every tie
+    if (p < plane) {
+      const T* px = x + n * channels * plane + p;
+      const float* pg = gate == nullptr ? nullptr : gate + n * channels;
+#pragma unroll 2  // 4 spills on sm_80 (ptxas keeps this kernel at 32 registers there)
+      for (int c = warp; c < channels; c += kSplitWarps) {
+        float v = to_float(px[c * plane]);
+        if (pg != nullptr) v *= pg[c];
+        sum += v;
+        if (max_index_better(v, c, best, best_c)) { best = v; best_c = c; }
+      }
     }
-    out[n * 2 * plane + p] = from_float<T>(best);
-    out[n * 2 * plane + plane + p] = from_float<T>(sum * inv_c);
-    argmax[g] = static_cast<int32_t>(best_c);
+    if (n != blockIdx.y) __syncthreads();  // the previous image's combine has read the arrays
+    sh_sum[warp][lane] = sum; sh_best[warp][lane] = best; sh_c[warp][lane] = best_c;
+    __syncthreads();
+    if (warp == 0 && p < plane) {
+#pragma unroll
+      for (int w = 1; w < kSplitWarps; ++w) {
+        sum += sh_sum[w][lane];
+        if (max_index_better(sh_best[w][lane], sh_c[w][lane], best, best_c)) {
+          best = sh_best[w][lane];
+          best_c = sh_c[w][lane];
+        }
+      }
+      out[n * 2 * plane + p] = from_float<T>(best);
+      out[n * 2 * plane + plane + p] = from_float<T>(sum * inv_c);
+      argmax[n * plane + p] = static_cast<int32_t>(best_c);
+    }
   }
+}
+
+inline dim3 split_grid(int64_t batch, int64_t plane) {
+  return dim3(static_cast<unsigned>((plane + 31) / 32), static_cast<unsigned>(std::min<int64_t>(batch, 65535)));
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 channel_pool_backward_kernel(const T* __restrict__ grad_out, const int32_t* __restrict__ argmax,
                              const T* __restrict__ x, const float* __restrict__ gate, T* __restrict__ dx,
-                             float* __restrict__ dgate, int64_t channels, int64_t plane) {
+                             float* __restrict__ dgate, int64_t channels, int64_t plane, bool vec) {
   const int64_t row = blockIdx.x;  // (n, c)
   const int64_t n = row / channels, c = row - n * channels;
   const T* g_max = grad_out + n * 2 * plane;
@@ -53,11 +84,30 @@ channel_pool_backward_kernel(const T* __restrict__ grad_out, const int32_t* __re
   const float inv_c = 1.f / static_cast<float>(channels);
   const float gv = gate == nullptr ? 1.f : gate[row];
   float dg = 0.f;
-  for (int64_t p = threadIdx.x; p < plane; p += blockDim.x) {
-    float d = to_float(g_mean[p]) * inv_c;
-    if (am[p] == c) d += to_float(g_max[p]);
-    dx[row * plane + p] = from_float<T>(gv * d);
-    if (dgate != nullptr) dg += to_float(x[row * plane + p]) * d;
+  if (vec) {  // plane % 4 == 0 and aligned rows: 4 positions per access
+    for (int64_t p = threadIdx.x * 4LL; p < plane; p += blockDim.x * 4LL) {
+      float ga[4], gm[4], xv[4] = {0.f, 0.f, 0.f, 0.f}, out[4];
+      load4(g_mean + p, ga);
+      load4(g_max + p, gm);
+      const int4 a = *reinterpret_cast<const int4*>(am + p);
+      const int ai[4] = {a.x, a.y, a.z, a.w};
+      if (dgate != nullptr) load4(x + row * plane + p, xv);
+#pragma unroll
+      for (int v = 0; v < 4; ++v) {
+        float d = ga[v] * inv_c;
+        if (ai[v] == c) d += gm[v];
+        out[v] = gv * d;
+        dg += xv[v] * d;
+      }
+      store4(dx + row * plane + p, out);
+    }
+  } else {
+    for (int64_t p = threadIdx.x; p < plane; p += blockDim.x) {
+      float d = to_float(g_mean[p]) * inv_c;
+      if (am[p] == c) d += to_float(g_max[p]);
+      dx[row * plane + p] = from_float<T>(gv * d);
+      if (dgate != nullptr) dg += to_float(x[row * plane + p]) * d;
+    }
   }
   if (dgate == nullptr) return;
   __shared__ float scratch[32];
@@ -72,16 +122,35 @@ __device__ __forceinline__ double warp_sum_double(double v) {
 
 // Accumulated in fp64 (a product of two fp32 values is exact there): near s == t the loss is
 // 2 - 2 cos, and fp32 dot products alone would leave it dominated by rounding.
+// 128-bit loads (V values per thread and step) when both inputs are 16-byte aligned and total % V
+// == 0, element by element otherwise.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-attnfd_dots_kernel(const T* __restrict__ s, const T* __restrict__ t, double* __restrict__ partials, int64_t total) {
+attnfd_dots_kernel(const T* __restrict__ s, const T* __restrict__ t, double* __restrict__ partials, int64_t total,
+                   bool vec) {
+  constexpr int V = Vec16<T>::kSize;
   double ss = 0.0, tt = 0.0, st = 0.0;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const double a = to_float(s[i]), b = to_float(t[i]);
-    ss = fma(a, a, ss);
-    tt = fma(b, b, tt);
-    st = fma(a, b, st);
+  const int64_t first = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  if (vec) {
+    for (int64_t i = first * V; i < total; i += step * V) {
+      float a[V], b[V];
+      load16(s + i, a);
+      load16(t + i, b);
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        ss = fma(static_cast<double>(a[v]), static_cast<double>(a[v]), ss);
+        tt = fma(static_cast<double>(b[v]), static_cast<double>(b[v]), tt);
+        st = fma(static_cast<double>(a[v]), static_cast<double>(b[v]), st);
+      }
+    }
+  } else {
+    for (int64_t i = first; i < total; i += step) {
+      const double a = to_float(s[i]), b = to_float(t[i]);
+      ss = fma(a, a, ss);
+      tt = fma(b, b, tt);
+      st = fma(a, b, st);
+    }
   }
   __shared__ double scratch[3][32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
@@ -105,23 +174,53 @@ attnfd_dots_kernel(const T* __restrict__ s, const T* __restrict__ t, double* __r
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 attnfd_backward_kernel(const T* __restrict__ s, const T* __restrict__ t, const double* __restrict__ coefs,
-                       T* __restrict__ ds, int64_t total) {
+                       T* __restrict__ ds, int64_t total, bool vec) {
+  constexpr int V = Vec16<T>::kSize;
   const float alpha = static_cast<float>(coefs[0]), beta = static_cast<float>(coefs[1]);
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    ds[i] = from_float<T>(alpha * to_float(s[i]) + beta * to_float(t[i]));
+  const int64_t first = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  if (vec) {  // as attnfd_dots_kernel, with ds aligned too
+    for (int64_t i = first * V; i < total; i += step * V) {
+      float a[V], b[V];
+      load16(s + i, a);
+      load16(t + i, b);
+#pragma unroll
+      for (int v = 0; v < V; ++v) a[v] = alpha * a[v] + beta * b[v];
+      store16(ds + i, a);
+    }
+  } else {
+    for (int64_t i = first; i < total; i += step) ds[i] = from_float<T>(alpha * to_float(s[i]) + beta * to_float(t[i]));
   }
 }
 
 // CBAM gated product out = M_s[n, p] * (M_c[n, c] * x[n, c, p]) (fp32 math, one rounding).
+// Grid: y = (n, c) rows (looping past the grid's y limit), x = positions, V per thread per step
+// (128-bit loads and stores when the rows are 16-byte aligned), no per-element division.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 cbam_gate_forward_kernel(const T* __restrict__ x, const float* __restrict__ mc, const float* __restrict__ ms,
-                         T* __restrict__ out, int64_t channels, int64_t plane, int64_t total) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = i / plane, p = i - row * plane, n = row / channels;
-    out[i] = from_float<T>(ms[n * plane + p] * (mc[row] * to_float(x[i])));
+                         T* __restrict__ out, int64_t rows, int64_t channels, int64_t plane, bool vec) {
+  constexpr int V = Vec16<T>::kSize;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x * V;
+  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
+    const float gate_c = mc[row];
+    const float* ms_n = ms + (row / channels) * plane;  // one division per row
+    const T* xr = x + row * plane;
+    T* outr = out + row * plane;
+    for (int64_t base = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) * V; base < plane;
+         base += stride) {
+      float v[V];
+      if (vec) {
+        load16(xr + base, v);
+#pragma unroll
+        for (int i = 0; i < V; ++i) v[i] = ms_n[base + i] * (gate_c * v[i]);
+        store16(outr + base, v);
+      } else {
+#pragma unroll
+        for (int i = 0; i < V; ++i)
+          if (base + i < plane) outr[base + i] = from_float<T>(ms_n[base + i] * (gate_c * to_float(xr[base + i])));
+      }
+    }
   }
 }
 
@@ -130,35 +229,63 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
 cbam_gate_backward_rows_kernel(const T* __restrict__ g, const T* __restrict__ x, const float* __restrict__ mc,
                                const float* __restrict__ ms, T* __restrict__ dx, float* __restrict__ dmc,
-                               int64_t channels, int64_t plane) {
+                               int64_t channels, int64_t plane, bool vec) {
   const int64_t row = blockIdx.x, n = row / channels;
   const float gate_c = mc[row];
   const float* ms_n = ms + n * plane;
   float acc = 0.f;
-  for (int64_t p = threadIdx.x; p < plane; p += blockDim.x) {
-    const float gv = to_float(g[row * plane + p]), sv = ms_n[p];
-    dx[row * plane + p] = from_float<T>(gv * gate_c * sv);
-    acc = fmaf(gv * to_float(x[row * plane + p]), sv, acc);
+  if (vec) {  // plane % 4 == 0 and aligned rows: 4 positions per access
+    for (int64_t p = threadIdx.x * 4LL; p < plane; p += blockDim.x * 4LL) {
+      float gv[4], xv[4], out[4];
+      load4(g + row * plane + p, gv);
+      load4(x + row * plane + p, xv);
+      const float4 s4 = __ldg(reinterpret_cast<const float4*>(ms_n + p));
+      const float sv[4] = {s4.x, s4.y, s4.z, s4.w};
+#pragma unroll
+      for (int v = 0; v < 4; ++v) {
+        out[v] = gv[v] * gate_c * sv[v];
+        acc = fmaf(gv[v] * xv[v], sv[v], acc);
+      }
+      store4(dx + row * plane + p, out);
+    }
+  } else {
+    for (int64_t p = threadIdx.x; p < plane; p += blockDim.x) {
+      const float gv = to_float(g[row * plane + p]), sv = ms_n[p];
+      dx[row * plane + p] = from_float<T>(gv * gate_c * sv);
+      acc = fmaf(gv * to_float(x[row * plane + p]), sv, acc);
+    }
   }
   __shared__ float scratch[32];
   acc = block_sum(acc, scratch);
   if (threadIdx.x == 0) dmc[row] = acc;
 }
 
-// Per pixel: dM_s[n, p] = sum_c g * x * M_c (channels P apart: coalesced across the warp).
+// Per pixel: dM_s[n, p] = sum_c g * x * M_c, channels split across the block's warps (see
+// channel_pool_forward_kernel), in the order c = w, w + kSplitWarps, ... per warp, then by warp.
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kSplitThreads)
 cbam_gate_backward_pixels_kernel(const T* __restrict__ g, const T* __restrict__ x, const float* __restrict__ mc,
-                                 float* __restrict__ dms, int64_t batch, int64_t channels, int64_t plane) {
-  const int64_t pixels = batch * plane;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < pixels;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t n = i / plane, p = i - n * plane;
-    const int64_t base = n * channels * plane + p;
+                                 float* __restrict__ dms, int64_t batch, int channels, int64_t plane) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t p = blockIdx.x * 32LL + lane;
+  __shared__ float sh[kSplitWarps][32];
+  for (int64_t n = blockIdx.y; n < batch; n += gridDim.y) {
     float acc = 0.f;
-    for (int64_t c = 0; c < channels; ++c)
-      acc = fmaf(to_float(g[base + c * plane]) * to_float(x[base + c * plane]), mc[n * channels + c], acc);
-    dms[i] = acc;
+    if (p < plane) {
+      const int64_t base = n * channels * plane + p;
+      const float* mc_n = mc + n * channels;
+#pragma unroll 4
+      for (int c = warp; c < channels; c += kSplitWarps)
+        acc = fmaf(to_float(g[base + c * plane]) * to_float(x[base + c * plane]), mc_n[c], acc);
+    }
+    if (n != blockIdx.y) __syncthreads();
+    sh[warp][lane] = acc;
+    __syncthreads();
+    if (warp == 0 && p < plane) {
+#pragma unroll
+      for (int w = 1; w < kSplitWarps; ++w) acc += sh[w][lane];
+      dms[n * plane + p] = acc;
+    }
   }
 }
 
@@ -171,12 +298,13 @@ void channel_pool_forward(std::uintptr_t x, std::uintptr_t gate, std::uintptr_t 
   if (pixels == 0) return;
   if (channels <= 0) throw std::invalid_argument("channel_pool: C must be positive");
   if (channels > 2147483647LL) throw std::invalid_argument("channel_pool: C does not fit the int32 argmax");
+  check_grid_dim((plane + 31) / 32, "channel_pool", "positions");
   DeviceGuard guard(device);
   dispatch_float_types(dtype, "channel_pool_forward", [&](auto tag) {
     using T = decltype(tag);
-    SEGKD_LAUNCH(grid_for(pixels, kThreads), kThreads, 0, as_stream(stream), channel_pool_forward_kernel<T>)(
+    SEGKD_LAUNCH(split_grid(batch, plane), kSplitThreads, 0, as_stream(stream), channel_pool_forward_kernel<T>)(
         reinterpret_cast<const T*>(x), reinterpret_cast<const float*>(gate), reinterpret_cast<T*>(out),
-        reinterpret_cast<int32_t*>(argmax), batch, channels, plane);
+        reinterpret_cast<int32_t*>(argmax), batch, static_cast<int>(channels), plane);
   });
   check_launch("channel_pool_forward");
 }
@@ -191,16 +319,21 @@ void channel_pool_backward(std::uintptr_t grad_out, std::uintptr_t argmax, std::
   DeviceGuard guard(device);
   dispatch_float_types(dtype, "channel_pool_backward", [&](auto tag) {
     using T = decltype(tag);
+    // 4 positions per access: every row start aligned (plane % 4 == 0, 16-byte aligned bases)
+    const bool vec = plane % 4 == 0 && aligned16(grad_out) && aligned16(argmax) && aligned16(dx) &&
+                     (dgate == 0 || aligned16(x));
     SEGKD_LAUNCH(static_cast<unsigned>(rows), kThreads, 0, as_stream(stream), channel_pool_backward_kernel<T>)(
         reinterpret_cast<const T*>(grad_out), reinterpret_cast<const int32_t*>(argmax), reinterpret_cast<const T*>(x),
         reinterpret_cast<const float*>(gate), reinterpret_cast<T*>(dx), reinterpret_cast<float*>(dgate), channels,
-        plane);
+        plane, vec);
   });
   check_launch("channel_pool_backward");
 }
 
+// At least 4 values per thread, at most 4,096 blocks (3.9 waves of 8 blocks on 132 SMs): the
+// caller sums the partials in fp64, a few hundred KB at most.
 int64_t attnfd_num_partials(int64_t total) {
-  return static_cast<int64_t>(grid_for(total, kThreads * 4, 1024));
+  return static_cast<int64_t>(grid_for(total, kThreads * 4, 4096));
 }
 
 void attnfd_dots(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t partials, int64_t total,
@@ -211,9 +344,10 @@ void attnfd_dots(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t 
   DeviceGuard guard(device);
   dispatch_float_types(dtype, "attnfd_dots", [&](auto tag) {
     using T = decltype(tag);
+    const bool vec = total % Vec16<T>::kSize == 0 && aligned16(student) && aligned16(teacher);
     SEGKD_LAUNCH(static_cast<unsigned>(num_partials), kThreads, 0, as_stream(stream), attnfd_dots_kernel<T>)(
         reinterpret_cast<const T*>(student), reinterpret_cast<const T*>(teacher), reinterpret_cast<double*>(partials),
-        total);
+        total, vec);
   });
   check_launch("attnfd_dots");
 }
@@ -224,9 +358,11 @@ void attnfd_backward(std::uintptr_t student, std::uintptr_t teacher, std::uintpt
   DeviceGuard guard(device);
   dispatch_float_types(dtype, "attnfd_backward", [&](auto tag) {
     using T = decltype(tag);
-    SEGKD_LAUNCH(grid_for(total, kThreads), kThreads, 0, as_stream(stream), attnfd_backward_kernel<T>)(
+    constexpr int V = Vec16<T>::kSize;
+    const bool vec = total % V == 0 && aligned16(student) && aligned16(teacher) && aligned16(ds);
+    SEGKD_LAUNCH(grid_for((total + V - 1) / V, kThreads), kThreads, 0, as_stream(stream), attnfd_backward_kernel<T>)(
         reinterpret_cast<const T*>(student), reinterpret_cast<const T*>(teacher),
-        reinterpret_cast<const double*>(coefs), reinterpret_cast<T*>(ds), total);
+        reinterpret_cast<const double*>(coefs), reinterpret_cast<T*>(ds), total, vec);
   });
   check_launch("attnfd_backward");
 }
@@ -238,9 +374,15 @@ void cbam_gate_forward(std::uintptr_t x, std::uintptr_t channel_gate, std::uintp
   DeviceGuard guard(device);
   dispatch_float_types(dtype, "cbam_gate_forward", [&](auto tag) {
     using T = decltype(tag);
-    SEGKD_LAUNCH(grid_for(total, kThreads), kThreads, 0, as_stream(stream), cbam_gate_forward_kernel<T>)(
+    constexpr int V = Vec16<T>::kSize;
+    const bool vec = plane % V == 0 && aligned16(x) && aligned16(out);
+    const int64_t rows = batch * channels;
+    const int64_t per_row = (plane + static_cast<int64_t>(kThreads) * V - 1) / (static_cast<int64_t>(kThreads) * V);
+    const dim3 grid(static_cast<unsigned>(std::min<int64_t>(per_row, 65535)),
+                    static_cast<unsigned>(std::min<int64_t>(rows, 65535)));
+    SEGKD_LAUNCH(grid, kThreads, 0, as_stream(stream), cbam_gate_forward_kernel<T>)(
         reinterpret_cast<const T*>(x), reinterpret_cast<const float*>(channel_gate),
-        reinterpret_cast<const float*>(spatial_gate), reinterpret_cast<T*>(out), channels, plane, total);
+        reinterpret_cast<const float*>(spatial_gate), reinterpret_cast<T*>(out), rows, channels, plane, vec);
   });
   check_launch("cbam_gate_forward");
 }
@@ -252,19 +394,23 @@ void cbam_gate_backward(std::uintptr_t grad_out, std::uintptr_t x, std::uintptr_
   const int64_t rows = batch * channels;
   if (rows == 0 || plane == 0) return;
   check_grid_dim(rows, "cbam_gate_backward", "(n, c) rows");
+  if (channels > 2147483647LL) throw std::invalid_argument("cbam_gate_backward: C above 2^31 - 1");
+  check_grid_dim((plane + 31) / 32, "cbam_gate_backward", "positions");
   DeviceGuard guard(device);
   dispatch_float_types(dtype, "cbam_gate_backward", [&](auto tag) {
     using T = decltype(tag);
+    const bool vec = plane % 4 == 0 && aligned16(grad_out) && aligned16(x) && aligned16(spatial_gate) &&
+                     aligned16(dx);
     SEGKD_LAUNCH(static_cast<unsigned>(rows), kThreads, 0, as_stream(stream), cbam_gate_backward_rows_kernel<T>)(
         reinterpret_cast<const T*>(grad_out), reinterpret_cast<const T*>(x),
         reinterpret_cast<const float*>(channel_gate), reinterpret_cast<const float*>(spatial_gate),
-        reinterpret_cast<T*>(dx), reinterpret_cast<float*>(d_channel_gate), channels, plane);
+        reinterpret_cast<T*>(dx), reinterpret_cast<float*>(d_channel_gate), channels, plane, vec);
     check_launch("cbam_gate_backward (rows)");
-    SEGKD_LAUNCH(grid_for(batch * plane, kThreads), kThreads, 0, as_stream(stream),
+    SEGKD_LAUNCH(split_grid(batch, plane), kSplitThreads, 0, as_stream(stream),
                  cbam_gate_backward_pixels_kernel<T>)(
         reinterpret_cast<const T*>(grad_out), reinterpret_cast<const T*>(x),
-        reinterpret_cast<const float*>(channel_gate), reinterpret_cast<float*>(d_spatial_gate), batch, channels,
-        plane);
+        reinterpret_cast<const float*>(channel_gate), reinterpret_cast<float*>(d_spatial_gate), batch,
+        static_cast<int>(channels), plane);
   });
   check_launch("cbam_gate_backward (pixels)");
 }

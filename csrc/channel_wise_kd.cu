@@ -4,7 +4,11 @@
 // One block per row. Pass 1 keeps, per thread, an online softmax state for s and t and the
 // rescaled accumulator sum exp(t - m_t) (t - s), merged by warp shuffles and then across warps:
 //   KL_row = acc / l_t - lse_t + lse_s.
-// Pass 2 writes grad = scale * (softmax(s) - softmax(t)) in fp32. Rows of up to kCacheItems values per
+// Everything runs in base 2: the inputs are scaled by log2(e) / tau once, so each element costs one
+// exp2f (MUFU.EX2 plus a range fix-up, 2 ulp) instead of an accurate expf; KL_row is ln 2 times the
+// base-2 expression. The running maximum moves once per loaded vector (its maximum first), never per
+// element, so the per-element work is one exp2f and three adds / multiplies per input.
+// Pass 2 writes grad = scale * (softmax(s) - softmax(t)) in the input dtype. Rows of up to kCacheItems values per
 // thread stay in registers between the passes (the gradient costs no second read); longer rows
 // are read again (mostly from L2). Loads and stores are 128-bit when the rows are 16-byte aligned.
 // Few long rows are split over several blocks per row (two kernels, see the split kernels).
@@ -15,34 +19,75 @@ namespace {
 
 constexpr int kCwdMaxThreads = 256;
 constexpr int kCacheItems = 8;  // values of s and of t per thread kept in registers
+constexpr float kLn2 = 0.6931471805599453f;
+
+// 2^(m_old - m_new): 0 (not NaN) while nothing has been seen yet (m_old = -inf).
+__device__ __forceinline__ float rescale2(float m_old, float m_new) {
+  return m_old == -INFINITY ? 0.f : exp2f(m_old - m_new);
+}
+
+// Running max m and sum l of 2^(x - m) (base-2 logits x). m is never NaN: a NaN x fails every
+// comparison with m and makes l NaN through its own term. An x = +inf becomes the maximum and
+// contributes 2^(inf - inf) = NaN, as the reference's softmax of a row holding +inf; a row of -inf
+// only gives 2^(-inf - -inf) = NaN too (the reference's log_softmax of it is NaN).
+struct Lse2 {
+  float m = -INFINITY, l = 0.f;
+  __device__ __forceinline__ void merge(float om, float ol) {
+    const float nm = fmaxf(m, om);
+    // both states saw nothing or only -inf: l is 0, or NaN from 2^(-inf - (-inf)), which must stay
+    if (nm == -INFINITY) { l += ol; return; }
+    l = l * rescale2(m, nm) + ol * rescale2(om, nm);
+    m = nm;
+  }
+  __device__ __forceinline__ float lse() const { return m + log2f(l); }  // base 2
+};
 
 struct CwdState {
-  OnlineLse s, t;
-  float acc = 0.f;  // sum over seen positions of exp(b - t.m) * (b - a), a = s / tau, b = t / tau
+  Lse2 s, t;
+  float acc = 0.f;  // sum over seen positions of 2^(b - t.m) * (b - a), a, b the base-2 logits
 
-  __device__ __forceinline__ void add(float a, float b) {
-    s.add(a);
-    if (b > t.m) {
-      const float sc = rescale(t.m, b);
-      t.l = t.l * sc + exp_self(b);
-      acc = acc * sc + (b - a);
-      t.m = b;
-    } else {
-      const float e = expf(b - t.m);
-      t.l += e;
-      acc += e * (b - a);
+  // The n <= N values a[v], b[v] (v < n): the running maxima move once, to the maxima of this
+  // chunk (NaN never compares greater), then each value costs one exp2f per input.
+  template <int N>
+  __device__ __forceinline__ void add(const float (&a)[N], const float (&b)[N], int n) {
+    float ma = -INFINITY, mb = -INFINITY;
+#pragma unroll
+    for (int v = 0; v < N; ++v) {
+      if (v < n) {
+        ma = a[v] > ma ? a[v] : ma;
+        mb = b[v] > mb ? b[v] : mb;
+      }
+    }
+    if (ma > s.m) { s.l *= rescale2(s.m, ma); s.m = ma; }
+    if (mb > t.m) {
+      const float sc = rescale2(t.m, mb);
+      t.l *= sc;
+      acc *= sc;
+      t.m = mb;
+    }
+#pragma unroll
+    for (int v = 0; v < N; ++v) {
+      if (v < n) {
+        s.l += exp2f(a[v] - s.m);
+        const float e = exp2f(b[v] - t.m);
+        t.l += e;
+        acc = fmaf(e, b[v] - a[v], acc);
+      }
     }
   }
 
   __device__ __forceinline__ void merge(const CwdState& o) {
     s.merge(o.s.m, o.s.l);
-    const float nm = fmaxf(t.m, o.t.m);  // never NaN, see OnlineLse
+    const float nm = fmaxf(t.m, o.t.m);  // never NaN, see Lse2
     if (nm == -INFINITY) { t.l += o.t.l; acc += o.acc; return; }
-    const float sa = rescale(t.m, nm), sb = rescale(o.t.m, nm);
+    const float sa = rescale2(t.m, nm), sb = rescale2(o.t.m, nm);
     t.l = t.l * sa + o.t.l * sb;
     acc = acc * sa + o.acc * sb;
     t.m = nm;
   }
+
+  // ln 2 * (acc / l_t - lse2_t + lse2_s): the row's KL in natural units
+  __device__ __forceinline__ float kl() const { return kLn2 * (acc / t.l - t.lse() + s.lse()); }
 
   __device__ __forceinline__ void warp_merge() {
     for (int offset = 16; offset > 0; offset >>= 1) {
@@ -70,28 +115,57 @@ __device__ __forceinline__ void load_chunk(const T* __restrict__ row, int64_t ba
   }
 }
 
-// Stores V fp32 gradient values at [base, base + V) of a row (fewer at the row's end); with vec
-// (plane % V == 0, aligned rows) as V / 4 128-bit stores. The gradient stays in fp32 whatever the
-// input dtype: the backward scales it by grad_output and rounds once to the student's dtype.
-template <int V>
-__device__ __forceinline__ void store_chunk(float* __restrict__ row, int64_t base, int64_t plane, bool vec,
-                                            const float (&val)[V]) {
+// Stores V gradient values at [base, base + V) of a row (fewer at the row's end), rounded to the
+// input dtype; with vec (plane % V == 0, aligned rows) as one 128-bit store.
+template <typename T>
+__device__ __forceinline__ void store_chunk(T* __restrict__ row, int64_t base, int64_t plane, bool vec,
+                                            const float (&val)[Vec16<T>::kSize]) {
   if (vec) {
-#pragma unroll
-    for (int q = 0; q < V / 4; ++q)
-      *reinterpret_cast<float4*>(row + base + 4 * q) = make_float4(val[4 * q], val[4 * q + 1], val[4 * q + 2],
-                                                                   val[4 * q + 3]);
+    store16(row + base, val);
   } else {
 #pragma unroll
-    for (int v = 0; v < V; ++v)
-      if (base + v < plane) row[base + v] = val[v];
+    for (int v = 0; v < Vec16<T>::kSize; ++v)
+      if (base + v < plane) row[base + v] = from_float<T>(val[v]);
   }
+}
+
+// Multiplies the V values by k (1 / tau in base 2: log2(e) / tau).
+template <int V>
+__device__ __forceinline__ void scale_chunk(float (&x)[V], float k) {
+#pragma unroll
+  for (int v = 0; v < V; ++v) x[v] *= k;
+}
+
+__device__ __forceinline__ int chunk_count(int64_t base, int64_t end, int V) {
+  return end - base >= V ? V : static_cast<int>(end - base);
+}
+
+// grad_scale * (softmax(s) - softmax(t)) of V base-2 logits, given both base-2 log-sum-exps.
+template <int V>
+__device__ __forceinline__ void grad_chunk(const float (&a)[V], const float (&b)[V], float lse_s, float lse_t,
+                                           float grad_scale, float (&g)[V]) {
+#pragma unroll
+  for (int v = 0; v < V; ++v) g[v] = grad_scale * (exp2f(a[v] - lse_s) - exp2f(b[v] - lse_t));
+}
+
+// The gradient's multiplier for a recomputation in the backward: grad_mult (one value on the device,
+// grad_output) when given, and false (nothing to do) when that value is exactly 1, in which case the
+// gradient the forward wrote is already the answer. Read by every thread, never by the host.
+template <typename T>
+__device__ __forceinline__ bool gradient_multiplier(const T* __restrict__ grad_mult, float& grad_scale) {
+  if (grad_mult == nullptr) return true;
+  const float m = to_float(*grad_mult);
+  if (m == 1.f) return false;
+  grad_scale *= m;
+  return true;
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kCwdMaxThreads)
 channel_wise_kd_kernel(const T* __restrict__ s, const T* __restrict__ t, float* __restrict__ row_kl,
-                       float* __restrict__ grad, int64_t plane, float inv_tau, float grad_scale, bool vec) {
+                       T* __restrict__ grad, int64_t plane, float inv_tau, float grad_scale,
+                       const T* __restrict__ grad_mult, bool vec) {
+  if (!gradient_multiplier(grad_mult, grad_scale)) return;
   constexpr int V = Vec16<T>::kSize;
   constexpr int kChunks = kCacheItems / V > 0 ? kCacheItems / V : 1;
   const int64_t row = blockIdx.x;
@@ -109,9 +183,9 @@ channel_wise_kd_kernel(const T* __restrict__ s, const T* __restrict__ t, float* 
       if (base < plane) {
         load_chunk(rs, base, plane, vec, cs[k]);
         load_chunk(rt, base, plane, vec, ct[k]);
-#pragma unroll
-        for (int v = 0; v < V; ++v)
-          if (base + v < plane) st.add(cs[k][v] * inv_tau, ct[k][v] * inv_tau);
+        scale_chunk(cs[k], inv_tau);
+        scale_chunk(ct[k], inv_tau);
+        st.add(cs[k], ct[k], chunk_count(base, plane, V));
       }
     }
   } else {
@@ -121,9 +195,9 @@ channel_wise_kd_kernel(const T* __restrict__ s, const T* __restrict__ t, float* 
       float xs[V], xt[V];
       load_chunk(rs, base, plane, vec, xs);
       load_chunk(rt, base, plane, vec, xt);
-#pragma unroll
-      for (int v = 0; v < V; ++v)
-        if (base + v < plane) st.add(xs[v] * inv_tau, xt[v] * inv_tau);
+      scale_chunk(xs, inv_tau);
+      scale_chunk(xt, inv_tau);
+      st.add(xs, xt, chunk_count(base, plane, V));
     }
   }
 
@@ -143,25 +217,22 @@ channel_wise_kd_kernel(const T* __restrict__ s, const T* __restrict__ t, float* 
     }
     w.warp_merge();
     if (lane == 0) {
-      const float lse_s = w.s.lse(), lse_t = w.t.lse();
-      row_kl[row] = w.acc / w.t.l - lse_t + lse_s;
-      lse_sh[0] = lse_s;
-      lse_sh[1] = lse_t;
+      if (row_kl != nullptr) row_kl[row] = w.kl();
+      lse_sh[0] = w.s.lse();
+      lse_sh[1] = w.t.lse();
     }
   }
   if (grad == nullptr) return;
   __syncthreads();
   const float lse_s = lse_sh[0], lse_t = lse_sh[1];
-  float* rg = grad + row * plane;
+  T* rg = grad + row * plane;
   if (cached) {
 #pragma unroll
     for (int k = 0; k < kChunks; ++k) {
       const int64_t base = threadIdx.x * static_cast<int64_t>(V) + k * stride;
       if (base < plane) {
         float g[V];
-#pragma unroll
-        for (int v = 0; v < V; ++v)
-          g[v] = grad_scale * (expf(cs[k][v] * inv_tau - lse_s) - expf(ct[k][v] * inv_tau - lse_t));
+        grad_chunk(cs[k], ct[k], lse_s, lse_t, grad_scale, g);
         store_chunk(rg, base, plane, vec, g);
       }
     }
@@ -171,8 +242,9 @@ channel_wise_kd_kernel(const T* __restrict__ s, const T* __restrict__ t, float* 
       float xs[V], xt[V], g[V];
       load_chunk(rs, base, plane, vec, xs);
       load_chunk(rt, base, plane, vec, xt);
-#pragma unroll
-      for (int v = 0; v < V; ++v) g[v] = grad_scale * (expf(xs[v] * inv_tau - lse_s) - expf(xt[v] * inv_tau - lse_t));
+      scale_chunk(xs, inv_tau);
+      scale_chunk(xt, inv_tau);
+      grad_chunk(xs, xt, lse_s, lse_t, grad_scale, g);
       store_chunk(rg, base, plane, vec, g);
     }
   }
@@ -215,15 +287,15 @@ __device__ __forceinline__ void accumulate_range(const T* __restrict__ rs, const
     float xs[V], xt[V];
     load_chunk(rs, base, end, vec, xs);
     load_chunk(rt, base, end, vec, xt);
-#pragma unroll
-    for (int v = 0; v < V; ++v)
-      if (base + v < end) st.add(xs[v] * inv_tau, xt[v] * inv_tau);
+    scale_chunk(xs, inv_tau);
+    scale_chunk(xt, inv_tau);
+    st.add(xs, xt, chunk_count(base, end, V));
   }
 }
 
 template <typename T>
 __device__ __forceinline__ void write_grad_range(const T* __restrict__ rs, const T* __restrict__ rt,
-                                                 float* __restrict__ rg,
+                                                 T* __restrict__ rg,
                                                  int64_t begin, int64_t end, bool vec, float inv_tau, float lse_s,
                                                  float lse_t, float grad_scale) {
   constexpr int V = Vec16<T>::kSize;
@@ -233,8 +305,9 @@ __device__ __forceinline__ void write_grad_range(const T* __restrict__ rs, const
     float xs[V], xt[V], g[V];
     load_chunk(rs, base, end, vec, xs);
     load_chunk(rt, base, end, vec, xt);
-#pragma unroll
-    for (int v = 0; v < V; ++v) g[v] = grad_scale * (expf(xs[v] * inv_tau - lse_s) - expf(xt[v] * inv_tau - lse_t));
+    scale_chunk(xs, inv_tau);
+    scale_chunk(xt, inv_tau);
+    grad_chunk(xs, xt, lse_s, lse_t, grad_scale, g);
     store_chunk(rg, base, end, vec, g);
   }
 }
@@ -246,7 +319,10 @@ __device__ __forceinline__ void write_grad_range(const T* __restrict__ rs, const
 template <typename T>
 __global__ void __launch_bounds__(kCwdMaxThreads)
 channel_wise_kd_split_stats_kernel(const T* __restrict__ s, const T* __restrict__ t, float* __restrict__ partials,
-                                   int64_t plane, int64_t chunk, float inv_tau, bool vec) {
+                                   int64_t plane, int64_t chunk, float inv_tau, const T* __restrict__ grad_mult,
+                                   bool vec) {
+  float unused = 1.f;
+  if (!gradient_multiplier(grad_mult, unused)) return;
   const int64_t split = blockIdx.x, row = blockIdx.y, splits = gridDim.x;
   const int64_t begin = split * chunk, end = begin + chunk < plane ? begin + chunk : plane;
   CwdState st;
@@ -262,8 +338,9 @@ template <typename T>
 __global__ void __launch_bounds__(kCwdMaxThreads)
 channel_wise_kd_split_finish_kernel(const T* __restrict__ s, const T* __restrict__ t,
                                     const float* __restrict__ partials, int64_t splits, float* __restrict__ row_kl,
-                                    float* __restrict__ grad, int64_t plane, int64_t chunk, float inv_tau,
-                                    float grad_scale, bool vec) {
+                                    T* __restrict__ grad, int64_t plane, int64_t chunk, float inv_tau,
+                                    float grad_scale, const T* __restrict__ grad_mult, bool vec) {
+  if (!gradient_multiplier(grad_mult, grad_scale)) return;
   const int64_t split = blockIdx.x, row = blockIdx.y;
   __shared__ float lse_sh[2];
   if (threadIdx.x < 32) {  // warp 0 merges the row's states
@@ -276,10 +353,9 @@ channel_wise_kd_split_finish_kernel(const T* __restrict__ s, const T* __restrict
     }
     w.warp_merge();
     if (threadIdx.x == 0) {
-      const float lse_s = w.s.lse(), lse_t = w.t.lse();
-      if (split == 0) row_kl[row] = w.acc / w.t.l - lse_t + lse_s;
-      lse_sh[0] = lse_s;
-      lse_sh[1] = lse_t;
+      if (split == 0 && row_kl != nullptr) row_kl[row] = w.kl();
+      lse_sh[0] = w.s.lse();
+      lse_sh[1] = w.t.lse();
     }
   }
   if (grad == nullptr) return;
@@ -293,15 +369,21 @@ struct SplitPlan {
   int64_t splits = 1, chunk = 0;
 };
 
-// Splits only when there are fewer rows than about two blocks per SM and each split still gets
-// at least 16 vector loads per thread.
+// Blocks of kCwdMaxThreads threads an SM holds at most (2048 threads per SM on sm_80 / sm_90).
+constexpr int kBlocksPerSm = 2048 / kCwdMaxThreads;
+
+// Splits when the rows alone give less than two full waves (kBlocksPerSm blocks on every SM, twice)
+// and a row holds at least four splits of one vector load per thread (shorter rows keep the
+// single-pass kernel, which caches rows of up to 2,048 values in registers); then aims at two
+// waves, each split still getting at least one vector load per thread.
 template <typename T>
 SplitPlan plan_split(int64_t rows, int64_t plane, int sms) {
   constexpr int V = Vec16<T>::kSize;
   SplitPlan plan;
-  const int64_t min_chunk = static_cast<int64_t>(kCwdMaxThreads) * V * 16;
-  if (rows >= 2 * sms || rows > 65535 || plane < 2 * min_chunk) return plan;
-  int64_t splits = (2 * sms + rows - 1) / rows;
+  const int64_t min_chunk = static_cast<int64_t>(kCwdMaxThreads) * V;
+  const int64_t target = 2LL * kBlocksPerSm * sms;
+  if (rows >= target || rows > 65535 || plane < 4 * min_chunk) return plan;
+  int64_t splits = (target + rows - 1) / rows;
   const int64_t most = plane / min_chunk;
   if (splits > most) splits = most;
   if (splits < 2) return plan;
@@ -316,6 +398,31 @@ int multiprocessors(int device) {
   int sms = 0;
   check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
   return sms;
+}
+
+// x *= g in place, in x's dtype (fp32 arithmetic, one rounding), g one value on the device. A g of
+// exactly 1 (a plain loss.backward()) leaves x untouched: every thread reads g and returns, so the
+// saved gradient is handed out without a pass over it and the host never reads g.
+template <typename T>
+__global__ void __launch_bounds__(kCwdMaxThreads)
+saved_grad_scale_kernel(T* __restrict__ x, const T* __restrict__ g, int64_t n, bool vec) {
+  const float gv = to_float(*g);
+  if (gv == 1.f) return;
+  constexpr int V = Vec16<T>::kSize;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x * V;
+  for (int64_t base = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) * V; base < n; base += stride) {
+    if (vec) {  // n % V == 0 and x aligned
+      float v[V];
+      load16(x + base, v);
+#pragma unroll
+      for (int i = 0; i < V; ++i) v[i] *= gv;
+      store16(x + base, v);
+    } else {
+#pragma unroll
+      for (int i = 0; i < V; ++i)
+        if (base + i < n) x[base + i] = from_float<T>(to_float(x[base + i]) * gv);
+    }
+  }
 }
 
 }  // namespace
@@ -334,12 +441,13 @@ int64_t channel_wise_kd_workspace(int64_t rows, int64_t plane, DType dtype, int 
 
 void channel_wise_kd_forward(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t row_kl,
                              std::uintptr_t grad, std::uintptr_t workspace, int64_t workspace_floats, int64_t rows,
-                             int64_t plane, double tau, double grad_scale, DType dtype, int device,
-                             std::uintptr_t stream) {
+                             int64_t plane, double tau, double grad_scale, std::uintptr_t grad_mult, DType dtype,
+                             int device, std::uintptr_t stream) {
   if (rows == 0) return;
   if (plane <= 0) throw std::invalid_argument("channel_wise_kd: H*W must be positive");
   if (!(tau > 0)) throw std::invalid_argument("channel_wise_kd: tau must be positive");
   check_grid_dim(rows, "channel_wise_kd", "(n, c) rows");
+  if (grad_mult != 0 && grad == 0) throw std::invalid_argument("channel_wise_kd: grad_mult scales a gradient");
   DeviceGuard guard(device);
   const int sms = multiprocessors(device);
   dispatch_float_types(dtype, "channel_wise_kd_forward", [&](auto tag) {
@@ -350,8 +458,10 @@ void channel_wise_kd_forward(std::uintptr_t student, std::uintptr_t teacher, std
     const auto* s = reinterpret_cast<const T*>(student);
     const auto* t = reinterpret_cast<const T*>(teacher);
     auto* kl = reinterpret_cast<float*>(row_kl);
-    auto* g = reinterpret_cast<float*>(grad);
-    const float inv_tau = static_cast<float>(1.0 / tau), scale = static_cast<float>(grad_scale);
+    auto* g = reinterpret_cast<T*>(grad);
+    const auto* gm = reinterpret_cast<const T*>(grad_mult);
+    // base-2 logits: x * log2(e) / tau (rounded once, from double)
+    const float inv_tau = static_cast<float>(1.4426950408889634 / tau), scale = static_cast<float>(grad_scale);
     const SplitPlan plan = plan_split<T>(rows, plane, sms);
     if (plan.splits > 1) {
       if (workspace == 0 || workspace_floats < rows * plan.splits * 5)
@@ -359,21 +469,38 @@ void channel_wise_kd_forward(std::uintptr_t student, std::uintptr_t teacher, std
       const dim3 grid(static_cast<unsigned>(plan.splits), static_cast<unsigned>(rows));
       auto* partials = reinterpret_cast<float*>(workspace);
       SEGKD_LAUNCH(grid, kCwdMaxThreads, 0, as_stream(stream), channel_wise_kd_split_stats_kernel<T>)(
-          s, t, partials, plane, plan.chunk, inv_tau, vec);
+          s, t, partials, plane, plan.chunk, inv_tau, gm, vec);
       check_launch("channel_wise_kd_forward (split statistics)");
       // without a gradient one block per row is enough to write the KL
       const dim3 grid2(g == nullptr ? 1u : static_cast<unsigned>(plan.splits), static_cast<unsigned>(rows));
       SEGKD_LAUNCH(grid2, kCwdMaxThreads, 0, as_stream(stream), channel_wise_kd_split_finish_kernel<T>)(
-          s, t, partials, plan.splits, kl, g, plane, plan.chunk, inv_tau, scale, vec);
+          s, t, partials, plan.splits, kl, g, plane, plan.chunk, inv_tau, scale, gm, vec);
       return;
     }
     // Short rows get fewer threads (whole warps) instead of idle lanes.
     const int64_t chunks = (plane + V - 1) / V;
     const int threads = static_cast<int>(std::min<int64_t>(kCwdMaxThreads, ((chunks + 31) / 32) * 32));
     SEGKD_LAUNCH(static_cast<unsigned>(rows), threads, 0, as_stream(stream), channel_wise_kd_kernel<T>)(
-        s, t, kl, g, plane, inv_tau, scale, vec);
+        s, t, kl, g, plane, inv_tau, scale, gm, vec);
   });
   check_launch("channel_wise_kd_forward");
+}
+
+void saved_grad_scale(std::uintptr_t x, std::uintptr_t g, int64_t n, DType dtype, int device, std::uintptr_t stream) {
+  if (n == 0) return;
+  if (g == 0) throw std::invalid_argument("saved_grad_scale: the scale lives on the device and must be given");
+  DeviceGuard guard(device);
+  const int sms = multiprocessors(device);
+  dispatch_float_types(dtype, "saved_grad_scale", [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int V = Vec16<T>::kSize;
+    const bool vec = n % V == 0 && aligned16(x);
+    // at most two full waves (the loop strides over the rest): when g is 1 they only read g
+    const unsigned blocks = grid_for((n + V - 1) / V, kCwdMaxThreads, 2LL * kBlocksPerSm * sms);
+    SEGKD_LAUNCH(blocks, kCwdMaxThreads, 0, as_stream(stream), saved_grad_scale_kernel<T>)(
+        reinterpret_cast<T*>(x), reinterpret_cast<const T*>(g), n, vec);
+  });
+  check_launch("saved_grad_scale");
 }
 
 }  // namespace segkd

@@ -120,7 +120,40 @@ __device__ __forceinline__ void load16(const T* __restrict__ p, float (&out)[Vec
   for (int i = 0; i < Vec16<T>::kSize; ++i) out[i] = to_float(e[i]);
 }
 
+// 128-bit store of 4 floats or 8 halves / bfloat16 converted from fp32 (p 16-byte aligned).
+template <typename T>
+__device__ __forceinline__ void store16(T* __restrict__ p, const float (&val)[Vec16<T>::kSize]) {
+  uint4 raw;
+  T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < Vec16<T>::kSize; ++i) e[i] = from_float<T>(val[i]);
+  *reinterpret_cast<uint4*>(p) = raw;
+}
+
 inline bool aligned16(std::uintptr_t p) { return (p & 15u) == 0; }
+
+// 4 consecutive values as one 128-bit (fp32) or 64-bit (fp16 / bf16) access; p aligned to 4 values.
+template <typename T> struct Vec4Raw { using type = uint2; };
+template <> struct Vec4Raw<float> { using type = uint4; };
+
+template <typename T>
+__device__ __forceinline__ void load4(const T* __restrict__ p, float (&out)[4]) {
+  using R = typename Vec4Raw<T>::type;
+  const R raw = __ldg(reinterpret_cast<const R*>(p));
+  const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) out[i] = to_float(e[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store4(T* __restrict__ p, const float (&val)[4]) {
+  using R = typename Vec4Raw<T>::type;
+  R raw;
+  T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) e[i] = from_float<T>(val[i]);
+  *reinterpret_cast<R*>(p) = raw;
+}
 
 // ---- online softmax ---------------------------------------------------------------------------
 // expf / logf, not the __expf / __logf intrinsics: a KL is a small difference of log-sum-exps, and

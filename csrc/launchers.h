@@ -22,21 +22,34 @@ void spatial_pool_backward(std::uintptr_t grad_avg, std::uintptr_t grad_max, std
 
 // channel_wise_kd (csrc/channel_wise_kd.cu): row_kl[r] = KL(softmax(t_r / tau) || softmax(s_r / tau))
 // in fp32 for each of `rows` rows of `plane` values; if grad != 0 it also writes
-// grad = grad_scale * (softmax(s_r / tau) - softmax(t_r / tau)) in fp32 (rounded to the input dtype
-// only after the backward scales it by grad_output: one rounding).
+// grad = grad_scale * (softmax(s_r / tau) - softmax(t_r / tau)) in the input dtype (the gradient
+// for grad_output == 1, handed out as it is; see saved_grad_scale). row_kl may be 0. With grad_mult
+// (one value of the input dtype on the device, grad_output) the gradient is multiplied by it, and
+// there is no work when it is exactly 1 (every thread returns): the backward's
+// recomputation, rounded once, of a gradient the forward wrote for grad_output == 1.
 // workspace: channel_wise_kd_workspace() fp32 values (0 when the rows are not split over blocks).
 int64_t channel_wise_kd_workspace(int64_t rows, int64_t plane, DType dtype, int device);
 void channel_wise_kd_forward(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t row_kl,
                              std::uintptr_t grad, std::uintptr_t workspace, int64_t workspace_floats, int64_t rows,
-                             int64_t plane, double tau, double grad_scale, DType dtype, int device,
-                             std::uintptr_t stream);
+                             int64_t plane, double tau, double grad_scale, std::uintptr_t grad_mult, DType dtype,
+                             int device, std::uintptr_t stream);
+// saved_grad_scale (csrc/channel_wise_kd.cu): x[0:n] *= g[0] in place, in x's dtype; g (same dtype)
+// is read on the device, and g == 1 leaves x untouched (the backward of the ops that save their
+// student gradient in the forward).
+void saved_grad_scale(std::uintptr_t x, std::uintptr_t g, int64_t n, DType dtype, int device, std::uintptr_t stream);
 
 // pixel_kd (csrc/pixel_kd.cu): logits (batch, classes, plane). Per pixel g: out[g] = w_g * KL_g (fp32,
-// 0 where ignore[g]); grad (fp32) = coef[0] * w_g * (softmax(s / tau) - softmax(t / tau)) (0 where ignored).
-// ignore (bool), weight (fp32), out and grad may be 0 (absent); coef is fp32 on the device.
+// 0 where ignore[g]); grad (input dtype) = coef[0] * w_g * (softmax(s / tau) - softmax(t / tau)) (0 where ignored).
+// partials (fp32, pixel_kd_num_partials(batch, plane) values): per-block sums of w_g * KL_g, whose
+// total is the sum of out (the loss needs no per-pixel map).
+// ignore (bool), weight (fp32), out, partials and grad may be 0 (absent); coef is fp32 on the device.
+// grad_mult (0 or one value of the input dtype on the device) as in channel_wise_kd_forward: the
+// gradient times grad_mult, and no work at all (out and partials unset too) when it is exactly 1.
 // w_g = 1, weight[g], or max(weight[g], 0) / coef[1] when clamp_weight.
+int64_t pixel_kd_num_partials(int64_t batch, int64_t plane);
 void pixel_kd_forward(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t ignore, std::uintptr_t weight,
-                      bool clamp_weight, std::uintptr_t coef, std::uintptr_t out, std::uintptr_t grad, int64_t batch,
+                      bool clamp_weight, std::uintptr_t coef, std::uintptr_t out, std::uintptr_t partials,
+                      std::uintptr_t grad, std::uintptr_t grad_mult, int64_t batch,
                       int64_t classes, int64_t plane, double tau, DType dtype, int device, std::uintptr_t stream);
 
 // channel_pool (csrc/channel_pool.cu): out (batch, 2, plane) = [max_c, mean_c] of x * gate (gate fp32

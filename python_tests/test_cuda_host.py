@@ -125,8 +125,8 @@ def test_cwd_one_block_per_row_plans(host, hw, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("vector", [True, False])
 def test_cwd_split_rows_plan(host, dtype, vector):
-    # With one SM, one row and >= 2 x 256 threads x 16 loads per split, each row is split over
-    # several blocks: two kernels (statistics, then finish) instead of one.
+    # With one SM and one row of at least 4 splits of 256 threads x 1 vector load, the row is split
+    # over several blocks: two kernels (statistics, then finish) instead of one.
     host.host_set_attribute("multiprocessor_count", 1)
     elems = 16 // torch.tensor([], dtype=dtype).element_size()
     plane = 2 * 256 * elems * 16 + (elems * 11 if vector else 3)
@@ -265,23 +265,61 @@ def test_shared_memory_is_poisoned_and_counted(host):
     assert stats["launches"] == 1 and stats["blocks"] == 6 and stats["barriers"] > 0 and stats["collectives"] > 0
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("op", ["channel_wise_kd", "pixel_kd", "pfs_pixel_kd"])
-def test_half_precision_gradients_are_rounded_once(host, op, dtype):
-    # The op saves d loss / d student for grad_output = 1 in fp32; the backward scales it by
-    # grad_output and rounds to the student's dtype once. (Saved in the student's dtype and scaled
-    # afterwards, about a quarter of the bf16 elements came out double-rounded.)
+def _saved_grad_call(op, s, t):
     from segkd_kernels.ops.channel_wise_kd.cuda import channel_wise_kd_cuda
     from segkd_kernels.ops.pixel_kd.cuda import pfs_pixel_kd_cuda, pixel_kd_cuda
 
+    return {"channel_wise_kd": lambda: channel_wise_kd_cuda(s, t, 2.0, True),
+            "pixel_kd": lambda: pixel_kd_cuda(s, t, 1.5, None, None, True),
+            "pfs_pixel_kd": lambda: pfs_pixel_kd_cuda(s, t, 1.5, None, True)}[op]()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("op", ["channel_wise_kd", "pixel_kd", "pfs_pixel_kd"])
+def test_saved_gradient_is_handed_out_or_rescaled_in_place(host, op, dtype):
+    # The op saves d loss / d student for grad_output = 1 in the student's dtype, and a backward that
+    # cannot run again hands that tensor out itself: untouched for grad_output = 1 (the kernels read
+    # grad_output and return), rescaled in place otherwise: fp32 times grad_output, fp16/bf16
+    # recomputed from the inputs and rounded once (the fp32 gradient times grad_output, rounded).
     s = make_tensor((2, 5, 13, 17), dtype=dtype, seed=40, requires_grad=True)
     t = make_tensor((2, 5, 13, 17), dtype=dtype, seed=41)
-    call = {"channel_wise_kd": lambda: channel_wise_kd_cuda(s, t, 2.0, True),
-            "pixel_kd": lambda: pixel_kd_cuda(s, t, 1.5, None, None, True),
-            "pfs_pixel_kd": lambda: pfs_pixel_kd_cuda(s, t, 1.5, None, True)}[op]
-    loss, saved = call()
-    assert saved.dtype == torch.float32
-    g_out = torch.tensor(0.7, dtype=loss.dtype)
-    (g,) = torch.autograd.grad(loss, s, g_out)
-    assert torch.equal(g, (saved * g_out.float()).to(dtype))
-    assert not torch.equal(g, (saved.to(dtype).float() * g_out.float()).to(dtype))  # the double rounding
+    _, exact = _saved_grad_call(op, s.detach().float(), t.float())  # the same math in fp32
+    for g_value in (1.0, 0.7):
+        loss, saved = _saved_grad_call(op, s, t)
+        assert saved.dtype == dtype
+        first = saved.clone()
+        g_out = torch.tensor(g_value, dtype=loss.dtype)
+        (g,) = torch.autograd.grad(loss, s, g_out)
+        assert g.data_ptr() == saved.data_ptr()  # the saved tensor itself, no copy
+        if g_value == 1.0:
+            assert torch.equal(g, first)
+        elif dtype == torch.float32:
+            assert torch.equal(g, first * g_out)
+        else:  # one rounding of the fp32 gradient (up to the fp32 kernel's own last bits)
+            want = (exact * g_out.float()).double()
+            info = torch.finfo(dtype)
+            spacing = (info.eps * torch.exp2(torch.floor(torch.log2(want.abs())))).clamp_min(info.tiny * info.eps)
+            # half a spacing per element (a second rounding of the already rounded gradient breaks it
+            # by up to half a spacing more), plus 1e-5 relative for the fp32 arithmetic of two kernels
+            # (block sizes, summation orders, exp2f's 2 ulp: a few fp32 ulps)
+            err = (g.double() - want).abs()
+            assert bool((err <= 0.5 * spacing + 1e-5 * want.abs()).all())
+            assert not torch.equal(g, first)
+
+
+@pytest.mark.parametrize("op", ["channel_wise_kd", "pixel_kd", "pfs_pixel_kd"])
+def test_saved_gradient_survives_retain_graph_and_in_place_grad_edits(host, op):
+    # With retain_graph (or create_graph) the saved gradient must stay as the forward wrote it: a
+    # second backward with another grad_output, after .grad was edited in place, sees it intact.
+    s = make_tensor((2, 5, 13, 17), seed=42, requires_grad=True)
+    t = make_tensor((2, 5, 13, 17), seed=43)
+    loss, saved = _saved_grad_call(op, s, t)
+    keep = saved.clone()
+    loss.backward(torch.tensor(0.5), retain_graph=True)
+    assert torch.equal(s.grad, keep * 0.5) and s.grad.data_ptr() != saved.data_ptr()
+    s.grad.mul_(0.0)
+    assert torch.equal(saved, keep)
+    (g,) = torch.autograd.grad(loss, s, torch.tensor(-2.0), create_graph=True)
+    assert torch.equal(g, keep * -2.0) and torch.equal(saved, keep)
+    loss.backward()  # the last one may consume it
+    assert torch.equal(s.grad, keep)
