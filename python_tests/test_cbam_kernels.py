@@ -239,6 +239,9 @@ def test_cbam_gate_matches_formula_and_reference(shape, gate_shapes):
 @pytest.mark.parametrize("gate_dtype", ["same", "float32"])
 def test_cbam_gate_triton_dtypes(dtype, gate_dtype):
     shape = (2, 11, 5, 7)
+    # the backward's channels come in 2 slices (8 + a partial 3), summed after the kernel
+    from segkd_kernels.ops.cbam_gate import triton as cbam_triton
+    assert cbam_triton._channel_slices(11, cbam_triton._blocks(torch.empty(shape), 35)[0], 2) == (8, 2)
     x, m_c, m_s = _cbam_inputs(shape, dtype=dtype, gate_dtype=dtype if gate_dtype == "same" else torch.float32,
                                seed=34)
     grad_out = make_tensor(shape, dtype=dtype, seed=37)
