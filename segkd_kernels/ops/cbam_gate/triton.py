@@ -12,8 +12,8 @@ Backward, with g the incoming gradient, one program per (n, block of pixels, sli
                                              partial row per channel slice, then one torch sum
     dM_c[n, c] = sum_p g * x * M_s           per-(n, pixel-block) partial rows (a reduction along
                                              the pixels of a tile, inside each warp), one torch sum
-The channel slices give the launch enough programs (at least 2 waves on an H100) without a
-cross-warp reduction in the loop. Both partial reductions are deterministic (no atomics).
+The channel slices (channel_pool.triton.channel_slices) give the launch enough programs (at least
+2 waves on an H100) without a cross-warp reduction in the loop. Both partial reductions are deterministic (no atomics).
 Arbitrary strides are read in place. Accumulation is fp32 (fp64 for fp64 inputs).
 """
 
@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .._triton_common import FP_FUSION, acc_dtype, acc_torch_dtype, pixel_strides
-from ..channel_pool.triton import _blocks, _pixel_offsets
+from ..channel_pool.triton import _blocks, _pixel_offsets, channel_slices
 
 
 @triton.jit
@@ -111,24 +111,14 @@ def _cbam_gate_bwd_kernel(g_ptr, x_ptr, mc_ptr, ms_ptr, dx_ptr, dmc_part_ptr, dm
 
 
 # Bytes of x per program of the flat forward (1024 fp32, 2048 bf16: 8 or 16 elements per thread of
-# 4 warps, two or one 16-byte loads), and the programs the backward aims for: 2 waves of 16
-# four-warp programs per SM on 132 SMs.
+# 4 warps, two or one 16-byte loads).
 _FLAT_BYTES = 4096
-_BWD_TARGET_PROGRAMS = 4224
 
 
 def _flat_planes(t: torch.Tensor) -> bool:
     """Every (n, c) plane's pixels are contiguous: pixel p at plane + p."""
     h, w = t.shape[-2:]
     return (t.stride(3) == 1 or w == 1) and (h == 1 or t.stride(2) == w)
-
-
-def _channel_slices(c: int, block_c: int, base_programs: int) -> tuple[int, int]:
-    """(channels per slice, slices): whole tiles per slice, enough slices for _BWD_TARGET_PROGRAMS."""
-    tiles = triton.cdiv(c, block_c)
-    slices = max(1, min(tiles, _BWD_TARGET_PROGRAMS // max(1, base_programs)))
-    c_per = triton.cdiv(tiles, slices) * block_c
-    return c_per, triton.cdiv(c, c_per)
 
 
 def _strides4(t: torch.Tensor) -> tuple[int, int, int, int, bool]:
@@ -171,7 +161,7 @@ def cbam_gate_backward_triton(grad: torch.Tensor, x: torch.Tensor, channel_gate:
     dx = torch.empty_like(x)
     block_c, block_p = _blocks(x, p)
     n_pblocks = triton.cdiv(p, block_p)
-    c_per, slices = _channel_slices(c, block_c, n * n_pblocks)
+    c_per, slices = channel_slices(c, block_c, n * n_pblocks)
     part_dtype = acc_torch_dtype(x.dtype)
     dmc_part = torch.empty(n, n_pblocks, c, dtype=part_dtype, device=x.device)
     if n * c * p == 0:
