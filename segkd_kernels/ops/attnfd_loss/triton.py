@@ -1,11 +1,11 @@
 """attnfd_loss in Triton: the three dot products <s,s>, <t,t>, <s,t> in one pass, and the gradient.
 
-Forward: a persistent grid (one program per resident slot) strides over the flat tensors (both read once, in a memory order
-they share, so channels_last pairs need no copy); each lane accumulates the three products in fp64
-and each program writes one row of partial sums. One more program sums them in a fixed order (fp64,
-deterministic, no atomics) and computes the loss and the gradient's two coefficients
-(attnfd_loss_triton); attnfd_dots_triton returns the dots alone (torch sums the partials), for
-second derivatives.
+Forward: a persistent grid (one program per resident slot) strides over the flat tensors (both read
+once, in a memory order they share, so channels_last pairs need no copy); each lane accumulates the
+three products in fp64 and each program writes one row of partial sums. One more program sums them
+in a fixed order (fp64, deterministic, no atomics) and computes the loss and the gradient's two
+coefficients (attnfd_loss_triton); attnfd_dots_triton returns the dots alone (torch sums the
+partials), for second derivatives.
 
 Why fp64 and not fp32 partials: the loss is 2 - 2 cos, which cancels to ~1e-6 when the student is
 close to the teacher, so the dot products need ~1e-10 relative accuracy. fp32 products and fp32

@@ -13,7 +13,8 @@ Backward, with g the incoming gradient, one program per (n, block of pixels, sli
     dM_c[n, c] = sum_p g * x * M_s           per-(n, pixel-block) partial rows (a reduction along
                                              the pixels of a tile, inside each warp), one torch sum
 The channel slices (channel_pool.triton.channel_slices) give the launch enough programs (at least
-2 waves on an H100) without a cross-warp reduction in the loop. Both partial reductions are deterministic (no atomics).
+2 waves on an H100) without a cross-warp reduction in the loop. Both partial reductions are
+deterministic (no atomics).
 Arbitrary strides are read in place. Accumulation is fp32 (fp64 for fp64 inputs).
 """
 
@@ -103,10 +104,10 @@ def _cbam_gate_bwd_kernel(g_ptr, x_ptr, mc_ptr, ms_ptr, dx_ptr, dmc_part_ptr, dm
         tl.store(d_pix[None, :] + c64[:, None] * sd_c, (gm * m_s[None, :]).to(dx_ptr.dtype.element_ty), mask=ok)
         gx = g * v  # masked lanes load 0, so they add nothing below
         acc_ms += gx * m_c[:, None]
-        # kept 2-d ([BLOCK_C, 1], the tile's own layout): the store needs no layout change through
-        # shared memory, so the loop has no barrier (the sum runs along the pixels, inside a warp)
-        tl.store(dmc_part_ptr + (n * n_pblocks + pb) * C + c64[:, None], tl.sum(gx * m_s[None, :], axis=1, keep_dims=True),
-                 mask=c_ok[:, None])
+        # summed along the pixels (inside a warp); the store of these BLOCK_C sums is the loop's only
+        # pass through shared memory (2 barriers per tile)
+        dmc = tl.sum(gx * m_s[None, :], axis=1, keep_dims=True)
+        tl.store(dmc_part_ptr + (n * n_pblocks + pb) * C + c64[:, None], dmc, mask=c_ok[:, None])
     tl.store(dms_part_ptr + (cs * N + n) * P + p, tl.sum(acc_ms, axis=0), mask=p_ok)
 
 
