@@ -142,6 +142,31 @@ def test_channel_pool_triton_ties_go_to_the_first_channel():
     assert (dx[:, 3] == 1.0).all() and (dx.sum(dim=1) == 1.0).all()
 
 
+def test_channel_pool_triton_channel_lanes_merge_like_torch_max():
+    """The forward keeps max / argmax / sum per channel lane through the channel loop and merges
+    the lanes once: ties and NaNs spread over lanes and tiles resolve as torch.max does (first
+    maximal channel, NaN wins with its first channel)."""
+    from segkd_kernels.ops.channel_pool import triton as pool_triton
+
+    c = 150
+    block_c = pool_triton._fwd_blocks(torch.empty(2, c, 3, 5), 15)[0]
+    assert c > 2 * block_c  # several channel tiles, a partial last one
+    x = make_tensor((2, c, 3, 5), seed=13)
+    x[0, [7, 7 + block_c, 90], 0, 0] = 9.0        # tie in one lane across tiles, and in another lane
+    x[0, [70, 5], 1, 1] = 9.0                     # the later tile's lane has the smaller channel
+    x[1, [100, 37, 140], 1, 2] = float("nan")     # NaNs in several lanes: the first one wins
+    x[1, 3, 2, 4] = float("nan")
+    gate = _gate(2, c, seed=14, dtype=torch.float32).detach()
+    gate[0] = gate[0].abs()
+    for g in (None, gate):
+        out, argmax = channel_pool_triton(x, g)
+        gated = x if g is None else x * g[:, :, None, None]
+        want = gated.max(dim=1)
+        torch.testing.assert_close(out[:, 0], want.values, equal_nan=True)
+        assert torch.equal(argmax.long(), want.indices)
+        assert_close(out[:, 1][~out[:, 1].isnan()], gated.mean(dim=1)[~out[:, 1].isnan()])
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf in the interpreter
 def test_channel_pool_triton_negative_infinity():
     """-inf entries (and -inf gated by a negative gate, i.e. +inf) pool like the reference."""
@@ -239,6 +264,9 @@ def test_cbam_gate_matches_formula_and_reference(shape, gate_shapes):
 @pytest.mark.parametrize("gate_dtype", ["same", "float32"])
 def test_cbam_gate_triton_dtypes(dtype, gate_dtype):
     shape = (2, 11, 5, 7)
+    # the backward's channels come in 2 slices (8 + a partial 3), summed after the kernel
+    from segkd_kernels.ops.cbam_gate import triton as cbam_triton
+    assert cbam_triton.channel_slices(11, cbam_triton._blocks(torch.empty(shape), 35)[0], 2) == (8, 2)
     x, m_c, m_s = _cbam_inputs(shape, dtype=dtype, gate_dtype=dtype if gate_dtype == "same" else torch.float32,
                                seed=34)
     grad_out = make_tensor(shape, dtype=dtype, seed=37)
@@ -363,7 +391,7 @@ def test_attnfd_triton_matches_reference(shape, dtype):
 def test_attnfd_triton_many_programs(monkeypatch):
     """More blocks than programs: each program strides over several blocks."""
     monkeypatch.setattr(attnfd_triton, "MAX_PROGRAMS", 3)
-    s = make_tensor((2, 7, 31, 37), seed=62, requires_grad=True)  # 16 blocks of 1024 over 3 programs
+    s = make_tensor((2, 7, 31, 37), seed=62, requires_grad=True)  # 32 blocks of 512 over 3 programs
     t = make_tensor((2, 7, 31, 37), seed=63)
     dots = attnfd_dots_triton(s.detach(), t)
     sd, td = s.detach().double(), t.double()

@@ -733,7 +733,7 @@ def pixel_path(request, monkeypatch):
     """Small tiles so that a few dozen pixels make several pixel blocks per image; 'k_loop' sends
     every K (K = 1 included) through the class loop in chunks of 2 (a partial last chunk when K
     is odd)."""
-    monkeypatch.setattr(pixel_triton, "_TILE", 32)
+    monkeypatch.setattr(pixel_triton, "_WARP_TILE", 32)
     if request.param == "k_loop":
         monkeypatch.setattr(pixel_triton, "_MAX_BLOCK_K", 0)
         monkeypatch.setattr(pixel_triton, "_LOOP_BLOCK_K", 2)

@@ -5,11 +5,21 @@ stride 8 give 64x128 features and 19-class logits; logits are also distilled at 
 full resolution 512x1024; batch 8. Student and teacher channels differ for the pairwise losses
 (128 vs 256).
 
-Floors ("bytes that must move" / "FLOPs that must be done"), per mode:
-  forward   read every input once (and write the loss)
-  backward  read every input once and write the student gradient once (a recompute backward; a
-            forward that already produced the gradient needs less, so this floor is generous to us)
-  full      read every input once and write the student gradient once (the fused ideal)
+Two byte floors per op and mode (docs/performance.md derives each one):
+  bytes        the inherent floor: the fewest bytes any forward+backward must move given the math.
+               Where a gradient element needs a global statistic of the inputs that is not known
+               before they have all been read (the mean gap of PFS, the three dot products of
+               AttnFD), or the backward needs the input again (the gate gradients of CBAM), the
+               inputs are read twice; otherwise once.
+  pass3_bytes  the single-pass floor: every input read once, the student gradient written once
+               (3 tensor passes for a student/teacher loss), whatever the math allows.
+Per mode:
+  forward   read what the output needs (and write the output)
+  backward  read what the gradient needs and write the gradient (a recompute backward; a forward
+            that already produced the gradient needs less, so this floor is generous to us)
+  full      forward and backward together, the fused ideal
+Benchmarks report the fraction of both (roofline_frac: inherent, pass3_frac: single-pass); the
+static report compares its bytes model with the inherent floor.
 FLOP counts for the compute-bound ops are the multiply-adds of the algorithm (2 FLOPs each).
 """
 
@@ -41,7 +51,8 @@ class Case:
     make: Callable          # (shapes, dtype, device) -> Inputs
     api: Callable           # (*tensors, backend=..., **kwargs) -> output
     eager: Callable         # (*tensors, **kwargs) -> output, as toolboxes write it
-    bytes: Callable | None = None      # (shapes, dtype, mode) -> bytes that must move
+    bytes: Callable | None = None      # (shapes, dtype, mode) -> bytes that must move (inherent floor)
+    pass3_bytes: Callable | None = None  # (shapes, dtype, mode) -> single-pass floor (None: the same)
     flops: Callable | None = None      # (shapes, mode) -> FLOPs that must be done
     flop_kind: str = "fp32"            # which peak the FLOPs are held against ("fp32" / "dtype")
     peers: dict = field(default_factory=dict)   # name -> () -> callable(*tensors) (may raise ImportError)
@@ -86,6 +97,15 @@ def _features(shapes, dtype, device):
 def _read_st_write_ds(shapes, dtype, mode):
     reads = sum(_numel(s) for s in shapes)
     return (reads + (0 if mode == "forward" else _numel(shapes[0]))) * _elsize(dtype)
+
+
+def _read_st_twice_write_ds(shapes, dtype, mode):
+    # The loss needs one read of s and t; the gradient of every element needs a global statistic
+    # of all of them (PFS: the mean gap; AttnFD: <s,s>, <t,t>, <s,t>), so any gradient is a second
+    # read after the first one has finished.
+    reads = sum(_numel(s) for s in shapes)
+    out = {"forward": reads, "backward": reads + _numel(shapes[0]), "full": 2 * reads + _numel(shapes[0])}[mode]
+    return out * _elsize(dtype)
 
 
 def _pairwise_flops(shapes, mode):
@@ -157,11 +177,22 @@ def _channel_pool_inputs(shapes, dtype, device):
 
 
 def _channel_pool_bytes(shapes, dtype, mode):
+    # Inherent: the forward reads x and the gate and writes the (max, mean) maps; the backward reads
+    # their gradient and x again (d gate[n, c] = sum_p x * dy needs x, and dy exists only after
+    # the forward) and writes dx and d gate.
+    n, c, h, w = shapes[0]
+    x, out, gate = n * c * h * w, n * 2 * h * w, n * c
+    forward = x + gate + out
+    backward = out + x + gate + x + gate
+    return {"forward": forward, "backward": backward, "full": forward + backward}[mode] * _elsize(dtype)
+
+
+def _channel_pool_pass3_bytes(shapes, dtype, mode):
     n, c, h, w = shapes[0]
     x, out = n * c * h * w, n * 2 * h * w
     if mode == "forward":
         return (x + out) * _elsize(dtype)
-    return (2 * x + out) * _elsize(dtype)    # read x (+ grad of the output), write dx
+    return (2 * x + out) * _elsize(dtype)    # read x once (+ grad of the output), write dx
 
 
 def _spatial_pool_inputs(shapes, dtype, device):
@@ -182,8 +213,18 @@ def _cbam_gate_inputs(shapes, dtype, device):
 
 
 def _cbam_gate_bytes(shapes, dtype, mode):
+    # Inherent: forward reads x and writes the product; backward reads the product's gradient and
+    # x again (d M_c and d M_s are sums of g * x), writes dx (gates and their gradients are small).
+    n, c, h, w = shapes[0]
+    x, gates = n * c * h * w, n * c + n * h * w
+    forward = x + x + gates
+    backward = x + x + x + 2 * gates
+    return {"forward": forward, "backward": backward, "full": forward + backward}[mode] * _elsize(dtype)
+
+
+def _cbam_gate_pass3_bytes(shapes, dtype, mode):
     x = _numel(shapes[0])
-    # forward: read x, write the product; backward: read x and the output's gradient, write dx.
+    # read x and the output's gradient once, write dx once (3 passes; 2 for the forward)
     return (2 * x if mode == "forward" else 3 * x) * _elsize(dtype)
 
 
@@ -206,7 +247,8 @@ CASES = {
     "pfs_pixel_kd": Case(
         "pfs_pixel_kd", LOGITS, LOGITS_QUICK, _logits,
         lambda s, t, backend: sk.pfs_pixel_kd(s, t, 1.0, backend=backend),
-        lambda s, t: eager.pfs_pixel_kd(s, t, 1.0), bytes=_read_st_write_ds),
+        lambda s, t: eager.pfs_pixel_kd(s, t, 1.0), bytes=_read_st_twice_write_ds,
+        pass3_bytes=_read_st_write_ds),
     "pairwise_kd": Case(
         "pairwise_kd", PAIRS, PAIRS_QUICK, _features,
         lambda s, t, backend: sk.pairwise_kd(s, t, backend=backend),
@@ -225,16 +267,16 @@ CASES = {
     "attnfd_loss": Case(
         "attnfd_loss", FEATURES, FEATURES_QUICK, _features,
         lambda s, t, backend: sk.attnfd_loss(s, t, backend=backend),
-        eager.attnfd_loss, bytes=_read_st_write_ds),
+        eager.attnfd_loss, bytes=_read_st_twice_write_ds, pass3_bytes=_read_st_write_ds),
     "spatial_pool": Case(
         "spatial_pool", [FEATURES[0][:1], FEATURES[1][:1]], [FEATURES_QUICK[0][:1]], _spatial_pool_inputs,
         lambda x, backend: sk.spatial_pool(x, backend=backend), eager.spatial_pool, bytes=_spatial_pool_bytes),
     "channel_pool": Case(
         "channel_pool", [FEATURES[0][:1], FEATURES[1][:1]], [FEATURES_QUICK[0][:1]], _channel_pool_inputs,
         lambda x, gate, backend: sk.channel_pool(x, gate, backend=backend), eager.channel_pool,
-        bytes=_channel_pool_bytes),
+        bytes=_channel_pool_bytes, pass3_bytes=_channel_pool_pass3_bytes),
     "cbam_gate": Case(
         "cbam_gate", [FEATURES[0][:1], FEATURES[1][:1]], [FEATURES_QUICK[0][:1]], _cbam_gate_inputs,
         lambda x, mc, ms, backend: sk.cbam_gate(x, mc, ms, backend=backend), eager.cbam_gate,
-        bytes=_cbam_gate_bytes),
+        bytes=_cbam_gate_bytes, pass3_bytes=_cbam_gate_pass3_bytes),
 }

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 COLUMNS = ["op", "shape", "dtype", "mode", "provider", "ms_p50", "ms_p20", "ms_p80", "peak_mem_mb", "gbps",
-           "roofline_frac", "device", "torch", "triton", "cuda", "commit", "date"]
+           "roofline_frac", "pass3_frac", "device", "torch", "triton", "cuda", "commit", "date"]
 MODES = ("forward", "backward", "full")
 
 
@@ -95,6 +95,9 @@ def measure_case(case, fn, shapes, dtype, mode: str, device: str, timer, bandwid
     nbytes = case.bytes(shapes, dtype, mode) if case.bytes else None
     nflops = case.flops(shapes, mode) if case.flops else None
     out.update(floors(nbytes, nflops, out["ms_p50"], bandwidth, peak))
+    # the same fraction held against the single-pass floor (each input read once), where it differs
+    pass3 = case.pass3_bytes(shapes, dtype, mode) if case.pass3_bytes else nbytes
+    out["pass3_frac"] = floors(pass3, nflops, out["ms_p50"], bandwidth, peak)["roofline_frac"]
     return out
 
 

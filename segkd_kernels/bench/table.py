@@ -43,7 +43,7 @@ def markdown(csv_path: Path, mode: str = "full") -> str:
     head = (f"Device {first['device']}, torch {first['torch']}, triton {first['triton']}, CUDA {first['cuda']}, "
             f"commit {first['commit']}, {first['date']}. Mode `{mode}` (forward+backward), median ms.\n\n")
     cols = ["op", "shape", "dtype"] + [f"{p} ms" for p in providers] + [
-        "best fused vs eager", "vs compile", "GB/s", "roofline", "peak MiB eager / fused"]
+        "best fused vs eager", "vs compile", "GB/s", "roofline (inherent / 3-pass floor)", "peak MiB eager / fused"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for (op, shape, dtype), by in groups.items():
         fused = [by[p] for p in FUSED if p in by and not math.isnan(_num(by[p]["ms_p50"]))]
@@ -53,6 +53,8 @@ def markdown(csv_path: Path, mode: str = "full") -> str:
         compile_ms = _num(by["compile"]["ms_p50"]) if "compile" in by else math.nan
         gbps = f"{_num(best['gbps']):.0f}" if best and best["gbps"] else ""
         frac = f"{_num(best['roofline_frac']):.0%}" if best and best["roofline_frac"] else ""
+        if frac and best.get("pass3_frac"):
+            frac += f" / {_num(best['pass3_frac']):.0%}"
         eager_mem = by["eager"]["peak_mem_mb"] if "eager" in by else ""
         mem = f"{_ms(eager_mem)} / {_ms(best['peak_mem_mb'])}" if best else ""
         cells = [op, shape, dtype] + [_ms(by[p]["ms_p50"]) if p in by else "" for p in providers] + [

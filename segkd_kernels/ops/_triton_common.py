@@ -64,3 +64,17 @@ def fp32_split(value: float) -> tuple[float, float]:
     """value as hi + lo, both exactly representable in fp32 (Triton passes float arguments as fp32)."""
     hi = fp32_nearest(value)
     return hi, fp32_nearest(value - hi)
+
+
+# The machine a persistent grid is sized for when the tensors are not on a GPU (the interpreter on
+# CPU, the static report's captures): an H100/H200, 132 SMs and 50 MiB of L2.
+_DEFAULT_SMS = 132
+_DEFAULT_L2 = 50 * 2**20
+
+
+def device_sms_l2(device: torch.device) -> tuple[int, int]:
+    """(streaming multiprocessors, L2 bytes) of a CUDA device; an H100's for any other device."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return props.multi_processor_count, int(getattr(props, "L2_cache_size", _DEFAULT_L2) or _DEFAULT_L2)
+    return _DEFAULT_SMS, _DEFAULT_L2

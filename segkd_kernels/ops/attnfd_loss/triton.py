@@ -1,11 +1,11 @@
 """attnfd_loss in Triton: the three dot products <s,s>, <t,t>, <s,t> in one pass, and the gradient.
 
-Forward: a fixed grid of programs strides over the flat tensors (both read once, in a memory order
-they share, so channels_last pairs need no copy); each lane accumulates the three products in fp64
-and each program writes one row of partial sums. One more program sums them in a fixed order (fp64,
-deterministic, no atomics) and computes the loss and the gradient's two coefficients
-(attnfd_loss_triton); attnfd_dots_triton returns the dots alone (torch sums the partials), for
-second derivatives.
+Forward: a persistent grid (one program per resident slot) strides over the flat tensors (both read
+once, in a memory order they share, so channels_last pairs need no copy); each lane accumulates the
+three products in fp64 and each program writes one row of partial sums. One more program sums them
+in a fixed order (fp64, deterministic, no atomics) and computes the loss and the gradient's two
+coefficients (attnfd_loss_triton); attnfd_dots_triton returns the dots alone (torch sums the
+partials), for second derivatives.
 
 Why fp64 and not fp32 partials: the loss is 2 - 2 cos, which cancels to ~1e-6 when the student is
 close to the teacher, so the dot products need ~1e-10 relative accuracy. fp32 products and fp32
@@ -23,10 +23,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_common import FP_FUSION, fp32_split
+from .._triton_common import FP_FUSION, device_sms_l2, fp32_split
 
 BLOCK = 1024
-MAX_PROGRAMS = 1024  # partial rows: enough programs to fill a GPU, few enough to sum cheaply
+# The dots pass is a persistent grid: one program per resident slot, 8 four-warp programs per SM
+# (<= 64 registers: the fp64 accumulators of _DOTS_BLOCK elements per program), each striding over
+# the tensors, so the launch is one wave with no tail (a second, partial wave of equal-work
+# programs would double the pass's time). MAX_PROGRAMS (None: that count) caps it (tests).
+_DOTS_BLOCK = 512
+_DOTS_CTAS_PER_SM = 8
+MAX_PROGRAMS = None
 
 
 @triton.jit
@@ -130,10 +136,12 @@ def _dot_partials(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """fp64 (programs, 3): per-program partial sums of <s,s>, <t,t>, <s,t> (the one pass over s, t)."""
     s_flat, t_flat, _ = _flat_pair(s, t)
     numel = s_flat.numel()
-    programs = max(1, min(triton.cdiv(numel, BLOCK), MAX_PROGRAMS))
+    slots = device_sms_l2(s.device)[0] * _DOTS_CTAS_PER_SM if MAX_PROGRAMS is None else MAX_PROGRAMS
+    programs = max(1, min(triton.cdiv(numel, _DOTS_BLOCK), slots))
     part = torch.empty(programs, 3, dtype=torch.float64, device=s.device)
     if numel > 0:
-        _dots_kernel[(programs,)](s_flat, t_flat, part, numel, programs, BLOCK=BLOCK, **FP_FUSION)
+        _dots_kernel[(programs,)](s_flat, t_flat, part, numel, programs, BLOCK=_DOTS_BLOCK, num_warps=4,
+                                  **FP_FUSION)
     else:
         part.zero_()
     return part

@@ -8,12 +8,21 @@ log(sum) to 1e-3 and every probability with it.
   row's statistics and its KL times tau^2 / (N*C) (the loss is one sum), and, when the student
   needs a gradient, ds as well (Liger-style): s and t are read once, ds written once; the backward
   only scales ds by grad_output.
-- Longer rows: one program per (row, split), several splits per row so that there are enough
+- Longer rows, student gradient needed: one persistent launch (_cwd_stream_kernel) over work
+  items (row, chunk): statistics items reduce a chunk to (max, sum-exp) pairs, the last one of a
+  row combines them, gradient items then recompute the chunk's softmaxes and write ds and the
+  chunk's part of the KL. Rows go in groups sized to a quarter of the L2 and a group's gradient
+  items follow its statistics items one group later, so s and t come from DRAM once and their
+  second read is an L2 hit: 3 tensor passes, the inherent floor (docs/performance.md). The
+  backward only scales ds by grad_output.
+- Longer rows, no gradient (or the fallback when the op is called without one and a gradient is
+  asked for later): one program per (row, split), several splits per row so that there are enough
   programs for the GPU even when N*C is small (8 x 19 rows of 10^6 positions). A split streams its
   part in blocks with online max / sum-exp of s/tau and t/tau and a rescaled accumulator of
   exp(t/tau - m_t) (t - s)/tau, and saves five numbers; one small program combines the splits
-  (rows x splits numbers) into the row statistics and the loss. The backward recomputes the softmaxes from the saved row
-  statistics, one program per (row, block), and writes ds scaled by grad_output.
+  (rows x splits numbers) into the row statistics and the loss. The backward recomputes the
+  softmaxes from the saved row statistics, one program per (row, block), and writes ds scaled by
+  grad_output.
 
 Accumulation is fp32 (fp64 for fp64 inputs). Inputs are read through their strides when the H, W
 axes flatten to one (contiguous NCHW: stride 1; channels_last: stride C), so neither layout is copied.
@@ -27,7 +36,8 @@ import triton
 import triton.language as tl
 
 from .._saved_grad import scale_saved_grad
-from .._triton_common import FP_FUSION, acc_dtype, acc_torch_dtype, flat_pixel_strides, fp32_split
+from .._triton_common import (FP_FUSION, acc_dtype, acc_torch_dtype, device_sms_l2, flat_pixel_strides,
+                              fp32_split)
 
 # Start of the streaming running maxima: the lowest finite fp32, so that every finite element is
 # >= it (exp(x - max) = 1 at the max: a split with any element above -inf has a sum >= 1) and a
@@ -40,6 +50,16 @@ _MAX_TILE = 8192
 # Block of the streaming (long-row) kernels, and how many programs the forward aims for.
 _BLOCK = 2048
 _TARGET_PROGRAMS = 1024
+# The persistent long-row kernel: 8 warps per program, _BLOCK positions per step (8 fp32 per lane),
+# 16 KiB of s and t per work item (1 step fp32, 2 steps bf16/fp16), one program per resident slot
+# (4 per SM: 256 threads at 64 registers; more programs would only wait for the counter to run
+# out, since the work is handed out by tickets), a row group of at most a quarter of the L2 (the group read by the
+# statistics items, the next group and the gradient writes of the first stay in L2 together).
+# _GROUP_BYTES overrides that budget (None: a quarter of the device's L2).
+_STREAM_WARPS = 8
+_STREAM_CTAS_PER_SM = 4
+_STREAM_BLOCK_K = 256
+_GROUP_BYTES = None
 
 
 @triton.jit
@@ -208,10 +228,140 @@ def _cwd_bwd_kernel(s_ptr, t_ptr, lse_ptr, grad_ptr, ds_ptr, C, P, rows,
     tl.store(ds_ptr + row * P + offs, ds.to(ds_ptr.dtype.element_ty), mask=inside)
 
 
+@triton.jit
+def _lane_softmax_update(x, m, l):
+    """Per-lane online (max, sum of exp(x - max)) with one exp per element: exp(-|x - m|) is the
+    new element's term when x <= m and the rescale of the old sum when x > m. NaN x gives NaN l
+    (x > m is false, exp(NaN) is NaN); -inf x adds exp(-inf) = 0."""
+    up = x > m
+    d = tl.exp(tl.where(up, m - x, x - m))
+    return tl.where(up, x, m), tl.where(up, l * d + 1.0, l + d)
 
 
+@triton.jit
+def _softmax_pair_combine(ms1, ls1, mt1, lt1, ms2, ls2, mt2, lt2):
+    # (max, sum) pairs of s and t merged in one reduction: one shared-memory round trip, not four
+    ms = tl.maximum(ms1, ms2)
+    mt = tl.maximum(mt1, mt2)
+    return ms, ls1 * tl.exp(ms1 - ms) + ls2 * tl.exp(ms2 - ms), mt, lt1 * tl.exp(mt1 - mt) + lt2 * tl.exp(mt2 - mt)
 
 
+@triton.jit
+def _cwd_stream_kernel(s_ptr, t_ptr, ds_ptr, part_ptr, lse_ptr, kl_ptr, sync_ptr, C, P, rows, K, group_rows,
+                       n_groups, s_sn, s_sc, s_sp, t_sn, t_sc, t_sp, inv_tau_hi, inv_tau_lo, grad_scale_hi,
+                       grad_scale_lo, kl_scale_hi, kl_scale_lo, BLOCK: tl.constexpr, STEPS: tl.constexpr,
+                       BLOCK_K: tl.constexpr, ACC: tl.constexpr, NEG: tl.constexpr):
+    """Long rows, loss and gradient in one persistent launch (s and t read from DRAM once).
+
+    Work items are (row, chunk of BLOCK * STEPS positions), of two kinds: a statistics item reduces
+    its chunk to (max, sum-exp) of s/tau and t/tau; a gradient item recomputes the softmaxes of its
+    chunk from the finished row statistics and writes ds and its part of the row's KL. Rows are
+    taken in groups of group_rows, and the items in the order
+        S(0), S(1), D(0), S(2), D(1), ..., S(G-1), D(G-2), D(G-1)
+    (S: statistics items of a group, D: its gradient items), handed out by an atomic ticket
+    counter. A group's inputs are re-read by its D items one group after its S items read them:
+    the host sizes a group to a fraction of the L2, so the second read is an L2 hit.
+
+    The last statistics item of a row to finish (atomic arrival count) combines the row's K
+    partial pairs and publishes the row (count K + 1); a gradient item waits for that. Every
+    item it waits for holds a lower ticket, so it was taken by a running program that never
+    waits on it: no deadlock at any grid size, and the interpreter (programs one after another)
+    runs the whole sequence in program 0.
+    """
+    CHUNK: tl.constexpr = BLOCK * STEPS
+    inv_tau = tl.cast(inv_tau_hi, ACC) + tl.cast(inv_tau_lo, ACC)
+    lanes = tl.arange(0, BLOCK).to(tl.int64)
+    per_block = group_rows * K
+    total = 2 * n_groups * per_block
+    last_block = 2 * n_groups - 1
+    ticket = tl.atomic_add(sync_ptr, 1)
+    while ticket < total:
+        b = ticket // per_block
+        j = ticket % per_block
+        is_stats = (b == 0) | ((b % 2 == 1) & (b < last_block))
+        g = tl.where(is_stats, (b + 1) // 2, tl.where(b == last_block, n_groups - 1, b // 2 - 1))
+        row = g * group_rows + j // K
+        chunk = j % K
+        if row < rows:
+            row64 = row.to(tl.int64)
+            n = row64 // C
+            c = row64 % C
+            s_row = s_ptr + n * s_sn + c * s_sc
+            t_row = t_ptr + n * t_sn + c * t_sc
+            base = chunk.to(tl.int64) * CHUNK
+            count_ptr = sync_ptr + 1 + row64
+            if is_stats:
+                # per-lane running statistics, reduced once per item (no cross-warp step per block)
+                m_s = tl.full([BLOCK], NEG, ACC)
+                m_t = tl.full([BLOCK], NEG, ACC)
+                l_s = tl.zeros([BLOCK], ACC)
+                l_t = tl.zeros([BLOCK], ACC)
+                for step in tl.static_range(STEPS):
+                    offs = base + step * BLOCK + lanes
+                    inside = offs < P
+                    xs = tl.load(s_row + offs * s_sp, mask=inside, other=0.0).to(ACC) * inv_tau
+                    xt = tl.load(t_row + offs * t_sp, mask=inside, other=0.0).to(ACC) * inv_tau
+                    m_s, l_s = _lane_softmax_update(tl.where(inside, xs, float("-inf")), m_s, l_s)
+                    m_t, l_t = _lane_softmax_update(tl.where(inside, xt, float("-inf")), m_t, l_t)
+                m_s, l_s, m_t, l_t = tl.reduce((m_s, l_s, m_t, l_t), 0, _softmax_pair_combine)
+                plane = rows * K
+                slot = row64 * K + chunk
+                tl.store(part_ptr + slot, m_s)
+                tl.store(part_ptr + plane + slot, l_s)
+                tl.store(part_ptr + 2 * plane + slot, m_t)
+                tl.store(part_ptr + 3 * plane + slot, l_t)
+                tl.debug_barrier()
+                arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel")
+                if arrived == K - 1:
+                    # the row's last chunk: combine its K pairs (read past L1: other SMs wrote them)
+                    cm_s = tl.full([BLOCK_K], NEG, ACC)
+                    cm_t = tl.full([BLOCK_K], NEG, ACC)
+                    cl_s = tl.zeros([BLOCK_K], ACC)
+                    cl_t = tl.zeros([BLOCK_K], ACC)
+                    for k0 in range(0, K, BLOCK_K):
+                        k = k0 + tl.arange(0, BLOCK_K)
+                        ok = k < K
+                        at = row64 * K + k
+                        pm_s = tl.load(part_ptr + at, mask=ok, other=NEG, cache_modifier=".cg")
+                        pl_s = tl.load(part_ptr + plane + at, mask=ok, other=0.0, cache_modifier=".cg")
+                        pm_t = tl.load(part_ptr + 2 * plane + at, mask=ok, other=NEG, cache_modifier=".cg")
+                        pl_t = tl.load(part_ptr + 3 * plane + at, mask=ok, other=0.0, cache_modifier=".cg")
+                        cm_s, cl_s, cm_t, cl_t = _softmax_pair_combine(cm_s, cl_s, cm_t, cl_t, pm_s, pl_s, pm_t, pl_t)
+                    cm_s, cl_s, cm_t, cl_t = tl.reduce((cm_s, cl_s, cm_t, cl_t), 0, _softmax_pair_combine)
+                    # a sum of 0: every element of the row is -inf; a max of -inf then gives the
+                    # row exp(-inf - -inf) = NaN, the reference's softmax of such a row
+                    cm_s = tl.where(cl_s == 0.0, float("-inf"), cm_s)
+                    cm_t = tl.where(cl_t == 0.0, float("-inf"), cm_t)
+                    tl.store(lse_ptr + row64, cm_s)
+                    tl.store(lse_ptr + rows + row64, tl.log(cl_s))
+                    tl.store(lse_ptr + 2 * rows + row64, cm_t)
+                    tl.store(lse_ptr + 3 * rows + row64, tl.log(cl_t))
+                    tl.debug_barrier()
+                    tl.atomic_add(count_ptr, 1, sem="release")
+            else:
+                while tl.atomic_add(count_ptr, 0, sem="acquire") < K + 1:
+                    pass
+                m_s = tl.load(lse_ptr + row64, cache_modifier=".cg")
+                log_l_s = tl.load(lse_ptr + rows + row64, cache_modifier=".cg")
+                m_t = tl.load(lse_ptr + 2 * rows + row64, cache_modifier=".cg")
+                log_l_t = tl.load(lse_ptr + 3 * rows + row64, cache_modifier=".cg")
+                grad_scale = tl.cast(grad_scale_hi, ACC) + tl.cast(grad_scale_lo, ACC)
+                acc = tl.zeros([BLOCK], ACC)
+                for step in tl.static_range(STEPS):
+                    offs = base + step * BLOCK + lanes
+                    inside = offs < P
+                    xs = tl.load(s_row + offs * s_sp, mask=inside, other=0.0).to(ACC) * inv_tau
+                    xt = tl.load(t_row + offs * t_sp, mask=inside, other=0.0).to(ACC) * inv_tau
+                    e_t = tl.exp(xt - m_t)
+                    ds = grad_scale * (tl.exp((xs - m_s) - log_l_s) - tl.exp((xt - m_t) - log_l_t))
+                    tl.store(ds_ptr + row64 * P + offs, ds.to(ds_ptr.dtype.element_ty), mask=inside)
+                    acc += tl.where(inside, e_t * (xt - xs), 0.0)
+                # this chunk's part of the row's KL = sum p_t (t - s)/tau - lse_t + lse_s; the
+                # lse difference (by parts) once per row
+                kl = tl.sum(acc, axis=0) * tl.exp(-log_l_t)
+                kl += tl.where(chunk == 0, (m_s - m_t) + (log_l_s - log_l_t), 0.0)
+                tl.store(kl_ptr + row64 * K + chunk, kl * (tl.cast(kl_scale_hi, ACC) + tl.cast(kl_scale_lo, ACC)))
+        ticket = tl.atomic_add(sync_ptr, 1)
 
 
 def _tile(p: int) -> tuple[int, int]:
@@ -228,8 +378,20 @@ def _plan(rows: int, p: int) -> tuple[int, int]:
     return chunk, triton.cdiv(p, chunk)
 
 
+def _stream_plan(rows: int, p: int, elsize: int, device: torch.device) -> tuple[int, int, int, int, int]:
+    """(steps, chunks per row, group rows, groups, programs) of the persistent long-row kernel."""
+    steps = max(1, 4 // elsize)
+    k = triton.cdiv(p, _BLOCK * steps)
+    sms, l2 = device_sms_l2(device)
+    budget = l2 // 4 if _GROUP_BYTES is None else _GROUP_BYTES
+    group_rows = max(1, min(rows, budget // (2 * p * elsize)))
+    programs = min(sms * _STREAM_CTAS_PER_SM, rows * k)
+    return steps, k, group_rows, triton.cdiv(rows, group_rows), programs
+
+
 def _fuses_grad(p: int, needs_grad: bool) -> bool:
-    return needs_grad and p <= _MAX_TILE
+    # every row length: one tile in registers, or the persistent streaming kernel
+    return needs_grad
 
 
 @torch.library.custom_op("segkd::channel_wise_kd_triton", mutates_args=())
@@ -247,6 +409,20 @@ def channel_wise_kd_triton(student: torch.Tensor, teacher: torch.Tensor, tau: fl
     fused = _fuses_grad(p, needs_grad)
     ds = torch.empty((n, c, h, w) if fused else (0,), dtype=student.dtype, device=student.device)
     one_tile = p <= _MAX_TILE
+    if fused and not one_tile:
+        # long rows with a gradient: one persistent launch reads s and t once from DRAM (the
+        # gradient items re-read their group from L2) and writes ds and per-chunk KL parts
+        steps, k, group_rows, n_groups, programs = _stream_plan(rows, p, student.element_size(), student.device)
+        parts = torch.empty(4, rows, k, dtype=acc_torch, device=student.device)
+        lse = torch.empty(4, rows, dtype=acc_torch, device=student.device)
+        kl = torch.empty(rows, k, dtype=acc_torch, device=student.device)
+        sync = torch.zeros(1 + rows, dtype=torch.int32, device=student.device)
+        _cwd_stream_kernel[(programs,)](
+            s, t, ds, parts, lse, kl, sync, c, p, rows, k, group_rows, n_groups, *s_strides, *t_strides,
+            *fp32_split(1.0 / tau), *fp32_split(tau / rows), *fp32_split(tau * tau / rows),
+            BLOCK=_BLOCK, STEPS=steps, BLOCK_K=min(_STREAM_BLOCK_K, triton.next_power_of_2(k)),
+            ACC=acc_dtype(acc_torch), NEG=_NEG, num_warps=_STREAM_WARPS, **FP_FUSION)
+        return kl.sum().to(student.dtype), ds, lse
     if one_tile:
         block, warps = _tile(p)
         chunk, splits = block, 1

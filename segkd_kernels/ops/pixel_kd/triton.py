@@ -1,7 +1,9 @@
 """pixel_kd, knowledge_gap and pfs_pixel_kd in Triton (docs/losses.md 2, 2b), on NCHW directly.
 
-One program per (block of pixels, image): pixels on the fast axis (coalesced loads for NCHW), the K
-classes looped over in tiles of BLOCK_K held in registers. Per pixel it keeps the online
+One program of one warp per (block of pixels, image): pixels on the fast axis (coalesced loads for
+NCHW) spread over the warp's lanes, the K classes looped over in tiles of BLOCK_K held in registers
+of the same warp, so every reduction over classes is registers and shuffles (no shared memory, no
+barrier; with several warps per program Triton would spread the classes over the warps). Per pixel it keeps the online
 log-sum-exps of s/tau and t/tau and a rescaled accumulator of exp(t/tau - m_t) (t - s)/tau, so
     KL_p = acc / l_t - lse_t + lse_s.
 When K fits in one tile the logits are loaded once and reused for the gradient; otherwise a second
@@ -33,7 +35,7 @@ from .._triton_common import FP_FUSION, acc_dtype, acc_torch_dtype, flat_pixel_s
 # Classes held in registers at once, and the tile size (classes x pixels) a program works on.
 _MAX_BLOCK_K = 32
 _LOOP_BLOCK_K = 16
-_TILE = 4096
+_WARP_TILE = 512
 # Lowest finite fp32: start of the running maxima of the class loop (every finite logit is >= it,
 # so a pixel with any logit above -inf has a sum >= 1, and a tile of -inf never makes the rescale
 # exp(-inf - -inf) = NaN), and the exponent of masked class lanes in the gradient loop (exp = 0).
@@ -197,12 +199,16 @@ def _pixel_kd_finalize_kernel(part_ptr, programs, n_ign_ptr, total, tau_sq_hi, t
 
 
 def _blocks(k: int, p: int) -> tuple[int, int, bool, int]:
-    """(BLOCK_K, BLOCK_P, one_tile, num_warps): about _TILE logits per tensor and program."""
+    """(BLOCK_K, BLOCK_P, one_tile, num_warps): one warp per program and _WARP_TILE logits per
+    tensor (16 per thread). With one warp the class axis of a tile lies inside the warp: every
+    reduction over classes is registers and shuffles, never shared memory and barriers (with
+    several warps, Triton puts the pixels of a 128-pixel tile in one warp and the classes across
+    warps). The pixels of the tile are spread over the warp's lanes, and the many small programs
+    (N * H*W / BLOCK_P) fill the GPU."""
     one_tile = k <= _MAX_BLOCK_K
     block_k = max(2, triton.next_power_of_2(k)) if one_tile else _LOOP_BLOCK_K
-    block_p = max(16, min(triton.next_power_of_2(p), _TILE // block_k, 1024))
-    warps = max(1, min(8, block_k * block_p // 512))
-    return block_k, block_p, one_tile, warps
+    block_p = max(16, min(triton.next_power_of_2(p), _WARP_TILE // block_k))
+    return block_k, block_p, one_tile, 1
 
 
 def _launch(s, t, ignore_mask, weight, n_ignored, mean_gap, tau, *, gap_weight=False, write_grad=False,
@@ -218,12 +224,15 @@ def _launch(s, t, ignore_mask, weight, n_ignored, mean_gap, tau, *, gap_weight=F
     partials = torch.empty(n * grid[0], 3, dtype=acc_torch, device=s.device)
     ds = torch.empty((n, k, h, w), dtype=s.dtype, device=s.device) if write_grad else None
     kl = torch.empty((n, h, w), dtype=s.dtype, device=s.device) if write_kl else None
-    # unused pointers get any non-empty tensor: their loads and stores are compiled out
-    ign = ignore_mask.contiguous().view(torch.uint8) if ignore_mask is not None else partials
-    wt = weight.contiguous() if weight is not None else partials
+    # unused pointers get any non-empty tensor, here a one-element view of the partials (no
+    # allocation, no launch, and the bytes model does not count the whole buffer for it): their
+    # loads and stores are compiled out
+    unused = partials.view(-1)[:1]
+    ign = ignore_mask.contiguous().view(torch.uint8) if ignore_mask is not None else unused
+    wt = weight.contiguous() if weight is not None else unused
 
     def _or(x):
-        return x if x is not None else partials
+        return x if x is not None else unused
 
     _pixel_kd_kernel[grid](
         s, t, ign, wt, _or(n_ignored), _or(mean_gap), _or(ds), _or(kl), partials, k, p, n * p, *s_strides,
