@@ -43,11 +43,6 @@ KNOWN_SPILLS = {
     ("cuda", "pairwise_kd", "normalize_pixels_kernel<float>", "sm_90", ""),
     # 4 B at the small odd shapes only (BLOCK_C=8 plan), not at the benchmark shapes
     ("triton", "channel_pool", "_channel_pool_bwd_kernel", "sm_80", "bfloat16"),
-    ("triton", "cross_image_kd", "_bwd_kernel", "sm_80", "bfloat16"),
-    ("triton", "cross_image_kd", "_bwd_kernel", "sm_80", "float32"),
-    ("triton", "cross_image_kd", "_bwd_kernel", "sm_90", "float32"),
-    ("triton", "cross_image_kd", "_fwd_kernel", "sm_80", "float32"),
-    ("triton", "cross_image_kd", "_fwd_kernel", "sm_90", "float32"),
     ("triton", "pairwise_kd", "_grad_kernel", "sm_80", "bfloat16"),
     ("triton", "pairwise_kd", "_grad_kernel", "sm_80", "float32"),
     ("triton", "pairwise_kd", "_grad_kernel", "sm_90", "bfloat16"),
