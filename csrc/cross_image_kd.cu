@@ -32,6 +32,8 @@
 namespace segkd {
 namespace {
 
+// Launch bounds with a minimum of blocks per SM: ptxas otherwise held some of these kernels at 40-64
+// registers and spilled (static report); 2 blocks of 256 threads per SM leave them up to 128.
 constexpr int kTile = 32;
 constexpr int kThreads = 256;  // 8 warps x 4 rows
 constexpr int kRowsPerWarp = kTile / (kThreads / 32);
@@ -164,7 +166,7 @@ __device__ __forceinline__ PairView pair_of_block(int64_t batch, int64_t row_til
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
 cross_image_forward_kernel(const T* __restrict__ xs, const T* __restrict__ xt, const float* __restrict__ inv_s,
                            const float* __restrict__ inv_t, float* __restrict__ row_kl, float* __restrict__ lse,
                            int64_t batch, int64_t cs, int64_t ct, int64_t plane, int64_t row_tiles, float inv_tau) {
@@ -225,7 +227,7 @@ cross_image_forward_kernel(const T* __restrict__ xs, const T* __restrict__ xt, c
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
 cross_image_backward_kernel(const T* __restrict__ xs, const T* __restrict__ xt, const float* __restrict__ inv_s,
                             const float* __restrict__ inv_t, const float* __restrict__ lse,
                             const float* __restrict__ grad_loss, float* __restrict__ da, int64_t batch, int64_t cs,
@@ -296,7 +298,7 @@ cross_image_backward_kernel(const T* __restrict__ xs, const T* __restrict__ xt, 
 // recomputes the tiles (twice the similarity work) and flushes its accumulator once with atomics
 // (several pairs add into the same image). Dynamic shared memory: C_s x 32 floats.
 template <typename T, bool kOwnRows>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
 cross_image_backward_owned_kernel(const T* __restrict__ xs, const T* __restrict__ xt, const float* __restrict__ inv_s,
                                   const float* __restrict__ inv_t, const float* __restrict__ lse,
                                   const float* __restrict__ grad_loss, float* __restrict__ da, int64_t batch,

@@ -34,11 +34,6 @@ CACHE = REPO / "benchmarks" / "results" / ".static_cache"
 
 # Today's spills (ptxas -v, spill stores + loads > 0). Fix a kernel, then delete its entries.
 KNOWN_SPILLS = {
-    ("cuda", "cross_image_kd", "cross_image_backward_kernel<__half>", "sm_90", ""),
-    ("cuda", "cross_image_kd", "cross_image_backward_kernel<float>", "sm_90", ""),
-    ("cuda", "cross_image_kd", "cross_image_backward_owned_kernel<__half, false>", "sm_90", ""),
-    ("cuda", "cross_image_kd", "cross_image_backward_owned_kernel<__nv_bfloat16, false>", "sm_90", ""),
-    ("cuda", "cross_image_kd", "cross_image_forward_kernel<__half>", "sm_80", ""),
     ("cuda", "pairwise_kd", "normalize_pixels_kernel<float>", "sm_80", ""),
     ("cuda", "pairwise_kd", "normalize_pixels_kernel<float>", "sm_90", ""),
     # 4 B at the small odd shapes only (BLOCK_C=8 plan), not at the benchmark shapes
