@@ -209,9 +209,11 @@ def _plan(a: torch.Tensor, cs: int, ct: int, backward: bool = False) -> dict:
     if a.element_size() >= 4:
         # the backward's (64, 128) row and column gradient tiles need 8 warps to stay in registers
         # (a 256-channel gradient tile: 32 rows per program, or it spills)
-        rows = 32 if backward and _pad(cs) > 128 else 64
+        # (fp64: 32-row gradient tiles and 8 warps in the forward too, or they spill)
+        fp64 = a.element_size() == 8
+        rows = 32 if backward and (fp64 or _pad(cs) > 128) else 64
         return dict(KS=min(ks, 32), KT=min(kt, 32), RESIDENT=False, BLOCK_M=rows, BLOCK_N=16 if backward else 32,
-                    num_warps=8 if backward else 4, num_stages=1 if backward else 2)
+                    num_warps=8 if backward or fp64 else 4, num_stages=1 if backward else 2)
     if ks + kt <= 384:
         # 128-row tiles on 8 warps (two warpgroups on sm_90), a 2-stage partner pipeline: 144 / 192 KB
         # of shared memory (sm_80 / sm_90 forward at C_s = 128, C_t = 256), no spills (static report)
