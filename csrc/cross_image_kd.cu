@@ -485,6 +485,77 @@ __device__ __forceinline__ void tc_tile_dots(unsigned char* smem, const TcLayout
 #endif
 }
 
+// The forward keeps each warp's A fragments (its 16 rows of the resident row tiles, every 16-channel
+// block of C_s then C_t, up to kHeldA of them) in registers for the whole column loop, as
+// FlashAttention keeps Q: each MMA then reads only its B fragment from shared memory (half the
+// shared-memory traffic of loading both). Blocks past kHeldA (C_s + C_t > 384) come from shared memory.
+constexpr int kHeldA = 24;
+
+template <typename T, typename Held>
+__device__ __forceinline__ void tc_load_held(unsigned char* smem, const TcLayout& L, int64_t cs16, int64_t ct16,
+                                             Held& held) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using namespace nvcuda;
+  const int rf = (threadIdx.x / 32) / 2;
+  const int nks = static_cast<int>(cs16 / 16), nkt = static_cast<int>(ct16 / 16);
+  const T* xi_s = reinterpret_cast<const T*>(smem + L.xi_s);
+  const T* xi_t = reinterpret_cast<const T*>(smem + L.xi_t);
+#pragma unroll
+  for (int q = 0; q < kHeldA; ++q) {  // warp-uniform guards
+    if (q < nks) wmma::load_matrix_sync(held[q], xi_s + (q * 16) * kRowLd + rf * 16, kRowLd);
+    else if (q < nks + nkt) wmma::load_matrix_sync(held[q], xi_t + ((q - nks) * 16) * kRowLd + rf * 16, kRowLd);
+  }
+#endif
+}
+
+// tc_tile_dots with the A fragments of tc_load_held.
+template <typename T, typename Held>
+__device__ __forceinline__ void tc_tile_dots_held(unsigned char* smem, const TcLayout& L, int buf, int64_t cs16,
+                                                  int64_t ct16, const Held& held) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using namespace nvcuda;
+  const int warp = threadIdx.x / 32, rf = warp / 2, cf = warp % 2;
+  const int nks = static_cast<int>(cs16 / 16), nkt = static_cast<int>(ct16 / 16);
+  const T* xi_s = reinterpret_cast<const T*>(smem + L.xi_s);
+  const T* xi_t = reinterpret_cast<const T*>(smem + L.xi_t);
+  const T* xj = reinterpret_cast<const T*>(smem + L.xj(buf));
+  float* out = reinterpret_cast<float*>(smem + L.out);
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fa;
+  wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+  // S: channel blocks q < nks of the student; B (k, c) at x_j[k][c]
+  wmma::fill_fragment(acc, 0.f);
+#pragma unroll
+  for (int q = 0; q < kHeldA; ++q) {
+    if (q < nks) {
+      wmma::load_matrix_sync(fb, xj + (q * 16) * kColLd + cf * 16, kColLd);
+      wmma::mma_sync(acc, held[q], fb, acc);
+    }
+  }
+  for (int q = kHeldA; q < nks; ++q) {
+    wmma::load_matrix_sync(fa, xi_s + (q * 16) * kRowLd + rf * 16, kRowLd);
+    wmma::load_matrix_sync(fb, xj + (q * 16) * kColLd + cf * 16, kColLd);
+    wmma::mma_sync(acc, fa, fb, acc);
+  }
+  wmma::store_matrix_sync(out + (rf * 16) * kOutLd2 + cf * 16, acc, kOutLd2, wmma::mem_row_major);
+  // T: blocks nks .. nks + nkt - 1 (the teacher's lines follow the student's in the column tile)
+  wmma::fill_fragment(acc, 0.f);
+#pragma unroll
+  for (int q = 0; q < kHeldA; ++q) {
+    if (q >= nks && q < nks + nkt) {
+      wmma::load_matrix_sync(fb, xj + (q * 16) * kColLd + cf * 16, kColLd);
+      wmma::mma_sync(acc, held[q], fb, acc);
+    }
+  }
+  for (int q = nks > kHeldA ? nks : kHeldA; q < nks + nkt; ++q) {
+    wmma::load_matrix_sync(fa, xi_t + ((q - nks) * 16) * kRowLd + rf * 16, kRowLd);
+    wmma::load_matrix_sync(fb, xj + (q * 16) * kColLd + cf * 16, kColLd);
+    wmma::mma_sync(acc, fa, fb, acc);
+  }
+  wmma::store_matrix_sync(out + kBM * kOutLd2 + (rf * 16) * kOutLd2 + cf * 16, acc, kOutLd2, wmma::mem_row_major);
+#endif
+}
+
 __device__ __forceinline__ float quad_max(float v) {
   v = max_nan(v, __shfl_xor_sync(kFullMask, v, 1));
   return max_nan(v, __shfl_xor_sync(kFullMask, v, 2));
@@ -543,6 +614,9 @@ cross_image_forward_tc_kernel(const T* __restrict__ xs, const T* __restrict__ xt
   const float row_scale_s = r < plane ? inv_s[v.i * plane + r] * inv_tau : 0.f;
   const float row_scale_t = r < plane ? inv_t[v.i * plane + r] * inv_tau : 0.f;
   float ms = -INFINITY, mt = -INFINITY, ls = 0.f, lt = 0.f, acc = 0.f;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::col_major> held[kHeldA];
+#endif
   const int64_t tiles = (plane + kBN - 1) / kBN;
   for (int64_t tile = 0; tile < tiles; ++tile) {
     const int64_t c0 = tile * kBN;
@@ -555,7 +629,10 @@ cross_image_forward_tc_kernel(const T* __restrict__ xs, const T* __restrict__ xt
       __pipeline_wait_prior(0);
     }
     __syncthreads();  // tile `buf` (and the row tiles) complete in every thread's view; L.out free
-    tc_tile_dots<T>(smem, L, buf, cs16, ct16);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    if (tile == 0) tc_load_held<T>(smem, L, cs16, ct16, held);
+    tc_tile_dots_held<T>(smem, L, buf, cs16, ct16, held);
+#endif
     __syncthreads();  // S and T in L.out
     float sv[kColsPerThread], tv[kColsPerThread];
     float tile_ms = -INFINITY, tile_mt = -INFINITY;

@@ -566,6 +566,9 @@ HOST, HOST_REASON = host_library()
         (2, 20, 24, 8, 12),
         # P = 35: element-wise staging, a column tile with 3 valid pixels; C_t = 40 (three MMA K steps)
         (3, 5, 40, 5, 7),
+        # C_s + C_t = 450: 13 + 16 channel blocks, past the 24 A fragments the forward holds in
+        # registers (the teacher's last blocks come from shared memory)
+        (1, 200, 250, 2, 8),
     ],
     ids=lambda v: "x".join(map(str, v)),
 )
