@@ -23,9 +23,10 @@ products per tile). The atomics make the fp32 gradient's last bits depend on the
 programs finish (not bitwise reproducible run to run on a GPU); a deterministic column pass would
 recompute every tile a second time (1.375x the FLOPs at C_s = 128, C_t = 256).
 
-Channel counts past RESIDENT_CHANNELS (C_s + C_t padded to powers of two): the row tiles no longer
-fit; the S/T products loop over BLOCK_K channel blocks per tile (reloading the row chunks from L2),
-and the backward splits C_s into BLOCK_D tiles (a grid axis), recomputing S/T per channel tile.
+Channel counts past RESIDENT_CHANNELS (C_s + C_t padded to powers of two), and fp32 / fp64 on a GPU
+(their resident tiles would spill, see _plan): the S/T products loop over BLOCK_K channel blocks per
+tile (reloading the row chunks from L1/L2); past 256 student channels the backward splits C_s into
+BLOCK_D tiles (a grid axis), recomputing S/T per channel tile.
 
 Masking: a padded partner column gets a -1e30 bias on S and T, so its exp is exactly 0 and T - S is
 0 (no select per element); padded rows read zero features and zero log-sum-exps, whose dS is
