@@ -5,18 +5,24 @@
 // clamped per-pixel norms inv_s, inv_t (N, P) fp32: a similarity is
 //     S[r, c] = (x_i[:, r] . x_j[:, c]) * inv_i[r] * inv_j[c] / tau,
 // so the dot products run on the raw inputs (exact products, fp32 accumulation) and normalisation
-// costs one scale per entry. A block owns 32 rows of one ordered pair (i, j); warp w owns rows
-// 4w..4w+3 and lane l column l of every 32 x 32 tile, so row reductions are warp shuffles.
-// Similarity tiles: half / bfloat16 inputs use tensor cores (wmma 16x16x16, fp32 accumulators;
-// warps 0-3 compute the four 16x16 quarters of S, warps 4-7 those of T); float inputs use fp32
-// FMA from shared-memory staging.
+// costs one scale per entry.
 // Forward: per row, running max / sum-exp of S and of T and the rescaled accumulator
 // sum exp(T - m_T) (T - S); KL_row = acc / l_T - lse_T + lse_S. The two log-sum-exps are saved.
 // Backward recomputes every tile: dS = (softmax(S) - softmax(T)) * g / (N^2 P tau), then
 // da_i[:, r] += sum_c dS[r, c] a_j[:, c] and da_j[:, c] += sum_r dS[r, c] a_i[:, r] with
-// a = x * inv. Two kernels own the rows and the columns respectively and accumulate in shared
-// memory (one flush each); for very wide C_s a single kernel adds per tile with fp32 atomics.
-// da is zero-filled by the caller.
+// a = x * inv. da is zero-filled by the caller.
+//
+// Two families of kernels:
+// - half / bfloat16 with C_s <= 256, C_t <= 512 on sm_80+ (the tensor-core kernels, "tc", at the
+//   end of this file): FlashAttention-2 structure, resident row tiles, cp.async double-buffered
+//   column tiles, wmma for the S/T tiles and for both gradient products, each tile computed once.
+// - everything else (fp32, wider channels, small shared memory): 32 x 32 tiles, warp w owning rows
+//   4w..4w+3 and lane l column l of every tile; S/T on wmma for half / bfloat16 (warps 0-3 the four
+//   16x16 quarters of S, warps 4-7 those of T), fp32 FMA from shared-memory staging for float; the
+//   backward either as two kernels that own the rows and the columns respectively and accumulate in
+//   shared memory (one flush each; each recomputes the tiles), or, for very wide C_s, one kernel that
+//   adds per tile with fp32 atomics.
+#include <cuda_pipeline.h>
 #include <mma.h>
 
 #include <type_traits>
@@ -26,6 +32,8 @@
 namespace segkd {
 namespace {
 
+// Launch bounds with a minimum of blocks per SM: ptxas otherwise held some of these kernels at 40-64
+// registers and spilled (static report); 2 blocks of 256 threads per SM leave them up to 128.
 constexpr int kTile = 32;
 constexpr int kThreads = 256;  // 8 warps x 4 rows
 constexpr int kRowsPerWarp = kTile / (kThreads / 32);
@@ -158,7 +166,7 @@ __device__ __forceinline__ PairView pair_of_block(int64_t batch, int64_t row_til
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
 cross_image_forward_kernel(const T* __restrict__ xs, const T* __restrict__ xt, const float* __restrict__ inv_s,
                            const float* __restrict__ inv_t, float* __restrict__ row_kl, float* __restrict__ lse,
                            int64_t batch, int64_t cs, int64_t ct, int64_t plane, int64_t row_tiles, float inv_tau) {
@@ -219,7 +227,7 @@ cross_image_forward_kernel(const T* __restrict__ xs, const T* __restrict__ xt, c
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
 cross_image_backward_kernel(const T* __restrict__ xs, const T* __restrict__ xt, const float* __restrict__ inv_s,
                             const float* __restrict__ inv_t, const float* __restrict__ lse,
                             const float* __restrict__ grad_loss, float* __restrict__ da, int64_t batch, int64_t cs,
@@ -290,7 +298,7 @@ cross_image_backward_kernel(const T* __restrict__ xs, const T* __restrict__ xt, 
 // recomputes the tiles (twice the similarity work) and flushes its accumulator once with atomics
 // (several pairs add into the same image). Dynamic shared memory: C_s x 32 floats.
 template <typename T, bool kOwnRows>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
 cross_image_backward_owned_kernel(const T* __restrict__ xs, const T* __restrict__ xt, const float* __restrict__ inv_s,
                                   const float* __restrict__ inv_t, const float* __restrict__ lse,
                                   const float* __restrict__ grad_loss, float* __restrict__ da, int64_t batch,
@@ -355,6 +363,456 @@ cross_image_backward_owned_kernel(const T* __restrict__ xs, const T* __restrict_
       atomicAdd(target + k * plane + owned0 + lane, acc[k * kTile + lane]);
 }
 
+// ---- tensor-core kernels (half / bfloat16, sm_80+) ------------------------------------------------
+// FlashAttention-2 structure on wmma 16x16x16 (fp32 accumulators). A block owns kBM = 64 rows of
+// image i for one ordered pair (i, j). The row tiles x_i[:, rows] of the student and the teacher
+// stay resident in shared memory for the whole loop over j's column tiles (kBN = 32 pixels); each
+// column tile of x_j (both feature maps) is fetched with cp.async (16-byte copies where the plane
+// allows it) into one of two buffers while the tensor cores work on the other. Warp w computes the
+// 16 x 16 fragment w of the 64 x 32 S tile and of the T tile (all channels), so every warp issues
+// the same number of MMAs; the row statistics then read the tiles from shared memory, four threads
+// per row (8 columns each, reductions by two shuffles).
+// Backward: every S/T tile is computed once. dS (unscaled p_S - p_T, in [-1, 1], so fp16 neither
+// underflows nor overflows; coef scales the fp32 results) is written to shared memory twice, scaled
+// by inv_j[c] for the rows side and by inv_i[r] for the columns side, as 16-bit MMA operands:
+//     rows:    dA_i[:, rows] += X_j D_row^T   (C_s x 64 fp32 fragments held in registers all along)
+//     columns: dA_j[:, cols] += X_i D_col     (C_s x 32, added to dA_j with fp32 atomics per tile)
+// so the MMAs executed are the algorithm's (C padded to 16). Channel counts up to kTcMaxCs (student)
+// and kTcMaxCt (teacher); wider ones, fp32 and pre-sm_80 devices take the kernels above.
+constexpr int kBM = 64, kBN = 32;
+// The dynamic shared memory, 128-byte aligned (wmma needs 32-byte aligned tile pointers).
+#if defined(SEGKD_HOST_EXECUTION)
+#define SEGKD_TC_SHARED(name) unsigned char* name = ::segkd_host::dynamic_shared<unsigned char>()
+#else
+#define SEGKD_TC_SHARED(name) extern __shared__ __align__(128) unsigned char name[]
+#endif
+constexpr int kRowLd = kBM + 8;  // halves per resident row-tile line: 144 B, 32-B aligned fragments
+constexpr int kColLd = kBN + 8;  // halves per column-tile line: 80 B
+constexpr int kOutLd2 = kBN + 4; // floats per S / T / column-gradient line: 144 B
+constexpr int kQuad = 4;                            // threads per tile row in the statistics
+constexpr int kColsPerThread = kBN / kQuad;         // 8 columns each
+static_assert(kBM * kQuad == kThreads, "one quad of threads per tile row");
+constexpr int kTcMaxCs = 256, kTcMaxCt = 512;
+constexpr int kRowFrags = kTcMaxCs / 16 * (kBM / 16) / (kThreads / 32);  // row-gradient fragments per warp
+
+__host__ __device__ constexpr int64_t round16(int64_t c) { return (c + 15) / 16 * 16; }
+__host__ __device__ constexpr int64_t align128(int64_t bytes) { return (bytes + 127) / 128 * 128; }
+
+// Byte offsets of the dynamic shared-memory regions (each 128-B aligned).
+struct TcLayout {
+  int64_t xi_s, xi_t, xj0, xj_bytes, out, d_row, d_col, colbuf, total;
+  __host__ __device__ TcLayout(int64_t cs16, int64_t ct16, int64_t elem, bool backward) {
+    int64_t at = 0;
+    xi_s = at; at += align128(cs16 * kRowLd * elem);
+    xi_t = at; at += align128(ct16 * kRowLd * elem);
+    xj0 = at;
+    xj_bytes = align128((cs16 + ct16) * kColLd * elem);
+    at += 2 * xj_bytes;
+    out = at; at += align128(2 * kBM * kOutLd2 * 4);
+    d_row = d_col = colbuf = at;
+    if (backward) {
+      d_row = at; at += align128(kBM * kColLd * elem);
+      d_col = at; at += align128(kBM * kColLd * elem);
+      colbuf = at; at += align128(cs16 * kOutLd2 * 4);
+    }
+    total = at;
+  }
+  // column-tile buffer b (0 or 1), by arithmetic: an indexed member array would live in local memory
+  __host__ __device__ int64_t xj(int b) const { return xj0 + b * xj_bytes; }
+};
+
+// Rows [0, c16) x pixels [p0, p0 + width) of a (C, P) plane into dst[k][0..width) (line ld), zero
+// outside C and P. 16-byte cp.async copies where the whole vector is inside P and aligned; the rest
+// element by element (plain stores, visible after the caller's barrier).
+template <typename T, int kWidth>
+__device__ __forceinline__ void stage_tile(T* dst, int ld, const T* __restrict__ src, int64_t channels, int64_t c16,
+                                           int64_t plane, int64_t p0, bool vec_ok) {
+  constexpr int kVec = 8;  // 16 bytes of 16-bit values
+  constexpr int kPerLine = kWidth / kVec;
+  for (int64_t idx = threadIdx.x; idx < c16 * kPerLine; idx += blockDim.x) {
+    const int64_t k = idx / kPerLine;
+    const int v = static_cast<int>(idx - k * kPerLine) * kVec;
+    T* d = dst + k * ld + v;
+    const int64_t p = p0 + v;
+    if (k < channels && vec_ok && p + kVec <= plane) {
+      __pipeline_memcpy_async(d, src + k * plane + p, 16);
+    } else {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e)
+        d[e] = (k < channels && p + e < plane) ? src[k * plane + p + e] : from_float<T>(0.f);
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void stage_columns(unsigned char* smem, const TcLayout& L, int buf, const T* xj_s,
+                                              const T* xj_t, int64_t cs, int64_t ct, int64_t cs16, int64_t ct16,
+                                              int64_t plane, int64_t c0, bool vec_ok) {
+  T* dst = reinterpret_cast<T*>(smem + L.xj(buf));
+  stage_tile<T, kBN>(dst, kColLd, xj_s, cs, cs16, plane, c0, vec_ok);
+  stage_tile<T, kBN>(dst + cs16 * kColLd, kColLd, xj_t, ct, ct16, plane, c0, vec_ok);
+  __pipeline_commit();
+}
+
+// Raw S and T dots of the row tile against the column tile in buffer buf, into L.out (fp32).
+template <typename T>
+__device__ __forceinline__ void tc_tile_dots(unsigned char* smem, const TcLayout& L, int buf, int64_t cs16,
+                                             int64_t ct16) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using namespace nvcuda;
+  const int warp = threadIdx.x / 32, rf = warp / 2, cf = warp % 2;
+  const T* xi_s = reinterpret_cast<const T*>(smem + L.xi_s);
+  const T* xi_t = reinterpret_cast<const T*>(smem + L.xi_t);
+  const T* xj = reinterpret_cast<const T*>(smem + L.xj(buf));
+  float* out = reinterpret_cast<float*>(smem + L.out);
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fa;  // (r, k) at x_i[k][r]
+  wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;  // (k, c) at x_j[k][c]
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+  wmma::fill_fragment(acc, 0.f);
+  for (int64_t k0 = 0; k0 < cs16; k0 += 16) {
+    wmma::load_matrix_sync(fa, xi_s + k0 * kRowLd + rf * 16, kRowLd);
+    wmma::load_matrix_sync(fb, xj + k0 * kColLd + cf * 16, kColLd);
+    wmma::mma_sync(acc, fa, fb, acc);
+  }
+  wmma::store_matrix_sync(out + (rf * 16) * kOutLd2 + cf * 16, acc, kOutLd2, wmma::mem_row_major);
+  wmma::fill_fragment(acc, 0.f);
+  for (int64_t k0 = 0; k0 < ct16; k0 += 16) {
+    wmma::load_matrix_sync(fa, xi_t + k0 * kRowLd + rf * 16, kRowLd);
+    wmma::load_matrix_sync(fb, xj + (cs16 + k0) * kColLd + cf * 16, kColLd);
+    wmma::mma_sync(acc, fa, fb, acc);
+  }
+  wmma::store_matrix_sync(out + kBM * kOutLd2 + (rf * 16) * kOutLd2 + cf * 16, acc, kOutLd2, wmma::mem_row_major);
+#endif
+}
+
+// The forward keeps each warp's A fragments (its 16 rows of the resident row tiles, every 16-channel
+// block of C_s then C_t, up to kHeldA of them) in registers for the whole column loop, as
+// FlashAttention keeps Q: each MMA then reads only its B fragment from shared memory (half the
+// shared-memory traffic of loading both). Blocks past kHeldA (C_s + C_t > 384) come from shared memory.
+constexpr int kHeldA = 24;
+
+template <typename T, typename Held>
+__device__ __forceinline__ void tc_load_held(unsigned char* smem, const TcLayout& L, int64_t cs16, int64_t ct16,
+                                             Held& held) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using namespace nvcuda;
+  const int rf = (threadIdx.x / 32) / 2;
+  const int nks = static_cast<int>(cs16 / 16), nkt = static_cast<int>(ct16 / 16);
+  const T* xi_s = reinterpret_cast<const T*>(smem + L.xi_s);
+  const T* xi_t = reinterpret_cast<const T*>(smem + L.xi_t);
+#pragma unroll
+  for (int q = 0; q < kHeldA; ++q) {  // warp-uniform guards
+    if (q < nks) wmma::load_matrix_sync(held[q], xi_s + (q * 16) * kRowLd + rf * 16, kRowLd);
+    else if (q < nks + nkt) wmma::load_matrix_sync(held[q], xi_t + ((q - nks) * 16) * kRowLd + rf * 16, kRowLd);
+  }
+#endif
+}
+
+// tc_tile_dots with the A fragments of tc_load_held.
+template <typename T, typename Held>
+__device__ __forceinline__ void tc_tile_dots_held(unsigned char* smem, const TcLayout& L, int buf, int64_t cs16,
+                                                  int64_t ct16, const Held& held) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using namespace nvcuda;
+  const int warp = threadIdx.x / 32, rf = warp / 2, cf = warp % 2;
+  const int nks = static_cast<int>(cs16 / 16), nkt = static_cast<int>(ct16 / 16);
+  const T* xi_s = reinterpret_cast<const T*>(smem + L.xi_s);
+  const T* xi_t = reinterpret_cast<const T*>(smem + L.xi_t);
+  const T* xj = reinterpret_cast<const T*>(smem + L.xj(buf));
+  float* out = reinterpret_cast<float*>(smem + L.out);
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fa;
+  wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+  // S: channel blocks q < nks of the student; B (k, c) at x_j[k][c]
+  wmma::fill_fragment(acc, 0.f);
+#pragma unroll
+  for (int q = 0; q < kHeldA; ++q) {
+    if (q < nks) {
+      wmma::load_matrix_sync(fb, xj + (q * 16) * kColLd + cf * 16, kColLd);
+      wmma::mma_sync(acc, held[q], fb, acc);
+    }
+  }
+  for (int q = kHeldA; q < nks; ++q) {
+    wmma::load_matrix_sync(fa, xi_s + (q * 16) * kRowLd + rf * 16, kRowLd);
+    wmma::load_matrix_sync(fb, xj + (q * 16) * kColLd + cf * 16, kColLd);
+    wmma::mma_sync(acc, fa, fb, acc);
+  }
+  wmma::store_matrix_sync(out + (rf * 16) * kOutLd2 + cf * 16, acc, kOutLd2, wmma::mem_row_major);
+  // T: blocks nks .. nks + nkt - 1 (the teacher's lines follow the student's in the column tile)
+  wmma::fill_fragment(acc, 0.f);
+#pragma unroll
+  for (int q = 0; q < kHeldA; ++q) {
+    if (q >= nks && q < nks + nkt) {
+      wmma::load_matrix_sync(fb, xj + (q * 16) * kColLd + cf * 16, kColLd);
+      wmma::mma_sync(acc, held[q], fb, acc);
+    }
+  }
+  for (int q = nks > kHeldA ? nks : kHeldA; q < nks + nkt; ++q) {
+    wmma::load_matrix_sync(fa, xi_t + ((q - nks) * 16) * kRowLd + rf * 16, kRowLd);
+    wmma::load_matrix_sync(fb, xj + (q * 16) * kColLd + cf * 16, kColLd);
+    wmma::mma_sync(acc, fa, fb, acc);
+  }
+  wmma::store_matrix_sync(out + kBM * kOutLd2 + (rf * 16) * kOutLd2 + cf * 16, acc, kOutLd2, wmma::mem_row_major);
+#endif
+}
+
+__device__ __forceinline__ float quad_max(float v) {
+  v = max_nan(v, __shfl_xor_sync(kFullMask, v, 1));
+  return max_nan(v, __shfl_xor_sync(kFullMask, v, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(kFullMask, v, 1);
+  return v + __shfl_xor_sync(kFullMask, v, 2);
+}
+
+struct TcBlock {
+  int64_t pair, i, j, r0;
+};
+
+__device__ __forceinline__ TcBlock tc_block(int64_t batch, int64_t row_tiles) {
+  TcBlock v;
+  v.pair = blockIdx.x / row_tiles;
+  v.r0 = (blockIdx.x - v.pair * row_tiles) * kBM;
+  v.i = v.pair / batch;
+  v.j = v.pair - v.i * batch;
+  return v;
+}
+
+// Loads the resident row tiles and starts the first column tile; returns whether 16-byte copies apply.
+template <typename T>
+__device__ __forceinline__ bool tc_prologue(unsigned char* smem, const TcLayout& L, const T* xs, const T* xt,
+                                            const TcBlock& v, int64_t cs, int64_t ct, int64_t cs16, int64_t ct16,
+                                            int64_t plane) {
+  // 16-byte copies need every line start (k * plane + p, p a multiple of 8) 16-byte aligned
+  const bool vec_ok = plane % 8 == 0 && reinterpret_cast<std::uintptr_t>(xs) % 16 == 0 &&
+                      reinterpret_cast<std::uintptr_t>(xt) % 16 == 0;
+  stage_tile<T, kBM>(reinterpret_cast<T*>(smem + L.xi_s), kRowLd, xs + v.i * cs * plane, cs, cs16, plane, v.r0, vec_ok);
+  stage_tile<T, kBM>(reinterpret_cast<T*>(smem + L.xi_t), kRowLd, xt + v.i * ct * plane, ct, ct16, plane, v.r0, vec_ok);
+  __pipeline_commit();
+  stage_columns<T>(smem, L, 0, xs + v.j * cs * plane, xt + v.j * ct * plane, cs, ct, cs16, ct16, plane, 0, vec_ok);
+  return vec_ok;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1)
+cross_image_forward_tc_kernel(const T* __restrict__ xs, const T* __restrict__ xt, const float* __restrict__ inv_s,
+                              const float* __restrict__ inv_t, float* __restrict__ row_kl, float* __restrict__ lse,
+                              int64_t batch, int64_t cs, int64_t ct, int64_t plane, int64_t row_tiles, float inv_tau) {
+  SEGKD_TC_SHARED(smem);
+  const int64_t cs16 = round16(cs), ct16 = round16(ct);
+  const TcLayout L(cs16, ct16, sizeof(T), false);
+  const TcBlock v = tc_block(batch, row_tiles);
+  const T* xj_s = xs + v.j * cs * plane;
+  const T* xj_t = xt + v.j * ct * plane;
+  const bool vec_ok = tc_prologue<T>(smem, L, xs, xt, v, cs, ct, cs16, ct16, plane);
+  const float* out = reinterpret_cast<const float*>(smem + L.out);
+  // Row statistics: thread t owns row t / 4 of the tile and its 8 columns 8 (t % 4) .. + 7, so a
+  // row's reductions are two shuffles within its quad.
+  const int srow = threadIdx.x / kQuad, scol = (threadIdx.x % kQuad) * kColsPerThread;
+  const int64_t r = v.r0 + srow;
+  const float row_scale_s = r < plane ? inv_s[v.i * plane + r] * inv_tau : 0.f;
+  const float row_scale_t = r < plane ? inv_t[v.i * plane + r] * inv_tau : 0.f;
+  float ms = -INFINITY, mt = -INFINITY, ls = 0.f, lt = 0.f, acc = 0.f;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::col_major> held[kHeldA];
+#endif
+  const int64_t tiles = (plane + kBN - 1) / kBN;
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    const int64_t c0 = tile * kBN;
+    const int buf = static_cast<int>(tile % 2);
+    // the next column tile streams in while this one is multiplied
+    if (tile + 1 < tiles) {
+      stage_columns<T>(smem, L, buf ^ 1, xj_s, xj_t, cs, ct, cs16, ct16, plane, c0 + kBN, vec_ok);
+      __pipeline_wait_prior(1);
+    } else {
+      __pipeline_wait_prior(0);
+    }
+    __syncthreads();  // tile `buf` (and the row tiles) complete in every thread's view; L.out free
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    if (tile == 0) tc_load_held<T>(smem, L, cs16, ct16, held);
+    tc_tile_dots_held<T>(smem, L, buf, cs16, ct16, held);
+#endif
+    __syncthreads();  // S and T in L.out
+    float sv[kColsPerThread], tv[kColsPerThread];
+    float tile_ms = -INFINITY, tile_mt = -INFINITY;
+#pragma unroll
+    for (int e = 0; e < kColsPerThread; ++e) {
+      const int64_t c = c0 + scol + e;
+      const bool valid = c < plane;
+      sv[e] = valid ? out[srow * kOutLd2 + scol + e] * row_scale_s * inv_s[v.j * plane + c] : -INFINITY;
+      tv[e] = valid ? out[(kBM + srow) * kOutLd2 + scol + e] * row_scale_t * inv_t[v.j * plane + c] : -INFINITY;
+      tile_ms = max_nan(tile_ms, sv[e]);
+      tile_mt = max_nan(tile_mt, tv[e]);
+    }
+    const float nms = max_nan(ms, quad_max(tile_ms)), nmt = max_nan(mt, quad_max(tile_mt));
+    float sum_s = 0.f, sum_t = 0.f, sum_kl = 0.f;
+#pragma unroll
+    for (int e = 0; e < kColsPerThread; ++e) {
+      if (c0 + scol + e < plane) {
+        const float et = expf(tv[e] - nmt);
+        sum_s += expf(sv[e] - nms);
+        sum_t += et;
+        sum_kl += et * (tv[e] - sv[e]);
+      }
+    }
+    const float sc = rescale(mt, nmt);
+    ls = ls * rescale(ms, nms) + quad_sum(sum_s);
+    lt = lt * sc + quad_sum(sum_t);
+    acc = acc * sc + quad_sum(sum_kl);
+    ms = nms;
+    mt = nmt;
+  }
+  if (threadIdx.x % kQuad == 0 && r < plane) {
+    const float lse_s = ms + logf(ls), lse_t = mt + logf(lt);
+    const int64_t at = v.pair * plane + r;
+    row_kl[at] = acc / lt - lse_t + lse_s;
+    lse[at] = lse_s;
+    lse[batch * batch * plane + at] = lse_t;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1)
+cross_image_backward_tc_kernel(const T* __restrict__ xs, const T* __restrict__ xt, const float* __restrict__ inv_s,
+                               const float* __restrict__ inv_t, const float* __restrict__ lse,
+                               const float* __restrict__ grad_loss, float* __restrict__ da, int64_t batch, int64_t cs,
+                               int64_t ct, int64_t plane, int64_t row_tiles, float inv_tau, float scale) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using namespace nvcuda;
+  SEGKD_TC_SHARED(smem);
+  const int64_t cs16 = round16(cs), ct16 = round16(ct);
+  const TcLayout L(cs16, ct16, sizeof(T), true);
+  const TcBlock v = tc_block(batch, row_tiles);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const T* xj_s = xs + v.j * cs * plane;
+  const T* xj_t = xt + v.j * ct * plane;
+  float* dai = da + v.i * cs * plane;
+  float* daj = da + v.j * cs * plane;
+  const bool vec_ok = tc_prologue<T>(smem, L, xs, xt, v, cs, ct, cs16, ct16, plane);
+  const float* out = reinterpret_cast<const float*>(smem + L.out);
+  T* d_row = reinterpret_cast<T*>(smem + L.d_row);
+  T* d_col = reinterpret_cast<T*>(smem + L.d_col);
+  float* colbuf = reinterpret_cast<float*>(smem + L.colbuf);
+  const T* xi_s_sm = reinterpret_cast<const T*>(smem + L.xi_s);
+  // d loss / d S_ij[r, c] = (p_S - p_T) * g / (N^2 P); S = a_i^T a_j / tau adds 1 / tau.
+  const float coef = grad_loss[0] * scale * inv_tau;
+  const int srow = threadIdx.x / kQuad, scol = (threadIdx.x % kQuad) * kColsPerThread;
+  const int64_t r = v.r0 + srow;
+  const bool row_ok = r < plane;
+  const float lse_s = row_ok ? lse[v.pair * plane + r] : 0.f;
+  const float lse_t = row_ok ? lse[batch * batch * plane + v.pair * plane + r] : 0.f;
+  const float row_inv_s = row_ok ? inv_s[v.i * plane + r] : 0.f;
+  const float row_inv_t = row_ok ? inv_t[v.i * plane + r] : 0.f;
+  // Row-side gradient: fragment f = warp + 8 q of the (C_s / 16) x (kBM / 16) grid, in registers.
+  const int row_frags = static_cast<int>(cs16 / 16) * (kBM / 16);
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> racc[kRowFrags];
+#pragma unroll
+  for (int q = 0; q < kRowFrags; ++q) wmma::fill_fragment(racc[q], 0.f);
+  const int col_frags = static_cast<int>(cs16 / 16) * (kBN / 16);
+
+  const int64_t tiles = (plane + kBN - 1) / kBN;
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    const int64_t c0 = tile * kBN;
+    const int buf = static_cast<int>(tile % 2);
+    if (tile + 1 < tiles) {
+      stage_columns<T>(smem, L, buf ^ 1, xj_s, xj_t, cs, ct, cs16, ct16, plane, c0 + kBN, vec_ok);
+      __pipeline_wait_prior(1);
+    } else {
+      __pipeline_wait_prior(0);
+    }
+    __syncthreads();
+    tc_tile_dots<T>(smem, L, buf, cs16, ct16);
+    __syncthreads();
+#pragma unroll
+    for (int e = 0; e < kColsPerThread; ++e) {
+      const int64_t c = c0 + scol + e;
+      float d = 0.f, col_s = 0.f;
+      if (c < plane && row_ok) {
+        col_s = inv_s[v.j * plane + c];
+        const float sv = out[srow * kOutLd2 + scol + e] * row_inv_s * col_s * inv_tau;
+        const float tv = out[(kBM + srow) * kOutLd2 + scol + e] * row_inv_t * inv_t[v.j * plane + c] * inv_tau;
+        d = expf(sv - lse_s) - expf(tv - lse_t);
+      }
+      // rows: the partner a_j[:, c] = x_j[:, c] inv_j[c]; columns: a_i[:, r] = x_i[:, r] inv_i[r]
+      d_row[srow * kColLd + scol + e] = from_float<T>(d * col_s);
+      d_col[srow * kColLd + scol + e] = from_float<T>(d * row_inv_s);
+    }
+    __syncthreads();
+    const T* xj_sm = reinterpret_cast<const T*>(smem + L.xj(buf));
+    {
+      // rows: racc(k, r) += sum_c x_j[k][c] d_row[r][c]; A (k, c) row-major, B (c, r) = d_row[r][c] col-major
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+#pragma unroll
+      for (int q = 0; q < kRowFrags; ++q) {
+        const int f = warp + q * (kThreads / 32);
+        if (f < row_frags) {  // warp-uniform
+          const int kf = f / (kBM / 16), rf = f % (kBM / 16);
+#pragma unroll
+          for (int cc = 0; cc < kBN / 16; ++cc) {
+            wmma::load_matrix_sync(fa, xj_sm + (kf * 16) * kColLd + cc * 16, kColLd);
+            wmma::load_matrix_sync(fb, d_row + (rf * 16) * kColLd + cc * 16, kColLd);
+            wmma::mma_sync(racc[q], fa, fb, racc[q]);
+          }
+        }
+      }
+    }
+    {
+      // columns: col(k, c) = sum_r x_i[k][r] d_col[r][c]; A (k, r) row-major, B (r, c) row-major
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> cacc;
+      for (int f = warp; f < col_frags; f += kThreads / 32) {
+        const int kf = f / (kBN / 16), cf = f % (kBN / 16);
+        wmma::fill_fragment(cacc, 0.f);
+#pragma unroll
+        for (int rr = 0; rr < kBM / 16; ++rr) {
+          wmma::load_matrix_sync(fa, xi_s_sm + (kf * 16) * kRowLd + rr * 16, kRowLd);
+          wmma::load_matrix_sync(fb, d_col + (rr * 16) * kColLd + cf * 16, kColLd);
+          wmma::mma_sync(cacc, fa, fb, cacc);
+        }
+        wmma::store_matrix_sync(colbuf + (kf * 16) * kOutLd2 + cf * 16, cacc, kOutLd2, wmma::mem_row_major);
+      }
+    }
+    __syncthreads();
+    // columns side into dA_j: lane = column (coalesced), warps over channels
+    if (c0 + lane < plane)
+      for (int64_t k = warp; k < cs; k += kThreads / 32) atomicAdd(daj + k * plane + c0 + lane, coef * colbuf[k * kOutLd2 + lane]);
+    // the next step's first barrier orders these reads of colbuf, d_row, d_col and L.out before reuse
+  }
+  // Rows side into dA_i: each warp passes its fragments through its own 16 x 16 slice of L.out.
+  __syncthreads();
+  float* scratch = reinterpret_cast<float*>(smem + L.out) + warp * 16 * 16;
+#pragma unroll
+  for (int q = 0; q < kRowFrags; ++q) {
+    const int f = warp + q * (kThreads / 32);
+    if (f < row_frags) {
+      const int kf = f / (kBM / 16), rf = f % (kBM / 16);
+      wmma::store_matrix_sync(scratch, racc[q], 16, wmma::mem_row_major);
+      __syncwarp();
+      for (int e = lane; e < 256; e += 32) {
+        const int64_t k = kf * 16 + e / 16, r = v.r0 + rf * 16 + e % 16;
+        if (k < cs && r < plane) atomicAdd(dai + k * plane + r, coef * scratch[e]);
+      }
+      __syncwarp();
+    }
+  }
+#endif
+}
+
+// Dynamic shared memory of the tensor-core kernels, or 0 where they do not apply: fp32, channel
+// counts past kTcMaxCs / kTcMaxCt, devices before sm_80, or more shared memory than the device's
+// opt-in per block (then the kernels above run).
+int64_t tc_plan(int64_t cs, int64_t ct, DType dtype, int device, bool backward) {
+  if (dtype == DType::Float32 || cs > kTcMaxCs || ct > kTcMaxCt) return 0;
+  int major = 0, optin = 0;
+  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
+  check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "cudaDeviceGetAttribute");
+  const int64_t bytes = TcLayout(round16(cs), round16(ct), 2, backward).total;
+  return major >= 8 && bytes <= optin ? bytes : 0;
+}
+
 void check_sizes(int64_t batch, int64_t plane, int64_t& row_tiles) {
   row_tiles = (plane + kTile - 1) / kTile;
   check_grid_dim(batch * batch * row_tiles, "cross_image_kd", "image pairs x row tiles");
@@ -370,8 +828,24 @@ void cross_image_forward(std::uintptr_t xs, std::uintptr_t xt, std::uintptr_t in
   int64_t row_tiles = 0;
   check_sizes(batch, plane, row_tiles);
   DeviceGuard guard(device);
+  const int64_t tc_bytes = tc_plan(cs, ct, dtype, device, false);
   dispatch_float_types(dtype, "cross_image_forward", [&](auto tag) {
     using T = decltype(tag);
+    if constexpr (!std::is_same<T, float>::value) {
+      if (tc_bytes > 0) {
+        const int64_t tiles = (plane + kBM - 1) / kBM;
+        check_grid_dim(batch * batch * tiles, "cross_image_kd", "image pairs x row tiles");
+        const int dyn = static_cast<int>(tc_bytes);
+        check_cuda(cudaFuncSetAttribute(cross_image_forward_tc_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        dyn), "cudaFuncSetAttribute");
+        SEGKD_LAUNCH(static_cast<unsigned>(batch * batch * tiles), kThreads, dyn, as_stream(stream),
+                     cross_image_forward_tc_kernel<T>)(
+            reinterpret_cast<const T*>(xs), reinterpret_cast<const T*>(xt), reinterpret_cast<const float*>(inv_s),
+            reinterpret_cast<const float*>(inv_t), reinterpret_cast<float*>(row_kl), reinterpret_cast<float*>(lse),
+            batch, cs, ct, plane, tiles, static_cast<float>(1.0 / tau));
+        return;
+      }
+    }
     SEGKD_LAUNCH(static_cast<unsigned>(batch * batch * row_tiles), kThreads, 0, as_stream(stream),
                  cross_image_forward_kernel<T>)(
         reinterpret_cast<const T*>(xs), reinterpret_cast<const T*>(xt), reinterpret_cast<const float*>(inv_s),
@@ -406,6 +880,19 @@ void cross_image_backward(std::uintptr_t xs, std::uintptr_t xt, std::uintptr_t i
     const auto* g = reinterpret_cast<const float*>(grad_loss);
     auto* d = reinterpret_cast<float*>(da);
     const float inv_tau = static_cast<float>(1.0 / tau), sc = static_cast<float>(scale);
+    if constexpr (!std::is_same<T, float>::value) {
+      const int64_t tc_bytes = tc_plan(cs, ct, dtype, device, true);
+      if (tc_bytes > 0) {
+        const int64_t tiles = (plane + kBM - 1) / kBM;
+        check_grid_dim(batch * batch * tiles, "cross_image_kd", "image pairs x row tiles");
+        const int dyn = static_cast<int>(tc_bytes);
+        check_cuda(cudaFuncSetAttribute(cross_image_backward_tc_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        dyn), "cudaFuncSetAttribute");
+        SEGKD_LAUNCH(static_cast<unsigned>(batch * batch * tiles), kThreads, dyn, as_stream(stream),
+                     cross_image_backward_tc_kernel<T>)(s, t, is, it, l, g, d, batch, cs, ct, plane, tiles, inv_tau, sc);
+        return;
+      }
+    }
     const int64_t static_bytes = static_cast<int64_t>(sizeof(typename TileDots<T>::Smem)) +
                                  kTile * (kTile + 1) * static_cast<int64_t>(sizeof(float));
     if (acc_bytes + static_bytes <= optin) {

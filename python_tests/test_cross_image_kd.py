@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import segkd_kernels as sk
+from segkd_kernels._backends import host_execution, host_library
 from segkd_kernels.ops.cross_image_kd import reference as reference_module
 from segkd_kernels.ops.cross_image_kd.api import IMPLEMENTED
 from segkd_kernels.testing import (TOLERANCES, assert_close, channels_last, make_tensor, non_contiguous,
@@ -546,3 +547,56 @@ def test_cuda_benchmark_shape_fp32():
     torch.testing.assert_close(out[0].double(), ref[0], rtol=10 * rtol, atol=atol)
     scale = ref[1].abs().max().item()
     torch.testing.assert_close(out[1].double(), ref[1], rtol=1e-3, atol=1e-4 * scale)
+
+
+# --------------------------------------------------------------------------------------------
+# 14. The CUDA tensor-core kernels on CPU (host execution layer, csrc/host/)
+# --------------------------------------------------------------------------------------------
+
+HOST, HOST_REASON = host_library()
+
+
+@pytest.mark.skipif(HOST is None, reason=str(HOST_REASON))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        # P = 96 (a multiple of 8: 16-byte cp.async copies), two 64-row tiles (the second half
+        # masked), three 32-pixel column tiles (double buffers swap twice), C_s = 20 padded to 32
+        (2, 20, 24, 8, 12),
+        # P = 35: element-wise staging, a column tile with 3 valid pixels; C_t = 40 (three MMA K steps)
+        (3, 5, 40, 5, 7),
+        # C_s + C_t = 450: 13 + 16 channel blocks, past the 24 A fragments the forward holds in
+        # registers (the teacher's last blocks come from shared memory)
+        (1, 200, 250, 2, 8),
+    ],
+    ids=lambda v: "x".join(map(str, v)),
+)
+def test_cuda_tensor_core_kernels_on_host(shape, dtype):
+    """The fp16/bf16 tensor-core kernels (resident row tiles, cp.async column tiles, one-pass
+    backward) against the fp64 reference within the dtype's error budget, and the plan they take
+    (64-row tiles: half the blocks of the 32-row kernels, forward and backward)."""
+    n, c_s, c_t, h, w = shape
+    p = h * w
+    s64, t64 = _features(*shape, dtype=torch.float64, seed=sum(shape))
+    s = s64.detach().to(dtype).requires_grad_(True)
+    t = t64.to(dtype)
+    with host_execution():
+        HOST.host_reset()
+        HOST.host_set_seed(1234)
+        before = HOST.host_stats()["blocks"]
+        out = _value_and_grad(sk.cross_image_kd, s, t, 0.5, backend="cuda")
+        blocks_tc = HOST.host_stats()["blocks"] - before
+        HOST.host_set_attribute("max_shared_memory_per_block_optin", 1024)  # the 32-row kernels
+        before = HOST.host_stats()["blocks"]
+        _value_and_grad(sk.cross_image_kd, s, t, 0.5, backend="cuda")
+        blocks_small = HOST.host_stats()["blocks"] - before
+        HOST.host_reset()
+    tiles = lambda rows: -(-p // rows)  # noqa: E731
+    assert blocks_small - blocks_tc == 2 * n * n * (tiles(32) - tiles(64))
+    ref_half = _value_and_grad(sk.cross_image_kd, s.detach().requires_grad_(True), t, 0.5, backend="reference")
+    truth = _value_and_grad(sk.cross_image_kd, s.detach().double().requires_grad_(True), t.double(), 0.5,
+                            backend="reference")
+    scale = truth[1].abs().max().item()
+    assert within_error_budget(out[0], ref_half[0], truth[0], atol=1e-4 * abs(truth[0].item()))
+    assert within_error_budget(out[1], ref_half[1], truth[1], atol=1e-4 * scale)

@@ -34,16 +34,6 @@ CACHE = REPO / "benchmarks" / "results" / ".static_cache"
 
 # Today's spills (ptxas -v, spill stores + loads > 0). Fix a kernel, then delete its entries.
 KNOWN_SPILLS = {
-    ("cuda", "cross_image_kd", "cross_image_backward_kernel<__half>", "sm_90", ""),
-    ("cuda", "cross_image_kd", "cross_image_backward_kernel<float>", "sm_90", ""),
-    ("cuda", "cross_image_kd", "cross_image_backward_owned_kernel<__half, false>", "sm_90", ""),
-    ("cuda", "cross_image_kd", "cross_image_backward_owned_kernel<__nv_bfloat16, false>", "sm_90", ""),
-    ("cuda", "cross_image_kd", "cross_image_forward_kernel<__half>", "sm_80", ""),
-    ("triton", "cross_image_kd", "_bwd_kernel", "sm_80", "bfloat16"),
-    ("triton", "cross_image_kd", "_bwd_kernel", "sm_80", "float32"),
-    ("triton", "cross_image_kd", "_bwd_kernel", "sm_90", "float32"),
-    ("triton", "cross_image_kd", "_fwd_kernel", "sm_80", "float32"),
-    ("triton", "cross_image_kd", "_fwd_kernel", "sm_90", "float32"),
     ("triton", "ssim_kd", "_ssim_bwd_kernel", "sm_80", "bfloat16"),
     ("triton", "ssim_kd", "_ssim_bwd_kernel", "sm_80", "float32"),
     ("triton", "ssim_kd", "_ssim_bwd_kernel", "sm_90", "bfloat16"),

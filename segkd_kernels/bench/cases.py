@@ -234,6 +234,8 @@ FEATURES = [((8, 256, 64, 128),) * 2, ((8, 2048, 64, 128),) * 2]
 FEATURES_QUICK = [((2, 6, 9, 13),) * 2]
 PAIRS = [((8, 128, 64, 128), (8, 256, 64, 128))]
 PAIRS_QUICK = [((2, 8, 9, 13), (2, 16, 9, 13))]
+# cross_image_kd: the two ends of its target range, C_s = 128 and 256 against C_t = 256
+CROSS_PAIRS = PAIRS + [((8, 256, 64, 128), (8, 256, 64, 128))]
 
 CASES = {
     "channel_wise_kd": Case(
@@ -254,7 +256,7 @@ CASES = {
         lambda s, t, backend: sk.pairwise_kd(s, t, backend=backend),
         eager.pairwise_kd, bytes=_read_st_write_ds, flops=_pairwise_flops, flop_kind="dtype"),
     "cross_image_kd": Case(
-        "cross_image_kd", PAIRS, PAIRS_QUICK, _features,
+        "cross_image_kd", CROSS_PAIRS, PAIRS_QUICK, _features,
         lambda s, t, backend: sk.cross_image_kd(s, t, 0.1, backend=backend),
         lambda s, t: eager.cross_image_kd(s, t, 0.1), bytes=_read_st_write_ds, flops=_cross_image_flops,
         flop_kind="dtype"),

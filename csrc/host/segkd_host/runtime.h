@@ -250,6 +250,8 @@ struct DeviceProps {
   }
 };
 
+constexpr std::uintptr_t kDynamicSharedAlign = 128;
+
 struct Stats {
   uint64_t launches = 0, blocks = 0, threads = 0, barriers = 0, collectives = 0;
 };
@@ -703,7 +705,9 @@ inline void launch(const void* kernel, const char* name, dim3 grid, dim3 block, 
   g.block = block;
   g.body = body;
   g.body_ctx = ctx;
-  g.dynamic_smem.assign(smem, 0);
+  // extern __shared__ arrays start on a 128-byte boundary on the GPU (kernels declare __align__(128)
+  // and place wmma tiles by it): the same here, whatever the allocator returns
+  g.dynamic_smem.assign(smem + (smem ? kDynamicSharedAlign - 1 : 0), 0);
   const uint64_t blocks = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
   // Blocks run in a random order (the GPU gives no order either) unless there are very many.
   std::vector<uint64_t> order;
@@ -766,7 +770,9 @@ Launch<P...> make_launch(void (*fn)(P...), dim3 grid, dim3 block, size_t smem, c
 
 template <typename T> T* dynamic_shared() {
   State& g = state();
-  return g.dynamic_smem.empty() ? nullptr : reinterpret_cast<T*>(g.dynamic_smem.data());
+  if (g.dynamic_smem.empty()) return nullptr;
+  const auto at = reinterpret_cast<std::uintptr_t>(g.dynamic_smem.data());
+  return reinterpret_cast<T*>(at + (kDynamicSharedAlign - at % kDynamicSharedAlign) % kDynamicSharedAlign);
 }
 
 // ---- test controls -----------------------------------------------------------------------------

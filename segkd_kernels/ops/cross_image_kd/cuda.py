@@ -1,11 +1,13 @@
 """cross_image_kd on the hand-written CUDA kernels of csrc/cross_image_kd.cu (flash-style).
 
-Forward: per-pixel norms of both feature maps, then 32 x 32 similarity tiles per ordered image pair
-streamed with running max / sum-exp per row (tensor cores for half / bfloat16 inputs: the dot
-products run on the raw inputs, the normalisation is one fp32 scale per entry); per-row KL and
-the two log-sum-exps are written (O(N^2 P) memory, never O(P^2)). Backward recomputes the tiles
-from the saved log-sum-exps and accumulates d loss / d normalised student, then the
-normalisation backward.
+Forward: per-pixel norms of both feature maps, then similarity tiles per ordered image pair streamed
+with running max / sum-exp per row (the dot products run on the raw inputs, the normalisation is one
+fp32 scale per entry); per-row KL and the two log-sum-exps are written (O(N^2 P) memory, never
+O(P^2)). Backward recomputes the tiles from the saved log-sum-exps and accumulates d loss / d
+normalised student, then the normalisation backward. fp16 / bf16 with C_s <= 256 and C_t <= 512 run
+the tensor-core kernels (64 x 32 tiles, resident row tiles, cp.async double buffers, each tile
+computed once in the backward, column gradients added with fp32 atomics); fp32 and wider channels
+run 32 x 32 tiles on FMA (fp32) or wmma (16-bit S/T only). The launcher picks; see the .cu header.
 """
 
 from __future__ import annotations
