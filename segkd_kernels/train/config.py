@@ -387,6 +387,16 @@ def validate(cfg: Config, *, need_teacher_file: bool = True) -> None:
         if bad:
             raise ConfigError(f"distill.options: unknown option(s) {sorted(bad)} for method {cfg.method!r}; "
                               f"options: {sorted(cls.default_options) or 'none'}")
+        if cfg.method == "lad":
+            from .distill.lad import check_options
+
+            try:
+                check_options({**cls.default_options, **cfg.distill.options})
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            ws = cfg.distill.options.get("warm_start")
+            if ws and cfg.stage == "teacher" and not os.path.isfile(ws):
+                raise ConfigError(f"distill.options.warm_start: no such file {ws!r} (a plain teacher's checkpoint)")
         if cfg.stage == "student" and need_teacher_file:
             ck = cfg.teacher.checkpoint
             if not ck:

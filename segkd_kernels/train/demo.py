@@ -11,7 +11,6 @@ import sys
 import time
 
 import numpy as np
-import torch
 
 from .config import Config, ModelConfig, load_config
 
@@ -173,9 +172,10 @@ def run_demo(*, quick: bool = False, method: str | None = None, out: str = "runs
         model, state = load_model(r["checkpoint"])
         models.append(model)
         if state["model_spec"]["in_channels"] == 4:
-            from .distill.lad import label_channel
+            from .distill.lad import recorded_label_scale, with_label
 
-            in_fns.append(lambda im, lab: torch.cat([im, label_channel(lab, model.num_classes, train=False)], 1))
+            in_fns.append(lambda im, lab, k=model.num_classes, s=recorded_label_scale(state.get("config")):
+                          with_label(im, lab, k, s))
         else:
             in_fns.append(None)
     header = f"{'model':<22} {'architecture':<34} {'params':>7} {'iters':>6} {'mIoU':>7} {'pix acc':>8} {'time':>8}"
