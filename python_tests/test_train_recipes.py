@@ -137,3 +137,106 @@ def test_lad_warm_start_errors(lad_runs, tmp_path):
                           f"distill.options.warm_start={root / 'plain' / 'last.pt'}"))
     with pytest.raises(ConfigError, match="label_scale: expected a positive number"):
         engine.train(tiny(tmp_path / "c", "stage=teacher", "method=lad", "distill.options.label_scale=0"))
+
+
+# --------------------------------------------------------------------------------------------- AttnFD
+V3P = ["student.arch=deeplabv3plus", "teacher.arch=deeplabv3plus"]
+
+
+@pytest.fixture(scope="module")
+def attnfd_teacher(tmp_path_factory):
+    root = tmp_path_factory.mktemp("attnfd")
+    engine.train(tiny(root / "teacher", "stage=teacher", *V3P), quiet=True)
+    return root / "teacher" / "last.pt"
+
+
+def attnfd_run(out, teacher, *extra, iters=3):
+    cfg = tiny(out, "method=attnfd", f"teacher.checkpoint={teacher}", *V3P, f"iters={iters}", *extra)
+    return cfg, engine.train(cfg, quiet=True)
+
+
+def fresh_objects(cfg, teacher_ckpt):
+    """The student and distiller exactly as the trainer initialises them (same seed, same order)."""
+    from segkd_kernels.train import checkpoint as ckpt
+
+    tspec = ckpt.load_checkpoint(str(teacher_ckpt))["model_spec"]
+    spec = engine.model_spec(cfg.student, tspec["num_classes"])
+    teacher = engine.build_from_spec(tspec)  # built before the seed, as the trainer loads it
+    torch.manual_seed(cfg.seed)
+    model = engine.build_from_spec(spec)
+    distiller = build_distiller("attnfd", model.feature_channels, teacher.feature_channels, tspec["num_classes"],
+                                options=cfg.distill.options)
+    return model, distiller
+
+
+def test_attnfd_connectors_learn_alone_first_then_freeze(attnfd_teacher, tmp_path):
+    from segkd_kernels.train import checkpoint as ckpt
+
+    # 12 images / batch 4 = 3 steps an epoch: connector_epochs 1 -> steps 0-2 train the connectors only
+    cfg, _ = attnfd_run(tmp_path / "p1", attnfd_teacher, "distill.options.connector_epochs=1", iters=3)
+    state = ckpt.load_checkpoint(str(tmp_path / "p1" / "last.pt"))
+    model, distiller = fresh_objects(cfg, attnfd_teacher)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(state["model"][name], p.detach(), rtol=0, atol=0, msg=name)
+    moved = [k for k, v in distiller.state_dict().items() if ".connector." in k and k.endswith("weight")
+             and not torch.equal(state["distiller"][k], v)]
+    assert len(moved) == 2 * len(distiller.points)  # conv and BN weight of every connector
+    # connector_epochs 0: the connectors never move, the student (and its CBAM spatial gates) does,
+    # the student CBAMs' channel MLPs never do (frozen as upstream)
+    cfg, _ = attnfd_run(tmp_path / "p2", attnfd_teacher, "distill.options.connector_epochs=0", iters=2)
+    state = ckpt.load_checkpoint(str(tmp_path / "p2" / "last.pt"))
+    model, distiller = fresh_objects(cfg, attnfd_teacher)
+    for k, v in distiller.state_dict().items():
+        frozen = ".connector." in k or ".student_cbam.mlp." in k or ".teacher_cbam." in k
+        if frozen and not k.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            torch.testing.assert_close(state["distiller"][k], v, rtol=0, atol=0, msg=k)
+    changed = [k for k in distiller.state_dict() if ".student_cbam.conv." in k
+               and not torch.equal(state["distiller"][k], distiller.state_dict()[k])]
+    assert changed and not torch.equal(state["model"]["head.classifier.weight"], model.head.classifier.weight)
+
+
+def test_attnfd_teacher_mode_and_ce_normalisation(attnfd_teacher, tmp_path):
+    base = ("distill.options.connector_epochs=0",)
+    _, train = attnfd_run(tmp_path / "a", attnfd_teacher, *base, "distill.options.teacher_mode=train", iters=1)
+    _, ev = attnfd_run(tmp_path / "b", attnfd_teacher, *base, "distill.options.teacher_mode=eval", iters=1)
+    _, raw = attnfd_run(tmp_path / "c", attnfd_teacher, *base, "distill.options.teacher_mode=eval",
+                        "distill.options.ce_batch_average=false", iters=1)
+    h_train, h_eval, h_raw = train["history"][0], ev["history"][0], raw["history"][0]
+    # the teacher's batch statistics (train) vs running statistics (eval) change its features
+    assert h_train["attnfd"] != pytest.approx(h_eval["attnfd"], rel=1e-3)
+    # upstream divides the cross-entropy by the batch size (4 here)
+    assert h_eval["ce"] == pytest.approx(h_raw["ce"] / 4, rel=1e-5)
+    assert h_eval["attnfd"] == pytest.approx(h_raw["attnfd"], rel=1e-6)
+
+
+def test_attnfd_warns_about_a_missing_point_and_reads_the_upstream_points():
+    torch.manual_seed(0)
+    v3 = build_model("deeplabv3", "resnet18", K, width=0.0625)
+    v3p = build_model("deeplabv3plus", "resnet18", K, width=0.0625)
+    with pytest.warns(UserWarning, match=r"\['decoder'\] are not in both models"):
+        d = build_distiller("attnfd", v3.feature_channels, v3p.feature_channels, K)
+    assert d.points == ["layer4_pre", "aspp"]
+    d = build_distiller("attnfd", v3p.feature_channels, v3p.feature_channels, K)
+    assert d.points == ["layer4_pre", "aspp", "decoder"]
+    with pytest.raises(ValueError, match="teacher_mode: expected one of train, eval"):
+        build_distiller("attnfd", v3p.feature_channels, v3p.feature_channels, K, options={"teacher_mode": "x"})
+
+
+# ------------------------------------------------------------------------------------------ SKD, CIRKD
+def test_skd_reads_the_embedding_after_the_heads_conv_block():
+    torch.manual_seed(0)
+    s = build_model("deeplabv3", "resnet18", K, width=0.0625).eval()
+    t = build_model("deeplabv3", "resnet18", K, width=0.125).eval()
+    d = build_distiller("skd", s.feature_channels, t.feature_channels, K, weights={"kd": 0.0},
+                        backend="reference")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        so, to = s(x), t(x)
+        import segkd_kernels as sk
+
+        want = 10 * sk.pairwise_kd(so["embed"], to["embed"], pool=2, backend="reference")
+        torch.testing.assert_close(d(so, to, None)["pairwise"], want)
+        # the embedding is the ASPP output after one more 3x3 conv block
+        torch.testing.assert_close(so["embed"], s.head.conv(so["neck"]))
+    with pytest.raises(ValueError, match="point: 'nope' is not a feature point of both models"):
+        build_distiller("skd", s.feature_channels, t.feature_channels, K, options={"point": "nope"})

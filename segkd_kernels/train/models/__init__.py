@@ -2,10 +2,12 @@
 state-dict layouts, and DeepLabV3, DeepLabV3+, PSPNet and FCN heads.
 
     model = build_model("deeplabv3", "resnet18", num_classes=19, output_stride=8)
-    out = model(images)   # {"layer1".."layer4", "neck", "aspp", "logits"[, "decoder", "aux"]}
+    out = model(images)   # {"layer1".."layer4", "layer4_pre", "neck", "aspp", "embed", "logits"[, "decoder", "aux"]}
 
 Every model returns a dict of named feature points, so a distiller picks any point by name;
-`feature_channels` / `feature_strides` describe each point. Logits come at the head's own resolution
+`feature_channels` / `feature_strides` describe each point: "layer4_pre" is layer4 before its final
+ReLU, "aspp" the ASPP projection before its dropout ("neck" after it), "embed" the classifier's input
+(DeepLabV3: after the 3x3 conv block that follows the ASPP). Logits come at the head's own resolution
 (the output stride, or 4 for DeepLabV3+); the caller upsamples.
 """
 
@@ -62,10 +64,12 @@ class SegModel(nn.Module):
         self.aux_head = FCNHead(self.backbone.channels["layer3"], num_classes) if aux else None
         self.feature_channels = dict(self.backbone.channels)
         self.feature_strides = dict(self.backbone.strides)
+        self.feature_channels["layer4_pre"] = self.feature_channels["layer4"]
+        self.feature_strides["layer4_pre"] = self.feature_strides["layer4"]
         head_stride = self.feature_strides["layer1"] if arch == "deeplabv3plus" else output_stride
         for name, c in self.head.channels.items():
             self.feature_channels[name] = c
-            self.feature_strides[name] = head_stride if name == "decoder" else output_stride
+            self.feature_strides[name] = head_stride if name in ("decoder", "embed") else output_stride
         self.feature_channels["logits"] = num_classes
         self.feature_strides["logits"] = head_stride
         if aux:

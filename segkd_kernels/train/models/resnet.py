@@ -10,6 +10,7 @@ supports dilation too, which segmentation students need.
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._common import scaled
@@ -31,11 +32,15 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
 
-    def forward(self, x: Tensor) -> Tensor:
+    def residual(self, x: Tensor) -> Tensor:
+        """The block's output before its final ReLU."""
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        return out + identity
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.relu(self.residual(x))
 
 
 class Bottleneck(nn.Module):
@@ -55,12 +60,16 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
-    def forward(self, x: Tensor) -> Tensor:
+    def residual(self, x: Tensor) -> Tensor:
+        """The block's output before its final ReLU."""
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        return out + identity
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.relu(self.residual(x))
 
 
 class ResNet(nn.Module):
@@ -126,9 +135,15 @@ class ResNet(nn.Module):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         out = {}
-        for name in ("layer1", "layer2", "layer3", "layer4"):
+        for name in ("layer1", "layer2", "layer3"):
             x = getattr(self, name)(x)
             out[name] = x
+        for block in self.layer4[:-1]:
+            x = block(x)
+        # layer4 before its final ReLU too (AttnFD distils it there, as its official code does);
+        # the ReLU is not in place so both tensors live
+        out["layer4_pre"] = self.layer4[-1].residual(x)
+        out["layer4"] = F.relu(out["layer4_pre"])
         return out
 
     # names of the first conv and of entries a torchvision checkpoint has but this backbone lacks
