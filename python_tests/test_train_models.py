@@ -234,3 +234,28 @@ def test_bad_weights_are_refused(tmp_path):
         build_model("deeplabv3", "resnet18", 3, width=0.5, backbone_weights=str(tmp_path / "r18.pth"))
     with pytest.raises(ValueError, match="missing"):  # a ResNet-50 file is not a ResNet-18 one
         build_model("deeplabv3", "resnet50", 3, backbone_weights=str(tmp_path / "r18.pth"))
+
+
+def test_deep_stem_resnet18_layout_and_weights_loading():
+    """The v1c stem (CIRKD's ResNetV1b names): three 3x3 convs 64, 64, 128, BN on 128, so layer1's
+    first block needs a projection; a 3-channel state dict of that layout fills a 4-channel (LAD) stem."""
+    torch.manual_seed(0)
+    m = build_model("deeplabv3", "resnet18", 5, deep_stem=True)
+    sd = m.backbone.state_dict()
+    shapes = {k: tuple(v.shape) for k, v in sd.items() if k.startswith(("conv1.", "bn1.weight"))}
+    assert shapes == {"conv1.0.weight": (64, 3, 3, 3), "conv1.1.weight": (64,), "conv1.1.bias": (64,),
+                      "conv1.1.running_mean": (64,), "conv1.1.running_var": (64,),
+                      "conv1.1.num_batches_tracked": (), "conv1.3.weight": (64, 64, 3, 3),
+                      "conv1.4.weight": (64,), "conv1.4.bias": (64,), "conv1.4.running_mean": (64,),
+                      "conv1.4.running_var": (64,), "conv1.4.num_batches_tracked": (),
+                      "conv1.6.weight": (128, 64, 3, 3), "bn1.weight": (128,)}
+    assert sd["layer1.0.downsample.0.weight"].shape == (64, 128, 1, 1)
+    out = m.eval()(torch.randn(1, 3, 32, 32))
+    assert out["layer1"].shape == (1, 64, 8, 8) and out["logits"].shape == (1, 5, 4, 4)
+    four = build_model("deeplabv3", "resnet18", 5, deep_stem=True, in_channels=4, backbone_weights=None)
+    from segkd_kernels.train.models import load_backbone_weights
+
+    load_backbone_weights(four.backbone, sd)
+    torch.testing.assert_close(four.backbone.state_dict()["conv1.0.weight"][:, :3], sd["conv1.0.weight"])
+    with pytest.raises(ValueError, match="deep_stem: a ResNet option"):
+        build_model("deeplabv3", "mobilenetv2", 5, deep_stem=True)

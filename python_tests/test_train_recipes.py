@@ -25,7 +25,7 @@ K = 5
 TINY = ["data.options.image_size=16", "data.options.train={num_images: 12}", "data.options.val={num_images: 3}",
         "data.batch_size=4", "data.crop_size=16", "student.width=0.0625", "teacher.width=0.0625",
         "teacher.arch=deeplabv3", "teacher.backbone=resnet18", "log_every=1", "progress=false", "ckpt_every=0",
-        "iters=2", "data.eval_batch_size=3"]
+        "iters=2", "data.eval_batch_size=3", "backend=reference"]
 
 
 def tiny(out, *extra, **fields):
@@ -59,7 +59,8 @@ def test_lad_rampup_shape_and_effect_on_the_consistency_term():
     out = {}
     for step, length in ((0, 0), (0, 40), (20, 40)):
         torch.manual_seed(1)  # the same label-channel noise each time
-        out[step, length] = LAD.teacher_losses(model, images, labels, K, ce, step=step, rampup_iters=length)
+        out[step, length] = LAD.teacher_losses(model, images, labels, K, ce, step=step, rampup_iters=length,
+                                               backend="reference")
     full = out[0, 0]["dual_cwd"]
     torch.testing.assert_close(out[0, 40]["dual_cwd"], full * math.exp(-5))
     torch.testing.assert_close(out[20, 40]["dual_cwd"], full * math.exp(-5 * 0.25))
@@ -151,7 +152,9 @@ def attnfd_teacher(tmp_path_factory):
 
 
 def attnfd_run(out, teacher, *extra, iters=3):
-    cfg = tiny(out, "method=attnfd", f"teacher.checkpoint={teacher}", *V3P, f"iters={iters}", *extra)
+    # the reference backend: these tests are about the schedule, not the kernels (interpreted Triton is slow)
+    cfg = tiny(out, "method=attnfd", f"teacher.checkpoint={teacher}", *V3P, f"iters={iters}", "backend=reference",
+               *extra)
     return cfg, engine.train(cfg, quiet=True)
 
 
@@ -240,3 +243,51 @@ def test_skd_reads_the_embedding_after_the_heads_conv_block():
         torch.testing.assert_close(so["embed"], s.head.conv(so["neck"]))
     with pytest.raises(ValueError, match="point: 'nope' is not a feature point of both models"):
         build_distiller("skd", s.feature_channels, t.feature_channels, K, options={"point": "nope"})
+
+
+# ------------------------------------------------------------------------------------------- recipes
+def _real_configs():
+    from segkd_kernels.train.config import list_configs
+
+    return [n for n in list_configs() if not n.endswith("_synthetic")]
+
+
+def _comments(name):
+    from segkd_kernels.train.config import resolve_config_path
+
+    return [line for line in open(resolve_config_path(name)) if line.startswith("#")]
+
+
+@pytest.mark.parametrize("name", _real_configs())
+def test_real_data_recipe(name):
+    import warnings
+
+    cfg = load_config(name)
+    method, data, bb = name.split("_")
+    assert cfg.aux_weight == 0.4 and cfg.student.aux and cfg.teacher.aux
+    text = "".join(_comments(name))
+    assert "Recipe:" in text  # every config cites where its recipe comes from
+    if bb == "mbv2":
+        assert cfg.student.backbone == "mobilenetv2" and "resnet18" not in text.lower()
+    if method == "attnfd":
+        assert cfg.student.arch == cfg.teacher.arch == "deeplabv3plus"
+        assert cfg.student.output_stride == cfg.teacher.output_stride == 16
+        assert (cfg.data.crop_size, cfg.data.batch_size, cfg.optim.nesterov) == (513, 6, True)
+        assert (cfg.optim.weight_decay, cfg.optim.head_lr_mult) == (5e-4, 10.0)
+        assert cfg.optim.lr == (0.007 if data == "voc" else 0.01)
+        # every configured point exists on both models: no warning
+        s = build_model(cfg.student.arch, cfg.student.backbone, 3, width=0.0625, output_stride=16)
+        t = build_model(cfg.teacher.arch, cfg.teacher.backbone, 3, width=0.0625, output_stride=16)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            d = build_distiller("attnfd", s.feature_channels, t.feature_channels, 3, options=cfg.distill.options)
+        assert d.points == ["layer4_pre", "aspp", "decoder"]
+    elif method == "cwd":
+        assert (cfg.data.crop_size, cfg.optim.lr, cfg.optim.weight_decay) == (512, 0.01, 5e-4)
+    else:  # CIRKD's recipe
+        assert cfg.data.batch_size == 16 and cfg.optim.lr == 0.02 and (cfg.teacher.deep_stem or method == "lad")
+        assert cfg.student.deep_stem == (bb == "r18")
+    if method in ("skd", "cirkd"):
+        assert cfg.distill.options["point"] == "embed"
+    if method == "lad":
+        assert cfg.distill.options["same_arch"] and cfg.distill.options["label_scale"] == DEFAULT_LABEL_SCALE

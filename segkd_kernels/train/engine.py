@@ -205,6 +205,8 @@ MODEL_KEYS = ("arch", "backbone", "width", "output_stride", "aux")
 def model_spec(mcfg, num_classes: int, in_channels: int = 3) -> dict:
     spec = {k: getattr(mcfg, k) for k in MODEL_KEYS}
     spec.update(num_classes=num_classes, in_channels=in_channels)
+    if getattr(mcfg, "deep_stem", False):  # recorded only when set: older checkpoints' specs stay equal
+        spec["deep_stem"] = True
     return spec
 
 
@@ -213,7 +215,7 @@ def build_from_spec(spec: dict, backbone_weights: str | None = None) -> nn.Modul
 
     return build_model(spec["arch"], spec["backbone"], spec["num_classes"], output_stride=spec["output_stride"],
                        width=spec["width"], in_channels=spec["in_channels"], aux=spec["aux"],
-                       backbone_weights=backbone_weights)
+                       backbone_weights=backbone_weights, deep_stem=spec.get("deep_stem", False))
 
 
 def model_from_state(state: dict, device="cpu") -> nn.Module:
@@ -232,7 +234,8 @@ def load_model(path: str, device="cpu") -> tuple[nn.Module, dict]:
 def describe_spec(spec: dict | None) -> str:
     if not spec:
         return "unknown"
-    return (f"{spec['arch']}-{spec['backbone']} x{spec['width']:g} (os {spec['output_stride']}, "
+    return (f"{spec['arch']}-{spec['backbone']}{' deep-stem' if spec.get('deep_stem') else ''} x{spec['width']:g} "
+            f"(os {spec['output_stride']}, "
             f"{spec['num_classes']} classes)")
 
 
@@ -300,7 +303,8 @@ def build_optimizer(cfg: Config, objective: Objective):
     groups = [g for g in groups if g["params"]]
     o = cfg.optim
     if o.name == "sgd":
-        opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                              nesterov=o.nesterov)
     else:
         opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lambda(cfg.iters, o.power, o.warmup_iters))
@@ -575,6 +579,8 @@ def _lad_warm_start(model: nn.Module, spec: dict, path: str) -> None:
     init = ckpt.load_checkpoint(path)
     ispec = init.get("model_spec") or {}
     differ = [k for k in ("arch", "backbone", "width", "output_stride", "num_classes") if ispec.get(k) != spec[k]]
+    if bool(ispec.get("deep_stem")) != bool(spec.get("deep_stem")):
+        differ.append("deep_stem")
     if differ:
         raise ConfigError(f"distill.options.warm_start: {path!r} holds a {describe_spec(ispec)} model, the LAD "
                           f"teacher is a {describe_spec(spec)} (differs in {', '.join(differ)}); warm-start from a "
@@ -618,13 +624,14 @@ def _train(cfg: Config, env: DistEnv, resume, overwrite, allow_change, callback,
     if lad_teacher and cfg.distill.options.get("same_arch"):
         # the official LAD teacher is a copy of the student's network (plus the label channel); the
         # recorded config says so (teacher.aux stays the teacher's own choice)
-        for k in ("arch", "backbone", "width", "output_stride", "backbone_weights"):
+        for k in ("arch", "backbone", "width", "output_stride", "deep_stem", "backbone_weights"):
             setattr(cfg.teacher, k, getattr(cfg.student, k))
     tstate = None
     if distilling:
         tstate = ckpt.load_checkpoint(cfg.teacher.checkpoint)
         for k in MODEL_KEYS:
             setattr(cfg.teacher, k, tstate["model_spec"][k])
+        cfg.teacher.deep_stem = bool(tstate["model_spec"].get("deep_stem", False))
         if cfg.method == "lad":
             _lad_scale_from_teacher(cfg, tstate)
 

@@ -30,19 +30,22 @@ __all__ = ["ARCHS", "BACKBONES", "SegModel", "build_backbone", "build_model",
 
 
 def build_backbone(backbone: str, *, output_stride: int = 8, width: float = 1.0,
-                   in_channels: int = 3) -> nn.Module:
+                   in_channels: int = 3, deep_stem: bool = False) -> nn.Module:
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
     if backbone == "mobilenetv2":
+        if deep_stem:
+            raise ValueError("deep_stem: a ResNet option; mobilenetv2 has its own stem")
         return MobileNetV2(output_stride=output_stride, width=width, in_channels=in_channels)
-    return ResNet(backbone, output_stride=output_stride, width=width, in_channels=in_channels)
+    return ResNet(backbone, output_stride=output_stride, width=width, in_channels=in_channels,
+                  deep_stem=deep_stem)
 
 
 class SegModel(nn.Module):
     """A backbone plus a head (plus an optional auxiliary FCN head on layer3)."""
 
     def __init__(self, arch: str, backbone: str, num_classes: int, *, output_stride: int = 8,
-                 width: float = 1.0, in_channels: int = 3, aux: bool = False):
+                 width: float = 1.0, in_channels: int = 3, aux: bool = False, deep_stem: bool = False):
         super().__init__()
         if arch not in HEADS:
             raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
@@ -59,7 +62,7 @@ class SegModel(nn.Module):
         self.arch, self.backbone_name = arch, backbone
         self.num_classes, self.output_stride, self.in_channels = num_classes, output_stride, in_channels
         self.backbone = build_backbone(backbone, output_stride=output_stride, width=width,
-                                       in_channels=in_channels)
+                                       in_channels=in_channels, deep_stem=deep_stem)
         self.head = HEADS[arch](self.backbone.channels, num_classes, width, output_stride)
         self.aux_head = FCNHead(self.backbone.channels["layer3"], num_classes) if aux else None
         self.feature_channels = dict(self.backbone.channels)
@@ -128,10 +131,11 @@ def load_backbone_weights(backbone: nn.Module, path_or_state: str | os.PathLike 
 
 def build_model(arch: str, backbone: str, num_classes: int, *, output_stride: int = 8,
                 width: float = 1.0, in_channels: int = 3, aux: bool = False,
-                backbone_weights: str | None = None) -> SegModel:
-    """Build `arch` on `backbone` ("resnet18/50/101", "mobilenetv2"); see the module docstring."""
+                backbone_weights: str | None = None, deep_stem: bool = False) -> SegModel:
+    """Build `arch` on `backbone` ("resnet18/50/101", "mobilenetv2"); see the module docstring.
+    deep_stem: ResNets start with three 3x3 convs (v1c, CIRKD's ImageNet weights) instead of one 7x7."""
     model = SegModel(arch, backbone, num_classes, output_stride=output_stride, width=width,
-                     in_channels=in_channels, aux=aux)
+                     in_channels=in_channels, aux=aux, deep_stem=deep_stem)
     if backbone_weights is not None:
         load_backbone_weights(model.backbone, backbone_weights)
     return model

@@ -76,7 +76,7 @@ class ResNet(nn.Module):
     """Stages `layer1..layer4` at strides 4, 8, then 8/16 depending on `output_stride`."""
 
     def __init__(self, depth: str, *, output_stride: int = 8, width: float = 1.0,
-                 in_channels: int = 3):
+                 in_channels: int = 3, deep_stem: bool = False):
         super().__init__()
         if depth not in _STAGE_BLOCKS:
             raise ValueError(f"unknown ResNet {depth!r}; choose one of {sorted(_STAGE_BLOCKS)}")
@@ -87,10 +87,21 @@ class ResNet(nn.Module):
         # torchvision's replace_stride_with_dilation for layer2..layer4
         dilate = {8: (False, True, True), 16: (False, False, True), 32: (False, False, False)}[
             output_stride]
-        self.in_channels = in_channels
+        self.in_channels, self.deep_stem = in_channels, deep_stem
         self.inplanes = scaled(64, width)
         self.dilation = 1
-        self.conv1 = nn.Conv2d(in_channels, self.inplanes, 7, 2, 3, bias=False)
+        if deep_stem:
+            # ResNet-v1c / CIRKD's "resnet18-imagenet.pth" stem: three 3x3 convs (64, 64, 128) instead
+            # of one 7x7; the baseline CIRKD and LAD report uses it (module names as CIRKD's ResNetV1b)
+            stem = self.inplanes
+            self.conv1 = nn.Sequential(
+                nn.Conv2d(in_channels, stem, 3, 2, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True),
+                nn.Conv2d(stem, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True),
+                nn.Conv2d(stem, 2 * stem, 3, 1, 1, bias=False))
+            self.inplanes = 2 * stem
+            self.first_conv = "conv1.0.weight"
+        else:
+            self.conv1 = nn.Conv2d(in_channels, self.inplanes, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(self.inplanes)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
