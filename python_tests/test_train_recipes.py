@@ -291,3 +291,13 @@ def test_real_data_recipe(name):
         assert cfg.distill.options["point"] == "embed"
     if method == "lad":
         assert cfg.distill.options["same_arch"] and cfg.distill.options["label_scale"] == DEFAULT_LABEL_SCALE
+
+
+def test_compare_lists_the_lad_teacher_without_its_label():
+    from segkd_kernels.train.compare import summarize
+
+    teachers = {"none": {"metrics": {"miou": 30.0}, "sec_per_iter": 0.1},
+                "lad": {"metrics": {"miou": 40.0, "no_label": {"miou": 25.0}}, "sec_per_iter": 0.2}}
+    rows = summarize([{"method": "none", "seed": 0, "miou": 20.0, "sec_per_iter": 0.1}], teachers)
+    assert [(r["method"], r["miou_mean"]) for r in rows[:3]] == [
+        ("teacher", 30.0), ("teacher (label-assisted)", 40.0), ("teacher (label-assisted, label zeroed)", 25.0)]
