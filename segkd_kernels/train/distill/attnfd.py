@@ -9,7 +9,8 @@ code AmirMansurian/AttnFD), set up as the official code trains it:
 - two phases: for the first `connector_epochs` epochs only the connectors learn (the student is
   frozen), afterwards the connectors are frozen and the student learns;
 - the student CBAMs' channel MLPs stay at their initial weights (upstream's optimiser only holds
-  convolutions and BatchNorms); their spatial conv and BN learn with the student;
+  convolutions and BatchNorms); their spatial conv and BN learn with the student (here at the head's
+  learning rate, being distiller parameters; upstream trains the layer4 one at the backbone's);
 - `teacher_mode: train` runs the teacher in training mode (batch statistics, dropout) as upstream
   does; `eval` uses its running statistics;
 - `ce_batch_average`: upstream divides the (pixel-mean) cross-entropy by the batch size as well;
