@@ -266,3 +266,19 @@ def test_bad_hyper_parameters_raise_when_the_module_is_built(build, argument):
 
 def test_cbam_repr_shows_its_shape():
     assert "channels=32, reduction=8, kernel_size=5" in repr(sk.nn.CBAM(32, reduction=8, kernel_size=5))
+
+
+def test_cbam_spatial_batchnorm_momentum_and_hidden_width():
+    """The spatial gate's BatchNorm moves its running mean by 1% of the batch mean per step (AttnFD's
+    CBAM), and the MLP keeps one hidden unit when channels < reduction (C // r would be 0)."""
+    torch.manual_seed(0)
+    m = sk.nn.CBAM(32, reduction=16, kernel_size=3, backend="reference").train()
+    assert m.mlp[0].out_features == 2
+    x = torch.randn(2, 32, 6, 6)
+    with torch.no_grad():
+        pre = m.conv(sk.channel_pool(x, m.channel_gate(x), backend="reference"))
+        m(x)
+    torch.testing.assert_close(m.bn.running_mean, 0.01 * pre.mean().reshape(1))
+    var = pre.var(unbiased=True).reshape(1)
+    torch.testing.assert_close(m.bn.running_var, 0.99 * torch.ones(1) + 0.01 * var)
+    assert sk.nn.CBAM(8, reduction=16).mlp[0].out_features == 1

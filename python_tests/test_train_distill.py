@@ -104,7 +104,7 @@ def test_lad_teacher_objective_decreases():
 
 def test_lad_label_channel_codes():
     labels = torch.tensor([[[0, 1, 255], [4, 4, 0]]])
-    code = label_channel(labels, K, train=False, eval_noise=0.0)[0, 0] / 100
+    code = label_channel(labels, K, train=False, eval_noise=0.0, scale=1.0)[0, 0]
     half = (K + 1) / 2
     expected = (torch.tensor([[0, 1, K], [4, 4, 0]]).float() - half) / (half - 1)
     torch.testing.assert_close(code, expected)

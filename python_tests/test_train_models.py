@@ -12,10 +12,10 @@ import torch
 from segkd_kernels.train.models import ARCHS, BACKBONES, build_model
 
 HEAD_KEYS = {
-    "deeplabv3": {"neck", "aspp", "logits"},
-    "deeplabv3plus": {"neck", "aspp", "decoder", "logits"},
-    "pspnet": {"neck", "ppm", "logits"},
-    "fcn": {"neck", "logits"},
+    "deeplabv3": {"neck", "aspp", "embed", "logits"},
+    "deeplabv3plus": {"neck", "aspp", "decoder", "embed", "logits"},
+    "pspnet": {"neck", "ppm", "embed", "logits"},
+    "fcn": {"neck", "embed", "logits"},
 }
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
@@ -39,13 +39,13 @@ def test_feature_points_shapes_and_strides(arch, backbone, output_stride):
     h, w = 37, 50  # odd, non-square: strides must round up like the convs do
     with torch.no_grad():
         out = model(torch.randn(1, 3, h, w))
-    assert set(out) == set(STAGES) | HEAD_KEYS[arch] | {"aux"}
+    assert set(out) == set(STAGES) | {"layer4_pre"} | HEAD_KEYS[arch] | {"aux"}
     assert set(model.feature_channels) == set(out) == set(model.feature_strides)
     expected_strides = {"layer1": 4, "layer2": 8, "layer3": min(16, output_stride),
                         "layer4": output_stride, "neck": output_stride, "aux": min(16, output_stride),
                         "logits": 4 if arch == "deeplabv3plus" else output_stride}
     if arch == "deeplabv3plus":
-        expected_strides["decoder"] = 4
+        expected_strides["decoder"] = expected_strides["embed"] = 4
     for name, t in out.items():
         stride = model.feature_strides[name]
         assert stride == expected_strides.get(name, output_stride), name
@@ -54,9 +54,18 @@ def test_feature_points_shapes_and_strides(arch, backbone, output_stride):
         assert torch.isfinite(t).all(), name
     assert model.feature_channels["logits"] == 5 and model.num_classes == 5
     if arch in ("deeplabv3", "deeplabv3plus"):
-        assert out["aspp"] is out["neck"]
+        # the ASPP projection before its dropout: the same values as the neck in eval mode
+        torch.testing.assert_close(out["aspp"], out["neck"], rtol=0, atol=0)
     if arch == "pspnet":
         assert out["ppm"] is out["neck"]
+    # embed is the classifier's input (a 1x1 conv): the logits follow from it alone
+    head = model.head.head.classifier if arch == "fcn" else model.head.classifier
+    torch.testing.assert_close(out["logits"], head(out["embed"]), rtol=1e-5, atol=1e-5)
+    if backbone == "mobilenetv2":
+        assert out["layer4_pre"] is out["layer4"]  # a linear bottleneck ends layer4: no final ReLU
+    else:
+        torch.testing.assert_close(out["layer4"], out["layer4_pre"].clamp_min(0), rtol=0, atol=0)
+        assert (out["layer4_pre"] < 0).any()  # before the ReLU, so negative values survive
 
 
 def test_training_step_reaches_every_parameter():
@@ -225,3 +234,28 @@ def test_bad_weights_are_refused(tmp_path):
         build_model("deeplabv3", "resnet18", 3, width=0.5, backbone_weights=str(tmp_path / "r18.pth"))
     with pytest.raises(ValueError, match="missing"):  # a ResNet-50 file is not a ResNet-18 one
         build_model("deeplabv3", "resnet50", 3, backbone_weights=str(tmp_path / "r18.pth"))
+
+
+def test_deep_stem_resnet18_layout_and_weights_loading():
+    """The v1c stem (CIRKD's ResNetV1b names): three 3x3 convs 64, 64, 128, BN on 128, so layer1's
+    first block needs a projection; a 3-channel state dict of that layout fills a 4-channel (LAD) stem."""
+    torch.manual_seed(0)
+    m = build_model("deeplabv3", "resnet18", 5, deep_stem=True)
+    sd = m.backbone.state_dict()
+    shapes = {k: tuple(v.shape) for k, v in sd.items() if k.startswith(("conv1.", "bn1.weight"))}
+    assert shapes == {"conv1.0.weight": (64, 3, 3, 3), "conv1.1.weight": (64,), "conv1.1.bias": (64,),
+                      "conv1.1.running_mean": (64,), "conv1.1.running_var": (64,),
+                      "conv1.1.num_batches_tracked": (), "conv1.3.weight": (64, 64, 3, 3),
+                      "conv1.4.weight": (64,), "conv1.4.bias": (64,), "conv1.4.running_mean": (64,),
+                      "conv1.4.running_var": (64,), "conv1.4.num_batches_tracked": (),
+                      "conv1.6.weight": (128, 64, 3, 3), "bn1.weight": (128,)}
+    assert sd["layer1.0.downsample.0.weight"].shape == (64, 128, 1, 1)
+    out = m.eval()(torch.randn(1, 3, 32, 32))
+    assert out["layer1"].shape == (1, 64, 8, 8) and out["logits"].shape == (1, 5, 4, 4)
+    four = build_model("deeplabv3", "resnet18", 5, deep_stem=True, in_channels=4, backbone_weights=None)
+    from segkd_kernels.train.models import load_backbone_weights
+
+    load_backbone_weights(four.backbone, sd)
+    torch.testing.assert_close(four.backbone.state_dict()["conv1.0.weight"][:, :3], sd["conv1.0.weight"])
+    with pytest.raises(ValueError, match="deep_stem: a ResNet option"):
+        build_model("deeplabv3", "mobilenetv2", 5, deep_stem=True)

@@ -130,6 +130,9 @@ def _train(args) -> int:
     timing = f"{result['train_seconds']:.0f} s" + (f", {spi:.3f} s/iter" if spi == spi else "")
     head = f"already finished at step {result['step']}" if result.get("already_done") else f"step {result['step']}"
     print(f"{head}: mIoU {m['miou']:.2f}  pixel acc {m['pixel_acc']:.2f}  ({timing})  -> {result['out']}")
+    if "no_label" in m:  # a label-assisted teacher: the same model with its label channel zeroed
+        print(f"  without the label channel: mIoU {m['no_label']['miou']:.2f}  pixel acc "
+              f"{m['no_label']['pixel_acc']:.2f}")
     return 0
 
 
@@ -157,6 +160,8 @@ def _eval(args) -> int:
         print(json.dumps(m, indent=1))
         return 0
     print(f"mIoU {m['miou']:.2f}  pixel acc {m['pixel_acc']:.2f}  ({m['pixels']} pixels)")
+    if "no_label" in m:
+        print(f"without the label channel: mIoU {m['no_label']['miou']:.2f}  pixel acc {m['no_label']['pixel_acc']:.2f}")
     for name, iou in m["per_class_iou"].items():
         print(f"  {name:<24} {'-' if iou is None else f'{iou:.2f}'}")
     return 0

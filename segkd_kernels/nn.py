@@ -145,8 +145,12 @@ class SSIMKD(nn.Module):
 class CBAM(nn.Module):
     """Convolutional block attention (docs/losses.md 6): CBAM(F) = M_s * (M_c * F).
 
-    M_c = sigmoid(MLP(avgpool F) + MLP(maxpool F)), shared MLP C -> C/r -> C;
+    M_c = sigmoid(MLP(avgpool F) + MLP(maxpool F)), shared MLP C -> C // r -> C;
     M_s = sigmoid(BN(conv_k([max_C, mean_C] of M_c * F))), 2 -> 1 channels, no bias.
+    The hidden width is max(1, C // r): for C < r (tiny models) C // r would be 0, a layer with no
+    units whose gate ignores the input, so one unit is kept. The BatchNorm has momentum 0.01 (eps
+    1e-5) as in the CBAM of AttnFD's official code (PyTorch's default is 0.1); its running
+    statistics therefore move ten times slower, which matters for eval-mode outputs of short runs.
     The poolings and the final product run on the fused ops (sk.spatial_pool, sk.channel_pool,
     sk.cbam_gate) with the module's backend, so M_c * F is never materialised.
     """
@@ -161,7 +165,7 @@ class CBAM(nn.Module):
         self.backend = _checked_backend(backend)
         self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, channels))
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
-        self.bn = nn.BatchNorm2d(1)
+        self.bn = nn.BatchNorm2d(1, eps=1e-5, momentum=0.01)
 
     def channel_gate(self, x: torch.Tensor) -> torch.Tensor:
         """M_c, shape (N, C)."""

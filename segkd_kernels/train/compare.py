@@ -116,6 +116,10 @@ def summarize(rows: list[dict], teachers: dict) -> list[dict]:
         out.append({"method": "teacher" + (" (label-assisted)" if kind == "lad" else ""), "n": 1,
                     "miou_mean": r["metrics"]["miou"], "miou_std": 0.0, "delta": float("nan"),
                     "sec_per_iter": r["sec_per_iter"]})
+        if "no_label" in r["metrics"]:  # the label-assisted teacher with its label channel zeroed
+            out.append({"method": "teacher (label-assisted, label zeroed)", "n": 1,
+                        "miou_mean": r["metrics"]["no_label"]["miou"], "miou_std": 0.0, "delta": float("nan"),
+                        "sec_per_iter": r["sec_per_iter"]})
     for method in dict.fromkeys(r["method"] for r in rows):
         xs = [r["miou"] for r in rows if r["method"] == method]
         ts = [r["sec_per_iter"] for r in rows if r["method"] == method]

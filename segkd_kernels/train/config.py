@@ -25,7 +25,8 @@ class ModelConfig:
     width: float = 1.0
     output_stride: int = 8
     aux: bool = False
-    backbone_weights: str | None = None  # torchvision-format ImageNet state dict
+    deep_stem: bool = False               # ResNet: three 3x3 stem convs (v1c; CIRKD's resnet18-imagenet.pth)
+    backbone_weights: str | None = None  # torchvision-format ImageNet state dict (deep_stem: CIRKD's format)
     # student: a trainer checkpoint to start from; teacher: the trained teacher to distil from
     checkpoint: str | None = None
 
@@ -55,6 +56,7 @@ class OptimConfig:
     name: str = "sgd"
     lr: float = 0.01
     momentum: float = 0.9
+    nesterov: bool = False
     weight_decay: float = 1e-4
     power: float = 0.9                    # poly schedule: lr * (1 - step / iters) ** power
     warmup_iters: int = 0
@@ -352,6 +354,8 @@ def validate(cfg: Config, *, need_teacher_file: bool = True) -> None:
         choice(f"{key}.arch", model.arch, ARCHS)
         choice(f"{key}.backbone", model.backbone, BACKBONES)
         choice(f"{key}.output_stride", model.output_stride, (8, 16))
+        if model.deep_stem and model.backbone == "mobilenetv2":
+            raise ConfigError(f"{key}.deep_stem: a ResNet option; mobilenetv2 has its own stem")
         if not model.width > 0:
             raise ConfigError(f"{key}.width: expected a positive number, got {model.width}")
         if model.backbone_weights and not os.path.isfile(model.backbone_weights):
@@ -387,6 +391,16 @@ def validate(cfg: Config, *, need_teacher_file: bool = True) -> None:
         if bad:
             raise ConfigError(f"distill.options: unknown option(s) {sorted(bad)} for method {cfg.method!r}; "
                               f"options: {sorted(cls.default_options) or 'none'}")
+        if cfg.method == "lad":
+            from .distill.lad import check_options
+
+            try:
+                check_options({**cls.default_options, **cfg.distill.options})
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            ws = cfg.distill.options.get("warm_start")
+            if ws and cfg.stage == "teacher" and not os.path.isfile(ws):
+                raise ConfigError(f"distill.options.warm_start: no such file {ws!r} (a plain teacher's checkpoint)")
         if cfg.stage == "student" and need_teacher_file:
             ck = cfg.teacher.checkpoint
             if not ck:

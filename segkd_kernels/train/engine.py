@@ -205,6 +205,8 @@ MODEL_KEYS = ("arch", "backbone", "width", "output_stride", "aux")
 def model_spec(mcfg, num_classes: int, in_channels: int = 3) -> dict:
     spec = {k: getattr(mcfg, k) for k in MODEL_KEYS}
     spec.update(num_classes=num_classes, in_channels=in_channels)
+    if getattr(mcfg, "deep_stem", False):  # recorded only when set: older checkpoints' specs stay equal
+        spec["deep_stem"] = True
     return spec
 
 
@@ -213,7 +215,7 @@ def build_from_spec(spec: dict, backbone_weights: str | None = None) -> nn.Modul
 
     return build_model(spec["arch"], spec["backbone"], spec["num_classes"], output_stride=spec["output_stride"],
                        width=spec["width"], in_channels=spec["in_channels"], aux=spec["aux"],
-                       backbone_weights=backbone_weights)
+                       backbone_weights=backbone_weights, deep_stem=spec.get("deep_stem", False))
 
 
 def model_from_state(state: dict, device="cpu") -> nn.Module:
@@ -232,7 +234,8 @@ def load_model(path: str, device="cpu") -> tuple[nn.Module, dict]:
 def describe_spec(spec: dict | None) -> str:
     if not spec:
         return "unknown"
-    return (f"{spec['arch']}-{spec['backbone']} x{spec['width']:g} (os {spec['output_stride']}, "
+    return (f"{spec['arch']}-{spec['backbone']}{' deep-stem' if spec.get('deep_stem') else ''} x{spec['width']:g} "
+            f"(os {spec['output_stride']}, "
             f"{spec['num_classes']} classes)")
 
 
@@ -247,6 +250,9 @@ class Objective(nn.Module):
         self.lad_teacher = cfg.stage == "teacher" and cfg.method == "lad"
         self.lad_options = dict(cfg.distill.options)
         self.backend = cfg.backend
+        self.step = 0  # the training loop sets it before each forward (schedules inside the objective)
+        # a recipe's normalisation of the task loss (AttnFD's upstream divides it by the batch size)
+        self.task_scale = distiller.task_scale(cfg.data.batch_size) if distiller is not None else 1.0
 
     def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(upsample_logits(logits, labels.shape[-2:]).float(), labels, ignore_index=IGNORE)
@@ -258,11 +264,12 @@ class Objective(nn.Module):
             o = {**LAD.default_options, **self.lad_options}
             return LAD.teacher_losses(self.model, images, labels, self.num_classes, self.task_loss, tau=o["tau"],
                                       cwd_weight=o["teacher_cwd"], aux_weight=o["teacher_aux"],
-                                      backend=self.backend)
+                                      backend=self.backend, label_scale=o["label_scale"], step=self.step,
+                                      rampup_iters=o["consistency_rampup"])
         out = self.model(images)
-        losses = {"ce": self.task_loss(out["logits"], labels)}
+        losses = {"ce": self.task_scale * self.task_loss(out["logits"], labels)}
         if "aux" in out and self.aux_weight > 0:
-            losses["aux"] = self.aux_weight * self.task_loss(out["aux"], labels)
+            losses["aux"] = self.task_scale * self.aux_weight * self.task_loss(out["aux"], labels)
         if self.distiller is not None:
             losses.update(self.distiller(out, teacher_out, labels))
         return losses
@@ -296,7 +303,8 @@ def build_optimizer(cfg: Config, objective: Objective):
     groups = [g for g in groups if g["params"]]
     o = cfg.optim
     if o.name == "sgd":
-        opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                              nesterov=o.nesterov)
     else:
         opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lambda(cfg.iters, o.power, o.warmup_iters))
@@ -546,6 +554,45 @@ def train(cfg: Config, *, resume: bool | str = False, overwrite: bool = False, a
             dist.destroy_process_group()
 
 
+def get_method_options(name: str) -> dict:
+    from .distill import get_method
+
+    return dict(get_method(name).default_options)
+
+
+def _lad_scale_from_teacher(cfg: Config, tstate: dict) -> None:
+    """A LAD student feeds its teacher the label code at the amplitude the teacher was trained with."""
+    from .distill.lad import recorded_label_scale
+
+    trained = recorded_label_scale(tstate.get("config"))
+    asked = cfg.distill.options.get("label_scale")
+    if asked is not None and float(asked) != trained:
+        raise ConfigError(f"distill.options.label_scale: {asked} differs from the {trained} the teacher "
+                          f"{cfg.teacher.checkpoint!r} was trained with; leave it unset to use the teacher's")
+    cfg.distill.options["label_scale"] = trained
+
+
+def _lad_warm_start(model: nn.Module, spec: dict, path: str) -> None:
+    """The label-assisted teacher starts from a trained plain teacher of the same architecture."""
+    from .distill.lad import warm_start_state
+
+    init = ckpt.load_checkpoint(path)
+    ispec = init.get("model_spec") or {}
+    differ = [k for k in ("arch", "backbone", "width", "output_stride", "num_classes") if ispec.get(k) != spec[k]]
+    if bool(ispec.get("deep_stem")) != bool(spec.get("deep_stem")):
+        differ.append("deep_stem")
+    if differ:
+        raise ConfigError(f"distill.options.warm_start: {path!r} holds a {describe_spec(ispec)} model, the LAD "
+                          f"teacher is a {describe_spec(spec)} (differs in {', '.join(differ)}); warm-start from a "
+                          f"plain teacher of the same architecture (same_arch=true builds the student's)")
+    if ispec.get("in_channels") != 3:
+        raise ConfigError(f"distill.options.warm_start: {path!r} is not a plain 3-channel model")
+    try:
+        model.load_state_dict(warm_start_state(model.state_dict(), init["model"]))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _barrier(env: DistEnv) -> None:
     if env.world > 1:
         dist.barrier()
@@ -573,11 +620,20 @@ def _train(cfg: Config, env: DistEnv, resume, overwrite, allow_change, callback,
     # The teacher to distil from: its checkpoint decides its architecture, and the recorded config
     # says what that checkpoint holds (whatever teacher.* said before).
     distilling = cfg.stage == "student" and cfg.method != "none"
+    lad_teacher = cfg.stage == "teacher" and cfg.method == "lad"
+    if lad_teacher and cfg.distill.options.get("same_arch"):
+        # the official LAD teacher is a copy of the student's network (plus the label channel); the
+        # recorded config says so (teacher.aux stays the teacher's own choice)
+        for k in ("arch", "backbone", "width", "output_stride", "deep_stem", "backbone_weights"):
+            setattr(cfg.teacher, k, getattr(cfg.student, k))
     tstate = None
     if distilling:
         tstate = ckpt.load_checkpoint(cfg.teacher.checkpoint)
         for k in MODEL_KEYS:
             setattr(cfg.teacher, k, tstate["model_spec"][k])
+        cfg.teacher.deep_stem = bool(tstate["model_spec"].get("deep_stem", False))
+        if cfg.method == "lad":
+            _lad_scale_from_teacher(cfg, tstate)
 
     state, config_history, changes = None, [], {}
     if resume:
@@ -650,6 +706,8 @@ def _train(cfg: Config, env: DistEnv, resume, overwrite, allow_change, callback,
     if cfg.stage == "student" and mcfg.checkpoint:  # teacher.checkpoint is the teacher to distil from
         init = ckpt.load_checkpoint(mcfg.checkpoint)
         model.load_state_dict(init["model"])
+    if lad_teacher and cfg.distill.options.get("warm_start") and state is None:
+        _lad_warm_start(model, spec, cfg.distill.options["warm_start"])
     if distilling:
         distiller = build_distiller(cfg.method, model.feature_channels, teacher.feature_channels, num_classes,
                                     weights=cfg.distill.weights, options=cfg.distill.options, backend=cfg.backend)
@@ -707,6 +765,10 @@ def _train(cfg: Config, env: DistEnv, resume, overwrite, allow_change, callback,
                         "changes": {k: {"old": o, "new": n} for k, (o, n) in changes.items()}})
     progress = Progress(cfg.iters, start, cfg.log_every, env.main and cfg.progress and not quiet)
     teacher_in = distiller.teacher_input if distiller is not None else None
+    if teacher is not None and distiller.teacher_train_mode:
+        # batch statistics and dropout, as the method's official code runs its teacher; the running
+        # statistics it updates are never read (the teacher is not evaluated or saved)
+        teacher.train()
     step_times: list[float] = []
     t_start = time.perf_counter()
 
@@ -743,19 +805,28 @@ def _train(cfg: Config, env: DistEnv, resume, overwrite, allow_change, callback,
 
     def run_eval(step: int) -> dict | None:
         """The evaluation at `step`, logged; None when a stop request cut it short (nothing logged)."""
-        in_fn = None
-        if cfg.stage == "teacher" and cfg.method == "lad":
-            from .distill.lad import label_channel
+        in_fn = blind_fn = None
+        if lad_teacher:
+            from .distill.lad import with_label
 
-            in_fn = lambda im, lab: torch.cat([im, label_channel(lab, num_classes, train=False).to(im.dtype)], 1)  # noqa: E731
+            scale = {**get_method_options("lad"), **cfg.distill.options}["label_scale"]
+            in_fn = lambda im, lab: with_label(im, lab, num_classes, scale)  # noqa: E731
+            blind_fn = lambda im, lab: with_label(im, lab, num_classes, scale, zero_label=True)  # noqa: E731
         try:
             m = evaluate(objective.model, val_set, cfg, device, env, in_fn, should_stop=stop_requested)
+            if blind_fn is not None:
+                # the label channel zeroed: a teacher that reads the label drops here (the check that it does)
+                blind = evaluate(objective.model, val_set, cfg, device, env, blind_fn, should_stop=stop_requested)
+                m["no_label"] = {k: blind[k] for k in ("miou", "pixel_acc", "per_class_iou")}
         except EvalStopped:
             return None
         finally:
             _train_mode(objective, cfg.bn_eval)
-        logger.log({"kind": "eval", "step": step, "miou": m["miou"], "pixel_acc": m["pixel_acc"],
-                    "per_class_iou": m["per_class_iou"]})
+        record = {"kind": "eval", "step": step, "miou": m["miou"], "pixel_acc": m["pixel_acc"],
+                  "per_class_iou": m["per_class_iou"]}
+        if "no_label" in m:
+            record.update(miou_no_label=m["no_label"]["miou"], pixel_acc_no_label=m["no_label"]["pixel_acc"])
+        logger.log(record)
         return m
 
     status, step, metrics, stopped_in, seg_seconds = "done", start, None, None, None
@@ -767,6 +838,7 @@ def _train(cfg: Config, env: DistEnv, resume, overwrite, allow_change, callback,
         for images, labels in (loader if status == "done" else ()):
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
+            objective.step = step  # the step about to be taken (0-based)
             with amp():
                 t_out = None
                 if teacher is not None:
@@ -775,6 +847,9 @@ def _train(cfg: Config, env: DistEnv, resume, overwrite, allow_change, callback,
                 losses = wrapped(images, labels, t_out)
                 loss = sum(losses.values())
             scaler.scale(loss).backward()
+            if distiller is not None:
+                for p in distiller.frozen_parameters(step, sampler.per_epoch, objective.model):
+                    p.grad = None  # this phase of the recipe does not update them
             if cfg.optim.grad_clip:
                 scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.optim.grad_clip)

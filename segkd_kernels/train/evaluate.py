@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, DataConfig, _merge, apply_override, validate_data
 from .engine import DistEnv, build_from_spec, evaluate, resolve_device
@@ -45,9 +43,15 @@ def evaluate_checkpoint(path: str, *, dataset: str | None = None, split: str | N
     if ds.num_classes != spec["num_classes"]:
         raise ConfigError(f"--dataset: {cfg.data.name} has {ds.num_classes} classes, the model predicts "
                           f"{spec['num_classes']}")
-    in_fn = None
-    if spec["in_channels"] == 4:  # a label-assisted (LAD) teacher: it sees the deterministic label code
-        from .distill.lad import label_channel
+    if spec["in_channels"] != 4:
+        return evaluate(model, ds, cfg, dev, None, None)
+    # a label-assisted (LAD) teacher: it sees the deterministic label code at the amplitude it was
+    # trained with; its score with the label channel zeroed says whether it reads the label at all
+    from .distill.lad import recorded_label_scale, with_label
 
-        in_fn = lambda im, lab: torch.cat([im, label_channel(lab, ds.num_classes, train=False).to(im.dtype)], 1)  # noqa: E731
-    return evaluate(model, ds, cfg, dev, None, in_fn)
+    scale = recorded_label_scale(state.get("config"))
+    m = evaluate(model, ds, cfg, dev, None, lambda im, lab: with_label(im, lab, ds.num_classes, scale))
+    blind = evaluate(model, ds, cfg, dev, None, lambda im, lab: with_label(im, lab, ds.num_classes, scale,
+                                                                         zero_label=True))
+    m["no_label"] = {k: blind[k] for k in ("miou", "pixel_acc", "per_class_iou")}
+    return m

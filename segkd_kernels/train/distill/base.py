@@ -85,8 +85,31 @@ class Distiller(nn.Module, abc.ABC):
                 labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """{term name: weight * loss} for one batch; every method implements it."""
 
+    # Training-schedule hooks (defaults: none of them changes anything).
+    @property
+    def teacher_train_mode(self) -> bool:
+        """True: the teacher runs in training mode (batch statistics, dropout), as some official codes do."""
+        return False
+
+    def task_scale(self, batch_size: int) -> float:
+        """Factor on the task loss (cross-entropy and auxiliary): a recipe's normalisation of it."""
+        return 1.0
+
+    def frozen_parameters(self, step: int, steps_per_epoch: int, model: nn.Module):
+        """Parameters (of the student `model` or of this distiller) not to update at `step` (0-based):
+        the trainer drops their gradients before the optimiser step, so neither the update nor the
+        weight decay touches them, and the phase is a function of the step alone (exact resume)."""
+        return ()
+
     def active(self, term: str) -> bool:
         return self.weights.get(term, 0.0) > 0
+
+
+def check_point(point, student_channels: dict, teacher_channels: dict, key: str = "distill.options.point") -> None:
+    """A configured feature point that both models have, or a one-line error naming what they have."""
+    if point not in student_channels or point not in teacher_channels:
+        raise ValueError(f"{key}: {point!r} is not a feature point of both models (student "
+                         f"{sorted(student_channels)}, teacher {sorted(teacher_channels)})")
 
 
 def match_size(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

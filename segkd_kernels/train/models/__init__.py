@@ -2,10 +2,12 @@
 state-dict layouts, and DeepLabV3, DeepLabV3+, PSPNet and FCN heads.
 
     model = build_model("deeplabv3", "resnet18", num_classes=19, output_stride=8)
-    out = model(images)   # {"layer1".."layer4", "neck", "aspp", "logits"[, "decoder", "aux"]}
+    out = model(images)   # {"layer1".."layer4", "layer4_pre", "neck", "aspp", "embed", "logits"[, "decoder", "aux"]}
 
 Every model returns a dict of named feature points, so a distiller picks any point by name;
-`feature_channels` / `feature_strides` describe each point. Logits come at the head's own resolution
+`feature_channels` / `feature_strides` describe each point: "layer4_pre" is layer4 before its final
+ReLU, "aspp" the ASPP projection before its dropout ("neck" after it), "embed" the classifier's input
+(DeepLabV3: after the 3x3 conv block that follows the ASPP). Logits come at the head's own resolution
 (the output stride, or 4 for DeepLabV3+); the caller upsamples.
 """
 
@@ -28,19 +30,22 @@ __all__ = ["ARCHS", "BACKBONES", "SegModel", "build_backbone", "build_model",
 
 
 def build_backbone(backbone: str, *, output_stride: int = 8, width: float = 1.0,
-                   in_channels: int = 3) -> nn.Module:
+                   in_channels: int = 3, deep_stem: bool = False) -> nn.Module:
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
     if backbone == "mobilenetv2":
+        if deep_stem:
+            raise ValueError("deep_stem: a ResNet option; mobilenetv2 has its own stem")
         return MobileNetV2(output_stride=output_stride, width=width, in_channels=in_channels)
-    return ResNet(backbone, output_stride=output_stride, width=width, in_channels=in_channels)
+    return ResNet(backbone, output_stride=output_stride, width=width, in_channels=in_channels,
+                  deep_stem=deep_stem)
 
 
 class SegModel(nn.Module):
     """A backbone plus a head (plus an optional auxiliary FCN head on layer3)."""
 
     def __init__(self, arch: str, backbone: str, num_classes: int, *, output_stride: int = 8,
-                 width: float = 1.0, in_channels: int = 3, aux: bool = False):
+                 width: float = 1.0, in_channels: int = 3, aux: bool = False, deep_stem: bool = False):
         super().__init__()
         if arch not in HEADS:
             raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
@@ -57,15 +62,17 @@ class SegModel(nn.Module):
         self.arch, self.backbone_name = arch, backbone
         self.num_classes, self.output_stride, self.in_channels = num_classes, output_stride, in_channels
         self.backbone = build_backbone(backbone, output_stride=output_stride, width=width,
-                                       in_channels=in_channels)
+                                       in_channels=in_channels, deep_stem=deep_stem)
         self.head = HEADS[arch](self.backbone.channels, num_classes, width, output_stride)
         self.aux_head = FCNHead(self.backbone.channels["layer3"], num_classes) if aux else None
         self.feature_channels = dict(self.backbone.channels)
         self.feature_strides = dict(self.backbone.strides)
+        self.feature_channels["layer4_pre"] = self.feature_channels["layer4"]
+        self.feature_strides["layer4_pre"] = self.feature_strides["layer4"]
         head_stride = self.feature_strides["layer1"] if arch == "deeplabv3plus" else output_stride
         for name, c in self.head.channels.items():
             self.feature_channels[name] = c
-            self.feature_strides[name] = head_stride if name == "decoder" else output_stride
+            self.feature_strides[name] = head_stride if name in ("decoder", "embed") else output_stride
         self.feature_channels["logits"] = num_classes
         self.feature_strides["logits"] = head_stride
         if aux:
@@ -124,10 +131,11 @@ def load_backbone_weights(backbone: nn.Module, path_or_state: str | os.PathLike 
 
 def build_model(arch: str, backbone: str, num_classes: int, *, output_stride: int = 8,
                 width: float = 1.0, in_channels: int = 3, aux: bool = False,
-                backbone_weights: str | None = None) -> SegModel:
-    """Build `arch` on `backbone` ("resnet18/50/101", "mobilenetv2"); see the module docstring."""
+                backbone_weights: str | None = None, deep_stem: bool = False) -> SegModel:
+    """Build `arch` on `backbone` ("resnet18/50/101", "mobilenetv2"); see the module docstring.
+    deep_stem: ResNets start with three 3x3 convs (v1c, CIRKD's ImageNet weights) instead of one 7x7."""
     model = SegModel(arch, backbone, num_classes, output_stride=output_stride, width=width,
-                     in_channels=in_channels, aux=aux)
+                     in_channels=in_channels, aux=aux, deep_stem=deep_stem)
     if backbone_weights is not None:
         load_backbone_weights(model.backbone, backbone_weights)
     return model

@@ -30,6 +30,13 @@ class ASPP(nn.Module):
         outs.append(self.pool(x).expand(-1, -1, x.shape[2], x.shape[3]))
         return self.project(torch.cat(outs, 1))
 
+    def features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(projection before the dropout, after it): AttnFD reads the first, as its official code does."""
+        outs = [b(x) for b in self.branches]
+        outs.append(self.pool(x).expand(-1, -1, x.shape[2], x.shape[3]))
+        pre = self.project[0](torch.cat(outs, 1))
+        return pre, self.project[1](pre)
+
 
 class PPM(nn.Module):
     """PSPNet's pyramid pooling module (bins 1, 2, 3, 6) followed by the 3x3 bottleneck conv."""
@@ -77,11 +84,13 @@ class DeepLabV3Head(nn.Module):
         # torchvision's DeepLabHead: ASPP then one more 3x3 conv before the classifier
         self.conv = conv_bn_relu(mid, mid, 3)
         self.classifier = nn.Conv2d(mid, num_classes, 1)
-        self.channels = {"neck": mid, "aspp": mid}
+        self.channels = {"neck": mid, "aspp": mid, "embed": mid}
 
     def forward(self, feats: dict[str, Tensor]) -> dict[str, Tensor]:
-        neck = self.aspp(feats["layer4"])
-        return {"neck": neck, "aspp": neck, "logits": self.classifier(self.conv(neck))}
+        aspp, neck = self.aspp.features(feats["layer4"])
+        # embed: after the head's 3x3 conv block, the pixel embedding CIRKD and SKD distil
+        embed = self.conv(neck)
+        return {"neck": neck, "aspp": aspp, "embed": embed, "logits": self.classifier(embed)}
 
 
 class DeepLabV3PlusHead(nn.Module):
@@ -94,14 +103,14 @@ class DeepLabV3PlusHead(nn.Module):
         self.low = conv_bn_relu(channels["layer1"], low, 1)
         self.decoder = nn.Sequential(conv_bn_relu(mid + low, mid, 3), conv_bn_relu(mid, mid, 3))
         self.classifier = nn.Conv2d(mid, num_classes, 1)
-        self.channels = {"neck": mid, "aspp": mid, "decoder": mid}
+        self.channels = {"neck": mid, "aspp": mid, "decoder": mid, "embed": mid}
 
     def forward(self, feats: dict[str, Tensor]) -> dict[str, Tensor]:
-        neck = self.aspp(feats["layer4"])
+        aspp, neck = self.aspp.features(feats["layer4"])
         low = self.low(feats["layer1"])
         up = F.interpolate(neck, size=low.shape[2:], mode="bilinear", align_corners=False)
         dec = self.decoder(torch.cat([up, low], 1))
-        return {"neck": neck, "aspp": neck, "decoder": dec, "logits": self.classifier(dec)}
+        return {"neck": neck, "aspp": aspp, "decoder": dec, "embed": dec, "logits": self.classifier(dec)}
 
 
 class PSPHead(nn.Module):
@@ -111,22 +120,22 @@ class PSPHead(nn.Module):
         self.ppm = PPM(channels["layer4"], mid)
         self.dropout = nn.Dropout(0.1)
         self.classifier = nn.Conv2d(mid, num_classes, 1)
-        self.channels = {"neck": mid, "ppm": mid}
+        self.channels = {"neck": mid, "ppm": mid, "embed": mid}
 
     def forward(self, feats: dict[str, Tensor]) -> dict[str, Tensor]:
         neck = self.ppm(feats["layer4"])
-        return {"neck": neck, "ppm": neck, "logits": self.classifier(self.dropout(neck))}
+        return {"neck": neck, "ppm": neck, "embed": neck, "logits": self.classifier(self.dropout(neck))}
 
 
 class FCNSegHead(nn.Module):
     def __init__(self, channels: dict[str, int], num_classes: int, width: float, output_stride: int):
         super().__init__()
         self.head = FCNHead(channels["layer4"], num_classes)
-        self.channels = {"neck": self.head.channels}
+        self.channels = {"neck": self.head.channels, "embed": self.head.channels}
 
     def forward(self, feats: dict[str, Tensor]) -> dict[str, Tensor]:
         neck = self.head.features(feats["layer4"])
-        return {"neck": neck, "logits": self.head.classifier(self.head.dropout(neck))}
+        return {"neck": neck, "embed": neck, "logits": self.head.classifier(self.head.dropout(neck))}
 
 
 HEADS = {"deeplabv3": DeepLabV3Head, "deeplabv3plus": DeepLabV3PlusHead, "pspnet": PSPHead,

@@ -100,6 +100,7 @@ class MobileNetV2(nn.Module):
                 x = self.features[i](x)
             out[name] = x
             start = end + 1
+        out["layer4_pre"] = out["layer4"]  # the last block is a linear bottleneck: no final ReLU
         return out
 
     first_conv = "features.0.0.weight"

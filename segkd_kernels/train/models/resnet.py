@@ -10,6 +10,7 @@ supports dilation too, which segmentation students need.
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._common import scaled
@@ -31,11 +32,15 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
 
-    def forward(self, x: Tensor) -> Tensor:
+    def residual(self, x: Tensor) -> Tensor:
+        """The block's output before its final ReLU."""
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        return out + identity
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.relu(self.residual(x))
 
 
 class Bottleneck(nn.Module):
@@ -55,19 +60,23 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
-    def forward(self, x: Tensor) -> Tensor:
+    def residual(self, x: Tensor) -> Tensor:
+        """The block's output before its final ReLU."""
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        return out + identity
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.relu(self.residual(x))
 
 
 class ResNet(nn.Module):
     """Stages `layer1..layer4` at strides 4, 8, then 8/16 depending on `output_stride`."""
 
     def __init__(self, depth: str, *, output_stride: int = 8, width: float = 1.0,
-                 in_channels: int = 3):
+                 in_channels: int = 3, deep_stem: bool = False):
         super().__init__()
         if depth not in _STAGE_BLOCKS:
             raise ValueError(f"unknown ResNet {depth!r}; choose one of {sorted(_STAGE_BLOCKS)}")
@@ -78,10 +87,21 @@ class ResNet(nn.Module):
         # torchvision's replace_stride_with_dilation for layer2..layer4
         dilate = {8: (False, True, True), 16: (False, False, True), 32: (False, False, False)}[
             output_stride]
-        self.in_channels = in_channels
+        self.in_channels, self.deep_stem = in_channels, deep_stem
         self.inplanes = scaled(64, width)
         self.dilation = 1
-        self.conv1 = nn.Conv2d(in_channels, self.inplanes, 7, 2, 3, bias=False)
+        if deep_stem:
+            # ResNet-v1c / CIRKD's "resnet18-imagenet.pth" stem: three 3x3 convs (64, 64, 128) instead
+            # of one 7x7; the baseline CIRKD and LAD report uses it (module names as CIRKD's ResNetV1b)
+            stem = self.inplanes
+            self.conv1 = nn.Sequential(
+                nn.Conv2d(in_channels, stem, 3, 2, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True),
+                nn.Conv2d(stem, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True),
+                nn.Conv2d(stem, 2 * stem, 3, 1, 1, bias=False))
+            self.inplanes = 2 * stem
+            self.first_conv = "conv1.0.weight"
+        else:
+            self.conv1 = nn.Conv2d(in_channels, self.inplanes, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(self.inplanes)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
@@ -126,9 +146,15 @@ class ResNet(nn.Module):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         out = {}
-        for name in ("layer1", "layer2", "layer3", "layer4"):
+        for name in ("layer1", "layer2", "layer3"):
             x = getattr(self, name)(x)
             out[name] = x
+        for block in self.layer4[:-1]:
+            x = block(x)
+        # layer4 before its final ReLU too (AttnFD distils it there, as its official code does);
+        # the ReLU is not in place so both tensors live
+        out["layer4_pre"] = self.layer4[-1].residual(x)
+        out["layer4"] = F.relu(out["layer4_pre"])
         return out
 
     # names of the first conv and of entries a torchvision checkpoint has but this backbone lacks
