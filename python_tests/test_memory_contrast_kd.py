@@ -173,15 +173,15 @@ def test_bad_temperatures(name, value):
 def _cirkd(weights=None, options=None, k=4, c_s=6, c_t=8):
     from segkd_kernels.train.distill import build_distiller
 
-    return build_distiller("cirkd", {"logits": k, "neck": c_s}, {"logits": k, "neck": c_t}, k,
+    return build_distiller("cirkd", {"logits": k, "embed": c_s}, {"logits": k, "embed": c_t}, k,
                            weights=weights, options=options, backend="reference")
 
 
 def _outputs(k=4, c_s=6, c_t=8, n=2, h=4, w=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     student = {"logits": torch.randn(n, k, h, w, generator=g, requires_grad=True),
-               "neck": torch.randn(n, c_s, h, w, generator=g, requires_grad=True)}
-    teacher = {"logits": torch.randn(n, k, h, w, generator=g), "neck": torch.randn(n, c_t, h, w, generator=g)}
+               "embed": torch.randn(n, c_s, h, w, generator=g, requires_grad=True)}
+    teacher = {"logits": torch.randn(n, k, h, w, generator=g), "embed": torch.randn(n, c_t, h, w, generator=g)}
     labels = torch.randint(0, k, (n, 4 * h, 4 * w), generator=g)
     labels[:, :3] = 255
     return student, teacher, labels
@@ -189,7 +189,7 @@ def _outputs(k=4, c_s=6, c_t=8, n=2, h=4, w=5, seed=0):
 
 def test_cirkd_distiller_memory_terms_follow_cirkd():
     """Defaults as CIRKD's training script, per-class bank slots size // K + 1, pixels drawn from the
-    class, and each term is its weight times StudentSegContrast's loss on the neck embeddings."""
+    class, and each term is its weight times StudentSegContrast's loss on the embed-point embeddings."""
     from segkd_kernels.compat.cirkd import StudentSegContrast
 
     d = _cirkd(options={"pixel_memory_size": 30, "region_memory_size": 5, "pixel_contrast_size": 9,
@@ -209,12 +209,12 @@ def test_cirkd_distiller_memory_terms_follow_cirkd():
     student, teacher, labels = _outputs()
     out = d(student, teacher, labels)
     assert set(out) == {"cross_image", "kd", "memory_pixel", "memory_region"}
-    pixel, region = twin(student["neck"], teacher["neck"], labels)
+    pixel, region = twin(student["embed"], teacher["embed"], labels)
     assert_close(out["memory_pixel"], 0.3 * pixel)
     assert_close(out["memory_region"], 0.02 * region)
     assert not torch.equal(before, m.teacher_pixel_queue)  # the queue took this step's teacher pixels
     sum(out.values()).backward()
-    assert student["neck"].grad is not None
+    assert student["embed"].grad is not None
     assert all(p.grad is not None for p in m.project_head.parameters())  # trained with the student
 
 
