@@ -16,6 +16,9 @@ try:
 except ImportError:  # triton missing: _backends reports why
     cbam_gate_triton = None
 from .cuda import cbam_gate_cuda
+from .._eager import install as _install_eager_path
+
+_install_eager_path()  # eager calls of the custom ops skip the dispatcher (ops/_eager.py)
 
 
 def cbam_gate(x: torch.Tensor, channel_gate: torch.Tensor, spatial_gate: torch.Tensor, *,

@@ -16,6 +16,9 @@ try:
 except ImportError:  # triton missing: _backends reports why
     channel_pool_triton = None
 from .cuda import channel_pool_cuda
+from .._eager import install as _install_eager_path
+
+_install_eager_path()  # eager calls of the custom ops skip the dispatcher (ops/_eager.py)
 
 
 def channel_pool(x: torch.Tensor, gate: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:
