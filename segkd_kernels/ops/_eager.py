@@ -39,6 +39,7 @@ calls from kernels being compiled (with `_semantic`) and any other arguments tak
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
@@ -49,8 +50,23 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _is_compiling = torch.compiler.is_compiling
 
 
+_ENABLED = [True]  # dispatcher_path() turns the fast path off
+
+
+@contextlib.contextmanager
+def dispatcher_path():
+    """Inside the block every segkd custom op goes through the dispatcher, as without install()
+    (to compare the two paths, or to rule the fast path out when debugging)."""
+    saved = _ENABLED[0]
+    _ENABLED[0] = False
+    try:
+        yield
+    finally:
+        _ENABLED[0] = saved
+
+
 def _slow_path_needed() -> bool:
-    return bool(_C._len_torch_dispatch_stack() or _C._are_functorch_transforms_active()
+    return bool(not _ENABLED[0] or _C._len_torch_dispatch_stack() or _C._are_functorch_transforms_active()
                 or _C._is_any_autocast_enabled())
 
 
@@ -150,4 +166,4 @@ def install() -> None:
                 fn.__class__ = _HostConstexprFunction
 
 
-__all__ = ["install"]
+__all__ = ["dispatcher_path", "install"]
