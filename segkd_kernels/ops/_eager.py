@@ -47,6 +47,7 @@ from torch._library.custom_ops import OPDEFS, CustomOpDef
 
 _C = torch._C
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_FUNCTION_APPLY = _C._FunctionBase.__dict__["apply"]
 _is_compiling = torch.compiler.is_compiling
 
 
@@ -77,7 +78,8 @@ def _has_tensor_list(op: CustomOpDef) -> bool:
 
 
 def _build(op: CustomOpDef):
-    """(function, autograd.Function or None, number of positional parameters, their defaults)."""
+    """(function, the apply of its autograd.Function or None, number of positional parameters, their
+    defaults)."""
     fn = op._init_fn
     params = list(inspect.signature(fn).parameters.values())
     defaults = tuple(p.default for p in params)
@@ -86,10 +88,10 @@ def _build(op: CustomOpDef):
         setup_context, backward_fn = op._setup_context_fn, op._backward_fn
 
         def forward(ctx, *args):
-            with _C._AutoDispatchBelowAutograd():
-                result = fn(*args)
-                if setup_context is not None:
-                    setup_context(ctx=ctx, inputs=args, output=result)
+            # grad mode is off here (as below the dispatcher's autograd key): nothing is recorded
+            result = fn(*args)
+            if setup_context is not None:
+                setup_context(ctx=ctx, inputs=args, output=result)
             return result
 
         def backward(ctx, *grads):
@@ -98,6 +100,10 @@ def _build(op: CustomOpDef):
         name = "EagerBackwardFor_" + op._qualname.replace("::", "_")
         function = type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
                                                            "backward": staticmethod(backward)})
+        # The C++ apply, bound to this class: Function.apply's Python prologue only binds default
+        # arguments for a setup_context-style forward (not this one) and unwraps functorch tensors
+        # of exited transforms (transforms active take the dispatcher path)
+        function = _FUNCTION_APPLY.__get__(None, function)
     return fn, function, len(params), defaults
 
 
@@ -128,9 +134,8 @@ class _EagerCustomOpDef(CustomOpDef):
         if _C.is_grad_enabled() and _C._any_requires_grad(*args):
             if function is None:
                 return self._opoverload(*args)
-            return function.apply(*args)
-        with _C._AutoDispatchBelowAutograd():
-            return fn(*args)
+            return function(*args)
+        return fn(*args)  # what the op's no-grad path runs
 
 
 try:
