@@ -94,12 +94,10 @@ def _build(op: CustomOpDef):
                 setup_context(ctx=ctx, inputs=args, output=result)
             return result
 
-        def backward(ctx, *grads):
-            return backward_fn(ctx, *grads)
-
+        # the registered backward itself: it takes (ctx, *grads) and returns one gradient per input
         name = "EagerBackwardFor_" + op._qualname.replace("::", "_")
         function = type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
-                                                           "backward": staticmethod(backward)})
+                                                           "backward": staticmethod(backward_fn)})
         # The C++ apply, bound to this class: Function.apply's Python prologue only binds default
         # arguments for a setup_context-style forward (not this one) and unwraps functorch tensors
         # of exited transforms (transforms active take the dispatcher path)
