@@ -838,9 +838,16 @@ class Compiler:
         sass = split_sass_functions(_sass_of_cubin(kernel.asm["cubin"], self.cache_dir))
         facts = dict(ptxas, smem=int(kernel.metadata.shared), num_warps=int(kernel.metadata.num_warps),
                      num_stages=int(kernel.metadata.num_stages), **sass_mix(sass.get(name, "")),
-                     loops=sass_loops(_sass_of_cubin(kernel.asm["cubin"], self.cache_dir, lines=True)))
+                     loops=self._loops(kernel.asm["cubin"]))
         index.write_text(json.dumps(facts))
         return facts
+
+    def _loops(self, cubin: bytes) -> dict:
+        """sass_loops of the cubin, or {"error": why} (the instruction model then has no value)."""
+        try:
+            return sass_loops(_sass_of_cubin(cubin, self.cache_dir, lines=True))
+        except (subprocess.CalledProcessError, OSError) as err:
+            return {"error": f"nvdisasm failed: {type(err).__name__}"}
 
     def _ptxas(self, ptx: str, cc: int) -> dict:
         with tempfile.TemporaryDirectory(dir=self.cache_dir) as tmp:
@@ -1050,11 +1057,14 @@ def static_rows(ops, dtypes, archs, cache_dir: Path, log=print, shape_set: str =
 def launch_instructions(launches, facts: dict) -> tuple[int | None, str]:
     """Modelled dynamic thread-instructions of launches of one compiled kernel: per launch, the
     warp-instructions of one program (dynamic_instructions) x 32 lanes x num_warps x programs."""
-    if "loops" not in facts:
-        return None, "no SASS loop facts"
+    if "loops" not in facts or "error" in facts["loops"]:
+        return None, facts.get("loops", {}).get("error", "no SASS loop facts")
     total = 0
     for launch in launches:
-        per_program, why = dynamic_instructions(launch.fn, facts["loops"], launch.values, launch.grid)
+        try:
+            per_program, why = dynamic_instructions(launch.fn, facts["loops"], launch.values, launch.grid)
+        except (OSError, SyntaxError, KeyError, ValueError, TypeError) as err:  # a source the model cannot read
+            return None, f"model failed: {type(err).__name__}: {err}"
         if per_program is None:
             return None, why
         total += per_program * 32 * facts["num_warps"] * math.prod(launch.grid)
