@@ -136,6 +136,12 @@ def _check(rows_by_arch, *, every_known_seen: bool, kinds=("triton", "cuda")) ->
             assert int(r["regs"]) > 0 and int(r["sass_total"]) > 0, (arch, r["op"], r["kernel"])
             assert r["fp_fusion_pinned"] == "True", f"{r['op']} {r['kernel']}: launch does not pass **FP_FUSION"
             assert int(r["ctas_per_sm"]) >= 1, f"{r['op']} {r['kernel']} {arch}: does not fit on an SM"
+        # the instruction model: a value per phase that launches Triton kernels, or the reason why not
+        for r in rows:
+            if r["row"] == "op":
+                for col in ("instr_per_elem_fwd", "instr_per_elem_bwd"):
+                    assert (r[col] != "" and float(r[col]) >= 0) or "no instruction model" in r["note"], \
+                        (arch, r["op"], r["shape"], r["dtype"], col, r["note"])
     found = {e for e in _spill_entries(rows_by_arch) if e[0] in kinds}
     known = {e for e in KNOWN_SPILLS if e[0] in kinds}
     new = sorted(found - known)
