@@ -108,10 +108,10 @@ def test_auto_on_cuda_picks_a_fused_backend():
 
 # ---- the eager fast path of the custom ops (ops/_eager.py) ------------------------------------------
 
-def _forward_backward(case, inputs):
+def _forward_backward(case, inputs, backend="triton"):
     """Outputs, the autograd node names of the differentiable ones, and the gradients (grad_output 1,
     then 2 through a retained graph, so that saved tensors are used twice)."""
-    out = case.api(*inputs.tensors, backend="triton", **inputs.kwargs)
+    out = case.api(*inputs.tensors, backend=backend, **inputs.kwargs)
     outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, torch.Tensor)]
     diff = [o for o in outs if o.requires_grad]
     leaves = [inputs.tensors[i] for i in inputs.grad_of]
@@ -180,3 +180,29 @@ def test_fast_path_leaves_meta_tensors_to_the_fake_implementation():
     x = torch.empty(2, 3, 4, 5, device="meta")
     out = cbam_gate_triton(x, torch.empty(2, 3, device="meta"), torch.empty(2, 4, 5, device="meta"))
     assert out.device.type == "meta" and out.shape == x.shape
+
+
+@pytest.mark.skipif(_backends.host_library()[0] is None, reason="host build of the CUDA kernels not available")
+@pytest.mark.parametrize("op", PUBLIC_OPS)
+def test_eager_fast_path_matches_the_dispatcher_path_for_the_cuda_kernels(op):
+    """The same for the cuda backend's custom ops, run on CPU tensors by the host build of csrc/."""
+    from segkd_kernels.bench import cases
+    from segkd_kernels.ops._eager import dispatcher_path
+
+    case = cases.CASES[op]
+    if "cuda" not in implemented_backends()[op]:
+        pytest.skip(f"{op} has no cuda backend")
+    torch.manual_seed(0)
+    inputs = case.make(case.quick_shapes[0], torch.float32, "cpu")
+    with _backends.host_execution() as host:
+        # the host layer runs blocks and threads in a seeded random order (atomic adds follow it):
+        # the same seed for both paths, so that bit-identical is the expectation
+        host.host_set_seed(1234)
+        out_f, nodes_f, grads_f = _forward_backward(case, inputs, "cuda")
+        host.host_set_seed(1234)
+        with dispatcher_path():
+            out_s, nodes_s, grads_s = _forward_backward(case, inputs, "cuda")
+    assert len(out_f) == len(out_s) and all(torch.equal(a, b) for a, b in zip(out_f, out_s))
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(grads_f, grads_s))
+    assert any(n.startswith("EagerBackwardFor_segkd") for n in nodes_f), nodes_f
+    assert not any(n.startswith("EagerBackwardFor") for n in nodes_s), nodes_s
