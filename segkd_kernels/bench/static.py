@@ -258,10 +258,11 @@ class _Env(dict):
     def __init__(self, values=(), pid=(0, 0, 0), grid=(1, 1, 1)):
         super().__init__(values)
         self.pid, self.grid, self.used_pid = pid, grid, [False]
+        self.loop = None  # the source loop (file, line) enclosing this point, through call sites
 
     def child(self):
         c = _Env(self, self.pid, self.grid)
-        c.used_pid = self.used_pid
+        c.used_pid, c.loop = self.used_pid, self.loop
         return c
 
 
@@ -345,8 +346,10 @@ def _parsed(fn):
 
 def loop_trips(fn, env: _Env, trips: dict | None = None, spans: dict | None = None, depth: int = 0):
     """Trip counts of the loops of kernel fn (and of the @triton.jit helpers it calls, inlined at
-    each call) for one program: ({(file, line of a for): [trips at each visit]}, {(file, line):
-    (first line, last line)}); None for a loop whose bounds the launch does not determine.
+    each call) for one program: ({(file, line of a for): [(trips, enclosing loop) at each visit]},
+    {(file, line): (first line, last line, function)}); trips None for a loop whose bounds the
+    launch does not determine; the enclosing loop is the (file, line) of the source loop the visit
+    is in, through call sites (None at the top level).
 
     Range bounds are evaluated from the launch's scalar arguments and constexprs and the program
     id of `env`; scalar assignments are followed in order (one that cannot be evaluated makes its
@@ -373,7 +376,7 @@ def loop_trips(fn, env: _Env, trips: dict | None = None, spans: dict | None = No
                     cfunc = _parsed(callee)[0]
                     names = [a.arg for a in cfunc.args.args]
                     inner = _Env({}, env.pid, env.grid)
-                    inner.used_pid = env.used_pid
+                    inner.used_pid, inner.loop = env.used_pid, env.loop
                     for name, arg in zip(names, call.args):
                         try:
                             inner[name] = _eval(arg, env)
@@ -392,6 +395,7 @@ def loop_trips(fn, env: _Env, trips: dict | None = None, spans: dict | None = No
             elif isinstance(st, ast.For):
                 key = (path, st.lineno + first - 1)
                 inner = env.child()
+                inner.loop = key
                 it = st.iter
                 try:
                     called = it.func if isinstance(it, ast.Call) else None
@@ -399,11 +403,11 @@ def loop_trips(fn, env: _Env, trips: dict | None = None, spans: dict | None = No
                         raise _Unknown("iterator")  # tl.static_range is unrolled: no SASS loop
                     bounds = [_eval(a, env) for a in it.args]
                     start, end, step = (0, bounds[0], 1) if len(bounds) == 1 else (*bounds, 1)[:3]
-                    trips.setdefault(key, []).append(max(0, -(-(end - start) // step)))
+                    trips.setdefault(key, []).append((max(0, -(-(end - start) // step)), env.loop))
                     if isinstance(st.target, ast.Name):
                         inner[st.target.id] = start
                 except (_Unknown, ZeroDivisionError, IndexError, TypeError, ValueError, AttributeError):
-                    trips.setdefault(key, []).append(None)
+                    trips.setdefault(key, []).append((None, env.loop))
                     if isinstance(st.target, ast.Name):
                         inner.pop(st.target.id, None)
                 walk(st.body, inner)
@@ -411,7 +415,7 @@ def loop_trips(fn, env: _Env, trips: dict | None = None, spans: dict | None = No
                     env.pop(name, None)
             elif isinstance(st, (ast.If, ast.While, ast.With)):
                 if isinstance(st, ast.While):
-                    trips.setdefault((path, st.lineno + first - 1), []).append(None)
+                    trips.setdefault((path, st.lineno + first - 1), []).append((None, env.loop))
                 else:
                     helper_calls(getattr(st, "test", ast.Constant(0)), env)
                 taken = None
@@ -464,7 +468,8 @@ def dynamic_instructions(fn, loops: dict, values: dict, grid: tuple) -> tuple[fl
     unrolled main loop and a remainder): sibling SASS loops matched to the same source loop share
     its trips, the largest body taking trips // u (u = its size over the smallest body's, the
     unroll factor) and the others trips % u. A helper inlined at several call sites gives one SASS
-    loop per site, taken in address order. Everything outside loops counts once: both sides of a
+    loop per site: the sites inside the source loop that the enclosing SASS loop matched, taken in
+    address order. Everything outside loops counts once: both sides of a
     branch, all of the prologue. Trip counts that depend on the program id are evaluated for every
     program (up to _PIDS_SAMPLED of them, spread over the grid) and averaged."""
     g = tuple(grid) + (1,) * (3 - len(grid))
@@ -524,7 +529,11 @@ def dynamic_instructions(fn, loops: dict, values: dict, grid: tuple) -> tuple[fl
         for i, key in enumerate(matched):
             groups.setdefault((key, parent.get(i)), []).append(i)
         for (key, _p), members in groups.items():
-            visits = trips.get(key, [None])
+            # the visits made inside the source loop the enclosing SASS loop matched (a helper
+            # called in two loops of the kernel is inlined in each)
+            outer = matched[_p] if _p is not None else None
+            visits = [n for n, where in trips.get(key, [(None, None)]) if where == outer] or \
+                [n for n, _where in trips.get(key, [(None, None)])]
             if any(v is None for v in visits):
                 return None, f"trip count of the loop at {Path(key[0]).name}:{key[1]} not determined by the launch"
             if len(members) == len(visits) > 1:  # one inlined copy per call site
