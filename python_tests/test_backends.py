@@ -104,3 +104,105 @@ def test_auto_on_cuda_picks_a_fused_backend():
     x = torch.zeros(1, 1, 2, 2, device="cuda")
     assert select_backend("spatial_pool", "auto", POOL_IMPLEMENTED, x) in ("triton", "cuda")
     assert select_backend("spatial_pool", "auto", POOL_IMPLEMENTED, x.double()) in ("triton", "reference")
+
+
+# ---- the eager fast path of the custom ops (ops/_eager.py) ------------------------------------------
+
+def _forward_backward(case, inputs, backend="triton"):
+    """Outputs, the autograd node names of the differentiable ones, and the gradients (grad_output 1,
+    then 2 through a retained graph, so that saved tensors are used twice)."""
+    out = case.api(*inputs.tensors, backend=backend, **inputs.kwargs)
+    outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, torch.Tensor)]
+    diff = [o for o in outs if o.requires_grad]
+    leaves = [inputs.tensors[i] for i in inputs.grad_of]
+    grads1 = torch.autograd.grad(diff, leaves, [torch.ones_like(o) for o in diff], retain_graph=True,
+                                 allow_unused=True)
+    grads2 = torch.autograd.grad(diff, leaves, [torch.full_like(o, 2.0) for o in diff], allow_unused=True)
+    nodes = sorted({type(o.grad_fn).__name__ for o in diff})
+    return [o.detach() for o in outs], nodes, list(grads1) + list(grads2)
+
+
+@pytest.mark.skipif(not _backends.TRITON_INTERPRET, reason="the triton backend on CPU needs the interpreter")
+@pytest.mark.parametrize("op", PUBLIC_OPS + ["knowledge_gap"])
+def test_eager_fast_path_matches_the_dispatcher_path(op):
+    """Same values and gradients, bit for bit, through the fast path and through the custom op; the
+    fast path is the one taken in eager mode (its autograd node replaces the dispatcher's)."""
+    from segkd_kernels.bench import cases
+    from segkd_kernels.ops._eager import dispatcher_path
+
+    if op == "knowledge_gap":  # not a bench case: no gradient, a custom op called without grad
+        s, t = torch.randn(2, 5, 4, 3), torch.randn(2, 5, 4, 3)
+        fast = sk.knowledge_gap(s, t, 2.0)  # auto: triton under the interpreter
+        with dispatcher_path():
+            slow = sk.knowledge_gap(s, t, 2.0)
+        assert torch.equal(fast, slow)
+        return
+    case = cases.CASES[op]
+    torch.manual_seed(0)
+    inputs = case.make(case.quick_shapes[0], torch.float32, "cpu")
+    out_f, nodes_f, grads_f = _forward_backward(case, inputs)
+    with dispatcher_path():
+        out_s, nodes_s, grads_s = _forward_backward(case, inputs)
+    assert len(out_f) == len(out_s) and all(torch.equal(a, b) for a, b in zip(out_f, out_s))
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(grads_f, grads_s))
+    assert any(n.startswith("EagerBackwardFor_segkd") for n in nodes_f), nodes_f
+    assert not any(n.startswith("EagerBackwardFor") for n in nodes_s), nodes_s
+
+
+@pytest.mark.skipif(not _backends.TRITON_INTERPRET, reason="the triton backend on CPU needs the interpreter")
+def test_torch_compile_still_traces_the_custom_ops():
+    """Under torch.compile(fullgraph=True) the graph holds the segkd custom ops (not their Python
+    bodies), forward and backward, and the result matches eager mode."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    x = torch.randn(2, 3, 4, 5, requires_grad=True)
+    mc, ms = torch.rand(2, 3), torch.rand(2, 1, 4, 5)
+    compiled = torch.compile(lambda x, mc, ms: sk.cbam_gate(x, mc, ms, backend="triton").sum(), backend=backend,
+                             fullgraph=True)
+    torch._dynamo.reset()
+    loss = compiled(x, mc, ms)
+    (grad,) = torch.autograd.grad(loss, x)
+    targets = {str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"}
+    assert any("segkd.cbam_gate_triton" in t for t in targets), targets
+    eager_loss = sk.cbam_gate(x, mc, ms, backend="triton").sum()
+    (eager_grad,) = torch.autograd.grad(eager_loss, x)
+    torch.testing.assert_close(loss, eager_loss, rtol=0, atol=0)
+    torch.testing.assert_close(grad, eager_grad, rtol=0, atol=0)
+
+
+def test_fast_path_leaves_meta_tensors_to_the_fake_implementation():
+    from segkd_kernels.ops.cbam_gate.triton import cbam_gate_triton
+
+    x = torch.empty(2, 3, 4, 5, device="meta")
+    out = cbam_gate_triton(x, torch.empty(2, 3, device="meta"), torch.empty(2, 4, 5, device="meta"))
+    assert out.device.type == "meta" and out.shape == x.shape
+
+
+@pytest.mark.skipif(_backends.host_library()[0] is None, reason="host build of the CUDA kernels not available")
+@pytest.mark.parametrize("op", PUBLIC_OPS)
+def test_eager_fast_path_matches_the_dispatcher_path_for_the_cuda_kernels(op):
+    """The same for the cuda backend's custom ops, run on CPU tensors by the host build of csrc/."""
+    from segkd_kernels.bench import cases
+    from segkd_kernels.ops._eager import dispatcher_path
+
+    case = cases.CASES[op]
+    if "cuda" not in implemented_backends()[op]:
+        pytest.skip(f"{op} has no cuda backend")
+    torch.manual_seed(0)
+    inputs = case.make(case.quick_shapes[0], torch.float32, "cpu")
+    with _backends.host_execution() as host:
+        # the host layer runs blocks and threads in a seeded random order (atomic adds follow it):
+        # the same seed for both paths, so that bit-identical is the expectation
+        host.host_set_seed(1234)
+        out_f, nodes_f, grads_f = _forward_backward(case, inputs, "cuda")
+        host.host_set_seed(1234)
+        with dispatcher_path():
+            out_s, nodes_s, grads_s = _forward_backward(case, inputs, "cuda")
+    assert len(out_f) == len(out_s) and all(torch.equal(a, b) for a, b in zip(out_f, out_s))
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(grads_f, grads_s))
+    assert any(n.startswith("EagerBackwardFor_segkd") for n in nodes_f), nodes_f
+    assert not any(n.startswith("EagerBackwardFor") for n in nodes_s), nodes_s

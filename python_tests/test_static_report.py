@@ -116,6 +116,12 @@ def _check(rows_by_arch, *, every_known_seen: bool, kinds=("triton", "cuda")) ->
             assert int(r["regs"]) > 0 and int(r["sass_total"]) > 0, (arch, r["op"], r["kernel"])
             assert r["fp_fusion_pinned"] == "True", f"{r['op']} {r['kernel']}: launch does not pass **FP_FUSION"
             assert int(r["ctas_per_sm"]) >= 1, f"{r['op']} {r['kernel']} {arch}: does not fit on an SM"
+        # the instruction model: a value per phase that launches Triton kernels, or the reason why not
+        for r in rows:
+            if r["row"] == "op":
+                for col in ("instr_per_elem_fwd", "instr_per_elem_bwd"):
+                    assert (r[col] != "" and float(r[col]) >= 0) or "no instruction model" in r["note"], \
+                        (arch, r["op"], r["shape"], r["dtype"], col, r["note"])
     found = {e for e in _spill_entries(rows_by_arch) if e[0] in kinds}
     known = {e for e in KNOWN_SPILLS if e[0] in kinds}
     new = sorted(found - known)
@@ -220,3 +226,100 @@ def test_readme_table_is_generated_from_the_csvs(tmp_path):
     shutil.copy(REPO / "README.md", copy)
     static_table.update_readme(copy, results / "static_sm90.csv", results / "static_sm80.csv")
     assert copy.read_text() == readme, "README static table is stale: run python benchmarks/make_static_table.py"
+
+
+# ---- the instruction model (instr_per_elem) ---------------------------------------------------------
+
+def _model_helper_py(x_ptr, C, BLOCK_K):
+    acc = 0
+    for k0 in range(0, C, BLOCK_K):  # helper loop
+        acc += k0
+    return acc
+
+
+def _model_kernel_py(x_ptr, n, C, chunk, BLOCK, BLOCK_K, FLAG):
+    start = tl.program_id(0) * chunk
+    end = tl.minimum(start + chunk, n)
+    if FLAG:
+        end = start + BLOCK  # not compiled when FLAG is False
+    for i in range(start, end, BLOCK):  # outer loop
+        for j in range(0, 2):  # inner loop
+            x_ptr += j
+    acc = _model_helper(x_ptr, C, BLOCK_K)
+    m = tl.load(x_ptr)
+    for k in range(0, m):  # data-dependent loop
+        acc += k
+    return acc
+
+
+try:
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    _model_helper = JITFunction(_model_helper_py)
+    _model_kernel = JITFunction(_model_kernel_py)
+except ImportError:
+    _model_helper = _model_kernel = None
+
+
+def _line_of(fn, marker: str) -> int:
+    import inspect  # noqa: PLC0415
+
+    lines, first = inspect.getsourcelines(fn)
+    return first + next(i for i, text in enumerate(lines) if marker in text)
+
+
+def _disasm(blocks) -> str:
+    """Synthetic `nvdisasm -g` text: blocks of (label or None, [(source line, opcode)])."""
+    out, addr = [], 0
+    here = str(Path(__file__).resolve())
+    for label, instrs in blocks:
+        if label:
+            out.append(f"{label}:")
+        for line, op in instrs:
+            out.append(f'\t//## File "{here}", line {line}')
+            out.append(f"        /*{addr:04x}*/                   {op} ;")
+            addr += 16
+    return "\n".join(out)
+
+
+@needs_triton
+def test_instruction_model_counts_loop_bodies_by_their_trips():
+    outer = _line_of(_model_kernel_py, "# outer loop")
+    inner = _line_of(_model_kernel_py, "# inner loop")
+    helper = _line_of(_model_helper_py, "# helper loop")
+    text = _disasm([
+        (None, [(outer - 3, "S2R R0, SR_CTAID.X"), (outer - 3, "IMAD R1, R0, R2, RZ"), (outer, "NOP")]),
+        (".L_x_0", [(outer + 1, "IADD3 R3, R3, 0x1, RZ")]),                         # outer body: 1
+        (".L_x_1", [(inner + 1, "IADD3 R4, R4, 0x1, RZ"), (inner + 1, "IADD3 R5, R5, R4, RZ"),
+                    (inner, "@P0 BRA `(.L_x_1)")]),                                    # inner body: 3
+        (None, [(outer, "@P1 BRA `(.L_x_0)")]),                                       # outer: +1 = 5 total
+        (".L_x_2", [(helper + 1, "IADD3 R6, R6, R7, RZ"), (helper, "@P2 BRA `(.L_x_2)")]),  # helper: 2
+        (None, [(outer, "EXIT")]),
+        (".L_x_3", [(outer, "BRA `(.L_x_3)")]),                                       # trap: not a loop
+    ])
+    loops = static.sass_loops(text)
+    assert len(loops["loops"]) == 3  # the branch to itself after EXIT is no loop
+    # segments: NOP not counted; [] outside, [0] outer only, [0, 1] inner, [2] helper
+    assert sorted(map(tuple, [(tuple(c), n) for c, n in loops["segments"]])) == [
+        ((), 4), ((0,), 2), ((0, 1), 3), ((2,), 2)]
+    # n = 100 over programs of chunk 40: trips ceil(40/8) = 5, 5, ceil(20/8) = 3 (mean 13/3);
+    # inner 2 trips; helper ceil(10/4) = 3
+    values = dict(n=100, C=10, chunk=40, BLOCK=8, BLOCK_K=4, FLAG=False)
+    got, why = static.dynamic_instructions(_model_kernel, loops, values, (3,))
+    assert why == ""
+    per_program = [4 + t * (2 + 3 * 2) + 2 * 3 for t in (5, 5, 3)]
+    assert got == pytest.approx(sum(per_program) / 3)
+    # the constexpr flag's side is followed: end = start + BLOCK -> one trip in every program
+    got, _ = static.dynamic_instructions(_model_kernel, loops, dict(values, FLAG=True), (3,))
+    assert got == pytest.approx(4 + 1 * (2 + 3 * 2) + 2 * 3)
+
+
+@needs_triton
+def test_instruction_model_refuses_data_dependent_trips():
+    loop_line = _line_of(_model_kernel_py, "# data-dependent loop")
+    text = _disasm([(None, [(loop_line - 1, "LDG.E R0, desc[UR4][R2.64]")]),
+                    (".L_x_0", [(loop_line + 1, "IADD3 R1, R1, R0, RZ"), (loop_line, "@P0 BRA `(.L_x_0)")])])
+    got, why = static.dynamic_instructions(_model_kernel, static.sass_loops(text),
+                                           dict(n=100, C=10, chunk=40, BLOCK=8, BLOCK_K=4, FLAG=False), (3,))
+    assert got is None and f":{loop_line} not determined by the launch" in why

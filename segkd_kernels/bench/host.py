@@ -12,7 +12,9 @@ Method (both providers measured the same way, in the same process, alternately):
   longer than one tile) that plan gets its own row, forced at the tiny shape.
 - Triton backend: the real wrappers on CPU tensors with every `JITFunction.run` intercepted
   (bench/static.py's capture in its hot-path mode): each launch costs what Triton's cached launch
-  costs on the host (binding the arguments, the cache key, the grid) minus the driver's launch.
+  costs on the host (its per-kernel caches, binding the arguments, the cache key and the kernel
+  lookup, the used-globals check, the grid) minus the driver's launch. The custom ops run through
+  their eager fast path (ops/_eager.py), as every eager call does.
 - Eager baseline (bench/eager.py): the toolbox code on the same tiny CPU tensors; each torch op
   pays its dispatch plus a CPU kernel on a few hundred elements (about what its CUDA launch
   costs the host).

@@ -9,6 +9,26 @@ GPUTarget) and read back: registers, spill bytes and stack from ptxas, shared me
 kernel's metadata, the SASS instruction mix from cuobjdump. The CUDA kernels of csrc/ are compiled
 with `nvcc -cubin -Xptxas -v` for the same archs where nvcc exists.
 
+Instructions per element (columns instr_per_elem on kernel rows, instr_per_elem_fwd / _bwd on op
+rows) is a model of the dynamic thread-instructions a launch executes, divided by the number of
+elements of the op's first input (the student or x; for a loss the output is a scalar, and the
+backward's output, the gradient, has that many elements). It is not a measurement:
+- loops are found in the SASS (`nvdisasm -g`: every backward branch closes a loop whose body is
+  the address range it jumps over); each SASS loop is matched, through the source line of its
+  instructions, to the innermost `for` of the kernel (or of a @triton.jit helper it calls);
+- a loop's trip count is evaluated from that `for`'s range with the launch's own scalar
+  arguments and constexprs (the capture records them), following the kernel's scalar
+  assignments; bounds that depend on the program id are evaluated per program (every program, or
+  1024 spread over a large grid) and averaged; a `while`, a loop over anything but `range`, or a
+  bound computed from loaded values leaves the kernel's value empty, with the reason in `note`;
+- instructions count once per trip of every enclosing loop; everything else counts once,
+  including both sides of a branch and the code a masked tail or an early exit would skip; a
+  loop ptxas splits into an unrolled main loop and a remainder shares its trips by the size
+  ratio of the two bodies; predicated-off lanes count as executed (a warp issues them anyway);
+- thread-instructions = warp-instructions per program x 32 x num_warps x programs; the torch ops
+  a wrapper runs between launches are not modelled, and CUDA kernels (whose block size and grid
+  the host code picks at run time) have no value.
+
 Occupancy is the usual per-SM limit model (registers per warp rounded to 256 and split over the 4
 schedulers, shared memory with 1 KiB reserved per CTA, 64 warps and 32 CTAs per SM); waves are
 CTAs / (CTAs per SM x SMs) on an H100/H200 (132 SMs) or A100 (108 SMs). Everything here is a
@@ -52,7 +72,8 @@ COLUMNS = [
     "num_stages", "grid", "ctas", "regs", "spill_stores", "spill_loads", "stack", "smem", "ctas_per_sm",
     "warps_per_sm", "occupancy", "waves", "sass_total", "ldg_narrow", "ldg32", "ldg64", "ldg128", "stg", "ffma",
     "hmma", "gmma", "dmma", "mufu", "bar", "ldl", "stl", "bytes_model", "bytes_floor", "model_over_floor",
-    "kernel_launches", "torch_ops", "fp_fusion_pinned", "note",
+    "kernel_launches", "torch_ops", "fp_fusion_pinned", "instr_per_elem", "instr_per_elem_fwd", "instr_per_elem_bwd",
+    "note",
 ]
 # Which shapes a run compiles: the benchmark shapes, the small odd shapes of --quick, or both ("gate":
 # the quick shapes plus the first benchmark shape of every op, the CI gate's fast subset).
@@ -170,6 +191,371 @@ def parse_ptxas(log: str) -> dict[str, dict]:
 
 
 # ----------------------------------------------------------------------------------------------
+# the instruction model: dynamic thread-instructions per element (a model, not a measurement)
+
+_INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)(.*)$")
+_LABEL = re.compile(r"^(\.L\w+):")
+_LINE = re.compile(r'//## File "([^"]+)", line (\d+)')
+_TARGET = re.compile(r"`\((\.L\w+)\)")
+
+
+def sass_loops(disasm: str) -> dict:
+    """Loops of one function from `nvdisasm -g` text (SASS with the source line of each instruction).
+
+    A loop is a backward branch (BRA/BRX to a label at a lower address); its body is the address
+    range [label, branch]. Returns {"loops": [{"lines": {file: {line: count}}}], "segments":
+    [[loop indices enclosing an instruction, instruction count], ...]}; NOPs are not counted, as in
+    sass_mix, and neither is a branch to itself (the trap after the final EXIT)."""
+    labels, instrs = {}, []  # instrs: (address, opcode, operands, (file, line))
+    where = None
+    pending: list[str] = []
+    for line in disasm.splitlines():
+        m = _LINE.search(line)
+        if m:
+            where = (m.group(1), int(m.group(2)))
+            continue
+        m = _LABEL.match(line.strip())
+        if m:
+            pending.append(m.group(1))
+            continue
+        m = _INSTR.match(line)
+        if m:
+            addr = int(m.group(1), 16)
+            for name in pending:
+                labels[name] = addr
+            pending = []
+            instrs.append((addr, m.group(2), m.group(3), where))
+    loops = []  # (start address, end address)
+    for addr, op, rest, _ in instrs:
+        if op.split(".")[0] in ("BRA", "BRX"):
+            t = _TARGET.search(rest)
+            if t and t.group(1) in labels and labels[t.group(1)] < addr:
+                loops.append((labels[t.group(1)], addr))
+    loops = sorted(set(loops))
+    info = [{"lines": {}} for _ in loops]
+    segments: dict = {}
+    for addr, op, _rest, where in instrs:
+        if op.split(".")[0] == "NOP":
+            continue
+        chain = tuple(i for i, (a, b) in enumerate(loops) if a <= addr <= b)
+        segments[chain] = segments.get(chain, 0) + 1
+        if chain and where is not None:
+            lines = info[chain[-1]]["lines"].setdefault(where[0], {})
+            lines[str(where[1])] = lines.get(str(where[1]), 0) + 1
+    return {"loops": info, "segments": [[list(c), n] for c, n in sorted(segments.items())]}
+
+
+class _Unknown(Exception):
+    pass
+
+
+_PIDS_SAMPLED = 1024  # programs whose trip counts are evaluated when they depend on the program id
+
+
+class _Env(dict):
+    """Known scalar values; `pid` is the program id tuple, `used_pid` records that it was read."""
+
+    def __init__(self, values=(), pid=(0, 0, 0), grid=(1, 1, 1)):
+        super().__init__(values)
+        self.pid, self.grid, self.used_pid = pid, grid, [False]
+        self.loop = None  # the source loop (file, line) enclosing this point, through call sites
+
+    def child(self):
+        c = _Env(self, self.pid, self.grid)
+        c.used_pid, c.loop = self.used_pid, self.loop
+        return c
+
+
+def _eval(node, env: _Env):
+    """Value of a scalar expression of a kernel: ints and floats of the launch, the program id."""
+    import ast  # noqa: PLC0415
+
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, bool)):
+        return node.value
+    if isinstance(node, ast.Name):
+        if node.id in env:
+            return env[node.id]
+        raise _Unknown(node.id)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.Not)):
+        v = _eval(node.operand, env)
+        return -v if isinstance(node.op, ast.USub) else not v
+    if isinstance(node, ast.BinOp):
+        a, b = _eval(node.left, env), _eval(node.right, env)
+        ops = {ast.Add: lambda: a + b, ast.Sub: lambda: a - b, ast.Mult: lambda: a * b,
+               ast.FloorDiv: lambda: a // b, ast.Mod: lambda: a % b, ast.LShift: lambda: a << b,
+               ast.RShift: lambda: a >> b}
+        if type(node.op) in ops:
+            return ops[type(node.op)]()
+        raise _Unknown(type(node.op).__name__)
+    if isinstance(node, ast.Compare) and len(node.ops) == 1:
+        a, b = _eval(node.left, env), _eval(node.comparators[0], env)
+        ops = {ast.Lt: a < b, ast.LtE: a <= b, ast.Gt: a > b, ast.GtE: a >= b, ast.Eq: a == b, ast.NotEq: a != b}
+        if type(node.ops[0]) in ops:
+            return ops[type(node.ops[0])]
+        raise _Unknown("comparison")
+    if isinstance(node, ast.IfExp):
+        return _eval(node.body, env) if _eval(node.test, env) else _eval(node.orelse, env)
+    if isinstance(node, ast.Call):
+        f = node.func
+        name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+        if name == "to" and isinstance(f, ast.Attribute):  # x.to(tl.int64): the value of x
+            return _eval(f.value, env)
+        if name in ("program_id", "num_programs"):
+            axis = _eval(node.args[0] if node.args else node.keywords[0].value, env)
+            if name == "num_programs":
+                return env.grid[axis]
+            env.used_pid[0] = True
+            return env.pid[axis]
+        vals = [_eval(a, env) for a in node.args]
+        if name == "cdiv":
+            return -(-vals[0] // vals[1])
+        if name in ("min", "minimum"):
+            return min(vals)
+        if name in ("max", "maximum"):
+            return max(vals)
+        if name == "where":
+            return vals[1] if vals[0] else vals[2]
+        if name == "int":
+            return int(vals[0])
+    raise _Unknown(type(node).__name__)
+
+
+def _assigned(stmts) -> set[str]:
+    import ast  # noqa: PLC0415
+
+    return {node.id for st in stmts for node in ast.walk(st)
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)}
+
+
+_PARSED: dict = {}
+
+
+def _parsed(fn):
+    """(function AST, source path, first line) of a JITFunction's Python function, cached."""
+    import ast  # noqa: PLC0415
+    import inspect  # noqa: PLC0415
+    import textwrap  # noqa: PLC0415
+
+    key = id(fn)
+    if key not in _PARSED:
+        src = textwrap.dedent(inspect.getsource(fn.fn))
+        _PARSED[key] = (ast.parse(src).body[0], str(Path(inspect.getsourcefile(fn.fn)).resolve()),
+                        fn.fn.__code__.co_firstlineno)
+    return _PARSED[key]
+
+
+def loop_trips(fn, env: _Env, trips: dict | None = None, spans: dict | None = None, depth: int = 0):
+    """Trip counts of the loops of kernel fn (and of the @triton.jit helpers it calls, inlined at
+    each call) for one program: ({(file, line of a for): [(trips, enclosing loop) at each visit]},
+    {(file, line): (first line, last line, function)}); trips None for a loop whose bounds the
+    launch does not determine; the enclosing loop is the (file, line) of the source loop the visit
+    is in, through call sites (None at the top level).
+
+    Range bounds are evaluated from the launch's scalar arguments and constexprs and the program
+    id of `env`; scalar assignments are followed in order (one that cannot be evaluated makes its
+    name unknown), and the loop variables of enclosing loops take their first value."""
+    import ast  # noqa: PLC0415
+
+    from triton.runtime.jit import JITFunction  # noqa: PLC0415
+
+    trips = {} if trips is None else trips
+    spans = {} if spans is None else spans
+    func, path, first = _parsed(fn)
+    for node in ast.walk(func):
+        if isinstance(node, (ast.For, ast.While)):
+            spans[(path, node.lineno + first - 1)] = (node.lineno + first - 1, node.end_lineno + first - 1, id(fn))
+
+    def helper_calls(node, env):
+        # @triton.jit helpers called in this statement: walk them with their arguments bound
+        if depth > 4:
+            return
+        for call in ast.walk(node):
+            if isinstance(call, ast.Call) and isinstance(call.func, ast.Name):
+                callee = fn.fn.__globals__.get(call.func.id)
+                if isinstance(callee, JITFunction):
+                    cfunc = _parsed(callee)[0]
+                    names = [a.arg for a in cfunc.args.args]
+                    inner = _Env({}, env.pid, env.grid)
+                    inner.used_pid, inner.loop = env.used_pid, env.loop
+                    for name, arg in zip(names, call.args):
+                        try:
+                            inner[name] = _eval(arg, env)
+                        except (_Unknown, ZeroDivisionError, IndexError, TypeError):
+                            pass
+                    loop_trips(callee, inner, trips, spans, depth + 1)
+
+    def walk(stmts, env):
+        for st in stmts:
+            if isinstance(st, ast.Assign) and len(st.targets) == 1 and isinstance(st.targets[0], ast.Name):
+                helper_calls(st.value, env)
+                try:
+                    env[st.targets[0].id] = _eval(st.value, env)
+                except (_Unknown, ZeroDivisionError, IndexError, TypeError):
+                    env.pop(st.targets[0].id, None)
+            elif isinstance(st, ast.For):
+                key = (path, st.lineno + first - 1)
+                inner = env.child()
+                inner.loop = key
+                it = st.iter
+                try:
+                    called = it.func if isinstance(it, ast.Call) else None
+                    if getattr(called, "attr", None) != "range" and getattr(called, "id", None) != "range":
+                        raise _Unknown("iterator")  # tl.static_range is unrolled: no SASS loop
+                    bounds = [_eval(a, env) for a in it.args]
+                    start, end, step = (0, bounds[0], 1) if len(bounds) == 1 else (*bounds, 1)[:3]
+                    trips.setdefault(key, []).append((max(0, -(-(end - start) // step)), env.loop))
+                    if isinstance(st.target, ast.Name):
+                        inner[st.target.id] = start
+                except (_Unknown, ZeroDivisionError, IndexError, TypeError, ValueError, AttributeError):
+                    trips.setdefault(key, []).append((None, env.loop))
+                    if isinstance(st.target, ast.Name):
+                        inner.pop(st.target.id, None)
+                walk(st.body, inner)
+                for name in _assigned(st.body):  # values changed by the loop are not known after it
+                    env.pop(name, None)
+            elif isinstance(st, (ast.If, ast.While, ast.With)):
+                if isinstance(st, ast.While):
+                    trips.setdefault((path, st.lineno + first - 1), []).append((None, env.loop))
+                else:
+                    helper_calls(getattr(st, "test", ast.Constant(0)), env)
+                taken = None
+                if isinstance(st, ast.If):
+                    try:
+                        taken = bool(_eval(st.test, env))  # a constexpr flag: only one side is compiled
+                    except (_Unknown, ZeroDivisionError, IndexError, TypeError):
+                        pass
+                if taken is not None:  # only the compiled side exists: its assignments hold after it
+                    walk(st.body if taken else st.orelse, env)
+                    continue
+                walk(st.body, env.child())
+                walk(getattr(st, "orelse", []), env.child())
+                for name in _assigned(st.body + getattr(st, "orelse", [])):
+                    env.pop(name, None)
+            else:
+                helper_calls(st, env)
+                for name in _assigned([st]):
+                    env.pop(name, None)
+
+    walk(func.body, env)
+    return trips, spans
+
+
+def _ancestor(parent: dict, j: int, i: int) -> bool:
+    """SASS loop i encloses SASS loop j."""
+    p = parent.get(j)
+    while p is not None:
+        if p == i:
+            return True
+        p = parent.get(p)
+    return False
+
+
+def _program_ids(grid: tuple) -> list[tuple]:
+    """Every program id of the grid, or _PIDS_SAMPLED of them spread evenly over it."""
+    g = tuple(grid) + (1,) * (3 - len(grid))
+    total = math.prod(g)
+    picks = range(total) if total <= _PIDS_SAMPLED else (i * total // _PIDS_SAMPLED for i in range(_PIDS_SAMPLED))
+    return [(i % g[0], (i // g[0]) % g[1], i // (g[0] * g[1])) for i in picks]
+
+
+def dynamic_instructions(fn, loops: dict, values: dict, grid: tuple) -> tuple[float | None, str]:
+    """Modelled warp-instructions per program of a launch of kernel fn (mean over its programs;
+    None and why when a loop's trip count is not determined by the launch), from `sass_loops`.
+
+    Each SASS loop is matched to the innermost source loop (of the kernel or of a helper it calls)
+    that holds at least half of its instructions' source lines; its instructions count once per
+    trip, nested loops multiply. ptxas may split one source loop into several SASS loops (an
+    unrolled main loop and a remainder): sibling SASS loops matched to the same source loop share
+    its trips, the largest body taking trips // u (u = its size over the smallest body's, the
+    unroll factor) and the others trips % u. A helper inlined at several call sites gives one SASS
+    loop per site: the sites inside the source loop that the enclosing SASS loop matched, taken in
+    address order. Everything outside loops counts once: both sides of a
+    branch, all of the prologue. Trip counts that depend on the program id are evaluated for every
+    program (up to _PIDS_SAMPLED of them, spread over the grid) and averaged."""
+    g = tuple(grid) + (1,) * (3 - len(grid))
+    base = {k: v for k, v in values.items() if isinstance(v, (int, float))}
+    env = _Env(base, (0, 0, 0), g)
+    trips, spans = loop_trips(fn, env)
+    pids = _program_ids(g) if env.used_pid[0] else [(0, 0, 0)]
+    size = [0] * len(loops["loops"])
+    parent: dict = {}
+    for chain, n in loops["segments"]:
+        if chain:
+            size[chain[-1]] += n
+        for depth, i in enumerate(chain):
+            parent[i] = chain[depth - 1] if depth else None
+    sources = {path for path, _ in spans}
+
+    def contains(outer, inner):
+        # source loop `outer` strictly encloses source loop `inner`; a loop of a helper (another
+        # function, inlined at a call) may sit in any loop of its caller
+        if spans[outer][2] != spans[inner][2]:
+            return True
+        return outer != inner and spans[outer][0] <= inner[1] <= spans[outer][1]
+
+    matched: dict[int, tuple] = {}
+    # inner SASS loops first: an enclosing SASS loop must match a source loop enclosing theirs
+    depth_of = {i: sum(1 for j in range(len(loops["loops"])) if _ancestor(parent, i, j))
+                for i in range(len(loops["loops"]))}
+    for i in sorted(depth_of, key=lambda i: -depth_of[i]):
+        loop = loops["loops"][i]
+        # lines of the kernel's sources only (Triton's own library code, e.g. tl.sum, is inlined too)
+        by_file = {Path(f).resolve().as_posix(): d for f, d in loop["lines"].items()}
+        by_file = {f: d for f, d in by_file.items() if f in sources}
+        total = sum(n for d in by_file.values() for n in d.values())
+        children = [matched[j] for j in matched if parent.get(j) == i]
+        best = fallback = None
+        for key, (lo, hi, _fn) in spans.items():
+            if not all(contains(key, c) for c in children):
+                continue
+            width = hi - lo
+            if children and (fallback is None or width < spans[fallback][1] - spans[fallback][0]):
+                fallback = key
+            inside = sum(n for k, n in by_file.get(key[0], {}).items() if lo <= int(k) <= hi)
+            if total and inside * 2 >= total and (best is None or width < spans[best][1] - spans[best][0]):
+                best = key
+        best = best or fallback
+        if best is None:
+            return None, f"SASS loop {i} matches no loop of {fn.__name__}"
+        matched[i] = best
+    matched = [matched[i] for i in range(len(loops["loops"]))]
+    total = 0.0
+    for pid in pids:
+        if pid != (0, 0, 0) or not trips:
+            env = _Env(base, pid, g)
+            trips, _ = loop_trips(fn, env)
+        trip_of = {}
+        groups: dict = {}
+        for i, key in enumerate(matched):
+            groups.setdefault((key, parent.get(i)), []).append(i)
+        for (key, _p), members in groups.items():
+            # the visits made inside the source loop the enclosing SASS loop matched (a helper
+            # called in two loops of the kernel is inlined in each)
+            outer = matched[_p] if _p is not None else None
+            visits = [n for n, where in trips.get(key, [(None, None)]) if where == outer] or \
+                [n for n, _where in trips.get(key, [(None, None)])]
+            if any(v is None for v in visits):
+                return None, f"trip count of the loop at {Path(key[0]).name}:{key[1]} not determined by the launch"
+            if len(members) == len(visits) > 1:  # one inlined copy per call site
+                for i, n in zip(sorted(members), visits):
+                    trip_of[i] = n
+                continue
+            if len(set(visits)) > 1:
+                return None, f"loop at {Path(key[0]).name}:{key[1]}: {len(visits)} call sites, {len(members)} SASS loops"
+            n = visits[0]
+            if len(members) == 1:
+                trip_of[members[0]] = n
+                continue
+            members = sorted(members, key=lambda i: -size[i])
+            u = max(1, round(size[members[0]] / max(1, size[members[-1]])))
+            trip_of[members[0]] = n // u
+            for i in members[1:]:
+                trip_of[i] = n % u
+        total += sum(n * math.prod(trip_of[i] for i in chain) for chain, n in loops["segments"])
+    return total / len(pids), ""
+
+
+# ----------------------------------------------------------------------------------------------
 # tools
 
 def _triton_bin(tool: str) -> str:
@@ -186,12 +572,15 @@ def _nvcc() -> str | None:
     return None
 
 
-def _sass_of_cubin(cubin: bytes, workdir: Path) -> str:
-    path = workdir / f"k_{hashlib.sha1(cubin).hexdigest()[:16]}.cubin"
+def _sass_of_cubin(cubin: bytes, workdir: Path, lines: bool = False) -> str:
+    """cuobjdump -sass text of a cubin, or with lines=True nvdisasm's, with the source line of
+    every instruction (Triton keeps line info in its cubins)."""
+    path = workdir / f"k_{hashlib.sha1(cubin).hexdigest()[:16]}_{os.getpid()}.cubin"
     path.write_bytes(cubin)
+    cmd = [_triton_bin("nvdisasm"), "-g", "-c", str(path)] if lines else [_triton_bin("cuobjdump"), "-sass",
+                                                                           str(path)]
     try:
-        return subprocess.run([_triton_bin("cuobjdump"), "-sass", str(path)], check=True, capture_output=True,
-                              text=True).stdout
+        return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     finally:
         path.unlink(missing_ok=True)
 
@@ -207,10 +596,13 @@ class Launch:
     grid: tuple
     bound: dict = field(default_factory=dict)    # cc -> (signature, constexprs, attrs, options)
     fp_fusion_pinned: bool = False               # the launch passed enable_fp_fusion=True itself
+    values: dict = field(default_factory=dict)   # scalar arguments and constexprs (the instruction model)
 
     def key(self, cc: int) -> str:
         sig, cx, attrs, opts = self.bound[cc]
-        return repr((self.fn.__module__, self.kernel, sorted(sig.items()), sorted(cx.items()),
+        # cache_key: Triton's hash of the kernel's source and its dependencies (an edited kernel
+        # is compiled again)
+        return repr((self.fn.__module__, self.kernel, self.fn.cache_key, sorted(sig.items()), sorted(cx.items()),
                      sorted(attrs.items()), sorted(opts.__dict__.items())))
 
 
@@ -261,6 +653,9 @@ class _Capture:
                 if not launch.grid:
                     g = grid(bound_args) if callable(grid) else grid
                     launch.grid = tuple(int(x) for x in g)
+                    launch.values = {k: v for k, v in bound_args.items()
+                                     if isinstance(v, (int, float, bool)) or hasattr(v, "value")}
+                    launch.values = {k: getattr(v, "value", v) for k, v in launch.values.items()}
             # bytes model: every tensor argument read or written once by this launch
             capture.tensor_bytes.append(sum(a.numel() * a.element_size() for a in args
                                             if isinstance(a, torch.Tensor)))
@@ -274,20 +669,30 @@ class _Capture:
                 return str(specialization) + str(options)
 
         hot_cc = self.ccs[0]
-        key_caches: dict = {}
+        # per kernel (by identity, as Triton keeps them on the JITFunction: hashing a JITFunction
+        # takes a lock and hashes its source key, which Triton's launch never does):
+        # (binder, kernel-key cache, {cache key: compiled kernel stand-in})
+        hot: dict = {}
 
         def hot_run(fn, args, grid, kwargs):
-            # JITFunction.run on a cache hit, minus the driver's launch
+            # JITFunction.run on a cache hit, minus the driver: the per-device caches, the binding, the
+            # cache key, the kernel-cache lookup, the used-globals check and the grid
             kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
             for knob in ("instrumentation_mode", "fpsan_homomorphic_casts"):
                 if hasattr(knobs.compilation, knob):
                     kwargs[knob] = getattr(knobs.compilation, knob)
-            binder = binders.get((fn, hot_cc))
-            if binder is None:
-                binder = binders[(fn, hot_cc)] = create_function_from_signature(fn.signature, fn.params,
-                                                                                backends[hot_cc])
+            entry = hot.get(id(fn))
+            if entry is None:
+                entry = hot[id(fn)] = (create_function_from_signature(fn.signature, fn.params, backends[hot_cc]),
+                                       {}, {})
+            binder, key_cache, kernel_cache = entry
             bound_args, specialization, options = binder(*args, **kwargs)
-            compute_cache_key(key_caches.setdefault(fn, {}), specialization, options)
+            key = compute_cache_key(key_cache, specialization, options)
+            kernel_cache.setdefault(key, fn)
+            not_present = object()
+            for (name, _), (val, globals_dict) in fn.used_global_vals.items():
+                if globals_dict.get(name, not_present) != val:
+                    raise RuntimeError(f"global {name} changed since {fn.__name__} was compiled")
             g = grid(bound_args) if callable(grid) else grid
             return tuple(g)
 
@@ -441,9 +846,17 @@ class Compiler:
             ptxas = self._ptxas(kernel.asm["ptx"], cc).get(name, {})
         sass = split_sass_functions(_sass_of_cubin(kernel.asm["cubin"], self.cache_dir))
         facts = dict(ptxas, smem=int(kernel.metadata.shared), num_warps=int(kernel.metadata.num_warps),
-                     num_stages=int(kernel.metadata.num_stages), **sass_mix(sass.get(name, "")))
+                     num_stages=int(kernel.metadata.num_stages), **sass_mix(sass.get(name, "")),
+                     loops=self._loops(kernel.asm["cubin"]))
         index.write_text(json.dumps(facts))
         return facts
+
+    def _loops(self, cubin: bytes) -> dict:
+        """sass_loops of the cubin, or {"error": why} (the instruction model then has no value)."""
+        try:
+            return sass_loops(_sass_of_cubin(cubin, self.cache_dir, lines=True))
+        except (subprocess.CalledProcessError, OSError) as err:
+            return {"error": f"nvdisasm failed: {type(err).__name__}"}
 
     def _ptxas(self, ptx: str, cc: int) -> dict:
         with tempfile.TemporaryDirectory(dir=self.cache_dir) as tmp:
@@ -588,11 +1001,12 @@ def static_rows(ops, dtypes, archs, cache_dir: Path, log=print, shape_set: str =
                 t0 = time.perf_counter()
                 launches, tensor_bytes, torch_ops = capture_case(op, shapes, dtype_name, ccs)
                 floor = case.bytes(shapes, getattr(torch, dtype_name), "full") if case.bytes else ""
-                captured.append((op, label, dtype_name, launches, tensor_bytes, torch_ops, floor))
+                captured.append((op, label, dtype_name, launches, tensor_bytes, torch_ops, floor,
+                                 math.prod(shapes[0])))
                 log(f"static: captured {op:<16}{label:<34}{dtype_name:<9}{len(launches):>3} launches "
                     f"{time.perf_counter() - t0:6.1f} s")
     pending = {}
-    for *_, launches, _tb, _to, _fl in captured:
+    for *_, launches, _tb, _to, _fl, _el in captured:
         for launch in launches:
             for cc in ccs:
                 pending.setdefault((launch.key(cc), cc), launch)
@@ -602,13 +1016,16 @@ def static_rows(ops, dtypes, archs, cache_dir: Path, log=print, shape_set: str =
         f"({time.perf_counter() - t0:.0f} s), the rest from the cache ({cache_dir})")
 
     rows = []
-    for op, label, dtype_name, launches, tensor_bytes, torch_ops, floor in captured:
+    for op, label, dtype_name, launches, tensor_bytes, torch_ops, floor, elements in captured:
         for arch in archs:
             cc, sms, _ = ARCHS[arch]
             groups: dict = {}
             for launch in launches:
-                groups.setdefault((launch.phase, launch.key(cc), launch.grid), [launch, 0])[1] += 1
-            for (phase, key, grid), (launch, count) in groups.items():
+                groups.setdefault((launch.phase, launch.key(cc), launch.grid), []).append(launch)
+            per_phase: dict = {"forward": 0, "backward": 0}
+            unknown: list[str] = []
+            for (phase, key, grid), members in groups.items():
+                launch, count = members[0], len(members)
                 base = dict(row="kernel", arch=arch, kind="triton", op=op, shape=label, dtype=dtype_name, phase=phase,
                             kernel=launch.kernel, launches=count,
                             constexprs=_fmt_constexprs(launch.fn, launch.bound[cc][1]),
@@ -621,8 +1038,14 @@ def static_rows(ops, dtypes, archs, cache_dir: Path, log=print, shape_set: str =
                     continue
                 per_sm, warps, occ = occupancy(cc, f.get("regs", 0), f["smem"], f["num_warps"])
                 waves = base["ctas"] / (per_sm * sms) if per_sm else float("inf")
+                instr, why = launch_instructions(members, f)
+                if instr is None:
+                    unknown.append(f"{launch.kernel}: {why}")
+                    per_phase[phase] = None
+                elif per_phase.get(phase, 0) is not None:
+                    per_phase[phase] = per_phase.get(phase, 0) + instr
                 rows.append(dict(
-                    base, num_warps=f["num_warps"], num_stages=f["num_stages"], regs=f.get("regs", ""),
+                    base, instr_per_elem=round(instr / elements, 1) if instr is not None else "", num_warps=f["num_warps"], num_stages=f["num_stages"], regs=f.get("regs", ""),
                     spill_stores=f.get("spill_stores", ""), spill_loads=f.get("spill_loads", ""),
                     stack=f.get("stack", ""), smem=f["smem"], ctas_per_sm=per_sm, warps_per_sm=warps,
                     occupancy=round(occ, 3), waves=round(waves, 2), **{k: f[k] for k in sass_mix("")}))
@@ -632,9 +1055,33 @@ def static_rows(ops, dtypes, archs, cache_dir: Path, log=print, shape_set: str =
                 kernel="(all launches)", launches=len(launches), bytes_model=model, bytes_floor=floor,
                 model_over_floor=round(model / floor, 2) if floor else "",
                 kernel_launches=len(launches) + len(torch_ops), torch_ops=len(torch_ops),
+                instr_per_elem_fwd=_per_elem(per_phase["forward"], elements),
+                instr_per_elem_bwd=_per_elem(per_phase["backward"], elements),
                 note="torch ops: " + (" ".join(torch_ops) or "none")
-                     + "; bytes_model: every tensor argument of every Triton launch read or written once"))
+                     + "; bytes_model: every tensor argument of every Triton launch read or written once"
+                     + "".join(f"; no instruction model for {u}" for u in unknown)))
     return rows
+
+
+def launch_instructions(launches, facts: dict) -> tuple[int | None, str]:
+    """Modelled dynamic thread-instructions of launches of one compiled kernel: per launch, the
+    warp-instructions of one program (dynamic_instructions) x 32 lanes x num_warps x programs."""
+    if "loops" not in facts or "error" in facts["loops"]:
+        return None, facts.get("loops", {}).get("error", "no SASS loop facts")
+    total = 0
+    for launch in launches:
+        try:
+            per_program, why = dynamic_instructions(launch.fn, facts["loops"], launch.values, launch.grid)
+        except (OSError, SyntaxError, KeyError, ValueError, TypeError) as err:  # a source the model cannot read
+            return None, f"model failed: {type(err).__name__}: {err}"
+        if per_program is None:
+            return None, why
+        total += per_program * 32 * facts["num_warps"] * math.prod(launch.grid)
+    return total, ""
+
+
+def _per_elem(instr, elements: int):
+    return "" if instr is None else round(instr / elements, 1)
 
 
 def cuda_rows(archs, cache_dir: Path, log=print) -> list[dict]:

@@ -36,7 +36,7 @@ def triton_table(rows: list[dict]) -> list[str]:
             continue
         by.setdefault((r["op"], r["shape"], r["phase"], r["kernel"]), {}).setdefault(r["dtype"], []).append(r)
     out = ["| op | shape | phase | kernel | warps | grid (fp32) | regs | spill B (st+ld) | smem KiB | CTAs/SM | "
-           "occupancy | waves |", "|" + "---|" * 12]
+           "occupancy | waves | instr/elem |", "|" + "---|" * 13]
     for (op, shape, phase, kernel), d in by.items():
         f = d.get("float32", [None])
         b = d.get("bfloat16", [None])
@@ -51,17 +51,28 @@ def triton_table(rows: list[dict]) -> list[str]:
             out.append(f"| {op} | {shape} | {phase} | `{kernel}` | {col('num_warps')} | {r0['grid']} | "
                        f"{col('regs')} | {_pair(_spill(rf), _spill(rb))} | "
                        f"{col('smem', lambda v: f'{int(v) / 1024:.1f}')} | {col('ctas_per_sm')} | "
-                       f"{col('occupancy', lambda v: f'{float(v):.2f}')} | {col('waves')} |")
+                       f"{col('occupancy', lambda v: f'{float(v):.2f}')} | {col('waves')} | "
+                       f"{col('instr_per_elem', _instr)} |")
     return out
 
 
+def _instr(v) -> str:
+    """Modelled instructions per element: '-' where the model has no trip count (see the CSV note)."""
+    if v in ("", None):
+        return "-"
+    v = float(v)
+    return f"{v:.0f}" if v >= 10 else f"{v:.1f}"
+
+
 def op_table(rows: list[dict]) -> list[str]:
-    out = ["| op | shape | dtype | Triton launches | other torch ops | bytes model (MB) | floor (MB) | model / floor |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = ["| op | shape | dtype | Triton launches | other torch ops | bytes model (MB) | floor (MB) | model / floor | "
+           "instr/elem fwd | instr/elem bwd |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["row"] == "op":
             out.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['launches']} | {r['torch_ops']} | "
-                       f"{int(r['bytes_model']) / 1e6:.1f} | {int(r['bytes_floor']) / 1e6:.1f} | {r['model_over_floor']} |")
+                       f"{int(r['bytes_model']) / 1e6:.1f} | {int(r['bytes_floor']) / 1e6:.1f} | {r['model_over_floor']} | "
+                       f"{_instr(r.get('instr_per_elem_fwd'))} | {_instr(r.get('instr_per_elem_bwd'))} |")
     return out
 
 
@@ -84,8 +95,11 @@ def render(sm90: Path, sm80: Path) -> str:
              "Triton kernels on sm_90 (132 SMs), each cell `fp32 / bf16` where they differ "
              "(one value when equal):", "", *triton_table(r90), "",
              "Per op (Triton backend, forward + backward, sm_90 plans): Triton launches, the other torch ops "
-             "the wrappers run (each a kernel launch on a GPU; their names are in the CSV's note column), and "
-             "the bytes model next to the inherent floor of bench/cases.py:", "", *op_table(r90), ""]
+             "the wrappers run (each a kernel launch on a GPU; their names are in the CSV's note column), "
+             "the bytes model next to the inherent floor of bench/cases.py, and the modelled dynamic "
+             "thread-instructions per element of the first input (Triton kernels only; `-` where a loop's "
+             "trip count is not determined by the launch, the reason is in the CSV's note):", "",
+             *op_table(r90), ""]
     cuda = cuda_table(r90, r80)
     if len(cuda) > 2:
         parts += ["CUDA kernels (nvcc -Xptxas -v; block sizes are chosen by the host code):", "", *cuda, ""]

@@ -15,6 +15,9 @@ try:
 except ImportError:  # triton missing: _backends reports why
     attnfd_dots_triton = attnfd_loss_triton = None
 from .cuda import attnfd_loss_cuda
+from .._eager import install as _install_eager_path
+
+_install_eager_path()  # eager calls of the custom ops skip the dispatcher (ops/_eager.py)
 
 
 def loss_from_dots(dots: torch.Tensor, batch: int) -> torch.Tensor:

@@ -16,6 +16,9 @@ try:
 except ImportError:  # triton missing: _backends reports why
     cbam_gate_triton = None
 from .cuda import cbam_gate_cuda
+from .._eager import install as _install_eager_path
+
+_install_eager_path()  # eager calls of the custom ops skip the dispatcher (ops/_eager.py)
 
 
 def cbam_gate(x: torch.Tensor, channel_gate: torch.Tensor, spatial_gate: torch.Tensor, *,
@@ -41,6 +44,11 @@ def cbam_gate(x: torch.Tensor, channel_gate: torch.Tensor, spatial_gate: torch.T
     name = select_backend("cbam_gate", backend, IMPLEMENTED, x)
     if name == "reference":
         return reference.cbam_gate(x, channel_gate, spatial_gate)
-    # views (copies only if a gate's strides do not allow one); gradients flow back through them
+    # views (copies only if a gate's strides do not allow one); gradients flow back through them.
+    # A gate already in the kernels' shape goes as it is (no view node in forward and backward).
     op = cbam_gate_triton if name == "triton" else cbam_gate_cuda
-    return op(x, channel_gate.reshape(n, c), spatial_gate.reshape(n, h, w))
+    if channel_gate.dim() != 2:
+        channel_gate = channel_gate.reshape(n, c)
+    if spatial_gate.dim() != 3:
+        spatial_gate = spatial_gate.reshape(n, h, w)
+    return op(x, channel_gate, spatial_gate)

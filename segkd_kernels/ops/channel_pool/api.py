@@ -16,6 +16,9 @@ try:
 except ImportError:  # triton missing: _backends reports why
     channel_pool_triton = None
 from .cuda import channel_pool_cuda
+from .._eager import install as _install_eager_path
+
+_install_eager_path()  # eager calls of the custom ops skip the dispatcher (ops/_eager.py)
 
 
 def channel_pool(x: torch.Tensor, gate: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:
@@ -36,7 +39,10 @@ def channel_pool(x: torch.Tensor, gate: torch.Tensor | None = None, *, backend: 
     name = select_backend("channel_pool", backend, IMPLEMENTED, x)
     if name == "reference":
         return reference.channel_pool(x, gate)
-    # (N, C) view of the gate; its gradient flows back through the reshape to either shape
+    # (N, C) view of a 4-d gate; its gradient flows back through the reshape. An (N, C) gate goes
+    # as it is: a reshape to its own shape would add a view node to every forward and backward.
     op = channel_pool_triton if name == "triton" else channel_pool_cuda
-    out, _argmax = op(x, None if gate is None else gate.reshape(x.shape[0], x.shape[1]))
+    if gate is not None and gate.dim() != 2:
+        gate = gate.reshape(x.shape[0], x.shape[1])
+    out, _argmax = op(x, gate)
     return out

@@ -15,6 +15,9 @@ try:
 except ImportError:  # triton missing: _backends reports why
     triton_impl = None
 from .cuda import channel_wise_kd_cuda
+from .._eager import install as _install_eager_path
+
+_install_eager_path()  # eager calls of the custom ops skip the dispatcher (ops/_eager.py)
 
 
 def channel_wise_kd(student: torch.Tensor, teacher: torch.Tensor, tau: float = 4.0, *,

@@ -15,6 +15,9 @@ try:
 except ImportError:  # triton missing: _backends reports why
     cross_image_kd_triton = None
 from .cuda import cross_image_kd_cuda
+from .._eager import install as _install_eager_path
+
+_install_eager_path()  # eager calls of the custom ops skip the dispatcher (ops/_eager.py)
 
 
 def cross_image_kd(student_feat: torch.Tensor, teacher_feat: torch.Tensor, tau: float = 0.1, *,

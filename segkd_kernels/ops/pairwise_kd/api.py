@@ -17,6 +17,9 @@ try:
 except ImportError:  # triton missing: _backends reports why
     pairwise_kd_triton = None
 from .cuda import pairwise_kd_cuda
+from .._eager import install as _install_eager_path
+
+_install_eager_path()  # eager calls of the custom ops skip the dispatcher (ops/_eager.py)
 
 
 def check_pool(pool, shape=None) -> None:

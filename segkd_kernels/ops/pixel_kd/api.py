@@ -17,6 +17,9 @@ try:
 except ImportError:  # triton missing: _backends reports why
     triton_impl = None
 from .cuda import knowledge_gap_cuda, pfs_pixel_kd_cuda, pixel_kd_cuda
+from .._eager import install as _install_eager_path
+
+_install_eager_path()  # eager calls of the custom ops skip the dispatcher (ops/_eager.py)
 
 
 def _needs_grad(student_logits: torch.Tensor) -> bool:

@@ -14,6 +14,9 @@ try:
 except ImportError:  # triton missing: _backends reports why
     spatial_pool_triton = None
 from .cuda import spatial_pool_cuda
+from .._eager import install as _install_eager_path
+
+_install_eager_path()  # eager calls of the custom ops skip the dispatcher (ops/_eager.py)
 
 
 def spatial_pool(x: torch.Tensor, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,9 @@ try:
 except ImportError:  # triton missing: _backends reports why
     ssim_kd_triton = None
 from .cuda import ssim_kd_cuda
+from .._eager import install as _install_eager_path
+
+_install_eager_path()  # eager calls of the custom ops skip the dispatcher (ops/_eager.py)
 PADDINGS = ("reflect", "zeros", "valid")
 MIN_WINDOW, MAX_WINDOW = 3, 15
 

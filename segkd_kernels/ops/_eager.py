@@ -1,0 +1,172 @@
+"""The eager fast path of the custom ops: the same functions, without the dispatcher's round trip.
+
+Every fused kernel wrapper is a `torch.library.custom_op` (segkd::...), so that torch.compile
+(fullgraph=True) sees one opaque node with a fake implementation and a registered backward. In
+eager mode that registration costs host time on every call: the Python wrapper enters the C++
+dispatcher, its autograd kernel builds an autograd.Function around a second dispatch below
+autograd, that dispatch re-enters Python, and the result is checked for aliasing on the way out.
+For a loss on a small map this is a large share of the host work per call (`segkd bench --host`).
+
+`install()` gives every registered segkd custom op an eager path that calls the same Python
+function directly:
+- with grad needed (grad mode on and a tensor argument requiring grad) and a backward registered:
+  one autograd.Function per op, built once from what the op registered (its function, its
+  `setup_context` and its backward), doing what torch's generated autograd wrapper does: the
+  function runs with autograd below it, `setup_context(ctx, inputs, output)` sees the inputs
+  with their defaults filled in, the backward's gradients are returned as they come;
+- otherwise: the function itself, as the op's no-grad path does.
+Values, gradients, saved tensors and errors are those of the dispatcher path (tested in
+python_tests/test_backends.py). The dispatcher path is kept, unchanged, wherever it does more
+than dispatch:
+- under torch.compile tracing (`torch.compiler.is_compiling()`: the graph gets the custom op),
+- under any torch dispatch mode (FakeTensorMode, make_fx / export tracing, the benchmark's
+  counting mode) or functorch transform (vmap, grad), where the op's registrations answer,
+- under autocast, so that casts follow the dispatcher's rules exactly,
+- for tensors that are not plain CPU or CUDA tensors (meta tensors, tensor subclasses),
+- for calls with keyword arguments, ops with tensor-list arguments, and an op without a
+  registered backward called with grad needed (the dispatcher raises its own error there).
+
+The op objects stay `CustomOpDef`s (their class becomes a subclass that adds the fast path to
+`__call__`), so `opcheck`, `register_fake` and `op._opoverload` work as before.
+
+The wrappers' launch plans call `triton.cdiv` and `triton.next_power_of_2`, which are Triton
+`ConstexprFunction`s: each host call imports, unwraps every argument and builds lists before
+doing one integer operation, about as costly as a torch op's dispatch. `install()` gives those two
+objects the same kind of fast path: a call from host code (no `_semantic`) with int arguments
+returns the plain function's value directly, which is what the generic path returns for ints;
+calls from kernels being compiled (with `_semantic`) and any other arguments take the generic path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import torch
+from torch._library.custom_ops import OPDEFS, CustomOpDef
+
+_C = torch._C
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_FUNCTION_APPLY = _C._FunctionBase.__dict__["apply"]
+_is_compiling = torch.compiler.is_compiling
+
+
+_ENABLED = [True]  # dispatcher_path() turns the fast path off
+
+
+@contextlib.contextmanager
+def dispatcher_path():
+    """Inside the block every segkd custom op goes through the dispatcher, as without install()
+    (to compare the two paths, or to rule the fast path out when debugging)."""
+    saved = _ENABLED[0]
+    _ENABLED[0] = False
+    try:
+        yield
+    finally:
+        _ENABLED[0] = saved
+
+
+def _slow_path_needed() -> bool:
+    return bool(not _ENABLED[0] or _C._len_torch_dispatch_stack() or _C._are_functorch_transforms_active()
+                or _C._is_any_autocast_enabled())
+
+
+def _has_tensor_list(op: CustomOpDef) -> bool:
+    schema = op._opoverload._schema
+    return any(str(a.type).startswith(("List[Tensor", "Optional[List[Tensor", "Tensor?[]", "Tensor[]"))
+               for a in (*schema.arguments, *schema.returns))
+
+
+def _build(op: CustomOpDef):
+    """(function, the apply of its autograd.Function or None, number of positional parameters, their
+    defaults)."""
+    fn = op._init_fn
+    params = list(inspect.signature(fn).parameters.values())
+    defaults = tuple(p.default for p in params)
+    function = None
+    if op._backward_fn is not None:
+        setup_context, backward_fn = op._setup_context_fn, op._backward_fn
+
+        def forward(ctx, *args):
+            # grad mode is off here (as below the dispatcher's autograd key): nothing is recorded
+            result = fn(*args)
+            if setup_context is not None:
+                setup_context(ctx=ctx, inputs=args, output=result)
+            return result
+
+        # the registered backward itself: it takes (ctx, *grads) and returns one gradient per input
+        name = "EagerBackwardFor_" + op._qualname.replace("::", "_")
+        function = type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                           "backward": staticmethod(backward_fn)})
+        # The C++ apply, bound to this class: Function.apply's Python prologue only binds default
+        # arguments for a setup_context-style forward (not this one) and unwraps functorch tensors
+        # of exited transforms (transforms active take the dispatcher path)
+        function = _FUNCTION_APPLY.__get__(None, function)
+    return fn, function, len(params), defaults
+
+
+class _EagerCustomOpDef(CustomOpDef):
+    """A CustomOpDef whose eager calls skip the dispatcher (see the module docstring)."""
+
+    def __call__(self, *args, **kwargs):
+        # is_compiling() first: under dynamo it is a constant True and the rest is never traced
+        if _is_compiling() or kwargs or _slow_path_needed():
+            return self._opoverload(*args, **kwargs)
+        plan = self.__dict__.get("_segkd_eager")
+        if plan is None or plan[0] is not self._init_fn or plan[4] is not self._backward_fn:
+            fn, function, n_params, defaults = _build(self)
+            plan = self.__dict__["_segkd_eager"] = (fn, function, n_params, defaults, self._backward_fn,
+                                                    _has_tensor_list(self))
+        fn, function, n_params, defaults, _, tensor_list = plan
+        if tensor_list or len(args) > n_params:
+            return self._opoverload(*args)
+        if len(args) < n_params:  # what the dispatcher does: every argument, defaults filled in
+            if any(d is inspect.Parameter.empty for d in defaults[len(args):]):
+                return self._opoverload(*args)  # the dispatcher's error for a missing argument
+            args = args + defaults[len(args):]
+        for a in args:
+            # plain tensors on a device that runs kernels; meta tensors and tensor subclasses get
+            # the op's registrations (fake implementation, __torch_dispatch__)
+            if isinstance(a, torch.Tensor) and (type(a) not in _PLAIN or not (a.is_cpu or a.is_cuda)):
+                return self._opoverload(*args)
+        if _C.is_grad_enabled() and _C._any_requires_grad(*args):
+            if function is None:
+                return self._opoverload(*args)
+            return function(*args)
+        return fn(*args)  # what the op's no-grad path runs
+
+
+try:
+    import triton
+    from triton.runtime.jit import ConstexprFunction
+except ImportError:  # no triton: only the custom ops get the fast path
+    triton = ConstexprFunction = None
+
+if ConstexprFunction is not None:
+    class _HostConstexprFunction(ConstexprFunction):
+        """A ConstexprFunction whose host calls on ints skip the generic unwrapping (module docstring)."""
+
+        def __call__(self, *args, _semantic=None, **kwargs):
+            if _semantic is None and not kwargs:
+                for a in args:
+                    if type(a) is not int:
+                        break
+                else:
+                    return self.fn(*args)
+            return super().__call__(*args, _semantic=_semantic, **kwargs)
+
+
+def install() -> None:
+    """Give every registered segkd custom op the eager fast path, and triton.cdiv /
+    triton.next_power_of_2 their host fast path (idempotent)."""
+    for name, op in list(OPDEFS.items()):
+        if name.startswith("segkd::") and type(op) is CustomOpDef:
+            op.__class__ = _EagerCustomOpDef
+    if ConstexprFunction is not None:
+        for name in ("cdiv", "next_power_of_2"):
+            fn = getattr(triton, name, None)
+            if type(fn) is ConstexprFunction:
+                fn.__class__ = _HostConstexprFunction
+
+
+__all__ = ["dispatcher_path", "install"]
