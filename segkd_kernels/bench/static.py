@@ -804,6 +804,16 @@ def capture_case(op: str, shapes, dtype_name: str, ccs=(90, 80)):
 # ----------------------------------------------------------------------------------------------
 # compiling
 
+def _ptxas_for(cc: int) -> str:
+    """The ptxas Triton itself runs for this arch. Triton 3.9 ships two (its sm_90+ one is newer and
+    emits PTX that the other cannot read), so the fallback must not assume the plain `ptxas`."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas  # noqa: PLC0415
+    except ImportError:  # older Triton: one bundled ptxas
+        return _triton_bin("ptxas")
+    return get_ptxas(cc).path
+
+
 class Compiler:
     """Compiles captured launches for a cc, caching the parsed facts by Triton's kernel hash."""
 
@@ -863,7 +873,7 @@ class Compiler:
             src = Path(tmp) / "k.ptx"
             src.write_text(ptx)
             arch = f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
-            res = subprocess.run([_triton_bin("ptxas"), "-lineinfo", "-v", "--regAllocOptLevel=2",
+            res = subprocess.run([_ptxas_for(cc), "-lineinfo", "-v", "--regAllocOptLevel=2",
                                   f"--gpu-name={arch}", str(src), "-o", str(Path(tmp) / "k.o")],
                                  capture_output=True, text=True, check=True)
         return parse_ptxas(res.stderr + res.stdout)
