@@ -115,10 +115,10 @@ void pixel_inv_norm(std::uintptr_t x, std::uintptr_t norm, std::uintptr_t inv, i
 void pairwise_gram(std::uintptr_t s, std::uintptr_t inv_s, std::uintptr_t t, std::uintptr_t inv_t,
                    std::uintptr_t part, int64_t batch, int64_t cs, int64_t ct, int64_t plane, int64_t splits,
                    bool fast, DType dtype, int device, std::uintptr_t stream);
-// pairwise_kd backward, half / bfloat16 features s (batch, cs, plane), t (batch, ct, plane): da (fp32,
-// batch x cs x plane) = scale * grad_loss[0] * ((aa s) * inv_s - (ab t) * inv_t) per image, with
-// aa (fp64, batch x cs x cs), ab (fp64, batch x cs x ct), inv_s / inv_t (fp64, batch x plane),
-// grad_loss one fp32 on the device. Tensor cores (wmma).
+// pairwise_kd backward, half / bfloat16 / float features s (batch, cs, plane), t (batch, ct, plane):
+// da (fp32, batch x cs x plane) = scale * grad_loss[0] * ((aa s) * inv_s - (ab t) * inv_t) per image,
+// with aa (fp64, batch x cs x cs), ab (fp64, batch x cs x ct), inv_s / inv_t (fp64, batch x plane),
+// grad_loss one fp32 on the device. Tensor cores (wmma; 3xTF32 for float).
 void pairwise_grad_mma(std::uintptr_t aa, std::uintptr_t ab, std::uintptr_t s, std::uintptr_t t,
                        std::uintptr_t inv_s, std::uintptr_t inv_t, std::uintptr_t grad_loss, std::uintptr_t da,
                        int64_t batch, int64_t cs, int64_t ct, int64_t plane, double scale, DType dtype, int device,

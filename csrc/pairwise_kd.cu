@@ -296,6 +296,106 @@ pairwise_grad_mma_kernel(const double* __restrict__ aa, const double* __restrict
   }
 }
 
+// ---- backward, float: the same products on tensor cores with the 3xTF32 split. Each operand v
+// (G scaled as above, and the raw fp32 features) is v_hi + v_lo with v_hi = tf32(v) and
+// v_lo = tf32(v - v_hi), so |v - v_hi - v_lo| <= 2^-22 |v|; a product is v_lo w_hi + v_hi w_lo +
+// v_hi w_hi (smallest first, fp32 accumulators: the tf32 products are exact), which drops
+// v_lo w_lo <= 2^-22 |v w|: about 3 * 2^-22 relative per product against fp32 FMA's 2^-24, then the
+// same fp32 sums over the channels as the 16-bit path. The split is done once per staged element
+// (shared memory holds tf32 values, so the fragments need no rounding after the load).
+constexpr int kTf32K = 8;               // wmma K of tf32
+constexpr int kTf32GLd = kBwdK + 4;     // floats per staged G row (multiple of 4: 16 bytes for wmma)
+constexpr int kTf32XLd = kBwdTile + 4;  // floats per staged feature row
+
+struct BwdStageTf32 {
+  __align__(32) float g_hi[kBwdTile][kTf32GLd];
+  __align__(32) float g_lo[kBwdTile][kTf32GLd];
+  __align__(32) float x_hi[kBwdK][kTf32XLd];
+  __align__(32) float x_lo[kBwdK][kTf32XLd];
+};
+
+// The staging buffers are dead once the channel loop ends, so the epilogue tile reuses them: 34 KB
+// in all instead of 53 KB (over the 48 KB of static shared memory).
+union BwdSmemTf32 {
+  BwdStageTf32 in;
+  __align__(32) float out[2][kBwdTile][kBwdOutLd];
+};
+
+__device__ __forceinline__ float tf32_round(float v) { return nvcuda::wmma::__float_to_tf32(v); }
+
+__global__ void __launch_bounds__(kBwdThreads)
+pairwise_grad_tf32_kernel(const double* __restrict__ aa, const double* __restrict__ ab, const float* __restrict__ s,
+                          const float* __restrict__ t, const double* __restrict__ inv_s,
+                          const double* __restrict__ inv_t, const float* __restrict__ grad_loss,
+                          float* __restrict__ da, int64_t cs, int64_t ct, int64_t plane, double scale, int g_shift) {
+  using namespace nvcuda;
+  __shared__ BwdSmemTf32 sm;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kBwdTile, p0 = static_cast<int64_t>(blockIdx.y) * kBwdTile;
+  const int64_t n = blockIdx.z;
+  const int warp = threadIdx.x / 32;
+  const double g_scale = std::ldexp(1.0, -g_shift);
+  wmma::fragment<wmma::accumulator, 16, 16, kTf32K, float> acc[2][4];
+#pragma unroll
+  for (int part = 0; part < 2; ++part)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) wmma::fill_fragment(acc[part][j], 0.f);
+#pragma unroll  // acc[part] must be registers, not a stack array indexed at run time
+  for (int part = 0; part < 2; ++part) {
+    const int64_t kc = part == 0 ? cs : ct;  // G_aa (cs x cs) with S, then G_ab (cs x ct) with T
+    const double* g = (part == 0 ? aa : ab) + n * cs * kc;
+    const float* x = (part == 0 ? s : t) + n * kc * plane;
+    for (int64_t k0 = 0; k0 < kc; k0 += kBwdK) {
+      for (int idx = threadIdx.x; idx < kBwdTile * kBwdK; idx += kBwdThreads) {
+        const int r = idx / kBwdK, kk = idx - r * kBwdK;
+        const double v = (c0 + r < cs && k0 + kk < kc) ? g[(c0 + r) * kc + k0 + kk] * g_scale : 0.0;
+        const float hi = tf32_round(static_cast<float>(v));
+        sm.in.g_hi[r][kk] = hi;
+        sm.in.g_lo[r][kk] = tf32_round(static_cast<float>(v - static_cast<double>(hi)));
+      }
+      for (int idx = threadIdx.x; idx < kBwdK * kBwdTile; idx += kBwdThreads) {
+        const int kk = idx / kBwdTile, pp = idx - kk * kBwdTile;  // consecutive threads, consecutive pixels
+        const float v = (k0 + kk < kc && p0 + pp < plane) ? x[(k0 + kk) * plane + p0 + pp] : 0.f;
+        const float hi = tf32_round(v);
+        sm.in.x_hi[kk][pp] = hi;
+        sm.in.x_lo[kk][pp] = tf32_round(v - hi);  // v - hi is exact in fp32
+      }
+      __syncthreads();
+#pragma unroll 1  // unrolled, ptxas spilled 8-12 bytes (168 registers); one k8 step at a time: 128, none
+      for (int ks = 0; ks < kBwdK; ks += kTf32K) {
+        wmma::fragment<wmma::matrix_a, 16, 16, kTf32K, wmma::precision::tf32, wmma::row_major> f_hi, f_lo;
+        wmma::load_matrix_sync(f_hi, &sm.in.g_hi[warp * 16][ks], kTf32GLd);
+        wmma::load_matrix_sync(f_lo, &sm.in.g_lo[warp * 16][ks], kTf32GLd);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          wmma::fragment<wmma::matrix_b, 16, 16, kTf32K, wmma::precision::tf32, wmma::row_major> b_hi, b_lo;
+          wmma::load_matrix_sync(b_hi, &sm.in.x_hi[ks][j * 16], kTf32XLd);
+          wmma::load_matrix_sync(b_lo, &sm.in.x_lo[ks][j * 16], kTf32XLd);
+          wmma::mma_sync(acc[part][j], f_lo, b_hi, acc[part][j]);
+          wmma::mma_sync(acc[part][j], f_hi, b_lo, acc[part][j]);
+          wmma::mma_sync(acc[part][j], f_hi, b_hi, acc[part][j]);
+        }
+      }
+      __syncthreads();  // also orders the last reads of the staging before the epilogue reuses it
+    }
+  }
+#pragma unroll
+  for (int part = 0; part < 2; ++part)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      wmma::store_matrix_sync(&sm.out[part][warp * 16][j * 16], acc[part][j], kBwdOutLd, wmma::mem_row_major);
+  __syncthreads();
+  const double coef = scale * static_cast<double>(grad_loss[0]) / g_scale;
+  for (int idx = threadIdx.x; idx < kBwdTile * kBwdTile; idx += kBwdThreads) {
+    const int r = idx / kBwdTile, pp = idx - r * kBwdTile;
+    const int64_t c = c0 + r, p = p0 + pp;
+    if (c < cs && p < plane) {
+      const double v = static_cast<double>(sm.out[0][r][pp]) * inv_s[n * plane + p] -
+                       static_cast<double>(sm.out[1][r][pp]) * inv_t[n * plane + p];
+      da[(n * cs + c) * plane + p] = static_cast<float>(v * coef);
+    }
+  }
+}
+
 }  // namespace
 
 void pixel_norm(std::uintptr_t x, std::uintptr_t norm, int64_t batch, int64_t channels, int64_t plane, DType dtype,
@@ -394,7 +494,7 @@ void pairwise_grad_mma(std::uintptr_t aa, std::uintptr_t ab, std::uintptr_t s, s
   if (batch == 0 || cs == 0 || plane == 0) return;
   const int64_t gx = (cs + kBwdTile - 1) / kBwdTile, gy = (plane + kBwdTile - 1) / kBwdTile;
   if (gy > 65535 || batch > 65535) throw std::invalid_argument("pairwise_grad_mma: problem too large for one grid");
-  int g_shift = 0;  // 2^g_shift >= plane >= |G|
+  int g_shift = 0;  // 2^g_shift >= plane >= |G| (fp16's range; a power of two, exact for every type)
   while ((int64_t{1} << g_shift) < plane) ++g_shift;
   DeviceGuard guard(device);
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(batch));
@@ -407,7 +507,13 @@ void pairwise_grad_mma(std::uintptr_t aa, std::uintptr_t ab, std::uintptr_t s, s
   };
   if (dtype == DType::Float16) launch(__half{});
   else if (dtype == DType::BFloat16) launch(__nv_bfloat16{});
-  else throw std::invalid_argument("pairwise_grad_mma: half or bfloat16 features only");
+  else if (dtype == DType::Float32)
+    SEGKD_LAUNCH(grid, kBwdThreads, 0, as_stream(stream), pairwise_grad_tf32_kernel)(
+        reinterpret_cast<const double*>(aa), reinterpret_cast<const double*>(ab), reinterpret_cast<const float*>(s),
+        reinterpret_cast<const float*>(t), reinterpret_cast<const double*>(inv_s),
+        reinterpret_cast<const double*>(inv_t), reinterpret_cast<const float*>(grad_loss),
+        reinterpret_cast<float*>(da), cs, ct, plane, scale, g_shift);
+  else throw std::invalid_argument("pairwise_grad_mma: half, bfloat16 or float features only");
   check_launch("pairwise_grad_mma");
 }
 

@@ -106,6 +106,25 @@ __global__ void mma(const T* a, const T* b, const float* c, float* d) {
   wmma::store_matrix_sync(d, fc, 16, wmma::mem_row_major);
 }
 
+// One warp: D = A B + C for a 16 x 8 tf32 A (row-major) and 8 x 16 B (col-major), C and D 16 x 16
+// row-major; with round != 0 each operand element is rounded with __float_to_tf32 after the load,
+// as CUDA requires, else passed as loaded.
+__global__ void mma_tf32(const float* a, const float* b, const float* c, float* d, int round) {
+  using namespace nvcuda;
+  wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fa;
+  wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> fb;
+  wmma::fragment<wmma::accumulator, 16, 16, 8, float> fc;
+  wmma::load_matrix_sync(fa, a, 8);
+  wmma::load_matrix_sync(fb, b, 8);
+  wmma::load_matrix_sync(fc, c, 16, wmma::mem_row_major);
+  if (round) {
+    for (int e = 0; e < fa.num_elements; ++e) fa.x[e] = wmma::__float_to_tf32(fa.x[e]);
+    for (int e = 0; e < fb.num_elements; ++e) fb.x[e] = wmma::__float_to_tf32(fb.x[e]);
+  }
+  wmma::mma_sync(fc, fa, fb, fc);
+  wmma::store_matrix_sync(d, fc, 16, wmma::mem_row_major);
+}
+
 }  // namespace
 
 extern "C" {
@@ -160,6 +179,19 @@ int segkd_layer_mma_bf16(const uint16_t* a, const uint16_t* b, const float* c, f
   LAUNCH(1, 32, 0, mma<__nv_bfloat16>)(reinterpret_cast<const __nv_bfloat16*>(a),
                                        reinterpret_cast<const __nv_bfloat16*>(b), c, d);
   return finish();
+}
+int segkd_layer_mma_tf32(const float* a, const float* b, const float* c, float* d, int round) {
+  LAUNCH(1, 32, 0, mma_tf32)(a, b, c, d, round);
+  return finish();
+}
+void segkd_layer_tf32(const float* in, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = nvcuda::wmma::__float_to_tf32(in[i]);
+}
+int segkd_layer_tf32_fragment_elements() {  // matrix_a, matrix_b, accumulator of m16n16k8 per lane
+  using namespace nvcuda::wmma;
+  return fragment<matrix_a, 16, 16, 8, precision::tf32, row_major>::num_elements * 100 +
+         fragment<matrix_b, 16, 16, 8, precision::tf32, col_major>::num_elements * 10 +
+         fragment<accumulator, 16, 16, 8, float>::num_elements;
 }
 void segkd_layer_convert(const float* in, uint16_t* half_bits, uint16_t* bf16_bits, float* half_back,
                          float* bf16_back, int64_t n) {

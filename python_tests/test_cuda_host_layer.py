@@ -2,8 +2,8 @@
 compiled with g++ against it check each CUDA feature it emulates against what CUDA specifies:
 shuffles (index, up, down, xor, sub-warp widths), votes, partial-warp masks, barrier variants,
 1-3-D indices, shared-memory poisoning, dynamic shared memory limits, deadlock and exited-lane
-detection, atomics, wmma fragments, and fp16/bf16 round-to-nearest-even conversions (bitwise
-against torch's)."""
+detection, atomics, wmma fragments (fp16/bf16 m16n16k16, tf32 m16n16k8), fp16/bf16 round-to-nearest-even conversions (bitwise
+against torch's) and the tf32 rounding (round to nearest, ties away from zero)."""
 
 from __future__ import annotations
 
@@ -179,3 +179,74 @@ def test_half_conversions_round_to_nearest_even(layer):
     nan = np.array([np.nan], dtype=np.float32)
     layer.segkd_layer_convert(_ptr(nan), _ptr(hb), _ptr(bb), _ptr(hf), _ptr(bf), ctypes.c_int64(1))
     assert np.isnan(hf[0]) and np.isnan(bf[0])
+
+
+def _aligned(x: torch.Tensor) -> torch.Tensor:
+    """A copy of the fp32 tensor x at a 256-bit aligned address (wmma requires it)."""
+    buf = torch.zeros(x.numel() + 8)
+    off = (-buf.data_ptr() % 32) // 4
+    buf[off:off + x.numel()] = x.reshape(-1)
+    return buf[off:off + x.numel()]
+
+
+def _tf32_oracle(x: np.ndarray) -> np.ndarray:
+    """cvt.rna.tf32.f32 by its definition: of the two tf32 neighbours (10 mantissa bits) of each
+    finite x, the nearer one, the one farther from zero on a tie; computed in fp64."""
+    with np.errstate(invalid="ignore", over="ignore"):  # infinities: their NaN candidates are never picked
+        return _tf32_oracle_finite(x.astype(np.float32))
+
+
+def _tf32_oracle_finite(x: np.ndarray) -> np.ndarray:
+    down = (x.view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32)  # toward zero
+    ulp = (((down.view(np.uint32) & np.uint32(0x7F800000)) | np.uint32(0x2000)).view(np.float32).astype(np.float64)
+           - (down.view(np.uint32) & np.uint32(0x7F800000)).view(np.float32).astype(np.float64))
+    ulp = np.where((down.view(np.uint32) & 0x7F800000) == 0, 2.0 ** -136, ulp)  # subnormals: fixed spacing
+    mag = np.abs(x.astype(np.float64)) - np.abs(down.astype(np.float64))
+    up = np.sign(x) * (np.abs(down.astype(np.float64)) + ulp)
+    return np.where(mag >= ulp / 2, up, down.astype(np.float64)).astype(np.float32)
+
+
+def test_tf32_rounding_is_nearest_ties_away(layer):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.cat([
+        torch.randn(20000, generator=gen) * 10,
+        torch.randn(2000, generator=gen) * 1e-39,  # fp32 subnormals
+        torch.tensor([0.0, -0.0, 1.0, 3.4028235e38, -3.4028235e38, float("inf"), float("-inf"),
+                      1.0 + 2.0 ** -11, -(1.0 + 2.0 ** -11), 1.0 + 2.0 ** -11 - 2.0 ** -23, 1.0 + 3 * 2.0 ** -11]),
+    ]).float()
+    ties = torch.randn(4000, generator=gen).float().view(torch.int32)
+    x = torch.cat([x, ((ties & ~0x1FFF) | 0x1000).view(torch.float32)])  # every dropped part exactly half
+    xn = x.numpy()
+    out = np.zeros_like(xn)
+    layer.segkd_layer_tf32(_ptr(xn), _ptr(out), ctypes.c_int64(xn.size))
+    np.testing.assert_array_equal(out, _tf32_oracle(xn))
+    assert (out.view(np.uint32) & 0x1FFF).max() == 0
+    # hand-checked: a tie rounds away from zero, the largest float overflows to infinity
+    assert out[-4011 + 7] == 1.0 + 2.0 ** -10 and out[-4011 + 8] == -(1.0 + 2.0 ** -10)
+    assert out[-4011 + 9] == 1.0 and out[-4011 + 10] == 1.0 + 4 * 2.0 ** -11
+    assert np.isinf(out[-4011 + 3]) and out[-4011 + 3] > 0
+    nan = np.array([np.nan], dtype=np.float32)
+    layer.segkd_layer_tf32(_ptr(nan), _ptr(out), ctypes.c_int64(1))
+    assert np.isnan(out[0])
+
+
+def test_wmma_tf32_tile(layer):
+    assert layer.segkd_layer_tf32_fragment_elements() == 448  # 4, 4 and 8 elements per lane, as CUDA
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(16, 8, generator=gen)
+    b = torch.randn(8, 16, generator=gen)
+    c = torch.randn(16, 16, generator=gen)
+    pa, pb, pc = _aligned(a), _aligned(b.T.contiguous()), _aligned(c)  # B is loaded col-major
+    pd = _aligned(torch.zeros(16, 16))
+    args = [ctypes.c_void_p(x.data_ptr()) for x in (pa, pb, pc, pd)]
+    assert layer.segkd_layer_mma_tf32(*args, 1) == 0, layer.segkd_layer_error()
+    d = pd.reshape(16, 16).double()
+    ar = torch.from_numpy(_tf32_oracle(a.numpy())).double()
+    br = torch.from_numpy(_tf32_oracle(b.numpy())).double()
+    want = ar @ br + c.double()  # tf32 products exact in fp32, 8 fp32 additions
+    torch.testing.assert_close(d, want, rtol=0, atol=8 * 2.0 ** -24 * (ar.abs() @ br.abs() + c.double().abs()).max().item())
+    # the rounding happened: against the unrounded product the result is off by about 2^-11
+    assert (d - (a.double() @ b.double() + c.double())).abs().max().item() > 1e-5
+    # operands that are not tf32 values (a kernel that forgot __float_to_tf32) fail the launch
+    assert layer.segkd_layer_mma_tf32(*args, 0) != 0
+    assert b"tf32" in layer.segkd_layer_error()

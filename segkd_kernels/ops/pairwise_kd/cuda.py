@@ -5,8 +5,9 @@ Gram matrix of Z = [A | B] over pixel splits (fp64 partials, or precision="fast"
 64-pixel chunks added in fp64), summed over the splits by torch in a fixed order; the loss
     (||A^T A||^2 - 2 ||A^T B||^2 + ||B^T B||^2) / (N P^2)
 is combined in fp64 (it cancels when student ~ teacher). Backward: d/dA = 4 (A (A^T A) - B (B^T A)):
-for half / bfloat16 features on tensor cores (pairwise_grad_mma), for fp32 features through torch
-matmul in fp64; then the normalisation backward kernel.
+on tensor cores (pairwise_grad_mma: native MMA with G split in 16-bit parts for half / bfloat16,
+the 3xTF32 split for float), for fp64 features through torch matmul in fp64; then the normalisation
+backward kernel.
 Pooling (pool=2) is applied by the caller before this op.
 """
 
@@ -131,9 +132,10 @@ def pairwise_kd_backward_cuda(grad_loss: torch.Tensor, student: torch.Tensor, te
     p = h * w
     if s.numel() == 0 or t.numel() == 0:
         return torch.zeros_like(s)
-    if s.element_size() == 2:
-        # half / bfloat16: the raw features are exact MMA operands, the inverse norms factor out of
-        # the channel sums; G split into 16-bit hi + lo parts on tensor cores, fp32 accumulators
+    if s.dtype != torch.float64:
+        # tensor cores, fp32 accumulators; the inverse norms factor out of the channel sums.
+        # half / bfloat16: the raw features are exact MMA operands, G split into 16-bit hi + lo parts;
+        # float: features and G each split into tf32 hi + lo parts, three products (3xTF32)
         ct = t.shape[1]
         _, inv_s = inv_norms(lib, s)
         _, inv_t = inv_norms(lib, t)
@@ -143,9 +145,9 @@ def pairwise_kd_backward_cuda(grad_loss: torch.Tensor, student: torch.Tensor, te
                               inv_s.data_ptr(), inv_t.data_ptr(), g.data_ptr(), da.data_ptr(), n, cs, ct, p,
                               4.0 / (n * p * p), **launch_args(OP, s))
         return normalize_pixels_backward(lib, da.reshape(n, cs, h, w), s, pixel_norms(lib, s), detach_norm)
+    # fp64 features: d total / d a = 4 (AA a - AB b) per image, (C_s, P), by torch in fp64
     a, norm_s = normalize_pixels(lib, s)
     b, _ = normalize_pixels(lib, t)
-    # d total / d a = 4 (AA a - AB b) per image, (C_s, P); fp64 because the two terms cancel when a ~ b
     scale = grad_loss.to(torch.float64) * (4.0 / (n * p * p))
     da = (torch.bmm(aa, a.double()) - torch.bmm(ab, b.double())) * scale
     return normalize_pixels_backward(lib, da.float().reshape(n, cs, h, w), s, norm_s.reshape(n, p), detach_norm)
