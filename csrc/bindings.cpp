@@ -25,13 +25,21 @@ PYBIND11_MODULE(SEGKD_MODULE_NAME, m) {
   m.attr("DTYPE_BFLOAT16") = static_cast<int>(DType::BFloat16);
 
   m.def(
-      "spatial_pool_forward",
-      [](std::uintptr_t x, std::uintptr_t avg, std::uintptr_t max, std::uintptr_t argmax, int64_t rows,
-         int64_t plane, int dtype, int device, std::uintptr_t stream) {
-        segkd::spatial_pool_forward(x, avg, max, argmax, rows, plane, static_cast<DType>(dtype), device, stream);
+      "spatial_pool_workspace",
+      [](int64_t rows, int64_t plane, int dtype, int device) {
+        return segkd::spatial_pool_workspace(rows, plane, static_cast<DType>(dtype), device);
       },
-      py::arg("x"), py::arg("avg"), py::arg("max"), py::arg("argmax"), py::arg("rows"), py::arg("plane"),
-      py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+      py::arg("rows"), py::arg("plane"), py::arg("dtype"), py::arg("device"));
+  m.def(
+      "spatial_pool_forward",
+      [](std::uintptr_t x, std::uintptr_t avg, std::uintptr_t max, std::uintptr_t argmax, std::uintptr_t workspace,
+         int64_t workspace_floats, int64_t rows, int64_t plane, int dtype, int device, std::uintptr_t stream) {
+        segkd::spatial_pool_forward(x, avg, max, argmax, workspace, workspace_floats, rows, plane,
+                                    static_cast<DType>(dtype), device, stream);
+      },
+      py::arg("x"), py::arg("avg"), py::arg("max"), py::arg("argmax"), py::arg("workspace"),
+      py::arg("workspace_floats"), py::arg("rows"), py::arg("plane"), py::arg("dtype"), py::arg("device"),
+      py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def(
       "spatial_pool_backward",
       [](std::uintptr_t grad_avg, std::uintptr_t grad_max, std::uintptr_t argmax, std::uintptr_t dx, int64_t rows,

@@ -12,8 +12,11 @@ enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2 };
 
 // spatial_pool: mean and max over the `plane` contiguous elements of each of `rows` rows.
 // avg/max have x's dtype; argmax is int64 (first maximal position, used by the backward).
+// workspace: spatial_pool_workspace() fp32 values, 8-byte aligned (0 when rows are not split over blocks).
+int64_t spatial_pool_workspace(int64_t rows, int64_t plane, DType dtype, int device);
 void spatial_pool_forward(std::uintptr_t x, std::uintptr_t avg, std::uintptr_t max, std::uintptr_t argmax,
-                          int64_t rows, int64_t plane, DType dtype, int device, std::uintptr_t stream);
+                          std::uintptr_t workspace, int64_t workspace_floats, int64_t rows, int64_t plane, DType dtype,
+                          int device, std::uintptr_t stream);
 
 // dx[r, p] = grad_avg[r] / plane + (p == argmax[r]) * grad_max[r]; grads have dx's dtype.
 void spatial_pool_backward(std::uintptr_t grad_avg, std::uintptr_t grad_max, std::uintptr_t argmax,

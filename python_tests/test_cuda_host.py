@@ -221,6 +221,39 @@ def test_pairwise_tiles_and_pixel_splits(host, dtype, precision):
     _check_op(fn, (1, 40, 65, 65), (1, 35, 65, 65), dtype, seed=9)
 
 
+def _seeds_agree(host, fn):
+    """fn() under two thread/block orders: bit-identical (fixed-order combines, no atomics)."""
+    got = []
+    for seed in (1, 2):
+        host.host_set_seed(seed)
+        got.append(fn())
+    for a, b in zip(got[0], got[1]):
+        assert torch.equal(a, b)
+    return got[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vector", [True, False])
+def test_spatial_pool_split_rows_plan(host, dtype, vector):
+    # One SM (two waves = 16 blocks) and 6 rows of two ranges of two 128-bit loads per thread: each
+    # row runs over two blocks, then a combine kernel. The same maximum in both ranges: the first
+    # position keeps the max's gradient, as without the split.
+    host.host_set_attribute("multiprocessor_count", 1)
+    elems = 16 // torch.tensor([], dtype=dtype).element_size()
+    plane = 2 * 2 * 256 * elems + (0 if vector else 3)
+    x = make_tensor((2, 3, 1, plane), dtype=dtype, seed=9, requires_grad=True)
+    with torch.no_grad():
+        x[1, 2, 0, 5] = 8.0
+        x[1, 2, 0, plane - 2] = 8.0
+    assert _launches(host, lambda: sk.spatial_pool(x, backend="cuda")) == 2
+    avg, mx = _seeds_agree(host, lambda: sk.spatial_pool(x, backend="cuda"))
+    want_avg, want_mx = sk.spatial_pool(x, backend="reference")
+    assert_close(avg, want_avg)
+    assert torch.equal(mx, want_mx)
+    (dx,) = torch.autograd.grad(sk.spatial_pool(x, backend="cuda")[1].sum(), x)
+    assert dx[1, 2, 0, 5] == 1 and dx[1, 2, 0, plane - 2] == 0 and dx.sum() == 6
+
+
 # ---------------------------------------------------------------------------------------------
 # The layer itself
 # ---------------------------------------------------------------------------------------------
