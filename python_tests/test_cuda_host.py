@@ -254,6 +254,36 @@ def test_spatial_pool_split_rows_plan(host, dtype, vector):
     assert dx[1, 2, 0, 5] == 1 and dx[1, 2, 0, plane - 2] == 0 and dx.sum() == 6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vector", [True, False])
+def test_channel_rows_split_plans(host, dtype, vector):
+    # One SM and 6 (n, c) rows of at least two ranges of 256 threads x 4 positions: the rows of the
+    # channel_pool backward (with a gate) and of the cbam_gate backward run over two blocks each, and
+    # the per-range gate gradients are added by one more kernel, in range order.
+    host.host_set_attribute("multiprocessor_count", 1)
+    hw = (32, 64) if vector else (31, 67)
+    x = make_tensor((2, 3, *hw), dtype=dtype, seed=11, requires_grad=True)
+    gate = make_tensor((2, 3), seed=12, requires_grad=True)
+    ms = make_tensor((2, 1, *hw), seed=13, requires_grad=True)
+    up_pool = make_tensor((2, 2, *hw), dtype=dtype, seed=14)
+    up_gate = make_tensor((2, 3, *hw), dtype=dtype, seed=15)
+
+    def pool_grads(backend):
+        return torch.autograd.grad(sk.channel_pool(x, gate, backend=backend), (x, gate), up_pool)
+
+    def gate_grads(backend):
+        return torch.autograd.grad(sk.cbam_gate(x, gate, ms, backend=backend), (x, gate, ms), up_gate)
+
+    out = sk.channel_pool(x, gate, backend="cuda")
+    assert _launches(host, lambda: torch.autograd.grad(out, (x, gate), up_pool)) == 2  # rows, combine
+    out = sk.cbam_gate(x, gate, ms, backend="cuda")
+    assert _launches(host, lambda: torch.autograd.grad(out, (x, gate, ms), up_gate)) == 3  # + pixels
+    for got, want in ((_seeds_agree(host, lambda: pool_grads("cuda")), pool_grads("reference")),
+                      (_seeds_agree(host, lambda: gate_grads("cuda")), gate_grads("reference"))):
+        for g, w in zip(got, want):
+            assert_close(g, w)
+
+
 # ---------------------------------------------------------------------------------------------
 # The layer itself
 # ---------------------------------------------------------------------------------------------
