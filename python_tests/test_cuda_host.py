@@ -284,6 +284,21 @@ def test_channel_rows_split_plans(host, dtype, vector):
             assert_close(g, w)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pixel_norm_channels_split_over_warps(host, dtype):
+    # 16 warps share 32 pixels: fewer channels than warps, exactly 16, more (not a multiple), and a
+    # partial last pixel tile. fp32 sums of C squares: relative error below (C + 1) 2^-24 (sqrt
+    # halves the sum's error and adds half an ulp), against the fp64 norm of the same inputs.
+    from segkd_kernels.ops._cuda_common import cuda_lib
+    from segkd_kernels.ops.pairwise_kd.cuda import pixel_norms
+
+    for c in (3, 16, 37):
+        x = make_tensor((3, c, 5, 9), dtype=dtype, seed=c)
+        got = pixel_norms(cuda_lib("pairwise_kd"), x)
+        want = x.double().reshape(3, c, 45).norm(dim=1)
+        torch.testing.assert_close(got.double(), want, rtol=(c + 1) * 2.0 ** -24, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # The layer itself
 # ---------------------------------------------------------------------------------------------
