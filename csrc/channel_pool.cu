@@ -444,7 +444,8 @@ int64_t cbam_gate_backward_workspace(int64_t batch, int64_t channels, int64_t pl
 void cbam_gate_backward(std::uintptr_t grad_out, std::uintptr_t x, std::uintptr_t channel_gate,
                         std::uintptr_t spatial_gate, std::uintptr_t dx, std::uintptr_t d_channel_gate,
                         std::uintptr_t d_spatial_gate, std::uintptr_t workspace, int64_t workspace_floats,
-                        int64_t batch, int64_t channels, int64_t plane, DType dtype, int device, std::uintptr_t stream) {
+                        int64_t batch, int64_t channels, int64_t plane, DType dtype, int device,
+                        std::uintptr_t stream) {
   const int64_t rows = batch * channels;
   if (rows == 0 || plane == 0) return;
   check_grid_dim(rows, "cbam_gate_backward", "(n, c) rows");

@@ -97,7 +97,7 @@ def _host_check_cases():
         "ssim reflect too small": lambda: LIB.ssim_forward(*[0] * 8, 1, 2, 16, 5, 1.5, 1.0, 0, f32, 0, 0),
         "ssim data_range 0": lambda: LIB.ssim_forward(*[0] * 8, 1, 16, 16, 5, 1.5, 0.0, 0, f32, 0, 0),
         "attnfd partials": lambda: LIB.attnfd_dots(0, 0, 0, 100, 7, f32, 0, 0),
-        "channel_pool dgate without gate": lambda: LIB.channel_pool_backward(0, 0, 0, 0, 0, 8, 0, 0, 1, 2, 3, f32, 0, 0),
+        "channel_pool dgate without gate": lambda: LIB.channel_pool_backward(*[0] * 5, 8, 0, 0, 1, 2, 3, f32, 0, 0),
         "channel_pool no channels": lambda: LIB.channel_pool_forward(0, 0, 0, 0, 1, 0, 4, f32, 0, 0),
         "cross_image tau 0": lambda: LIB.cross_image_forward(*[0] * 6, 2, 3, 3, 5, 0.0, f32, 0, 0),
     }
