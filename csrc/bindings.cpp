@@ -25,13 +25,21 @@ PYBIND11_MODULE(SEGKD_MODULE_NAME, m) {
   m.attr("DTYPE_BFLOAT16") = static_cast<int>(DType::BFloat16);
 
   m.def(
-      "spatial_pool_forward",
-      [](std::uintptr_t x, std::uintptr_t avg, std::uintptr_t max, std::uintptr_t argmax, int64_t rows,
-         int64_t plane, int dtype, int device, std::uintptr_t stream) {
-        segkd::spatial_pool_forward(x, avg, max, argmax, rows, plane, static_cast<DType>(dtype), device, stream);
+      "spatial_pool_workspace",
+      [](int64_t rows, int64_t plane, int dtype, int device) {
+        return segkd::spatial_pool_workspace(rows, plane, static_cast<DType>(dtype), device);
       },
-      py::arg("x"), py::arg("avg"), py::arg("max"), py::arg("argmax"), py::arg("rows"), py::arg("plane"),
-      py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+      py::arg("rows"), py::arg("plane"), py::arg("dtype"), py::arg("device"));
+  m.def(
+      "spatial_pool_forward",
+      [](std::uintptr_t x, std::uintptr_t avg, std::uintptr_t max, std::uintptr_t argmax, std::uintptr_t workspace,
+         int64_t workspace_floats, int64_t rows, int64_t plane, int dtype, int device, std::uintptr_t stream) {
+        segkd::spatial_pool_forward(x, avg, max, argmax, workspace, workspace_floats, rows, plane,
+                                    static_cast<DType>(dtype), device, stream);
+      },
+      py::arg("x"), py::arg("avg"), py::arg("max"), py::arg("argmax"), py::arg("workspace"),
+      py::arg("workspace_floats"), py::arg("rows"), py::arg("plane"), py::arg("dtype"), py::arg("device"),
+      py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def(
       "spatial_pool_backward",
       [](std::uintptr_t grad_avg, std::uintptr_t grad_max, std::uintptr_t argmax, std::uintptr_t dx, int64_t rows,
@@ -95,16 +103,22 @@ PYBIND11_MODULE(SEGKD_MODULE_NAME, m) {
       py::arg("plane"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
       py::call_guard<py::gil_scoped_release>());
   m.def(
+      "channel_pool_backward_workspace",
+      [](int64_t batch, int64_t channels, int64_t plane, int device) {
+        return segkd::channel_pool_backward_workspace(batch, channels, plane, device);
+      },
+      py::arg("batch"), py::arg("channels"), py::arg("plane"), py::arg("device"));
+  m.def(
       "channel_pool_backward",
       [](std::uintptr_t grad_out, std::uintptr_t argmax, std::uintptr_t x, std::uintptr_t gate, std::uintptr_t dx,
-          std::uintptr_t dgate, int64_t batch, int64_t channels, int64_t plane, int dtype, int device,
-          std::uintptr_t stream) {
-        segkd::channel_pool_backward(grad_out, argmax, x, gate, dx, dgate, batch, channels, plane,
-          static_cast<DType>(dtype), device, stream);
+          std::uintptr_t dgate, std::uintptr_t workspace, int64_t workspace_floats, int64_t batch, int64_t channels,
+          int64_t plane, int dtype, int device, std::uintptr_t stream) {
+        segkd::channel_pool_backward(grad_out, argmax, x, gate, dx, dgate, workspace, workspace_floats, batch,
+          channels, plane, static_cast<DType>(dtype), device, stream);
       },
       py::arg("grad_out"), py::arg("argmax"), py::arg("x"), py::arg("gate"), py::arg("dx"), py::arg("dgate"),
-      py::arg("batch"), py::arg("channels"), py::arg("plane"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
-      py::call_guard<py::gil_scoped_release>());
+      py::arg("workspace"), py::arg("workspace_floats"), py::arg("batch"), py::arg("channels"), py::arg("plane"),
+      py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def(
       "attnfd_num_partials",
       [](int64_t total) {
@@ -138,16 +152,24 @@ PYBIND11_MODULE(SEGKD_MODULE_NAME, m) {
       py::arg("channels"), py::arg("plane"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
       py::call_guard<py::gil_scoped_release>());
   m.def(
+      "cbam_gate_backward_workspace",
+      [](int64_t batch, int64_t channels, int64_t plane, int device) {
+        return segkd::cbam_gate_backward_workspace(batch, channels, plane, device);
+      },
+      py::arg("batch"), py::arg("channels"), py::arg("plane"), py::arg("device"));
+  m.def(
       "cbam_gate_backward",
       [](std::uintptr_t grad_out, std::uintptr_t x, std::uintptr_t channel_gate, std::uintptr_t spatial_gate,
-          std::uintptr_t dx, std::uintptr_t d_channel_gate, std::uintptr_t d_spatial_gate, int64_t batch,
-          int64_t channels, int64_t plane, int dtype, int device, std::uintptr_t stream) {
-        segkd::cbam_gate_backward(grad_out, x, channel_gate, spatial_gate, dx, d_channel_gate, d_spatial_gate, batch,
-          channels, plane, static_cast<DType>(dtype), device, stream);
+          std::uintptr_t dx, std::uintptr_t d_channel_gate, std::uintptr_t d_spatial_gate, std::uintptr_t workspace,
+          int64_t workspace_floats, int64_t batch, int64_t channels, int64_t plane, int dtype, int device,
+          std::uintptr_t stream) {
+        segkd::cbam_gate_backward(grad_out, x, channel_gate, spatial_gate, dx, d_channel_gate, d_spatial_gate,
+          workspace, workspace_floats, batch, channels, plane, static_cast<DType>(dtype), device, stream);
       },
       py::arg("grad_out"), py::arg("x"), py::arg("channel_gate"), py::arg("spatial_gate"), py::arg("dx"),
-      py::arg("d_channel_gate"), py::arg("d_spatial_gate"), py::arg("batch"), py::arg("channels"), py::arg("plane"),
-      py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+      py::arg("d_channel_gate"), py::arg("d_spatial_gate"), py::arg("workspace"), py::arg("workspace_floats"),
+      py::arg("batch"), py::arg("channels"), py::arg("plane"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>());
   m.def(
       "ssim_num_partials",
       [](int64_t maps, int64_t h, int64_t w, int64_t window, int64_t padding) {

@@ -4,9 +4,11 @@
 // the C channels, and the channel of the first maximum (for the backward). A lane per pixel and the
 // channels split over the block's warps (channels P apart in memory, so the lanes of a warp read
 // contiguous addresses), combined once in shared memory.
-// channel_pool backward: one block per (n, c) row: dx = gate * (g_mean / C + [c == argmax] g_max)
-// and dgate[n, c] = sum over the row of x * (g_mean / C + [c == argmax] g_max), reduced in-block;
-// 4 positions per access where the rows are aligned (as the cbam_gate row kernel).
+// channel_pool backward: one block per (n, c) row, or per range of it when the rows alone fill less
+// than two waves (plan_row_split): dx = gate * (g_mean / C + [c == argmax] g_max) and dgate[n, c] =
+// sum over the row of x * (g_mean / C + [c == argmax] g_max), reduced in-block (per-range partials
+// then added in range order by combine_splits_kernel); 4 positions per access where the rows are
+// aligned (as the cbam_gate row kernel).
 // attnfd dots: <s,s>, <t,t>, <s,t> as fp64 per-block partials (the caller sums them in fp64);
 // attnfd backward: ds = alpha * s + beta * t with alpha, beta (fp64, on the device) from the caller.
 // cbam_gate: the gated product M_s * (M_c * x) and its backward (dx, dM_c by row, dM_s by pixel).
@@ -71,21 +73,23 @@ inline dim3 split_grid(int64_t batch, int64_t plane) {
   return dim3(static_cast<unsigned>((plane + 31) / 32), static_cast<unsigned>(std::min<int64_t>(batch, 65535)));
 }
 
+// 8 blocks per SM: without the bound the fp32 instance takes 40 registers on sm_80 (6 blocks).
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 8)
 channel_pool_backward_kernel(const T* __restrict__ grad_out, const int32_t* __restrict__ argmax,
                              const T* __restrict__ x, const float* __restrict__ gate, T* __restrict__ dx,
-                             float* __restrict__ dgate, int64_t channels, int64_t plane, bool vec) {
-  const int64_t row = blockIdx.x;  // (n, c)
+                             float* __restrict__ dgate, int64_t channels, int64_t plane, int64_t chunk, bool vec) {
+  const int64_t row = blockIdx.x;  // (n, c); blockIdx.y: the split of the row (plan_row_split)
   const int64_t n = row / channels, c = row - n * channels;
+  const int64_t begin = blockIdx.y * chunk, end = begin + chunk < plane ? begin + chunk : plane;
   const T* g_max = grad_out + n * 2 * plane;
   const T* g_mean = g_max + plane;
   const int32_t* am = argmax + n * plane;
   const float inv_c = 1.f / static_cast<float>(channels);
   const float gv = gate == nullptr ? 1.f : gate[row];
   float dg = 0.f;
-  if (vec) {  // plane % 4 == 0 and aligned rows: 4 positions per access
-    for (int64_t p = threadIdx.x * 4LL; p < plane; p += blockDim.x * 4LL) {
+  if (vec) {  // plane % 4 == 0, chunk % 4 == 0 and aligned rows: 4 positions per access
+    for (int64_t p = begin + threadIdx.x * 4LL; p < end; p += blockDim.x * 4LL) {
       float ga[4], gm[4], xv[4] = {0.f, 0.f, 0.f, 0.f}, out[4];
       load4(g_mean + p, ga);
       load4(g_max + p, gm);
@@ -102,7 +106,7 @@ channel_pool_backward_kernel(const T* __restrict__ grad_out, const int32_t* __re
       store4(dx + row * plane + p, out);
     }
   } else {
-    for (int64_t p = threadIdx.x; p < plane; p += blockDim.x) {
+    for (int64_t p = begin + threadIdx.x; p < end; p += blockDim.x) {
       float d = to_float(g_mean[p]) * inv_c;
       if (am[p] == c) d += to_float(g_max[p]);
       dx[row * plane + p] = from_float<T>(gv * d);
@@ -112,7 +116,27 @@ channel_pool_backward_kernel(const T* __restrict__ grad_out, const int32_t* __re
   if (dgate == nullptr) return;
   __shared__ float scratch[32];
   dg = block_sum(dg, scratch);
-  if (threadIdx.x == 0) dgate[row] = dg;
+  // one split: the row's value; several: dgate is the (rows x splits) partials of combine_splits_kernel
+  if (threadIdx.x == 0) dgate[row * gridDim.y + blockIdx.y] = dg;
+}
+
+// out[row] = sum of the row's `splits` partials, in split order (the same bits run to run).
+__global__ void __launch_bounds__(kThreads)
+combine_splits_kernel(const float* __restrict__ partials, float* __restrict__ out, int64_t rows, int64_t splits) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; row < rows; row += step) {
+    const float* p = partials + row * splits;
+    float acc = p[0];
+#pragma unroll 1
+    for (int64_t k = 1; k < splits; ++k) acc += p[k];
+    out[row] = acc;
+  }
+}
+
+// Rows of the channel_pool / cbam_gate backward: 256-thread blocks (8 per SM), each split at least
+// 4 positions per thread.
+RowSplit plan_channel_rows(int64_t rows, int64_t plane, int device) {
+  return plan_row_split(rows, plane, kThreads * 4LL, 4, 2048 / kThreads, device);
 }
 
 __device__ __forceinline__ double warp_sum_double(double v) {
@@ -224,18 +248,21 @@ cbam_gate_forward_kernel(const T* __restrict__ x, const float* __restrict__ mc, 
   }
 }
 
-// Per (n, c) row: dx = g * M_c * M_s and dM_c[n, c] = sum_p g * x * M_s (in-block reduction).
+// Per (n, c) row (blockIdx.x) and split of it (blockIdx.y, plan_row_split): dx = g * M_c * M_s and
+// dM_c[n, c] = sum_p g * x * M_s (in-block reduction; with several splits, per-split partials that
+// combine_splits_kernel adds).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 cbam_gate_backward_rows_kernel(const T* __restrict__ g, const T* __restrict__ x, const float* __restrict__ mc,
                                const float* __restrict__ ms, T* __restrict__ dx, float* __restrict__ dmc,
-                               int64_t channels, int64_t plane, bool vec) {
+                               int64_t channels, int64_t plane, int64_t chunk, bool vec) {
   const int64_t row = blockIdx.x, n = row / channels;
+  const int64_t begin = blockIdx.y * chunk, end = begin + chunk < plane ? begin + chunk : plane;
   const float gate_c = mc[row];
   const float* ms_n = ms + n * plane;
   float acc = 0.f;
-  if (vec) {  // plane % 4 == 0 and aligned rows: 4 positions per access
-    for (int64_t p = threadIdx.x * 4LL; p < plane; p += blockDim.x * 4LL) {
+  if (vec) {  // plane % 4 == 0, chunk % 4 == 0 and aligned rows: 4 positions per access
+    for (int64_t p = begin + threadIdx.x * 4LL; p < end; p += blockDim.x * 4LL) {
       float gv[4], xv[4], out[4];
       load4(g + row * plane + p, gv);
       load4(x + row * plane + p, xv);
@@ -249,7 +276,7 @@ cbam_gate_backward_rows_kernel(const T* __restrict__ g, const T* __restrict__ x,
       store4(dx + row * plane + p, out);
     }
   } else {
-    for (int64_t p = threadIdx.x; p < plane; p += blockDim.x) {
+    for (int64_t p = begin + threadIdx.x; p < end; p += blockDim.x) {
       const float gv = to_float(g[row * plane + p]), sv = ms_n[p];
       dx[row * plane + p] = from_float<T>(gv * gate_c * sv);
       acc = fmaf(gv * to_float(x[row * plane + p]), sv, acc);
@@ -257,7 +284,7 @@ cbam_gate_backward_rows_kernel(const T* __restrict__ g, const T* __restrict__ x,
   }
   __shared__ float scratch[32];
   acc = block_sum(acc, scratch);
-  if (threadIdx.x == 0) dmc[row] = acc;
+  if (threadIdx.x == 0) dmc[row * gridDim.y + blockIdx.y] = acc;
 }
 
 // Per pixel: dM_s[n, p] = sum_c g * x * M_c, channels split across the block's warps (see
@@ -309,25 +336,44 @@ void channel_pool_forward(std::uintptr_t x, std::uintptr_t gate, std::uintptr_t 
   check_launch("channel_pool_forward");
 }
 
+int64_t channel_pool_backward_workspace(int64_t batch, int64_t channels, int64_t plane, int device) {
+  const int64_t rows = batch * channels;
+  if (rows <= 0 || plane <= 0) return 0;
+  DeviceGuard guard(device);
+  const RowSplit plan = plan_channel_rows(rows, plane, device);
+  return plan.splits > 1 ? rows * plan.splits : 0;
+}
+
 void channel_pool_backward(std::uintptr_t grad_out, std::uintptr_t argmax, std::uintptr_t x, std::uintptr_t gate,
-                           std::uintptr_t dx, std::uintptr_t dgate, int64_t batch, int64_t channels, int64_t plane,
-                           DType dtype, int device, std::uintptr_t stream) {
+                           std::uintptr_t dx, std::uintptr_t dgate, std::uintptr_t workspace, int64_t workspace_floats,
+                           int64_t batch, int64_t channels, int64_t plane, DType dtype, int device,
+                           std::uintptr_t stream) {
   const int64_t rows = batch * channels;
   if (rows == 0 || plane == 0) return;
   if (dgate != 0 && (x == 0 || gate == 0)) throw std::invalid_argument("channel_pool_backward: dgate needs x and gate");
   check_grid_dim(rows, "channel_pool_backward", "(n, c) rows");
   DeviceGuard guard(device);
+  const RowSplit plan = plan_channel_rows(rows, plane, device);
+  const bool split = plan.splits > 1;
+  if (split && dgate != 0 && (workspace == 0 || workspace_floats < rows * plan.splits))
+    throw std::invalid_argument("channel_pool_backward: workspace must hold channel_pool_backward_workspace() floats");
   dispatch_float_types(dtype, "channel_pool_backward", [&](auto tag) {
     using T = decltype(tag);
     // 4 positions per access: every row start aligned (plane % 4 == 0, 16-byte aligned bases)
     const bool vec = plane % 4 == 0 && aligned16(grad_out) && aligned16(argmax) && aligned16(dx) &&
                      (dgate == 0 || aligned16(x));
-    SEGKD_LAUNCH(static_cast<unsigned>(rows), kThreads, 0, as_stream(stream), channel_pool_backward_kernel<T>)(
+    const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(plan.splits));
+    SEGKD_LAUNCH(grid, kThreads, 0, as_stream(stream), channel_pool_backward_kernel<T>)(
         reinterpret_cast<const T*>(grad_out), reinterpret_cast<const int32_t*>(argmax), reinterpret_cast<const T*>(x),
-        reinterpret_cast<const float*>(gate), reinterpret_cast<T*>(dx), reinterpret_cast<float*>(dgate), channels,
-        plane, vec);
+        reinterpret_cast<const float*>(gate), reinterpret_cast<T*>(dx),
+        reinterpret_cast<float*>(split && dgate != 0 ? workspace : dgate), channels, plane, plan.chunk, vec);
   });
   check_launch("channel_pool_backward");
+  if (split && dgate != 0) {
+    SEGKD_LAUNCH(grid_for(rows, kThreads), kThreads, 0, as_stream(stream), combine_splits_kernel)(
+        reinterpret_cast<const float*>(workspace), reinterpret_cast<float*>(dgate), rows, plan.splits);
+    check_launch("channel_pool_backward (combine)");
+  }
 }
 
 // At least 4 values per thread, at most 4,096 blocks (3.9 waves of 8 blocks on 132 SMs): the
@@ -387,25 +433,45 @@ void cbam_gate_forward(std::uintptr_t x, std::uintptr_t channel_gate, std::uintp
   check_launch("cbam_gate_forward");
 }
 
+int64_t cbam_gate_backward_workspace(int64_t batch, int64_t channels, int64_t plane, int device) {
+  const int64_t rows = batch * channels;
+  if (rows <= 0 || plane <= 0) return 0;
+  DeviceGuard guard(device);
+  const RowSplit plan = plan_channel_rows(rows, plane, device);
+  return plan.splits > 1 ? rows * plan.splits : 0;
+}
+
 void cbam_gate_backward(std::uintptr_t grad_out, std::uintptr_t x, std::uintptr_t channel_gate,
                         std::uintptr_t spatial_gate, std::uintptr_t dx, std::uintptr_t d_channel_gate,
-                        std::uintptr_t d_spatial_gate, int64_t batch, int64_t channels, int64_t plane, DType dtype,
-                        int device, std::uintptr_t stream) {
+                        std::uintptr_t d_spatial_gate, std::uintptr_t workspace, int64_t workspace_floats,
+                        int64_t batch, int64_t channels, int64_t plane, DType dtype, int device,
+                        std::uintptr_t stream) {
   const int64_t rows = batch * channels;
   if (rows == 0 || plane == 0) return;
   check_grid_dim(rows, "cbam_gate_backward", "(n, c) rows");
   if (channels > 2147483647LL) throw std::invalid_argument("cbam_gate_backward: C above 2^31 - 1");
   check_grid_dim((plane + 31) / 32, "cbam_gate_backward", "positions");
   DeviceGuard guard(device);
+  const RowSplit plan = plan_channel_rows(rows, plane, device);
+  const bool split = plan.splits > 1;
+  if (split && (workspace == 0 || workspace_floats < rows * plan.splits))
+    throw std::invalid_argument("cbam_gate_backward: workspace must hold cbam_gate_backward_workspace() floats");
   dispatch_float_types(dtype, "cbam_gate_backward", [&](auto tag) {
     using T = decltype(tag);
     const bool vec = plane % 4 == 0 && aligned16(grad_out) && aligned16(x) && aligned16(spatial_gate) &&
                      aligned16(dx);
-    SEGKD_LAUNCH(static_cast<unsigned>(rows), kThreads, 0, as_stream(stream), cbam_gate_backward_rows_kernel<T>)(
+    const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(plan.splits));
+    SEGKD_LAUNCH(grid, kThreads, 0, as_stream(stream), cbam_gate_backward_rows_kernel<T>)(
         reinterpret_cast<const T*>(grad_out), reinterpret_cast<const T*>(x),
         reinterpret_cast<const float*>(channel_gate), reinterpret_cast<const float*>(spatial_gate),
-        reinterpret_cast<T*>(dx), reinterpret_cast<float*>(d_channel_gate), channels, plane, vec);
+        reinterpret_cast<T*>(dx), reinterpret_cast<float*>(split ? workspace : d_channel_gate), channels, plane,
+        plan.chunk, vec);
     check_launch("cbam_gate_backward (rows)");
+    if (split) {
+      SEGKD_LAUNCH(grid_for(rows, kThreads), kThreads, 0, as_stream(stream), combine_splits_kernel)(
+          reinterpret_cast<const float*>(workspace), reinterpret_cast<float*>(d_channel_gate), rows, plan.splits);
+      check_launch("cbam_gate_backward (combine)");
+    }
     SEGKD_LAUNCH(split_grid(batch, plane), kSplitThreads, 0, as_stream(stream),
                  cbam_gate_backward_pixels_kernel<T>)(
         reinterpret_cast<const T*>(grad_out), reinterpret_cast<const T*>(x),

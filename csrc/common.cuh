@@ -209,4 +209,31 @@ inline void check_grid_dim(int64_t n, const char* op, const char* what) {
   if (n > 2147483647LL) throw std::invalid_argument(std::string(op) + ": too many " + what + " for one grid");
 }
 
+// Splits of the rows of kernels that reduce one row per block (spatial_pool forward, the channel_pool
+// and cbam_gate backward rows): when the rows alone fill less than two waves of `blocks_per_sm`
+// blocks on every SM, each row is cut into `splits` ranges of `chunk` values (a multiple of `align`,
+// so vector accesses stay aligned; at least `min_chunk`), aiming at two waves. The kernels write one
+// partial per (row, split) and a second kernel combines them per row in split order (deterministic).
+struct RowSplit {
+  int64_t splits = 1, chunk = 0;
+};
+
+inline RowSplit plan_row_split(int64_t rows, int64_t plane, int64_t min_chunk, int64_t align, int blocks_per_sm,
+                               int device) {
+  RowSplit plan;
+  plan.chunk = plane;
+  int sms = 0;
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  const int64_t target = 2LL * blocks_per_sm * sms;
+  if (rows <= 0 || rows >= target || plane < 2 * min_chunk) return plan;
+  int64_t splits = (target + rows - 1) / rows;
+  if (splits > plane / min_chunk) splits = plane / min_chunk;
+  if (splits < 2) return plan;
+  int64_t chunk = (plane + splits - 1) / splits;
+  chunk = (chunk + align - 1) / align * align;
+  plan.splits = (plane + chunk - 1) / chunk;
+  plan.chunk = chunk;
+  return plan;
+}
+
 }  // namespace segkd

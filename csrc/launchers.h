@@ -12,8 +12,11 @@ enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2 };
 
 // spatial_pool: mean and max over the `plane` contiguous elements of each of `rows` rows.
 // avg/max have x's dtype; argmax is int64 (first maximal position, used by the backward).
+// workspace: spatial_pool_workspace() fp32 values, 8-byte aligned (0 when rows are not split over blocks).
+int64_t spatial_pool_workspace(int64_t rows, int64_t plane, DType dtype, int device);
 void spatial_pool_forward(std::uintptr_t x, std::uintptr_t avg, std::uintptr_t max, std::uintptr_t argmax,
-                          int64_t rows, int64_t plane, DType dtype, int device, std::uintptr_t stream);
+                          std::uintptr_t workspace, int64_t workspace_floats, int64_t rows, int64_t plane, DType dtype,
+                          int device, std::uintptr_t stream);
 
 // dx[r, p] = grad_avg[r] / plane + (p == argmax[r]) * grad_max[r]; grads have dx's dtype.
 void spatial_pool_backward(std::uintptr_t grad_avg, std::uintptr_t grad_max, std::uintptr_t argmax,
@@ -58,9 +61,13 @@ void channel_pool_forward(std::uintptr_t x, std::uintptr_t gate, std::uintptr_t 
                           int64_t batch, int64_t channels, int64_t plane, DType dtype, int device,
                           std::uintptr_t stream);
 // dx (x's dtype) and, if dgate != 0, dgate (fp32, batch x channels) from grad_out (batch, 2, plane).
+// workspace: channel_pool_backward_workspace() fp32 values, needed with dgate (0 when rows are not
+// split over blocks).
+int64_t channel_pool_backward_workspace(int64_t batch, int64_t channels, int64_t plane, int device);
 void channel_pool_backward(std::uintptr_t grad_out, std::uintptr_t argmax, std::uintptr_t x, std::uintptr_t gate,
-                           std::uintptr_t dx, std::uintptr_t dgate, int64_t batch, int64_t channels, int64_t plane,
-                           DType dtype, int device, std::uintptr_t stream);
+                           std::uintptr_t dx, std::uintptr_t dgate, std::uintptr_t workspace, int64_t workspace_floats,
+                           int64_t batch, int64_t channels, int64_t plane, DType dtype, int device,
+                           std::uintptr_t stream);
 
 // attnfd_loss (csrc/channel_pool.cu): partials (num_partials x 3 fp64) of <s,s>, <t,t>, <s,t>.
 int64_t attnfd_num_partials(int64_t total);
@@ -75,10 +82,12 @@ void attnfd_backward(std::uintptr_t student, std::uintptr_t teacher, std::uintpt
 // gradients fp32.
 void cbam_gate_forward(std::uintptr_t x, std::uintptr_t channel_gate, std::uintptr_t spatial_gate, std::uintptr_t out,
                        int64_t batch, int64_t channels, int64_t plane, DType dtype, int device, std::uintptr_t stream);
+// workspace: cbam_gate_backward_workspace() fp32 values (0 when rows are not split over blocks).
+int64_t cbam_gate_backward_workspace(int64_t batch, int64_t channels, int64_t plane, int device);
 void cbam_gate_backward(std::uintptr_t grad_out, std::uintptr_t x, std::uintptr_t channel_gate,
                         std::uintptr_t spatial_gate, std::uintptr_t dx, std::uintptr_t d_channel_gate,
-                        std::uintptr_t d_spatial_gate, int64_t batch, int64_t channels, int64_t plane, DType dtype,
-                        int device, std::uintptr_t stream);
+                        std::uintptr_t d_spatial_gate, std::uintptr_t workspace, int64_t workspace_floats,
+                        int64_t batch, int64_t channels, int64_t plane, DType dtype, int device, std::uintptr_t stream);
 
 // ssim_kd (csrc/ssim_kd.cu): `maps` maps of h x w. lo_*, scale_* (fp32 per map, or 0 when not
 // normalising): x = (s - lo) * scale. padding: 0 reflect, 1 zeros, 2 valid. partials: one fp32 per

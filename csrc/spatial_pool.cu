@@ -1,5 +1,7 @@
 // CBAM spatial pooling: mean and max over H*W for every (n, c) row, and its backward.
-// Forward: one block per row, fp32 accumulation, the first maximal position kept for the backward.
+// Forward: one block per row, or per range of a row when the rows alone fill less than two waves
+// (plan_row_split; the ranges' sums, maxima and argmaxima are then combined per row in range order
+// by a second kernel), fp32 accumulation, the first maximal position kept for the backward.
 // Rows that start 16-byte aligned (aligned base, H*W a multiple of the vector width) are read with
 // 128-bit loads, two in flight per thread; others element by element.
 // Backward: dx = g_avg / P everywhere plus g_max at the argmax, on a 2-D grid (y: rows, x: positions)
@@ -24,17 +26,19 @@ struct SumMax {
 template <typename T>
 __global__ void __launch_bounds__(kPoolThreads)
 spatial_pool_forward_kernel(const T* __restrict__ x, T* __restrict__ avg, T* __restrict__ max_out,
-                            int64_t* __restrict__ argmax, int64_t plane, bool vec) {
+                            int64_t* __restrict__ argmax, float* __restrict__ partials, int64_t plane,
+                            int64_t chunk, bool vec) {
   constexpr int V = Vec16<T>::kSize;
-  const int64_t row = blockIdx.x;
+  const int64_t row = blockIdx.x;  // blockIdx.y: the range [begin, end) of the row
+  const int64_t begin = blockIdx.y * chunk, end = begin + chunk < plane ? begin + chunk : plane;
   const T* row_x = x + row * plane;
 
   SumMax acc(plane);  // index `plane` is larger than any position: loses every tie
-  if (vec) {  // plane % V == 0 and the row is aligned
+  if (vec) {  // plane % V == 0, chunk % V == 0 and the row is aligned
     const int64_t stride = static_cast<int64_t>(blockDim.x) * V;
     // two independent 128-bit loads per iteration keep more bytes in flight per thread
-    int64_t base = threadIdx.x * static_cast<int64_t>(V);
-    for (; base + stride < plane; base += 2 * stride) {
+    int64_t base = begin + threadIdx.x * static_cast<int64_t>(V);
+    for (; base + stride < end; base += 2 * stride) {
       float a[V], b[V];
       load16(row_x + base, a);
       load16(row_x + base + stride, b);
@@ -43,14 +47,14 @@ spatial_pool_forward_kernel(const T* __restrict__ x, T* __restrict__ avg, T* __r
 #pragma unroll
       for (int v = 0; v < V; ++v) acc.add(b[v], base + stride + v);
     }
-    if (base < plane) {
+    if (base < end) {
       float a[V];
       load16(row_x + base, a);
 #pragma unroll
       for (int v = 0; v < V; ++v) acc.add(a[v], base + v);
     }
   } else {
-    for (int64_t i = threadIdx.x; i < plane; i += blockDim.x) acc.add(to_float(row_x[i]), i);
+    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) acc.add(to_float(row_x[i]), i);
   }
   float sum = warp_sum(acc.sum), best = acc.best;
   int64_t best_i = acc.best_i;
@@ -70,11 +74,49 @@ spatial_pool_forward_kernel(const T* __restrict__ x, T* __restrict__ avg, T* __r
     sum = warp_sum(sum);
     warp_max_index(best, best_i);
     if (lane == 0) {
-      avg[row] = from_float<T>(sum / static_cast<float>(plane));
-      max_out[row] = from_float<T>(best);
-      argmax[row] = best_i;
+      if (partials == nullptr) {
+        avg[row] = from_float<T>(sum / static_cast<float>(plane));
+        max_out[row] = from_float<T>(best);
+        argmax[row] = best_i;
+      } else {  // 4 floats per range: sum, maximum, its position (int64, 8-byte aligned)
+        float* p = partials + (row * gridDim.y + blockIdx.y) * 4;
+        p[0] = sum;
+        p[1] = best;
+        *reinterpret_cast<int64_t*>(p + 2) = best_i;
+      }
     }
   }
+}
+
+// Per row: the ranges' partials of spatial_pool_forward_kernel combined in range order (ranges
+// ascend in position, so the first maximum stays the first; the same bits run to run).
+template <typename T>
+__global__ void __launch_bounds__(kPoolThreads)
+spatial_pool_combine_kernel(const float* __restrict__ partials, T* __restrict__ avg, T* __restrict__ max_out,
+                            int64_t* __restrict__ argmax, int64_t rows, int64_t splits, int64_t plane) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; row < rows; row += step) {
+    const float* p = partials + row * splits * 4;
+    float sum = p[0], best = p[1];
+    int64_t best_i = *reinterpret_cast<const int64_t*>(p + 2);
+#pragma unroll 1  // a few ranges per row; unrolled, the fp32 instance spilled on sm_80
+    for (int64_t k = 1; k < splits; ++k) {
+      const float* q = p + k * 4;
+      sum += q[0];
+      const int64_t qi = *reinterpret_cast<const int64_t*>(q + 2);
+      if (max_index_better(q[1], qi, best, best_i)) { best = q[1]; best_i = qi; }
+    }
+    avg[row] = from_float<T>(sum / static_cast<float>(plane));
+    max_out[row] = from_float<T>(best);
+    argmax[row] = best_i;
+  }
+}
+
+// Ranges of at least two 128-bit loads per thread (one loop step), aligned to the vector width.
+template <typename T>
+RowSplit plan_pool_rows(int64_t rows, int64_t plane, int device) {
+  constexpr int V = Vec16<T>::kSize;
+  return plan_row_split(rows, plane, 2LL * kPoolThreads * V, V, 2048 / kPoolThreads, device);
 }
 
 // grid (x: position blocks, y: rows, looping when rows exceed the grid's y limit); each thread
@@ -109,20 +151,43 @@ spatial_pool_backward_kernel(const T* __restrict__ grad_avg, const T* __restrict
 
 }  // namespace
 
+int64_t spatial_pool_workspace(int64_t rows, int64_t plane, DType dtype, int device) {
+  if (rows <= 0 || plane <= 0) return 0;
+  DeviceGuard guard(device);
+  int64_t floats = 0;
+  dispatch_float_types(dtype, "spatial_pool_workspace", [&](auto tag) {
+    const RowSplit plan = plan_pool_rows<decltype(tag)>(rows, plane, device);
+    floats = plan.splits > 1 ? rows * plan.splits * 4 : 0;
+  });
+  return floats;
+}
+
 void spatial_pool_forward(std::uintptr_t x, std::uintptr_t avg, std::uintptr_t max, std::uintptr_t argmax,
-                          int64_t rows, int64_t plane, DType dtype, int device, std::uintptr_t stream) {
+                          std::uintptr_t workspace, int64_t workspace_floats, int64_t rows, int64_t plane, DType dtype,
+                          int device, std::uintptr_t stream) {
   if (rows == 0) return;
   if (plane <= 0) throw std::invalid_argument("spatial_pool: H*W must be positive");
   if (rows > 2147483647LL) throw std::invalid_argument("spatial_pool: too many (n, c) rows for one grid");
   DeviceGuard guard(device);
   dispatch_float_types(dtype, "spatial_pool_forward", [&](auto tag) {
     using T = decltype(tag);
+    const RowSplit plan = plan_pool_rows<T>(rows, plane, device);
+    const bool split = plan.splits > 1;
+    if (split && (workspace == 0 || (workspace & 7u) != 0 || workspace_floats < rows * plan.splits * 4))
+      throw std::invalid_argument("spatial_pool: workspace must hold spatial_pool_workspace() floats, 8-byte aligned");
     const bool vec = plane % Vec16<T>::kSize == 0 && aligned16(x);
-    SEGKD_LAUNCH(static_cast<unsigned>(rows), kPoolThreads, 0, as_stream(stream), spatial_pool_forward_kernel<T>)(
+    const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(plan.splits));
+    SEGKD_LAUNCH(grid, kPoolThreads, 0, as_stream(stream), spatial_pool_forward_kernel<T>)(
         reinterpret_cast<const T*>(x), reinterpret_cast<T*>(avg), reinterpret_cast<T*>(max),
-        reinterpret_cast<int64_t*>(argmax), plane, vec);
+        reinterpret_cast<int64_t*>(argmax), split ? reinterpret_cast<float*>(workspace) : nullptr, plane, plan.chunk,
+        vec);
+    check_launch("spatial_pool_forward");
+    if (split)
+      SEGKD_LAUNCH(grid_for(rows, kPoolThreads), kPoolThreads, 0, as_stream(stream), spatial_pool_combine_kernel<T>)(
+          reinterpret_cast<const float*>(workspace), reinterpret_cast<T*>(avg), reinterpret_cast<T*>(max),
+          reinterpret_cast<int64_t*>(argmax), rows, plan.splits, plane);
   });
-  check_launch("spatial_pool_forward");
+  check_launch("spatial_pool_forward (combine)");
 }
 
 void spatial_pool_backward(std::uintptr_t grad_avg, std::uintptr_t grad_max, std::uintptr_t argmax,

@@ -28,7 +28,7 @@ def test_cuda_library_without_gpu_raises_instead_of_crashing():
     if lib is None:
         pytest.skip("_cuda not built")
     with pytest.raises(RuntimeError, match="cuda"):
-        lib.spatial_pool_forward(0, 0, 0, 0, 2, 4, 0, 0, 0)
+        lib.spatial_pool_forward(0, 0, 0, 0, 0, 0, 2, 4, 0, 0, 0)
 
 
 def run_cli(*args, env_update=None):

@@ -97,7 +97,7 @@ def _host_check_cases():
         "ssim reflect too small": lambda: LIB.ssim_forward(*[0] * 8, 1, 2, 16, 5, 1.5, 1.0, 0, f32, 0, 0),
         "ssim data_range 0": lambda: LIB.ssim_forward(*[0] * 8, 1, 16, 16, 5, 1.5, 0.0, 0, f32, 0, 0),
         "attnfd partials": lambda: LIB.attnfd_dots(0, 0, 0, 100, 7, f32, 0, 0),
-        "channel_pool dgate without gate": lambda: LIB.channel_pool_backward(0, 0, 0, 0, 0, 8, 1, 2, 3, f32, 0, 0),
+        "channel_pool dgate without gate": lambda: LIB.channel_pool_backward(*[0] * 5, 8, 0, 0, 1, 2, 3, f32, 0, 0),
         "channel_pool no channels": lambda: LIB.channel_pool_forward(0, 0, 0, 0, 1, 0, 4, f32, 0, 0),
         "cross_image tau 0": lambda: LIB.cross_image_forward(*[0] * 6, 2, 3, 3, 5, 0.0, f32, 0, 0),
     }
@@ -117,7 +117,7 @@ def test_empty_launches_touch_no_device():
     LIB.channel_wise_kd_forward(*[0] * 6, 0, 5, 1.0, 1.0, 0, f32, 0, 0)
     LIB.pixel_kd_forward(0, 0, 0, 0, False, 0, 0, 0, 0, 0, 0, 3, 5, 1.0, f32, 0, 0)
     LIB.channel_pool_forward(0, 0, 0, 0, 0, 3, 5, f32, 0, 0)
-    LIB.channel_pool_backward(0, 0, 0, 0, 0, 0, 0, 3, 5, f32, 0, 0)
+    LIB.channel_pool_backward(0, 0, 0, 0, 0, 0, 0, 0, 0, 3, 5, f32, 0, 0)
     LIB.attnfd_dots(0, 0, 0, 0, 0, f32, 0, 0)
     LIB.attnfd_backward(0, 0, 0, 0, 0, f32, 0, 0)
     LIB.cbam_gate_forward(0, 0, 0, 0, 0, 3, 5, f32, 0, 0)
@@ -662,7 +662,13 @@ class EmulatedLib:
         _view(argmax, (batch, plane), torch.int32).copy_(idx)
 
     @staticmethod
-    def channel_pool_backward(grad_out, argmax, x, gate, dx, dgate, batch, channels, plane, dtype, device, stream):
+    def channel_pool_backward_workspace(batch, channels, plane, device):
+        return batch * channels * 2  # as if each row were split over two blocks
+
+    @staticmethod
+    def channel_pool_backward(grad_out, argmax, x, gate, dx, dgate, workspace, workspace_floats, batch, channels,
+                              plane, dtype, device, stream):
+        assert not dgate or (workspace and workspace_floats == batch * channels * 2)
         dt = _CODE_DTYPES[dtype]
         g = _view(grad_out, (batch, 2, plane), dt).float()
         onehot = F.one_hot(_view(argmax, (batch, plane), torch.int32).long(), channels).permute(0, 2, 1)
@@ -701,8 +707,13 @@ class EmulatedLib:
         _view(out, (batch, channels, plane), dt).copy_(ms * (mc * _view(x, (batch, channels, plane), dt).float()))
 
     @staticmethod
-    def cbam_gate_backward(grad_out, x, channel_gate, spatial_gate, dx, d_channel_gate, d_spatial_gate, batch,
-                           channels, plane, dtype, device, stream):
+    def cbam_gate_backward_workspace(batch, channels, plane, device):
+        return batch * channels * 2  # as if each row were split over two blocks
+
+    @staticmethod
+    def cbam_gate_backward(grad_out, x, channel_gate, spatial_gate, dx, d_channel_gate, d_spatial_gate, workspace,
+                           workspace_floats, batch, channels, plane, dtype, device, stream):
+        assert workspace and workspace_floats == batch * channels * 2
         dt = _CODE_DTYPES[dtype]
         g = _view(grad_out, (batch, channels, plane), dt).float()
         xv = _view(x, (batch, channels, plane), dt).float()

@@ -221,6 +221,84 @@ def test_pairwise_tiles_and_pixel_splits(host, dtype, precision):
     _check_op(fn, (1, 40, 65, 65), (1, 35, 65, 65), dtype, seed=9)
 
 
+def _seeds_agree(host, fn):
+    """fn() under two thread/block orders: bit-identical (fixed-order combines, no atomics)."""
+    got = []
+    for seed in (1, 2):
+        host.host_set_seed(seed)
+        got.append(fn())
+    for a, b in zip(got[0], got[1]):
+        assert torch.equal(a, b)
+    return got[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vector", [True, False])
+def test_spatial_pool_split_rows_plan(host, dtype, vector):
+    # One SM (two waves = 16 blocks) and 6 rows of two ranges of two 128-bit loads per thread: each
+    # row runs over two blocks, then a combine kernel. The same maximum in both ranges: the first
+    # position keeps the max's gradient, as without the split.
+    host.host_set_attribute("multiprocessor_count", 1)
+    elems = 16 // torch.tensor([], dtype=dtype).element_size()
+    plane = 2 * 2 * 256 * elems + (0 if vector else 3)
+    x = make_tensor((2, 3, 1, plane), dtype=dtype, seed=9, requires_grad=True)
+    with torch.no_grad():
+        x[1, 2, 0, 5] = 8.0
+        x[1, 2, 0, plane - 2] = 8.0
+    assert _launches(host, lambda: sk.spatial_pool(x, backend="cuda")) == 2
+    avg, mx = _seeds_agree(host, lambda: sk.spatial_pool(x, backend="cuda"))
+    want_avg, want_mx = sk.spatial_pool(x, backend="reference")
+    assert_close(avg, want_avg)
+    assert torch.equal(mx, want_mx)
+    (dx,) = torch.autograd.grad(sk.spatial_pool(x, backend="cuda")[1].sum(), x)
+    assert dx[1, 2, 0, 5] == 1 and dx[1, 2, 0, plane - 2] == 0 and dx.sum() == 6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vector", [True, False])
+def test_channel_rows_split_plans(host, dtype, vector):
+    # One SM and 6 (n, c) rows of at least two ranges of 256 threads x 4 positions: the rows of the
+    # channel_pool backward (with a gate) and of the cbam_gate backward run over two blocks each, and
+    # the per-range gate gradients are added by one more kernel, in range order.
+    host.host_set_attribute("multiprocessor_count", 1)
+    hw = (32, 64) if vector else (31, 67)
+    x = make_tensor((2, 3, *hw), dtype=dtype, seed=11, requires_grad=True)
+    gate = make_tensor((2, 3), seed=12, requires_grad=True)
+    ms = make_tensor((2, 1, *hw), seed=13, requires_grad=True)
+    up_pool = make_tensor((2, 2, *hw), dtype=dtype, seed=14)
+    up_gate = make_tensor((2, 3, *hw), dtype=dtype, seed=15)
+
+    def pool_grads(backend):
+        return torch.autograd.grad(sk.channel_pool(x, gate, backend=backend), (x, gate), up_pool)
+
+    def gate_grads(backend):
+        return torch.autograd.grad(sk.cbam_gate(x, gate, ms, backend=backend), (x, gate, ms), up_gate)
+
+    out = sk.channel_pool(x, gate, backend="cuda")
+    assert _launches(host, lambda: torch.autograd.grad(out, (x, gate), up_pool)) == 2  # rows, combine
+    out = sk.cbam_gate(x, gate, ms, backend="cuda")
+    assert _launches(host, lambda: torch.autograd.grad(out, (x, gate, ms), up_gate)) == 3  # + pixels
+    for got, want in ((_seeds_agree(host, lambda: pool_grads("cuda")), pool_grads("reference")),
+                      (_seeds_agree(host, lambda: gate_grads("cuda")), gate_grads("reference"))):
+        for g, w in zip(got, want):
+            assert_close(g, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pixel_norm_channels_split_over_warps(host, dtype):
+    # 16 warps share 32 pixels: fewer channels than warps, exactly 16, more (not a multiple), and a
+    # partial last pixel tile. fp32 sums of C squares: relative error below (C + 1) 2^-24 (sqrt
+    # halves the sum's error and adds half an ulp), against the fp64 norm of the same inputs.
+    from segkd_kernels.ops._cuda_common import cuda_lib
+    from segkd_kernels.ops.pairwise_kd.cuda import pixel_norms
+
+    for c in (3, 16, 37):
+        x = make_tensor((3, c, 5, 9), dtype=dtype, seed=c)
+        got = pixel_norms(cuda_lib("pairwise_kd"), x)
+        want = x.double().reshape(3, c, 45).norm(dim=1)
+        torch.testing.assert_close(got.double(), want, rtol=(c + 1) * 2.0 ** -24, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # The layer itself
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """cbam_gate on the hand-written CUDA kernels of csrc/channel_pool.cu: out = M_s * (M_c * x).
 
 Forward: one elementwise pass, M_c * x never stored. Backward: one pass per (n, c) row for dx and
-dM_c (in-block reduction) and one pass per pixel for dM_s (sum over channels).
+dM_c (in-block reduction; per-range partials added in a fixed order when rows are split over
+blocks) and one pass per pixel for dM_s (sum over channels).
 """
 
 from __future__ import annotations
@@ -51,8 +52,11 @@ def cbam_gate_backward_cuda(grad_out: torch.Tensor, x: torch.Tensor, channel_gat
     dx = torch.empty_like(xc)
     dmc = torch.zeros(n, c, dtype=torch.float32, device=x.device)
     dms = torch.zeros(n, h, w, dtype=torch.float32, device=x.device)
+    # rows split over blocks (too few rows for two waves): per-split dM_c partials, fp32
+    floats = lib.cbam_gate_backward_workspace(n, c, h * w, args["device"])
+    ws = torch.empty(floats, dtype=torch.float32, device=x.device) if floats else None
     lib.cbam_gate_backward(g.data_ptr(), xc.data_ptr(), mc.data_ptr(), ms.data_ptr(), dx.data_ptr(), dmc.data_ptr(),
-                           dms.data_ptr(), n, c, h * w, **args)
+                           dms.data_ptr(), 0 if ws is None else ws.data_ptr(), floats, n, c, h * w, **args)
     return dx, dmc, dms
 
 

@@ -2,7 +2,7 @@
 
 Forward: [max over C, mean over C] of x * gate per pixel, x * gate never stored; the first maximal
 channel per pixel (int32) is kept for the backward. Backward: dx and, with a gate, dgate (fp32 from
-an in-block reduction), in one kernel.
+an in-block reduction; per-split partials added in a fixed order when rows are split over blocks).
 """
 
 from __future__ import annotations
@@ -59,9 +59,13 @@ def channel_pool_backward_cuda(grad_out: torch.Tensor, argmax: torch.Tensor, x: 
         if h * w == 0:
             dgate.zero_()
         else:
+            # rows split over blocks (too few rows for two waves): per-split dgate partials, fp32
+            floats = lib.channel_pool_backward_workspace(n, c, h * w, args["device"]) if g is not None else 0
+            ws = torch.empty(floats, dtype=torch.float32, device=x.device) if floats else None
             lib.channel_pool_backward(go.data_ptr(), argmax.contiguous().data_ptr(), xc.data_ptr(),
                                       0 if g is None else g.data_ptr(), dx.data_ptr(),
-                                      0 if g is None else dgate.data_ptr(), n, c, h * w, **args)
+                                      0 if g is None else dgate.data_ptr(), 0 if ws is None else ws.data_ptr(),
+                                      floats, n, c, h * w, **args)
     return dx, dgate
 
 

@@ -15,7 +15,11 @@ def spatial_pool_cuda(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     avg = x.new_empty(n, c)
     mx = x.new_empty(n, c)
     argmax = x.new_empty(n, c, dtype=torch.int64)
-    lib.spatial_pool_forward(x.data_ptr(), avg.data_ptr(), mx.data_ptr(), argmax.data_ptr(), n * c, h * w, **args)
+    # rows that alone fill less than two waves are split over blocks: per-range partials (fp32)
+    floats = lib.spatial_pool_workspace(n * c, h * w, args["dtype"], args["device"])
+    ws = torch.empty(floats, dtype=torch.float32, device=x.device) if floats else None
+    lib.spatial_pool_forward(x.data_ptr(), avg.data_ptr(), mx.data_ptr(), argmax.data_ptr(),
+                             0 if ws is None else ws.data_ptr(), floats, n * c, h * w, **args)
     return avg, mx, argmax
 
 
