@@ -206,3 +206,21 @@ def test_eager_fast_path_matches_the_dispatcher_path_for_the_cuda_kernels(op):
     assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(grads_f, grads_s))
     assert any(n.startswith("EagerBackwardFor_segkd") for n in nodes_f), nodes_f
     assert not any(n.startswith("EagerBackwardFor") for n in nodes_s), nodes_s
+
+
+def test_host_grid_helpers_match_triton_and_leave_triton_alone():
+    """The wrappers' plain-int cdiv / next_power_of_2 give what Triton's own functions give for host
+    ints, and importing the library (which installs the eager fast path) leaves Triton's objects as
+    they are: no process-wide patching of a third-party module."""
+    triton = pytest.importorskip("triton")
+    from triton.runtime.jit import ConstexprFunction
+
+    from segkd_kernels.ops._triton_common import cdiv, next_power_of_2
+
+    for n in [*range(-3, 300), 1023, 1024, 1025, 2**31 - 1, 2**31, 2**40 + 7]:
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 2, 3, 16, 128, 1000):
+            if n >= 0:
+                assert cdiv(n, d) == triton.cdiv(n, d), (n, d)
+    for fn in (triton.cdiv, triton.next_power_of_2):
+        assert type(fn) in (ConstexprFunction, type(cdiv)), type(fn)

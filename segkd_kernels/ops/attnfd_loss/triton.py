@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_common import FP_FUSION, device_sms_l2, fp32_split
+from .._triton_common import FP_FUSION, cdiv, device_sms_l2, fp32_split, next_power_of_2
 
 BLOCK = 1024
 # The dots pass is a persistent grid: one program per resident slot, 8 four-warp programs per SM
@@ -137,7 +137,7 @@ def _dot_partials(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     s_flat, t_flat, _ = _flat_pair(s, t)
     numel = s_flat.numel()
     slots = device_sms_l2(s.device)[0] * _DOTS_CTAS_PER_SM if MAX_PROGRAMS is None else MAX_PROGRAMS
-    programs = max(1, min(triton.cdiv(numel, _DOTS_BLOCK), slots))
+    programs = max(1, min(cdiv(numel, _DOTS_BLOCK), slots))
     part = torch.empty(programs, 3, dtype=torch.float64, device=s.device)
     if numel > 0:
         _dots_kernel[(programs,)](s_flat, t_flat, part, numel, programs, BLOCK=_DOTS_BLOCK, num_warps=4,
@@ -160,9 +160,9 @@ def attnfd_dots_backward_triton(a: torch.Tensor, b: torch.Tensor, coef: torch.Te
     out_perm = a.new_empty([a.shape[d] for d in order])
     numel = a_flat.numel()
     if numel > 0:
-        block = min(triton.next_power_of_2(numel), BLOCK)
+        block = min(next_power_of_2(numel), BLOCK)
         acc = tl.float64 if a.dtype == torch.float64 else tl.float32
-        _axpby_kernel[(triton.cdiv(numel, block),)](a_flat, b_flat, coef.contiguous(), out_perm.reshape(-1), numel,
+        _axpby_kernel[(cdiv(numel, block),)](a_flat, b_flat, coef.contiguous(), out_perm.reshape(-1), numel,
                                                     BLOCK=block, ACC_DTYPE=acc, **FP_FUSION)
     inverse = [order.index(d) for d in range(a.dim())]
     return out_perm.permute(inverse)
@@ -214,7 +214,7 @@ def attnfd_loss_triton(s: torch.Tensor, t: torch.Tensor, eps: float) -> tuple[to
     loss = torch.empty((), dtype=s.dtype, device=s.device)
     coef = torch.empty(2, dtype=torch.float64, device=s.device)
     _finish_kernel[(1,)](part, loss, coef, programs, s.shape[0], *fp32_split(eps),
-                         BLOCK_P=min(1024, triton.next_power_of_2(programs)),
+                         BLOCK_P=min(1024, next_power_of_2(programs)),
                          OUT_FP64=s.dtype == torch.float64, num_warps=4, **FP_FUSION)
     return loss, coef
 

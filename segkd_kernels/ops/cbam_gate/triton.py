@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_common import FP_FUSION, acc_dtype, acc_torch_dtype, pixel_strides
+from .._triton_common import FP_FUSION, acc_dtype, acc_torch_dtype, cdiv, pixel_strides
 from ..channel_pool.triton import _blocks, _pixel_offsets, channel_slices
 
 
@@ -136,7 +136,7 @@ def cbam_gate_triton(x: torch.Tensor, channel_gate: torch.Tensor, spatial_gate: 
     if n * c * p > 0 and _flat_planes(x) and _flat_planes(out):
         ss_h, ss_w, s_merged = pixel_strides(spatial_gate)
         block = _FLAT_BYTES // x.element_size()
-        _cbam_gate_flat_kernel[(n * c, triton.cdiv(p, block))](
+        _cbam_gate_flat_kernel[(n * c, cdiv(p, block))](
             x, channel_gate, spatial_gate, out, c, p, w, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
             channel_gate.stride(0), channel_gate.stride(1), spatial_gate.stride(0), ss_h, ss_w,
             S_MERGED=s_merged, BLOCK=block, ACC_DTYPE=acc_dtype(x.dtype), num_warps=4, **FP_FUSION)
@@ -145,7 +145,7 @@ def cbam_gate_triton(x: torch.Tensor, channel_gate: torch.Tensor, spatial_gate: 
         *sx, x_merged = _strides4(x)
         *so, o_merged = _strides4(out)
         ss_h, ss_w, s_merged = pixel_strides(spatial_gate)
-        _cbam_gate_fwd_kernel[(n, triton.cdiv(p, block_p))](
+        _cbam_gate_fwd_kernel[(n, cdiv(p, block_p))](
             x, channel_gate, spatial_gate, out, c, p, w, *sx, *so,
             channel_gate.stride(0), channel_gate.stride(1), spatial_gate.stride(0), ss_h, ss_w,
             X_MERGED=x_merged, O_MERGED=o_merged, S_MERGED=s_merged,
@@ -161,7 +161,7 @@ def cbam_gate_backward_triton(grad: torch.Tensor, x: torch.Tensor, channel_gate:
     p = h * w
     dx = torch.empty_like(x)
     block_c, block_p = _blocks(x, p)
-    n_pblocks = triton.cdiv(p, block_p)
+    n_pblocks = cdiv(p, block_p)
     c_per, slices = channel_slices(c, block_c, n * n_pblocks)
     part_dtype = acc_torch_dtype(x.dtype)
     dmc_part = torch.empty(n, n_pblocks, c, dtype=part_dtype, device=x.device)

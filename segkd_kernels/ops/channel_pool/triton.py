@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_common import FP_FUSION, acc_dtype, acc_torch_dtype, pixel_strides
+from .._triton_common import FP_FUSION, acc_dtype, acc_torch_dtype, cdiv, next_power_of_2, pixel_strides
 
 
 @triton.jit
@@ -138,10 +138,10 @@ def _blocks(x: torch.Tensor, p: int) -> tuple[int, int]:
     Not tuned on hardware yet (benchmarks/ decides)."""
     c = x.shape[1]
     if x.stride(1) == 1 and c > 1:  # channels_last: coalesce along C
-        block_c = min(triton.next_power_of_2(c), 64)
-        return block_c, min(triton.next_power_of_2(p), max(16, 1024 // block_c))
-    block_c = min(triton.next_power_of_2(c), 8)
-    return block_c, min(triton.next_power_of_2(p), max(128, 1024 // block_c))
+        block_c = min(next_power_of_2(c), 64)
+        return block_c, min(next_power_of_2(p), max(16, 1024 // block_c))
+    block_c = min(next_power_of_2(c), 8)
+    return block_c, min(next_power_of_2(p), max(128, 1024 // block_c))
 
 
 # Forward tiles of NCHW inputs: 16 pixels (64 B fp32, one 32 B sector bf16: still whole sectors) by
@@ -158,16 +158,16 @@ def _fwd_blocks(x: torch.Tensor, p: int) -> tuple[int, int]:
     c = x.shape[1]
     if x.stride(1) == 1 and c > 1:
         return _blocks(x, p)
-    block_p = min(triton.next_power_of_2(p), _FWD_BLOCK_P)
-    return min(triton.next_power_of_2(c), _FWD_TILE // block_p), block_p
+    block_p = min(next_power_of_2(p), _FWD_BLOCK_P)
+    return min(next_power_of_2(c), _FWD_TILE // block_p), block_p
 
 
 def channel_slices(c: int, block_c: int, base_programs: int, target: int = _BWD_TARGET_PROGRAMS) -> tuple[int, int]:
     """(channels per slice, slices): whole tiles per slice, enough slices for `target` programs."""
-    tiles = triton.cdiv(c, block_c)
+    tiles = cdiv(c, block_c)
     slices = max(1, min(tiles, target // max(1, base_programs)))
-    c_per = triton.cdiv(tiles, slices) * block_c
-    return c_per, triton.cdiv(c, c_per)
+    c_per = cdiv(tiles, slices) * block_c
+    return c_per, cdiv(c, c_per)
 
 
 def _gate_strides(gate: torch.Tensor | None) -> tuple[int, int]:
@@ -185,7 +185,7 @@ def channel_pool_triton(x: torch.Tensor, gate: torch.Tensor | None) -> tuple[tor
     if n * c * p > 0:
         block_c, block_p = _fwd_blocks(x, p)
         sx_h, sx_w, x_merged = pixel_strides(x)
-        _channel_pool_fwd_kernel[(n, triton.cdiv(p, block_p))](
+        _channel_pool_fwd_kernel[(n, cdiv(p, block_p))](
             x, gate if gate is not None else x, out, argmax, c, p, w,
             x.stride(0), x.stride(1), sx_h, sx_w, *_gate_strides(gate),
             HAS_GATE=gate is not None, X_MERGED=x_merged,
@@ -202,7 +202,7 @@ def channel_pool_backward_triton(grad: torch.Tensor, x: torch.Tensor, gate: torc
     grad, argmax = grad.contiguous(), argmax.contiguous()
     dx = torch.empty_like(x)
     block_c, block_p = _blocks(x, p)
-    n_pblocks = triton.cdiv(p, block_p)
+    n_pblocks = cdiv(p, block_p)
     c_per, slices = channel_slices(c, block_c, n * n_pblocks)
     if gate is not None:
         dgate_part = torch.empty(n, n_pblocks, c, dtype=acc_torch_dtype(x.dtype),

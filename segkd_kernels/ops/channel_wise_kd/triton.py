@@ -36,8 +36,8 @@ import triton
 import triton.language as tl
 
 from .._saved_grad import scale_saved_grad
-from .._triton_common import (FP_FUSION, acc_dtype, acc_torch_dtype, device_sms_l2, flat_pixel_strides,
-                              fp32_split)
+from .._triton_common import (FP_FUSION, acc_dtype, acc_torch_dtype, cdiv, device_sms_l2, flat_pixel_strides,
+                              fp32_split, next_power_of_2)
 
 # Start of the streaming running maxima: the lowest finite fp32, so that every finite element is
 # >= it (exp(x - max) = 1 at the max: a split with any element above -inf has a sum >= 1) and a
@@ -366,27 +366,27 @@ def _cwd_stream_kernel(s_ptr, t_ptr, ds_ptr, part_ptr, lse_ptr, kl_ptr, sync_ptr
 
 def _tile(p: int) -> tuple[int, int]:
     """(BLOCK, num_warps) of the one-tile forward: about 16 values per lane and tensor."""
-    block = max(16, triton.next_power_of_2(p))
+    block = max(16, next_power_of_2(p))
     return block, min(16, max(1, block // 512))
 
 
 def _plan(rows: int, p: int) -> tuple[int, int]:
     """(chunk, splits) of the streaming forward: at least _TARGET_PROGRAMS programs where the rows
     are long enough, each chunk a whole number of blocks."""
-    splits = max(1, min(triton.cdiv(p, _BLOCK), triton.cdiv(_TARGET_PROGRAMS, rows)))
-    chunk = triton.cdiv(triton.cdiv(p, splits), _BLOCK) * _BLOCK
-    return chunk, triton.cdiv(p, chunk)
+    splits = max(1, min(cdiv(p, _BLOCK), cdiv(_TARGET_PROGRAMS, rows)))
+    chunk = cdiv(cdiv(p, splits), _BLOCK) * _BLOCK
+    return chunk, cdiv(p, chunk)
 
 
 def _stream_plan(rows: int, p: int, elsize: int, device: torch.device) -> tuple[int, int, int, int, int]:
     """(steps, chunks per row, group rows, groups, programs) of the persistent long-row kernel."""
     steps = max(1, 4 // elsize)
-    k = triton.cdiv(p, _BLOCK * steps)
+    k = cdiv(p, _BLOCK * steps)
     sms, l2 = device_sms_l2(device)
     budget = l2 // 4 if _GROUP_BYTES is None else _GROUP_BYTES
     group_rows = max(1, min(rows, budget // (2 * p * elsize)))
     programs = min(sms * _STREAM_CTAS_PER_SM, rows * k)
-    return steps, k, group_rows, triton.cdiv(rows, group_rows), programs
+    return steps, k, group_rows, cdiv(rows, group_rows), programs
 
 
 def _fuses_grad(p: int, needs_grad: bool) -> bool:
@@ -420,7 +420,7 @@ def channel_wise_kd_triton(student: torch.Tensor, teacher: torch.Tensor, tau: fl
         _cwd_stream_kernel[(programs,)](
             s, t, ds, parts, lse, kl, sync, c, p, rows, k, group_rows, n_groups, *s_strides, *t_strides,
             *fp32_split(1.0 / tau), *fp32_split(tau / rows), *fp32_split(tau * tau / rows),
-            BLOCK=_BLOCK, STEPS=steps, BLOCK_K=min(_STREAM_BLOCK_K, triton.next_power_of_2(k)),
+            BLOCK=_BLOCK, STEPS=steps, BLOCK_K=min(_STREAM_BLOCK_K, next_power_of_2(k)),
             ACC=acc_dtype(acc_torch), NEG=_NEG, num_warps=_STREAM_WARPS, **FP_FUSION)
         return kl.sum().to(student.dtype), ds, lse
     if one_tile:
@@ -445,7 +445,7 @@ def channel_wise_kd_triton(student: torch.Tensor, teacher: torch.Tensor, tau: fl
     # combine the splits of every row in one launch (rows x splits numbers)
     lse = torch.empty(4, rows, dtype=acc_torch, device=student.device)
     loss = torch.empty((), dtype=student.dtype, device=student.device)
-    block_s = min(64, triton.next_power_of_2(splits))
+    block_s = min(64, next_power_of_2(splits))
     _cwd_combine_kernel[(1,)](stats, lse, loss, rows, splits, *fp32_split(tau * tau / rows),
                               BLOCK_R=max(1, 1024 // block_s), BLOCK_S=block_s, ACC=acc_dtype(acc_torch),
                               num_warps=4, **FP_FUSION)
@@ -462,8 +462,8 @@ def channel_wise_kd_backward_triton(student: torch.Tensor, teacher: torch.Tensor
     s, s_strides = flat_pixel_strides(student)
     t, t_strides = flat_pixel_strides(teacher)
     ds = torch.empty((n, c, h, w), dtype=student.dtype, device=student.device)
-    block = min(_BLOCK, max(16, triton.next_power_of_2(p)))
-    _cwd_bwd_kernel[(rows, triton.cdiv(p, block))](
+    block = min(_BLOCK, max(16, next_power_of_2(p)))
+    _cwd_bwd_kernel[(rows, cdiv(p, block))](
         s, t, lse.contiguous(), grad.reshape(()).contiguous(), ds, c, p, rows, *s_strides, *t_strides,
         *fp32_split(1.0 / tau), *fp32_split(tau / rows), BLOCK=block, ACC=acc_dtype(lse.dtype), num_warps=4, **FP_FUSION)
     return ds

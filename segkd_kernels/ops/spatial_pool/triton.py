@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_common import FP_FUSION, acc_dtype
+from .._triton_common import FP_FUSION, acc_dtype, cdiv, next_power_of_2
 from . import autograd
 
 
@@ -71,7 +71,7 @@ def spatial_pool_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     mx = x.new_empty(n, c)
     argmax = x.new_empty(n, c, dtype=torch.int64)
     if rows > 0:
-        block = min(triton.next_power_of_2(plane), 2048)
+        block = min(next_power_of_2(plane), 2048)
         _spatial_pool_fwd_kernel[(rows,)](x, avg, mx, argmax, plane, BLOCK=block, ACC_DTYPE=acc_dtype(x.dtype),
                                           **FP_FUSION)
     return avg, mx, argmax
@@ -84,8 +84,8 @@ def spatial_pool_backward_triton(grad_avg: torch.Tensor, grad_max: torch.Tensor,
     rows, plane = n * c, h * w
     dx = grad_avg.new_empty(n, c, h, w)
     if rows > 0 and plane > 0:
-        block = min(triton.next_power_of_2(plane), 1024)
-        grid = (rows, triton.cdiv(plane, block))
+        block = min(next_power_of_2(plane), 1024)
+        grid = (rows, cdiv(plane, block))
         _spatial_pool_bwd_kernel[grid](grad_avg.contiguous(), grad_max.contiguous(), argmax.contiguous(), dx,
                                        plane, BLOCK=block, ACC_DTYPE=acc_dtype(dx.dtype), **FP_FUSION)
     return dx
