@@ -127,9 +127,10 @@ def _strides4(t: torch.Tensor) -> tuple[int, int, int, int, bool]:
     return t.stride(0), t.stride(1), s_h, s_w, merged
 
 
-# Launch plans keyed on everything they depend on (shapes, strides, dtypes): a repeated call skips
-# recomputing blocks, grids, layout tests and stride lists, which is most of the wrappers' host work
-# besides the launch itself. Bounded: a run with ever new shapes clears it now and then.
+# Launch plans keyed on everything they depend on (shapes, strides, dtypes, tuning constants): a
+# repeated call skips recomputing blocks, grids, layout tests and stride lists, which is most of the
+# wrappers' host work besides the launch itself. Bounded: a run with ever new shapes clears it now
+# and then.
 _PLANS: dict = {}
 _MAX_PLANS = 256
 
@@ -167,7 +168,7 @@ def _fwd_plan(x, channel_gate, spatial_gate, out):
 def cbam_gate_triton(x: torch.Tensor, channel_gate: torch.Tensor, spatial_gate: torch.Tensor) -> torch.Tensor:
     """x (N, C, H, W), channel_gate (N, C), spatial_gate (N, H, W) -> M_s * (M_c * x), laid out like x."""
     out = torch.empty_like(x)  # its strides follow from x's: part of the plan's key through x
-    key = ("fwd", x.shape, x.stride(), channel_gate.stride(), spatial_gate.stride(), x.dtype)
+    key = ("fwd", x.shape, x.stride(), channel_gate.stride(), spatial_gate.stride(), x.dtype, _FLAT_BYTES)
     plan = _PLANS.get(key)
     if plan is None:
         plan = _remember(key, _fwd_plan(x, channel_gate, spatial_gate, out))

@@ -448,7 +448,7 @@ def channel_wise_kd_triton(student: torch.Tensor, teacher: torch.Tensor, tau: fl
     teacher = teacher.detach()
     device = student.device
     key = (student.shape, student.stride(), teacher.stride(), student.dtype, device, tau, needs_grad,
-           _MAX_TILE, _GROUP_BYTES)
+           _MAX_TILE, _BLOCK, _TARGET_PROGRAMS, _GROUP_BYTES, _STREAM_WARPS, _STREAM_CTAS_PER_SM, _STREAM_BLOCK_K)
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) >= _MAX_PLANS:
