@@ -206,3 +206,44 @@ def test_eager_fast_path_matches_the_dispatcher_path_for_the_cuda_kernels(op):
     assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(grads_f, grads_s))
     assert any(n.startswith("EagerBackwardFor_segkd") for n in nodes_f), nodes_f
     assert not any(n.startswith("EagerBackwardFor") for n in nodes_s), nodes_s
+
+
+def test_host_grid_helpers_match_triton_and_leave_triton_alone():
+    """The wrappers' plain-int cdiv / next_power_of_2 give what Triton's own functions give for host
+    ints, and importing the library (which installs the eager fast path) leaves Triton's objects as
+    they are: no process-wide patching of a third-party module."""
+    triton = pytest.importorskip("triton")
+    from triton.runtime.jit import ConstexprFunction
+
+    from segkd_kernels.ops._triton_common import cdiv, next_power_of_2
+
+    for n in [*range(-3, 300), 1023, 1024, 1025, 2**31 - 1, 2**31, 2**40 + 7]:
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 2, 3, 16, 128, 1000):
+            if n >= 0:
+                assert cdiv(n, d) == triton.cdiv(n, d), (n, d)
+    for fn in (triton.cdiv, triton.next_power_of_2):
+        assert type(fn) in (ConstexprFunction, type(cdiv)), type(fn)
+
+
+@pytest.mark.skipif(not _backends.TRITON_INTERPRET, reason="the triton backend on CPU needs the interpreter")
+def test_cached_launch_plans_follow_layout_and_tuning_constants(monkeypatch):
+    """A wrapper's cached plan is found again only for the same shapes, strides and tuning constants:
+    a changed constant or layout at the same shape gets its own plan (and the same loss)."""
+    from segkd_kernels.ops.channel_wise_kd import triton as cwd
+
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 3, 5, 7), torch.randn(2, 3, 5, 7)
+    modes = lambda: sorted(plan[0] for plan in cwd._PLANS.values())  # noqa: E731
+    cwd._PLANS.clear()
+    base = cwd.channel_wise_kd_triton(s, t, 2.0, False)[0]
+    assert modes() == ["one"]
+    monkeypatch.setattr(cwd, "_MAX_TILE", 16)
+    monkeypatch.setattr(cwd, "_BLOCK", 8)
+    split = cwd.channel_wise_kd_triton(s, t, 2.0, False)[0]
+    assert modes() == ["one", "split"]
+    cl = cwd.channel_wise_kd_triton(s.to(memory_format=torch.channels_last), t, 2.0, False)[0]
+    assert len(cwd._PLANS) == 3
+    # the same sums in other orders: fp32 rounding of 6 rows x 35 terms, far inside 1e-5 relative
+    torch.testing.assert_close(split, base, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(cl, base, rtol=1e-5, atol=1e-7)

@@ -28,13 +28,6 @@ than dispatch:
 
 The op objects stay `CustomOpDef`s (their class becomes a subclass that adds the fast path to
 `__call__`), so `opcheck`, `register_fake` and `op._opoverload` work as before.
-
-The wrappers' launch plans call `triton.cdiv` and `triton.next_power_of_2`, which are Triton
-`ConstexprFunction`s: each host call imports, unwraps every argument and builds lists before
-doing one integer operation, about as costly as a torch op's dispatch. `install()` gives those two
-objects the same kind of fast path: a call from host code (no `_semantic`) with int arguments
-returns the plain function's value directly, which is what the generic path returns for ints;
-calls from kernels being compiled (with `_semantic`) and any other arguments take the generic path.
 """
 
 from __future__ import annotations
@@ -136,37 +129,11 @@ class _EagerCustomOpDef(CustomOpDef):
         return fn(*args)  # what the op's no-grad path runs
 
 
-try:
-    import triton
-    from triton.runtime.jit import ConstexprFunction
-except ImportError:  # no triton: only the custom ops get the fast path
-    triton = ConstexprFunction = None
-
-if ConstexprFunction is not None:
-    class _HostConstexprFunction(ConstexprFunction):
-        """A ConstexprFunction whose host calls on ints skip the generic unwrapping (module docstring)."""
-
-        def __call__(self, *args, _semantic=None, **kwargs):
-            if _semantic is None and not kwargs:
-                for a in args:
-                    if type(a) is not int:
-                        break
-                else:
-                    return self.fn(*args)
-            return super().__call__(*args, _semantic=_semantic, **kwargs)
-
-
 def install() -> None:
-    """Give every registered segkd custom op the eager fast path, and triton.cdiv /
-    triton.next_power_of_2 their host fast path (idempotent)."""
+    """Give every registered segkd custom op the eager fast path (idempotent)."""
     for name, op in list(OPDEFS.items()):
         if name.startswith("segkd::") and type(op) is CustomOpDef:
             op.__class__ = _EagerCustomOpDef
-    if ConstexprFunction is not None:
-        for name in ("cdiv", "next_power_of_2"):
-            fn = getattr(triton, name, None)
-            if type(fn) is ConstexprFunction:
-                fn.__class__ = _HostConstexprFunction
 
 
 __all__ = ["dispatcher_path", "install"]

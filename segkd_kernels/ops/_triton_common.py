@@ -44,6 +44,18 @@ def flat_pixel_strides(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, i
     return x, (x.stride(0), x.stride(1), 1)
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of host ints. The wrappers size grids and blocks with these plain functions rather
+    than `triton.cdiv` / `triton.next_power_of_2`, which are ConstexprFunctions whose every host call
+    unwraps its arguments generically (about a torch op's dispatch each); the values are the same."""
+    return (a + b - 1) // b
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= n, as `triton.next_power_of_2` returns for host ints (0 for n <= 0)."""
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
+
 # Every launch passes **FP_FUSION. Triton 3.9 fuses a*b+c into one FMA unless told otherwise, and
 # Triton 3.10 turns that default off, which would round each product separately and change results
 # (and instruction counts) between Triton versions; pinned here so every version compiles the same

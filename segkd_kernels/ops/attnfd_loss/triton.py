@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_common import FP_FUSION, device_sms_l2, fp32_split
+from .._triton_common import FP_FUSION, cdiv, device_sms_l2, fp32_split, next_power_of_2
 
 BLOCK = 1024
 # The dots pass is a persistent grid: one program per resident slot, 8 four-warp programs per SM
@@ -123,25 +123,40 @@ def _dense_order(s: torch.Tensor, t: torch.Tensor) -> tuple[int, ...] | None:
     return None
 
 
-def _flat_pair(s: torch.Tensor, t: torch.Tensor):
-    """(s_flat, t_flat, order): views of both tensors over the same memory order."""
-    order = _dense_order(s, t)
-    if order is None:
-        s, t = s.contiguous(), t.contiguous()
-        order = tuple(range(s.dim()))
-    return s.permute(order).reshape(-1), t.permute(order).reshape(-1), order
+# Launch plans keyed on what they depend on (shapes, strides, dtypes, device, the module's knobs): a
+# repeated call skips the layout tests and the plan arithmetic. Bounded: a run with ever new shapes
+# clears it now and then.
+_PLANS: dict = {}
+_MAX_PLANS = 256
+
+
+def _cached(key, make):
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = make()
+    return plan
+
+
+def _dots_plan(s: torch.Tensor, t: torch.Tensor) -> tuple[bool, int, int]:
+    """(both dense in one memory order, numel, programs) of the dots' pass."""
+    numel = s.numel()
+    slots = device_sms_l2(s.device)[0] * _DOTS_CTAS_PER_SM if MAX_PROGRAMS is None else MAX_PROGRAMS
+    return _dense_order(s, t) is not None, numel, max(1, min(cdiv(numel, _DOTS_BLOCK), slots))
 
 
 def _dot_partials(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """fp64 (programs, 3): per-program partial sums of <s,s>, <t,t>, <s,t> (the one pass over s, t)."""
-    s_flat, t_flat, _ = _flat_pair(s, t)
-    numel = s_flat.numel()
-    slots = device_sms_l2(s.device)[0] * _DOTS_CTAS_PER_SM if MAX_PROGRAMS is None else MAX_PROGRAMS
-    programs = max(1, min(triton.cdiv(numel, _DOTS_BLOCK), slots))
+    """fp64 (programs, 3): per-program partial sums of <s,s>, <t,t>, <s,t> (the one pass over s, t).
+    The kernel reads numel elements from each base pointer in memory order: tensors dense in one
+    memory order (_dense_order) are passed as they are, others as contiguous copies."""
+    key = ("dots", s.shape, s.stride(), t.shape, t.stride(), s.device, MAX_PROGRAMS)
+    dense, numel, programs = _cached(key, lambda: _dots_plan(s, t))
+    if not dense:
+        s, t = s.contiguous(), t.contiguous()
     part = torch.empty(programs, 3, dtype=torch.float64, device=s.device)
     if numel > 0:
-        _dots_kernel[(programs,)](s_flat, t_flat, part, numel, programs, BLOCK=_DOTS_BLOCK, num_warps=4,
-                                  **FP_FUSION)
+        _dots_kernel[(programs,)](s, t, part, numel, programs, BLOCK=_DOTS_BLOCK, num_warps=4, **FP_FUSION)
     else:
         part.zero_()
     return part
@@ -153,19 +168,29 @@ def attnfd_dots_triton(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return _dot_partials(s, t).sum(dim=0)
 
 
+def _axpby_plan(a: torch.Tensor, b: torch.Tensor):
+    """(dense order or None, its inverse (None for the identity), numel, grid, constexprs)."""
+    order = _dense_order(a, b)
+    dims = tuple(range(a.dim()))
+    numel = a.numel()
+    block = min(next_power_of_2(numel), BLOCK)
+    acc = tl.float64 if a.dtype == torch.float64 else tl.float32
+    inverse = None if order in (None, dims) else tuple(order.index(d) for d in dims)
+    return order, inverse, numel, (cdiv(numel, block),), dict(BLOCK=block, ACC_DTYPE=acc, **FP_FUSION)
+
+
 @torch.library.custom_op("segkd::attnfd_dots_backward_triton", mutates_args=())
 def attnfd_dots_backward_triton(a: torch.Tensor, b: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     """coef[0] * a + coef[1] * b in a's dtype, laid out like a (and b, when both share a dense order)."""
-    a_flat, b_flat, order = _flat_pair(a, b)
-    out_perm = a.new_empty([a.shape[d] for d in order])
-    numel = a_flat.numel()
+    key = ("axpby", a.shape, a.stride(), b.shape, b.stride(), a.dtype)
+    order, inverse, numel, grid, consts = _cached(key, lambda: _axpby_plan(a, b))
+    if order is None:
+        a, b = a.contiguous(), b.contiguous()
+    # the output is dense in the inputs' memory order; the kernel sees base pointers only
+    out = a.new_empty(a.shape) if inverse is None else a.new_empty([a.shape[d] for d in order]).permute(inverse)
     if numel > 0:
-        block = min(triton.next_power_of_2(numel), BLOCK)
-        acc = tl.float64 if a.dtype == torch.float64 else tl.float32
-        _axpby_kernel[(triton.cdiv(numel, block),)](a_flat, b_flat, coef.contiguous(), out_perm.reshape(-1), numel,
-                                                    BLOCK=block, ACC_DTYPE=acc, **FP_FUSION)
-    inverse = [order.index(d) for d in range(a.dim())]
-    return out_perm.permute(inverse)
+        _axpby_kernel[grid](a, b, coef.contiguous(), out, numel, **consts)
+    return out
 
 
 @attnfd_dots_triton.register_fake
@@ -210,12 +235,13 @@ def attnfd_loss_triton(s: torch.Tensor, t: torch.Tensor, eps: float) -> tuple[to
     """(loss in s's dtype, fp64 (2,) [2 dL/d<s,s>, dL/d<s,t>] for grad_output 1): the dots' pass and
     one epilogue launch."""
     part = _dot_partials(s, t)
-    programs = part.shape[0]
+    key = ("finish", part.shape[0], s.shape[0], eps, s.dtype)
+    args, consts = _cached(key, lambda: ((part.shape[0], s.shape[0], *fp32_split(eps)),
+                                         dict(BLOCK_P=min(1024, next_power_of_2(part.shape[0])),
+                                              OUT_FP64=s.dtype == torch.float64, num_warps=4, **FP_FUSION)))
     loss = torch.empty((), dtype=s.dtype, device=s.device)
     coef = torch.empty(2, dtype=torch.float64, device=s.device)
-    _finish_kernel[(1,)](part, loss, coef, programs, s.shape[0], *fp32_split(eps),
-                         BLOCK_P=min(1024, triton.next_power_of_2(programs)),
-                         OUT_FP64=s.dtype == torch.float64, num_warps=4, **FP_FUSION)
+    _finish_kernel[(1,)](part, loss, coef, *args, **consts)
     return loss, coef
 
 
@@ -245,7 +271,8 @@ def _loss_backward(ctx, grad_loss, _grad_coef):
             loss = loss_from_dots(attnfd_dots_triton(s_, t.detach()), s.shape[0]).to(s.dtype)
             (ds,) = torch.autograd.grad(loss, s_, grad_loss, create_graph=True)
         return ds, None, None
-    return attnfd_dots_backward_triton(s, t, coef * grad_loss.to(torch.float64)), None, None
+    # coef is fp64: the product promotes grad_loss exactly, as an explicit cast would
+    return attnfd_dots_backward_triton(s, t, coef * grad_loss), None, None
 
 
 attnfd_loss_triton.register_autograd(_loss_backward, setup_context=_loss_setup_context)

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_common import FP_FUSION, acc_dtype, acc_torch_dtype, pixel_strides
+from .._triton_common import FP_FUSION, acc_dtype, acc_torch_dtype, cdiv, pixel_strides
 from ..channel_pool.triton import _blocks, _pixel_offsets, channel_slices
 
 
@@ -127,58 +127,96 @@ def _strides4(t: torch.Tensor) -> tuple[int, int, int, int, bool]:
     return t.stride(0), t.stride(1), s_h, s_w, merged
 
 
+# Launch plans keyed on everything they depend on (shapes, strides, dtypes, tuning constants): a
+# repeated call skips recomputing blocks, grids, layout tests and stride lists, which is most of the
+# wrappers' host work besides the launch itself. Bounded: a run with ever new shapes clears it now
+# and then.
+_PLANS: dict = {}
+_MAX_PLANS = 256
+
+
+def _remember(key, plan):
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[key] = plan
+    return plan
+
+
+def _fwd_plan(x, channel_gate, spatial_gate, out):
+    """(kernel, grid, int arguments after the 4 tensors, constexprs), or None for an empty x."""
+    n, c, h, w = x.shape
+    p = h * w
+    if n * c * p == 0:
+        return None
+    ss_h, ss_w, s_merged = pixel_strides(spatial_gate)
+    if _flat_planes(x) and _flat_planes(out):
+        block = _FLAT_BYTES // x.element_size()
+        return (_cbam_gate_flat_kernel, (n * c, cdiv(p, block)),
+                (c, p, w, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+                 channel_gate.stride(0), channel_gate.stride(1), spatial_gate.stride(0), ss_h, ss_w),
+                dict(S_MERGED=s_merged, BLOCK=block, ACC_DTYPE=acc_dtype(x.dtype), num_warps=4, **FP_FUSION))
+    block_c, block_p = _blocks(x, p)
+    *sx, x_merged = _strides4(x)
+    *so, o_merged = _strides4(out)
+    return (_cbam_gate_fwd_kernel, (n, cdiv(p, block_p)),
+            (c, p, w, *sx, *so, channel_gate.stride(0), channel_gate.stride(1), spatial_gate.stride(0), ss_h, ss_w),
+            dict(X_MERGED=x_merged, O_MERGED=o_merged, S_MERGED=s_merged,
+                 BLOCK_C=block_c, BLOCK_P=block_p, ACC_DTYPE=acc_dtype(x.dtype), **FP_FUSION))
+
+
 @torch.library.custom_op("segkd::cbam_gate_triton", mutates_args=())
 def cbam_gate_triton(x: torch.Tensor, channel_gate: torch.Tensor, spatial_gate: torch.Tensor) -> torch.Tensor:
     """x (N, C, H, W), channel_gate (N, C), spatial_gate (N, H, W) -> M_s * (M_c * x), laid out like x."""
+    out = torch.empty_like(x)  # its strides follow from x's: part of the plan's key through x
+    key = ("fwd", x.shape, x.stride(), channel_gate.stride(), spatial_gate.stride(), x.dtype, _FLAT_BYTES)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _remember(key, _fwd_plan(x, channel_gate, spatial_gate, out))
+    if plan is not None:
+        kernel, grid, ints, consts = plan
+        kernel[grid](x, channel_gate, spatial_gate, out, *ints, **consts)
+    return out
+
+
+def _bwd_plan(grad, x, channel_gate, spatial_gate, dx):
+    """(grid, int arguments after the 7 tensors, constexprs, dmc partials' shape, dms partials' shape
+    (without the slice axis when there is one slice), partials' dtype, whether any element exists)."""
     n, c, h, w = x.shape
     p = h * w
-    out = torch.empty_like(x)
-    if n * c * p > 0 and _flat_planes(x) and _flat_planes(out):
-        ss_h, ss_w, s_merged = pixel_strides(spatial_gate)
-        block = _FLAT_BYTES // x.element_size()
-        _cbam_gate_flat_kernel[(n * c, triton.cdiv(p, block))](
-            x, channel_gate, spatial_gate, out, c, p, w, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-            channel_gate.stride(0), channel_gate.stride(1), spatial_gate.stride(0), ss_h, ss_w,
-            S_MERGED=s_merged, BLOCK=block, ACC_DTYPE=acc_dtype(x.dtype), num_warps=4, **FP_FUSION)
-    elif n * c * p > 0:
-        block_c, block_p = _blocks(x, p)
-        *sx, x_merged = _strides4(x)
-        *so, o_merged = _strides4(out)
-        ss_h, ss_w, s_merged = pixel_strides(spatial_gate)
-        _cbam_gate_fwd_kernel[(n, triton.cdiv(p, block_p))](
-            x, channel_gate, spatial_gate, out, c, p, w, *sx, *so,
-            channel_gate.stride(0), channel_gate.stride(1), spatial_gate.stride(0), ss_h, ss_w,
-            X_MERGED=x_merged, O_MERGED=o_merged, S_MERGED=s_merged,
-            BLOCK_C=block_c, BLOCK_P=block_p, ACC_DTYPE=acc_dtype(x.dtype), **FP_FUSION)
-    return out
+    block_c, block_p = _blocks(x, p)
+    n_pblocks = cdiv(p, block_p)
+    c_per, slices = channel_slices(c, block_c, n * n_pblocks)
+    ss_h, ss_w, s_merged = pixel_strides(spatial_gate)
+    *sg, g_merged = _strides4(grad)
+    *sx, x_merged = _strides4(x)
+    *sd, d_merged = _strides4(dx)
+    return ((n, n_pblocks, slices),
+            (n, c, p, w, n_pblocks, c_per, *sg, *sx, *sd, channel_gate.stride(0), channel_gate.stride(1),
+             spatial_gate.stride(0), ss_h, ss_w),
+            dict(G_MERGED=g_merged, X_MERGED=x_merged, D_MERGED=d_merged, S_MERGED=s_merged,
+                 BLOCK_C=block_c, BLOCK_P=block_p, ACC_DTYPE=acc_dtype(x.dtype), **FP_FUSION),
+            (n, n_pblocks, c), (n, h, w) if slices == 1 else (slices, n, h, w), acc_torch_dtype(x.dtype),
+            n * c * p > 0)
 
 
 @torch.library.custom_op("segkd::cbam_gate_backward_triton", mutates_args=())
 def cbam_gate_backward_triton(grad: torch.Tensor, x: torch.Tensor, channel_gate: torch.Tensor,
                               spatial_gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx like x, d channel_gate (N, C), d spatial_gate (N, H, W)), each in its input's dtype."""
-    n, c, h, w = x.shape
-    p = h * w
     dx = torch.empty_like(x)
-    block_c, block_p = _blocks(x, p)
-    n_pblocks = triton.cdiv(p, block_p)
-    c_per, slices = channel_slices(c, block_c, n * n_pblocks)
-    part_dtype = acc_torch_dtype(x.dtype)
-    dmc_part = torch.empty(n, n_pblocks, c, dtype=part_dtype, device=x.device)
-    if n * c * p == 0:
+    key = ("bwd", x.shape, x.stride(), grad.stride(), channel_gate.stride(), spatial_gate.stride(), x.dtype)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _remember(key, _bwd_plan(grad, x, channel_gate, spatial_gate, dx))
+    grid, ints, consts, dmc_shape, dms_shape, part_dtype, nonempty = plan
+    dmc_part = torch.empty(dmc_shape, dtype=part_dtype, device=x.device)
+    if not nonempty:
         # no channel or no pixel: the sums over them are 0
-        return dx, dmc_part.sum(dim=1).to(channel_gate.dtype), spatial_gate.new_zeros(n, h, w)
-    dms_part = torch.empty(slices, n, h, w, dtype=part_dtype, device=x.device)
-    ss_h, ss_w, s_merged = pixel_strides(spatial_gate)
-    *sg, g_merged = _strides4(grad)
-    *sx, x_merged = _strides4(x)
-    *sd, d_merged = _strides4(dx)
-    _cbam_gate_bwd_kernel[(n, n_pblocks, slices)](
-        grad, x, channel_gate, spatial_gate, dx, dmc_part, dms_part, n, c, p, w, n_pblocks, c_per,
-        *sg, *sx, *sd, channel_gate.stride(0), channel_gate.stride(1), spatial_gate.stride(0), ss_h, ss_w,
-        G_MERGED=g_merged, X_MERGED=x_merged, D_MERGED=d_merged, S_MERGED=s_merged,
-        BLOCK_C=block_c, BLOCK_P=block_p, ACC_DTYPE=acc_dtype(x.dtype), **FP_FUSION)
-    dms = (dms_part[0] if slices == 1 else dms_part.sum(dim=0)).to(spatial_gate.dtype)
+        return dx, dmc_part.sum(dim=1).to(channel_gate.dtype), spatial_gate.new_zeros(x.shape[0], *x.shape[2:])
+    # one channel slice: its partial row is dM_s itself (no slice axis, no sum)
+    dms_part = torch.empty(dms_shape, dtype=part_dtype, device=x.device)
+    _cbam_gate_bwd_kernel[grid](grad, x, channel_gate, spatial_gate, dx, dmc_part, dms_part, *ints, **consts)
+    dms = (dms_part if len(dms_shape) == 3 else dms_part.sum(dim=0)).to(spatial_gate.dtype)
     return dx, dmc_part.sum(dim=1).to(channel_gate.dtype), dms
 
 

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_common import FP_FUSION, acc_dtype, acc_torch_dtype, pixel_strides
+from .._triton_common import FP_FUSION, acc_dtype, acc_torch_dtype, cdiv, next_power_of_2, pixel_strides
 
 
 @triton.jit
@@ -138,10 +138,10 @@ def _blocks(x: torch.Tensor, p: int) -> tuple[int, int]:
     Not tuned on hardware yet (benchmarks/ decides)."""
     c = x.shape[1]
     if x.stride(1) == 1 and c > 1:  # channels_last: coalesce along C
-        block_c = min(triton.next_power_of_2(c), 64)
-        return block_c, min(triton.next_power_of_2(p), max(16, 1024 // block_c))
-    block_c = min(triton.next_power_of_2(c), 8)
-    return block_c, min(triton.next_power_of_2(p), max(128, 1024 // block_c))
+        block_c = min(next_power_of_2(c), 64)
+        return block_c, min(next_power_of_2(p), max(16, 1024 // block_c))
+    block_c = min(next_power_of_2(c), 8)
+    return block_c, min(next_power_of_2(p), max(128, 1024 // block_c))
 
 
 # Forward tiles of NCHW inputs: 16 pixels (64 B fp32, one 32 B sector bf16: still whole sectors) by
@@ -158,65 +158,101 @@ def _fwd_blocks(x: torch.Tensor, p: int) -> tuple[int, int]:
     c = x.shape[1]
     if x.stride(1) == 1 and c > 1:
         return _blocks(x, p)
-    block_p = min(triton.next_power_of_2(p), _FWD_BLOCK_P)
-    return min(triton.next_power_of_2(c), _FWD_TILE // block_p), block_p
+    block_p = min(next_power_of_2(p), _FWD_BLOCK_P)
+    return min(next_power_of_2(c), _FWD_TILE // block_p), block_p
 
 
 def channel_slices(c: int, block_c: int, base_programs: int, target: int = _BWD_TARGET_PROGRAMS) -> tuple[int, int]:
     """(channels per slice, slices): whole tiles per slice, enough slices for `target` programs."""
-    tiles = triton.cdiv(c, block_c)
+    tiles = cdiv(c, block_c)
     slices = max(1, min(tiles, target // max(1, base_programs)))
-    c_per = triton.cdiv(tiles, slices) * block_c
-    return c_per, triton.cdiv(c, c_per)
+    c_per = cdiv(tiles, slices) * block_c
+    return c_per, cdiv(c, c_per)
 
 
 def _gate_strides(gate: torch.Tensor | None) -> tuple[int, int]:
     return (gate.stride(0), gate.stride(1)) if gate is not None else (0, 0)
 
 
+# Launch plans keyed on what they depend on (shapes, strides, dtype, whether there is a gate): a
+# repeated call skips the block choice, the layout tests and the stride lists, most of the
+# wrappers' host work besides the launch. Bounded: a run with ever new shapes clears it now and then.
+_PLANS: dict = {}
+_MAX_PLANS = 256
+
+
+def _cached(key, make):
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = make()
+    return plan
+
+
+def _fwd_plan(x: torch.Tensor, gate: torch.Tensor | None):
+    """(grid, int arguments after the 4 tensors, constexprs), or None for an empty x."""
+    n, c, h, w = x.shape
+    p = h * w
+    if n * c * p == 0:
+        return None
+    block_c, block_p = _fwd_blocks(x, p)
+    sx_h, sx_w, x_merged = pixel_strides(x)
+    return ((n, cdiv(p, block_p)), (c, p, w, x.stride(0), x.stride(1), sx_h, sx_w, *_gate_strides(gate)),
+            dict(HAS_GATE=gate is not None, X_MERGED=x_merged, BLOCK_C=block_c, BLOCK_P=block_p,
+                 ACC_DTYPE=acc_dtype(x.dtype), **FP_FUSION))
+
+
 @torch.library.custom_op("segkd::channel_pool_triton", mutates_args=())
 def channel_pool_triton(x: torch.Tensor, gate: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (N, 2, H, W) in x's dtype, argmax (N, H, W) int32: first maximal channel per pixel).
     gate: (N, C) or None."""
-    n, c, h, w = x.shape
-    p = h * w
+    n, _, h, w = x.shape
     out = x.new_empty(n, 2, h, w)
     argmax = x.new_empty(n, h, w, dtype=torch.int32)
-    if n * c * p > 0:
-        block_c, block_p = _fwd_blocks(x, p)
-        sx_h, sx_w, x_merged = pixel_strides(x)
-        _channel_pool_fwd_kernel[(n, triton.cdiv(p, block_p))](
-            x, gate if gate is not None else x, out, argmax, c, p, w,
-            x.stride(0), x.stride(1), sx_h, sx_w, *_gate_strides(gate),
-            HAS_GATE=gate is not None, X_MERGED=x_merged,
-            BLOCK_C=block_c, BLOCK_P=block_p, ACC_DTYPE=acc_dtype(x.dtype), **FP_FUSION)
+    key = ("fwd", x.shape, x.stride(), None if gate is None else gate.stride(), x.dtype, _FWD_BLOCK_P, _FWD_TILE)
+    plan = _cached(key, lambda: _fwd_plan(x, gate))
+    if plan is not None:
+        grid, args, consts = plan
+        _channel_pool_fwd_kernel[grid](x, gate if gate is not None else x, out, argmax, *args, **consts)
     return out, argmax
+
+
+def _bwd_plan(x: torch.Tensor, gate: torch.Tensor | None, dx: torch.Tensor):
+    """(dgate partials' shape or None, launch grid, int arguments after the 6 tensors, constexprs; the
+    last three None for an empty x)."""
+    n, c, h, w = x.shape
+    p = h * w
+    block_c, block_p = _blocks(x, p)
+    n_pblocks = cdiv(p, block_p)
+    c_per, slices = channel_slices(c, block_c, n * n_pblocks)
+    part_shape = (n, n_pblocks, c) if gate is not None else None
+    if n * c * p == 0:
+        return part_shape, None, None, None
+    sx_h, sx_w, x_merged = pixel_strides(x)
+    sd_h, sd_w, d_merged = pixel_strides(dx)
+    return (part_shape, (n, n_pblocks, slices),
+            (c, p, w, n_pblocks, c_per, x.stride(0), x.stride(1), sx_h, sx_w, dx.stride(0), dx.stride(1), sd_h, sd_w,
+             *_gate_strides(gate)),
+            dict(HAS_GATE=gate is not None, X_MERGED=x_merged, D_MERGED=d_merged,
+                 BLOCK_C=block_c, BLOCK_P=block_p, ACC_DTYPE=acc_dtype(x.dtype), **FP_FUSION))
 
 
 @torch.library.custom_op("segkd::channel_pool_backward_triton", mutates_args=())
 def channel_pool_backward_triton(grad: torch.Tensor, x: torch.Tensor, gate: torch.Tensor | None,
                                  argmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx like x, dgate (N, C) in the gate's dtype; an empty tensor when gate is None)."""
-    n, c, h, w = x.shape
-    p = h * w
     grad, argmax = grad.contiguous(), argmax.contiguous()
-    dx = torch.empty_like(x)
-    block_c, block_p = _blocks(x, p)
-    n_pblocks = triton.cdiv(p, block_p)
-    c_per, slices = channel_slices(c, block_c, n * n_pblocks)
-    if gate is not None:
-        dgate_part = torch.empty(n, n_pblocks, c, dtype=acc_torch_dtype(x.dtype),
-                                 device=x.device)
+    dx = torch.empty_like(x)  # its strides follow from x's: part of the plan's key through x
+    key = ("bwd", x.shape, x.stride(), None if gate is None else gate.stride(), x.dtype)
+    part_shape, grid, args, consts = _cached(key, lambda: _bwd_plan(x, gate, dx))
+    if part_shape is not None:
+        dgate_part = torch.empty(part_shape, dtype=acc_torch_dtype(x.dtype), device=x.device)
     else:
         dgate_part = x.new_empty(0, dtype=torch.float32)
-    if n * c * p > 0:
-        sx_h, sx_w, x_merged = pixel_strides(x)
-        sd_h, sd_w, d_merged = pixel_strides(dx)
-        _channel_pool_bwd_kernel[(n, n_pblocks, slices)](
-            grad, x, gate if gate is not None else x, argmax, dx, dgate_part, c, p, w, n_pblocks, c_per,
-            x.stride(0), x.stride(1), sx_h, sx_w, dx.stride(0), dx.stride(1), sd_h, sd_w, *_gate_strides(gate),
-            HAS_GATE=gate is not None, X_MERGED=x_merged, D_MERGED=d_merged,
-            BLOCK_C=block_c, BLOCK_P=block_p, ACC_DTYPE=acc_dtype(x.dtype), **FP_FUSION)
+    if grid is not None:
+        _channel_pool_bwd_kernel[grid](grad, x, gate if gate is not None else x, argmax, dx, dgate_part,
+                                       *args, **consts)
     if gate is None:
         return dx, x.new_empty(0)
     return dx, dgate_part.sum(dim=1).to(gate.dtype)

@@ -36,8 +36,8 @@ import triton
 import triton.language as tl
 
 from .._saved_grad import scale_saved_grad
-from .._triton_common import (FP_FUSION, acc_dtype, acc_torch_dtype, device_sms_l2, flat_pixel_strides,
-                              fp32_split)
+from .._triton_common import (FP_FUSION, acc_dtype, acc_torch_dtype, cdiv, device_sms_l2, flat_pixel_strides,
+                              fp32_split, next_power_of_2)
 
 # Start of the streaming running maxima: the lowest finite fp32, so that every finite element is
 # >= it (exp(x - max) = 1 at the max: a split with any element above -inf has a sum >= 1) and a
@@ -366,32 +366,76 @@ def _cwd_stream_kernel(s_ptr, t_ptr, ds_ptr, part_ptr, lse_ptr, kl_ptr, sync_ptr
 
 def _tile(p: int) -> tuple[int, int]:
     """(BLOCK, num_warps) of the one-tile forward: about 16 values per lane and tensor."""
-    block = max(16, triton.next_power_of_2(p))
+    block = max(16, next_power_of_2(p))
     return block, min(16, max(1, block // 512))
 
 
 def _plan(rows: int, p: int) -> tuple[int, int]:
     """(chunk, splits) of the streaming forward: at least _TARGET_PROGRAMS programs where the rows
     are long enough, each chunk a whole number of blocks."""
-    splits = max(1, min(triton.cdiv(p, _BLOCK), triton.cdiv(_TARGET_PROGRAMS, rows)))
-    chunk = triton.cdiv(triton.cdiv(p, splits), _BLOCK) * _BLOCK
-    return chunk, triton.cdiv(p, chunk)
+    splits = max(1, min(cdiv(p, _BLOCK), cdiv(_TARGET_PROGRAMS, rows)))
+    chunk = cdiv(cdiv(p, splits), _BLOCK) * _BLOCK
+    return chunk, cdiv(p, chunk)
 
 
 def _stream_plan(rows: int, p: int, elsize: int, device: torch.device) -> tuple[int, int, int, int, int]:
     """(steps, chunks per row, group rows, groups, programs) of the persistent long-row kernel."""
     steps = max(1, 4 // elsize)
-    k = triton.cdiv(p, _BLOCK * steps)
+    k = cdiv(p, _BLOCK * steps)
     sms, l2 = device_sms_l2(device)
     budget = l2 // 4 if _GROUP_BYTES is None else _GROUP_BYTES
     group_rows = max(1, min(rows, budget // (2 * p * elsize)))
     programs = min(sms * _STREAM_CTAS_PER_SM, rows * k)
-    return steps, k, group_rows, triton.cdiv(rows, group_rows), programs
+    return steps, k, group_rows, cdiv(rows, group_rows), programs
 
 
 def _fuses_grad(p: int, needs_grad: bool) -> bool:
     # every row length: one tile in registers, or the persistent streaming kernel
     return needs_grad
+
+
+# Forward launch plans keyed on everything they depend on (shapes, strides, dtype, device, tau,
+# whether the gradient is fused, and the module's tuning knobs): a repeated call skips the layout
+# tests, the plan arithmetic and the fp32 splits of tau, most of the wrapper's host work besides
+# the launch. Bounded: a run with ever new shapes clears it now and then.
+_PLANS: dict = {}
+_MAX_PLANS = 256
+
+
+def _fwd_plan(student, teacher, tau, needs_grad):
+    """(mode, s needs a copy, t needs a copy, row count, fused, buffer shapes, launch grid, launch
+    arguments after the tensors, constexprs, and for the split mode the combine launch's)."""
+    n, c, h, w = student.shape
+    rows, p = n * c, h * w
+    acc_torch = acc_torch_dtype(student.dtype)
+    s, s_strides = flat_pixel_strides(student)
+    t, t_strides = flat_pixel_strides(teacher)
+    copies = (s is not student, t is not teacher)
+    fused = _fuses_grad(p, needs_grad)
+    one_tile = p <= _MAX_TILE
+    inv_tau, scale_g, scale_l = fp32_split(1.0 / tau), fp32_split(tau / rows), fp32_split(tau * tau / rows)
+    if fused and not one_tile:
+        steps, k, group_rows, n_groups, programs = _stream_plan(rows, p, student.element_size(), student.device)
+        return ("stream", *copies, rows, fused, acc_torch, (k,), (programs,),
+                (c, p, rows, k, group_rows, n_groups, *s_strides, *t_strides, *inv_tau, *scale_g, *scale_l),
+                dict(BLOCK=_BLOCK, STEPS=steps, BLOCK_K=min(_STREAM_BLOCK_K, next_power_of_2(k)),
+                     ACC=acc_dtype(acc_torch), NEG=_NEG, num_warps=_STREAM_WARPS, **FP_FUSION), None)
+    if one_tile:
+        block, warps = _tile(p)
+        chunk, splits = block, 1
+    else:
+        block, warps = _BLOCK, 8
+        chunk, splits = _plan(rows, p)
+    fwd = ((rows, splits), (c, p, chunk, splits, rows, *s_strides, *t_strides, *inv_tau, *scale_g, *scale_l),
+           dict(BLOCK=block, ONE_TILE=one_tile, WRITE_GRAD=fused, ACC=acc_dtype(acc_torch), NEG=_NEG,
+                num_warps=warps, **FP_FUSION))
+    if one_tile:
+        return ("one", *copies, rows, fused, acc_torch, (4, rows), *fwd, None)
+    block_s = min(64, next_power_of_2(splits))
+    combine = ((rows, splits, *scale_l),
+               dict(BLOCK_R=max(1, 1024 // block_s), BLOCK_S=block_s, ACC=acc_dtype(acc_torch), num_warps=4,
+                    **FP_FUSION))
+    return ("split", *copies, rows, fused, acc_torch, (5, rows, splits), *fwd, combine)
 
 
 @torch.library.custom_op("segkd::channel_wise_kd_triton", mutates_args=())
@@ -401,54 +445,42 @@ def channel_wise_kd_triton(student: torch.Tensor, teacher: torch.Tensor, tau: fl
     computed it (needs_grad and a one-tile row), else an empty tensor; lse (4, N*C): per row the max
     and the log of the rescaled sum-exp of s/tau, then of t/tau, in the compute dtype (the
     log-sum-exps by parts), for the recomputing backward."""
-    n, c, h, w = student.shape
-    rows, p = n * c, h * w
-    acc_torch = acc_torch_dtype(student.dtype)
-    s, s_strides = flat_pixel_strides(student)
-    t, t_strides = flat_pixel_strides(teacher.detach())
-    fused = _fuses_grad(p, needs_grad)
-    ds = torch.empty((n, c, h, w) if fused else (0,), dtype=student.dtype, device=student.device)
-    one_tile = p <= _MAX_TILE
-    if fused and not one_tile:
+    teacher = teacher.detach()
+    device = student.device
+    key = (student.shape, student.stride(), teacher.stride(), student.dtype, device, tau, needs_grad,
+           _MAX_TILE, _BLOCK, _TARGET_PROGRAMS, _GROUP_BYTES, _STREAM_WARPS, _STREAM_CTAS_PER_SM, _STREAM_BLOCK_K)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = _fwd_plan(student, teacher, tau, needs_grad)
+    mode, s_copy, t_copy, rows, fused, acc_torch, shape, grid, args, consts, combine = plan
+    # a layout whose H, W do not flatten to one strided axis is read from a contiguous copy
+    s = student.contiguous() if s_copy else student
+    t = teacher.contiguous() if t_copy else teacher
+    ds = torch.empty(student.shape if fused else (0,), dtype=student.dtype, device=device)
+    if mode == "stream":
         # long rows with a gradient: one persistent launch reads s and t once from DRAM (the
         # gradient items re-read their group from L2) and writes ds and per-chunk KL parts
-        steps, k, group_rows, n_groups, programs = _stream_plan(rows, p, student.element_size(), student.device)
-        parts = torch.empty(4, rows, k, dtype=acc_torch, device=student.device)
-        lse = torch.empty(4, rows, dtype=acc_torch, device=student.device)
-        kl = torch.empty(rows, k, dtype=acc_torch, device=student.device)
-        sync = torch.zeros(1 + rows, dtype=torch.int32, device=student.device)
-        _cwd_stream_kernel[(programs,)](
-            s, t, ds, parts, lse, kl, sync, c, p, rows, k, group_rows, n_groups, *s_strides, *t_strides,
-            *fp32_split(1.0 / tau), *fp32_split(tau / rows), *fp32_split(tau * tau / rows),
-            BLOCK=_BLOCK, STEPS=steps, BLOCK_K=min(_STREAM_BLOCK_K, triton.next_power_of_2(k)),
-            ACC=acc_dtype(acc_torch), NEG=_NEG, num_warps=_STREAM_WARPS, **FP_FUSION)
+        k = shape[0]
+        parts = torch.empty(4, rows, k, dtype=acc_torch, device=device)
+        lse = torch.empty(4, rows, dtype=acc_torch, device=device)
+        kl = torch.empty(rows, k, dtype=acc_torch, device=device)
+        sync = torch.zeros(1 + rows, dtype=torch.int32, device=device)
+        _cwd_stream_kernel[grid](s, t, ds, parts, lse, kl, sync, *args, **consts)
         return kl.sum().to(student.dtype), ds, lse
-    if one_tile:
-        block, warps = _tile(p)
-        chunk, splits = block, 1
-    else:
-        block, warps = _BLOCK, 8
-        chunk, splits = _plan(rows, p)
-    if one_tile:
-        stats = torch.empty(4, rows, dtype=acc_torch, device=student.device)
-        kl = torch.empty(rows, dtype=acc_torch, device=student.device)
-    else:
-        stats = torch.empty(5, rows, splits, dtype=acc_torch, device=student.device)
-        kl = stats  # not written
-    _cwd_fwd_kernel[(rows, splits)](
-        # without WRITE_GRAD the ds pointer is never used: any non-empty tensor stands in
-        s, t, ds if fused else stats, stats, kl, c, p, chunk, splits, rows, *s_strides, *t_strides,
-        *fp32_split(1.0 / tau), *fp32_split(tau / rows), *fp32_split(tau * tau / rows), BLOCK=block, ONE_TILE=one_tile,
-        WRITE_GRAD=fused, ACC=acc_dtype(acc_torch), NEG=_NEG, num_warps=warps, **FP_FUSION)
-    if one_tile:
+    stats = torch.empty(shape, dtype=acc_torch, device=device)
+    # the split mode writes no per-row KL: stats stands in
+    kl = torch.empty(rows, dtype=acc_torch, device=device) if mode == "one" else stats
+    # without WRITE_GRAD the ds pointer is never used: any non-empty tensor stands in
+    _cwd_fwd_kernel[grid](s, t, ds if fused else stats, stats, kl, *args, **consts)
+    if mode == "one":
         return kl.sum().to(student.dtype), ds, stats
     # combine the splits of every row in one launch (rows x splits numbers)
-    lse = torch.empty(4, rows, dtype=acc_torch, device=student.device)
-    loss = torch.empty((), dtype=student.dtype, device=student.device)
-    block_s = min(64, triton.next_power_of_2(splits))
-    _cwd_combine_kernel[(1,)](stats, lse, loss, rows, splits, *fp32_split(tau * tau / rows),
-                              BLOCK_R=max(1, 1024 // block_s), BLOCK_S=block_s, ACC=acc_dtype(acc_torch),
-                              num_warps=4, **FP_FUSION)
+    lse = torch.empty(4, rows, dtype=acc_torch, device=device)
+    loss = torch.empty((), dtype=student.dtype, device=device)
+    c_args, c_consts = combine
+    _cwd_combine_kernel[(1,)](stats, lse, loss, *c_args, **c_consts)
     return loss, ds, lse
 
 
@@ -462,8 +494,8 @@ def channel_wise_kd_backward_triton(student: torch.Tensor, teacher: torch.Tensor
     s, s_strides = flat_pixel_strides(student)
     t, t_strides = flat_pixel_strides(teacher)
     ds = torch.empty((n, c, h, w), dtype=student.dtype, device=student.device)
-    block = min(_BLOCK, max(16, triton.next_power_of_2(p)))
-    _cwd_bwd_kernel[(rows, triton.cdiv(p, block))](
+    block = min(_BLOCK, max(16, next_power_of_2(p)))
+    _cwd_bwd_kernel[(rows, cdiv(p, block))](
         s, t, lse.contiguous(), grad.reshape(()).contiguous(), ds, c, p, rows, *s_strides, *t_strides,
         *fp32_split(1.0 / tau), *fp32_split(tau / rows), BLOCK=block, ACC=acc_dtype(lse.dtype), num_warps=4, **FP_FUSION)
     return ds

@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from ..._backends import TRITON_INTERPRET
-from .._triton_common import FP_FUSION
+from .._triton_common import FP_FUSION, cdiv, next_power_of_2
 
 # Largest padded C_s + C_t whose row tiles stay resident (a (128, 384) bf16 pair is 96 KB).
 RESIDENT_CHANNELS = 512
@@ -192,7 +192,7 @@ def _types(dtype: torch.dtype):
 
 
 def _pad(c: int) -> int:
-    return max(16, triton.next_power_of_2(c))
+    return max(16, next_power_of_2(c))
 
 
 def _plan(a: torch.Tensor, cs: int, ct: int, backward: bool = False) -> dict:
@@ -244,7 +244,7 @@ def cross_image_kd_triton(a: torch.Tensor, b: torch.Tensor, tau: float) -> tuple
     lse_s = torch.empty_like(kl)
     lse_t = torch.empty_like(kl)
     plan = _plan(a, cs, ct)
-    _fwd_kernel[(triton.cdiv(p, plan["BLOCK_M"]), n, n)](
+    _fwd_kernel[(cdiv(p, plan["BLOCK_M"]), n, n)](
         a, b, kl, lse_s, lse_t, n, p, 1.0 / tau, CS=cs, CT=ct, DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype,
         PRECISION=precision, **plan, **FP_FUSION)
     # fp64 sum: N^2 P row terms, summed once
@@ -263,7 +263,7 @@ def cross_image_kd_backward_triton(grad: torch.Tensor, a: torch.Tensor, b: torch
     block_d = _bwd_block_d(plan, cs)
     # every program adds its rows' and its partner columns' contributions: zero start, acc dtype
     da = torch.zeros(a.shape, dtype=acc_torch, device=a.device)
-    _bwd_kernel[(triton.cdiv(p, plan["BLOCK_M"]) * triton.cdiv(cs, block_d), n, n)](
+    _bwd_kernel[(cdiv(p, plan["BLOCK_M"]) * cdiv(cs, block_d), n, n)](
         a, b, lse_s.contiguous(), lse_t.contiguous(), grad.contiguous(), da, n, p, 1.0 / tau,
         1.0 / (p * n * n * tau), CS=cs, CT=ct, BLOCK_D=block_d, DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype,
         PRECISION=precision, **plan, **FP_FUSION)

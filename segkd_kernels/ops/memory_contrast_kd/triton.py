@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ..._backends import TRITON_INTERPRET
-from .._triton_common import FP_FUSION
+from .._triton_common import FP_FUSION, cdiv, next_power_of_2
 
 
 @triton.jit
@@ -124,7 +124,7 @@ def _types(dtype: torch.dtype):
 
 
 def _k_block(c: int) -> int:
-    return max(16, min(_MAX_BLOCK_K, triton.next_power_of_2(c)))
+    return max(16, min(_MAX_BLOCK_K, next_power_of_2(c)))
 
 
 # 64 x 64 logit tiles (two of them, S and T, live per program), 32-channel operand blocks, 64-channel
@@ -151,7 +151,7 @@ def memory_contrast_kd_triton(a: torch.Tensor, b: torch.Tensor, bank: torch.Tens
     kl = torch.empty(m, dtype=acc_torch, device=a.device)
     lse_s = torch.empty_like(kl)
     lse_t = torch.empty_like(kl)
-    _fwd_kernel[(triton.cdiv(m, _BLOCK_M),)](
+    _fwd_kernel[(cdiv(m, _BLOCK_M),)](
         a, b, bank, kl, lse_s, lse_t, m, q, c, 1.0 / (tau * kd_tau), BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N,
         BLOCK_K=_k_block(c), DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype, PRECISION=precision, num_warps=_NUM_WARPS,
         **FP_FUSION)
@@ -169,8 +169,8 @@ def memory_contrast_kd_backward_triton(grad: torch.Tensor, a: torch.Tensor, b: t
     q = bank.shape[0]
     dot_dtype, acc_dtype, precision, _ = _types(a.dtype)
     da = torch.empty_like(a)
-    block_d = max(16, min(_MAX_BLOCK_D, triton.next_power_of_2(c)))
-    _bwd_kernel[(triton.cdiv(m, _BLOCK_M), triton.cdiv(c, block_d))](
+    block_d = max(16, min(_MAX_BLOCK_D, next_power_of_2(c)))
+    _bwd_kernel[(cdiv(m, _BLOCK_M), cdiv(c, block_d))](
         a, b, bank, lse_s.contiguous(), lse_t.contiguous(), grad.contiguous(), da, m, q, c,
         1.0 / (tau * kd_tau), kd_tau / (m * tau), BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_k_block(c),
         BLOCK_D=block_d, DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype, PRECISION=precision, num_warps=_NUM_WARPS,

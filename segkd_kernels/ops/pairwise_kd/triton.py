@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_common import FP_FUSION, acc_dtype, acc_torch_dtype
+from .._triton_common import FP_FUSION, acc_dtype, acc_torch_dtype, cdiv, next_power_of_2
 
 from ..._backends import TRITON_INTERPRET
 from .reference import FAST_CHUNK, NORM_EPS, combine_upper_tiles
@@ -244,7 +244,7 @@ def _norm_bwd_kernel(s_ptr, snorm_ptr, sinv_ptr, da_ptr, ds_ptr, C, P, eps, BLOC
 def _tile(c: int) -> int:
     """Channel tile of Z: tl.dot wants >= 16; 64 fills a warpgroup's MMA and keeps the fp64
     accumulator (32 registers per thread) and the staged fp64 operands within one SM's budget."""
-    return max(16, min(64, triton.next_power_of_2(c)))
+    return max(16, min(64, next_power_of_2(c)))
 
 
 # Pixel tiles: wide under the interpreter (its cost is per block operation, not per element).
@@ -266,24 +266,24 @@ def _sm_count(device: torch.device) -> int:
 def _plan(n: int, cs: int, ct: int, p: int, fast: bool, device: torch.device) -> dict:
     """Tile and split sizes, a pure function of the shapes (and the device's SM count)."""
     tile = _tile(max(cs, ct))
-    ta, tb = triton.cdiv(cs, tile), triton.cdiv(ct, tile)
+    ta, tb = cdiv(cs, tile), cdiv(ct, tile)
     t = ta + tb
     n_up = t * (t + 1) // 2
     block_p = FAST_CHUNK if fast else _GRAM_BLOCK_P
     # enough (tile, split, image) programs for _WAVES full waves, each split at least a few chunks
     min_split = block_p * (2 if TRITON_INTERPRET else 8)
-    want = triton.cdiv(_WAVES * _CTAS_PER_SM * _sm_count(device), n * n_up)
-    splits = max(1, min(want, triton.cdiv(p, min_split)))
-    pix = triton.cdiv(triton.cdiv(p, splits), block_p) * block_p
-    return dict(tile=tile, ta=ta, tb=tb, t=t, n_up=n_up, block_p=block_p, pix=pix, splits=triton.cdiv(p, pix))
+    want = cdiv(_WAVES * _CTAS_PER_SM * _sm_count(device), n * n_up)
+    splits = max(1, min(want, cdiv(p, min_split)))
+    pix = cdiv(cdiv(p, splits), block_p) * block_p
+    return dict(tile=tile, ta=ta, tb=tb, t=t, n_up=n_up, block_p=block_p, pix=pix, splits=cdiv(p, pix))
 
 
 def _norms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n, c, p = x.shape
     norm = torch.empty(n, p, dtype=torch.float64, device=x.device)
     inv = torch.empty_like(norm)
-    block_c = min(triton.next_power_of_2(c), 32)
-    _norm_kernel[(n, triton.cdiv(p, _BLOCK_P))](x, norm, inv, c, p, NORM_EPS, BLOCK_C=block_c, BLOCK_P=_BLOCK_P,
+    block_c = min(next_power_of_2(c), 32)
+    _norm_kernel[(n, cdiv(p, _BLOCK_P))](x, norm, inv, c, p, NORM_EPS, BLOCK_C=block_c, BLOCK_P=_BLOCK_P,
                                                 **FP_FUSION)
     return norm, inv
 
@@ -334,19 +334,19 @@ def pairwise_kd_backward_triton(grad: torch.Tensor, s: torch.Tensor, t: torch.Te
     n, cs, p = s.shape
     ct = t.shape[1]
     tile = g.shape[-1]
-    ta, tb = triton.cdiv(cs, tile), triton.cdiv(ct, tile)
+    ta, tb = cdiv(cs, tile), cdiv(ct, tile)
     acc = acc_torch_dtype(s.dtype)
     mode = {torch.float64: _MODE_FP64, torch.bfloat16: _MODE_BF16X2}.get(s.dtype, _MODE_TF32X3)
     scale = 4.0 / (n * p * p)
     da = torch.empty(n, cs, p, dtype=acc, device=s.device)
     block_k = min(_GRAD_BLOCK_K, tile)
-    _grad_kernel[(ta, triton.cdiv(p, _GRAD_BLOCK_P), n)](
+    _grad_kernel[(ta, cdiv(p, _GRAD_BLOCK_P), n)](
         g, s, sinv, t, tinv, da, grad.contiguous(), cs, ct, p, ta, ta + tb, scale, TILE=tile, BLOCK_K=block_k,
         BLOCK_P=_GRAD_BLOCK_P, MODE=mode, NATIVE_BF16=not TRITON_INTERPRET, ACC_DTYPE=acc_dtype(s.dtype), num_warps=8 if mode == _MODE_FP64 else 4,
         **FP_FUSION)
     ds = torch.empty_like(s)
-    _norm_bwd_kernel[(n, triton.cdiv(p, _BLOCK_P))](
-        s, snorm, sinv, da, ds, cs, p, NORM_EPS, BLOCK_C=min(triton.next_power_of_2(cs), 32), BLOCK_P=_BLOCK_P,
+    _norm_bwd_kernel[(n, cdiv(p, _BLOCK_P))](
+        s, snorm, sinv, da, ds, cs, p, NORM_EPS, BLOCK_C=min(next_power_of_2(cs), 32), BLOCK_P=_BLOCK_P,
         DETACH_NORM=bool(detach_norm), ACC_DTYPE=acc_dtype(s.dtype), **FP_FUSION)
     return ds
 

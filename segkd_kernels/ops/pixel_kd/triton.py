@@ -30,7 +30,8 @@ import triton
 import triton.language as tl
 
 from .._saved_grad import scale_saved_grad
-from .._triton_common import FP_FUSION, acc_dtype, acc_torch_dtype, flat_pixel_strides, fp32_split
+from .._triton_common import (FP_FUSION, acc_dtype, acc_torch_dtype, cdiv, flat_pixel_strides, fp32_split,
+                              next_power_of_2)
 
 # Classes held in registers at once, and the tile size (classes x pixels) a program works on.
 _MAX_BLOCK_K = 32
@@ -206,8 +207,8 @@ def _blocks(k: int, p: int) -> tuple[int, int, bool, int]:
     warps). The pixels of the tile are spread over the warp's lanes, and the many small programs
     (N * H*W / BLOCK_P) fill the GPU."""
     one_tile = k <= _MAX_BLOCK_K
-    block_k = max(2, triton.next_power_of_2(k)) if one_tile else _LOOP_BLOCK_K
-    block_p = max(16, min(triton.next_power_of_2(p), _WARP_TILE // block_k))
+    block_k = max(2, next_power_of_2(k)) if one_tile else _LOOP_BLOCK_K
+    block_p = max(16, min(next_power_of_2(p), _WARP_TILE // block_k))
     return block_k, block_p, one_tile, 1
 
 
@@ -220,7 +221,7 @@ def _launch(s, t, ignore_mask, weight, n_ignored, mean_gap, tau, *, gap_weight=F
     s, s_strides = flat_pixel_strides(s)
     t, t_strides = flat_pixel_strides(t)
     block_k, block_p, one_tile, warps = _blocks(k, p)
-    grid = (triton.cdiv(p, block_p), n)
+    grid = (cdiv(p, block_p), n)
     partials = torch.empty(n * grid[0], 3, dtype=acc_torch, device=s.device)
     ds = torch.empty((n, k, h, w), dtype=s.dtype, device=s.device) if write_grad else None
     kl = torch.empty((n, h, w), dtype=s.dtype, device=s.device) if write_kl else None
@@ -251,7 +252,7 @@ def _finalize(student, partials, n_ignored, tau, *, gap_weight=False):
     _pixel_kd_finalize_kernel[(1,)](
         partials, programs, n_ignored if n_ignored is not None else partials, n * h * w, *fp32_split(tau * tau),
         loss, mean_gap if mean_gap is not None else partials, HAS_MASK=n_ignored is not None,
-        GAP_WEIGHT=gap_weight, BLOCK=min(1024, max(16, triton.next_power_of_2(programs))),
+        GAP_WEIGHT=gap_weight, BLOCK=min(1024, max(16, next_power_of_2(programs))),
         ACC=acc_dtype(partials.dtype), TINY=_TINY, num_warps=4, **FP_FUSION)
     return loss, mean_gap
 

@@ -22,8 +22,11 @@ def register(forward_op, backward_op) -> None:
             grad_avg = argmax.new_zeros(argmax.shape, dtype=ctx.x_dtype)
         if grad_max is None:
             grad_max = argmax.new_zeros(argmax.shape, dtype=ctx.x_dtype)
-        grad_avg = grad_avg.to(ctx.x_dtype).contiguous()
-        grad_max = grad_max.to(ctx.x_dtype).contiguous()
+        # (both backward ops make their arguments contiguous themselves)
+        if grad_avg.dtype != ctx.x_dtype:
+            grad_avg = grad_avg.to(ctx.x_dtype)
+        if grad_max.dtype != ctx.x_dtype:
+            grad_max = grad_max.to(ctx.x_dtype)
         return backward_op(grad_avg, grad_max, argmax, *ctx.hw)
 
     forward_op.register_autograd(backward, setup_context=setup_context)

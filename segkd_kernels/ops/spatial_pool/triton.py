@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_common import FP_FUSION, acc_dtype
+from .._triton_common import FP_FUSION, acc_dtype, cdiv, next_power_of_2
 from . import autograd
 
 
@@ -62,6 +62,21 @@ def _spatial_pool_bwd_kernel(grad_avg_ptr, grad_max_ptr, argmax_ptr, dx_ptr, pla
 
 
 
+# Launch constants keyed on (H*W, dtype): a repeated call skips the block choice.
+_PLANS: dict = {}
+
+
+def _plan(key, block_cap):
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= 256:  # bounded: a run with ever new shapes clears it now and then
+            _PLANS.clear()
+        plane, dtype = key[1:]
+        plan = _PLANS[key] = dict(BLOCK=min(next_power_of_2(plane), block_cap), ACC_DTYPE=acc_dtype(dtype),
+                                  **FP_FUSION)
+    return plan
+
+
 @torch.library.custom_op("segkd::spatial_pool_triton", mutates_args=())
 def spatial_pool_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x = x.contiguous()
@@ -71,9 +86,7 @@ def spatial_pool_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     mx = x.new_empty(n, c)
     argmax = x.new_empty(n, c, dtype=torch.int64)
     if rows > 0:
-        block = min(triton.next_power_of_2(plane), 2048)
-        _spatial_pool_fwd_kernel[(rows,)](x, avg, mx, argmax, plane, BLOCK=block, ACC_DTYPE=acc_dtype(x.dtype),
-                                          **FP_FUSION)
+        _spatial_pool_fwd_kernel[(rows,)](x, avg, mx, argmax, plane, **_plan(("fwd", plane, x.dtype), 2048))
     return avg, mx, argmax
 
 
@@ -84,10 +97,9 @@ def spatial_pool_backward_triton(grad_avg: torch.Tensor, grad_max: torch.Tensor,
     rows, plane = n * c, h * w
     dx = grad_avg.new_empty(n, c, h, w)
     if rows > 0 and plane > 0:
-        block = min(triton.next_power_of_2(plane), 1024)
-        grid = (rows, triton.cdiv(plane, block))
-        _spatial_pool_bwd_kernel[grid](grad_avg.contiguous(), grad_max.contiguous(), argmax.contiguous(), dx,
-                                       plane, BLOCK=block, ACC_DTYPE=acc_dtype(dx.dtype), **FP_FUSION)
+        consts = _plan(("bwd", plane, dx.dtype), 1024)
+        _spatial_pool_bwd_kernel[(rows, cdiv(plane, consts["BLOCK"]))](
+            grad_avg.contiguous(), grad_max.contiguous(), argmax.contiguous(), dx, plane, **consts)
     return dx
 
 
