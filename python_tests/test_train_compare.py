@@ -145,3 +145,9 @@ def test_compare_sweep_on_holdout(tmp_path, capsys):
     assert {r["split"] for r in sweep["runs"]} == {"holdout"}
     cfg = json.load(open(out / "kd_x3_holdout_seed0" / "config.json"))
     assert cfg["distill"]["weights"]["kd"] == 3.0 and cfg["data"]["val_split"] == "holdout"
+
+
+def test_iters_cut_the_students_not_the_teacher():
+    cfg = compare.variant_config("kd", "full", seed=0, iters=50)
+    assert cfg.iters == 50
+    assert compare._teacher_config(cfg, "cache", teacher_iters=600).iters == 600

@@ -195,7 +195,7 @@ def baseline_of(cfg):
     return b
 
 
-def _teacher_config(cfg, cache: str):
+def _teacher_config(cfg, cache: str, teacher_iters: int | None = None):
     import copy
 
     t = copy.deepcopy(cfg)
@@ -209,6 +209,8 @@ def _teacher_config(cfg, cache: str):
     else:
         t.distill.weights = {}
     t.teacher.checkpoint = None
+    if teacher_iters:  # --iters cuts the students only: the teacher keeps its config's budget
+        t.iters, t.log_every = teacher_iters, max(1, teacher_iters // 20)
     t.out = os.path.join(cache, f"teacher_{t.method}_{t.teacher.arch}_{teacher_key(t)}")
     return t
 
@@ -280,7 +282,7 @@ def run_compare(*, methods: list[str] | None = None, seeds: int = 5, iters: int 
         cfg.out = os.path.join(out, f"{tag}_{split}_seed{seed}")
         tkey = None
         if cfg.method != "none" and cfg.distill.teacher == "model":
-            t = _teacher_config(cfg, cache)
+            t = _teacher_config(cfg, cache, iters and method_config(cfg.method, preset, overrides=overrides).iters)
             teachers.setdefault(t.out, t)
             tkey = t.out
         runs.append({"kind": kind, "name": v, "seed": seed, "split": split, "factor": f, "cfg": cfg,
