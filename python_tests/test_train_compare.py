@@ -1,6 +1,6 @@
 """`segkd compare`: paired statistics, the teacher cache, resuming, the controls and the shipped configs.
 
-Runs use the "smoke" preset (16 px images, 2 iterations): they test the plumbing, not the results."""
+Runs use the "smoke" preset (32 px images, 2 iterations): they test the plumbing, not the results."""
 
 from __future__ import annotations
 
@@ -99,6 +99,11 @@ def test_onehot_control_needs_a_logit_method():
     cfg.distill.teacher = "onehot"
     with pytest.raises(ConfigError, match="distill.teacher: the one-hot control teacher has logits only"):
         validate(cfg, need_teacher_file=False)
+    cfg = compare.variant_config("cwd:onehot", "smoke", seed=0)
+    validate(cfg, need_teacher_file=False)  # needs no teacher checkpoint
+    cfg.distill.weights["feat"] = 1.0
+    with pytest.raises(ConfigError, match="set distill.weights.feat=0"):
+        validate(cfg, need_teacher_file=False)
     with pytest.raises(ConfigError, match="--controls: unknown control 'skd:onehot'"):
         compare.run_compare(methods=["kd"], controls=["skd:onehot"], preset="smoke", out="unused")
 
@@ -151,3 +156,15 @@ def test_iters_cut_the_students_not_the_teacher():
     cfg = compare.variant_config("kd", "full", seed=0, iters=50)
     assert cfg.iters == 50
     assert compare._teacher_config(cfg, "cache", teacher_iters=600).iters == 600
+
+
+@pytest.mark.slow  # about 40 CPU-seconds: 4 teachers and 11 students, even at the smoke size
+def test_every_method_and_control_runs_through_compare(tmp_path):
+    out = tmp_path / "all"
+    assert compare.run_compare(seeds=1, preset="smoke", out=str(out), overrides=SMOKE, stream=open(
+        tmp_path / "log.txt", "w")) == 0
+    main = json.load(open(out / "compare.json"))["summary"]["main"]
+    assert [s["method"] for s in main] == [*compare.DEFAULT_METHODS, *compare.DEFAULT_CONTROLS]
+    # one teacher per teacher config: DeepLabV3 (kd, skd, pfs, cirkd, ssim), PSPNet (cwd), DeepLabV3+
+    # (attnfd), label-assisted DeepLabV3 (lad)
+    assert len(list((out / "teachers").iterdir())) == 4

@@ -357,6 +357,9 @@ def validate(cfg: Config, *, need_teacher_file: bool = True) -> None:
     if cfg.distill.teacher == "onehot" and cfg.method not in ONEHOT_METHODS:
         raise ConfigError(f"distill.teacher: the one-hot control teacher has logits only; method {cfg.method!r} "
                           f"needs teacher features (one-hot works with {', '.join(ONEHOT_METHODS)})")
+    if cfg.distill.teacher == "onehot" and cfg.method == "cwd" and cfg.distill.weights.get("feat", 0):
+        raise ConfigError("distill.teacher: the one-hot control teacher has logits only; set "
+                          "distill.weights.feat=0 (CWD on the neck features needs a real teacher)")
     for m in (cfg.student, cfg.teacher):
         if m.aspp_rates is not None and (not m.aspp_rates or any(int(r) != r or r < 1 for r in m.aspp_rates)):
             raise ConfigError(f"aspp_rates: expected a list of positive integer dilation rates, got {m.aspp_rates!r}")

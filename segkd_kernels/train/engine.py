@@ -752,7 +752,14 @@ def _train(cfg: Config, env: DistEnv, resume, overwrite, allow_change, callback,
     if distilling:
         from .distill import build_distiller
 
-        t_channels = {"logits": num_classes} if onehot_teacher else teacher.feature_channels
+        if onehot_teacher:
+            # the distiller declares every point it may read; validate() has refused any active term
+            # on a point other than the logits, so those entries are never read
+            from .distill import get_method
+
+            t_channels = {p: num_classes for p in get_method(cfg.method).teacher_points}
+        else:
+            t_channels = teacher.feature_channels
         distiller = build_distiller(cfg.method, model.feature_channels, t_channels, num_classes,
                                     weights=cfg.distill.weights, options=cfg.distill.options, backend=cfg.backend)
     objective = Objective(model, distiller, cfg, num_classes)
