@@ -138,6 +138,13 @@ def test_compare_pairs_controls_cache_and_resume(tmp_path, capsys):
     assert compare.run_compare(**{**kw, "out": str(tmp_path / "other"), "seeds": 1, "controls": []}) == 0
     other = capsys.readouterr().out
     assert other.count("training in") == 2 and "finished earlier: reusing " + str(cache) in other
+    # a longer teacher schedule is another teacher (its own cache entry)
+    assert compare.run_compare(**{**kw, "out": str(tmp_path / "third"), "seeds": 1, "controls": [],
+                                  "teacher_iters": 3}) == 0
+    assert len(list(cache.iterdir())) == 2
+    t = json.load(open(next(p for p in cache.iterdir() if "metrics.json" in [q.name for q in p.iterdir()]
+                            and json.load(open(p / "metrics.json"))["step"] == 3) / "config.json"))
+    assert t["iters"] == 3 and t["stage"] == "teacher"
 
 
 def test_compare_sweep_on_holdout(tmp_path, capsys):

@@ -203,6 +203,8 @@ def _add_compare(p) -> None:
     p.add_argument("--seeds", type=int, default=5, help="paired seeds (default 5)")
     p.add_argument("--iters", type=int, help="iterations per student run (default: each config's; teachers "
                                               "always train for their config's budget)")
+    p.add_argument("--teacher-iters", type=int,
+                   help="iterations for the (cached) teachers (default: each config's)")
     p.add_argument("--seed-start", type=int, default=0,
                    help="run only seeds from this one on (split the seeds over processes; earlier seeds' finished "
                         "runs are collected into the tables)")
@@ -228,7 +230,7 @@ def _compare(args) -> int:
                            quick=args.quick, out=args.out, device=args.device, overrides=args.overrides,
                            seed_start=args.seed_start, overwrite=args.overwrite,
                            controls=[c for c in args.controls.split(",") if c], teacher_cache=args.teacher_cache,
-                           sweep=args.sweep, sweep_seeds=args.sweep_seeds)
+                           sweep=args.sweep, sweep_seeds=args.sweep_seeds, teacher_iters=args.teacher_iters)
     except _trainer_errors() as e:
         print(f"segkd compare: error: {e}", file=sys.stderr)
         return 2

@@ -231,8 +231,10 @@ def _run(cfg, log, overwrite: bool) -> dict:
 def run_compare(*, methods: list[str] | None = None, seeds: int = 5, iters: int | None = None, quick: bool = False,
                 out: str = "runs/compare", device: str = "auto", overrides=(), stream=None, seed_start: int = 0,
                 preset: str | None = None, overwrite: bool = False, controls: list[str] | None = None,
-                teacher_cache: str | None = None, sweep: bool = False, sweep_seeds: int = 2) -> int:
-    """Teachers (cached), then for each seed in range(seed_start, seeds) every run; tables over every
+                teacher_cache: str | None = None, sweep: bool = False, sweep_seeds: int = 2,
+                teacher_iters: int | None = None) -> int:
+    """Teachers (cached; `teacher_iters` iterations when given: a teacher trained once can afford a
+    longer schedule than the students), then for each seed in range(seed_start, seeds) every run; tables over every
     finished seed below `seeds` (several processes can each run a share of the seeds with `seed_start`;
     a last call with the full count collects them)."""
     from .config import ConfigError, validate
@@ -252,6 +254,8 @@ def run_compare(*, methods: list[str] | None = None, seeds: int = 5, iters: int 
         if c != "balanced_ce" and not (c.endswith(":onehot") and c.split(":")[0] in ONEHOT_METHODS):
             raise ConfigError(f"--controls: unknown control {c!r}; choices: balanced_ce, "
                               f"{', '.join(m + ':onehot' for m in ONEHOT_METHODS)}")
+    if teacher_iters is not None and teacher_iters < 1:
+        raise ConfigError(f"--teacher-iters: expected a positive count, got {teacher_iters}")
     if seeds < 1 or sweep_seeds < 1:
         raise ConfigError(f"--seeds: expected a positive count, got {seeds if seeds < 1 else sweep_seeds}")
     preset = preset or ("quick" if quick else "full")
@@ -283,7 +287,8 @@ def run_compare(*, methods: list[str] | None = None, seeds: int = 5, iters: int 
         cfg.out = os.path.join(out, f"{tag}_{split}_seed{seed}")
         tkey = None
         if cfg.method != "none" and cfg.distill.teacher == "model":
-            t = _teacher_config(cfg, cache, iters and method_config(cfg.method, preset, overrides=overrides).iters)
+            t_iters = teacher_iters or (iters and method_config(cfg.method, preset, overrides=overrides).iters)
+            t = _teacher_config(cfg, cache, t_iters)
             teachers.setdefault(t.out, t)
             tkey = t.out
         runs.append({"kind": kind, "name": v, "seed": seed, "split": split, "factor": f, "cfg": cfg,
