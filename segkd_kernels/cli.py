@@ -168,7 +168,7 @@ def _eval(args) -> int:
 
 
 def _add_demo(p) -> None:
-    p.add_argument("--quick", action="store_true", help="a smaller budget (under 2 minutes on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true", help="a smaller budget (a few minutes on 2 CPU cores)")
     p.add_argument("--method", help="the distillation method to show (default: the one that helps most here)")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--iters", type=int, help="override the iteration budget of every run")
