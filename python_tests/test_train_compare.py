@@ -175,3 +175,32 @@ def test_every_method_and_control_runs_through_compare(tmp_path):
     # one teacher per teacher config: DeepLabV3 (kd, skd, pfs, cirkd, ssim), PSPNet (cwd), DeepLabV3+
     # (attnfd), label-assisted DeepLabV3 (lad)
     assert len(list((out / "teachers").iterdir())) == 4
+
+
+def test_runs_recorded_before_the_new_settings_still_resume():
+    from segkd_kernels.train.config import Config, config_changes
+
+    new = Config().to_dict()
+    old = Config().to_dict()
+    for d, k in ((old, "task_loss"), (old["distill"], "teacher"), (old["distill"], "onehot_scale"),
+                 (old["student"], "aspp_rates"), (old["teacher"], "aspp_rates")):
+        del d[k]
+    assert config_changes(old, new) == {}
+    new["task_loss"] = "balanced_ce"
+    assert config_changes(old, new) == {"task_loss": ("ce", "balanced_ce")}
+
+
+def test_aspp_rates_reach_the_model_and_its_spec():
+    from segkd_kernels.train.config import ModelConfig
+
+    spec = engine.model_spec(ModelConfig(width=0.0625, aspp_rates=(2, 3, 4)), 8)
+    assert spec["aspp_rates"] == [2, 3, 4]
+    model = engine.build_from_spec(spec)
+    dil = sorted({m.dilation[0] for m in model.head.aspp.modules() if isinstance(m, torch.nn.Conv2d)
+                  and m.kernel_size == (3, 3)})
+    assert dil == [2, 3, 4]
+    assert "aspp_rates" not in engine.model_spec(ModelConfig(), 8)  # older specs stay equal
+    cfg = compare.variant_config("kd", "smoke", seed=0)
+    cfg.student.aspp_rates = (0, 2)
+    with pytest.raises(ConfigError, match="aspp_rates: expected a list of positive integer"):
+        validate(cfg, need_teacher_file=False)
