@@ -274,15 +274,17 @@ def test_compare_smoke_tables(tmp_path):
     from segkd_kernels.train.compare import run_compare
 
     out = tmp_path / "cmp"
-    assert run_compare(methods=["kd"], seeds=2, preset="smoke", out=str(out), overrides=["progress=false"]) == 0
+    assert run_compare(methods=["kd"], controls=[], seeds=2, preset="smoke", out=str(out),
+                       overrides=["progress=false"]) == 0
     rows = list(csv.DictReader(open(out / "compare.csv")))
-    assert [(r["method"], r["seed"]) for r in rows] == [("none", "0"), ("kd", "0"), ("none", "1"), ("kd", "1")]
+    assert [(r["method"], r["seed"]) for r in rows] == [("kd", "0"), ("kd", "1")]
     summary = json.load(open(out / "compare.json"))["summary"]
-    kd = next(s for s in summary if s["method"] == "kd")
-    mious = [float(r["miou"]) for r in rows if r["method"] == "kd"]
-    assert kd["n"] == 2 and kd["miou_mean"] == pytest.approx(sum(mious) / 2)
+    kd = next(s for s in summary["main"] if s["method"] == "kd")
+    diffs = [float(r["miou"]) - float(r["baseline_miou"]) for r in rows]
+    assert kd["n"] == 2 and kd["mean"] == pytest.approx(sum(diffs) / 2)
+    assert summary["students"][0]["n"] == 2 and len(summary["teachers"]) == 1
     table = open(out / "compare.md").read()
-    assert "| kd | 2 |" in table and "student alone" in table and "teacher" in table
+    assert "| kd | deeplabv3 | 2 |" in table and "student alone" in table and "teacher" in table
 
 
 @pytest.mark.cuda

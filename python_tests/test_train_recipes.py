@@ -293,10 +293,13 @@ def test_real_data_recipe(name):
 
 
 def test_compare_lists_the_lad_teacher_without_its_label():
-    from segkd_kernels.train.compare import summarize
+    from segkd_kernels.train.compare import summarize, variant_config
 
-    teachers = {"none": {"metrics": {"miou": 30.0}, "sec_per_iter": 0.1},
-                "lad": {"metrics": {"miou": 40.0, "no_label": {"miou": 25.0}}, "sec_per_iter": 0.2}}
-    rows = summarize([{"method": "none", "seed": 0, "miou": 20.0, "sec_per_iter": 0.1}], teachers)
-    assert [(r["method"], r["miou_mean"]) for r in rows[:3]] == [
-        ("teacher", 30.0), ("teacher (label-assisted)", 40.0), ("teacher (label-assisted, label zeroed)", 25.0)]
+    plain, lad = variant_config("kd", "smoke", seed=0), variant_config("lad", "smoke", seed=0)
+    lad.method = "lad"
+    teachers = {"a": (plain, {"metrics": {"miou": 30.0}}), "b": (lad, {"metrics": {"miou": 40.0,
+                                                                                  "no_label": {"miou": 25.0}}})}
+    out = summarize([], [], teachers)["teachers"]
+    assert [(t["teacher"], t["miou"], t.get("miou_no_label")) for t in out] == [
+        ("deeplabv3-resnet50", 30.0, None), ("deeplabv3-resnet50 (label-assisted)", 40.0, 25.0)]
+

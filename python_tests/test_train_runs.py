@@ -293,7 +293,8 @@ def test_compare_continues_each_run(tmp_path, monkeypatch, capsys):
     from segkd_kernels.train.compare import run_compare
 
     out = tmp_path / "cmp"
-    kw = dict(methods=["kd"], seeds=1, preset="smoke", out=str(out), overrides=["progress=false", "device=cpu"])
+    kw = dict(methods=["kd"], controls=[], seeds=1, preset="smoke", out=str(out),
+              overrides=["progress=false", "device=cpu"])
     interrupt_nth_run(monkeypatch, 2, 1)  # teacher, student alone, then kd: stopped at its step 1
     with pytest.raises(engine.Interrupted):
         run_compare(**kw)
@@ -302,4 +303,4 @@ def test_compare_continues_each_run(tmp_path, monkeypatch, capsys):
     assert run_compare(**kw) == 0
     text = capsys.readouterr().out
     assert text.count("finished earlier: reusing") == 2 and "continuing from the checkpoint of step 1" in text
-    assert [r["step"] for r in records(out / "kd_seed0", "train")] == [1, 2]
+    assert [r["step"] for r in records(out / "kd_val_seed0", "train")] == [1, 2]

@@ -168,7 +168,7 @@ def _eval(args) -> int:
 
 
 def _add_demo(p) -> None:
-    p.add_argument("--quick", action="store_true", help="a smaller budget (under 2 minutes on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true", help="a smaller budget (a few minutes on 2 CPU cores)")
     p.add_argument("--method", help="the distillation method to show (default: the one that helps most here)")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--iters", type=int, help="override the iteration budget of every run")
@@ -194,16 +194,26 @@ def _demo(args) -> int:
 
 
 def _add_compare(p) -> None:
-    p.add_argument("--methods", default="kd,cwd,skd,pfs,cirkd,ssim,attnfd,lad",
-                   help="comma-separated methods (default: all)")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--iters", type=int, help="iterations per student run (default: the demo budget; teachers "
-                                              "always train for the demo budget)")
+    from segkd_kernels.train.compare import DEFAULT_CONTROLS, DEFAULT_METHODS
+
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated methods (default: all)")
+    p.add_argument("--controls", default=",".join(DEFAULT_CONTROLS),
+                   help="comma-separated controls: balanced_ce (class-balanced CE student), kd:onehot / cwd:onehot "
+                        "(the method with a one-hot ground-truth teacher); empty for none")
+    p.add_argument("--seeds", type=int, default=5, help="paired seeds (default 5)")
+    p.add_argument("--iters", type=int, help="iterations per student run (default: each config's; teachers "
+                                              "always train for their config's budget)")
+    p.add_argument("--teacher-iters", type=int,
+                   help="iterations for the (cached) teachers (default: each config's)")
     p.add_argument("--seed-start", type=int, default=0,
                    help="run only seeds from this one on (split the seeds over processes; earlier seeds' finished "
                         "runs are collected into the tables)")
-    p.add_argument("--quick", action="store_true", help="the quick demo budget")
+    p.add_argument("--quick", action="store_true", help="the quick budget (48 px, 200 iterations)")
     p.add_argument("--out", default="runs/compare", help="output folder for runs and the result tables")
+    p.add_argument("--teacher-cache", help="folder of cached teachers, shared by comparisons (default: OUT/teachers)")
+    p.add_argument("--sweep", action="store_true",
+                   help="also sweep each method's loss weights x0.3, x1, x3 on the holdout split (sweep.md)")
+    p.add_argument("--sweep-seeds", type=int, default=2, help="seeds per sweep point (default 2)")
     p.add_argument("--device", default="auto")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting of every run")
@@ -218,7 +228,9 @@ def _compare(args) -> int:
     try:
         return run_compare(methods=[m for m in args.methods.split(",") if m], seeds=args.seeds, iters=args.iters,
                            quick=args.quick, out=args.out, device=args.device, overrides=args.overrides,
-                           seed_start=args.seed_start, overwrite=args.overwrite)
+                           seed_start=args.seed_start, overwrite=args.overwrite,
+                           controls=[c for c in args.controls.split(",") if c], teacher_cache=args.teacher_cache,
+                           sweep=args.sweep, sweep_seeds=args.sweep_seeds, teacher_iters=args.teacher_iters)
     except _trainer_errors() as e:
         print(f"segkd compare: error: {e}", file=sys.stderr)
         return 2

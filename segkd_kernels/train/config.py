@@ -26,6 +26,9 @@ class ModelConfig:
     output_stride: int = 8
     aux: bool = False
     deep_stem: bool = False               # ResNet: three 3x3 stem convs (v1c; CIRKD's resnet18-imagenet.pth)
+    # ASPP dilation rates (None: 6/12/18 at output stride 16, doubled at 8, sized for ~33-65 px feature
+    # maps); small images need rates scaled to their feature map, or the dilated taps fall in the padding
+    aspp_rates: tuple[int, ...] | None = None  # deeplabv3 / deeplabv3plus only; other heads ignore it
     backbone_weights: str | None = None  # torchvision-format ImageNet state dict (deep_stem: CIRKD's format)
     # student: a trainer checkpoint to start from; teacher: the trained teacher to distil from
     checkpoint: str | None = None
@@ -69,6 +72,11 @@ class OptimConfig:
 class DistillConfig:
     weights: dict = field(default_factory=dict)
     options: dict = field(default_factory=dict)
+    # "model": distil from teacher.checkpoint; "onehot": a knowledge-free control teacher whose logits
+    # are onehot_scale x the one-hot ground truth (logit methods only: kd, cwd, lad's CWD), so a gain it
+    # also gives is label reweighting, not knowledge transfer
+    teacher: str = "model"
+    onehot_scale: float = 10.0
 
 
 @dataclass
@@ -84,6 +92,9 @@ class Config:
     sync_bn: bool = False                 # SyncBatchNorm across processes (GPU only)
     bn_eval: bool = False                 # BatchNorm uses (and keeps) its running statistics
     aux_weight: float = 0.4
+    # "ce": cross-entropy; "balanced_ce": weighted by median class frequency / class frequency, measured on
+    # the training split (a control: what a class-balanced loss alone gives)
+    task_loss: str = "ce"
     out: str = "runs/default"
     eval_every: int = 0                   # 0: only at the end
     ckpt_every: int = 500
@@ -103,6 +114,8 @@ class Config:
 # them freely. Everything else changes the trajectory (or what the run is), so `--resume` refuses a
 # change unless asked to accept it. Device and thread count are here because bit-for-bit equality
 # across devices or intra-op thread counts is not promised anyway; they are recorded, not checked.
+# methods that read only the teacher's logits, so the one-hot control teacher can stand in for it
+ONEHOT_METHODS = ("kd", "cwd")
 RESUME_FREE_KEYS = frozenset({"out", "progress", "log_every", "ckpt_every", "eval_every", "threads", "device",
                               "data.num_workers", "data.root", "data.eval_batch_size"})
 
@@ -127,6 +140,11 @@ def _comparable(v):
     return v
 
 
+# Settings added after runs were recorded: a recorded config without the key ran with this value.
+ADDED_DEFAULTS = {"distill.teacher": "model", "distill.onehot_scale": 10.0, "task_loss": "ce",
+                  "student.aspp_rates": None, "teacher.aspp_rates": None}
+
+
 def config_changes(old: dict, new: dict, *, ignore=RESUME_FREE_KEYS) -> dict:
     """{key: (old value, new value)} for every setting that differs, except the `ignore`d ones."""
     a, b = flatten(old), flatten(new)
@@ -134,6 +152,9 @@ def config_changes(old: dict, new: dict, *, ignore=RESUME_FREE_KEYS) -> dict:
     for key in sorted(set(a) | set(b)):
         if key in ignore:
             continue
+        if key in ADDED_DEFAULTS and (key not in a or key not in b):
+            a.setdefault(key, ADDED_DEFAULTS[key])
+            b.setdefault(key, ADDED_DEFAULTS[key])
         va, vb = _comparable(a.get(key)), _comparable(b.get(key))
         if va != vb:
             changed[key] = (a.get(key), b.get(key))
@@ -168,6 +189,10 @@ def _coerce(key: str, value, tp):
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[T, ...]: any length
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
@@ -327,6 +352,17 @@ def validate(cfg: Config, *, need_teacher_file: bool = True) -> None:
     choice("data.eval_mode", cfg.data.eval_mode, EVAL_MODES)
     choice("data.name", cfg.data.name, tuple(DATASETS))
     choice("backend", cfg.backend, ("auto", "reference", "triton", "cuda"))
+    choice("task_loss", cfg.task_loss, ("ce", "balanced_ce"))
+    choice("distill.teacher", cfg.distill.teacher, ("model", "onehot"))
+    if cfg.distill.teacher == "onehot" and cfg.method not in ONEHOT_METHODS:
+        raise ConfigError(f"distill.teacher: the one-hot control teacher has logits only; method {cfg.method!r} "
+                          f"needs teacher features (one-hot works with {', '.join(ONEHOT_METHODS)})")
+    if cfg.distill.teacher == "onehot" and cfg.method == "cwd" and cfg.distill.weights.get("feat", 0):
+        raise ConfigError("distill.teacher: the one-hot control teacher has logits only; set "
+                          "distill.weights.feat=0 (CWD on the neck features needs a real teacher)")
+    for m in (cfg.student, cfg.teacher):
+        if m.aspp_rates is not None and (not m.aspp_rates or any(int(r) != r or r < 1 for r in m.aspp_rates)):
+            raise ConfigError(f"aspp_rates: expected a list of positive integer dilation rates, got {m.aspp_rates!r}")
     if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
         raise ConfigError(f"device: expected auto, cpu or cuda[:N], got {cfg.device!r}")
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
@@ -401,7 +437,7 @@ def validate(cfg: Config, *, need_teacher_file: bool = True) -> None:
             ws = cfg.distill.options.get("warm_start")
             if ws and cfg.stage == "teacher" and not os.path.isfile(ws):
                 raise ConfigError(f"distill.options.warm_start: no such file {ws!r} (a plain teacher's checkpoint)")
-        if cfg.stage == "student" and need_teacher_file:
+        if cfg.stage == "student" and need_teacher_file and cfg.distill.teacher == "model":
             ck = cfg.teacher.checkpoint
             if not ck:
                 raise ConfigError(
@@ -435,10 +471,10 @@ def validate_data(cfg: Config) -> None:
         raise ConfigError("data.root: the synthetic dataset is generated in memory; leave data.root unset")
     allowed = dataset_options(cfg.data.name)
     for where, opts in (("data.options", cfg.data.options),
-                        *((f"data.options.{s}", cfg.data.options.get(s) or {}) for s in ("train", "val"))):
+                        *((f"data.options.{s}", cfg.data.options.get(s) or {}) for s in ("train", "val", "holdout"))):
         if not isinstance(opts, dict):
             raise ConfigError(f"{where}: expected a mapping of dataset options, got {opts!r}")
-        bad = sorted(set(opts) - allowed - ({"train", "val"} if where == "data.options" else set()))
+        bad = sorted(set(opts) - allowed - ({"train", "val", "holdout"} if where == "data.options" else set()))
         if bad:
             raise ConfigError(f"{where}: unknown option(s) {bad} for dataset {cfg.data.name!r}; options: "
                               f"{', '.join(sorted(allowed)) or 'none'}")

@@ -179,16 +179,21 @@ class StepBatches(torch.utils.data.Sampler):
             yield [(epoch, i) for i in perm[lo:lo + self.local]]
 
 
+SPLIT_OPTION_KEYS = ("train", "val", "holdout")  # data.options sub-mappings with one split's options
+
+
 def build_datasets(cfg: Config):
     from .data import build_dataset
 
     opts = dict(cfg.data.options)
-    split_opts = {s: opts.pop(s, {}) or {} for s in ("train", "val")}
+    split_opts = {s: opts.pop(s, {}) or {} for s in SPLIT_OPTION_KEYS}
     common = dict(root=cfg.data.root, seed=cfg.data.seed)
     train_set = build_dataset(cfg.data.name, cfg.data.train_split, train=True, crop_size=cfg.data.crop_size,
                               scale_range=tuple(cfg.data.scale_range), flip=cfg.data.flip,
                               **common, **opts, **split_opts["train"])
-    val_set = build_dataset(cfg.data.name, cfg.data.val_split, train=False, **common, **opts, **split_opts["val"])
+    # the evaluated split takes the options given under its own name (holdout: ...), else those under val
+    eval_opts = split_opts.get(cfg.data.val_split) or split_opts["val"]
+    val_set = build_dataset(cfg.data.name, cfg.data.val_split, train=False, **common, **opts, **eval_opts)
     return train_set, val_set
 
 
@@ -207,6 +212,8 @@ def model_spec(mcfg, num_classes: int, in_channels: int = 3) -> dict:
     spec.update(num_classes=num_classes, in_channels=in_channels)
     if getattr(mcfg, "deep_stem", False):  # recorded only when set: older checkpoints' specs stay equal
         spec["deep_stem"] = True
+    if getattr(mcfg, "aspp_rates", None):  # likewise
+        spec["aspp_rates"] = [int(r) for r in mcfg.aspp_rates]
     return spec
 
 
@@ -215,7 +222,8 @@ def build_from_spec(spec: dict, backbone_weights: str | None = None) -> nn.Modul
 
     return build_model(spec["arch"], spec["backbone"], spec["num_classes"], output_stride=spec["output_stride"],
                        width=spec["width"], in_channels=spec["in_channels"], aux=spec["aux"],
-                       backbone_weights=backbone_weights, deep_stem=spec.get("deep_stem", False))
+                       backbone_weights=backbone_weights, deep_stem=spec.get("deep_stem", False),
+                       aspp_rates=spec.get("aspp_rates"))
 
 
 def model_from_state(state: dict, device="cpu") -> nn.Module:
@@ -254,8 +262,12 @@ class Objective(nn.Module):
         # a recipe's normalisation of the task loss (AttnFD's upstream divides it by the batch size)
         self.task_scale = distiller.task_scale(cfg.data.batch_size) if distiller is not None else 1.0
 
+    class_weight: torch.Tensor | None = None  # task_loss balanced_ce: set by the trainer (a buffer-free tensor)
+
     def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(upsample_logits(logits, labels.shape[-2:]).float(), labels, ignore_index=IGNORE)
+        w = None if self.class_weight is None else self.class_weight.to(logits.device)
+        return F.cross_entropy(upsample_logits(logits, labels.shape[-2:]).float(), labels, weight=w,
+                               ignore_index=IGNORE)
 
     def forward(self, images, labels, teacher_out=None):
         if self.lad_teacher:
@@ -283,6 +295,34 @@ def _train_mode(objective: nn.Module, bn_eval: bool) -> None:
         for m in objective.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
+
+
+def class_frequencies(dataset, num_classes: int, max_images: int = 500) -> torch.Tensor:
+    """Pixel frequency of each class over the first `max_images` images of `dataset` (ignored pixels
+    left out): enough images that the weights do not depend on which ones for the synthetic data."""
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    for i in range(min(len(dataset), max_images)):
+        lab = dataset.load(i)[1] if hasattr(dataset, "load") else dataset[i][1]
+        lab = lab[lab != IGNORE]
+        counts += torch.bincount(lab.flatten(), minlength=num_classes)[:num_classes].double()
+    return counts / counts.sum().clamp_min(1)
+
+
+def balanced_class_weights(freq: torch.Tensor) -> torch.Tensor:
+    """Median-frequency balancing (Eigen & Fergus 2015): weight_c = median(freq) / freq_c over the classes
+    present; absent classes get weight 0 (they have no pixels to weigh)."""
+    present = freq > 0
+    w = torch.zeros_like(freq)
+    w[present] = freq[present].median() / freq[present]
+    return w.float()
+
+
+def onehot_logits(labels: torch.Tensor, num_classes: int, scale: float) -> torch.Tensor:
+    """The knowledge-free control teacher's logits: scale x one-hot(labels), (N, K, H, W); ignored
+    pixels get all-zero logits (a uniform distribution)."""
+    valid = labels != IGNORE
+    oh = F.one_hot(torch.where(valid, labels, 0), num_classes).permute(0, 3, 1, 2).float()
+    return oh * (scale * valid[:, None].float())
 
 
 def poly_lambda(iters: int, power: float, warmup: int):
@@ -620,6 +660,7 @@ def _train(cfg: Config, env: DistEnv, resume, overwrite, allow_change, callback,
     # The teacher to distil from: its checkpoint decides its architecture, and the recorded config
     # says what that checkpoint holds (whatever teacher.* said before).
     distilling = cfg.stage == "student" and cfg.method != "none"
+    onehot_teacher = distilling and cfg.distill.teacher == "onehot"
     lad_teacher = cfg.stage == "teacher" and cfg.method == "lad"
     if lad_teacher and cfg.distill.options.get("same_arch"):
         # the official LAD teacher is a copy of the student's network (plus the label channel); the
@@ -627,7 +668,7 @@ def _train(cfg: Config, env: DistEnv, resume, overwrite, allow_change, callback,
         for k in ("arch", "backbone", "width", "output_stride", "deep_stem", "backbone_weights"):
             setattr(cfg.teacher, k, getattr(cfg.student, k))
     tstate = None
-    if distilling:
+    if distilling and not onehot_teacher:
         tstate = ckpt.load_checkpoint(cfg.teacher.checkpoint)
         for k in MODEL_KEYS:
             setattr(cfg.teacher, k, tstate["model_spec"][k])
@@ -675,7 +716,7 @@ def _train(cfg: Config, env: DistEnv, resume, overwrite, allow_change, callback,
 
     # Teacher (frozen, eval mode) and distiller.
     teacher = distiller = None
-    if distilling:
+    if distilling and not onehot_teacher:
         from .distill import build_distiller, get_method
 
         tspec = tstate["model_spec"]
@@ -709,9 +750,21 @@ def _train(cfg: Config, env: DistEnv, resume, overwrite, allow_change, callback,
     if lad_teacher and cfg.distill.options.get("warm_start") and state is None:
         _lad_warm_start(model, spec, cfg.distill.options["warm_start"])
     if distilling:
-        distiller = build_distiller(cfg.method, model.feature_channels, teacher.feature_channels, num_classes,
+        from .distill import build_distiller
+
+        if onehot_teacher:
+            # the distiller declares every point it may read; validate() has refused any active term
+            # on a point other than the logits, so those entries are never read
+            from .distill import get_method
+
+            t_channels = {p: num_classes for p in get_method(cfg.method).teacher_points}
+        else:
+            t_channels = teacher.feature_channels
+        distiller = build_distiller(cfg.method, model.feature_channels, t_channels, num_classes,
                                     weights=cfg.distill.weights, options=cfg.distill.options, backend=cfg.backend)
     objective = Objective(model, distiller, cfg, num_classes)
+    if cfg.task_loss == "balanced_ce":
+        objective.class_weight = balanced_class_weights(class_frequencies(train_set, num_classes))
     if cfg.sync_bn and env.world > 1:
         objective = nn.SyncBatchNorm.convert_sync_batchnorm(objective)
     objective.to(device)
@@ -844,6 +897,8 @@ def _train(cfg: Config, env: DistEnv, resume, overwrite, allow_change, callback,
                 if teacher is not None:
                     with torch.no_grad():
                         t_out = teacher(teacher_in(images, labels))
+                elif onehot_teacher:
+                    t_out = {"logits": onehot_logits(labels, num_classes, cfg.distill.onehot_scale)}
                 losses = wrapped(images, labels, t_out)
                 loss = sum(losses.values())
             scaler.scale(loss).backward()

@@ -41,11 +41,15 @@ def build_backbone(backbone: str, *, output_stride: int = 8, width: float = 1.0,
                   deep_stem=deep_stem)
 
 
+ASPP_ARCHS = ("deeplabv3", "deeplabv3plus")
+
+
 class SegModel(nn.Module):
     """A backbone plus a head (plus an optional auxiliary FCN head on layer3)."""
 
     def __init__(self, arch: str, backbone: str, num_classes: int, *, output_stride: int = 8,
-                 width: float = 1.0, in_channels: int = 3, aux: bool = False, deep_stem: bool = False):
+                 width: float = 1.0, in_channels: int = 3, aux: bool = False, deep_stem: bool = False,
+                 aspp_rates: tuple[int, ...] | None = None):
         super().__init__()
         if arch not in HEADS:
             raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
@@ -63,7 +67,9 @@ class SegModel(nn.Module):
         self.num_classes, self.output_stride, self.in_channels = num_classes, output_stride, in_channels
         self.backbone = build_backbone(backbone, output_stride=output_stride, width=width,
                                        in_channels=in_channels, deep_stem=deep_stem)
-        self.head = HEADS[arch](self.backbone.channels, num_classes, width, output_stride)
+        self.head = HEADS[arch](self.backbone.channels, num_classes, width, output_stride,
+                                # heads without an ASPP (pspnet, fcn) have no rates to set
+                                **({"rates": tuple(aspp_rates)} if aspp_rates and arch in ASPP_ARCHS else {}))
         self.aux_head = FCNHead(self.backbone.channels["layer3"], num_classes) if aux else None
         self.feature_channels = dict(self.backbone.channels)
         self.feature_strides = dict(self.backbone.strides)
@@ -131,11 +137,12 @@ def load_backbone_weights(backbone: nn.Module, path_or_state: str | os.PathLike 
 
 def build_model(arch: str, backbone: str, num_classes: int, *, output_stride: int = 8,
                 width: float = 1.0, in_channels: int = 3, aux: bool = False,
-                backbone_weights: str | None = None, deep_stem: bool = False) -> SegModel:
+                backbone_weights: str | None = None, deep_stem: bool = False,
+                aspp_rates: tuple[int, ...] | None = None) -> SegModel:
     """Build `arch` on `backbone` ("resnet18/50/101", "mobilenetv2"); see the module docstring.
     deep_stem: ResNets start with three 3x3 convs (v1c, CIRKD's ImageNet weights) instead of one 7x7."""
     model = SegModel(arch, backbone, num_classes, output_stride=output_stride, width=width,
-                     in_channels=in_channels, aux=aux, deep_stem=deep_stem)
+                     in_channels=in_channels, aux=aux, deep_stem=deep_stem, aspp_rates=aspp_rates)
     if backbone_weights is not None:
         load_backbone_weights(model.backbone, backbone_weights)
     return model

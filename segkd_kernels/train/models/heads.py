@@ -76,10 +76,11 @@ class FCNHead(nn.Module):
 class DeepLabV3Head(nn.Module):
     alias = "aspp"
 
-    def __init__(self, channels: dict[str, int], num_classes: int, width: float, output_stride: int):
+    def __init__(self, channels: dict[str, int], num_classes: int, width: float, output_stride: int,
+                 rates: tuple[int, ...] | None = None):
         super().__init__()
         mid = scaled(256, width)
-        rates = tuple(r * 16 // output_stride for r in (6, 12, 18))
+        rates = rates or tuple(r * 16 // output_stride for r in (6, 12, 18))
         self.aspp = ASPP(channels["layer4"], mid, rates)
         # torchvision's DeepLabHead: ASPP then one more 3x3 conv before the classifier
         self.conv = conv_bn_relu(mid, mid, 3)
@@ -94,11 +95,12 @@ class DeepLabV3Head(nn.Module):
 
 
 class DeepLabV3PlusHead(nn.Module):
-    def __init__(self, channels: dict[str, int], num_classes: int, width: float, output_stride: int):
+    def __init__(self, channels: dict[str, int], num_classes: int, width: float, output_stride: int,
+                 rates: tuple[int, ...] | None = None):
         super().__init__()
         mid = scaled(256, width)
         low = scaled(48, width)
-        rates = tuple(r * 16 // output_stride for r in (6, 12, 18))
+        rates = rates or tuple(r * 16 // output_stride for r in (6, 12, 18))
         self.aspp = ASPP(channels["layer4"], mid, rates)
         self.low = conv_bn_relu(channels["layer1"], low, 1)
         self.decoder = nn.Sequential(conv_bn_relu(mid + low, mid, 3), conv_bn_relu(mid, mid, 3))
