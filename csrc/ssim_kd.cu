@@ -70,8 +70,9 @@ __device__ __forceinline__ int source_index(int i, int n, int mode) {
   return (i >= 0 && i < n) ? i : -1;
 }
 
-// p + offset, computed once as an address: the per-element accesses inside the map are then one
-// wide multiply-add of a 32-bit offset, not 64-bit index arithmetic redone for every access.
+// p + offset, computed once as an address: the per-element reads inside the map (__ldg: global,
+// read-only) are then one wide multiply-add of a 32-bit offset, not 64-bit index arithmetic redone
+// for every access.
 template <typename T> __device__ __forceinline__ T* map_pointer(T* p, int64_t offset) {
   return reinterpret_cast<T*>(reinterpret_cast<std::uintptr_t>(p) + static_cast<std::uintptr_t>(offset) * sizeof(T));
 }
@@ -98,41 +99,43 @@ ssim_forward_kernel(const T* __restrict__ s, const T* __restrict__ t, const floa
   const float lt = lo_t == nullptr ? 0.f : lo_t[map], kt = scale_t == nullptr ? 1.f : scale_t[map];
   const int tid = threadIdx.x, ox = ox0 + tid;
   const bool live = ox < w_out;
-  // the (at most two) staged columns of this thread: source column or -1 (zero padding)
+  // the staged column of this thread: source column or -1 (zero padding)
   const int gx0 = source_index(ox0 - off + tid, w, mode);
-  const int gx1 = source_index(ox0 - off + kCols + tid, w, mode);
 
   float wx[K], wy[K], wxx[K], wyy[K], wxy[K];  // sliding window: slot j holds padded row i0 + j
   float loss = 0.f;
   const int64_t plane = static_cast<int64_t>(h_out) * w_out, maps = gridDim.x / tiles_x;
-  float* dm0 = dmaps == nullptr ? nullptr : map_pointer(dmaps, map * plane);  // the maps of this (n, c)
+  float* dm0 = dmaps == nullptr ? nullptr : dmaps + map * plane;  // the three maps of this (n, c)
   float* dm1 = dmaps == nullptr ? nullptr : dm0 + maps * plane;
   float* dm2 = dmaps == nullptr ? nullptr : dm1 + maps * plane;
   for (int i0 = 0; i0 < in_rows; i0 += K) {
     __syncthreads();  // the previous step has read the staged rows
-    // stage padded rows i0 .. i0 + K - 1: columns tid and (the halo) kCols + tid of each
+    // stage padded rows i0 .. i0 + K - 1: column tid of each row (every thread, no branch), then
+    // the K - 1 halo columns kCols .. kInW - 1 of the K rows, one element per thread
 #pragma unroll
     for (int ly = 0; ly < K; ++ly) {
       const int gy = i0 + ly < in_rows ? source_index(oy0 - off + i0 + ly, h, mode) : -1;
       // 32-bit offsets inside a map (the host checks h * w < 2^31): one wide multiply-add each
-      const int row = gy * w;
+      const int at = gy * w + gx0;
       float vx = 0.f, vy = 0.f;
       if (gy >= 0 && gx0 >= 0) {
-        vx = (to_float(ms[row + gx0]) - ls) * ks;
-        vy = (to_float(mt[row + gx0]) - lt) * kt;
+        vx = (to_float(__ldg(ms + at)) - ls) * ks;
+        vy = (to_float(__ldg(mt + at)) - lt) * kt;
       }
       in_x[ly][tid] = vx;
       in_y[ly][tid] = vy;
-      if (tid < K - 1) {
-        vx = 0.f;
-        vy = 0.f;
-        if (gy >= 0 && gx1 >= 0) {
-          vx = (to_float(ms[row + gx1]) - ls) * ks;
-          vy = (to_float(mt[row + gx1]) - lt) * kt;
-        }
-        in_x[ly][kCols + tid] = vx;
-        in_y[ly][kCols + tid] = vy;
+    }
+    for (int e = tid; e < K * (K - 1); e += kCols) {
+      const int ly = e / (K - 1), lx = kCols + e - ly * (K - 1);
+      const int gy = i0 + ly < in_rows ? source_index(oy0 - off + i0 + ly, h, mode) : -1;
+      const int gx = source_index(ox0 - off + lx, w, mode);
+      float vx = 0.f, vy = 0.f;
+      if (gy >= 0 && gx >= 0) {
+        vx = (to_float(__ldg(ms + gy * w + gx)) - ls) * ks;
+        vy = (to_float(__ldg(mt + gy * w + gx)) - lt) * kt;
       }
+      in_x[ly][lx] = vx;
+      in_y[ly][lx] = vy;
     }
     __syncthreads();
 #pragma unroll
@@ -210,8 +213,8 @@ ssim_backward_kernel(const float* __restrict__ dmaps, const T* __restrict__ s, c
   const float* md2 = md1 + channel;
   const int tid = threadIdx.x, px = ox0 + tid;
   const bool live = px < w;
-  const int gq0 = ox0 - off + tid, gq1 = ox0 - off + kCols + tid;  // staged map columns
-  const bool q0_in = gq0 >= 0 && gq0 < w_out, q1_in = gq1 >= 0 && gq1 < w_out;
+  const int gq0 = ox0 - off + tid;  // the staged map column of this thread
+  const bool q0_in = gq0 >= 0 && gq0 < w_out;
 
   // column weights of this thread: the taps, or its row of the fold table near a reflect edge
   float cw[K];
@@ -226,7 +229,7 @@ ssim_backward_kernel(const float* __restrict__ dmaps, const T* __restrict__ s, c
   const int64_t base = static_cast<int64_t>(map) * h * w;
   const T* ms = map_pointer(s, base);
   const T* mt = map_pointer(t, base);
-  T* mds = map_pointer(ds, base);
+  T* mds = ds + base;
 
   float w0[K], w1[K], w2[K];  // sliding window over map rows
   for (int i0 = 0; i0 < in_rows; i0 += K) {
@@ -235,29 +238,29 @@ ssim_backward_kernel(const float* __restrict__ dmaps, const T* __restrict__ s, c
     for (int ly = 0; ly < K; ++ly) {
       const int gy = py0 - off + i0 + ly;
       const bool row_in = i0 + ly < in_rows && gy >= 0 && gy < h_out;  // block-uniform
-      const int row = gy * w_out;
+      const int at = gy * w_out + gq0;
       float v0 = 0.f, v1 = 0.f, v2 = 0.f;  // the maps are zero outside h' x w'
       if (row_in && q0_in) {
-        v0 = md0[row + gq0];
-        v1 = md1[row + gq0];
-        v2 = md2[row + gq0];
+        v0 = __ldg(md0 + at);
+        v1 = __ldg(md1 + at);
+        v2 = __ldg(md2 + at);
       }
       in_d[0][ly][tid] = v0;
       in_d[1][ly][tid] = v1;
       in_d[2][ly][tid] = v2;
-      if (tid < K - 1) {
-        v0 = 0.f;
-        v1 = 0.f;
-        v2 = 0.f;
-        if (row_in && q1_in) {
-          v0 = md0[row + gq1];
-          v1 = md1[row + gq1];
-          v2 = md2[row + gq1];
-        }
-        in_d[0][ly][kCols + tid] = v0;
-        in_d[1][ly][kCols + tid] = v1;
-        in_d[2][ly][kCols + tid] = v2;
+    }
+    for (int e = tid; e < K * (K - 1); e += kCols) {  // the halo columns, one element per thread
+      const int ly = e / (K - 1), lx = kCols + e - ly * (K - 1);
+      const int gy = py0 - off + i0 + ly, gq = ox0 - off + lx;
+      float v0 = 0.f, v1 = 0.f, v2 = 0.f;
+      if (i0 + ly < in_rows && gy >= 0 && gy < h_out && gq >= 0 && gq < w_out) {
+        v0 = __ldg(md0 + gy * w_out + gq);
+        v1 = __ldg(md1 + gy * w_out + gq);
+        v2 = __ldg(md2 + gy * w_out + gq);
       }
+      in_d[0][ly][lx] = v0;
+      in_d[1][ly][lx] = v1;
+      in_d[2][ly][lx] = v2;
     }
     __syncthreads();
 #pragma unroll
@@ -296,8 +299,8 @@ ssim_backward_kernel(const float* __restrict__ dmaps, const T* __restrict__ s, c
       }
       if (live) {
         const int at = p * w + px;
-        const float x = (to_float(ms[at]) - ls) * ks;
-        const float y = (to_float(mt[at]) - lt) * kt;
+        const float x = (to_float(__ldg(ms + at)) - ls) * ks;
+        const float y = (to_float(__ldg(mt + at)) - lt) * kt;
         mds[at] = from_float<T>(g * (z0 + 2.f * x * z1 + y * z2));
       }
     }
