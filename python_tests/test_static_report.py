@@ -53,17 +53,8 @@ KNOWN_SPILLS = {
     ("triton", "pairwise_kd", "_grad_kernel", "sm_90", "bfloat16"),
     ("triton", "pairwise_kd", "_grad_kernel", "sm_90", "float32"),
     ("triton", "pairwise_kd", "_gram_kernel", "sm_80", "bfloat16"),
-    ("triton", "ssim_kd", "_ssim_bwd_kernel", "sm_80", "bfloat16"),
-    ("triton", "ssim_kd", "_ssim_bwd_kernel", "sm_80", "float32"),
-    ("triton", "ssim_kd", "_ssim_bwd_kernel", "sm_90", "bfloat16"),
-    ("triton", "ssim_kd", "_ssim_bwd_kernel", "sm_90", "float32"),
-    ("triton", "ssim_kd", "_ssim_fwd_kernel", "sm_90", "bfloat16"),
-    ("triton", "ssim_kd", "_ssim_fwd_kernel", "sm_90", "float32"),
-    # since NaN/Inf propagate as in the reference (extra finite-mask product in SSIM, NaN-keeping
-    # norm clamps in the Gram): 232 / 224 B (SSIM forward), 16 B (Gram) on sm_80
+    # since NaN/Inf propagate as in the reference (NaN-keeping norm clamps in the Gram): 16 B on sm_80
     ("triton", "pairwise_kd", "_gram_kernel", "sm_80", "float32"),
-    ("triton", "ssim_kd", "_ssim_fwd_kernel", "sm_80", "bfloat16"),
-    ("triton", "ssim_kd", "_ssim_fwd_kernel", "sm_80", "float32"),
 }
 
 
