@@ -92,7 +92,8 @@ void cbam_gate_backward(std::uintptr_t grad_out, std::uintptr_t x, std::uintptr_
 // ssim_kd (csrc/ssim_kd.cu): `maps` maps of h x w. lo_*, scale_* (fp32 per map, or 0 when not
 // normalising): x = (s - lo) * scale. padding: 0 reflect, 1 zeros, 2 valid. partials: one fp32 per
 // block, ssim_num_partials() of them, summing to the sum of the loss map. dmaps (3 x maps x h' x w'
-// fp32, or 0) receives what ssim_backward needs; emaps is its scratch (3 x maps x h x w' fp32).
+// fp32, or 0) receives what ssim_backward needs; emaps is not read (the fused adjoint needs no
+// scratch; callers pass 0).
 int64_t ssim_num_partials(int64_t maps, int64_t h, int64_t w, int64_t window, int64_t padding);
 void ssim_forward(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t lo_s, std::uintptr_t scale_s,
                   std::uintptr_t lo_t, std::uintptr_t scale_t, std::uintptr_t partials, std::uintptr_t dmaps,

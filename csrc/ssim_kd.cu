@@ -1,27 +1,40 @@
 // SSIM feature distillation (docs/losses.md 5): kornia's ssim_loss with reflect / zeros / valid padding.
 //
-// Forward: grid over (n*c map x column tile, row tile). A block loads its input tile plus the halo
-// of window // 2 pixels into shared memory (min-max rescaled on the fly, padding resolved at load),
-// filters the five statistics (x, y, x^2, y^2, xy) along W into shared memory, then along H, and
-// evaluates the SSIM map. The loss mean is reduced in-kernel to one fp32 partial per block (the
-// caller adds the partials in fp64). With a gradient requested, the block also writes three
-// per-pixel maps: l'(p) * d map / d {mu_x, E[x^2], E[xy]}, l' the derivative of clamp((1-m)/2, 0, 1)
-// (inclusive bounds, as torch.clamp) divided by the number of map pixels.
-// Backward: the Gaussian filter with padding is a linear map G; its adjoint applied to the three
-// maps gives dx = G^T D1 + 2 x G^T D2 + y G^T D3. G is separable with per-axis padding, so G^T is
-// two 1-d passes: along H (folding reflected positions back onto their source), then along W,
-// fused with the final combination and the min-max scale.
-// The taps are passed by value as a kernel parameter (the constant bank): each launch carries its
-// own window, so concurrent launches on different streams cannot see each other's taps.
+// Work layout (both kernels): a block of kCols threads owns kCols output columns of one map (one
+// column per thread) and a tall strip of output rows (grid y), and walks down the strip. The
+// vertical filter is a register sliding window: each thread keeps the last K horizontally filtered
+// rows of every statistic in registers, so an output row costs K FMAs per statistic and the K - 1
+// halo rows are filtered once per strip, not once per output row. K is a template parameter: the
+// loops over taps and over the window are unrolled, the ring of K rows needs no register moves
+// (the row loop advances K rows per step), and the taps are kernel-parameter (constant bank)
+// operands of the FMAs, never local memory.
+//
+// Forward: each step stages the next K padded input rows (tile columns plus the halo of
+// window // 2) in shared memory, min-max rescaled and with the padding resolved at the load
+// (reflected index, zero, or nothing for valid); the horizontal pass reads K neighbours from shared
+// memory, the vertical pass slides over rows, then the SSIM map, the clamp and the loss sum of the
+// block (one fp32 partial per block; the caller adds them in fp64). With a gradient requested the
+// block also writes three per-pixel maps: l'(p) * d map / d {mu_x, E[x^2], E[xy]}, l' the
+// derivative of clamp((1-m)/2, 0, 1) (inclusive bounds, as torch.clamp) over the number of map
+// pixels.
+// Backward: the filter with padding is a linear map G; dx = G^T D1 + 2 x G^T D2 + y G^T D3. G^T
+// is separable, and each axis of it is again a K-tap gather over the (zero-extended) maps with
+// weights that fold in the adjoint of the padding: for reflect a pixel also collects the taps of
+// the padded positions that reflect onto it. The weights differ from the taps only within
+// window // 2 of an edge; the host tabulates those rows and columns (FoldTable), so there is no
+// padded buffer and no fold pass. Same shared-memory staging and sliding window as the forward,
+// three maps instead of five, fused with the combination with x and y and the min-max scale.
 #include "common.cuh"
+
+#include <cmath>
+#include <type_traits>
 
 namespace segkd {
 namespace {
 
 constexpr int kMaxWindow = 15;
 constexpr int kMaxRadius = kMaxWindow / 2;
-constexpr int kTileW = 32, kTileH = 8;  // one output pixel per thread: 256 threads
-constexpr int kInW = kTileW + 2 * kMaxRadius, kInH = kTileH + 2 * kMaxRadius;
+constexpr int kCols = 128;  // output columns per block, one per thread
 
 enum Padding : int { kReflect = 0, kZeros = 1, kValid = 2 };
 
@@ -30,12 +43,24 @@ struct Taps {
   int size;
 };
 
+// Backward weights of the edge positions of one axis: entry e < kEdge is position e, entry
+// kEdge + e is position n - kEdge + e (n the axis length); w[e][k] multiplies map position
+// p - off + k. Only positions within window // 2 of an edge differ from the plain taps (reflect).
+constexpr int kEdge = kMaxRadius + 1;
+struct FoldTable {
+  float w[2 * kEdge][kMaxWindow];
+};
+
 struct SsimConsts {
   float c1, c2, grad_coef;  // grad_coef = -1 / (2 * number of map pixels)
 };
 
+// Rows per block: tall strips (the K - 1 halo rows are filtered once per strip); small maps take
+// short strips so that they still spread over several blocks.
+inline int64_t strip_rows(int64_t rows) { return rows >= 64 ? 64 : 16; }
+
 // Input index for padded position i of an axis of length n, or -1 where the value is zero padding.
-__device__ __forceinline__ int64_t source_index(int64_t i, int64_t n, int mode) {
+__device__ __forceinline__ int source_index(int i, int n, int mode) {
   if (mode == kReflect) {
     if (i < 0) i = -i;
     if (i >= n) i = 2 * (n - 1) - i;
@@ -45,149 +70,240 @@ __device__ __forceinline__ int64_t source_index(int64_t i, int64_t n, int mode) 
   return (i >= 0 && i < n) ? i : -1;
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kTileW * kTileH)
+// p + offset, computed once as an address: the per-element reads inside the map (__ldg: global,
+// read-only) are then one wide multiply-add of a 32-bit offset, not 64-bit index arithmetic redone
+// for every access.
+template <typename T> __device__ __forceinline__ T* map_pointer(T* p, int64_t offset) {
+  return reinterpret_cast<T*>(reinterpret_cast<std::uintptr_t>(p) + static_cast<std::uintptr_t>(offset) * sizeof(T));
+}
+
+template <int K, typename T>
+__global__ void __launch_bounds__(kCols)
 ssim_forward_kernel(const T* __restrict__ s, const T* __restrict__ t, const float* __restrict__ lo_s,
                     const float* __restrict__ scale_s, const float* __restrict__ lo_t,
                     const float* __restrict__ scale_t, float* __restrict__ partials, float* __restrict__ dmaps,
-                    int64_t h, int64_t w, int64_t h_out, int64_t w_out, int64_t tiles_x, int mode, const Taps taps,
+                    int h, int w, int h_out, int w_out, int tiles_x, int strip, int mode, const Taps taps,
                     const SsimConsts k) {
-  __shared__ float in_x[kInH][kInW], in_y[kInH][kInW];
-  __shared__ float hs[5][kInH][kTileW];
+  constexpr int R = K / 2, kInW = kCols + K - 1;
+  __shared__ float in_x[K][kInW], in_y[K][kInW];
   __shared__ float scratch[32];
 
-  const int64_t map = blockIdx.x / tiles_x;
-  const int64_t ox0 = (blockIdx.x - map * tiles_x) * kTileW, oy0 = static_cast<int64_t>(blockIdx.y) * kTileH;
-  const int r = taps.size / 2, off = mode == kValid ? 0 : r;
-  const int in_h = kTileH + 2 * r, in_w = kTileW + 2 * r;
-  const T* ms = s + map * h * w;
-  const T* mt = t + map * h * w;
+  const int map = blockIdx.x / tiles_x;
+  const int ox0 = (blockIdx.x - map * tiles_x) * kCols, oy0 = blockIdx.y * strip;
+  const int off = mode == kValid ? 0 : R;
+  const int rows = strip < h_out - oy0 ? strip : h_out - oy0, in_rows = rows + K - 1;
+  const int64_t base = static_cast<int64_t>(map) * h * w;
+  const T* ms = map_pointer(s, base);
+  const T* mt = map_pointer(t, base);
   const float ls = lo_s == nullptr ? 0.f : lo_s[map], ks = scale_s == nullptr ? 1.f : scale_s[map];
   const float lt = lo_t == nullptr ? 0.f : lo_t[map], kt = scale_t == nullptr ? 1.f : scale_t[map];
-  const int tid = threadIdx.x;
+  const int tid = threadIdx.x, ox = ox0 + tid;
+  const bool live = ox < w_out;
+  // the staged column of this thread: source column or -1 (zero padding)
+  const int gx0 = source_index(ox0 - off + tid, w, mode);
 
-  for (int idx = tid; idx < in_h * in_w; idx += blockDim.x) {
-    const int ly = idx / in_w, lx = idx - ly * in_w;
-    const int64_t gy = source_index(oy0 - off + ly, h, mode), gx = source_index(ox0 - off + lx, w, mode);
-    float vx = 0.f, vy = 0.f;
-    if (gy >= 0 && gx >= 0) {
-      vx = (to_float(ms[gy * w + gx]) - ls) * ks;
-      vy = (to_float(mt[gy * w + gx]) - lt) * kt;
+  float wx[K], wy[K], wxx[K], wyy[K], wxy[K];  // sliding window: slot j holds padded row i0 + j
+  float loss = 0.f;
+  const int64_t plane = static_cast<int64_t>(h_out) * w_out, maps = gridDim.x / tiles_x;
+  float* dm0 = dmaps == nullptr ? nullptr : dmaps + map * plane;  // the three maps of this (n, c)
+  float* dm1 = dmaps == nullptr ? nullptr : dm0 + maps * plane;
+  float* dm2 = dmaps == nullptr ? nullptr : dm1 + maps * plane;
+  for (int i0 = 0; i0 < in_rows; i0 += K) {
+    __syncthreads();  // the previous step has read the staged rows
+    // stage padded rows i0 .. i0 + K - 1: column tid of each row (every thread, no branch), then
+    // the K - 1 halo columns kCols .. kInW - 1 of the K rows, one element per thread
+#pragma unroll
+    for (int ly = 0; ly < K; ++ly) {
+      const int gy = i0 + ly < in_rows ? source_index(oy0 - off + i0 + ly, h, mode) : -1;
+      // 32-bit offsets inside a map (the host checks h * w < 2^31): one wide multiply-add each
+      const int at = gy * w + gx0;
+      float vx = 0.f, vy = 0.f;
+      if (gy >= 0 && gx0 >= 0) {
+        vx = (to_float(__ldg(ms + at)) - ls) * ks;
+        vy = (to_float(__ldg(mt + at)) - lt) * kt;
+      }
+      in_x[ly][tid] = vx;
+      in_y[ly][tid] = vy;
     }
-    in_x[ly][lx] = vx;
-    in_y[ly][lx] = vy;
+    for (int e = tid; e < K * (K - 1); e += kCols) {
+      const int ly = e / (K - 1), lx = kCols + e - ly * (K - 1);
+      const int gy = i0 + ly < in_rows ? source_index(oy0 - off + i0 + ly, h, mode) : -1;
+      const int gx = source_index(ox0 - off + lx, w, mode);
+      float vx = 0.f, vy = 0.f;
+      if (gy >= 0 && gx >= 0) {
+        vx = (to_float(__ldg(ms + gy * w + gx)) - ls) * ks;
+        vy = (to_float(__ldg(mt + gy * w + gx)) - lt) * kt;
+      }
+      in_x[ly][lx] = vx;
+      in_y[ly][lx] = vy;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+      const int i = i0 + j;  // padded row; block-uniform branches
+      if (i >= in_rows) break;
+      float h0 = 0.f, h1 = 0.f, h2 = 0.f, h3 = 0.f, h4 = 0.f;
+#pragma unroll
+      for (int q = 0; q < K; ++q) {
+        const float vx = in_x[j][tid + q], vy = in_y[j][tid + q];
+        const float gx = taps.w[q] * vx, gy = taps.w[q] * vy;
+        h0 += gx;
+        h1 += gy;
+        h2 = fmaf(gx, vx, h2);
+        h3 = fmaf(gy, vy, h3);
+        h4 = fmaf(gx, vy, h4);
+      }
+      wx[j] = h0; wy[j] = h1; wxx[j] = h2; wyy[j] = h3; wxy[j] = h4;
+      if (i < K - 1) continue;
+      // output row oy0 + i - (K - 1): window slots j + 1 .. j + K (mod K), oldest first
+      float mu_x = 0.f, mu_y = 0.f, e_xx = 0.f, e_yy = 0.f, e_xy = 0.f;
+#pragma unroll
+      for (int q = 0; q < K; ++q) {
+        const int slot = (j + 1 + q) % K;
+        mu_x = fmaf(taps.w[q], wx[slot], mu_x);
+        mu_y = fmaf(taps.w[q], wy[slot], mu_y);
+        e_xx = fmaf(taps.w[q], wxx[slot], e_xx);
+        e_yy = fmaf(taps.w[q], wyy[slot], e_yy);
+        e_xy = fmaf(taps.w[q], wxy[slot], e_xy);
+      }
+      const float var_x = e_xx - mu_x * mu_x, var_y = e_yy - mu_y * mu_y, cov = e_xy - mu_x * mu_y;
+      const float a1 = 2.f * mu_x * mu_y + k.c1, a2 = 2.f * cov + k.c2;
+      const float b1 = mu_x * mu_x + mu_y * mu_y + k.c1, b2 = var_x + var_y + k.c2;
+      const float num = a1 * a2, den = b1 * b2 + 1e-12f;
+      const float inv_den = 1.f / den;
+      const float u = (1.f - num * inv_den) * 0.5f;
+      if (live) loss += clamp_nan(u, 0.f, 1.f);  // a NaN term stays NaN, as in torch.clamp
+      if (dmaps != nullptr && live) {
+        // torch.clamp passes the gradient where min <= u <= max (inclusive).
+        const float lp = (u >= 0.f && u <= 1.f) ? k.grad_coef : 0.f;
+        const float q = num * inv_den * inv_den;
+        const float d_mu = 2.f * mu_y * (a2 - a1) * inv_den - q * 2.f * mu_x * (b2 - b1);
+        const float d_exx = -q * b1;
+        const float d_exy = 2.f * a1 * inv_den;
+        const int at = (oy0 + i - (K - 1)) * w_out + ox;
+        dm0[at] = lp * d_mu;
+        dm1[at] = lp * d_exx;
+        dm2[at] = lp * d_exy;
+      }
+    }
   }
-  __syncthreads();
-  for (int idx = tid; idx < in_h * kTileW; idx += blockDim.x) {
-    const int ly = idx / kTileW, lx = idx - ly * kTileW;
-    float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f, a4 = 0.f;
-    for (int j = 0; j < taps.size; ++j) {
-      const float wt = taps.w[j], vx = in_x[ly][lx + j], vy = in_y[ly][lx + j];
-      a0 = fmaf(wt, vx, a0);
-      a1 = fmaf(wt, vy, a1);
-      a2 = fmaf(wt, vx * vx, a2);
-      a3 = fmaf(wt, vy * vy, a3);
-      a4 = fmaf(wt, vx * vy, a4);
-    }
-    hs[0][ly][lx] = a0; hs[1][ly][lx] = a1; hs[2][ly][lx] = a2; hs[3][ly][lx] = a3; hs[4][ly][lx] = a4;
-  }
-  __syncthreads();
-
-  const int ty = tid / kTileW, tx = tid - ty * kTileW;
-  const int64_t oy = oy0 + ty, ox = ox0 + tx;
-  float term = 0.f;
-  if (oy < h_out && ox < w_out) {
-    float mu_x = 0.f, mu_y = 0.f, e_xx = 0.f, e_yy = 0.f, e_xy = 0.f;
-    for (int j = 0; j < taps.size; ++j) {
-      const float wt = taps.w[j];
-      mu_x = fmaf(wt, hs[0][ty + j][tx], mu_x);
-      mu_y = fmaf(wt, hs[1][ty + j][tx], mu_y);
-      e_xx = fmaf(wt, hs[2][ty + j][tx], e_xx);
-      e_yy = fmaf(wt, hs[3][ty + j][tx], e_yy);
-      e_xy = fmaf(wt, hs[4][ty + j][tx], e_xy);
-    }
-    const float var_x = e_xx - mu_x * mu_x, var_y = e_yy - mu_y * mu_y, cov = e_xy - mu_x * mu_y;
-    const float a1 = 2.f * mu_x * mu_y + k.c1, a2 = 2.f * cov + k.c2;
-    const float b1 = mu_x * mu_x + mu_y * mu_y + k.c1, b2 = var_x + var_y + k.c2;
-    const float num = a1 * a2, den = b1 * b2 + 1e-12f;
-    const float m = num / den;
-    const float u = (1.f - m) * 0.5f;
-    term = clamp_nan(u, 0.f, 1.f);  // a NaN term stays NaN, as in torch.clamp
-    if (dmaps != nullptr) {
-      // torch.clamp passes the gradient where min <= u <= max (inclusive).
-      const float lp = (u >= 0.f && u <= 1.f) ? k.grad_coef : 0.f;
-      const float inv_den = 1.f / den, q = num * inv_den * inv_den;
-      const float d_mu = 2.f * mu_y * (a2 - a1) * inv_den - q * 2.f * mu_x * (b2 - b1);
-      const float d_exx = -q * b1;
-      const float d_exy = 2.f * a1 * inv_den;
-      const int64_t plane = h_out * w_out, at = map * plane + oy * w_out + ox;
-      const int64_t maps = static_cast<int64_t>(gridDim.x / tiles_x);
-      dmaps[at] = lp * d_mu;
-      dmaps[maps * plane + at] = lp * d_exx;
-      dmaps[2 * maps * plane + at] = lp * d_exy;
-    }
-  }
-  term = block_sum(term, scratch);
-  if (tid == 0) partials[static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x] = term;
+  loss = block_sum(loss, scratch);
+  if (tid == 0) partials[static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x] = loss;
 }
 
-// sum over padded positions j that read input q, and taps k, of w[k] * D[j + off - k].
-__device__ __forceinline__ float adjoint_1d(const float* __restrict__ d, int64_t stride, int64_t q, int64_t n,
-                                            int64_t n_out, int mode, int off, const Taps& taps) {
-  int64_t images[3];
-  int count = 0;
-  images[count++] = q;
-  if (mode == kReflect) {
-    if (q > 0) images[count++] = -q;
-    if (q < n - 1) images[count++] = 2 * (n - 1) - q;
-  }
-  float acc = 0.f;
-  for (int i = 0; i < count; ++i) {
-    for (int k = 0; k < taps.size; ++k) {
-      const int64_t p = images[i] + off - k;
-      if (p >= 0 && p < n_out) acc = fmaf(taps.w[k], d[p * stride], acc);
+// Backward: ds[map, p, x] = scale * g * (A1 + 2 x A2 + y A3), A = G^T of the three maps D.
+template <int K, typename T>
+__global__ void __launch_bounds__(kCols, 3)  // without the bound ptxas keeps 64 registers and spills
+ssim_backward_kernel(const float* __restrict__ dmaps, const T* __restrict__ s, const T* __restrict__ t,
+                     const float* __restrict__ lo_s, const float* __restrict__ scale_s, const float* __restrict__ lo_t,
+                     const float* __restrict__ scale_t, const float* __restrict__ grad_loss, T* __restrict__ ds,
+                     int h, int w, int h_out, int w_out, int tiles_x, int strip, int mode, const Taps taps,
+                     const FoldTable rows_fold, const FoldTable cols_fold) {
+  constexpr int R = K / 2, kInW = kCols + K - 1;
+  __shared__ float in_d[3][K][kInW];
+
+  const int map = blockIdx.x / tiles_x;
+  const int ox0 = (blockIdx.x - map * tiles_x) * kCols, py0 = blockIdx.y * strip;
+  // output position p collects map positions p - off .. p - off + K - 1
+  const int off = mode == kValid ? K - 1 : R;
+  const int rows = strip < h - py0 ? strip : h - py0, in_rows = rows + K - 1;
+  const int64_t plane = static_cast<int64_t>(h_out) * w_out, channel = static_cast<int64_t>(gridDim.x / tiles_x) * plane;
+  const float* md0 = map_pointer(dmaps, map * plane);  // the three maps of this (n, c)
+  const float* md1 = md0 + channel;
+  const float* md2 = md1 + channel;
+  const int tid = threadIdx.x, px = ox0 + tid;
+  const bool live = px < w;
+  const int gq0 = ox0 - off + tid;  // the staged map column of this thread
+  const bool q0_in = gq0 >= 0 && gq0 < w_out;
+
+  // column weights of this thread: the taps, or its row of the fold table near a reflect edge
+  float cw[K];
+  const int ce = mode != kReflect ? -1 : (px < kEdge ? px : (px >= w - kEdge && px < w ? kEdge + px - (w - kEdge) : -1));
+#pragma unroll
+  for (int q = 0; q < K; ++q) cw[q] = ce < 0 ? taps.w[q] : cols_fold.w[ce][q];
+
+  const float ks = scale_s == nullptr ? 1.f : scale_s[map];
+  const float ls = lo_s == nullptr ? 0.f : lo_s[map];
+  const float lt = lo_t == nullptr ? 0.f : lo_t[map], kt = scale_t == nullptr ? 1.f : scale_t[map];
+  const float g = grad_loss[0] * ks;
+  const int64_t base = static_cast<int64_t>(map) * h * w;
+  const T* ms = map_pointer(s, base);
+  const T* mt = map_pointer(t, base);
+  T* mds = ds + base;
+
+  float w0[K], w1[K], w2[K];  // sliding window over map rows
+  for (int i0 = 0; i0 < in_rows; i0 += K) {
+    __syncthreads();
+#pragma unroll
+    for (int ly = 0; ly < K; ++ly) {
+      const int gy = py0 - off + i0 + ly;
+      const bool row_in = i0 + ly < in_rows && gy >= 0 && gy < h_out;  // block-uniform
+      const int at = gy * w_out + gq0;
+      float v0 = 0.f, v1 = 0.f, v2 = 0.f;  // the maps are zero outside h' x w'
+      if (row_in && q0_in) {
+        v0 = __ldg(md0 + at);
+        v1 = __ldg(md1 + at);
+        v2 = __ldg(md2 + at);
+      }
+      in_d[0][ly][tid] = v0;
+      in_d[1][ly][tid] = v1;
+      in_d[2][ly][tid] = v2;
     }
-  }
-  return acc;
-}
-
-// E[c, map, q_y, x] = adjoint along H of D[c, map, :, x]; three maps c.
-__global__ void ssim_adjoint_h_kernel(const float* __restrict__ dmaps, float* __restrict__ emaps, int64_t maps,
-                                      int64_t h, int64_t h_out, int64_t w_out, int mode, const Taps taps) {
-  const int off = mode == kValid ? 0 : taps.size / 2;
-  const int64_t per_map = h * w_out, total = 3 * maps * per_map;
-  for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < total;
-       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t cm = g / per_map, rem = g - cm * per_map;  // cm = c * maps + map
-    const int64_t qy = rem / w_out, x = rem - qy * w_out;
-    const float* d = dmaps + cm * h_out * w_out + x;
-    emaps[g] = adjoint_1d(d, w_out, qy, h, h_out, mode, off, taps);
-  }
-}
-
-// ds[map, y, q_x] = scale * g * (A1 + 2 x A2 + y A3), A = adjoint along W of E[c, map, y, :].
-template <typename T>
-__global__ void ssim_adjoint_w_kernel(const float* __restrict__ emaps, const T* __restrict__ s,
-                                      const T* __restrict__ t, const float* __restrict__ lo_s,
-                                      const float* __restrict__ scale_s, const float* __restrict__ lo_t,
-                                      const float* __restrict__ scale_t, const float* __restrict__ grad_loss,
-                                      T* __restrict__ ds, int64_t maps, int64_t h, int64_t w, int64_t w_out, int mode,
-                                      const Taps taps) {
-  const int off = mode == kValid ? 0 : taps.size / 2;
-  const float g = grad_loss[0];
-  const int64_t total = maps * h * w, channel = maps * h * w_out;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = i / w, qx = i - row * w;  // row = map * h + y
-    const int64_t map = row / h;
-    const float* e = emaps + row * w_out;
-    const float a1 = adjoint_1d(e, 1, qx, w, w_out, mode, off, taps);
-    const float a2 = adjoint_1d(e + channel, 1, qx, w, w_out, mode, off, taps);
-    const float a3 = adjoint_1d(e + 2 * channel, 1, qx, w, w_out, mode, off, taps);
-    const float ks = scale_s == nullptr ? 1.f : scale_s[map];
-    const float x = (to_float(s[i]) - (lo_s == nullptr ? 0.f : lo_s[map])) * ks;
-    const float y = (to_float(t[i]) - (lo_t == nullptr ? 0.f : lo_t[map])) * (scale_t == nullptr ? 1.f : scale_t[map]);
-    ds[i] = from_float<T>(g * ks * (a1 + 2.f * x * a2 + y * a3));
+    for (int e = tid; e < K * (K - 1); e += kCols) {  // the halo columns, one element per thread
+      const int ly = e / (K - 1), lx = kCols + e - ly * (K - 1);
+      const int gy = py0 - off + i0 + ly, gq = ox0 - off + lx;
+      float v0 = 0.f, v1 = 0.f, v2 = 0.f;
+      if (i0 + ly < in_rows && gy >= 0 && gy < h_out && gq >= 0 && gq < w_out) {
+        v0 = __ldg(md0 + gy * w_out + gq);
+        v1 = __ldg(md1 + gy * w_out + gq);
+        v2 = __ldg(md2 + gy * w_out + gq);
+      }
+      in_d[0][ly][lx] = v0;
+      in_d[1][ly][lx] = v1;
+      in_d[2][ly][lx] = v2;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+      const int i = i0 + j;
+      if (i >= in_rows) break;
+      float a0 = 0.f, a1 = 0.f, a2 = 0.f;
+#pragma unroll
+      for (int q = 0; q < K; ++q) {
+        a0 = fmaf(cw[q], in_d[0][j][tid + q], a0);
+        a1 = fmaf(cw[q], in_d[1][j][tid + q], a1);
+        a2 = fmaf(cw[q], in_d[2][j][tid + q], a2);
+      }
+      w0[j] = a0; w1[j] = a1; w2[j] = a2;
+      if (i < K - 1) continue;
+      const int p = py0 + i - (K - 1);  // output row
+      const int re = mode != kReflect ? -1 : (p < kEdge ? p : (p >= h - kEdge ? kEdge + p - (h - kEdge) : -1));
+      float z0 = 0.f, z1 = 0.f, z2 = 0.f;
+      if (re < 0) {
+#pragma unroll
+        for (int q = 0; q < K; ++q) {
+          const int slot = (j + 1 + q) % K;
+          z0 = fmaf(taps.w[q], w0[slot], z0);
+          z1 = fmaf(taps.w[q], w1[slot], z1);
+          z2 = fmaf(taps.w[q], w2[slot], z2);
+        }
+      } else {
+#pragma unroll
+        for (int q = 0; q < K; ++q) {
+          const int slot = (j + 1 + q) % K;
+          const float rw = rows_fold.w[re][q];
+          z0 = fmaf(rw, w0[slot], z0);
+          z1 = fmaf(rw, w1[slot], z1);
+          z2 = fmaf(rw, w2[slot], z2);
+        }
+      }
+      if (live) {
+        const int at = p * w + px;
+        const float x = (to_float(__ldg(ms + at)) - ls) * ks;
+        const float y = (to_float(__ldg(mt + at)) - lt) * kt;
+        mds[at] = from_float<T>(g * (z0 + 2.f * x * z1 + y * z2));
+      }
+    }
   }
 }
 
@@ -207,6 +323,30 @@ Taps make_taps(int window, double sigma) {
   return taps;
 }
 
+// Backward weights of the positions within kEdge of each end of a reflect axis of length n:
+// position p collects map position m = p - R + k with the taps between m and every padded
+// position that reflects onto p (p itself, -p and 2 (n - 1) - p). Fp32 sums of fp32 taps, in the
+// order the reference's fold adds them.
+FoldTable make_fold(const Taps& taps, int64_t n) {
+  FoldTable f{};
+  const int K = taps.size, R = K / 2;
+  auto tap = [&](int64_t d) { return (d >= -R && d <= R) ? taps.w[d + R] : 0.f; };
+  for (int e = 0; e < 2 * kEdge; ++e) {
+    const int64_t p = e < kEdge ? e : n - kEdge + (e - kEdge);
+    for (int k = 0; k < K; ++k) {
+      const int64_t m = p - R + k;
+      float v = 0.f;
+      if (p >= 0 && p < n) {
+        v = tap(p - m);
+        if (p >= 1) v += tap(-p - m);
+        if (p <= n - 2) v += tap(2 * (n - 1) - p - m);
+      }
+      f.w[e][k] = v;
+    }
+  }
+  return f;
+}
+
 void check_geometry(int64_t h, int64_t w, int window, int mode, int64_t& h_out, int64_t& w_out) {
   if (mode < kReflect || mode > kValid) throw std::invalid_argument("ssim_kd: padding code must be 0, 1 or 2");
   const int r = window / 2;
@@ -220,6 +360,22 @@ void check_geometry(int64_t h, int64_t w, int window, int mode, int64_t& h_out, 
     h_out = h;
     w_out = w;
   }
+  // 32-bit indices inside a map (offsets of whole maps are 64-bit)
+  if (h * w > 2147483647LL) throw std::invalid_argument("ssim_kd: a map of more than 2^31 - 1 pixels");
+}
+
+// Calls f with std::integral_constant<int, window> for the odd windows 3 .. 15.
+template <typename F> void dispatch_window(int window, F&& f) {
+  switch (window) {
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    case 9: f(std::integral_constant<int, 9>{}); break;
+    case 11: f(std::integral_constant<int, 11>{}); break;
+    case 13: f(std::integral_constant<int, 13>{}); break;
+    case 15: f(std::integral_constant<int, 15>{}); break;
+    default: throw std::invalid_argument("ssim_kd: window_size must be odd, in [3, 15]");
+  }
 }
 
 }  // namespace
@@ -228,7 +384,8 @@ int64_t ssim_num_partials(int64_t maps, int64_t h, int64_t w, int64_t window, in
   int64_t h_out = h, w_out = w;
   if (padding == kValid) { h_out = h - 2 * (window / 2); w_out = w - 2 * (window / 2); }
   if (maps <= 0 || h_out <= 0 || w_out <= 0) return 0;
-  return maps * ((w_out + kTileW - 1) / kTileW) * ((h_out + kTileH - 1) / kTileH);
+  const int64_t strip = strip_rows(h_out);
+  return maps * ((w_out + kCols - 1) / kCols) * ((h_out + strip - 1) / strip);
 }
 
 void ssim_forward(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t lo_s, std::uintptr_t scale_s,
@@ -240,7 +397,8 @@ void ssim_forward(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t
   int64_t h_out = 0, w_out = 0;
   check_geometry(h, w, static_cast<int>(window), static_cast<int>(padding), h_out, w_out);
   if (!(data_range > 0)) throw std::invalid_argument("ssim_kd: data_range must be positive");
-  const int64_t tiles_x = (w_out + kTileW - 1) / kTileW, tiles_y = (h_out + kTileH - 1) / kTileH;
+  const int64_t strip = strip_rows(h_out);
+  const int64_t tiles_x = (w_out + kCols - 1) / kCols, tiles_y = (h_out + strip - 1) / strip;
   check_grid_dim(maps * tiles_x, "ssim_kd", "maps x column tiles");
   if (tiles_y > 65535) throw std::invalid_argument("ssim_kd: too many rows for one grid");
   SsimConsts k;
@@ -251,39 +409,50 @@ void ssim_forward(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t
   const dim3 grid(static_cast<unsigned>(maps * tiles_x), static_cast<unsigned>(tiles_y));
   dispatch_float_types(dtype, "ssim_forward", [&](auto tag) {
     using T = decltype(tag);
-    SEGKD_LAUNCH(grid, kTileW * kTileH, 0, as_stream(stream), ssim_forward_kernel<T>)(
-        reinterpret_cast<const T*>(student), reinterpret_cast<const T*>(teacher), reinterpret_cast<const float*>(lo_s),
-        reinterpret_cast<const float*>(scale_s), reinterpret_cast<const float*>(lo_t),
-        reinterpret_cast<const float*>(scale_t), reinterpret_cast<float*>(partials), reinterpret_cast<float*>(dmaps),
-        h, w, h_out, w_out, tiles_x, static_cast<int>(padding), taps, k);
+    dispatch_window(static_cast<int>(window), [&](auto kw) {
+      constexpr int K = decltype(kw)::value;
+      SEGKD_LAUNCH(grid, kCols, 0, as_stream(stream), ssim_forward_kernel<K, T>)(
+          reinterpret_cast<const T*>(student), reinterpret_cast<const T*>(teacher),
+          reinterpret_cast<const float*>(lo_s), reinterpret_cast<const float*>(scale_s),
+          reinterpret_cast<const float*>(lo_t), reinterpret_cast<const float*>(scale_t),
+          reinterpret_cast<float*>(partials), reinterpret_cast<float*>(dmaps), static_cast<int>(h),
+          static_cast<int>(w), static_cast<int>(h_out), static_cast<int>(w_out), static_cast<int>(tiles_x),
+          static_cast<int>(strip), static_cast<int>(padding), taps, k);
+    });
   });
   check_launch("ssim_forward");
 }
 
-void ssim_backward(std::uintptr_t dmaps, std::uintptr_t emaps, std::uintptr_t student, std::uintptr_t teacher,
-                   std::uintptr_t lo_s, std::uintptr_t scale_s, std::uintptr_t lo_t, std::uintptr_t scale_t,
-                   std::uintptr_t grad_loss, std::uintptr_t ds, int64_t maps, int64_t h, int64_t w, int64_t window,
-                   double sigma, int64_t padding, DType dtype, int device, std::uintptr_t stream) {
+void ssim_backward(std::uintptr_t dmaps, std::uintptr_t /*emaps: unused, the adjoint needs no scratch*/,
+                   std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t lo_s, std::uintptr_t scale_s,
+                   std::uintptr_t lo_t, std::uintptr_t scale_t, std::uintptr_t grad_loss, std::uintptr_t ds,
+                   int64_t maps, int64_t h, int64_t w, int64_t window, double sigma, int64_t padding, DType dtype,
+                   int device, std::uintptr_t stream) {
   if (maps == 0) return;
   const Taps taps = make_taps(static_cast<int>(window), sigma);
   int64_t h_out = 0, w_out = 0;
   check_geometry(h, w, static_cast<int>(window), static_cast<int>(padding), h_out, w_out);
+  const int64_t strip = strip_rows(h);
+  const int64_t tiles_x = (w + kCols - 1) / kCols, tiles_y = (h + strip - 1) / strip;
+  check_grid_dim(maps * tiles_x, "ssim_kd", "maps x column tiles");
+  if (tiles_y > 65535) throw std::invalid_argument("ssim_kd: too many rows for one grid");
+  const FoldTable rows_fold = make_fold(taps, h), cols_fold = make_fold(taps, w);
   DeviceGuard guard(device);
-  constexpr int threads = 256;
-  SEGKD_LAUNCH(grid_for(3 * maps * h * w_out, threads), threads, 0, as_stream(stream), ssim_adjoint_h_kernel)(
-      reinterpret_cast<const float*>(dmaps), reinterpret_cast<float*>(emaps), maps, h, h_out, w_out,
-      static_cast<int>(padding), taps);
-  check_launch("ssim_backward (H pass)");
+  const dim3 grid(static_cast<unsigned>(maps * tiles_x), static_cast<unsigned>(tiles_y));
   dispatch_float_types(dtype, "ssim_backward", [&](auto tag) {
     using T = decltype(tag);
-    SEGKD_LAUNCH(grid_for(maps * h * w, threads), threads, 0, as_stream(stream), ssim_adjoint_w_kernel<T>)(
-        reinterpret_cast<const float*>(emaps), reinterpret_cast<const T*>(student), reinterpret_cast<const T*>(teacher),
-        reinterpret_cast<const float*>(lo_s), reinterpret_cast<const float*>(scale_s),
-        reinterpret_cast<const float*>(lo_t), reinterpret_cast<const float*>(scale_t),
-        reinterpret_cast<const float*>(grad_loss), reinterpret_cast<T*>(ds), maps, h, w, w_out,
-        static_cast<int>(padding), taps);
+    dispatch_window(static_cast<int>(window), [&](auto kw) {
+      constexpr int K = decltype(kw)::value;
+      SEGKD_LAUNCH(grid, kCols, 0, as_stream(stream), ssim_backward_kernel<K, T>)(
+          reinterpret_cast<const float*>(dmaps), reinterpret_cast<const T*>(student),
+          reinterpret_cast<const T*>(teacher), reinterpret_cast<const float*>(lo_s),
+          reinterpret_cast<const float*>(scale_s), reinterpret_cast<const float*>(lo_t),
+          reinterpret_cast<const float*>(scale_t), reinterpret_cast<const float*>(grad_loss), reinterpret_cast<T*>(ds),
+          static_cast<int>(h), static_cast<int>(w), static_cast<int>(h_out), static_cast<int>(w_out),
+          static_cast<int>(tiles_x), static_cast<int>(strip), static_cast<int>(padding), taps, rows_fold, cols_fold);
+    });
   });
-  check_launch("ssim_backward (W pass)");
+  check_launch("ssim_backward");
 }
 
 }  // namespace segkd

@@ -206,10 +206,10 @@ def test_cross_image_backward_plans(host, plan, dtype):
 @pytest.mark.parametrize("padding", ["reflect", "zeros", "valid"])
 @pytest.mark.parametrize("window", [3, 5, 7, 9, 13, 15])  # 11: in the GPU matrix
 def test_ssim_paddings_and_windows(host, padding, window):
-    # 17 x 37: two column tiles and three row tiles of 32 x 8 outputs, halos at every edge
+    # 37 x 133: two column blocks of 128 and three row strips of 16, halos at every edge
     fn = lambda s, t, b: sk.ssim_kd(s, t, window_size=window, padding=padding, data_range=2.0,  # noqa: E731
                                     backend=b)
-    _check_op(fn, (1, 2, 17, 37), (1, 2, 17, 37), torch.float32, seed=window)
+    _check_op(fn, (1, 2, 37, 133), (1, 2, 37, 133), torch.float32, seed=window)
 
 
 @pytest.mark.parametrize("precision", ["exact", "fast"])
@@ -311,7 +311,7 @@ def test_block_size_above_the_device_limit_raises(host):
 
 
 def test_grid_above_the_device_limit_raises(host):
-    host.host_set_attribute("max_grid_dim_y", 1)  # ssim puts row tiles on grid y: 17 rows need 3
+    host.host_set_attribute("max_grid_dim_y", 1)  # ssim puts row strips on grid y: 17 rows need 2
     x = make_tensor((1, 1, 17, 20), seed=1)
     with pytest.raises(RuntimeError, match="grid dimension above the limit"):
         sk.ssim_kd(x, x, window_size=3, backend="cuda")

@@ -49,8 +49,8 @@ MUTATIONS = {
         "const bool cached = grad != nullptr && plane <= stride * (kChunks + 1);",
         ["cwd(1, 3, 5, 7)", "cwd(2, 3, 37, 71)"]),
     "unwritten shared memory": (
-        "ssim_kd", "  for (int idx = tid; idx < in_h * in_w; idx += blockDim.x) {",
-        "  for (int idx = tid; idx < (in_h - 1) * in_w; idx += blockDim.x) {",
+        "ssim_kd", "    for (int ly = 0; ly < K; ++ly) {\n      const int gy = i0 + ly < in_rows",
+        "    for (int ly = 0; ly < K - 1; ++ly) {\n      const int gy = i0 + ly < in_rows",
         ["ssim-reflect-3-True", "ssim-zeros-3-True"]),
 }
 UNITS = sorted({m[0] for m in MUTATIONS.values()})

@@ -681,16 +681,17 @@ def test_triton_matches_reference(padding, window, normalize):
 
 @needs_triton
 @pytest.mark.parametrize("padding,window,shape", [
-    ("reflect", 7, (1, 2, 21, 35)),   # 3 x 3 output tiles of 10 x 16; backward grid 27 x 41
+    ("reflect", 7, (1, 2, 21, 35)),   # 5 strips of 5 rows x 3 column blocks of 16
     ("zeros", 7, (1, 2, 21, 35)),
-    ("valid", 7, (1, 2, 27, 39)),     # 21 x 33 valid map: 3 x 3 tiles
-    ("reflect", 3, (2, 1, 30, 17)),   # 14-row tiles, width one column past a tile
-    ("zeros", 11, (1, 1, 13, 20)),    # 6-row tiles: 3 row tiles
-    ("reflect", 15, (1, 1, 9, 18)),   # 2-row tiles, padded grid 23 x 32 in the backward
+    ("valid", 7, (1, 2, 27, 39)),     # 21 x 33 valid map: 5 x 3 blocks, 27 x 39 in the backward
+    ("reflect", 3, (2, 1, 30, 17)),   # width one column past a block
+    ("zeros", 11, (1, 1, 13, 20)),    # strips shorter than the window's halo
+    ("reflect", 15, (1, 1, 9, 18)),   # the reflect folds of the top and bottom rows overlap
 ])
 def test_triton_several_tiles(padding, window, shape, monkeypatch):
-    """Small blocks (16 x 16) so that tiny odd maps span several tiles in each direction."""
-    monkeypatch.setattr(_triton_module(), "TILE_OVERRIDE", (16, 16))
+    """Short strips (5 rows) and narrow column blocks (16) so that tiny odd maps span several
+    programs in each direction: strip and block edges inside the map, not only at its border."""
+    monkeypatch.setattr(_triton_module(), "TILE_OVERRIDE", (5, 16))
     s, t = _pair(shape, seed=41, dtype=torch.float32)
     _check_triton(s, t, window_size=window, padding=padding, normalize=True, sigma=1.3)
 
@@ -700,7 +701,7 @@ def test_triton_several_tiles(padding, window, shape, monkeypatch):
     ("zeros", (1, 2, 3, 40), 11),      # H far below the window and the tile
     ("zeros", (1, 1, 1, 1), 5),
     ("reflect", (1, 2, 6, 6), 11),     # smallest map reflect accepts: the fold overlaps itself
-    ("reflect", (2, 1, 2, 70), 3),     # W over one 64-wide block
+    ("reflect", (2, 1, 2, 133), 3),    # W over one 128-wide column block
     ("valid", (1, 1, 11, 12), 11),     # 1 x 2 map
 ])
 def test_triton_small_and_wide_maps(padding, shape, window):

@@ -33,18 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "benchmarks" / "results" / ".static_cache"
 
 # Today's spills (ptxas -v, spill stores + loads > 0). Fix a kernel, then delete its entries.
-KNOWN_SPILLS = {
-    ("triton", "ssim_kd", "_ssim_bwd_kernel", "sm_80", "bfloat16"),
-    ("triton", "ssim_kd", "_ssim_bwd_kernel", "sm_80", "float32"),
-    ("triton", "ssim_kd", "_ssim_bwd_kernel", "sm_90", "bfloat16"),
-    ("triton", "ssim_kd", "_ssim_bwd_kernel", "sm_90", "float32"),
-    ("triton", "ssim_kd", "_ssim_fwd_kernel", "sm_90", "bfloat16"),
-    ("triton", "ssim_kd", "_ssim_fwd_kernel", "sm_90", "float32"),
-    # since NaN/Inf propagate as in the reference (extra finite-mask product in SSIM): 232 / 224 B
-    # (SSIM forward) on sm_80
-    ("triton", "ssim_kd", "_ssim_fwd_kernel", "sm_80", "bfloat16"),
-    ("triton", "ssim_kd", "_ssim_fwd_kernel", "sm_80", "float32"),
-}
+KNOWN_SPILLS: set[tuple[str, str, str, str, str]] = set()
 
 
 # Spills are facts of one compiler: the list holds for these versions (Triton's bundled ptxas and

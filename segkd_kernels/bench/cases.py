@@ -139,11 +139,33 @@ def _ssim_flops(shapes, mode):
     return {"forward": forward, "backward": backward, "full": forward + backward}[mode]
 
 
+def _eager_ssim_valid(s, t, window_size=SSIM_WINDOW, sigma=1.5, data_range=1.0):
+    """pytorch-msssim's formulation as toolboxes write it: valid separable Gaussian, no rescaling."""
+    import torch.nn.functional as F  # noqa: PLC0415
+
+    y = t.detach()
+    c = s.shape[1]
+    g = eager._gaussian_window(window_size, sigma, s.device, s.dtype)
+
+    def filt(z):
+        z = F.conv2d(z, g.view(1, 1, 1, -1).expand(c, 1, 1, window_size), groups=c)
+        return F.conv2d(z, g.view(1, 1, -1, 1).expand(c, 1, window_size, 1), groups=c)
+
+    mu_x, mu_y = filt(s), filt(y)
+    var_x = filt(s * s) - mu_x**2
+    var_y = filt(y * y) - mu_y**2
+    cov = filt(s * y) - mu_x * mu_y
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    ssim_map = (2 * mu_x * mu_y + c1) * (2 * cov + c2) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2) + 1e-12)
+    return torch.clamp((1 - ssim_map) / 2, 0, 1).mean()
+
+
 def _peer_pytorch_msssim():
     from pytorch_msssim import ssim  # noqa: PLC0415  (optional peer)
 
     def run(s, t):
-        # pytorch-msssim: valid padding, Gaussian 11 / 1.5, data in [0, data_range]: the same work.
+        # pytorch-msssim: valid padding, Gaussian 11 / 1.5, no rescaling, data_range 1: the work of
+        # the ssim_kd_valid row (padding="valid", normalize=False).
         return 1 - ssim(s, t.detach(), data_range=1.0, size_average=True)
 
     return run
@@ -153,6 +175,8 @@ def _peer_kornia():
     from kornia.losses import ssim_loss  # noqa: PLC0415
 
     def run(s, t):
+        # kornia: reflect padding, clamp((1 - SSIM) / 2, 0, 1) averaged, no rescaling: the work of
+        # the ssim_kd row minus its min-max rescaling pass (a conservative comparison for us).
         return ssim_loss(s, t.detach(), window_size=SSIM_WINDOW, max_val=1.0)
 
     return run
@@ -162,10 +186,11 @@ def _peer_fussim():
     from fussim import fused_ssim  # noqa: PLC0415
 
     def run(s, t):
-        # fussim semantics: zeros padding, fp32 only.
+        # fused-ssim: fixed 11 / 1.5 window, data_range 1, fp32 only; valid padding to match the
+        # ssim_kd_valid row (its default "same" is zero padding).
         if s.dtype != torch.float32:
             raise TypeError("fussim runs fp32 only")
-        return 1 - fused_ssim(s, t.detach())
+        return 1 - fused_ssim(s, t.detach(), padding="valid")
 
     return run
 
@@ -260,12 +285,20 @@ CASES = {
         lambda s, t, backend: sk.cross_image_kd(s, t, 0.1, backend=backend),
         lambda s, t: eager.cross_image_kd(s, t, 0.1), bytes=_read_st_write_ds, flops=_cross_image_flops,
         flop_kind="dtype"),
+    # SSIM-KD as distillation uses it (reflect padding, per-map min-max rescaling), against kornia
+    # (reflect); the valid, unrescaled row is the work pytorch-msssim and fused-ssim do.
     "ssim_kd": Case(
         "ssim_kd", [((8, 256, 64, 128),) * 2, ((8, 512, 128, 256),) * 2], FEATURES_QUICK, _features,
         lambda s, t, backend: sk.ssim_kd(s, t, window_size=SSIM_WINDOW, backend=backend),
         eager.ssim_kd, bytes=_read_st_write_ds, flops=_ssim_flops, flop_kind="fp32",
-        peers={"peer:pytorch-msssim": _peer_pytorch_msssim, "peer:kornia": _peer_kornia,
-               "peer:fussim": _peer_fussim}),
+        peers={"peer:kornia": _peer_kornia}),
+    "ssim_kd_valid": Case(
+        "ssim_kd_valid", [((8, 256, 64, 128),) * 2, ((8, 512, 128, 256),) * 2], FEATURES_QUICK, _features,
+        lambda s, t, backend: sk.ssim_kd(s, t, window_size=SSIM_WINDOW, padding="valid", normalize=False,
+                                         backend=backend),
+        _eager_ssim_valid, bytes=_read_st_write_ds,
+        flops=_ssim_flops, flop_kind="fp32",
+        peers={"peer:pytorch-msssim": _peer_pytorch_msssim, "peer:fussim": _peer_fussim}),
     "attnfd_loss": Case(
         "attnfd_loss", FEATURES, FEATURES_QUICK, _features,
         lambda s, t, backend: sk.attnfd_loss(s, t, backend=backend),

@@ -1,9 +1,11 @@
 """ssim_kd on the hand-written CUDA kernels of csrc/ssim_kd.cu.
 
-Forward: tiled kernel (shared-memory tiles with halo, separable Gaussian) that reduces the loss map
-to per-block fp32 partials (added here in fp64) and, when a gradient is wanted, writes the three
-per-pixel partial-derivative maps. Backward: the adjoint of the padded Gaussian filter applied to
-those maps (two 1-d passes), scaled by the min-max rescaling factor. The per-map min and max of
+Forward: one kernel over column blocks x tall row strips (input rows staged in shared memory with
+the padding resolved, horizontal pass from shared memory, vertical pass as a register sliding
+window) that reduces the loss map to per-block fp32 partials (added here in fp64) and, when a
+gradient is wanted, writes the three per-pixel partial-derivative maps. Backward: one kernel, the
+adjoint of the padded Gaussian filter (padding folded into its weights) applied to those maps the
+same way, combined with x and y and scaled by the min-max rescaling factor. The per-map min and max of
 normalize=True come from torch.aminmax (constants in the gradient, as in the reference).
 """
 
@@ -90,10 +92,9 @@ def ssim_kd_backward_cuda(grad_loss: torch.Tensor, dmaps: torch.Tensor, student:
     if dmaps.numel() == 0 or s.numel() == 0:
         return ds
     maps = n * c
-    wo = dmaps.shape[-1]
-    emaps = torch.empty(3, maps, h, wo, dtype=torch.float32, device=s.device)
     g = grad_loss.detach().to(torch.float32).reshape(1).contiguous()
-    lib.ssim_backward(dmaps.contiguous().data_ptr(), emaps.data_ptr(), s.data_ptr(), t.data_ptr(), *_stat_ptrs(stats),
+    # (the second pointer is a scratch buffer the fused adjoint no longer needs)
+    lib.ssim_backward(dmaps.contiguous().data_ptr(), 0, s.data_ptr(), t.data_ptr(), *_stat_ptrs(stats),
                       g.data_ptr(), ds.data_ptr(), maps, h, w, window_size, float(sigma), PADDING_CODES[padding],
                       **args)
     return ds

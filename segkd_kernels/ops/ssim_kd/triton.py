@@ -1,41 +1,48 @@
 """ssim_kd in Triton (docs/losses.md 5): fused forward and backward.
 
-Layout of the work: the grid is (N*C planes) x (spatial tiles of the output map), flattened into
-one axis, so a KD feature tensor with hundreds of channels and a small H x W gives thousands of
-programs (the fused-ssim kernels loop over channels inside a block instead).
+Layout of the work: the grid is (N*C planes) x (row strips) x (column blocks), flattened into one
+axis. A program owns BC output columns (one per thread) and a strip of up to TH output rows, and
+walks down the strip one row at a time, so the K - 1 halo rows of the vertical filter are filtered
+once per strip, not once per row block.
 
-Forward (_ssim_fwd_kernel), per program:
-  1. horizontal pass: K shifted loads of a (BR x BC) block of student and teacher rows, the block
-     covering the tile's TH = BR - (K - 1) output rows plus their halo; each load is rescaled
-     (normalize) and the five products x, y, x^2, y^2, xy are accumulated with one tap each, in fp32.
-     Padding is folded into the load indices (reflect) or masks (zeros); valid needs neither.
-  2. vertical pass: a register block cannot be shifted by rows, so the vertical filter is a
-     product with the banded (BR x BR) tap matrix, G[i, j] = taps[j - i] (tl.dot, fp32 "ieee":
-     TF32 would leave E[x^2] - mu^2 with a 1e-3 relative error).
-  3. the SSIM map, clamp and the tile's partial sum of the loss; the map is never written. When
+Forward (_ssim_fwd_kernel), per input row of the strip and its halo:
+  1. horizontal pass: thread c reads the K input columns of its window (fp32 after the load, each
+     rescaled when normalize) and accumulates the five products x, y, x^2, y^2, xy with one
+     weight per window slot. Padding is resolved here, once per program: the slot addresses are
+     clamped into the row and each slot carries its own weight (0 outside the map for zeros and
+     valid, the Gaussian taps of every reflected position that lands on the slot for reflect), so
+     the row loop has no masks and no reflect arithmetic. A clamped slot reads the edge pixel,
+     which is in the window anyway, so a non-finite value reaches exactly the outputs whose window
+     holds it, as in the reference. Rows are padded as whole rows: the strip reads the reflected
+     row (reflect) or zeroes the filtered row (zeros).
+  2. vertical pass: a register sliding window over rows. The last K horizontally filtered rows of
+     each statistic are kept in registers (loop-carried tuples); an output row is K FMAs per
+     statistic, then the window moves by one row.
+  3. the SSIM map, clamp and the program's partial sum of the loss; the map is never written. When
      the student needs a gradient, the three per-pixel partial derivatives of the clamped loss
-     term with respect to mu_x, E[x^2] and E[xy] are written (fp32, output-map sized: 12 bytes
-     per output pixel kept from the forward to the backward, instead of a second forward).
+     term with respect to mu_x, E[x^2] and E[xy] are written, interleaved as one 16-byte vector
+     per output pixel (fp32, the fourth lane 0): kept from the forward to the backward instead of
+     a second forward, and read back with one vector load per window slot.
 The per-program partial sums are then added by torch (deterministic, no atomics).
 
-Backward: the filter G is linear, so d loss / d x = G^T P_mu + 2 x G^T P_xx + y G^T P_xy, with
-G^T the adjoint of "pad, then filter". The taps are symmetric, so the adjoint of the valid filter
-part is the same separable filter over the zero-extended partial maps (_ssim_bwd_kernel, the same
-two passes as the forward, three maps instead of five). Zero padding and valid need nothing else.
-Reflect padding's adjoint also folds the halo back onto the pixels it reflects: the backward
-kernel writes the combination on the padded grid ((H + 2r) x (W + 2r)) and _ssim_fold_kernel adds
-the (up to 3 x 3) padded positions that reflect onto each pixel. Under normalize, d x / d s is
-1 / (max - min) per (n, c), and exactly 0 for a flat map (reference: RANGE_EPS).
+Backward (_ssim_bwd_kernel): the filter G (padding included) is linear, so
+d loss / d x = G^T P_mu + 2 x G^T P_xx + y G^T P_xy. G^T is separable like G, and each axis of it
+is again a K-slot gather over the partial maps with per-slot weights: the adjoint of the padding is
+folded into those weights (reflect: a pixel also collects the taps of the padded positions that
+reflect onto it), so there is no padded buffer and no fold pass. Columns carry their weights per
+thread as in the forward; rows use the plain taps except the R rows at each end of a reflect map,
+whose folded weights are computed when the strip reaches them. The same row walk with a register
+window as the forward, three maps instead of five, then the combination with x and y and the
+rescaling factor, written in the student's dtype. Under normalize, d x / d s is 1 / (max - min)
+per (n, c), and exactly 0 for a flat map (reference: RANGE_EPS).
 
 Per-(n, c) min and max for normalize come from _minmax_kernel (one pass over student and teacher).
 fp16 / bf16 / fp32 inputs, fp32 statistics always; fp64 inputs use the reference.
 
 Non-finite inputs give the reference's NaN and Inf pattern, in the loss and in the gradient: a NaN
 makes its map's min, max and so the whole rescaled map NaN (normalize); a window holding a
-non-finite value gives a NaN SSIM term; the clamp keeps NaN. The banded tl.dot would spread one
-non-finite value over its block's whole column (0 * NaN), so it multiplies blocks with those
-values zeroed and one more product, of the 0/1 band with the non-finite marks, restores NaN
-exactly where the window holds one (one extra tl.dot in each of the forward and the backward).
+non-finite value gives a NaN SSIM term (Inf - Inf in the variance, or NaN); the clamp keeps NaN.
+Every product in the filters is a weight times a value of the window, so nothing else turns NaN.
 """
 
 from __future__ import annotations
@@ -49,14 +56,9 @@ from .reference import MAP_EPS, RANGE_EPS, gaussian_taps
 
 PAD_CODES = {"reflect": 0, "zeros": 1, "valid": 2}
 
-# (block rows BR, block columns BC) forced for every kernel; None picks them from the shape.
-# Tests set small blocks so that tiny maps span several tiles in each direction.
+# (strip rows TH, block columns BC) forced for every kernel; None picks them from the shape.
+# Tests set small ones so that tiny maps span several strips and column blocks.
 TILE_OVERRIDE: tuple[int, int] | None = None
-
-# Precision of the banded vertical product. "ieee" is plain fp32 FMA (the safe default, ~4x the
-# taps' work); "tf32x3" (three TF32 tensor-core products, ~2^-22 relative error) is the candidate to
-# measure on a GPU: the forward is FP32-compute-bound at KD shapes. Plain "tf32" is too coarse.
-DOT_PRECISION = "ieee"
 
 _TAPS: dict = {}
 
@@ -69,22 +71,16 @@ def _taps(window: int, sigma: float, device) -> torch.Tensor:
     return _TAPS[key]
 
 
-def _num_warps(br: int, bc: int) -> int:
-    # five (BR x BC) fp32 accumulators and five product results live at once
-    return 8 if br * bc >= 2048 else 4
+def _tiles(rows: int, cols: int) -> tuple[int, int]:
+    """Strip rows TH and block columns BC (one column per thread).
 
-
-def _tiles(window: int, rows: int, cols: int) -> tuple[int, int]:
-    """Block rows BR (the tile computes BR - window + 1 output rows) and block columns BC.
-
-    BR = 32 keeps the banded vertical product at 32 taps per output row while the halo costs
-    (BR / TH - 1) = 10 / 22 extra loads for window 11; small windows use 16. BC follows the width
-    up to 64 (one row of a 64-wide block is 256 contiguous bytes per load)."""
+    BC = 128 (4 warps) keeps a row of a block at 512 contiguous bytes of fp32; narrower maps take
+    the next power of two, at least one warp. TH = 64 rows: the K - 1 halo rows filtered once more
+    per strip cost (K - 1) / 64 of the horizontal work, and a 64-row map is one strip."""
     if TILE_OVERRIDE is not None:
         return TILE_OVERRIDE
-    br = 16 if window <= 5 else 32
-    bc = max(16, min(64, triton.next_power_of_2(cols)))
-    return br, bc
+    bc = max(32, min(128, triton.next_power_of_2(cols)))
+    return min(64, max(rows, 1)), bc
 
 
 @triton.jit
@@ -95,30 +91,56 @@ def _reflect(i, n):
 
 
 @triton.jit
-def _tap_matrix(taps_ptr, K: tl.constexpr, BR: tl.constexpr):
-    """G[i, j] = taps[j - i] on the band 0 <= j - i < K: output row i of a block is the taps
-    applied to block rows i .. i + K - 1."""
-    d = tl.arange(0, BR)[None, :] - tl.arange(0, BR)[:, None]
-    band = (d >= 0) & (d < K)
-    return tl.load(taps_ptr + tl.where(band, d, 0), mask=band, other=0.0)
+def _tap(taps_ptr, m, R: tl.constexpr):
+    """Gaussian weight at offset m from the window centre, 0 outside the window."""
+    inside = (m >= -R) & (m <= R)
+    return tl.load(taps_ptr + R + tl.where(inside, m, 0), mask=inside, other=0.0)
 
 
 @triton.jit
-def _finite(h):
-    return tl.abs(h) < float("inf")  # False for +-Inf and NaN
+def _weight(taps_ptr, p, q, n, K: tl.constexpr, PAD: tl.constexpr, FORWARD: tl.constexpr):
+    """Weight of source position q in output position p along one axis of length n (the source
+    axis for the forward, the output axis for the backward), padding folded in.
+
+    Forward, output p = sum_d taps(d) * padded[p + d]: reflect adds the taps of every padded
+    position p + d whose reflection is q (q itself, -q and 2 (n - 1) - q). Backward: the transpose,
+    output p (an input pixel) collects from source q (a map pixel) the taps between q and every
+    padded position that reflects onto p. Valid reads source q = p + k (forward) / writes from
+    q = p - k (backward), k = 0 .. K - 1."""
+    R: tl.constexpr = K // 2
+    if PAD == 2:
+        if FORWARD:
+            w = _tap(taps_ptr, q - p - R, R)
+        else:
+            w = _tap(taps_ptr, p - q - R, R)
+    else:
+        w = _tap(taps_ptr, q - p, R)
+        if PAD == 0:
+            if FORWARD:
+                w += _tap(taps_ptr, -q - p, R) * (q >= 1).to(tl.float32)
+                w += _tap(taps_ptr, 2 * (n - 1) - q - p, R) * (q <= n - 2).to(tl.float32)
+            else:
+                w += _tap(taps_ptr, -p - q, R) * (p >= 1).to(tl.float32)
+                w += _tap(taps_ptr, 2 * (n - 1) - p - q, R) * (p <= n - 2).to(tl.float32)
+    return w
 
 
 @triton.jit
-def _nonfinite_windows(finite, K: tl.constexpr, BR: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Which rows of the banded product band @ h have a non-finite h in their window.
+def _slots(taps_ptr, cols, n_src, n_axis, K: tl.constexpr, PAD: tl.constexpr, FORWARD: tl.constexpr,
+           OFF: tl.constexpr):
+    """Per-thread window slots of a row: clamped source columns and their weights (tuples of K).
 
-    In a matrix product every output row sees every input row, the off-band ones times a zero tap,
-    and 0 * NaN = NaN: one non-finite value would spread over the block's whole column. So the
-    products take the blocks with their non-finite entries zeroed, and this product of the 0/1
-    band with the non-finite marks (exact small integers) says which outputs must be NaN."""
-    d = tl.arange(0, BR)[None, :] - tl.arange(0, BR)[:, None]
-    window = tl.where((d >= 0) & (d < K), 1.0, 0.0)
-    return tl.dot(window, tl.where(finite, 0.0, 1.0), input_precision=DOT_PRECISION) > 0.0
+    Slot k of output column c is source column c - OFF + k; a slot outside the source row reads
+    the nearest edge pixel (always inside the window of c) with weight 0."""
+    idx = ()
+    wts = ()
+    for k in tl.static_range(K):
+        q = cols - OFF + k
+        w = _weight(taps_ptr, cols, q, n_axis, K, PAD, FORWARD)
+        w = tl.where((q >= 0) & (q < n_src), w, 0.0)
+        idx = idx + (tl.minimum(tl.maximum(q, 0), n_src - 1),)
+        wts = wts + (w,)
+    return idx, wts
 
 
 @triton.jit
@@ -162,77 +184,58 @@ def _minmax_kernel(s_ptr, t_ptr, scales_ptr, n_planes, plane_size, range_eps, BL
 
 
 @triton.jit
-def _ssim_fwd_kernel(s_ptr, t_ptr, taps_ptr, scales_ptr, loss_part_ptr, partials_ptr,
-                     H, W, HO, WO, n_planes, n_tile_cols, tiles_per_plane, c1, c2, map_eps,
-                     K: tl.constexpr, PAD: tl.constexpr, NORMALIZE: tl.constexpr, STORE: tl.constexpr,
-                     BR: tl.constexpr, BC: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
-    plane = (pid // tiles_per_plane).to(tl.int64)
-    tile = pid % tiles_per_plane
-    TH: tl.constexpr = BR - K + 1
-    R: tl.constexpr = K // 2
-    o0 = (tile // n_tile_cols) * TH
-    c0 = (tile % n_tile_cols) * BC
-
-    # input rows read by the block: output row o uses padded rows o .. o + K - 1, i.e. input rows
-    # o - R .. o + R (reflect, zeros) or o .. o + K - 1 (valid)
-    if PAD == 2:
-        rows = o0 + tl.arange(0, BR)
-        col_base = c0 + tl.arange(0, BC)
-    else:
-        rows = o0 - R + tl.arange(0, BR)
-        col_base = c0 - R + tl.arange(0, BC)
-    if PAD == 0:
-        rows = _reflect(rows, H)
-    row_ok = (rows >= 0) & (rows < H)
-    base = plane * H * W
-
-    if NORMALIZE:
-        lo_x = tl.load(scales_ptr + plane)
-        sc_x = tl.load(scales_ptr + n_planes + plane)
-        lo_y = tl.load(scales_ptr + 2 * n_planes + plane)
-        sc_y = tl.load(scales_ptr + 3 * n_planes + plane)
-
-    h_x = tl.zeros([BR, BC], tl.float32)
-    h_y = tl.zeros([BR, BC], tl.float32)
-    h_xx = tl.zeros([BR, BC], tl.float32)
-    h_yy = tl.zeros([BR, BC], tl.float32)
-    h_xy = tl.zeros([BR, BC], tl.float32)
+def _fwd_row(s_plane, t_plane, row_off, idx, wts, lo_x, sc_x, lo_y, sc_y, K: tl.constexpr,
+             NORMALIZE: tl.constexpr):
+    """Horizontal pass of one input row: the five filtered products at the block's columns.
+    Offsets are 32-bit inside the map (row_off + slot column), one wide add per pointer."""
+    h_x = tl.zeros_like(wts[0])
+    h_y = tl.zeros_like(wts[0])
+    h_xx = tl.zeros_like(wts[0])
+    h_yy = tl.zeros_like(wts[0])
+    h_xy = tl.zeros_like(wts[0])
     for k in tl.static_range(K):
-        g = tl.load(taps_ptr + k)
-        cols = col_base + k
-        if PAD == 0:
-            cols = _reflect(cols, W)
-        ok = row_ok[:, None] & ((cols >= 0) & (cols < W))[None, :]
-        offs = base + rows[:, None] * W + cols[None, :]
-        x = tl.load(s_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        y = tl.load(t_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        off = row_off + idx[k]
+        x = tl.load(s_plane + off).to(tl.float32)
+        y = tl.load(t_plane + off).to(tl.float32)
         if NORMALIZE:
-            # zero padding pads the rescaled map, so padded pixels stay 0
-            x = tl.where(ok, (x - lo_x) * sc_x, 0.0)
-            y = tl.where(ok, (y - lo_y) * sc_y, 0.0)
-        gx = g * x
-        gy = g * y
+            x = (x - lo_x) * sc_x
+            y = (y - lo_y) * sc_y
+        gx = wts[k] * x
+        gy = wts[k] * y
         h_x += gx
         h_y += gy
         h_xx += gx * x
         h_yy += gy * y
         h_xy += gx * y
+    return h_x, h_y, h_xx, h_yy, h_xy
 
-    band = _tap_matrix(taps_ptr, K, BR)
-    # A non-finite input (student or teacher) in a pixel's window makes the reference's statistics
-    # non-finite and its SSIM term NaN (Inf - Inf in the variance, or NaN): mu_x is set to NaN
-    # there, and every term and partial derivative of the pixel follows. (Finite inputs whose
-    # squares overflow fp32, |x| > 1.8e19, are outside what this reproduces.)
-    finite = _finite(h_x) & _finite(h_y) & _finite(h_xx) & _finite(h_yy) & _finite(h_xy)
-    hit = _nonfinite_windows(finite, K, BR, DOT_PRECISION)
-    mu_x = tl.dot(band, tl.where(finite, h_x, 0.0), input_precision=DOT_PRECISION)
-    mu_x = tl.where(hit, float("nan"), mu_x)
-    mu_y = tl.dot(band, tl.where(finite, h_y, 0.0), input_precision=DOT_PRECISION)
-    e_xx = tl.dot(band, tl.where(finite, h_xx, 0.0), input_precision=DOT_PRECISION)
-    e_yy = tl.dot(band, tl.where(finite, h_yy, 0.0), input_precision=DOT_PRECISION)
-    e_xy = tl.dot(band, tl.where(finite, h_xy, 0.0), input_precision=DOT_PRECISION)
 
+@triton.jit
+def _put(win, j: tl.constexpr, v, K: tl.constexpr):
+    """The window ring with slot j replaced by v (j static: a renaming, no register moves)."""
+    out = ()
+    for q in tl.static_range(K):
+        if q == j:
+            out = out + (v,)
+        else:
+            out = out + (win[q],)
+    return out
+
+
+@triton.jit
+def _dot_ring(taps, win, j: tl.constexpr, K: tl.constexpr):
+    """sum_q taps[q] * (q-th oldest row of the ring whose newest row is in slot j)."""
+    acc = taps[0] * win[(j + 1) % K]
+    for q in tl.static_range(1, K):
+        acc += taps[q] * win[(j + 1 + q) % K]
+    return acc
+
+
+@triton.jit
+def _fwd_out(mu_x, mu_y, e_xx, e_yy, e_xy, acc, col_ok, c1, c2, map_eps, partials_ptr, offs,
+             STORE: tl.constexpr):
+    """SSIM term of one output row: adds its clamped loss to acc and, with STORE, writes the three
+    partial derivatives of the loss term (the backward's input)."""
     var_x = e_xx - mu_x * mu_x
     var_y = e_yy - mu_y * mu_y
     cov = e_xy - mu_x * mu_y
@@ -242,23 +245,15 @@ def _ssim_fwd_kernel(s_ptr, t_ptr, taps_ptr, scales_ptr, loss_part_ptr, partials
     b2 = var_x + var_y + c2
     num = a1 * a2
     den = b1 * b2 + map_eps
-    ssim = num / den
-    term = (1.0 - ssim) / 2.0
-
-    r_idx = tl.arange(0, BR)
-    out_rows = o0 + r_idx
-    out_cols = c0 + tl.arange(0, BC)
-    valid = ((r_idx < TH) & (out_rows < HO))[:, None] & (out_cols < WO)[None, :]
-    # NaN-propagating clamp, as torch.clamp (the default tl.minimum / maximum drop a NaN operand)
+    inv_den = 1.0 / den
+    term = (1.0 - num * inv_den) * 0.5
+    # NaN-propagating clamp, as torch.clamp (the default tl.minimum / maximum drop a NaN)
     clamped = tl.minimum(tl.maximum(term, 0.0, propagate_nan=tl.PropagateNan.ALL), 1.0,
                          propagate_nan=tl.PropagateNan.ALL)
-    part = tl.sum(tl.sum(tl.where(valid, clamped, 0.0), axis=1), axis=0)
-    tl.store(loss_part_ptr + pid, part)
-
+    acc += tl.where(col_ok, clamped, 0.0)
     if STORE:
         # d term / d map = -1/2 where the clamp passes the gradient (torch.clamp: bounds inclusive)
-        gate = tl.where(valid & (term >= 0.0) & (term <= 1.0), -0.5, 0.0)
-        inv_den = 1.0 / den
+        gate = tl.where((term >= 0.0) & (term <= 1.0), -0.5, 0.0)
         d_a1 = a2 * inv_den
         d_a2 = a1 * inv_den
         q = num * inv_den * inv_den
@@ -268,130 +263,202 @@ def _ssim_fwd_kernel(s_ptr, t_ptr, taps_ptr, scales_ptr, loss_part_ptr, partials
         p_mu = gate * (2.0 * mu_y * (d_a1 - d_a2) + 2.0 * mu_x * (d_b1 - d_b2))
         p_xx = gate * d_b2
         p_xy = gate * 2.0 * d_a2
-        map_size = HO * WO
-        offs = plane * map_size + out_rows[:, None] * WO + out_cols[None, :]
-        stride = n_planes * map_size
-        tl.store(partials_ptr + offs, p_mu, mask=valid)
-        tl.store(partials_ptr + stride + offs, p_xx, mask=valid)
-        tl.store(partials_ptr + 2 * stride + offs, p_xy, mask=valid)
+        # one 16-byte vector per pixel: (p_mu, p_xx, p_xy, 0), so the backward reads the three
+        # maps of a window slot with one load
+        v = tl.join(tl.join(p_mu, p_xy), tl.join(p_xx, tl.zeros_like(p_xx)))
+        v = tl.reshape(v, [p_mu.shape[0], 4])
+        tl.store(partials_ptr + offs[:, None] * 4 + tl.arange(0, 4)[None, :], v, mask=col_ok[:, None])
+    return acc
+
+
+@triton.jit
+def _ssim_fwd_kernel(s_ptr, t_ptr, taps_ptr, scales_ptr, loss_part_ptr, partials_ptr,
+                     H, W, HO, WO, n_planes, n_strips, n_ctiles, TH, c1, c2, map_eps,
+                     K: tl.constexpr, PAD: tl.constexpr, NORMALIZE: tl.constexpr, STORE: tl.constexpr,
+                     BC: tl.constexpr):
+    pid = tl.program_id(0)
+    ctile = pid % n_ctiles
+    rest = pid // n_ctiles
+    strip = rest % n_strips
+    plane = (rest // n_strips).to(tl.int64)
+    R: tl.constexpr = K // 2
+    OFF: tl.constexpr = 0 if PAD == 2 else R
+    o0 = strip * TH
+    n_rows = tl.minimum(TH, HO - o0)
+    cols = ctile * BC + tl.arange(0, BC)
+    col_ok = cols < WO
+    idx, wts = _slots(taps_ptr, cols, W, W, K, PAD, True, OFF)
+    taps = ()
+    for k in tl.static_range(K):
+        taps = taps + (tl.load(taps_ptr + k),)
+
+    if NORMALIZE:
+        # x' = (x - min) * scale: the difference first, exact near the minimum (x * scale - min *
+        # scale would round min * scale, a large error when the map's offset dwarfs its range)
+        lo_x = tl.load(scales_ptr + plane)
+        sc_x = tl.load(scales_ptr + n_planes + plane)
+        lo_y = tl.load(scales_ptr + 2 * n_planes + plane)
+        sc_y = tl.load(scales_ptr + 3 * n_planes + plane)
+    else:
+        lo_x = 0.0
+        sc_x = 1.0
+        lo_y = 0.0
+        sc_y = 1.0
+    s_plane = s_ptr + plane * H * W
+    t_plane = t_ptr + plane * H * W
+
+    zero = tl.zeros([BC], tl.float32)
+    w_x = (zero,) * K
+    w_y = (zero,) * K
+    w_xx = (zero,) * K
+    w_yy = (zero,) * K
+    w_xy = (zero,) * K
+    acc = zero
+    map_size = HO * WO
+    # Padded row o0 - OFF + i; output row o0 + i - (K - 1) once the window holds K rows. The loop
+    # advances K rows per step and the step is unrolled, so the ring slot of row i is the static
+    # j = i mod K: the window never moves between registers.
+    n_total = n_rows + K - 1
+    for i0 in range(0, n_total, K):
+        for j in tl.static_range(K):
+            i = i0 + j
+            if i < n_total:
+                row = o0 - OFF + i
+                if PAD == 0:
+                    row = _reflect(row, H)
+                row_c = tl.minimum(tl.maximum(row, 0), H - 1)
+                h_x, h_y, h_xx, h_yy, h_xy = _fwd_row(s_plane, t_plane, row_c * W, idx, wts,
+                                                      lo_x, sc_x, lo_y, sc_y, K, NORMALIZE)
+                if PAD == 1:
+                    # zero padding pads the rescaled map: rows outside are 0
+                    row_ok = (row >= 0) & (row < H)
+                    h_x = tl.where(row_ok, h_x, 0.0)
+                    h_y = tl.where(row_ok, h_y, 0.0)
+                    h_xx = tl.where(row_ok, h_xx, 0.0)
+                    h_yy = tl.where(row_ok, h_yy, 0.0)
+                    h_xy = tl.where(row_ok, h_xy, 0.0)
+                w_x = _put(w_x, j, h_x, K)
+                w_y = _put(w_y, j, h_y, K)
+                w_xx = _put(w_xx, j, h_xx, K)
+                w_yy = _put(w_yy, j, h_yy, K)
+                w_xy = _put(w_xy, j, h_xy, K)
+                if i >= K - 1:
+                    acc = _fwd_out(_dot_ring(taps, w_x, j, K), _dot_ring(taps, w_y, j, K),
+                                   _dot_ring(taps, w_xx, j, K), _dot_ring(taps, w_yy, j, K),
+                                   _dot_ring(taps, w_xy, j, K), acc, col_ok, c1, c2, map_eps, partials_ptr,
+                                   plane * map_size + (o0 + i - (K - 1)) * WO + cols, STORE)
+    tl.store(loss_part_ptr + pid, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _bwd_row(p_row, idx, wts, K: tl.constexpr):
+    """Horizontal adjoint of one row of the three partial maps (one 16-byte load per slot)."""
+    h_mu = tl.zeros_like(wts[0])
+    h_xx = tl.zeros_like(wts[0])
+    h_xy = tl.zeros_like(wts[0])
+    lanes = tl.arange(0, 4)[None, :]
+    for k in tl.static_range(K):
+        v = tl.load(p_row + idx[k][:, None] * 4 + lanes)
+        even, odd = tl.split(tl.reshape(v, [v.shape[0], 2, 2]))  # (mu, xy), (xx, 0)
+        mu, xy = tl.split(even)
+        xx, _pad = tl.split(odd)
+        h_mu += wts[k] * mu
+        h_xx += wts[k] * xx
+        h_xy += wts[k] * xy
+    return h_mu, h_xx, h_xy
+
+
+@triton.jit
+def _row_weights(taps_ptr, p, H, K: tl.constexpr):
+    """Folded reflect weights of the K window rows p - R .. p + R for output row p."""
+    R: tl.constexpr = K // 2
+    w = ()
+    for k in tl.static_range(K):
+        w = w + (_weight(taps_ptr, p, p - R + k, H, K, 0, False),)
+    return w
 
 
 @triton.jit
 def _ssim_bwd_kernel(partials_ptr, s_ptr, t_ptr, taps_ptr, scales_ptr, gscale_ptr, out_ptr,
-                     H, W, HO, WO, HB, WB, n_planes, n_tile_cols, tiles_per_plane,
-                     K: tl.constexpr, PAD: tl.constexpr, NORMALIZE: tl.constexpr,
-                     BR: tl.constexpr, BC: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Adjoint filter of the three partial maps, combined with x and y.
-
-    Output grid: the input map (zeros, valid; writes d loss / d s) or the padded map (reflect;
-    writes d loss / d x on the padded grid for _ssim_fold_kernel). Position e of that grid gets
-    sum_k taps[k] P[e + k - S] (taps symmetric), S = R for zeros, 2R for valid and reflect."""
+                     H, W, HO, WO, n_planes, n_strips, n_ctiles, TH,
+                     K: tl.constexpr, PAD: tl.constexpr, NORMALIZE: tl.constexpr, BC: tl.constexpr):
+    """d loss / d s over a strip of input rows: adjoint filter of the three partial maps, combined
+    with x and y. Output pixel p collects from the map pixels within R of it (reflect, zeros; with
+    the folded reflect weights) or from p - K + 1 .. p (valid)."""
     pid = tl.program_id(0)
-    plane = (pid // tiles_per_plane).to(tl.int64)
-    tile = pid % tiles_per_plane
-    TH: tl.constexpr = BR - K + 1
+    ctile = pid % n_ctiles
+    rest = pid // n_ctiles
+    strip = rest % n_strips
+    plane = (rest // n_strips).to(tl.int64)
     R: tl.constexpr = K // 2
-    e0 = (tile // n_tile_cols) * TH
-    c0 = (tile % n_tile_cols) * BC
-    if PAD == 1:
-        rows = e0 - R + tl.arange(0, BR)
-        col_base = c0 - R + tl.arange(0, BC)
-    else:
-        rows = e0 - 2 * R + tl.arange(0, BR)
-        col_base = c0 - 2 * R + tl.arange(0, BC)
-    row_ok = (rows >= 0) & (rows < HO)
-    map_size = HO * WO
-    base = plane * map_size
-    stride = n_planes * map_size
-
-    h_mu = tl.zeros([BR, BC], tl.float32)
-    h_xx = tl.zeros([BR, BC], tl.float32)
-    h_xy = tl.zeros([BR, BC], tl.float32)
+    OFF: tl.constexpr = K - 1 if PAD == 2 else R
+    p0 = strip * TH
+    n_rows = tl.minimum(TH, H - p0)
+    cols = ctile * BC + tl.arange(0, BC)
+    col_ok = cols < W
+    idx, wts = _slots(taps_ptr, cols, WO, W, K, PAD, False, OFF)
+    taps = ()
     for k in tl.static_range(K):
-        g = tl.load(taps_ptr + k)
-        cols = col_base + k
-        ok = row_ok[:, None] & ((cols >= 0) & (cols < WO))[None, :]
-        offs = base + rows[:, None] * WO + cols[None, :]
-        h_mu += g * tl.load(partials_ptr + offs, mask=ok, other=0.0)
-        h_xx += g * tl.load(partials_ptr + stride + offs, mask=ok, other=0.0)
-        h_xy += g * tl.load(partials_ptr + 2 * stride + offs, mask=ok, other=0.0)
+        taps = taps + (tl.load(taps_ptr + k),)
+    map_size = HO * WO
+    p_plane = partials_ptr + plane * map_size * 4
 
-    band = _tap_matrix(taps_ptr, K, BR)
-    # NaN partial derivatives (pixels with a non-finite SSIM term) reach exactly the positions
-    # whose window holds them, as in the reference's adjoint; see _nonfinite_windows
-    finite = _finite(h_mu) & _finite(h_xx) & _finite(h_xy)
-    hit = _nonfinite_windows(finite, K, BR, DOT_PRECISION)
-    z_mu = tl.dot(band, tl.where(finite, h_mu, 0.0), input_precision=DOT_PRECISION)
-    z_mu = tl.where(hit, float("nan"), z_mu)
-    z_xx = tl.dot(band, tl.where(finite, h_xx, 0.0), input_precision=DOT_PRECISION)
-    z_xy = tl.dot(band, tl.where(finite, h_xy, 0.0), input_precision=DOT_PRECISION)
-
-    r_idx = tl.arange(0, BR)
-    e_rows = e0 + r_idx
-    e_cols = c0 + tl.arange(0, BC)
-    valid = ((r_idx < TH) & (e_rows < HB))[:, None] & (e_cols < WB)[None, :]
-    # the pixel whose value the padded position e holds
-    if PAD == 0:
-        p_rows = _reflect(e_rows - R, H)
-        p_cols = _reflect(e_cols - R, W)
-    else:
-        p_rows = e_rows
-        p_cols = e_cols
-    in_map = valid & ((p_rows >= 0) & (p_rows < H))[:, None] & ((p_cols >= 0) & (p_cols < W))[None, :]
-    p_offs = plane * H * W + p_rows[:, None] * W + p_cols[None, :]
-    x = tl.load(s_ptr + p_offs, mask=in_map, other=0.0).to(tl.float32)
-    y = tl.load(t_ptr + p_offs, mask=in_map, other=0.0).to(tl.float32)
     if NORMALIZE:
+        lo_x = tl.load(scales_ptr + plane)
         sc_x = tl.load(scales_ptr + n_planes + plane)
-        x = (x - tl.load(scales_ptr + plane)) * sc_x
-        y = (y - tl.load(scales_ptr + 2 * n_planes + plane)) * tl.load(scales_ptr + 3 * n_planes + plane)
-    grad = (z_mu + 2.0 * x * z_xx + y * z_xy) * tl.load(gscale_ptr)
-    if PAD == 0:
-        out_offs = plane * HB * WB + e_rows[:, None] * WB + e_cols[None, :]
-        tl.store(out_ptr + out_offs, grad, mask=in_map)
+        lo_y = tl.load(scales_ptr + 2 * n_planes + plane)
+        sc_y = tl.load(scales_ptr + 3 * n_planes + plane)
+        g = tl.load(gscale_ptr) * sc_x
     else:
-        if NORMALIZE:
-            grad = grad * sc_x
-        tl.store(out_ptr + p_offs, grad.to(out_ptr.dtype.element_ty), mask=in_map)
+        g = tl.load(gscale_ptr)
+    x_plane = s_ptr + plane * H * W
+    y_plane = t_ptr + plane * H * W
+    cols_c = tl.minimum(cols, W - 1)
 
-
-@triton.jit
-def _ssim_fold_kernel(v_ptr, scales_ptr, out_ptr, H, W, n_planes, blocks_per_plane,
-                      R: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK: tl.constexpr):
-    """Adjoint of reflect padding: pixel p gets the padded positions q with reflect(q) = p,
-    i.e. q = p, q = -p (1 <= p <= R) and q = 2 (H - 1) - p (H - 1 - R <= p <= H - 2), per axis."""
-    pid = tl.program_id(0)
-    plane = (pid // blocks_per_plane).to(tl.int64)
-    offs = (pid % blocks_per_plane) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < H * W
-    i = offs // W
-    j = offs % W
-    HB = H + 2 * R
-    WB = W + 2 * R
-    base = plane * HB * WB
-    # candidate padded rows / columns (padded coordinate + R) and whether each exists
-    r0 = i + R
-    r1 = R - i
-    r1_ok = (i >= 1) & (i <= R)
-    r2 = 2 * (H - 1) - i + R
-    r2_ok = (i >= H - 1 - R) & (i <= H - 2)
-    q0 = j + R
-    q1 = R - j
-    q1_ok = (j >= 1) & (j <= R)
-    q2 = 2 * (W - 1) - j + R
-    q2_ok = (j >= W - 1 - R) & (j <= W - 2)
-    acc = tl.load(v_ptr + base + r0 * WB + q0, mask=ok, other=0.0)
-    acc += tl.load(v_ptr + base + r0 * WB + q1, mask=ok & q1_ok, other=0.0)
-    acc += tl.load(v_ptr + base + r0 * WB + q2, mask=ok & q2_ok, other=0.0)
-    acc += tl.load(v_ptr + base + r1 * WB + q0, mask=ok & r1_ok, other=0.0)
-    acc += tl.load(v_ptr + base + r1 * WB + q1, mask=ok & r1_ok & q1_ok, other=0.0)
-    acc += tl.load(v_ptr + base + r1 * WB + q2, mask=ok & r1_ok & q2_ok, other=0.0)
-    acc += tl.load(v_ptr + base + r2 * WB + q0, mask=ok & r2_ok, other=0.0)
-    acc += tl.load(v_ptr + base + r2 * WB + q1, mask=ok & r2_ok & q1_ok, other=0.0)
-    acc += tl.load(v_ptr + base + r2 * WB + q2, mask=ok & r2_ok & q2_ok, other=0.0)
-    if NORMALIZE:
-        acc = acc * tl.load(scales_ptr + n_planes + plane)
-    tl.store(out_ptr + plane * H * W + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+    zero = tl.zeros([BC], tl.float32)
+    w_mu = (zero,) * K
+    w_xx = (zero,) * K
+    w_xy = (zero,) * K
+    # map row p0 - OFF + i; output row p0 + i - (K - 1) once the window holds K rows (K rows per
+    # step, unrolled: static ring slots, as in the forward)
+    n_total = n_rows + K - 1
+    for i0 in range(0, n_total, K):
+        for j in tl.static_range(K):
+            i = i0 + j
+            if i < n_total:
+                jr = p0 - OFF + i
+                jr_c = tl.minimum(tl.maximum(jr, 0), HO - 1)
+                h_mu, h_xx, h_xy = _bwd_row(p_plane + jr_c * WO * 4, idx, wts, K)
+                # the partial maps are zero outside the output map
+                jr_ok = (jr >= 0) & (jr < HO)
+                w_mu = _put(w_mu, j, tl.where(jr_ok, h_mu, 0.0), K)
+                w_xx = _put(w_xx, j, tl.where(jr_ok, h_xx, 0.0), K)
+                w_xy = _put(w_xy, j, tl.where(jr_ok, h_xy, 0.0), K)
+                if i >= K - 1:
+                    p = p0 + i - (K - 1)
+                    if PAD == 0:
+                        if (p <= R) | (p >= H - 1 - R):
+                            rw = _row_weights(taps_ptr, p, H, K)
+                            z_mu = _dot_ring(rw, w_mu, j, K)
+                            z_xx = _dot_ring(rw, w_xx, j, K)
+                            z_xy = _dot_ring(rw, w_xy, j, K)
+                        else:
+                            z_mu = _dot_ring(taps, w_mu, j, K)
+                            z_xx = _dot_ring(taps, w_xx, j, K)
+                            z_xy = _dot_ring(taps, w_xy, j, K)
+                    else:
+                        z_mu = _dot_ring(taps, w_mu, j, K)
+                        z_xx = _dot_ring(taps, w_xx, j, K)
+                        z_xy = _dot_ring(taps, w_xy, j, K)
+                    offs = p * W + cols_c
+                    x = tl.load(x_plane + offs).to(tl.float32)
+                    y = tl.load(y_plane + offs).to(tl.float32)
+                    if NORMALIZE:
+                        x = (x - lo_x) * sc_x
+                        y = (y - lo_y) * sc_y
+                    grad = (z_mu + 2.0 * x * z_xx + y * z_xy) * g
+                    tl.store(out_ptr + plane * H * W + p * W + cols, grad.to(out_ptr.dtype.element_ty),
+                             mask=col_ok)
 
 
 def _out_size(h: int, w: int, window: int, padding: str) -> tuple[int, int]:
@@ -416,8 +483,8 @@ def _scales(s: torch.Tensor, t: torch.Tensor, normalize: bool) -> torch.Tensor:
 def ssim_kd_triton(student: torch.Tensor, teacher: torch.Tensor, window_size: int, sigma: float,
                    data_range: float, padding: str, normalize: bool, need_partials: bool
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss in the student's dtype, partial-derivative maps (3, N*C, H', W') fp32 or an empty
-    tensor, per-plane rescaling (4, N*C) fp32: min and 1 / range of student, then teacher)."""
+    """(loss in the student's dtype, partial-derivative maps (N*C, H', W', 4) fp32 (d/d mu_x,
+    d/d E[x^2], d/d E[xy], 0 per pixel) or an empty tensor, per-plane rescaling (4, N*C) fp32: min and 1 / range of student, then teacher)."""
     from .api import _check_fits  # (api imports this module)
 
     # the kernels read reflected indices once: a map smaller than the window would read garbage
@@ -428,22 +495,22 @@ def ssim_kd_triton(student: torch.Tensor, teacher: torch.Tensor, window_size: in
     ho, wo = _out_size(h, w, window_size, padding)
     scales = _scales(s, t, normalize)
     taps = _taps(window_size, sigma, s.device)
-    br, bc = _tiles(window_size, ho, wo)
-    th = br - window_size + 1
-    n_tile_cols = triton.cdiv(wo, bc)
-    tiles = triton.cdiv(ho, th) * n_tile_cols
-    loss_parts = torch.empty(n * c * tiles, dtype=torch.float32, device=s.device)
+    th, bc = _tiles(ho, wo)
+    n_strips = triton.cdiv(ho, th)
+    n_ctiles = triton.cdiv(wo, bc)
+    programs = n * c * n_strips * n_ctiles
+    loss_parts = torch.empty(programs, dtype=torch.float32, device=s.device)
     if need_partials:
-        partials = torch.empty(3, n * c, ho, wo, dtype=torch.float32, device=s.device)
+        partials = torch.empty(n * c, ho, wo, 4, dtype=torch.float32, device=s.device)
     else:
         partials = torch.empty(0, dtype=torch.float32, device=s.device)
-    _ssim_fwd_kernel[(n * c * tiles,)](
+    _ssim_fwd_kernel[(programs,)](
         # without partials the kernel never writes them; it still gets a valid (non-null) pointer
         s, t, taps, scales, loss_parts, partials if need_partials else loss_parts,
-        h, w, ho, wo, n * c, n_tile_cols, tiles,
+        h, w, ho, wo, n * c, n_strips, n_ctiles, th,
         (0.01 * data_range) ** 2, (0.03 * data_range) ** 2, MAP_EPS,
-        K=window_size, PAD=PAD_CODES[padding], NORMALIZE=normalize, STORE=need_partials, BR=br, BC=bc,
-        DOT_PRECISION=DOT_PRECISION, num_warps=_num_warps(br, bc), **FP_FUSION)
+        K=window_size, PAD=PAD_CODES[padding], NORMALIZE=normalize, STORE=need_partials, BC=bc,
+        num_warps=max(1, bc // 32), **FP_FUSION)
     loss = (loss_parts.sum() / (n * c * ho * wo)).to(student.dtype)
     return loss, partials, scales
 
@@ -457,26 +524,16 @@ def ssim_kd_backward_triton(grad_loss: torch.Tensor, student: torch.Tensor, teac
     partials = partials.contiguous()
     n, c, h, w = s.shape
     ho, wo = _out_size(h, w, window_size, padding)
-    r = window_size // 2
     taps = _taps(window_size, sigma, s.device)
     # d loss / d map carries 1 / (N C H' W') and the incoming gradient; a device scalar, no sync
     gscale = (grad_loss.to(torch.float32) / (n * c * ho * wo)).reshape(1)
     grad = torch.empty(n, c, h, w, dtype=student.dtype, device=s.device)
-    hb, wb = (h + 2 * r, w + 2 * r) if padding == "reflect" else (h, w)
-    out = torch.empty(n * c, hb, wb, dtype=torch.float32, device=s.device) if padding == "reflect" else grad
-    br, bc = _tiles(window_size, hb, wb)
-    th = br - window_size + 1
-    n_tile_cols = triton.cdiv(wb, bc)
-    tiles = triton.cdiv(hb, th) * n_tile_cols
-    _ssim_bwd_kernel[(n * c * tiles,)](
-        partials, s, t, taps, scales, gscale, out, h, w, ho, wo, hb, wb, n * c, n_tile_cols, tiles,
-        K=window_size, PAD=PAD_CODES[padding], NORMALIZE=normalize, BR=br, BC=bc,
-        DOT_PRECISION=DOT_PRECISION, num_warps=_num_warps(br, bc), **FP_FUSION)
-    if padding == "reflect":
-        block = min(triton.next_power_of_2(h * w), 1024)
-        blocks = triton.cdiv(h * w, block)
-        _ssim_fold_kernel[(n * c * blocks,)](out, scales, grad, h, w, n * c, blocks,
-                                             R=r, NORMALIZE=normalize, BLOCK=block, **FP_FUSION)
+    th, bc = _tiles(h, w)
+    n_strips = triton.cdiv(h, th)
+    n_ctiles = triton.cdiv(w, bc)
+    _ssim_bwd_kernel[(n * c * n_strips * n_ctiles,)](
+        partials, s, t, taps, scales, gscale, grad, h, w, ho, wo, n * c, n_strips, n_ctiles, th,
+        K=window_size, PAD=PAD_CODES[padding], NORMALIZE=normalize, BC=bc, num_warps=max(1, bc // 32), **FP_FUSION)
     return grad
 
 
@@ -484,7 +541,7 @@ def ssim_kd_backward_triton(grad_loss: torch.Tensor, student: torch.Tensor, teac
 def _(student, teacher, window_size, sigma, data_range, padding, normalize, need_partials):
     n, c, h, w = student.shape
     ho, wo = _out_size(h, w, window_size, padding)
-    partials_shape = (3, n * c, ho, wo) if need_partials else (0,)
+    partials_shape = (n * c, ho, wo, 4) if need_partials else (0,)
     return (student.new_empty(()), student.new_empty(partials_shape, dtype=torch.float32),
             student.new_empty((4, n * c), dtype=torch.float32))
 
