@@ -122,12 +122,28 @@ def _forward_backward(case, inputs, backend="triton"):
     return [o.detach() for o in outs], nodes, list(grads1) + list(grads2)
 
 
+def _case_and_inputs(op):
+    """The bench case of an op and its quick inputs; memory_contrast_kd, which has no bench case
+    yet, gets inputs of its own shape here (anchors (M, C) and a bank (Q, C))."""
+    from types import SimpleNamespace
+
+    from segkd_kernels.bench import cases
+
+    torch.manual_seed(0)
+    if op == "memory_contrast_kd":
+        s = torch.randn(37, 12, requires_grad=True)
+        t, bank = torch.randn(37, 12), torch.nn.functional.normalize(torch.randn(45, 12), dim=1)
+        return (SimpleNamespace(api=sk.memory_contrast_kd),
+                SimpleNamespace(tensors=[s, t, bank], kwargs={}, grad_of=[0]))
+    case = cases.CASES[op]
+    return case, case.make(case.quick_shapes[0], torch.float32, "cpu")
+
+
 @pytest.mark.skipif(not _backends.TRITON_INTERPRET, reason="the triton backend on CPU needs the interpreter")
 @pytest.mark.parametrize("op", PUBLIC_OPS + ["knowledge_gap"])
 def test_eager_fast_path_matches_the_dispatcher_path(op):
     """Same values and gradients, bit for bit, through the fast path and through the custom op; the
     fast path is the one taken in eager mode (its autograd node replaces the dispatcher's)."""
-    from segkd_kernels.bench import cases
     from segkd_kernels.ops._eager import dispatcher_path
 
     if op == "knowledge_gap":  # not a bench case: no gradient, a custom op called without grad
@@ -137,9 +153,7 @@ def test_eager_fast_path_matches_the_dispatcher_path(op):
             slow = sk.knowledge_gap(s, t, 2.0)
         assert torch.equal(fast, slow)
         return
-    case = cases.CASES[op]
-    torch.manual_seed(0)
-    inputs = case.make(case.quick_shapes[0], torch.float32, "cpu")
+    case, inputs = _case_and_inputs(op)
     out_f, nodes_f, grads_f = _forward_backward(case, inputs)
     with dispatcher_path():
         out_s, nodes_s, grads_s = _forward_backward(case, inputs)
@@ -186,14 +200,11 @@ def test_fast_path_leaves_meta_tensors_to_the_fake_implementation():
 @pytest.mark.parametrize("op", PUBLIC_OPS)
 def test_eager_fast_path_matches_the_dispatcher_path_for_the_cuda_kernels(op):
     """The same for the cuda backend's custom ops, run on CPU tensors by the host build of csrc/."""
-    from segkd_kernels.bench import cases
     from segkd_kernels.ops._eager import dispatcher_path
 
-    case = cases.CASES[op]
     if "cuda" not in implemented_backends()[op]:
         pytest.skip(f"{op} has no cuda backend")
-    torch.manual_seed(0)
-    inputs = case.make(case.quick_shapes[0], torch.float32, "cpu")
+    case, inputs = _case_and_inputs(op)
     with _backends.host_execution() as host:
         # the host layer runs blocks and threads in a seeded random order (atomic adds follow it):
         # the same seed for both paths, so that bit-identical is the expectation
