@@ -132,9 +132,12 @@ def test_empty_launches_touch_no_device():
 
 @needs_lib
 def test_partial_counts():
-    # ssim: 32 x 8 output tiles per map; valid padding shrinks the map by window - 1
-    assert LIB.ssim_num_partials(6, 33, 40, 11, 0) == 6 * 2 * 5
-    assert LIB.ssim_num_partials(6, 33, 40, 11, 2) == 6 * 1 * 3
+    # ssim: blocks of 128 output columns by strips of rows (16 rows below 64 output rows, else 64);
+    # valid padding shrinks the map by window - 1
+    assert LIB.ssim_num_partials(6, 33, 40, 11, 0) == 6 * 1 * 3
+    assert LIB.ssim_num_partials(6, 33, 40, 11, 2) == 6 * 1 * 2
+    assert LIB.ssim_num_partials(2, 70, 300, 11, 0) == 2 * 3 * 2
+    assert LIB.ssim_num_partials(2, 70, 300, 11, 2) == 2 * 3 * 4
     assert 1 <= LIB.attnfd_num_partials(10) <= LIB.attnfd_num_partials(10**9) <= 4096
 
 
