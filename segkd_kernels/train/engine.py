@@ -588,7 +588,12 @@ def train(cfg: Config, *, resume: bool | str = False, overwrite: bool = False, a
     device_kind = "cuda" if (cfg.device == "auto" and torch.cuda.is_available()) or cfg.device.startswith("cuda") else "cpu"
     env = setup_distributed(device_kind)
     try:
-        return _train(cfg, env, resume, overwrite, allow_config_change, callback, quiet)
+        result = _train(cfg, env, resume, overwrite, allow_config_change, callback, quiet)
+        if env.created:
+            # Every rank has left its last collective before any rank tears the group down: a gloo rank
+            # destroyed while its peer still talks to it can abort the peer's process.
+            dist.barrier()
+        return result
     finally:
         if env.created:
             dist.destroy_process_group()
