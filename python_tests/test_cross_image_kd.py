@@ -24,6 +24,10 @@ from segkd_kernels.ops.cross_image_kd import reference as reference_module
 from segkd_kernels.ops.cross_image_kd.api import IMPLEMENTED
 from segkd_kernels.testing import (TOLERANCES, assert_close, channels_last, make_tensor, non_contiguous,
                                    within_error_budget)
+from feature_pair_checks import (BAD_SHAPES, check_bad_dtypes_and_types, check_bad_shape, check_different_devices,
+                                 check_missing_backend, good_pair)
+from feature_pair_checks import features as _features
+from feature_pair_checks import value_and_grad as _value_and_grad
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _AVAILABLE = sk.available_backends()
@@ -44,12 +48,6 @@ TAUS = [0.1, 0.5, 1.0]
 def _skip_unsupported(backend, dtype):
     if dtype not in IMPLEMENTED[backend]:
         pytest.skip(f"{backend} backend of cross_image_kd does not take {dtype}")
-
-
-def _features(n, c_s, c_t, h, w, *, dtype=torch.float64, seed=0):
-    s = make_tensor((n, c_s, h, w), dtype=dtype, device=DEVICE, seed=seed, requires_grad=True)
-    t = make_tensor((n, c_t, h, w), dtype=dtype, device=DEVICE, seed=seed + 1)
-    return s, t
 
 
 def oracle_cross_image(s, t, tau):
@@ -93,13 +91,6 @@ def naive_pxp(s, t, tau):
             log_p_t = F.log_softmax(b[i].T @ b[j] / tau, dim=1)
             total = total + F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
     return total / (n * n)
-
-
-def _value_and_grad(fn, s, t, *args, **kwargs):
-    s = s.detach().clone().requires_grad_(True)
-    loss = fn(s, t, *args, **kwargs)
-    (grad,) = torch.autograd.grad(loss, s)
-    return loss, grad
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,44 +320,20 @@ def test_torch_compile(tau, backend):
 
 
 def _good():
-    return make_tensor((2, 3, 5, 7), seed=51), make_tensor((2, 4, 5, 7), seed=52)
+    return good_pair(51)
 
 
-@pytest.mark.parametrize(
-    "student_shape, teacher_shape, name",
-    [
-        ((2, 3, 5, 7), (3, 4, 5, 7), "teacher_feat"),  # N
-        ((2, 3, 5, 7), (2, 4, 6, 7), "teacher_feat"),  # H
-        ((2, 3, 5, 7), (2, 4, 5, 8), "teacher_feat"),  # W
-        ((3, 5, 7), (2, 4, 5, 7), "student_feat"),  # rank
-        ((2, 3, 5, 7), (2, 4, 5, 7, 1), "teacher_feat"),
-        ((2, 3, 5, 7), (4, 5, 7), "teacher_feat"),
-        ((0, 3, 5, 7), (0, 4, 5, 7), "student_feat"),  # empty
-        ((2, 3, 5, 0), (2, 4, 5, 0), "student_feat"),
-        ((2, 3, 5, 7), (2, 0, 5, 7), "teacher_feat"),
-    ],
-)
+@pytest.mark.parametrize("student_shape, teacher_shape, name", BAD_SHAPES)
 def test_bad_shapes(student_shape, teacher_shape, name):
-    with pytest.raises(ValueError, match=name):
-        sk.cross_image_kd(torch.randn(student_shape), torch.randn(teacher_shape))
+    check_bad_shape(sk.cross_image_kd, student_shape, teacher_shape, name)
 
 
 def test_bad_dtypes_and_types():
-    s, t = _good()
-    with pytest.raises(ValueError, match="student_feat"):
-        sk.cross_image_kd(s.long(), t)
-    with pytest.raises(ValueError, match="teacher_feat"):
-        sk.cross_image_kd(s, t.to(torch.int32))
-    with pytest.raises(ValueError, match="student_feat"):
-        sk.cross_image_kd(s.numpy(), t)
+    check_bad_dtypes_and_types(sk.cross_image_kd, *_good())
 
 
 def test_different_devices():
-    s, t = _good()
-    with pytest.raises(ValueError, match="teacher_feat"):
-        sk.cross_image_kd(s, t.to("meta"))
-    with pytest.raises(ValueError, match="teacher_feat"):  # names the odd one out vs student_feat
-        sk.cross_image_kd(s.to("meta"), t)
+    check_different_devices(sk.cross_image_kd, *_good())
 
 
 @pytest.mark.parametrize("tau", [0, 0.0, -0.5, -1, float("nan"), True, "0.1", None])
@@ -385,11 +352,7 @@ def test_bad_backend_name():
 # ids avoid the bare keyword "cuda", which conftest.py reads as the "needs a CUDA device" marker
 @pytest.mark.parametrize("backend", ["triton", "cuda"], ids=["named-triton", "named-cuda"])
 def test_missing_backend_raises(backend):
-    if backend in IMPLEMENTED:
-        pytest.skip(f"cross_image_kd has a {backend} backend now")
-    s, t = _good()
-    with pytest.raises((ValueError, RuntimeError), match=f"no {backend} backend"):
-        sk.cross_image_kd(s, t, backend=backend)
+    check_missing_backend(sk.cross_image_kd, "cross_image_kd", IMPLEMENTED, backend, *_good())
 
 
 def test_auto_and_reference_agree():
