@@ -678,6 +678,25 @@ __device__ __forceinline__ TcBlock tc_block(int64_t batch, int64_t row_tiles, in
   return v;
 }
 
+// What a backward thread keeps of its row r: the two saved log-sum-exps and the inverse norms
+// (zeros past the plane).
+struct BwdRow {
+  bool ok;
+  float lse_s, lse_t, inv_s, inv_t;
+};
+
+__device__ __forceinline__ BwdRow bwd_row(const TcBlock& v, int64_t r, int64_t batch, int64_t plane,
+                                          const float* __restrict__ lse, const float* __restrict__ inv_s,
+                                          const float* __restrict__ inv_t) {
+  BwdRow row;
+  row.ok = r < plane;
+  row.lse_s = row.ok ? lse[v.pair * plane + r] : 0.f;
+  row.lse_t = row.ok ? lse[batch * batch * plane + v.pair * plane + r] : 0.f;
+  row.inv_s = row.ok ? inv_s[v.i * plane + r] : 0.f;
+  row.inv_t = row.ok ? inv_t[v.i * plane + r] : 0.f;
+  return row;
+}
+
 // Loads the resident row tiles and starts the first column tile; returns whether 16-byte copies apply.
 template <typename T>
 __device__ __forceinline__ bool tc_prologue(unsigned char* smem, const TcLayout& L, const T* xs, const T* xt,
@@ -770,12 +789,9 @@ cross_image_backward_tc_kernel(const T* __restrict__ xs, const T* __restrict__ x
   // d loss / d S_ij[r, c] = (p_S - p_T) * g / (N^2 P); S = a_i^T a_j / tau adds 1 / tau.
   const float coef = grad_loss[0] * scale * inv_tau;
   const int srow = threadIdx.x / kQuad, scol = (threadIdx.x % kQuad) * kColsPerThread;
-  const int64_t r = v.r0 + srow;
-  const bool row_ok = r < plane;
-  const float lse_s = row_ok ? lse[v.pair * plane + r] : 0.f;
-  const float lse_t = row_ok ? lse[batch * batch * plane + v.pair * plane + r] : 0.f;
-  const float row_inv_s = row_ok ? inv_s[v.i * plane + r] : 0.f;
-  const float row_inv_t = row_ok ? inv_t[v.i * plane + r] : 0.f;
+  const BwdRow row = bwd_row(v, v.r0 + srow, batch, plane, lse, inv_s, inv_t);
+  const bool row_ok = row.ok;
+  const float lse_s = row.lse_s, lse_t = row.lse_t, row_inv_s = row.inv_s, row_inv_t = row.inv_t;
   // Row-side gradient: fragment f = warp + 8 q of the (C_s / 16) x (kBM / 16) grid, in registers.
   const int row_frags = static_cast<int>(cs16 / 16) * (kBM / 16);
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> racc[kRowFrags];
@@ -1063,12 +1079,9 @@ cross_image_backward_f32_kernel(const float* __restrict__ xs, const float* __res
   // d loss / d S_ij[r, c] = (p_S - p_T) * g / (N^2 P); S = a_i^T a_j / tau adds 1 / tau.
   const float coef = grad_loss[0] * scale * inv_tau;
   const int srow = threadIdx.x / kQuad, scol = (threadIdx.x % kQuad) * kFCols;
-  const int64_t r = v.r0 + srow;
-  const bool row_ok = r < plane;
-  const float lse_s = row_ok ? lse[v.pair * plane + r] : 0.f;
-  const float lse_t = row_ok ? lse[batch * batch * plane + v.pair * plane + r] : 0.f;
-  const float row_inv_s = row_ok ? inv_s[v.i * plane + r] : 0.f;
-  const float row_inv_t = row_ok ? inv_t[v.i * plane + r] : 0.f;
+  const BwdRow row = bwd_row(v, v.r0 + srow, batch, plane, lse, inv_s, inv_t);
+  const bool row_ok = row.ok;
+  const float lse_s = row.lse_s, lse_t = row.lse_t, row_inv_s = row.inv_s, row_inv_t = row.inv_t;
   // Row-side gradient: fragment f = warp + 4 q of the (C_s / 16) x (kFBM / 16) grid, in registers.
   const int row_frags = static_cast<int>(cs16 / 16) * (kFBM / 16);
   FragAcc racc[kFRowFrags];

@@ -205,14 +205,20 @@ def _bwd_kernel(a_ptr, b_ptr, lse_s_ptr, lse_t_ptr, grad_ptr, da_ptr, N, P, inv_
                   mask=mask_m[:, None] & mask_d[None, :], sem="relaxed")
 
 
-def _types(dtype: torch.dtype):
-    """(DOT_DTYPE, ACC_DTYPE, PRECISION, torch accumulation dtype)."""
+def dot_types(dtype: torch.dtype, fp32_precision: str):
+    """(DOT_DTYPE, ACC_DTYPE, PRECISION, torch accumulation dtype) of the streaming-softmax kernels
+    (shared with memory_contrast_kd): fp64 in fp64, fp32 (and everything under the interpreter) in
+    fp32 with fp32_precision for tl.dot, fp16/bf16 operands with fp32 accumulation."""
     if dtype == torch.float64:
         return tl.float64, tl.float64, "ieee", torch.float64
     if dtype == torch.float32 or TRITON_INTERPRET:
-        # tf32x3 on a GPU; the interpreter multiplies in fp32 whatever the precision says
-        return tl.float32, tl.float32, "tf32x3", torch.float32
+        return tl.float32, tl.float32, fp32_precision, torch.float32
     return (tl.bfloat16 if dtype == torch.bfloat16 else tl.float16), tl.float32, "ieee", torch.float32
+
+
+def _types(dtype: torch.dtype):
+    # tf32x3 on a GPU; the interpreter multiplies in fp32 whatever the precision says
+    return dot_types(dtype, "tf32x3")
 
 
 def _pad(c: int) -> int:

@@ -25,9 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._backends import TRITON_INTERPRET
 from .._triton_common import FP_FUSION, cdiv, next_power_of_2
-from ..cross_image_kd.triton import online_lse_finish, online_lse_step
+from ..cross_image_kd.triton import dot_types, online_lse_finish, online_lse_step
 
 
 @triton.jit
@@ -107,12 +106,7 @@ def _bwd_kernel(a_ptr, b_ptr, m_ptr, lse_s_ptr, lse_t_ptr, grad_ptr, da_ptr, M, 
 
 
 def _types(dtype: torch.dtype):
-    """(DOT_DTYPE, ACC_DTYPE, PRECISION, torch accumulation dtype)."""
-    if dtype == torch.float64:
-        return tl.float64, tl.float64, "ieee", torch.float64
-    if dtype == torch.float32 or TRITON_INTERPRET:
-        return tl.float32, tl.float32, "ieee", torch.float32
-    return (tl.bfloat16 if dtype == torch.bfloat16 else tl.float16), tl.float32, "ieee", torch.float32
+    return dot_types(dtype, "ieee")
 
 
 def _k_block(c: int) -> int:
