@@ -13,10 +13,12 @@
 // a = x * inv. da is zero-filled by the caller.
 //
 // Two families of kernels:
-// - half / bfloat16 with C_s <= 256, C_t <= 512 on sm_80+ (the tensor-core kernels, "tc", at the
-//   end of this file): FlashAttention-2 structure, resident row tiles, cp.async double-buffered
-//   column tiles, wmma for the S/T tiles and for both gradient products, each tile computed once.
-// - everything else (fp32, wider channels, small shared memory): 32 x 32 tiles, warp w owning rows
+// - tensor cores on sm_80+ (at the end of this file): FlashAttention-2 structure, resident row
+//   tiles, cp.async column tiles, wmma for the S/T tiles and for both gradient products, each tile
+//   computed once: half / bfloat16 with C_s <= 256, C_t <= 512 ("tc", 64 x 32 tiles), and fp32
+//   with C_s <= 256, C_t <= 512 ("f32", 32 x 16 tiles on tf32 wmma with the 3xTF32 split), where
+//   the resident rows fit the device's opt-in shared memory.
+// - everything else (wider channels, small shared memory, pre-sm_80): 32 x 32 tiles, warp w owning rows
 //   4w..4w+3 and lane l column l of every tile; S/T on wmma for half / bfloat16 (warps 0-3 the four
 //   16x16 quarters of S, warps 4-7 those of T), fp32 FMA from shared-memory staging for float; the
 //   backward either as two kernels that own the rows and the columns respectively and accumulate in
@@ -378,7 +380,8 @@ cross_image_backward_owned_kernel(const T* __restrict__ xs, const T* __restrict_
 //     rows:    dA_i[:, rows] += X_j D_row^T   (C_s x 64 fp32 fragments held in registers all along)
 //     columns: dA_j[:, cols] += X_i D_col     (C_s x 32, added to dA_j with fp32 atomics per tile)
 // so the MMAs executed are the algorithm's (C padded to 16). Channel counts up to kTcMaxCs (student)
-// and kTcMaxCt (teacher); wider ones, fp32 and pre-sm_80 devices take the kernels above.
+// and kTcMaxCt (teacher); wider ones and pre-sm_80 devices take the kernels above, fp32 the 3xTF32
+// kernels below.
 constexpr int kBM = 64, kBN = 32;
 // The dynamic shared memory, 128-byte aligned (wmma needs 32-byte aligned tile pointers).
 #if defined(SEGKD_HOST_EXECUTION)
@@ -427,7 +430,7 @@ struct TcLayout {
 template <typename T, int kWidth>
 __device__ __forceinline__ void stage_tile(T* dst, int ld, const T* __restrict__ src, int64_t channels, int64_t c16,
                                            int64_t plane, int64_t p0, bool vec_ok) {
-  constexpr int kVec = 8;  // 16 bytes of 16-bit values
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // 16 bytes: 8 16-bit values or 4 floats
   constexpr int kPerLine = kWidth / kVec;
   for (int64_t idx = threadIdx.x; idx < c16 * kPerLine; idx += blockDim.x) {
     const int64_t k = idx / kPerLine;
@@ -566,17 +569,132 @@ __device__ __forceinline__ float quad_sum(float v) {
   return v + __shfl_xor_sync(kFullMask, v, 2);
 }
 
+// One column tile of a row's online statistics (the tensor-core forwards): the thread's kCols
+// entries of S and T (-inf past the plane; the first `valid` of them are real) and their maxima
+// tile_ms / tile_mt (taken by the caller as it reads the entries: a separate pass made ptxas spill
+// the 16-bit forward on sm_80), merged with the rest of its quad into the running maxima ms / mt,
+// sums of exp ls / lt and acc = sum exp(T - m_T) (T - S).
+template <int kCols>
+__device__ __forceinline__ void online_row_step(const float (&sv)[kCols], const float (&tv)[kCols], float tile_ms,
+                                                float tile_mt, int valid, float& ms, float& mt, float& ls, float& lt,
+                                                float& acc) {
+  const float nms = max_nan(ms, quad_max(tile_ms)), nmt = max_nan(mt, quad_max(tile_mt));
+  float sum_s = 0.f, sum_t = 0.f, sum_kl = 0.f;
+#pragma unroll
+  for (int e = 0; e < kCols; ++e) {
+    if (e < valid) {  // a whole-invalid row keeps -inf maxima: exp(-inf - -inf) would be NaN
+      const float et = expf(tv[e] - nmt);
+      sum_s += expf(sv[e] - nms);
+      sum_t += et;
+      sum_kl += et * (tv[e] - sv[e]);
+    }
+  }
+  const float sc = rescale(mt, nmt);
+  ls = ls * rescale(ms, nms) + quad_sum(sum_s);
+  lt = lt * sc + quad_sum(sum_t);
+  acc = acc * sc + quad_sum(sum_kl);
+  ms = nms;
+  mt = nmt;
+}
+
+// How many of the `cap` columns from c on are inside the plane (0 past it).
+__device__ __forceinline__ int columns_left(int64_t plane, int64_t c, int cap) {
+  return plane - c < cap ? static_cast<int>(plane - c > 0 ? plane - c : 0) : cap;
+}
+
+// The row's KL and its two log-sum-exps, written by the first thread of its quad.
+__device__ __forceinline__ void finish_row(int64_t r, int64_t plane, int64_t batch, int64_t pair, float ms, float mt,
+                                           float ls, float lt, float acc, float* __restrict__ row_kl,
+                                           float* __restrict__ lse) {
+  if (threadIdx.x % kQuad == 0 && r < plane) {
+    const float lse_s = ms + logf(ls), lse_t = mt + logf(lt);
+    const int64_t at = pair * plane + r;
+    row_kl[at] = acc / lt - lse_t + lse_s;
+    lse[at] = lse_s;
+    lse[batch * batch * plane + at] = lse_t;
+  }
+}
+
+// The column gradient of one tile into dA_j: thread t adds column t % kCols (coalesced) of
+// channels t / kCols, + kThreads / kCols, ... of colbuf (line kLd), scaled by coef, with fp32 atomics.
+template <int kCols, int kBlockThreads, int kLd>
+__device__ __forceinline__ void add_column_gradient(const float* colbuf, float* __restrict__ daj, int64_t c0,
+                                                    int64_t cs, int64_t plane, float coef) {
+  const int col = threadIdx.x % kCols;
+  if (c0 + col < plane)
+    for (int64_t k = threadIdx.x / kCols; k < cs; k += kBlockThreads / kCols)
+      atomicAdd(daj + k * plane + c0 + col, coef * colbuf[k * kLd + col]);
+}
+
+// The row gradient held in registers into dA_i at the end of a backward: fragment f = warp + q
+// kWarps of the (C_s / 16) x (kRows / 16) grid passes through the warp's own 16 x 16 slice of
+// scratch (256 floats a warp) and is added, scaled by coef, with fp32 atomics.
+template <int kRows, int kWarps, typename Frag, int kFrags>
+__device__ __forceinline__ void add_row_gradient(float* scratch, const Frag (&racc)[kFrags], int row_frags,
+                                                 float* __restrict__ dai, int64_t r0, int64_t cs, int64_t plane,
+                                                 float coef) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  scratch += warp * 16 * 16;
+#pragma unroll
+  for (int q = 0; q < kFrags; ++q) {
+    const int f = warp + q * kWarps;
+    if (f < row_frags) {  // warp-uniform
+      const int kf = f / (kRows / 16), rf = f % (kRows / 16);
+      nvcuda::wmma::store_matrix_sync(scratch, racc[q], 16, nvcuda::wmma::mem_row_major);
+      __syncwarp();
+      for (int e = lane; e < 256; e += 32) {
+        const int64_t k = kf * 16 + e / 16, r = r0 + rf * 16 + e % 16;
+        if (k < cs && r < plane) atomicAdd(dai + k * plane + r, coef * scratch[e]);
+      }
+      __syncwarp();
+    }
+  }
+}
+
+// Top of a pipelined column-tile step: with `prefetch`, the copy of tile + 1 into the other buffer
+// (stage_next) is issued before waiting for tile `tile`, so it streams in while this one is
+// multiplied; then a barrier makes tile `tile` (and the row tiles) visible to every thread.
+template <typename Stage>
+__device__ __forceinline__ void column_tile_ready(int64_t tile, int64_t tiles, bool prefetch, const Stage& stage_next) {
+  if (prefetch && tile + 1 < tiles) {
+    stage_next();
+    __pipeline_wait_prior(1);
+  } else {
+    __pipeline_wait_prior(0);
+  }
+  __syncthreads();
+}
+
 struct TcBlock {
   int64_t pair, i, j, r0;
 };
 
-__device__ __forceinline__ TcBlock tc_block(int64_t batch, int64_t row_tiles) {
+__device__ __forceinline__ TcBlock tc_block(int64_t batch, int64_t row_tiles, int rows = kBM) {
   TcBlock v;
   v.pair = blockIdx.x / row_tiles;
-  v.r0 = (blockIdx.x - v.pair * row_tiles) * kBM;
+  v.r0 = (blockIdx.x - v.pair * row_tiles) * rows;
   v.i = v.pair / batch;
   v.j = v.pair - v.i * batch;
   return v;
+}
+
+// What a backward thread keeps of its row r: the two saved log-sum-exps and the inverse norms
+// (zeros past the plane).
+struct BwdRow {
+  bool ok;
+  float lse_s, lse_t, inv_s, inv_t;
+};
+
+__device__ __forceinline__ BwdRow bwd_row(const TcBlock& v, int64_t r, int64_t batch, int64_t plane,
+                                          const float* __restrict__ lse, const float* __restrict__ inv_s,
+                                          const float* __restrict__ inv_t) {
+  BwdRow row;
+  row.ok = r < plane;
+  row.lse_s = row.ok ? lse[v.pair * plane + r] : 0.f;
+  row.lse_t = row.ok ? lse[batch * batch * plane + v.pair * plane + r] : 0.f;
+  row.inv_s = row.ok ? inv_s[v.i * plane + r] : 0.f;
+  row.inv_t = row.ok ? inv_t[v.i * plane + r] : 0.f;
+  return row;
 }
 
 // Loads the resident row tiles and starts the first column tile; returns whether 16-byte copies apply.
@@ -621,14 +739,9 @@ cross_image_forward_tc_kernel(const T* __restrict__ xs, const T* __restrict__ xt
   for (int64_t tile = 0; tile < tiles; ++tile) {
     const int64_t c0 = tile * kBN;
     const int buf = static_cast<int>(tile % 2);
-    // the next column tile streams in while this one is multiplied
-    if (tile + 1 < tiles) {
+    column_tile_ready(tile, tiles, true, [&] {
       stage_columns<T>(smem, L, buf ^ 1, xj_s, xj_t, cs, ct, cs16, ct16, plane, c0 + kBN, vec_ok);
-      __pipeline_wait_prior(1);
-    } else {
-      __pipeline_wait_prior(0);
-    }
-    __syncthreads();  // tile `buf` (and the row tiles) complete in every thread's view; L.out free
+    });  // L.out free too
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     if (tile == 0) tc_load_held<T>(smem, L, cs16, ct16, held);
     tc_tile_dots_held<T>(smem, L, buf, cs16, ct16, held);
@@ -645,31 +758,9 @@ cross_image_forward_tc_kernel(const T* __restrict__ xs, const T* __restrict__ xt
       tile_ms = max_nan(tile_ms, sv[e]);
       tile_mt = max_nan(tile_mt, tv[e]);
     }
-    const float nms = max_nan(ms, quad_max(tile_ms)), nmt = max_nan(mt, quad_max(tile_mt));
-    float sum_s = 0.f, sum_t = 0.f, sum_kl = 0.f;
-#pragma unroll
-    for (int e = 0; e < kColsPerThread; ++e) {
-      if (c0 + scol + e < plane) {
-        const float et = expf(tv[e] - nmt);
-        sum_s += expf(sv[e] - nms);
-        sum_t += et;
-        sum_kl += et * (tv[e] - sv[e]);
-      }
-    }
-    const float sc = rescale(mt, nmt);
-    ls = ls * rescale(ms, nms) + quad_sum(sum_s);
-    lt = lt * sc + quad_sum(sum_t);
-    acc = acc * sc + quad_sum(sum_kl);
-    ms = nms;
-    mt = nmt;
+    online_row_step(sv, tv, tile_ms, tile_mt, columns_left(plane, c0 + scol, kColsPerThread), ms, mt, ls, lt, acc);
   }
-  if (threadIdx.x % kQuad == 0 && r < plane) {
-    const float lse_s = ms + logf(ls), lse_t = mt + logf(lt);
-    const int64_t at = v.pair * plane + r;
-    row_kl[at] = acc / lt - lse_t + lse_s;
-    lse[at] = lse_s;
-    lse[batch * batch * plane + at] = lse_t;
-  }
+  finish_row(r, plane, batch, v.pair, ms, mt, ls, lt, acc, row_kl, lse);
 }
 
 template <typename T>
@@ -684,7 +775,7 @@ cross_image_backward_tc_kernel(const T* __restrict__ xs, const T* __restrict__ x
   const int64_t cs16 = round16(cs), ct16 = round16(ct);
   const TcLayout L(cs16, ct16, sizeof(T), true);
   const TcBlock v = tc_block(batch, row_tiles);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int warp = threadIdx.x / 32;
   const T* xj_s = xs + v.j * cs * plane;
   const T* xj_t = xt + v.j * ct * plane;
   float* dai = da + v.i * cs * plane;
@@ -698,12 +789,9 @@ cross_image_backward_tc_kernel(const T* __restrict__ xs, const T* __restrict__ x
   // d loss / d S_ij[r, c] = (p_S - p_T) * g / (N^2 P); S = a_i^T a_j / tau adds 1 / tau.
   const float coef = grad_loss[0] * scale * inv_tau;
   const int srow = threadIdx.x / kQuad, scol = (threadIdx.x % kQuad) * kColsPerThread;
-  const int64_t r = v.r0 + srow;
-  const bool row_ok = r < plane;
-  const float lse_s = row_ok ? lse[v.pair * plane + r] : 0.f;
-  const float lse_t = row_ok ? lse[batch * batch * plane + v.pair * plane + r] : 0.f;
-  const float row_inv_s = row_ok ? inv_s[v.i * plane + r] : 0.f;
-  const float row_inv_t = row_ok ? inv_t[v.i * plane + r] : 0.f;
+  const BwdRow row = bwd_row(v, v.r0 + srow, batch, plane, lse, inv_s, inv_t);
+  const bool row_ok = row.ok;
+  const float lse_s = row.lse_s, lse_t = row.lse_t, row_inv_s = row.inv_s, row_inv_t = row.inv_t;
   // Row-side gradient: fragment f = warp + 8 q of the (C_s / 16) x (kBM / 16) grid, in registers.
   const int row_frags = static_cast<int>(cs16 / 16) * (kBM / 16);
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> racc[kRowFrags];
@@ -715,13 +803,9 @@ cross_image_backward_tc_kernel(const T* __restrict__ xs, const T* __restrict__ x
   for (int64_t tile = 0; tile < tiles; ++tile) {
     const int64_t c0 = tile * kBN;
     const int buf = static_cast<int>(tile % 2);
-    if (tile + 1 < tiles) {
+    column_tile_ready(tile, tiles, true, [&] {
       stage_columns<T>(smem, L, buf ^ 1, xj_s, xj_t, cs, ct, cs16, ct16, plane, c0 + kBN, vec_ok);
-      __pipeline_wait_prior(1);
-    } else {
-      __pipeline_wait_prior(0);
-    }
-    __syncthreads();
+    });
     tc_tile_dots<T>(smem, L, buf, cs16, ct16);
     __syncthreads();
 #pragma unroll
@@ -776,41 +860,339 @@ cross_image_backward_tc_kernel(const T* __restrict__ xs, const T* __restrict__ x
       }
     }
     __syncthreads();
-    // columns side into dA_j: lane = column (coalesced), warps over channels
-    if (c0 + lane < plane)
-      for (int64_t k = warp; k < cs; k += kThreads / 32) atomicAdd(daj + k * plane + c0 + lane, coef * colbuf[k * kOutLd2 + lane]);
+    add_column_gradient<kBN, kThreads, kOutLd2>(colbuf, daj, c0, cs, plane, coef);
     // the next step's first barrier orders these reads of colbuf, d_row, d_col and L.out before reuse
   }
-  // Rows side into dA_i: each warp passes its fragments through its own 16 x 16 slice of L.out.
+  // Rows side into dA_i, through L.out (8 warps x 256 floats fit in its 2 x 64 x 36)
   __syncthreads();
-  float* scratch = reinterpret_cast<float*>(smem + L.out) + warp * 16 * 16;
-#pragma unroll
-  for (int q = 0; q < kRowFrags; ++q) {
-    const int f = warp + q * (kThreads / 32);
-    if (f < row_frags) {
-      const int kf = f / (kBM / 16), rf = f % (kBM / 16);
-      wmma::store_matrix_sync(scratch, racc[q], 16, wmma::mem_row_major);
-      __syncwarp();
-      for (int e = lane; e < 256; e += 32) {
-        const int64_t k = kf * 16 + e / 16, r = v.r0 + rf * 16 + e % 16;
-        if (k < cs && r < plane) atomicAdd(dai + k * plane + r, coef * scratch[e]);
-      }
-      __syncwarp();
-    }
-  }
+  add_row_gradient<kBM, kThreads / 32>(reinterpret_cast<float*>(smem + L.out), racc, row_frags, dai, v.r0, cs, plane,
+                                       coef);
 #endif
 }
 
-// Dynamic shared memory of the tensor-core kernels, or 0 where they do not apply: fp32, channel
-// counts past kTcMaxCs / kTcMaxCt, devices before sm_80, or more shared memory than the device's
-// opt-in per block (then the kernels above run).
-int64_t tc_plan(int64_t cs, int64_t ct, DType dtype, int device, bool backward) {
-  if (dtype == DType::Float32 || cs > kTcMaxCs || ct > kTcMaxCt) return 0;
+// ---- tensor-core kernels for fp32 (sm_80+): 3xTF32 ------------------------------------------------
+// The same FlashAttention-2 structure on wmma m16n16k8 tf32 fragments. Each fp32 operand is split in
+// registers after its load_matrix_sync: hi = tf32(x), lo = tf32(x - hi) (x - hi is exact in fp32), so
+// |x - hi - lo| <= 2^-22 |x|; a product is lo hi' + hi lo' + hi hi' (smallest first, fp32
+// accumulators, the tf32 products exact), which drops only the lo lo' term (<= 2^-22 relative)
+// and keeps the dots at fp32 accuracy: the error budget of the FMA kernels, at three MMAs per
+// product of the algorithm.
+// fp32 operands take twice the shared memory of 16-bit ones, so the tiles are smaller: a block of 4
+// warps owns kFBM = 32 rows of image i (resident, student then teacher lines, C padded to 16) and
+// streams kFBN = 16-pixel column tiles of x_j, double-buffered with cp.async where the device's
+// shared memory allows, single-buffered otherwise (the next tile is fetched as soon as the current
+// one has been read; sm_80 with C_s = C_t = 256 in the backward). Warp w multiplies row fragment
+// w % 2 over half w / 2 of the combined channel blocks (student blocks then teacher blocks), so the
+// four warps issue the same number of MMAs for any C_s / C_t; the two halves are added when the
+// statistics read them (fixed order). The backward computes each S / T tile once and runs both
+// gradient products on 3xTF32 as the 16-bit kernels do (dS in fp32 in shared memory).
+constexpr int kFThreads = 128;
+constexpr int kFBM = 32, kFBN = 16;
+constexpr int kFK = 8;                  // wmma K of tf32
+constexpr int kFRowLd = kFBM + 4;       // floats per resident row-tile line: 144 B
+constexpr int kFColLd = kFBN + 4;       // floats per column-tile / dS line: 80 B
+constexpr int kFOutLd = kFBN + 4;       // floats per S / T / column-gradient line
+constexpr int kFCols = kFBN / kQuad;    // columns per thread in the statistics
+static_assert(kFBM * kQuad == kFThreads, "one quad of threads per tile row");
+constexpr int kFMaxCs = 256, kFMaxCt = 512;
+constexpr int kFRowFrags = kFMaxCs / 16 * (kFBM / 16) / (kFThreads / 32);  // row-gradient fragments per warp
+
+// Byte offsets of the dynamic shared-memory regions (each 128-B aligned). The resident rows are
+// (C_s + C_t) lines, teacher after student (cs16 lines of 144 B: a multiple of 128, so the teacher
+// block starts exactly at line cs16), and so is each column-tile buffer.
+struct F32Layout {
+  int64_t xi, xj0, xj_bytes, out, d_row, d_col, colbuf, total;
+  int stages;
+  __host__ __device__ F32Layout(int64_t cs16, int64_t ct16, bool backward, int stages_) : stages(stages_) {
+    int64_t at = 0;
+    xi = at; at += align128((cs16 + ct16) * kFRowLd * 4);
+    xj0 = at;
+    xj_bytes = align128((cs16 + ct16) * kFColLd * 4);
+    at += stages * xj_bytes;
+    out = at; at += align128(2 * 2 * kFBM * kFOutLd * 4);  // [half][S, T][row][column]
+    d_row = d_col = colbuf = at;
+    if (backward) {
+      d_row = at; at += align128(kFBM * kFColLd * 4);
+      d_col = at; at += align128(kFBM * kFColLd * 4);
+      colbuf = at; at += align128(cs16 * kFOutLd * 4);
+    }
+    total = at;
+  }
+  __host__ __device__ int64_t xj(int b) const { return xj0 + b * xj_bytes; }
+};
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+template <typename Frag>
+__device__ __forceinline__ void tf32_split(const Frag& x, Frag& hi, Frag& lo) {
+#pragma unroll
+  for (int e = 0; e < x.num_elements; ++e) {
+    const float h = nvcuda::wmma::__float_to_tf32(x.x[e]);
+    hi.x[e] = h;
+    lo.x[e] = nvcuda::wmma::__float_to_tf32(x.x[e] - h);
+  }
+}
+
+// acc += a b at fp32 accuracy on tf32 tensor cores (3xTF32, see above).
+template <typename FragA, typename FragB, typename Acc>
+__device__ __forceinline__ void mma_3xtf32(Acc& acc, const FragA& a, const FragB& b) {
+  FragA a_hi, a_lo;
+  FragB b_hi, b_lo;
+  tf32_split(a, a_hi, a_lo);
+  tf32_split(b, b_hi, b_lo);
+  nvcuda::wmma::mma_sync(acc, a_lo, b_hi, acc);
+  nvcuda::wmma::mma_sync(acc, a_hi, b_lo, acc);
+  nvcuda::wmma::mma_sync(acc, a_hi, b_hi, acc);
+}
+#endif
+
+template <typename T>
+__device__ __forceinline__ void f32_stage_columns(unsigned char* smem, const F32Layout& L, int buf, const T* xj_s,
+                                                  const T* xj_t, int64_t cs, int64_t ct, int64_t cs16, int64_t ct16,
+                                                  int64_t plane, int64_t c0, bool vec_ok) {
+  T* dst = reinterpret_cast<T*>(smem + L.xj(buf));
+  stage_tile<T, kFBN>(dst, kFColLd, xj_s, cs, cs16, plane, c0, vec_ok);
+  stage_tile<T, kFBN>(dst + cs16 * kFColLd, kFColLd, xj_t, ct, ct16, plane, c0, vec_ok);
+  __pipeline_commit();
+}
+
+// Loads the resident row tiles and starts the first column tile; returns whether 16-byte copies apply.
+__device__ __forceinline__ bool f32_prologue(unsigned char* smem, const F32Layout& L, const float* xs,
+                                             const float* xt, const TcBlock& v, int64_t cs, int64_t ct, int64_t cs16,
+                                             int64_t ct16, int64_t plane) {
+  const bool vec_ok = plane % 4 == 0 && reinterpret_cast<std::uintptr_t>(xs) % 16 == 0 &&
+                      reinterpret_cast<std::uintptr_t>(xt) % 16 == 0;
+  float* xi = reinterpret_cast<float*>(smem + L.xi);
+  stage_tile<float, kFBM>(xi, kFRowLd, xs + v.i * cs * plane, cs, cs16, plane, v.r0, vec_ok);
+  stage_tile<float, kFBM>(xi + cs16 * kFRowLd, kFRowLd, xt + v.i * ct * plane, ct, ct16, plane, v.r0, vec_ok);
+  __pipeline_commit();
+  f32_stage_columns<float>(smem, L, 0, xs + v.j * cs * plane, xt + v.j * ct * plane, cs, ct, cs16, ct16, plane, 0,
+                           vec_ok);
+  return vec_ok;
+}
+
+// Raw S and T dots of the row tile against column buffer buf: warp w's half of the channel blocks
+// for row fragment w % 2, into L.out[w / 2].
+__device__ __forceinline__ void f32_tile_dots(unsigned char* smem, const F32Layout& L, int buf, int64_t cs16,
+                                              int64_t ct16) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using namespace nvcuda;
+  const int warp = threadIdx.x / 32, rf = warp % 2, half = warp / 2;
+  const int nks = static_cast<int>(cs16 / kFK), nk = nks + static_cast<int>(ct16 / kFK);  // nk even
+  const int q0 = half * (nk / 2), q1 = q0 + nk / 2;
+  const float* xi = reinterpret_cast<const float*>(smem + L.xi) + rf * 16;
+  const float* xj = reinterpret_cast<const float*>(smem + L.xj(buf));
+  float* out = reinterpret_cast<float*>(smem + L.out) + (half * 2 * kFBM + rf * 16) * kFOutLd;
+  wmma::fragment<wmma::matrix_a, 16, 16, kFK, wmma::precision::tf32, wmma::col_major> fa;  // (r, k) at x_i[k][r]
+  wmma::fragment<wmma::matrix_b, 16, 16, kFK, wmma::precision::tf32, wmma::row_major> fb;  // (k, c) at x_j[k][c]
+  wmma::fragment<wmma::accumulator, 16, 16, kFK, float> acc;
+  wmma::fill_fragment(acc, 0.f);
+  for (int q = q0; q < (q1 < nks ? q1 : nks); ++q) {  // student blocks of this half
+    wmma::load_matrix_sync(fa, xi + (q * kFK) * kFRowLd, kFRowLd);
+    wmma::load_matrix_sync(fb, xj + (q * kFK) * kFColLd, kFColLd);
+    mma_3xtf32(acc, fa, fb);
+  }
+  wmma::store_matrix_sync(out, acc, kFOutLd, wmma::mem_row_major);
+  wmma::fill_fragment(acc, 0.f);
+  for (int q = q0 > nks ? q0 : nks; q < q1; ++q) {  // teacher blocks of this half
+    wmma::load_matrix_sync(fa, xi + (q * kFK) * kFRowLd, kFRowLd);
+    wmma::load_matrix_sync(fb, xj + (q * kFK) * kFColLd, kFColLd);
+    mma_3xtf32(acc, fa, fb);
+  }
+  wmma::store_matrix_sync(out + kFBM * kFOutLd, acc, kFOutLd, wmma::mem_row_major);
+#endif
+}
+
+// Entry (row, column) of the S (which = 0) or T (1) tile: the two halves' sums, in a fixed order.
+__device__ __forceinline__ float f32_tile_entry(const float* out, int which, int row, int col) {
+  return out[(which * kFBM + row) * kFOutLd + col] + out[((2 + which) * kFBM + row) * kFOutLd + col];
+}
+
+__global__ void __launch_bounds__(kFThreads, 1)
+cross_image_forward_f32_kernel(const float* __restrict__ xs, const float* __restrict__ xt,
+                               const float* __restrict__ inv_s, const float* __restrict__ inv_t,
+                               float* __restrict__ row_kl, float* __restrict__ lse, int64_t batch, int64_t cs,
+                               int64_t ct, int64_t plane, int64_t row_tiles, float inv_tau, int stages) {
+  SEGKD_TC_SHARED(smem);
+  const int64_t cs16 = round16(cs), ct16 = round16(ct);
+  const F32Layout L(cs16, ct16, false, stages);
+  const TcBlock v = tc_block(batch, row_tiles, kFBM);
+  const float* xj_s = xs + v.j * cs * plane;
+  const float* xj_t = xt + v.j * ct * plane;
+  const bool vec_ok = f32_prologue(smem, L, xs, xt, v, cs, ct, cs16, ct16, plane);
+  const float* out = reinterpret_cast<const float*>(smem + L.out);
+  const int srow = threadIdx.x / kQuad, scol = (threadIdx.x % kQuad) * kFCols;
+  const int64_t r = v.r0 + srow;
+  const float row_scale_s = r < plane ? inv_s[v.i * plane + r] * inv_tau : 0.f;
+  const float row_scale_t = r < plane ? inv_t[v.i * plane + r] * inv_tau : 0.f;
+  float ms = -INFINITY, mt = -INFINITY, ls = 0.f, lt = 0.f, acc = 0.f;
+  const int64_t tiles = (plane + kFBN - 1) / kFBN;
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    const int64_t c0 = tile * kFBN;
+    const int buf = static_cast<int>(tile % stages);
+    column_tile_ready(tile, tiles, stages == 2, [&] {
+      f32_stage_columns<float>(smem, L, buf ^ 1, xj_s, xj_t, cs, ct, cs16, ct16, plane, c0 + kFBN, vec_ok);
+    });  // L.out free too
+    f32_tile_dots(smem, L, buf, cs16, ct16);
+    __syncthreads();  // S and T in L.out; the column buffer has been read
+    if (stages == 1 && tile + 1 < tiles)
+      f32_stage_columns<float>(smem, L, 0, xj_s, xj_t, cs, ct, cs16, ct16, plane, c0 + kFBN, vec_ok);
+    float sv[kFCols], tv[kFCols];
+    float tile_ms = -INFINITY, tile_mt = -INFINITY;
+#pragma unroll
+    for (int e = 0; e < kFCols; ++e) {
+      const int64_t c = c0 + scol + e;
+      const bool valid = c < plane;
+      sv[e] = valid ? f32_tile_entry(out, 0, srow, scol + e) * row_scale_s * inv_s[v.j * plane + c] : -INFINITY;
+      tv[e] = valid ? f32_tile_entry(out, 1, srow, scol + e) * row_scale_t * inv_t[v.j * plane + c] : -INFINITY;
+      tile_ms = max_nan(tile_ms, sv[e]);
+      tile_mt = max_nan(tile_mt, tv[e]);
+    }
+    online_row_step(sv, tv, tile_ms, tile_mt, columns_left(plane, c0 + scol, kFCols), ms, mt, ls, lt, acc);
+  }
+  finish_row(r, plane, batch, v.pair, ms, mt, ls, lt, acc, row_kl, lse);
+}
+
+__global__ void __launch_bounds__(kFThreads, 1)
+cross_image_backward_f32_kernel(const float* __restrict__ xs, const float* __restrict__ xt,
+                                const float* __restrict__ inv_s, const float* __restrict__ inv_t,
+                                const float* __restrict__ lse, const float* __restrict__ grad_loss,
+                                float* __restrict__ da, int64_t batch, int64_t cs, int64_t ct, int64_t plane,
+                                int64_t row_tiles, float inv_tau, float scale, int stages) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using namespace nvcuda;
+  using FragAcc = wmma::fragment<wmma::accumulator, 16, 16, kFK, float>;
+  SEGKD_TC_SHARED(smem);
+  const int64_t cs16 = round16(cs), ct16 = round16(ct);
+  const F32Layout L(cs16, ct16, true, stages);
+  const TcBlock v = tc_block(batch, row_tiles, kFBM);
+  const int warp = threadIdx.x / 32;
+  const float* xj_s = xs + v.j * cs * plane;
+  const float* xj_t = xt + v.j * ct * plane;
+  float* dai = da + v.i * cs * plane;
+  float* daj = da + v.j * cs * plane;
+  const bool vec_ok = f32_prologue(smem, L, xs, xt, v, cs, ct, cs16, ct16, plane);
+  const float* out = reinterpret_cast<const float*>(smem + L.out);
+  float* d_row = reinterpret_cast<float*>(smem + L.d_row);
+  float* d_col = reinterpret_cast<float*>(smem + L.d_col);
+  float* colbuf = reinterpret_cast<float*>(smem + L.colbuf);
+  const float* xi_s_sm = reinterpret_cast<const float*>(smem + L.xi);
+  // d loss / d S_ij[r, c] = (p_S - p_T) * g / (N^2 P); S = a_i^T a_j / tau adds 1 / tau.
+  const float coef = grad_loss[0] * scale * inv_tau;
+  const int srow = threadIdx.x / kQuad, scol = (threadIdx.x % kQuad) * kFCols;
+  const BwdRow row = bwd_row(v, v.r0 + srow, batch, plane, lse, inv_s, inv_t);
+  const bool row_ok = row.ok;
+  const float lse_s = row.lse_s, lse_t = row.lse_t, row_inv_s = row.inv_s, row_inv_t = row.inv_t;
+  // Row-side gradient: fragment f = warp + 4 q of the (C_s / 16) x (kFBM / 16) grid, in registers.
+  const int row_frags = static_cast<int>(cs16 / 16) * (kFBM / 16);
+  FragAcc racc[kFRowFrags];
+#pragma unroll
+  for (int q = 0; q < kFRowFrags; ++q) wmma::fill_fragment(racc[q], 0.f);
+  const int col_frags = static_cast<int>(cs16 / 16) * (kFBN / 16);
+
+  const int64_t tiles = (plane + kFBN - 1) / kFBN;
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    const int64_t c0 = tile * kFBN;
+    const int buf = static_cast<int>(tile % stages);
+    column_tile_ready(tile, tiles, stages == 2, [&] {
+      f32_stage_columns<float>(smem, L, buf ^ 1, xj_s, xj_t, cs, ct, cs16, ct16, plane, c0 + kFBN, vec_ok);
+    });
+    f32_tile_dots(smem, L, buf, cs16, ct16);
+    __syncthreads();
+#pragma unroll
+    for (int e = 0; e < kFCols; ++e) {
+      const int64_t c = c0 + scol + e;
+      float d = 0.f, col_s = 0.f;
+      if (c < plane && row_ok) {
+        col_s = inv_s[v.j * plane + c];
+        const float sv = f32_tile_entry(out, 0, srow, scol + e) * row_inv_s * col_s * inv_tau;
+        const float tv = f32_tile_entry(out, 1, srow, scol + e) * row_inv_t * inv_t[v.j * plane + c] * inv_tau;
+        d = expf(sv - lse_s) - expf(tv - lse_t);
+      }
+      // rows: the partner a_j[:, c] = x_j[:, c] inv_j[c]; columns: a_i[:, r] = x_i[:, r] inv_i[r]
+      d_row[srow * kFColLd + scol + e] = d * col_s;
+      d_col[srow * kFColLd + scol + e] = d * row_inv_s;
+    }
+    __syncthreads();
+    const float* xj_sm = reinterpret_cast<const float*>(smem + L.xj(buf));
+    {
+      // rows: racc(k, r) += sum_c x_j[k][c] d_row[r][c]; A (k, c) row-major, B (c, r) = d_row[r][c] col-major
+      wmma::fragment<wmma::matrix_a, 16, 16, kFK, wmma::precision::tf32, wmma::row_major> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, kFK, wmma::precision::tf32, wmma::col_major> fb;
+#pragma unroll
+      for (int q = 0; q < kFRowFrags; ++q) {
+        const int f = warp + q * (kFThreads / 32);
+        if (f < row_frags) {  // warp-uniform
+          const int kf = f / (kFBM / 16), rf = f % (kFBM / 16);
+#pragma unroll 1  // unrolled too: 254 of 255 registers on sm_90 (238 rolled)
+          for (int cc = 0; cc < kFBN / kFK; ++cc) {
+            wmma::load_matrix_sync(fa, xj_sm + (kf * 16) * kFColLd + cc * kFK, kFColLd);
+            wmma::load_matrix_sync(fb, d_row + (rf * 16) * kFColLd + cc * kFK, kFColLd);
+            mma_3xtf32(racc[q], fa, fb);
+          }
+        }
+      }
+    }
+    {
+      // columns: col(k, c) = sum_r x_i[k][r] d_col[r][c]; A (k, r) row-major, B (r, c) row-major
+      wmma::fragment<wmma::matrix_a, 16, 16, kFK, wmma::precision::tf32, wmma::row_major> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, kFK, wmma::precision::tf32, wmma::row_major> fb;
+      FragAcc cacc;
+      for (int f = warp; f < col_frags; f += kFThreads / 32) {
+        const int kf = f / (kFBN / 16), cf = f % (kFBN / 16);
+        wmma::fill_fragment(cacc, 0.f);
+#pragma unroll
+        for (int rr = 0; rr < kFBM / kFK; ++rr) {
+          wmma::load_matrix_sync(fa, xi_s_sm + (kf * 16) * kFRowLd + rr * kFK, kFRowLd);
+          wmma::load_matrix_sync(fb, d_col + (rr * kFK) * kFColLd + cf * 16, kFColLd);
+          mma_3xtf32(cacc, fa, fb);
+        }
+        wmma::store_matrix_sync(colbuf + (kf * 16) * kFOutLd + cf * 16, cacc, kFOutLd, wmma::mem_row_major);
+      }
+    }
+    __syncthreads();  // colbuf complete; the column buffer, d_row and d_col have been read
+    if (stages == 1 && tile + 1 < tiles)
+      f32_stage_columns<float>(smem, L, 0, xj_s, xj_t, cs, ct, cs16, ct16, plane, c0 + kFBN, vec_ok);
+    add_column_gradient<kFBN, kFThreads, kFOutLd>(colbuf, daj, c0, cs, plane, coef);
+    // the next step's first barrier orders these reads of colbuf, d_row, d_col and L.out before reuse
+  }
+  // Rows side into dA_i, through L.out (4 warps x 256 floats fit in its 2 x 2 x 32 x 20)
+  __syncthreads();
+  add_row_gradient<kFBM, kFThreads / 32>(reinterpret_cast<float*>(smem + L.out), racc, row_frags, dai, v.r0, cs,
+                                         plane, coef);
+#endif
+}
+
+// The plan of the tensor-core kernels: dynamic shared memory (0 where they do not apply) and, for
+// fp32, the column-tile stages (2, or 1 where two do not fit). Not taken: channel counts past
+// kTcMaxCs / kTcMaxCt (16-bit) or kFMaxCs / kFMaxCt (fp32), devices before sm_80, or more shared
+// memory than the device's opt-in per block; then the 32 x 32 kernels above run.
+struct TcPlan {
+  int64_t bytes = 0;
+  int stages = 2;
+};
+
+TcPlan tc_plan(int64_t cs, int64_t ct, DType dtype, int device, bool backward) {
+  TcPlan plan;
+  const bool fp32 = dtype == DType::Float32;
+  if (fp32 ? (cs > kFMaxCs || ct > kFMaxCt) : (cs > kTcMaxCs || ct > kTcMaxCt)) return plan;
   int major = 0, optin = 0;
   check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
   check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "cudaDeviceGetAttribute");
-  const int64_t bytes = TcLayout(round16(cs), round16(ct), 2, backward).total;
-  return major >= 8 && bytes <= optin ? bytes : 0;
+  if (major < 8) return plan;
+  if (!fp32) {
+    const int64_t bytes = TcLayout(round16(cs), round16(ct), 2, backward).total;
+    if (bytes <= optin) plan.bytes = bytes;
+    return plan;
+  }
+  for (int stages = 2; stages >= 1; --stages) {
+    const int64_t bytes = F32Layout(round16(cs), round16(ct), backward, stages).total;
+    if (bytes <= optin) {
+      plan.bytes = bytes;
+      plan.stages = stages;
+      return plan;
+    }
+  }
+  return plan;
 }
 
 void check_sizes(int64_t batch, int64_t plane, int64_t& row_tiles) {
@@ -828,14 +1210,25 @@ void cross_image_forward(std::uintptr_t xs, std::uintptr_t xt, std::uintptr_t in
   int64_t row_tiles = 0;
   check_sizes(batch, plane, row_tiles);
   DeviceGuard guard(device);
-  const int64_t tc_bytes = tc_plan(cs, ct, dtype, device, false);
+  const TcPlan tc = tc_plan(cs, ct, dtype, device, false);
   dispatch_float_types(dtype, "cross_image_forward", [&](auto tag) {
     using T = decltype(tag);
-    if constexpr (!std::is_same<T, float>::value) {
-      if (tc_bytes > 0) {
+    if (tc.bytes > 0) {
+      const int dyn = static_cast<int>(tc.bytes);
+      if constexpr (std::is_same<T, float>::value) {
+        const int64_t tiles = (plane + kFBM - 1) / kFBM;
+        check_grid_dim(batch * batch * tiles, "cross_image_kd", "image pairs x row tiles");
+        check_cuda(cudaFuncSetAttribute(cross_image_forward_f32_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        dyn), "cudaFuncSetAttribute");
+        SEGKD_LAUNCH(static_cast<unsigned>(batch * batch * tiles), kFThreads, dyn, as_stream(stream),
+                     cross_image_forward_f32_kernel)(
+            reinterpret_cast<const float*>(xs), reinterpret_cast<const float*>(xt),
+            reinterpret_cast<const float*>(inv_s), reinterpret_cast<const float*>(inv_t),
+            reinterpret_cast<float*>(row_kl), reinterpret_cast<float*>(lse), batch, cs, ct, plane, tiles,
+            static_cast<float>(1.0 / tau), tc.stages);
+      } else {
         const int64_t tiles = (plane + kBM - 1) / kBM;
         check_grid_dim(batch * batch * tiles, "cross_image_kd", "image pairs x row tiles");
-        const int dyn = static_cast<int>(tc_bytes);
         check_cuda(cudaFuncSetAttribute(cross_image_forward_tc_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         dyn), "cudaFuncSetAttribute");
         SEGKD_LAUNCH(static_cast<unsigned>(batch * batch * tiles), kThreads, dyn, as_stream(stream),
@@ -843,8 +1236,8 @@ void cross_image_forward(std::uintptr_t xs, std::uintptr_t xt, std::uintptr_t in
             reinterpret_cast<const T*>(xs), reinterpret_cast<const T*>(xt), reinterpret_cast<const float*>(inv_s),
             reinterpret_cast<const float*>(inv_t), reinterpret_cast<float*>(row_kl), reinterpret_cast<float*>(lse),
             batch, cs, ct, plane, tiles, static_cast<float>(1.0 / tau));
-        return;
       }
+      return;
     }
     SEGKD_LAUNCH(static_cast<unsigned>(batch * batch * row_tiles), kThreads, 0, as_stream(stream),
                  cross_image_forward_kernel<T>)(
@@ -880,18 +1273,26 @@ void cross_image_backward(std::uintptr_t xs, std::uintptr_t xt, std::uintptr_t i
     const auto* g = reinterpret_cast<const float*>(grad_loss);
     auto* d = reinterpret_cast<float*>(da);
     const float inv_tau = static_cast<float>(1.0 / tau), sc = static_cast<float>(scale);
-    if constexpr (!std::is_same<T, float>::value) {
-      const int64_t tc_bytes = tc_plan(cs, ct, dtype, device, true);
-      if (tc_bytes > 0) {
+    const TcPlan tc = tc_plan(cs, ct, dtype, device, true);
+    if (tc.bytes > 0) {
+      const int dyn = static_cast<int>(tc.bytes);
+      if constexpr (std::is_same<T, float>::value) {
+        const int64_t tiles = (plane + kFBM - 1) / kFBM;
+        check_grid_dim(batch * batch * tiles, "cross_image_kd", "image pairs x row tiles");
+        check_cuda(cudaFuncSetAttribute(cross_image_backward_f32_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        dyn), "cudaFuncSetAttribute");
+        SEGKD_LAUNCH(static_cast<unsigned>(batch * batch * tiles), kFThreads, dyn, as_stream(stream),
+                     cross_image_backward_f32_kernel)(s, t, is, it, l, g, d, batch, cs, ct, plane, tiles, inv_tau, sc,
+                                                      tc.stages);
+      } else {
         const int64_t tiles = (plane + kBM - 1) / kBM;
         check_grid_dim(batch * batch * tiles, "cross_image_kd", "image pairs x row tiles");
-        const int dyn = static_cast<int>(tc_bytes);
         check_cuda(cudaFuncSetAttribute(cross_image_backward_tc_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         dyn), "cudaFuncSetAttribute");
         SEGKD_LAUNCH(static_cast<unsigned>(batch * batch * tiles), kThreads, dyn, as_stream(stream),
                      cross_image_backward_tc_kernel<T>)(s, t, is, it, l, g, d, batch, cs, ct, plane, tiles, inv_tau, sc);
-        return;
       }
+      return;
     }
     const int64_t static_bytes = static_cast<int64_t>(sizeof(typename TileDots<T>::Smem)) +
                                  kTile * (kTile + 1) * static_cast<int64_t>(sizeof(float));

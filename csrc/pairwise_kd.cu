@@ -248,6 +248,33 @@ struct BwdSmem {
   __align__(32) float out[2][kBwdTile][kBwdOutLd];  // the two products, for the epilogue
 };
 
+// The epilogue of both backward kernels: warp w's fragments (rows 16 w.., the S-side products
+// acc[0] and the T-side ones acc[1]) through shared memory `out`, then
+// da[c, p] = (out[0] inv_s[p] - out[1] inv_t[p]) coef in fp64, coalesced over the pixels.
+template <typename Acc>
+__device__ __forceinline__ void grad_epilogue(Acc (&acc)[2][4], float (&out)[2][kBwdTile][kBwdOutLd],
+                                              const double* __restrict__ inv_s, const double* __restrict__ inv_t,
+                                              float* __restrict__ da, int64_t n, int64_t c0, int64_t p0, int64_t cs,
+                                              int64_t plane, double coef) {
+  const int warp = threadIdx.x / 32;
+#pragma unroll
+  for (int part = 0; part < 2; ++part)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      nvcuda::wmma::store_matrix_sync(&out[part][warp * 16][j * 16], acc[part][j], kBwdOutLd,
+                                      nvcuda::wmma::mem_row_major);
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < kBwdTile * kBwdTile; idx += kBwdThreads) {
+    const int r = idx / kBwdTile, pp = idx - r * kBwdTile;
+    const int64_t c = c0 + r, p = p0 + pp;
+    if (c < cs && p < plane) {
+      const double v = static_cast<double>(out[0][r][pp]) * inv_s[n * plane + p] -
+                       static_cast<double>(out[1][r][pp]) * inv_t[n * plane + p];
+      da[(n * cs + c) * plane + p] = static_cast<float>(v * coef);
+    }
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kBwdThreads)
 pairwise_grad_mma_kernel(const double* __restrict__ aa, const double* __restrict__ ab, const T* __restrict__ s,
@@ -296,22 +323,8 @@ pairwise_grad_mma_kernel(const double* __restrict__ aa, const double* __restrict
       __syncthreads();
     }
   }
-#pragma unroll
-  for (int part = 0; part < 2; ++part)
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-      wmma::store_matrix_sync(&sm.out[part][warp * 16][j * 16], acc[part][j], kBwdOutLd, wmma::mem_row_major);
-  __syncthreads();
-  const double coef = scale * static_cast<double>(grad_loss[0]) / g_scale;
-  for (int idx = threadIdx.x; idx < kBwdTile * kBwdTile; idx += kBwdThreads) {
-    const int r = idx / kBwdTile, pp = idx - r * kBwdTile;
-    const int64_t c = c0 + r, p = p0 + pp;
-    if (c < cs && p < plane) {
-      const double v = static_cast<double>(sm.out[0][r][pp]) * inv_s[n * plane + p] -
-                       static_cast<double>(sm.out[1][r][pp]) * inv_t[n * plane + p];
-      da[(n * cs + c) * plane + p] = static_cast<float>(v * coef);
-    }
-  }
+  grad_epilogue(acc, sm.out, inv_s, inv_t, da, n, c0, p0, cs, plane,
+                scale * static_cast<double>(grad_loss[0]) / g_scale);
 }
 
 // ---- backward, float: the same products on tensor cores with the 3xTF32 split. Each operand v
@@ -396,22 +409,8 @@ pairwise_grad_tf32_kernel(const double* __restrict__ aa, const double* __restric
       __syncthreads();  // also orders the last reads of the staging before the epilogue reuses it
     }
   }
-#pragma unroll
-  for (int part = 0; part < 2; ++part)
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-      wmma::store_matrix_sync(&sm.out[part][warp * 16][j * 16], acc[part][j], kBwdOutLd, wmma::mem_row_major);
-  __syncthreads();
-  const double coef = scale * static_cast<double>(grad_loss[0]) / g_scale;
-  for (int idx = threadIdx.x; idx < kBwdTile * kBwdTile; idx += kBwdThreads) {
-    const int r = idx / kBwdTile, pp = idx - r * kBwdTile;
-    const int64_t c = c0 + r, p = p0 + pp;
-    if (c < cs && p < plane) {
-      const double v = static_cast<double>(sm.out[0][r][pp]) * inv_s[n * plane + p] -
-                       static_cast<double>(sm.out[1][r][pp]) * inv_t[n * plane + p];
-      da[(n * cs + c) * plane + p] = static_cast<float>(v * coef);
-    }
-  }
+  grad_epilogue(acc, sm.out, inv_s, inv_t, da, n, c0, p0, cs, plane,
+                scale * static_cast<double>(grad_loss[0]) / g_scale);
 }
 
 }  // namespace

@@ -24,6 +24,10 @@ from segkd_kernels.ops.cross_image_kd import reference as reference_module
 from segkd_kernels.ops.cross_image_kd.api import IMPLEMENTED
 from segkd_kernels.testing import (TOLERANCES, assert_close, channels_last, make_tensor, non_contiguous,
                                    within_error_budget)
+from feature_pair_checks import (BAD_SHAPES, check_bad_dtypes_and_types, check_bad_shape, check_different_devices,
+                                 check_missing_backend, good_pair)
+from feature_pair_checks import features as _features
+from feature_pair_checks import value_and_grad as _value_and_grad
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _AVAILABLE = sk.available_backends()
@@ -44,12 +48,6 @@ TAUS = [0.1, 0.5, 1.0]
 def _skip_unsupported(backend, dtype):
     if dtype not in IMPLEMENTED[backend]:
         pytest.skip(f"{backend} backend of cross_image_kd does not take {dtype}")
-
-
-def _features(n, c_s, c_t, h, w, *, dtype=torch.float64, seed=0):
-    s = make_tensor((n, c_s, h, w), dtype=dtype, device=DEVICE, seed=seed, requires_grad=True)
-    t = make_tensor((n, c_t, h, w), dtype=dtype, device=DEVICE, seed=seed + 1)
-    return s, t
 
 
 def oracle_cross_image(s, t, tau):
@@ -93,13 +91,6 @@ def naive_pxp(s, t, tau):
             log_p_t = F.log_softmax(b[i].T @ b[j] / tau, dim=1)
             total = total + F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
     return total / (n * n)
-
-
-def _value_and_grad(fn, s, t, *args, **kwargs):
-    s = s.detach().clone().requires_grad_(True)
-    loss = fn(s, t, *args, **kwargs)
-    (grad,) = torch.autograd.grad(loss, s)
-    return loss, grad
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,44 +320,20 @@ def test_torch_compile(tau, backend):
 
 
 def _good():
-    return make_tensor((2, 3, 5, 7), seed=51), make_tensor((2, 4, 5, 7), seed=52)
+    return good_pair(51)
 
 
-@pytest.mark.parametrize(
-    "student_shape, teacher_shape, name",
-    [
-        ((2, 3, 5, 7), (3, 4, 5, 7), "teacher_feat"),  # N
-        ((2, 3, 5, 7), (2, 4, 6, 7), "teacher_feat"),  # H
-        ((2, 3, 5, 7), (2, 4, 5, 8), "teacher_feat"),  # W
-        ((3, 5, 7), (2, 4, 5, 7), "student_feat"),  # rank
-        ((2, 3, 5, 7), (2, 4, 5, 7, 1), "teacher_feat"),
-        ((2, 3, 5, 7), (4, 5, 7), "teacher_feat"),
-        ((0, 3, 5, 7), (0, 4, 5, 7), "student_feat"),  # empty
-        ((2, 3, 5, 0), (2, 4, 5, 0), "student_feat"),
-        ((2, 3, 5, 7), (2, 0, 5, 7), "teacher_feat"),
-    ],
-)
+@pytest.mark.parametrize("student_shape, teacher_shape, name", BAD_SHAPES)
 def test_bad_shapes(student_shape, teacher_shape, name):
-    with pytest.raises(ValueError, match=name):
-        sk.cross_image_kd(torch.randn(student_shape), torch.randn(teacher_shape))
+    check_bad_shape(sk.cross_image_kd, student_shape, teacher_shape, name)
 
 
 def test_bad_dtypes_and_types():
-    s, t = _good()
-    with pytest.raises(ValueError, match="student_feat"):
-        sk.cross_image_kd(s.long(), t)
-    with pytest.raises(ValueError, match="teacher_feat"):
-        sk.cross_image_kd(s, t.to(torch.int32))
-    with pytest.raises(ValueError, match="student_feat"):
-        sk.cross_image_kd(s.numpy(), t)
+    check_bad_dtypes_and_types(sk.cross_image_kd, *_good())
 
 
 def test_different_devices():
-    s, t = _good()
-    with pytest.raises(ValueError, match="teacher_feat"):
-        sk.cross_image_kd(s, t.to("meta"))
-    with pytest.raises(ValueError, match="teacher_feat"):  # names the odd one out vs student_feat
-        sk.cross_image_kd(s.to("meta"), t)
+    check_different_devices(sk.cross_image_kd, *_good())
 
 
 @pytest.mark.parametrize("tau", [0, 0.0, -0.5, -1, float("nan"), True, "0.1", None])
@@ -385,11 +352,7 @@ def test_bad_backend_name():
 # ids avoid the bare keyword "cuda", which conftest.py reads as the "needs a CUDA device" marker
 @pytest.mark.parametrize("backend", ["triton", "cuda"], ids=["named-triton", "named-cuda"])
 def test_missing_backend_raises(backend):
-    if backend in IMPLEMENTED:
-        pytest.skip(f"cross_image_kd has a {backend} backend now")
-    s, t = _good()
-    with pytest.raises((ValueError, RuntimeError), match=f"no {backend} backend"):
-        sk.cross_image_kd(s, t, backend=backend)
+    check_missing_backend(sk.cross_image_kd, "cross_image_kd", IMPLEMENTED, backend, *_good())
 
 
 def test_auto_and_reference_agree():
@@ -604,3 +567,65 @@ def test_cuda_tensor_core_kernels_on_host(shape, dtype):
     scale = truth[1].abs().max().item()
     assert within_error_budget(out[0], ref_half[0], truth[0], atol=1e-4 * abs(truth[0].item()))
     assert within_error_budget(out[1], ref_half[1], truth[1], atol=1e-4 * scale)
+
+
+def _f32_bytes(c_s, c_t, backward, stages):
+    """Dynamic shared memory of the fp32 tensor-core kernels (csrc/cross_image_kd.cu, F32Layout):
+    resident 32-row tiles, `stages` 16-pixel column buffers, the S / T halves, in the backward
+    the two dS tiles and the column gradient; every region 128-byte aligned."""
+    up = lambda v, m: -(-v // m) * m  # noqa: E731
+    cs16, ct16 = up(c_s, 16), up(c_t, 16)
+    total = up((cs16 + ct16) * 36 * 4, 128) + stages * up((cs16 + ct16) * 20 * 4, 128) + up(2 * 2 * 32 * 20 * 4, 128)
+    if backward:
+        total += 2 * up(32 * 20 * 4, 128) + up(cs16 * 20 * 4, 128)
+    return total
+
+
+@pytest.mark.skipif(HOST is None, reason=str(HOST_REASON))
+@pytest.mark.parametrize(
+    "shape",
+    [
+        # P = 96: 16-byte cp.async copies, three 32-row tiles, six 16-pixel column tiles
+        (2, 20, 24, 8, 12),
+        # P = 35: element-wise staging, partial row and column tiles; C_s + C_t padded 16 + 48
+        (3, 5, 40, 5, 7),
+    ],
+    ids=lambda v: "x".join(map(str, v)),
+)
+def test_cuda_fp32_tensor_core_kernels_on_host(shape):
+    """The fp32 tensor-core kernels (3xTF32 on tf32 wmma) with two column buffers, with one (the
+    backward, then the forward, where the opt-in shared memory holds no more) and the 32 x 32 FMA
+    kernels below that: every plan within the fp32 error budget of the fp64 truth. The budget is
+    tight enough to tell 3xTF32 from plain tf32 (a 2^-11 relative error per operand: the planted
+    1xTF32 mutation in test_cuda_host_mutations.py fails the fp32 suite)."""
+    n, c_s, c_t, h, w = shape
+    p = h * w
+    s = make_tensor((n, c_s, h, w), dtype=torch.float32, device="cpu", seed=sum(shape), scale=1.5)
+    t = make_tensor((n, c_t, h, w), dtype=torch.float32, device="cpu", seed=7)
+    truth = _value_and_grad(sk.cross_image_kd, s.double(), t.double(), 0.5, backend="reference")
+    ref32 = _value_and_grad(sk.cross_image_kd, s, t, 0.5, backend="reference")
+    scale = truth[1].abs().max().item()
+    fwd2, bwd2 = _f32_bytes(c_s, c_t, False, 2), _f32_bytes(c_s, c_t, True, 2)
+    bwd1, fwd1 = _f32_bytes(c_s, c_t, True, 1), _f32_bytes(c_s, c_t, False, 1)
+    assert fwd1 < fwd2 < bwd1 < bwd2
+    tiles32 = n * n * -(-p // 32)
+    # opt-in -> (forward on tensor cores, backward on tensor cores); 1024: the FMA kernels
+    plans = {bwd2: (True, True), bwd1: (True, True), fwd2: (True, False), fwd1: (True, False), 1024: (False, False)}
+    threads = {}
+    with host_execution():
+        for optin, (tc_fwd, tc_bwd) in plans.items():
+            HOST.host_reset()
+            HOST.host_set_seed(optin)
+            HOST.host_set_attribute("max_shared_memory_per_block_optin", optin)
+            before = HOST.host_stats()["threads"]
+            out = _value_and_grad(sk.cross_image_kd, s, t, 0.5, backend="cuda")
+            threads[optin] = HOST.host_stats()["threads"] - before
+            assert within_error_budget(out[0], ref32[0], truth[0], atol=1e-6 * abs(truth[0].item())), optin
+            assert within_error_budget(out[1], ref32[1], truth[1], atol=2e-6 * scale), optin
+        HOST.host_reset()
+    # the tensor-core kernels run 128 threads per 32-row block, the FMA ones 256 (the atomic
+    # backward at 1024, the two owned-pixel kernels at fwd1 / fwd2)
+    assert threads[1024] - threads[bwd2] == 2 * tiles32 * 128
+    assert threads[bwd2] == threads[bwd1]
+    assert threads[fwd2] - threads[bwd2] == 2 * tiles32 * 256 - tiles32 * 128
+    assert threads[fwd1] == threads[fwd2]

@@ -171,33 +171,35 @@ CROSS = lambda s, t, b: sk.cross_image_kd(s, t, 0.5, backend=b)  # noqa: E731
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])  # FMA / wmma tiles
 @pytest.mark.parametrize("plan", ["tensor_cores", "owned", "atomic"])
 def test_cross_image_backward_plans(host, plan, dtype):
-    # fp16/bf16 with the opt-in shared memory of the tensor-core kernels (about 36 KB here): one
-    # kernel on 64-row tiles; below that (and always for fp32) the owned-pixel kernels (rows and
-    # columns, C_s x 32 fp32 accumulators in shared memory); below that the per-tile atomic kernel
-    # on 32-row tiles. Blocks tell them apart. 33 pixels: two 32-pixel tiles, the second with one
-    # valid pixel.
-    if plan == "tensor_cores" and dtype == torch.float32:
-        pytest.skip("fp32 has no tensor-core plan")
+    # With the opt-in shared memory of the tensor-core kernels (about 36 KB for fp16/bf16 here, 24 KB
+    # for fp32): one kernel, on 64-row tiles of 256 threads (fp16/bf16) or 32-row tiles of 128
+    # threads (fp32, 3xTF32); below that the owned-pixel kernels (rows and columns, C_s x 32 fp32
+    # accumulators in shared memory); below that the per-tile atomic kernel on 32-row tiles of 256
+    # threads. Blocks and threads tell them apart. 33 pixels: two 32-pixel tiles, the second with
+    # one valid pixel.
     shape_s, shape_t = (2, 6, 3, 11), (2, 5, 3, 11)
     s = make_tensor(shape_s, dtype=dtype, seed=3, requires_grad=True)
     t = make_tensor(shape_t, dtype=dtype, seed=4)
-    optin = {"tensor_cores": 232448, "owned": 24576, "atomic": 1024}
+    # fp32: 16 KB holds the owned-pixel kernels (13 KB) but neither fp32 tensor-core kernel (17 KB+)
+    optin = {"tensor_cores": 232448, "owned": 16384 if dtype == torch.float32 else 24576, "atomic": 1024}
 
     def backward_work(size):
         host.host_set_attribute("max_shared_memory_per_block_optin", size)
         loss = sk.cross_image_kd(s, t, 0.5, backend="cuda")
-        before = host.host_stats()["blocks"]
+        before = host.host_stats()
         launches = _launches(host, lambda: torch.autograd.grad(loss, s))
-        return launches, host.host_stats()["blocks"] - before
+        after = host.host_stats()
+        return launches, after["blocks"] - before["blocks"], after["threads"] - before["threads"]
 
     work = {name: backward_work(size) for name, size in optin.items()}
     pairs = shape_s[0] ** 2
     assert work["owned"][0] == work["atomic"][0] + 1  # rows and columns kernels instead of one
     assert work["owned"][1] - work["atomic"][1] == 2 * pairs * 2 - pairs * 2  # 2 x 2 tiles of 32 vs 2
+    assert work["tensor_cores"][0] == work["atomic"][0]
     if dtype == torch.float32:
-        assert work["tensor_cores"] == work["owned"]
+        assert work["tensor_cores"][1] == work["atomic"][1]  # 32-row tiles both
+        assert work["atomic"][2] - work["tensor_cores"][2] == pairs * 2 * (256 - 128)
     else:
-        assert work["tensor_cores"][0] == work["atomic"][0]
         assert work["atomic"][1] - work["tensor_cores"][1] == pairs * 2 - pairs * 1  # 32- vs 64-row tiles
     host.host_set_attribute("max_shared_memory_per_block_optin", optin[plan])
     _check_op(CROSS, shape_s, shape_t, dtype, seed=3)

@@ -7,7 +7,8 @@ and run the same way, must pass every one of those cases, so a failure is the mu
 
 The five mutations the layer was built to expose (a warp-shuffle offset, a missing
 __syncthreads, a tile edge `<` -> `<=`, an SSIM reflect index, a register-cache length), plus a
-read of shared memory nobody wrote (caught by the poison pattern).
+read of shared memory nobody wrote (caught by the poison pattern) and plain tf32 products where
+the fp32 cross-image kernels split each operand for 3xTF32 (the fp32 tolerance tells them apart).
 """
 
 from __future__ import annotations
@@ -34,11 +35,14 @@ MUTATIONS = {
         ["cwd(1, 3, 5, 7)", "cwd(2, 3, 37, 71)"]),
     "missing __syncthreads": (
         "cross_image_kd",
-        "      sm.cols[kk][pp] = (k < channels && c0 + pp < plane) ? to_float(xj[k * plane + c0 + pp]) : 0.f;\n"
-        "    }\n    __syncthreads();\n",
-        "      sm.cols[kk][pp] = (k < channels && c0 + pp < plane) ? to_float(xj[k * plane + c0 + pp]) : 0.f;\n"
-        "    }\n",
+        "    f32_tile_dots(smem, L, buf, cs16, ct16);\n    __syncthreads();  // S and T in L.out;",
+        "    f32_tile_dots(smem, L, buf, cs16, ct16);\n    // S and T in L.out;",
         ["cross_image(1, 3, 5, 7)"]),
+    "1xTF32 instead of 3xTF32": (
+        "cross_image_kd",
+        "  nvcuda::wmma::mma_sync(acc, a_lo, b_hi, acc);\n  nvcuda::wmma::mma_sync(acc, a_hi, b_lo, acc);\n",
+        "",
+        ["cross_image(1, 3, 5, 7)", "cross_image(3, 6, 9, 11)"]),
     "tile edge < to <=": (
         "pairwise_kd", "      if (p < p_end) {", "      if (p <= p_end) {", ["pairwise-None-False"]),
     "ssim reflect index": (

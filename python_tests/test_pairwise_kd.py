@@ -21,6 +21,10 @@ import segkd_kernels as sk
 from segkd_kernels._backends import host_execution, host_library
 from segkd_kernels.ops.pairwise_kd.api import IMPLEMENTED
 from segkd_kernels.testing import assert_close, channels_last, make_tensor, non_contiguous, within_error_budget
+from feature_pair_checks import (BAD_SHAPES, check_bad_dtypes_and_types, check_bad_shape, check_different_devices,
+                                 check_missing_backend, good_pair)
+from feature_pair_checks import features as _features
+from feature_pair_checks import value_and_grad as _value_and_grad
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _AVAILABLE = sk.available_backends()
@@ -43,12 +47,6 @@ def _skip_unsupported(backend, dtype):
         pytest.skip(f"{backend} backend of pairwise_kd does not take {dtype}")
 
 
-def _features(n, c_s, c_t, h, w, *, dtype=torch.float64, seed=0):
-    s = make_tensor((n, c_s, h, w), dtype=dtype, device=DEVICE, seed=seed, requires_grad=True)
-    t = make_tensor((n, c_t, h, w), dtype=dtype, device=DEVICE, seed=seed + 1)
-    return s, t
-
-
 def naive_pairwise(s, t, pool=None, detach_norm=False):
     """Naive form: per image, the P x P cosine-similarity matrices of student and teacher, the mean
     over N * P * P of their squared difference. With detach_norm the per-pixel norm is a constant."""
@@ -69,13 +67,6 @@ def naive_pairwise(s, t, pool=None, detach_norm=False):
     sims_s = torch.stack([similarity(s[i]) for i in range(s.shape[0])])  # (N, P, P)
     sims_t = torch.stack([similarity(t[i]) for i in range(t.shape[0])])
     return ((sims_s - sims_t) ** 2).mean()
-
-
-def _value_and_grad(fn, s, t, **kwargs):
-    s = s.detach().clone().requires_grad_(True)
-    loss = fn(s, t, **kwargs)
-    (grad,) = torch.autograd.grad(loss, s)
-    return loss, grad
 
 
 # --------------------------------------------------------------------------------------------
@@ -499,46 +490,20 @@ def test_torch_compile(kwargs, backend):
 
 
 def _good():
-    return make_tensor((2, 3, 5, 7), seed=61), make_tensor((2, 4, 5, 7), seed=62)
+    return good_pair(61)
 
 
-@pytest.mark.parametrize(
-    "student_shape, teacher_shape, name",
-    [
-        ((2, 3, 5, 7), (3, 4, 5, 7), "teacher_feat"),  # N
-        ((2, 3, 5, 7), (2, 4, 6, 7), "teacher_feat"),  # H
-        ((2, 3, 5, 7), (2, 4, 5, 8), "teacher_feat"),  # W
-        ((3, 5, 7), (2, 4, 5, 7), "student_feat"),  # rank
-        ((2, 3, 5, 7), (2, 4, 5, 7, 1), "teacher_feat"),
-        ((2, 3, 5, 7), (4, 5, 7), "teacher_feat"),
-        ((0, 3, 5, 7), (0, 4, 5, 7), "student_feat"),  # empty
-        ((2, 3, 0, 7), (2, 4, 0, 7), "student_feat"),
-        ((2, 3, 5, 7), (2, 0, 5, 7), "teacher_feat"),
-    ],
-)
+@pytest.mark.parametrize("student_shape, teacher_shape, name", BAD_SHAPES)
 def test_bad_shapes(student_shape, teacher_shape, name):
-    with pytest.raises(ValueError, match=name):
-        sk.pairwise_kd(torch.randn(student_shape), torch.randn(teacher_shape))
+    check_bad_shape(sk.pairwise_kd, student_shape, teacher_shape, name)
 
 
 def test_bad_dtypes_and_types():
-    s, t = _good()
-    with pytest.raises(ValueError, match="student_feat"):
-        sk.pairwise_kd(s.long(), t)
-    with pytest.raises(ValueError, match="teacher_feat"):
-        sk.pairwise_kd(s, t.to(torch.int32))
-    with pytest.raises(ValueError, match="teacher_feat"):
-        sk.pairwise_kd(s, t.bool())
-    with pytest.raises(ValueError, match="student_feat"):
-        sk.pairwise_kd(s.tolist(), t)
+    check_bad_dtypes_and_types(sk.pairwise_kd, *_good())
 
 
 def test_different_devices():
-    s, t = _good()
-    with pytest.raises(ValueError, match="teacher_feat"):
-        sk.pairwise_kd(s, t.to("meta"))
-    with pytest.raises(ValueError, match="teacher_feat"):  # names the odd one out vs student_feat
-        sk.pairwise_kd(s.to("meta"), t)
+    check_different_devices(sk.pairwise_kd, *_good())
 
 
 @pytest.mark.parametrize("pool", [0, -1, 1.5, True, False, "2", 2.0])
@@ -557,11 +522,7 @@ def test_bad_backend_name():
 # ids avoid the bare keyword "cuda", which conftest.py reads as the "needs a CUDA device" marker
 @pytest.mark.parametrize("backend", ["triton", "cuda"], ids=["named-triton", "named-cuda"])
 def test_missing_backend_raises(backend):
-    if backend in IMPLEMENTED:
-        pytest.skip(f"pairwise_kd has a {backend} backend now")
-    s, t = _good()
-    with pytest.raises((ValueError, RuntimeError), match=f"no {backend} backend"):
-        sk.pairwise_kd(s, t, backend=backend)
+    check_missing_backend(sk.pairwise_kd, "pairwise_kd", IMPLEMENTED, backend, *_good())
 
 
 def test_auto_and_reference_agree():

@@ -6,8 +6,11 @@ fp32 scale per entry); per-row KL and the two log-sum-exps are written (O(N^2 P)
 O(P^2)). Backward recomputes the tiles from the saved log-sum-exps and accumulates d loss / d
 normalised student, then the normalisation backward. fp16 / bf16 with C_s <= 256 and C_t <= 512 run
 the tensor-core kernels (64 x 32 tiles, resident row tiles, cp.async double buffers, each tile
-computed once in the backward, column gradients added with fp32 atomics); fp32 and wider channels
-run 32 x 32 tiles on FMA (fp32) or wmma (16-bit S/T only). The launcher picks; see the .cu header.
+computed once in the backward, column gradients added with fp32 atomics); fp32 with C_s <= 256 and
+C_t <= 512 the same structure on tf32 tensor cores with the 3xTF32 split (32 x 16 tiles, one or two
+column buffers as the shared memory allows); wider channels, or rows that do not fit the device's
+shared memory, run 32 x 32 tiles on FMA (fp32) or wmma (16-bit S/T only). The launcher picks; see
+the .cu header.
 """
 
 from __future__ import annotations

@@ -72,6 +72,52 @@ def _logits(x_ptr, x_base, offs_x, mask_x, y_ptr, y_base, offs_y, mask_y, C: tl.
 
 
 @triton.jit
+def _partner_logits(a_ptr, b_ptr, a_i, b_i, base_is, base_it, base_js, base_jt, offs_m, mask_m, offs_n, mask_n,
+                    CS: tl.constexpr, CT: tl.constexpr, KS: tl.constexpr, KT: tl.constexpr, RESIDENT: tl.constexpr,
+                    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """(S, T, a_j): the raw logit blocks of rows offs_m of image i against pixels offs_n of image j.
+    RESIDENT: from the resident row tiles a_i, b_i and the partner's whole tiles (a_j, all C_s
+    channels, is returned for the backward); otherwise streamed over channel blocks (a_j is 0)."""
+    if RESIDENT:
+        a_j = _tile(a_ptr, base_js, offs_n, mask_n, 0, CS, KS, DOT_DTYPE)
+        b_j = _tile(b_ptr, base_jt, offs_n, mask_n, 0, CT, KT, DOT_DTYPE)
+        s = tl.dot(a_i, tl.trans(a_j), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        t = tl.dot(b_i, tl.trans(b_j), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    else:
+        a_j = 0
+        s = _logits(a_ptr, base_is, offs_m, mask_m, a_ptr, base_js, offs_n, mask_n, CS, KS,
+                    DOT_DTYPE, ACC_DTYPE, PRECISION)
+        t = _logits(b_ptr, base_it, offs_m, mask_m, b_ptr, base_jt, offs_n, mask_n, CT, KT,
+                    DOT_DTYPE, ACC_DTYPE, PRECISION)
+    return s, t, a_j
+
+
+@triton.jit
+def online_lse_step(s, t, m_s, m_t, l_s, l_t, acc):
+    """One partner block of the streaming row statistics (shared with memory_contrast_kd): s, t are
+    the (rows, block) logits with masked columns at a large negative finite value (exp gives 0 and
+    t - s stays finite); m_* the running maxima, l_* the rescaled sums of exp, acc the rescaled sum
+    of exp(t - m_t) (t - s). Returns the updated (m_s, m_t, l_s, l_t, acc)."""
+    m_s_new = tl.maximum(m_s, tl.max(s, axis=1))
+    m_t_new = tl.maximum(m_t, tl.max(t, axis=1))
+    e_s = tl.exp(s - m_s_new[:, None])
+    e_t = tl.exp(t - m_t_new[:, None])
+    alpha_t = tl.exp(m_t - m_t_new)
+    l_s = l_s * tl.exp(m_s - m_s_new) + tl.sum(e_s, axis=1)
+    l_t = l_t * alpha_t + tl.sum(e_t, axis=1)
+    acc = acc * alpha_t + tl.sum(e_t * (t - s), axis=1)
+    return m_s_new, m_t_new, l_s, l_t, acc
+
+
+@triton.jit
+def online_lse_finish(m_s, m_t, l_s, l_t, acc):
+    """(KL of each row, log-sum-exp of s, log-sum-exp of t) from the final statistics."""
+    lse_s = m_s + tl.log(l_s)
+    lse_t = m_t + tl.log(l_t)
+    return acc / l_t - lse_t + lse_s, lse_s, lse_t
+
+
+@triton.jit
 def _fwd_kernel(a_ptr, b_ptr, kl_ptr, lse_s_ptr, lse_t_ptr, N, P, inv_tau,
                 CS: tl.constexpr, CT: tl.constexpr, KS: tl.constexpr, KT: tl.constexpr, RESIDENT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -85,6 +131,9 @@ def _fwd_kernel(a_ptr, b_ptr, kl_ptr, lse_s_ptr, lse_t_ptr, N, P, inv_tau,
     if RESIDENT:  # KS, KT: C_s, C_t padded to powers of two; loaded once for the whole partner loop
         a_i = _tile(a_ptr, base_is, offs_m, mask_m, 0, CS, KS, DOT_DTYPE)
         b_i = _tile(b_ptr, base_it, offs_m, mask_m, 0, CT, KT, DOT_DTYPE)
+    else:  # _partner_logits streams the rows' channels itself
+        a_i = 0
+        b_i = 0
     # Finite start values: the first block (never fully masked) replaces them, and no inf - inf.
     m_s = tl.full([BLOCK_M], -1e30, dtype=ACC_DTYPE)
     m_t = tl.full([BLOCK_M], -1e30, dtype=ACC_DTYPE)
@@ -94,32 +143,11 @@ def _fwd_kernel(a_ptr, b_ptr, kl_ptr, lse_s_ptr, lse_t_ptr, N, P, inv_tau,
     for n0 in range(0, P, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         mask_n = offs_n < P
-        if RESIDENT:
-            a_j = _tile(a_ptr, base_js, offs_n, mask_n, 0, CS, KS, DOT_DTYPE)
-            b_j = _tile(b_ptr, base_jt, offs_n, mask_n, 0, CT, KT, DOT_DTYPE)
-            s = tl.dot(a_i, tl.trans(a_j), input_precision=PRECISION, out_dtype=ACC_DTYPE)
-            t = tl.dot(b_i, tl.trans(b_j), input_precision=PRECISION, out_dtype=ACC_DTYPE)
-        else:
-            s = _logits(a_ptr, base_is, offs_m, mask_m, a_ptr, base_js, offs_n, mask_n, CS, KS,
-                        DOT_DTYPE, ACC_DTYPE, PRECISION)
-            t = _logits(b_ptr, base_it, offs_m, mask_m, b_ptr, base_jt, offs_n, mask_n, CT, KT,
-                        DOT_DTYPE, ACC_DTYPE, PRECISION)
+        s, t, _a_j = _partner_logits(a_ptr, b_ptr, a_i, b_i, base_is, base_it, base_js, base_jt, offs_m, mask_m,
+                                     offs_n, mask_n, CS, CT, KS, KT, RESIDENT, DOT_DTYPE, ACC_DTYPE, PRECISION)
         bias = tl.where(mask_n, 0.0, MASK_BIAS).to(ACC_DTYPE)[None, :]
-        s = s * inv_tau + bias
-        t = t * inv_tau + bias
-        m_s_new = tl.maximum(m_s, tl.max(s, axis=1))
-        m_t_new = tl.maximum(m_t, tl.max(t, axis=1))
-        e_s = tl.exp(s - m_s_new[:, None])
-        e_t = tl.exp(t - m_t_new[:, None])
-        alpha_t = tl.exp(m_t - m_t_new)
-        l_s = l_s * tl.exp(m_s - m_s_new) + tl.sum(e_s, axis=1)
-        l_t = l_t * alpha_t + tl.sum(e_t, axis=1)
-        acc = acc * alpha_t + tl.sum(e_t * (t - s), axis=1)
-        m_s = m_s_new
-        m_t = m_t_new
-    lse_s = m_s + tl.log(l_s)
-    lse_t = m_t + tl.log(l_t)
-    kl = acc / l_t - lse_t + lse_s
+        m_s, m_t, l_s, l_t, acc = online_lse_step(s * inv_tau + bias, t * inv_tau + bias, m_s, m_t, l_s, l_t, acc)
+    kl, lse_s, lse_t = online_lse_finish(m_s, m_t, l_s, l_t, acc)
     out = (i * N + j) * P + offs_m
     tl.store(kl_ptr + out, kl, mask=mask_m)
     tl.store(lse_s_ptr + out, lse_s, mask=mask_m)
@@ -146,6 +174,8 @@ def _bwd_kernel(a_ptr, b_ptr, lse_s_ptr, lse_t_ptr, grad_ptr, da_ptr, N, P, inv_
         b_i = _tile(b_ptr, base_it, offs_m, mask_m, 0, CT, KT, DOT_DTYPE)
         a_id = a_i
     else:
+        a_i = 0  # _partner_logits streams the rows' channels itself
+        b_i = 0
         a_id = _tile(a_ptr, base_is, offs_m, mask_m, d0, CS, BLOCK_D, DOT_DTYPE)
     rows = (i * N + j) * P + offs_m
     lse_s = tl.load(lse_s_ptr + rows, mask=mask_m, other=0.0)
@@ -156,17 +186,11 @@ def _bwd_kernel(a_ptr, b_ptr, lse_s_ptr, lse_t_ptr, grad_ptr, da_ptr, N, P, inv_
     for n0 in range(0, P, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         mask_n = offs_n < P
+        s, t, a_j = _partner_logits(a_ptr, b_ptr, a_i, b_i, base_is, base_it, base_js, base_jt, offs_m, mask_m,
+                                    offs_n, mask_n, CS, CT, KS, KT, RESIDENT, DOT_DTYPE, ACC_DTYPE, PRECISION)
         if RESIDENT:
-            a_j = _tile(a_ptr, base_js, offs_n, mask_n, 0, CS, KS, DOT_DTYPE)
-            b_j = _tile(b_ptr, base_jt, offs_n, mask_n, 0, CT, KT, DOT_DTYPE)
-            s = tl.dot(a_i, tl.trans(a_j), input_precision=PRECISION, out_dtype=ACC_DTYPE)
-            t = tl.dot(b_i, tl.trans(b_j), input_precision=PRECISION, out_dtype=ACC_DTYPE)
             a_jd = a_j
         else:
-            s = _logits(a_ptr, base_is, offs_m, mask_m, a_ptr, base_js, offs_n, mask_n, CS, KS,
-                        DOT_DTYPE, ACC_DTYPE, PRECISION)
-            t = _logits(b_ptr, base_it, offs_m, mask_m, b_ptr, base_jt, offs_n, mask_n, CT, KT,
-                        DOT_DTYPE, ACC_DTYPE, PRECISION)
             a_jd = _tile(a_ptr, base_js, offs_n, mask_n, d0, CS, BLOCK_D, DOT_DTYPE)
         bias = tl.where(mask_n, 0.0, MASK_BIAS).to(ACC_DTYPE)[None, :]
         # p_S - p_T in [-1, 1] goes to the products unscaled: coef (about 1e-5 / P) would push fp16
@@ -181,14 +205,20 @@ def _bwd_kernel(a_ptr, b_ptr, lse_s_ptr, lse_t_ptr, grad_ptr, da_ptr, N, P, inv_
                   mask=mask_m[:, None] & mask_d[None, :], sem="relaxed")
 
 
-def _types(dtype: torch.dtype):
-    """(DOT_DTYPE, ACC_DTYPE, PRECISION, torch accumulation dtype)."""
+def dot_types(dtype: torch.dtype, fp32_precision: str):
+    """(DOT_DTYPE, ACC_DTYPE, PRECISION, torch accumulation dtype) of the streaming-softmax kernels
+    (shared with memory_contrast_kd): fp64 in fp64, fp32 (and everything under the interpreter) in
+    fp32 with fp32_precision for tl.dot, fp16/bf16 operands with fp32 accumulation."""
     if dtype == torch.float64:
         return tl.float64, tl.float64, "ieee", torch.float64
     if dtype == torch.float32 or TRITON_INTERPRET:
-        # tf32x3 on a GPU; the interpreter multiplies in fp32 whatever the precision says
-        return tl.float32, tl.float32, "tf32x3", torch.float32
+        return tl.float32, tl.float32, fp32_precision, torch.float32
     return (tl.bfloat16 if dtype == torch.bfloat16 else tl.float16), tl.float32, "ieee", torch.float32
+
+
+def _types(dtype: torch.dtype):
+    # tf32x3 on a GPU; the interpreter multiplies in fp32 whatever the precision says
+    return dot_types(dtype, "tf32x3")
 
 
 def _pad(c: int) -> int:

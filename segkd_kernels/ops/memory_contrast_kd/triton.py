@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._backends import TRITON_INTERPRET
 from .._triton_common import FP_FUSION, cdiv, next_power_of_2
+from ..cross_image_kd.triton import dot_types, online_lse_finish, online_lse_step
 
 
 @triton.jit
@@ -68,22 +68,13 @@ def _fwd_kernel(a_ptr, b_ptr, m_ptr, kl_ptr, lse_s_ptr, lse_t_ptr, M, Q, C, scal
         mask_q = offs_q < Q
         s, t = _tiles(a_ptr, b_ptr, m_ptr, offs_m, mask_m, offs_q, mask_q, C, BLOCK_K, DOT_DTYPE, ACC_DTYPE,
                       PRECISION)
-        s = s * scale
-        t = t * scale
+        # masked bank entries at -1e30: exp gives exactly 0 and t - s is 0 there
         valid = mask_q[None, :]
-        m_s_new = tl.maximum(m_s, tl.max(tl.where(valid, s, -1e30), axis=1))
-        m_t_new = tl.maximum(m_t, tl.max(tl.where(valid, t, -1e30), axis=1))
-        e_s = tl.where(valid, tl.exp(s - m_s_new[:, None]), 0.0)
-        e_t = tl.where(valid, tl.exp(t - m_t_new[:, None]), 0.0)
-        alpha_t = tl.exp(m_t - m_t_new)
-        l_s = l_s * tl.exp(m_s - m_s_new) + tl.sum(e_s, axis=1)
-        l_t = l_t * alpha_t + tl.sum(e_t, axis=1)
-        acc = acc * alpha_t + tl.sum(e_t * (t - s), axis=1)
-        m_s = m_s_new
-        m_t = m_t_new
-    lse_s = m_s + tl.log(l_s)
-    lse_t = m_t + tl.log(l_t)
-    tl.store(kl_ptr + offs_m, acc / l_t - lse_t + lse_s, mask=mask_m)
+        s = tl.where(valid, s * scale, -1e30)
+        t = tl.where(valid, t * scale, -1e30)
+        m_s, m_t, l_s, l_t, acc = online_lse_step(s, t, m_s, m_t, l_s, l_t, acc)
+    kl, lse_s, lse_t = online_lse_finish(m_s, m_t, l_s, l_t, acc)
+    tl.store(kl_ptr + offs_m, kl, mask=mask_m)
     tl.store(lse_s_ptr + offs_m, lse_s, mask=mask_m)
     tl.store(lse_t_ptr + offs_m, lse_t, mask=mask_m)
 
@@ -115,12 +106,7 @@ def _bwd_kernel(a_ptr, b_ptr, m_ptr, lse_s_ptr, lse_t_ptr, grad_ptr, da_ptr, M, 
 
 
 def _types(dtype: torch.dtype):
-    """(DOT_DTYPE, ACC_DTYPE, PRECISION, torch accumulation dtype)."""
-    if dtype == torch.float64:
-        return tl.float64, tl.float64, "ieee", torch.float64
-    if dtype == torch.float32 or TRITON_INTERPRET:
-        return tl.float32, tl.float32, "ieee", torch.float32
-    return (tl.bfloat16 if dtype == torch.bfloat16 else tl.float16), tl.float32, "ieee", torch.float32
+    return dot_types(dtype, "ieee")
 
 
 def _k_block(c: int) -> int:

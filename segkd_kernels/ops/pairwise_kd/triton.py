@@ -82,6 +82,21 @@ def _zgram_operands(x_base, mask_x, y_base, mask_y, offs_p, p_end, P, offs_r):
 
 
 @triton.jit
+def _z_tile_rows(ti, TA, s_ptr, sinv_ptr, t_ptr, tinv_ptr, CS, CT, P, n, offs_r, TILE: tl.constexpr):
+    """Channel tile ti of Z = [A; B] for image n: (its first row, the inverse norms of its map, the
+    mask of its rows). Tiles ti < TA are student channels ti*TILE.., the rest teacher channels."""
+    if ti < TA:
+        base = s_ptr + n * CS * P + ti.to(tl.int64) * TILE * P
+        inv = sinv_ptr + n * P
+        mask = ti * TILE + offs_r < CS
+    else:
+        base = t_ptr + n * CT * P + (ti - TA).to(tl.int64) * TILE * P
+        inv = tinv_ptr + n * P
+        mask = (ti - TA) * TILE + offs_r < CT
+    return base, inv, mask
+
+
+@triton.jit
 def _zgram_kernel(s_ptr, sinv_ptr, t_ptr, tinv_ptr, part_ptr, CS, CT, P, TA, T, pix_per_split,
                   TILE: tl.constexpr, BLOCK_P: tl.constexpr, FAST: tl.constexpr):
     """part[n, split, k] = tile k = (ti, tj), ti <= tj, of Z^T Z over the split's pixels, fp64.
@@ -97,33 +112,19 @@ def _zgram_kernel(s_ptr, sinv_ptr, t_ptr, tinv_ptr, part_ptr, CS, CT, P, TA, T, 
         ti += (_tile_start(r, T) <= k).to(tl.int32)
     tj = ti + k - _tile_start(ti, T)
     offs_r = tl.arange(0, TILE)
-    if ti < TA:
-        x_base = s_ptr + n * CS * P + ti.to(tl.int64) * TILE * P
-        x_inv = sinv_ptr + n * P
-        mask_x = ti * TILE + offs_r < CS
-    else:
-        x_base = t_ptr + n * CT * P + (ti - TA).to(tl.int64) * TILE * P
-        x_inv = tinv_ptr + n * P
-        mask_x = (ti - TA) * TILE + offs_r < CT
-    if tj < TA:
-        y_base = s_ptr + n * CS * P + tj.to(tl.int64) * TILE * P
-        y_inv = sinv_ptr + n * P
-        mask_y = tj * TILE + offs_r < CS
-    else:
-        y_base = t_ptr + n * CT * P + (tj - TA).to(tl.int64) * TILE * P
-        y_inv = tinv_ptr + n * P
-        mask_y = (tj - TA) * TILE + offs_r < CT
+    x_base, x_inv, mask_x = _z_tile_rows(ti, TA, s_ptr, sinv_ptr, t_ptr, tinv_ptr, CS, CT, P, n, offs_r, TILE)
+    y_base, y_inv, mask_y = _z_tile_rows(tj, TA, s_ptr, sinv_ptr, t_ptr, tinv_ptr, CS, CT, P, n, offs_r, TILE)
     p_begin = split * pix_per_split
     p_end = tl.minimum(p_begin + pix_per_split, P)
     acc = tl.zeros([TILE, TILE], dtype=tl.float64)
     for p0 in range(p_begin, p_end, BLOCK_P):
         if FAST:
             # fp32 unit features, fp32-accurate products (3xTF32), one fp32 sum over the BLOCK_P
-            # pixels (two dots of half the pixels: the 3xTF32 operand halves of a whole block
-            # spill on sm_80), that chunk sum added in fp64
+            # pixels (four dots of a quarter of the pixels: the 3xTF32 operand halves of a whole
+            # block, or of half of one with fp32 inputs, spill on sm_80), that chunk sum added in fp64
             chunk = tl.zeros([TILE, TILE], dtype=tl.float32)
-            for h in range(0, BLOCK_P, BLOCK_P // 2):
-                offs_p = p0 + h + tl.arange(0, BLOCK_P // 2)
+            for h in range(0, BLOCK_P, BLOCK_P // 4):
+                offs_p = p0 + h + tl.arange(0, BLOCK_P // 4)
                 x, y = _zgram_operands(x_base, mask_x, y_base, mask_y, offs_p, p_end, P, offs_r)
                 xf = x.to(tl.float32) * tl.load(x_inv + offs_p, mask=offs_p < p_end, other=0.0).to(tl.float32)[None, :]
                 yf = y.to(tl.float32) * tl.load(y_inv + offs_p, mask=offs_p < p_end, other=0.0).to(tl.float32)[None, :]
