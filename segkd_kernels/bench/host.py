@@ -39,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-COLUMNS = ["op", "plan", "provider", "shape", "dtype", "us_per_call", "triton_launches", "torch_ops",
+COLUMNS = ["op", "plan", "provider", "shape", "dtype", "us_per_call", "launches", "torch_ops",
            "host_reads", "host_read_sites", "vs_eager"]
 DEFAULT_CSV = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "host_cpu.csv"
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -60,13 +60,113 @@ def _cwd_split():
         cwd._MAX_TILE = saved
 
 
+@contextlib.contextmanager
+def _cbam_split():
+    """cbam_gate's backward as at the benchmark shapes: more than one pixel block and channel slice,
+    so that both gate gradients are partial rows summed by a second launch."""
+    from ..ops.cbam_gate import triton as cbam  # noqa: PLC0415
+
+    saved = cbam._blocks
+    cbam._blocks = lambda x, p: (2, 16)
+    cbam._FWD_PLANS.clear()
+    cbam._BWD_PLANS.clear()
+    try:
+        yield
+    finally:
+        cbam._blocks = saved
+        cbam._FWD_PLANS.clear()
+        cbam._BWD_PLANS.clear()
+
+
 # Wrapper plans that the tiny shapes would not pick: op -> {plan: context manager forcing it}.
-PLANS = {"channel_wise_kd": {"split": _cwd_split}}
+PLANS = {"channel_wise_kd": {"split": _cwd_split}, "cbam_gate": {"split": _cbam_split}}
 
 # Host reads of tensor values: each one waits for the device on a GPU.
 SYNC_OPS = frozenset({"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "nonzero_static",
                       "masked_select", "unique", "_unique2", "unique_consecutive", "repeat_interleave", "_assert_async"})
 _READERS = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__", "is_nonzero", "equal")
+
+
+class _StubCompiled:
+    """What a Triton launch returns in place of the compiled kernel: `ops/_launch.py` keeps it and
+    calls its launcher, which here counts the launch and launches nothing."""
+
+    function = "stub"
+    packed_metadata = None
+
+    def __init__(self, capture):
+        def run(*args):
+            capture.count += 1
+
+        self.run = run
+
+
+@contextlib.contextmanager
+def _launch_handles(capture):
+    """Inside an active hot-path capture: the intercepted JITFunction.run returns a stand-in compiled
+    kernel, so that the wrappers' cached launches (ops/_launch.py) reach their hot path as on a GPU
+    (keyed lookup, then the launcher: stubbed); the device and stream queries answer (0, 0) with
+    no device to ask. Compiled kernels held before are dropped on entry and the stand-ins on exit."""
+    from triton.runtime.jit import JITFunction  # noqa: PLC0415
+
+    from ..ops import _launch  # noqa: PLC0415
+
+    intercepted = JITFunction.run
+    saved_device_stream = _launch.device_stream
+
+    stub = _StubCompiled(capture)
+
+    def run(fn, *args, **kwargs):
+        intercepted(fn, *args, **kwargs)
+        return stub
+
+    JITFunction.run = run
+    _launch.device_stream = lambda: (0, 0)
+    _launch.clear()
+    try:
+        yield
+    finally:
+        _launch.clear()
+        _launch.device_stream = saved_device_stream
+        JITFunction.run = intercepted
+
+
+class _StubHostLibrary:
+    """The host build of the CUDA kernels (segkd_kernels._cuda_host) with every launch stubbed, at
+    the level of Triton's stubbed launcher: the call into the compiled module. Queries (workspace
+    sizes, partial counts) and the layer's own host_* functions answer as the real module does;
+    launches are counted and run nothing."""
+
+    _QUERIES = ("_workspace", "_num_partials")
+
+    def __init__(self, lib, capture):
+        self._lib = lib
+        self._capture = capture
+
+    def __getattr__(self, name):
+        attr = getattr(self._lib, name)
+        if callable(attr) and not name.startswith("host_") and not name.endswith(self._QUERIES):
+            capture = self._capture
+
+            def attr(*args, **kwargs):
+                capture.count += 1
+        setattr(self, name, attr)  # later lookups are a plain attribute, as on the module
+        return attr
+
+
+@contextlib.contextmanager
+def _provider(provider: str, capture):
+    """backend="cuda" runs the CUDA glue on CPU tensors through the stubbed host library."""
+    if provider != "cuda":
+        yield
+        return
+    from .. import _backends  # noqa: PLC0415
+
+    lib, reason = _backends.host_library()
+    if lib is None:
+        raise _backends.BackendUnavailableError(reason)
+    with _backends.host_execution(_StubHostLibrary(lib, capture)):
+        yield
 
 
 @contextlib.contextmanager
@@ -127,7 +227,8 @@ def measure(op: str, provider: str, plan: str = "", repeats: int = 300, warmup: 
     case = cases.CASES[op]
     shapes = case.quick_shapes[0]
     force = PLANS.get(op, {}).get(plan, contextlib.nullcontext) if plan else contextlib.nullcontext
-    with _cpu_tensors_for_triton(), force(), _Capture((90,), hot_path=True) as cap:
+    with _cpu_tensors_for_triton(), force(), _Capture((90,), hot_path=True) as cap, \
+            _launch_handles(cap), _provider(provider, cap):
         inputs = case.make(shapes, getattr(torch, dtype_name), "cpu")
         # counting passes: host reads (no dispatch mode: it would change code paths that test for
         # one), then launches and torch ops (custom ops entered)
@@ -150,22 +251,33 @@ def measure(op: str, provider: str, plan: str = "", repeats: int = 300, warmup: 
             _call(case, inputs, provider)
             times.append(time.perf_counter_ns() - t0)
     return dict(op=op, plan=plan or "default", provider=provider, shape=cases.shape_label(shapes), dtype=dtype_name,
-                us_per_call=round(statistics.median(times) / 1e3, 1), triton_launches=launches,
+                us_per_call=round(statistics.median(times) / 1e3, 1), launches=launches,
                 torch_ops=len(mode.ops), host_reads=len(sites), host_read_sites=";".join(dict.fromkeys(sites)))
 
 
-def rows_for(ops, repeats: int = 300, warmup: int = 30, log=print) -> list[dict]:
+def rows_for(ops, repeats: int = 300, warmup: int = 30, log=print, providers=("triton", "cuda")) -> list[dict]:
+    from .._backends import BackendUnavailableError  # noqa: PLC0415
+
     rows = []
     for op in ops:
+        fused = [p for p in ("triton", "cuda") if p in providers]
         for plan in [""] + list(PLANS.get(op, {})):
             eager = measure(op, "eager", plan, repeats, warmup)
-            tri = measure(op, "triton", plan, repeats, warmup)
             eager["vs_eager"] = 1.0
-            tri["vs_eager"] = round(tri["us_per_call"] / eager["us_per_call"], 2)
-            for r in (tri, eager):
+            measured = []
+            for provider in fused:
+                if plan and provider == "cuda":
+                    continue  # the forced plans are the Triton wrappers'
+                try:
+                    r = measure(op, provider, plan, repeats, warmup)
+                except BackendUnavailableError:
+                    continue  # no cuda backend for this op, or no host build of its kernels
+                r["vs_eager"] = round(r["us_per_call"] / eager["us_per_call"], 2)
+                measured.append(r)
+            for r in (*measured, eager):
                 rows.append(r)
                 log(f"{r['op']:16s} {r['plan']:8s} {r['provider']:7s} {r['us_per_call']:8.1f} us "
-                    f"launches={r['triton_launches']} torch_ops={r['torch_ops']} host_reads={r['host_reads']}")
+                    f"launches={r['launches']} torch_ops={r['torch_ops']} host_reads={r['host_reads']}")
     return rows
 
 
@@ -178,18 +290,28 @@ def write_csv(rows, path: Path) -> None:
 
 
 def markdown_table(rows) -> str:
-    """The README table: one line per op and plan, triton next to eager."""
+    """The README table: one line per op and plan, triton and cuda next to eager."""
     by = {}
     for r in rows:
         by.setdefault((r["op"], r["plan"]), {})[r["provider"]] = r
-    lines = ["| op | plan | triton us/call | eager us/call | triton / eager | Triton launches | other torch ops "
-             "(triton / eager) | host reads (triton) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+
+    def us(r):
+        return f"{float(r['us_per_call']):.0f}" if r else "-"
+
+    def ratio(r):
+        return f"{float(r['vs_eager']):.2f}" if r else "-"
+
+    def col(d, key):
+        return " / ".join(str(d[p][key]) if d.get(p) else "-" for p in ("triton", "cuda"))
+
+    lines = ["| op | plan | triton us/call | cuda us/call | eager us/call | triton / eager | cuda / eager | "
+             "kernel launches (triton / cuda) | other torch ops (triton / cuda / eager) | host reads (triton / cuda) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for (op, plan), d in by.items():
-        t, e = d["triton"], d["eager"]
-        lines.append(f"| {op} | {plan} | {float(t['us_per_call']):.0f} | {float(e['us_per_call']):.0f} | "
-                     f"{float(t['vs_eager']):.2f} | {t['triton_launches']} | {t['torch_ops']} / {e['torch_ops']} | "
-                     f"{t['host_reads']} |")
+        t, c, e = d.get("triton"), d.get("cuda"), d["eager"]
+        ops_col = " / ".join(str(d[p]["torch_ops"]) if d.get(p) else "-" for p in ("triton", "cuda", "eager"))
+        lines.append(f"| {op} | {plan} | {us(t)} | {us(c)} | {us(e)} | {ratio(t)} | {ratio(c)} | "
+                     f"{col(d, 'launches')} | {ops_col} | {col(d, 'host_reads')} |")
     return "\n".join(lines)
 
 
