@@ -9,17 +9,27 @@ Method (both providers measured the same way, in the same process, alternately):
   torch ops is negligible next to their dispatch cost (a few hundred elements per tensor). The
   host work of a wrapper does not depend on the tensor sizes except through its plan; where a
   wrapper picks another plan at the benchmark shapes (channel_wise_kd's split path for rows
-  longer than one tile) that plan gets its own row, forced at the tiny shape.
+  longer than one tile, cbam_gate's backward with partial rows summed by a second launch) that
+  plan gets its own row, forced at the tiny shape.
 - Triton backend: the real wrappers on CPU tensors with every `JITFunction.run` intercepted
-  (bench/static.py's capture in its hot-path mode): each launch costs what Triton's cached launch
-  costs on the host (its per-kernel caches, binding the arguments, the cache key and the kernel
-  lookup, the used-globals check, the grid) minus the driver's launch. The custom ops run through
-  their eager fast path (ops/_eager.py), as every eager call does.
+  (bench/static.py's capture in its hot-path mode: Triton's cached launch minus the driver, i.e.
+  its per-kernel caches, binding the arguments, the cache key and the kernel lookup, the
+  used-globals check, the grid). The intercepted run hands back a stand-in compiled kernel, so
+  that wrappers launching through ops/_launch.py keep it and reach their hot path as on a GPU
+  (their own key, then the compiled kernel's launcher, which is the stub: it counts the launch
+  and launches nothing). The custom ops run through their eager fast path (ops/_eager.py), as
+  every eager call does.
+- CUDA backend: the same glue in host execution (`_backends.host_execution`) on the host build of
+  the kernels, with every launch function of the module stubbed the same way (the call into the
+  compiled module counts and returns; queries such as workspace sizes answer as built). Ops
+  without a cuda backend, or a machine without the host build, get no cuda row; the forced plans
+  are the Triton wrappers' and get none either.
 - Eager baseline (bench/eager.py): the toolbox code on the same tiny CPU tensors; each torch op
   pays its dispatch plus a CPU kernel on a few hundred elements (about what its CUDA launch
   costs the host).
 - Per op: the median microseconds of a forward+backward call over many timed calls (after a
-  warm-up), the Triton launches and the other torch ops that launch a kernel on a GPU per call
+  warm-up; with --runs N the whole table N times, each row's median run), the kernel launches of
+  the backend's own kernels and the other torch ops that launch a kernel on a GPU per call
   (counted once under a dispatch mode), and the host reads of tensor values (`.item()`,
   `bool()`, `float()`, `torch.equal`, ... : each one is a device sync on a GPU).
 
@@ -281,6 +291,20 @@ def rows_for(ops, repeats: int = 300, warmup: int = 30, log=print, providers=("t
     return rows
 
 
+def median_rows(runs: list[list[dict]]) -> list[dict]:
+    """One table from several runs of rows_for: per row the median microseconds over the runs, and
+    triton / eager and cuda / eager from those medians."""
+    rows = [dict(r) for r in runs[0]]
+    for r in rows:
+        same = [q for run in runs for q in run if (q["op"], q["plan"], q["provider"]) == (r["op"], r["plan"],
+                                                                                           r["provider"])]
+        r["us_per_call"] = round(statistics.median(q["us_per_call"] for q in same), 1)
+    eager = {(r["op"], r["plan"]): r["us_per_call"] for r in rows if r["provider"] == "eager"}
+    for r in rows:
+        r["vs_eager"] = round(r["us_per_call"] / eager[(r["op"], r["plan"])], 2)
+    return rows
+
+
 def write_csv(rows, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
@@ -336,11 +360,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=DEFAULT_CSV)
     p.add_argument("--repeats", type=int, default=300)
     p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--runs", type=int, default=1,
+                   help="measure the whole table this many times; each row keeps its median run (a shared "
+                        "machine's load comes and goes across a run)")
     a = p.parse_args(argv)
     import torch  # noqa: PLC0415
 
     torch.set_num_threads(1)  # tiny tensors: no intra-op threads, steadier medians
-    rows = rows_for([o for o in a.ops.split(",") if o], a.repeats, a.warmup)
+    ops = [o for o in a.ops.split(",") if o]
+    rows = median_rows([rows_for(ops, a.repeats, a.warmup) for _ in range(max(1, a.runs))])
     write_csv(rows, a.out)
     print(markdown_table(rows))
     # the committed table follows the committed CSV (a full run only)
@@ -350,11 +378,11 @@ def main(argv=None) -> int:
     return 0
 
 
-def spawn(ops, out: Path, repeats: int = 300) -> int:
+def spawn(ops, out: Path, repeats: int = 300, runs: int = 1) -> int:
     """Run in a fresh process with TRITON_INTERPRET unset (real JITFunctions to intercept)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, "-m", "segkd_kernels.bench.host", "--ops", ",".join(ops), "--out", str(out),
-           "--repeats", str(repeats)]
+           "--repeats", str(repeats), "--runs", str(runs)]
     return subprocess.call(cmd, env=env)
 
 

@@ -125,4 +125,32 @@ class Launch:
         run(g0, g1, g2, stream, function, metadata, None, None, None, *tensors, *self.tail)
 
 
-__all__ = ["Launch", "clear", "device_stream"]
+MISSING = object()  # PlanCache.get's default: None is a plan (nothing to launch)
+
+
+class PlanCache(dict):
+    """Launch plans keyed on everything they depend on (shapes, strides, dtypes, tuning constants):
+    a repeated call skips the plan arithmetic (blocks, grids, layout tests, argument lists) and,
+    through the Launches a plan holds, Triton's binding. Bounded: a run with ever new shapes
+    clears it now and then."""
+
+    def __init__(self, limit: int = 256):
+        super().__init__()
+        self.limit = limit
+
+    def put(self, key, plan):
+        """Keep `plan` (None included) under `key`; returns it."""
+        if len(self) >= self.limit:
+            self.clear()
+        self[key] = plan
+        return plan
+
+    def get_or_make(self, key, make):
+        """The plan under `key`, made by `make()` (which may return None) the first time. (The
+        hottest wrappers spell it out: `get(key, MISSING)`, then `put` on a miss, which builds no
+        closure per call.)"""
+        plan = self.get(key, MISSING)
+        return self.put(key, make()) if plan is MISSING else plan
+
+
+__all__ = ["MISSING", "Launch", "PlanCache", "clear", "device_stream"]

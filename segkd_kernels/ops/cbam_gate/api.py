@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from ..._backends import FLOAT_DTYPES, KERNEL_DTYPES, select_backend
+from ..._backends import select_backend
 from ..._validation import check_same_device, check_tensor
+from .._api import op_backends
 from . import reference
-
-IMPLEMENTED = {"reference": FLOAT_DTYPES, "cuda": KERNEL_DTYPES}
-try:
-    from .triton import cbam_gate_triton
-
-    IMPLEMENTED["triton"] = FLOAT_DTYPES
-except ImportError:  # triton missing: _backends reports why
-    cbam_gate_triton = None
 from .cuda import cbam_gate_cuda
-from .._eager import install as _install_eager_path
 
-_install_eager_path()  # eager calls of the custom ops skip the dispatcher (ops/_eager.py)
+IMPLEMENTED, _triton = op_backends(__package__)
 
 
 def cbam_gate(x: torch.Tensor, channel_gate: torch.Tensor, spatial_gate: torch.Tensor, *,
@@ -50,4 +42,4 @@ def cbam_gate(x: torch.Tensor, channel_gate: torch.Tensor, spatial_gate: torch.T
         return reference.cbam_gate(x, channel_gate, spatial_gate)
     # The gates go as they are, in either shape: the kernels address them by stride and return their
     # gradients in their shapes (no view nodes in the graph).
-    return (cbam_gate_triton if name == "triton" else cbam_gate_cuda)(x, channel_gate, spatial_gate)
+    return (_triton.cbam_gate_triton if name == "triton" else cbam_gate_cuda)(x, channel_gate, spatial_gate)

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .._triton_common import FP_FUSION, acc_dtype, acc_torch_dtype, cdiv, pixel_strides
-from .._launch import Launch
+from .._launch import MISSING, Launch, PlanCache
 from ..channel_pool.triton import _blocks, _pixel_offsets, channel_slices
 
 
@@ -211,21 +211,10 @@ def _strides4(t: torch.Tensor) -> tuple[int, int, int, int, bool]:
     return t.stride(0), t.stride(1), s_h, s_w, merged
 
 
-# Launch plans keyed on everything they depend on (shapes, strides, dtypes, tuning constants): a
-# repeated call skips recomputing blocks, grids, layout tests and stride lists, and launches through
-# the compiled kernel it kept (ops/_launch.py). Bounded: a run with ever new shapes clears it now and
-# then.
-_FWD_PLANS: dict = {}
-_BWD_PLANS: dict = {}
-_MAX_PLANS = 256
-_NO_PLAN = object()
-
-
-def _remember(plans, key, plan):
-    if len(plans) >= _MAX_PLANS:
-        plans.clear()
-    plans[key] = plan
-    return plan
+# Launch plans (ops/_launch.PlanCache): a repeated call launches through the compiled kernels its
+# plan's Launches kept.
+_FWD_PLANS = PlanCache()
+_BWD_PLANS = PlanCache()
 
 
 def _fwd_plan(x, channel_gate, spatial_gate, out):
@@ -263,9 +252,9 @@ def cbam_gate_triton(x: torch.Tensor, channel_gate: torch.Tensor, spatial_gate: 
     # every tensor's dtype is in the key: a Launch serves one combination of them
     key = (x.shape, x.stride(), channel_gate.stride(), spatial_gate.stride(), x.dtype, channel_gate.dtype,
            spatial_gate.dtype, _FLAT_BYTES)
-    launch = _FWD_PLANS.get(key, _NO_PLAN)
-    if launch is _NO_PLAN:
-        launch = _remember(_FWD_PLANS, key, _fwd_plan(x, channel_gate, spatial_gate, out))
+    launch = _FWD_PLANS.get(key, MISSING)
+    if launch is MISSING:
+        launch = _FWD_PLANS.put(key, _fwd_plan(x, channel_gate, spatial_gate, out))
     if launch is not None:
         launch(x, channel_gate, spatial_gate, out)
     return out
@@ -321,9 +310,9 @@ def cbam_gate_backward_triton(grad: torch.Tensor, x: torch.Tensor, channel_gate:
     dx = torch.empty_like(x)
     key = (x.shape, x.stride(), grad.stride(), channel_gate.stride(), spatial_gate.stride(), x.dtype, grad.dtype,
            channel_gate.dtype, spatial_gate.dtype)
-    plan = _BWD_PLANS.get(key, _NO_PLAN)
-    if plan is _NO_PLAN:
-        plan = _remember(_BWD_PLANS, key, _bwd_plan(grad, x, channel_gate, spatial_gate, dx))
+    plan = _BWD_PLANS.get(key, MISSING)
+    if plan is MISSING:
+        plan = _BWD_PLANS.put(key, _bwd_plan(grad, x, channel_gate, spatial_gate, dx))
     if plan is None:
         # no channel or no pixel: the sums over them are 0
         return (dx, torch.zeros_like(channel_gate, memory_format=torch.contiguous_format),

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._launch import Launch
+from .._launch import Launch, PlanCache
 from .._triton_common import FP_FUSION, acc_dtype, cdiv, next_power_of_2
 from . import autograd
 
@@ -61,20 +61,10 @@ def _spatial_pool_bwd_kernel(grad_avg_ptr, grad_max_ptr, argmax_ptr, dx_ptr, pla
     tl.store(dx_ptr + row * plane + offs, dx.to(dx_ptr.dtype.element_ty), mask=valid)
 
 
-
-
-# Launches keyed on what they depend on (N * C, H * W, dtypes, block caps): a repeated call skips the
-# block choice and launches through the compiled kernel it kept (ops/_launch.py). Bounded: a run
-# with ever new shapes clears it now and then.
-_FWD_PLANS: dict = {}
-_BWD_PLANS: dict = {}
-
-
-def _remember(plans, key, launch):
-    if len(plans) >= 256:
-        plans.clear()
-    plans[key] = launch
-    return launch
+# Launches keyed on what they depend on (N * C, H * W, dtypes; ops/_launch.PlanCache): a repeated call
+# skips the block choice and launches through the compiled kernel it kept.
+_FWD_PLANS = PlanCache()
+_BWD_PLANS = PlanCache()
 
 
 @torch.library.custom_op("segkd::spatial_pool_triton", mutates_args=())
@@ -87,13 +77,18 @@ def spatial_pool_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     key = (n * c, h * w, x.dtype)
     launch = _FWD_PLANS.get(key)
     if launch is None:
-        rows, plane = key[:2]
-        launch = _remember(_FWD_PLANS, key, Launch(
-            _spatial_pool_fwd_kernel, (rows,), (plane,),
-            dict(BLOCK=min(next_power_of_2(plane), 2048), ACC_DTYPE=acc_dtype(x.dtype), **FP_FUSION), fresh=3))
+        launch = _FWD_PLANS.put(key, Launch(
+            _spatial_pool_fwd_kernel, (n * c,), (h * w,),
+            dict(BLOCK=min(next_power_of_2(h * w), 2048), ACC_DTYPE=acc_dtype(x.dtype), **FP_FUSION), fresh=3))
     if key[0] > 0:
         launch(x, avg, mx, argmax)
     return avg, mx, argmax
+
+
+def _bwd_launch(rows: int, plane: int, dtype: torch.dtype) -> Launch:
+    block = min(next_power_of_2(plane), 1024)
+    return Launch(_spatial_pool_bwd_kernel, (rows, cdiv(plane, block)), (plane,),
+                  dict(BLOCK=block, ACC_DTYPE=acc_dtype(dtype), **FP_FUSION), fresh=1)
 
 
 @torch.library.custom_op("segkd::spatial_pool_backward_triton", mutates_args=())
@@ -104,11 +99,7 @@ def spatial_pool_backward_triton(grad_avg: torch.Tensor, grad_max: torch.Tensor,
     key = (n * c, h * w, grad_avg.dtype, grad_max.dtype)
     launch = _BWD_PLANS.get(key)
     if launch is None:
-        rows, plane = key[:2]
-        block = min(next_power_of_2(plane), 1024)
-        launch = _remember(_BWD_PLANS, key, Launch(
-            _spatial_pool_bwd_kernel, (rows, cdiv(plane, block)), (plane,),
-            dict(BLOCK=block, ACC_DTYPE=acc_dtype(dx.dtype), **FP_FUSION), fresh=1))
+        launch = _BWD_PLANS.put(key, _bwd_launch(n * c, h * w, dx.dtype))
     if key[0] > 0 and key[1] > 0:
         launch(grad_avg.contiguous(), grad_max.contiguous(), argmax.contiguous(), dx)
     return dx
