@@ -259,3 +259,16 @@ def test_inherent_floors_count_the_reads_the_math_needs():
     pool = cases.CASES["channel_pool"]
     assert pool.bytes(((n, c, h, w),), f32, "full") == (3 * x + 2 * out + 3 * gate) * 4
     assert pool.pass3_bytes(((n, c, h, w),), f32, "full") == (2 * x + out) * 4
+
+
+def test_host_table_in_the_readme_is_the_committed_csv():
+    """The README's host table is what `markdown_table` makes of benchmarks/results/host_cpu.csv, and
+    that CSV covers every benchmarked op."""
+    from segkd_kernels.bench import cases, host
+
+    with open(host.DEFAULT_CSV, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == host.COLUMNS
+    assert {r["op"] for r in rows} == set(cases.CASES)
+    readme = host.README.read_text()
+    assert f"{host.BEGIN}\n\n{host.markdown_table(rows)}\n\n{host.END}" in readme

@@ -19,7 +19,10 @@ in signature order, straight to its launcher, as `JITFunction.run` does after it
 else takes the JIT path unchanged: a tensor that is not 16-byte aligned, the interpreter
 (TRITON_INTERPRET=1: kernels are Python functions), a kernel with pre-run hooks, active launch hooks
 (profilers read the launch metadata the JIT builds), TRITON_DEBUG, and a launch whose JIT run
-returned no compiled kernel.
+returned no compiled kernel. Not repeated per call: the JIT's check that the module globals a
+kernel read are unchanged since it was compiled (the kernels launched this way read none that
+change), and the compile options read from the environment besides TRITON_DEBUG (set them before
+the first launch).
 """
 
 from __future__ import annotations
@@ -114,7 +117,7 @@ class Launch:
         if self.handles:
             device, stream = device_stream()
             handle = self.handles.get(device)
-        if handle is None or ptrs & 15 or _hooks_active():
+        if handle is None or ptrs & 15 or _hooks_active() or self.kernel.pre_run_hooks:
             compiled = self.kernel[self.grid](*tensors, *self.ints, **self.consts)
             if handle is None and not ptrs & 15 and getattr(compiled, "function", None) is not None:
                 device, _ = device_stream()
