@@ -60,15 +60,6 @@ device_stream = _device_stream_cuda
 _RUNTIME = _knobs.runtime if _knobs is not None else None
 
 
-def _hooks_active() -> bool:
-    rt = _RUNTIME
-    for hook in (rt.launch_enter_hook, rt.launch_exit_hook):
-        # Triton 3.6+ keeps hook chains (active when non-empty); older ones a callable or None
-        if hook is not None and getattr(hook, "calls", True):
-            return True
-    return bool(rt.debug)
-
-
 class Launch:
     """One plan's launch of `kernel` over `grid` with fixed trailing `ints` and `constexprs`
     (options such as num_warps included); called with the leading tensor arguments. `fresh`: how
@@ -117,7 +108,12 @@ class Launch:
         if self.handles:
             device, stream = device_stream()
             handle = self.handles.get(device)
-        if handle is None or ptrs & 15 or _hooks_active() or self.kernel.pre_run_hooks:
+        # the JIT path for TRITON_DEBUG and active launch hooks (Triton 3.6+ keeps hook chains,
+        # active when non-empty; older versions a callable or None)
+        rt = _RUNTIME
+        if (handle is None or ptrs & 15 or self.kernel.pre_run_hooks or rt.debug
+                or (rt.launch_enter_hook is not None and getattr(rt.launch_enter_hook, "calls", True))
+                or (rt.launch_exit_hook is not None and getattr(rt.launch_exit_hook, "calls", True))):
             compiled = self.kernel[self.grid](*tensors, *self.ints, **self.consts)
             if handle is None and not ptrs & 15 and getattr(compiled, "function", None) is not None:
                 device, _ = device_stream()

@@ -29,11 +29,12 @@ def cbam_gate(x: torch.Tensor, channel_gate: torch.Tensor, spatial_gate: torch.T
     if not (isinstance(spatial_gate, torch.Tensor) and spatial_gate.is_floating_point()):
         check_tensor("spatial_gate", spatial_gate)
     n, c, h, w = x.shape
-    mc_shape, ms_shape = tuple(channel_gate.shape), tuple(spatial_gate.shape)
+    mc_shape, ms_shape = channel_gate.shape, spatial_gate.shape  # torch.Size: compares with tuples
     if mc_shape != (n, c) and mc_shape != (n, c, 1, 1):
-        raise ValueError(f"channel_gate: expected shape (N, C) = {(n, c)} or (N, C, 1, 1), got {mc_shape}")
+        raise ValueError(f"channel_gate: expected shape (N, C) = {(n, c)} or (N, C, 1, 1), got {tuple(mc_shape)}")
     if ms_shape != (n, 1, h, w) and ms_shape != (n, h, w):
-        raise ValueError(f"spatial_gate: expected shape (N, 1, H, W) = {(n, 1, h, w)} or (N, H, W), got {ms_shape}")
+        raise ValueError(f"spatial_gate: expected shape (N, 1, H, W) = {(n, 1, h, w)} or (N, H, W), "
+                         f"got {tuple(ms_shape)}")
     device = x.device
     if channel_gate.device != device or spatial_gate.device != device:
         check_same_device(x=x, channel_gate=channel_gate, spatial_gate=spatial_gate)
