@@ -162,7 +162,7 @@ def why_not(op: str, backend: str, implemented: Mapping[str, frozenset], tensor:
         return f"{op} has no {backend} backend (implemented: {names})"
     if tensor.dtype not in implemented[backend]:
         return f"dtype {tensor.dtype} not supported by the {backend} backend of {op}"
-    on_cuda = tensor.device.type == "cuda"
+    on_cuda = tensor.is_cuda  # (not tensor.device.type: that builds a device object per call)
     if backend == "triton":
         installed, reason = triton_installed()
         if not installed:
@@ -179,7 +179,7 @@ def why_not(op: str, backend: str, implemented: Mapping[str, frozenset], tensor:
         if lib is None:
             return reason
         if host_executing():
-            if tensor.device.type != "cpu":
+            if not tensor.is_cpu:
                 return "host_execution() runs the cuda backend on CPU tensors only"
         elif not on_cuda:
             return f"tensor on {tensor.device.type}: the cuda backend needs CUDA tensors"
@@ -202,7 +202,7 @@ def select_backend(op: str, backend: str, implemented: Mapping[str, frozenset], 
         if reason is not None:
             raise BackendUnavailableError(f"{op}: {source}={backend!r} cannot run: {reason}")
         return backend
-    if tensor.device.type == "cuda":
+    if tensor.is_cuda:
         candidates = AUTO_ORDER_CUDA.get(op, DEFAULT_AUTO_ORDER_CUDA)
     else:
         candidates = ("triton",) if TRITON_INTERPRET else ()

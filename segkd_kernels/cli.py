@@ -77,6 +77,31 @@ def _interrupted(command: str, e) -> int:
     return 128 + int(e.result.get("signal") or 2)
 
 
+def _run_trainer(command: str, run, **kwargs) -> int:
+    """run(**kwargs) for a command that trains several runs (demo, compare): a user's error in one
+    line (exit 2), an interruption as its signal's exit code."""
+    from segkd_kernels.train.engine import Interrupted
+
+    try:
+        return run(**kwargs)
+    except _trainer_errors() as e:
+        print(f"segkd {command}: error: {e}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        return _interrupted(command, e)
+
+
+def _add_runs_options(p, unit: str) -> None:
+    """--device, --set and --overwrite of the commands that train several runs; `unit`: what
+    --overwrite trains again (stage, run)."""
+    p.add_argument("--device", default="auto")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting of every run, e.g. --set threads=1")
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"train every {unit} again (by default finished {unit}s are reused and interrupted ones "
+                        "continue)")
+
+
 def _add_train(p) -> None:
     p.add_argument("--method", help="distillation method (none: the model alone); see `segkd train --list`")
     p.add_argument("--dataset", help="synthetic, voc, cityscapes, ade20k, camvid")
@@ -172,25 +197,14 @@ def _add_demo(p) -> None:
     p.add_argument("--method", help="the distillation method to show (default: the one that helps most here)")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--iters", type=int, help="override the iteration budget of every run")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting of every run, e.g. --set threads=1")
-    p.add_argument("--overwrite", action="store_true",
-                   help="train every stage again (by default finished stages are reused and interrupted ones continue)")
+    _add_runs_options(p, "stage")
 
 
 def _demo(args) -> int:
     from segkd_kernels.train.demo import run_demo
-    from segkd_kernels.train.engine import Interrupted
 
-    try:
-        return run_demo(quick=args.quick, method=args.method, out=args.out, iters=args.iters, device=args.device,
-                        overrides=args.overrides, overwrite=args.overwrite)
-    except _trainer_errors() as e:
-        print(f"segkd demo: error: {e}", file=sys.stderr)
-        return 2
-    except Interrupted as e:
-        return _interrupted("demo", e)
+    return _run_trainer("demo", run_demo, quick=args.quick, method=args.method, out=args.out, iters=args.iters,
+                        device=args.device, overrides=args.overrides, overwrite=args.overwrite)
 
 
 def _add_compare(p) -> None:
@@ -214,28 +228,17 @@ def _add_compare(p) -> None:
     p.add_argument("--sweep", action="store_true",
                    help="also sweep each method's loss weights x0.3, x1, x3 on the holdout split (sweep.md)")
     p.add_argument("--sweep-seeds", type=int, default=2, help="seeds per sweep point (default 2)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting of every run")
-    p.add_argument("--overwrite", action="store_true",
-                   help="train every run again (by default finished runs are reused and interrupted ones continue)")
+    _add_runs_options(p, "run")
 
 
 def _compare(args) -> int:
     from segkd_kernels.train.compare import run_compare
-    from segkd_kernels.train.engine import Interrupted
 
-    try:
-        return run_compare(methods=[m for m in args.methods.split(",") if m], seeds=args.seeds, iters=args.iters,
-                           quick=args.quick, out=args.out, device=args.device, overrides=args.overrides,
-                           seed_start=args.seed_start, overwrite=args.overwrite,
-                           controls=[c for c in args.controls.split(",") if c], teacher_cache=args.teacher_cache,
-                           sweep=args.sweep, sweep_seeds=args.sweep_seeds, teacher_iters=args.teacher_iters)
-    except _trainer_errors() as e:
-        print(f"segkd compare: error: {e}", file=sys.stderr)
-        return 2
-    except Interrupted as e:
-        return _interrupted("compare", e)
+    return _run_trainer("compare", run_compare, methods=[m for m in args.methods.split(",") if m], seeds=args.seeds,
+                        iters=args.iters, quick=args.quick, out=args.out, device=args.device,
+                        overrides=args.overrides, seed_start=args.seed_start, overwrite=args.overwrite,
+                        controls=[c for c in args.controls.split(",") if c], teacher_cache=args.teacher_cache,
+                        sweep=args.sweep, sweep_seeds=args.sweep_seeds, teacher_iters=args.teacher_iters)
 
 
 def _add_bench(p) -> None:

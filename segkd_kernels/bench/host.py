@@ -9,17 +9,27 @@ Method (both providers measured the same way, in the same process, alternately):
   torch ops is negligible next to their dispatch cost (a few hundred elements per tensor). The
   host work of a wrapper does not depend on the tensor sizes except through its plan; where a
   wrapper picks another plan at the benchmark shapes (channel_wise_kd's split path for rows
-  longer than one tile) that plan gets its own row, forced at the tiny shape.
+  longer than one tile, cbam_gate's backward with partial rows summed by a second launch) that
+  plan gets its own row, forced at the tiny shape.
 - Triton backend: the real wrappers on CPU tensors with every `JITFunction.run` intercepted
-  (bench/static.py's capture in its hot-path mode): each launch costs what Triton's cached launch
-  costs on the host (its per-kernel caches, binding the arguments, the cache key and the kernel
-  lookup, the used-globals check, the grid) minus the driver's launch. The custom ops run through
-  their eager fast path (ops/_eager.py), as every eager call does.
+  (bench/static.py's capture in its hot-path mode: Triton's cached launch minus the driver, i.e.
+  its per-kernel caches, binding the arguments, the cache key and the kernel lookup, the
+  used-globals check, the grid). The intercepted run hands back a stand-in compiled kernel, so
+  that wrappers launching through ops/_launch.py keep it and reach their hot path as on a GPU
+  (their own key, then the compiled kernel's launcher, which is the stub: it counts the launch
+  and launches nothing). The custom ops run through their eager fast path (ops/_eager.py), as
+  every eager call does.
+- CUDA backend: the same glue in host execution (`_backends.host_execution`) on the host build of
+  the kernels, with every launch function of the module stubbed the same way (the call into the
+  compiled module counts and returns; queries such as workspace sizes answer as built). Ops
+  without a cuda backend, or a machine without the host build, get no cuda row; the forced plans
+  are the Triton wrappers' and get none either.
 - Eager baseline (bench/eager.py): the toolbox code on the same tiny CPU tensors; each torch op
   pays its dispatch plus a CPU kernel on a few hundred elements (about what its CUDA launch
   costs the host).
 - Per op: the median microseconds of a forward+backward call over many timed calls (after a
-  warm-up), the Triton launches and the other torch ops that launch a kernel on a GPU per call
+  warm-up; with --runs N the whole table N times, each row's median run), the kernel launches of
+  the backend's own kernels and the other torch ops that launch a kernel on a GPU per call
   (counted once under a dispatch mode), and the host reads of tensor values (`.item()`,
   `bool()`, `float()`, `torch.equal`, ... : each one is a device sync on a GPU).
 
@@ -39,7 +49,7 @@ import sys
 import time
 from pathlib import Path
 
-COLUMNS = ["op", "plan", "provider", "shape", "dtype", "us_per_call", "triton_launches", "torch_ops",
+COLUMNS = ["op", "plan", "provider", "shape", "dtype", "us_per_call", "launches", "torch_ops",
            "host_reads", "host_read_sites", "vs_eager"]
 DEFAULT_CSV = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "host_cpu.csv"
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -60,13 +70,113 @@ def _cwd_split():
         cwd._MAX_TILE = saved
 
 
+@contextlib.contextmanager
+def _cbam_split():
+    """cbam_gate's backward as at the benchmark shapes: more than one pixel block and channel slice,
+    so that both gate gradients are partial rows summed by a second launch."""
+    from ..ops.cbam_gate import triton as cbam  # noqa: PLC0415
+
+    saved = cbam._blocks
+    cbam._blocks = lambda x, p: (2, 16)
+    cbam._FWD_PLANS.clear()
+    cbam._BWD_PLANS.clear()
+    try:
+        yield
+    finally:
+        cbam._blocks = saved
+        cbam._FWD_PLANS.clear()
+        cbam._BWD_PLANS.clear()
+
+
 # Wrapper plans that the tiny shapes would not pick: op -> {plan: context manager forcing it}.
-PLANS = {"channel_wise_kd": {"split": _cwd_split}}
+PLANS = {"channel_wise_kd": {"split": _cwd_split}, "cbam_gate": {"split": _cbam_split}}
 
 # Host reads of tensor values: each one waits for the device on a GPU.
 SYNC_OPS = frozenset({"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "nonzero_static",
                       "masked_select", "unique", "_unique2", "unique_consecutive", "repeat_interleave", "_assert_async"})
 _READERS = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__", "is_nonzero", "equal")
+
+
+class _StubCompiled:
+    """What a Triton launch returns in place of the compiled kernel: `ops/_launch.py` keeps it and
+    calls its launcher, which here counts the launch and launches nothing."""
+
+    function = "stub"
+    packed_metadata = None
+
+    def __init__(self, capture):
+        def run(*args):
+            capture.count += 1
+
+        self.run = run
+
+
+@contextlib.contextmanager
+def _launch_handles(capture):
+    """Inside an active hot-path capture: the intercepted JITFunction.run returns a stand-in compiled
+    kernel, so that the wrappers' cached launches (ops/_launch.py) reach their hot path as on a GPU
+    (keyed lookup, then the launcher: stubbed); the device and stream queries answer (0, 0) with
+    no device to ask. Compiled kernels held before are dropped on entry and the stand-ins on exit."""
+    from triton.runtime.jit import JITFunction  # noqa: PLC0415
+
+    from ..ops import _launch  # noqa: PLC0415
+
+    intercepted = JITFunction.run
+    saved_device_stream = _launch.device_stream
+
+    stub = _StubCompiled(capture)
+
+    def run(fn, *args, **kwargs):
+        intercepted(fn, *args, **kwargs)
+        return stub
+
+    JITFunction.run = run
+    _launch.device_stream = lambda: (0, 0)
+    _launch.clear()
+    try:
+        yield
+    finally:
+        _launch.clear()
+        _launch.device_stream = saved_device_stream
+        JITFunction.run = intercepted
+
+
+class _StubHostLibrary:
+    """The host build of the CUDA kernels (segkd_kernels._cuda_host) with every launch stubbed, at
+    the level of Triton's stubbed launcher: the call into the compiled module. Queries (workspace
+    sizes, partial counts) and the layer's own host_* functions answer as the real module does;
+    launches are counted and run nothing."""
+
+    _QUERIES = ("_workspace", "_num_partials")
+
+    def __init__(self, lib, capture):
+        self._lib = lib
+        self._capture = capture
+
+    def __getattr__(self, name):
+        attr = getattr(self._lib, name)
+        if callable(attr) and not name.startswith("host_") and not name.endswith(self._QUERIES):
+            capture = self._capture
+
+            def attr(*args, **kwargs):
+                capture.count += 1
+        setattr(self, name, attr)  # later lookups are a plain attribute, as on the module
+        return attr
+
+
+@contextlib.contextmanager
+def _provider(provider: str, capture):
+    """backend="cuda" runs the CUDA glue on CPU tensors through the stubbed host library."""
+    if provider != "cuda":
+        yield
+        return
+    from .. import _backends  # noqa: PLC0415
+
+    lib, reason = _backends.host_library()
+    if lib is None:
+        raise _backends.BackendUnavailableError(reason)
+    with _backends.host_execution(_StubHostLibrary(lib, capture)):
+        yield
 
 
 @contextlib.contextmanager
@@ -127,7 +237,8 @@ def measure(op: str, provider: str, plan: str = "", repeats: int = 300, warmup: 
     case = cases.CASES[op]
     shapes = case.quick_shapes[0]
     force = PLANS.get(op, {}).get(plan, contextlib.nullcontext) if plan else contextlib.nullcontext
-    with _cpu_tensors_for_triton(), force(), _Capture((90,), hot_path=True) as cap:
+    with _cpu_tensors_for_triton(), force(), _Capture((90,), hot_path=True) as cap, \
+            _launch_handles(cap), _provider(provider, cap):
         inputs = case.make(shapes, getattr(torch, dtype_name), "cpu")
         # counting passes: host reads (no dispatch mode: it would change code paths that test for
         # one), then launches and torch ops (custom ops entered)
@@ -150,22 +261,47 @@ def measure(op: str, provider: str, plan: str = "", repeats: int = 300, warmup: 
             _call(case, inputs, provider)
             times.append(time.perf_counter_ns() - t0)
     return dict(op=op, plan=plan or "default", provider=provider, shape=cases.shape_label(shapes), dtype=dtype_name,
-                us_per_call=round(statistics.median(times) / 1e3, 1), triton_launches=launches,
+                us_per_call=round(statistics.median(times) / 1e3, 1), launches=launches,
                 torch_ops=len(mode.ops), host_reads=len(sites), host_read_sites=";".join(dict.fromkeys(sites)))
 
 
-def rows_for(ops, repeats: int = 300, warmup: int = 30, log=print) -> list[dict]:
+def rows_for(ops, repeats: int = 300, warmup: int = 30, log=print, providers=("triton", "cuda")) -> list[dict]:
+    from .._backends import BackendUnavailableError  # noqa: PLC0415
+
     rows = []
     for op in ops:
+        fused = [p for p in ("triton", "cuda") if p in providers]
         for plan in [""] + list(PLANS.get(op, {})):
             eager = measure(op, "eager", plan, repeats, warmup)
-            tri = measure(op, "triton", plan, repeats, warmup)
             eager["vs_eager"] = 1.0
-            tri["vs_eager"] = round(tri["us_per_call"] / eager["us_per_call"], 2)
-            for r in (tri, eager):
+            measured = []
+            for provider in fused:
+                if plan and provider == "cuda":
+                    continue  # the forced plans are the Triton wrappers'
+                try:
+                    r = measure(op, provider, plan, repeats, warmup)
+                except BackendUnavailableError:
+                    continue  # no cuda backend for this op, or no host build of its kernels
+                r["vs_eager"] = round(r["us_per_call"] / eager["us_per_call"], 2)
+                measured.append(r)
+            for r in (*measured, eager):
                 rows.append(r)
                 log(f"{r['op']:16s} {r['plan']:8s} {r['provider']:7s} {r['us_per_call']:8.1f} us "
-                    f"launches={r['triton_launches']} torch_ops={r['torch_ops']} host_reads={r['host_reads']}")
+                    f"launches={r['launches']} torch_ops={r['torch_ops']} host_reads={r['host_reads']}")
+    return rows
+
+
+def median_rows(runs: list[list[dict]]) -> list[dict]:
+    """One table from several runs of rows_for: per row the median microseconds over the runs, and
+    triton / eager and cuda / eager from those medians."""
+    rows = [dict(r) for r in runs[0]]
+    for r in rows:
+        same = [q for run in runs for q in run if (q["op"], q["plan"], q["provider"]) == (r["op"], r["plan"],
+                                                                                           r["provider"])]
+        r["us_per_call"] = round(statistics.median(q["us_per_call"] for q in same), 1)
+    eager = {(r["op"], r["plan"]): r["us_per_call"] for r in rows if r["provider"] == "eager"}
+    for r in rows:
+        r["vs_eager"] = round(r["us_per_call"] / eager[(r["op"], r["plan"])], 2)
     return rows
 
 
@@ -178,18 +314,28 @@ def write_csv(rows, path: Path) -> None:
 
 
 def markdown_table(rows) -> str:
-    """The README table: one line per op and plan, triton next to eager."""
+    """The README table: one line per op and plan, triton and cuda next to eager."""
     by = {}
     for r in rows:
         by.setdefault((r["op"], r["plan"]), {})[r["provider"]] = r
-    lines = ["| op | plan | triton us/call | eager us/call | triton / eager | Triton launches | other torch ops "
-             "(triton / eager) | host reads (triton) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+
+    def us(r):
+        return f"{float(r['us_per_call']):.0f}" if r else "-"
+
+    def ratio(r):
+        return f"{float(r['vs_eager']):.2f}" if r else "-"
+
+    def col(d, key):
+        return " / ".join(str(d[p][key]) if d.get(p) else "-" for p in ("triton", "cuda"))
+
+    lines = ["| op | plan | triton us/call | cuda us/call | eager us/call | triton / eager | cuda / eager | "
+             "kernel launches (triton / cuda) | other torch ops (triton / cuda / eager) | host reads (triton / cuda) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for (op, plan), d in by.items():
-        t, e = d["triton"], d["eager"]
-        lines.append(f"| {op} | {plan} | {float(t['us_per_call']):.0f} | {float(e['us_per_call']):.0f} | "
-                     f"{float(t['vs_eager']):.2f} | {t['triton_launches']} | {t['torch_ops']} / {e['torch_ops']} | "
-                     f"{t['host_reads']} |")
+        t, c, e = d.get("triton"), d.get("cuda"), d["eager"]
+        ops_col = " / ".join(str(d[p]["torch_ops"]) if d.get(p) else "-" for p in ("triton", "cuda", "eager"))
+        lines.append(f"| {op} | {plan} | {us(t)} | {us(c)} | {us(e)} | {ratio(t)} | {ratio(c)} | "
+                     f"{col(d, 'launches')} | {ops_col} | {col(d, 'host_reads')} |")
     return "\n".join(lines)
 
 
@@ -214,11 +360,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=DEFAULT_CSV)
     p.add_argument("--repeats", type=int, default=300)
     p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--runs", type=int, default=1,
+                   help="measure the whole table this many times; each row keeps its median run (a shared "
+                        "machine's load comes and goes across a run)")
     a = p.parse_args(argv)
     import torch  # noqa: PLC0415
 
     torch.set_num_threads(1)  # tiny tensors: no intra-op threads, steadier medians
-    rows = rows_for([o for o in a.ops.split(",") if o], a.repeats, a.warmup)
+    ops = [o for o in a.ops.split(",") if o]
+    rows = median_rows([rows_for(ops, a.repeats, a.warmup) for _ in range(max(1, a.runs))])
     write_csv(rows, a.out)
     print(markdown_table(rows))
     # the committed table follows the committed CSV (a full run only)
@@ -228,11 +378,11 @@ def main(argv=None) -> int:
     return 0
 
 
-def spawn(ops, out: Path, repeats: int = 300) -> int:
+def spawn(ops, out: Path, repeats: int = 300, runs: int = 1) -> int:
     """Run in a fresh process with TRITON_INTERPRET unset (real JITFunctions to intercept)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, "-m", "segkd_kernels.bench.host", "--ops", ",".join(ops), "--out", str(out),
-           "--repeats", str(repeats)]
+           "--repeats", str(repeats), "--runs", str(runs)]
     return subprocess.call(cmd, env=env)
 
 

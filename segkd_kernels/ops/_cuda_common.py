@@ -21,16 +21,24 @@ def launch_args(op: str, x: torch.Tensor) -> dict:
     """dtype code, device index and current stream for a launch on x's device (CPU tensors,
     device 0 and stream 0 inside _backends.host_execution(), the testing hook)."""
     host = host_executing()
-    if x.device.type != ("cpu" if host else "cuda"):
+    # is_cpu / is_cuda / get_device(): plain flags, where x.device builds an object per call
+    if not (x.is_cpu if host else x.is_cuda):
         if host:
             raise RuntimeError(f"{op}: host execution runs the cuda backend on CPU tensors, got one on {x.device}")
         raise RuntimeError(f"{op}: the cuda backend needs CUDA tensors, got a tensor on {x.device}")
-    if x.dtype not in _DTYPE_CODES:
+    code = _DTYPE_CODES.get(x.dtype)
+    if code is None:
         raise RuntimeError(f"{op}: dtype {x.dtype} not supported by the cuda backend")
     if host:
-        return {"dtype": _DTYPE_CODES[x.dtype], "device": 0, "stream": 0}
-    return {
-        "dtype": _DTYPE_CODES[x.dtype],
-        "device": x.device.index,
-        "stream": torch.cuda.current_stream(x.device).cuda_stream,
-    }
+        return {"dtype": code, "device": 0, "stream": 0}
+    device = x.get_device()
+    # the current stream's handle, as torch.cuda.current_stream(device).cuda_stream returns it,
+    # without building a Stream object per launch (Triton asks torch the same way)
+    return {"dtype": code, "device": device, "stream": _current_raw_stream(device)}
+
+
+def _current_raw_stream(device: int) -> int:
+    getter = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if getter is None:  # older torch builds
+        return torch.cuda.current_stream(device).cuda_stream
+    return getter(device)

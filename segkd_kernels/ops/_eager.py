@@ -59,9 +59,11 @@ def dispatcher_path():
         _ENABLED[0] = saved
 
 
-def _slow_path_needed() -> bool:
-    return bool(not _ENABLED[0] or _C._len_torch_dispatch_stack() or _C._are_functorch_transforms_active()
-                or _C._is_any_autocast_enabled())
+_dispatch_stack_len = _C._len_torch_dispatch_stack
+_functorch_active = _C._are_functorch_transforms_active
+_autocast_enabled = _C._is_any_autocast_enabled
+_grad_enabled = _C.is_grad_enabled
+_any_requires_grad = _C._any_requires_grad
 
 
 def _has_tensor_list(op: CustomOpDef) -> bool:
@@ -84,7 +86,7 @@ def _build(op: CustomOpDef):
             # grad mode is off here (as below the dispatcher's autograd key): nothing is recorded
             result = fn(*args)
             if setup_context is not None:
-                setup_context(ctx=ctx, inputs=args, output=result)
+                setup_context(ctx, args, result)  # (ctx, inputs, output), as torch calls it
             return result
 
         # the registered backward itself: it takes (ctx, *grads) and returns one gradient per input
@@ -102,8 +104,10 @@ class _EagerCustomOpDef(CustomOpDef):
     """A CustomOpDef whose eager calls skip the dispatcher (see the module docstring)."""
 
     def __call__(self, *args, **kwargs):
-        # is_compiling() first: under dynamo it is a constant True and the rest is never traced
-        if _is_compiling() or kwargs or _slow_path_needed():
+        # is_compiling() first: under dynamo it is a constant True and the rest is never traced;
+        # then the fast path turned off, a dispatch mode, a functorch transform, autocast
+        if (_is_compiling() or kwargs or not _ENABLED[0] or _dispatch_stack_len() or _functorch_active()
+                or _autocast_enabled()):
             return self._opoverload(*args, **kwargs)
         plan = self.__dict__.get("_segkd_eager")
         if plan is None or plan[0] is not self._init_fn or plan[4] is not self._backward_fn:
@@ -111,18 +115,22 @@ class _EagerCustomOpDef(CustomOpDef):
             plan = self.__dict__["_segkd_eager"] = (fn, function, n_params, defaults, self._backward_fn,
                                                     _has_tensor_list(self))
         fn, function, n_params, defaults, _, tensor_list = plan
-        if tensor_list or len(args) > n_params:
-            return self._opoverload(*args)
-        if len(args) < n_params:  # what the dispatcher does: every argument, defaults filled in
+        if tensor_list or len(args) != n_params:
+            if tensor_list or len(args) > n_params:
+                return self._opoverload(*args)
+            # what the dispatcher does: every argument, defaults filled in
             if any(d is inspect.Parameter.empty for d in defaults[len(args):]):
                 return self._opoverload(*args)  # the dispatcher's error for a missing argument
             args = args + defaults[len(args):]
         for a in args:
             # plain tensors on a device that runs kernels; meta tensors and tensor subclasses get
             # the op's registrations (fake implementation, __torch_dispatch__)
-            if isinstance(a, torch.Tensor) and (type(a) not in _PLAIN or not (a.is_cpu or a.is_cuda)):
+            if type(a) in _PLAIN:
+                if not (a.is_cpu or a.is_cuda):
+                    return self._opoverload(*args)
+            elif isinstance(a, torch.Tensor):
                 return self._opoverload(*args)
-        if _C.is_grad_enabled() and _C._any_requires_grad(*args):
+        if _grad_enabled() and _any_requires_grad(*args):
             if function is None:
                 return self._opoverload(*args)
             return function(*args)

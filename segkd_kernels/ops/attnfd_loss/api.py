@@ -2,22 +2,14 @@
 
 import torch
 
-from ..._backends import FLOAT_DTYPES, KERNEL_DTYPES, select_backend
+from ..._backends import select_backend
 from ..._validation import check_same_device, check_same_shape, check_teacher_dtype, check_tensor
+from .._api import op_backends
 from . import reference
+from .cuda import attnfd_loss_cuda
 from .reference import NORM_EPS
 
-IMPLEMENTED = {"reference": FLOAT_DTYPES, "cuda": KERNEL_DTYPES}
-try:
-    from .triton import attnfd_dots_triton, attnfd_loss_triton
-
-    IMPLEMENTED["triton"] = FLOAT_DTYPES
-except ImportError:  # triton missing: _backends reports why
-    attnfd_dots_triton = attnfd_loss_triton = None
-from .cuda import attnfd_loss_cuda
-from .._eager import install as _install_eager_path
-
-_install_eager_path()  # eager calls of the custom ops skip the dispatcher (ops/_eager.py)
+IMPLEMENTED, _triton = op_backends(__package__)
 
 
 def loss_from_dots(dots: torch.Tensor, batch: int) -> torch.Tensor:
@@ -47,4 +39,4 @@ def attnfd_loss(student_refined: torch.Tensor, teacher_refined: torch.Tensor, *,
         return reference.attnfd_loss(student_refined, teacher_refined)
     if name == "cuda":
         return attnfd_loss_cuda(student_refined, teacher_refined.detach())[0]
-    return attnfd_loss_triton(student_refined, teacher_refined.detach(), NORM_EPS)[0]
+    return _triton.attnfd_loss_triton(student_refined, teacher_refined.detach(), NORM_EPS)[0]

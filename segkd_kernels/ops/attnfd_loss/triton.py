@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._launch import PlanCache
 from .._triton_common import FP_FUSION, cdiv, device_sms_l2, fp32_split, next_power_of_2
 
 BLOCK = 1024
@@ -123,20 +124,10 @@ def _dense_order(s: torch.Tensor, t: torch.Tensor) -> tuple[int, ...] | None:
     return None
 
 
-# Launch plans keyed on what they depend on (shapes, strides, dtypes, device, the module's knobs): a
-# repeated call skips the layout tests and the plan arithmetic. Bounded: a run with ever new shapes
-# clears it now and then.
-_PLANS: dict = {}
-_MAX_PLANS = 256
-
-
-def _cached(key, make):
-    plan = _PLANS.get(key)
-    if plan is None:
-        if len(_PLANS) >= _MAX_PLANS:
-            _PLANS.clear()
-        plan = _PLANS[key] = make()
-    return plan
+# Launch plans (ops/_launch.PlanCache) keyed on what they depend on (shapes, strides, dtypes, device,
+# the module's knobs).
+_PLANS = PlanCache()
+_cached = _PLANS.get_or_make
 
 
 def _dots_plan(s: torch.Tensor, t: torch.Tensor) -> tuple[bool, int, int]:

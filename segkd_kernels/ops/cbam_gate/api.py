@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from ..._backends import FLOAT_DTYPES, KERNEL_DTYPES, select_backend
+from ..._backends import select_backend
 from ..._validation import check_same_device, check_tensor
+from .._api import op_backends
 from . import reference
-
-IMPLEMENTED = {"reference": FLOAT_DTYPES, "cuda": KERNEL_DTYPES}
-try:
-    from .triton import cbam_gate_triton
-
-    IMPLEMENTED["triton"] = FLOAT_DTYPES
-except ImportError:  # triton missing: _backends reports why
-    cbam_gate_triton = None
 from .cuda import cbam_gate_cuda
-from .._eager import install as _install_eager_path
 
-_install_eager_path()  # eager calls of the custom ops skip the dispatcher (ops/_eager.py)
+IMPLEMENTED, _triton = op_backends(__package__)
 
 
 def cbam_gate(x: torch.Tensor, channel_gate: torch.Tensor, spatial_gate: torch.Tensor, *,
@@ -31,24 +23,24 @@ def cbam_gate(x: torch.Tensor, channel_gate: torch.Tensor, spatial_gate: torch.T
     shape. The fused kernel never forms M_c * x.
     """
     check_tensor("x", x, rank=4)
-    check_tensor("channel_gate", channel_gate)
-    check_tensor("spatial_gate", spatial_gate)
+    # the gates: floating-point tensors here, non-empty through their shapes below
+    if not (isinstance(channel_gate, torch.Tensor) and channel_gate.is_floating_point()):
+        check_tensor("channel_gate", channel_gate)
+    if not (isinstance(spatial_gate, torch.Tensor) and spatial_gate.is_floating_point()):
+        check_tensor("spatial_gate", spatial_gate)
     n, c, h, w = x.shape
-    if tuple(channel_gate.shape) not in ((n, c), (n, c, 1, 1)):
-        raise ValueError(f"channel_gate: expected shape (N, C) = {(n, c)} or (N, C, 1, 1), "
-                         f"got {tuple(channel_gate.shape)}")
-    if tuple(spatial_gate.shape) not in ((n, 1, h, w), (n, h, w)):
+    mc_shape, ms_shape = channel_gate.shape, spatial_gate.shape  # torch.Size: compares with tuples
+    if mc_shape != (n, c) and mc_shape != (n, c, 1, 1):
+        raise ValueError(f"channel_gate: expected shape (N, C) = {(n, c)} or (N, C, 1, 1), got {tuple(mc_shape)}")
+    if ms_shape != (n, 1, h, w) and ms_shape != (n, h, w):
         raise ValueError(f"spatial_gate: expected shape (N, 1, H, W) = {(n, 1, h, w)} or (N, H, W), "
-                         f"got {tuple(spatial_gate.shape)}")
-    check_same_device(x=x, channel_gate=channel_gate, spatial_gate=spatial_gate)
+                         f"got {tuple(ms_shape)}")
+    device = x.device
+    if channel_gate.device != device or spatial_gate.device != device:
+        check_same_device(x=x, channel_gate=channel_gate, spatial_gate=spatial_gate)
     name = select_backend("cbam_gate", backend, IMPLEMENTED, x)
     if name == "reference":
         return reference.cbam_gate(x, channel_gate, spatial_gate)
-    # views (copies only if a gate's strides do not allow one); gradients flow back through them.
-    # A gate already in the kernels' shape goes as it is (no view node in forward and backward).
-    op = cbam_gate_triton if name == "triton" else cbam_gate_cuda
-    if channel_gate.dim() != 2:
-        channel_gate = channel_gate.reshape(n, c)
-    if spatial_gate.dim() != 3:
-        spatial_gate = spatial_gate.reshape(n, h, w)
-    return op(x, channel_gate, spatial_gate)
+    # The gates go as they are, in either shape: the kernels address them by stride and return their
+    # gradients in their shapes (no view nodes in the graph).
+    return (_triton.cbam_gate_triton if name == "triton" else cbam_gate_cuda)(x, channel_gate, spatial_gate)

@@ -14,24 +14,32 @@ from .._cuda_common import cuda_lib, launch_args
 OP = "cbam_gate"
 
 
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """t as the kernels read a gate: fp32, contiguous (no copy when it already is)."""
+    if t.dtype == torch.float32 and t.is_contiguous():
+        return t
+    return t.to(torch.float32, memory_format=torch.contiguous_format)
+
+
 def _gates(x, channel_gate, spatial_gate):
+    """M_c and M_s as fp32 contiguous tensors: in memory (N, C) and (N, H * W) whether they come as
+    (N, C) / (N, C, 1, 1) and (N, 1, H, W) / (N, H, W)."""
     n, c, h, w = x.shape
     if channel_gate.numel() != n * c or spatial_gate.numel() != n * h * w:
         raise ValueError(f"{OP}: gates must hold N * C and N * H * W values for x of shape {tuple(x.shape)}, got "
                          f"{tuple(channel_gate.shape)} and {tuple(spatial_gate.shape)}")
-    mc = channel_gate.detach().reshape(n, c).to(torch.float32).contiguous()
-    ms = spatial_gate.detach().reshape(n, h * w).to(torch.float32).contiguous()
-    return mc, ms
+    return _f32(channel_gate), _f32(spatial_gate)
 
 
 @torch.library.custom_op("segkd::cbam_gate_cuda", mutates_args=())
 def cbam_gate_cuda(x: torch.Tensor, channel_gate: torch.Tensor, spatial_gate: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) in x's dtype; channel_gate (N, C), spatial_gate (N, H, W)."""
+    """(N, C, H, W) in x's dtype; channel_gate (N, C) or (N, C, 1, 1), spatial_gate (N, 1, H, W) or
+    (N, H, W)."""
     lib = cuda_lib(OP)
     if x.dim() != 4:
         raise ValueError(f"{OP}: expected x of shape (N, C, H, W), got {tuple(x.shape)}")
     args = launch_args(OP, x)
-    xc = x.detach().contiguous()
+    xc = x.contiguous()
     mc, ms = _gates(xc, channel_gate, spatial_gate)
     n, c, h, w = xc.shape
     out = torch.empty_like(xc)
@@ -42,16 +50,20 @@ def cbam_gate_cuda(x: torch.Tensor, channel_gate: torch.Tensor, spatial_gate: to
 @torch.library.custom_op("segkd::cbam_gate_backward_cuda", mutates_args=())
 def cbam_gate_backward_cuda(grad_out: torch.Tensor, x: torch.Tensor, channel_gate: torch.Tensor,
                             spatial_gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx in x's dtype, d channel_gate (N, C) fp32, d spatial_gate (N, H, W) fp32)."""
+    """(dx in x's dtype, d channel_gate, d spatial_gate): the gates' gradients fp32, in the gates'
+    shapes."""
     lib = cuda_lib(OP)
     args = launch_args(OP, x)
-    xc = x.detach().contiguous()
+    xc = x.contiguous()
     mc, ms = _gates(xc, channel_gate, spatial_gate)
     n, c, h, w = xc.shape
-    g = grad_out.detach().to(x.dtype).contiguous()
+    g = grad_out if grad_out.dtype == x.dtype else grad_out.to(x.dtype)
+    g = g.contiguous()
     dx = torch.empty_like(xc)
-    dmc = torch.zeros(n, c, dtype=torch.float32, device=x.device)
-    dms = torch.zeros(n, h, w, dtype=torch.float32, device=x.device)
+    # every element is written unless there is no pixel or no channel (then the sums are 0)
+    alloc = torch.empty_like if n * c * h * w else torch.zeros_like
+    dmc = alloc(channel_gate, dtype=torch.float32, memory_format=torch.contiguous_format)
+    dms = alloc(spatial_gate, dtype=torch.float32, memory_format=torch.contiguous_format)
     # rows split over blocks (too few rows for two waves): per-split dM_c partials, fp32
     floats = lib.cbam_gate_backward_workspace(n, c, h * w, args["device"])
     ws = torch.empty(floats, dtype=torch.float32, device=x.device) if floats else None
@@ -68,8 +80,8 @@ def _(x, channel_gate, spatial_gate):
 @cbam_gate_backward_cuda.register_fake
 def _(grad_out, x, channel_gate, spatial_gate):
     n, c, h, w = x.shape
-    return (x.new_empty(n, c, h, w), x.new_empty(n, c, dtype=torch.float32),
-            x.new_empty(n, h, w, dtype=torch.float32))
+    return (x.new_empty(n, c, h, w), x.new_empty(channel_gate.shape, dtype=torch.float32),
+            x.new_empty(spatial_gate.shape, dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output):
@@ -81,8 +93,11 @@ def _backward(ctx, grad_out):
     if grad_out is None:
         return None, None, None
     dx, dmc, dms = cbam_gate_backward_cuda(grad_out, x, channel_gate, spatial_gate)
-    return (dx, dmc.reshape(channel_gate.shape).to(channel_gate.dtype),
-            dms.reshape(spatial_gate.shape).to(spatial_gate.dtype))
+    if dmc.dtype != channel_gate.dtype:
+        dmc = dmc.to(channel_gate.dtype)
+    if dms.dtype != spatial_gate.dtype:
+        dms = dms.to(spatial_gate.dtype)
+    return dx, dmc, dms
 
 
 cbam_gate_cuda.register_autograd(_backward, setup_context=_setup_context)

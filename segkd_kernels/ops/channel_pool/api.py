@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from ..._backends import FLOAT_DTYPES, KERNEL_DTYPES, select_backend
+from ..._backends import select_backend
 from ..._validation import check_same_device, check_tensor
+from .._api import op_backends
 from . import reference
-
-IMPLEMENTED = {"reference": FLOAT_DTYPES, "cuda": KERNEL_DTYPES}
-try:
-    from .triton import channel_pool_triton
-
-    IMPLEMENTED["triton"] = FLOAT_DTYPES
-except ImportError:  # triton missing: _backends reports why
-    channel_pool_triton = None
 from .cuda import channel_pool_cuda
-from .._eager import install as _install_eager_path
 
-_install_eager_path()  # eager calls of the custom ops skip the dispatcher (ops/_eager.py)
+IMPLEMENTED, _triton = op_backends(__package__)
 
 
 def channel_pool(x: torch.Tensor, gate: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:
@@ -41,7 +33,7 @@ def channel_pool(x: torch.Tensor, gate: torch.Tensor | None = None, *, backend: 
         return reference.channel_pool(x, gate)
     # (N, C) view of a 4-d gate; its gradient flows back through the reshape. An (N, C) gate goes
     # as it is: a reshape to its own shape would add a view node to every forward and backward.
-    op = channel_pool_triton if name == "triton" else channel_pool_cuda
+    op = _triton.channel_pool_triton if name == "triton" else channel_pool_cuda
     if gate is not None and gate.dim() != 2:
         gate = gate.reshape(x.shape[0], x.shape[1])
     out, _argmax = op(x, gate)

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._launch import PlanCache
 from .._triton_common import FP_FUSION, acc_dtype, acc_torch_dtype, cdiv, next_power_of_2, pixel_strides
 
 
@@ -174,20 +175,10 @@ def _gate_strides(gate: torch.Tensor | None) -> tuple[int, int]:
     return (gate.stride(0), gate.stride(1)) if gate is not None else (0, 0)
 
 
-# Launch plans keyed on what they depend on (shapes, strides, dtype, whether there is a gate): a
-# repeated call skips the block choice, the layout tests and the stride lists, most of the
-# wrappers' host work besides the launch. Bounded: a run with ever new shapes clears it now and then.
-_PLANS: dict = {}
-_MAX_PLANS = 256
-
-
-def _cached(key, make):
-    plan = _PLANS.get(key)
-    if plan is None:
-        if len(_PLANS) >= _MAX_PLANS:
-            _PLANS.clear()
-        plan = _PLANS[key] = make()
-    return plan
+# Launch plans (ops/_launch.PlanCache) keyed on what they depend on (shapes, strides, dtype, whether
+# there is a gate).
+_PLANS = PlanCache()
+_cached = _PLANS.get_or_make
 
 
 def _fwd_plan(x: torch.Tensor, gate: torch.Tensor | None):

@@ -2,22 +2,14 @@
 
 import torch
 
-from ..._backends import FLOAT_DTYPES, KERNEL_DTYPES, select_backend
+from ..._backends import select_backend
 from ..._validation import (check_positive, check_same_device, check_same_shape, check_teacher_dtype,
                              check_tensor)
+from .._api import op_backends
 from . import reference
-
-IMPLEMENTED = {"reference": FLOAT_DTYPES, "cuda": KERNEL_DTYPES}
-try:
-    from . import triton as triton_impl
-
-    IMPLEMENTED["triton"] = FLOAT_DTYPES
-except ImportError:  # triton missing: _backends reports why
-    triton_impl = None
 from .cuda import channel_wise_kd_cuda
-from .._eager import install as _install_eager_path
 
-_install_eager_path()  # eager calls of the custom ops skip the dispatcher (ops/_eager.py)
+IMPLEMENTED, _triton = op_backends(__package__)
 
 
 def channel_wise_kd(student: torch.Tensor, teacher: torch.Tensor, tau: float = 4.0, *,
@@ -35,7 +27,7 @@ def channel_wise_kd(student: torch.Tensor, teacher: torch.Tensor, tau: float = 4
     check_positive("tau", tau)
     name = select_backend("channel_wise_kd", backend, IMPLEMENTED, student)
     if name == "triton":
-        return triton_impl.channel_wise_kd(student, teacher, tau)
+        return _triton.channel_wise_kd(student, teacher, tau)
     if name == "cuda":
         needs_grad = torch.is_grad_enabled() and student.requires_grad
         return channel_wise_kd_cuda(student, teacher.detach(), float(tau), needs_grad)[0]

@@ -2,22 +2,14 @@
 
 import torch
 
-from ..._backends import FLOAT_DTYPES, KERNEL_DTYPES, select_backend
+from ..._backends import select_backend
 from ..._validation import (check_positive, check_same_device, check_same_dims, check_teacher_dtype,
                              check_tensor, compute_dtype)
+from .._api import op_backends
 from . import reference
-
-IMPLEMENTED = {"reference": FLOAT_DTYPES, "cuda": KERNEL_DTYPES}
-try:
-    from .triton import cross_image_kd_triton
-
-    IMPLEMENTED["triton"] = FLOAT_DTYPES
-except ImportError:  # triton missing: _backends reports why
-    cross_image_kd_triton = None
 from .cuda import cross_image_kd_cuda
-from .._eager import install as _install_eager_path
 
-_install_eager_path()  # eager calls of the custom ops skip the dispatcher (ops/_eager.py)
+IMPLEMENTED, _triton = op_backends(__package__)
 
 
 def cross_image_kd(student_feat: torch.Tensor, teacher_feat: torch.Tensor, tau: float = 0.1, *,
@@ -44,4 +36,4 @@ def cross_image_kd(student_feat: torch.Tensor, teacher_feat: torch.Tensor, tau: 
     kernel_dtype = student_feat.dtype if student_feat.is_cuda else compute_dtype(student_feat)
     a = reference.unit_pixels(student_feat).to(kernel_dtype).transpose(1, 2)
     b = reference.unit_pixels(teacher_feat.detach()).to(kernel_dtype).transpose(1, 2)
-    return cross_image_kd_triton(a, b, float(tau))[0].to(student_feat.dtype)
+    return _triton.cross_image_kd_triton(a, b, float(tau))[0].to(student_feat.dtype)

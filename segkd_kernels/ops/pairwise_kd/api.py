@@ -4,22 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from ..._backends import FLOAT_DTYPES, KERNEL_DTYPES, select_backend
+from ..._backends import select_backend
 from ..._validation import check_bool, check_same_device, check_same_dims, check_teacher_dtype, check_tensor
+from .._api import op_backends
 from . import reference
+from .cuda import pairwise_kd_cuda
 from .reference import PRECISIONS
 
-IMPLEMENTED = {"reference": FLOAT_DTYPES, "cuda": KERNEL_DTYPES}
-try:
-    from .triton import pairwise_kd_triton
-
-    IMPLEMENTED["triton"] = FLOAT_DTYPES
-except ImportError:  # triton missing: _backends reports why
-    pairwise_kd_triton = None
-from .cuda import pairwise_kd_cuda
-from .._eager import install as _install_eager_path
-
-_install_eager_path()  # eager calls of the custom ops skip the dispatcher (ops/_eager.py)
+IMPLEMENTED, _triton = op_backends(__package__)
 
 
 def check_pool(pool, shape=None) -> None:
@@ -73,4 +65,4 @@ def pairwise_kd(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, pool:
     # Pooling stays in torch (autograd routes its gradient); the kernels see (N, C, P) features.
     s = reference.pool_features(student_feat, pool).flatten(2)
     t = reference.pool_features(teacher_feat.detach(), pool).flatten(2)
-    return pairwise_kd_triton(s, t.to(s.dtype), bool(detach_norm), precision)[0]
+    return _triton.pairwise_kd_triton(s, t.to(s.dtype), bool(detach_norm), precision)[0]

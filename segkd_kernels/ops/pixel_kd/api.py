@@ -4,22 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from ..._backends import FLOAT_DTYPES, KERNEL_DTYPES, select_backend
+from ..._backends import select_backend
 from ..._validation import (check_positive, check_same_device, check_same_shape, check_teacher_dtype,
                              check_tensor)
+from .._api import op_backends
 from . import reference
-
-IMPLEMENTED = {"reference": FLOAT_DTYPES, "cuda": KERNEL_DTYPES}
-try:
-    from . import triton as triton_impl
-
-    IMPLEMENTED["triton"] = FLOAT_DTYPES
-except ImportError:  # triton missing: _backends reports why
-    triton_impl = None
 from .cuda import knowledge_gap_cuda, pfs_pixel_kd_cuda, pixel_kd_cuda
-from .._eager import install as _install_eager_path
 
-_install_eager_path()  # eager calls of the custom ops skip the dispatcher (ops/_eager.py)
+IMPLEMENTED, _triton = op_backends(__package__)
 
 
 def _needs_grad(student_logits: torch.Tensor) -> bool:
@@ -89,7 +81,7 @@ def pixel_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: fl
                                  and not torch.compiler.is_compiling())
     name = select_backend("pixel_kd", backend, IMPLEMENTED, student_logits)
     if name == "triton":
-        return triton_impl.pixel_kd(student_logits, teacher_logits, tau, weight, ignore_mask)
+        return _triton.pixel_kd(student_logits, teacher_logits, tau, weight, ignore_mask)
     if name == "cuda":
         weight = weight.detach() if weight is not None else None
         return pixel_kd_cuda(student_logits, teacher_logits.detach(), float(tau), weight, ignore_mask,
@@ -105,7 +97,7 @@ def knowledge_gap(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ta
     _check_logits(student_logits, teacher_logits, tau)
     name = select_backend("knowledge_gap", "auto", IMPLEMENTED, student_logits)
     if name == "triton":
-        return triton_impl.knowledge_gap(student_logits, teacher_logits, tau)
+        return _triton.knowledge_gap(student_logits, teacher_logits, tau)
     if name == "cuda":
         return knowledge_gap_cuda(student_logits.detach(), teacher_logits.detach(), float(tau))
     with torch.no_grad():
@@ -121,7 +113,7 @@ def pfs_pixel_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau
     _check_pixel_map("ignore_mask", ignore_mask, student_logits, boolean=True)
     name = select_backend("pfs_pixel_kd", backend, IMPLEMENTED, student_logits)
     if name == "triton":
-        return triton_impl.pfs_pixel_kd(student_logits, teacher_logits, tau, ignore_mask)
+        return _triton.pfs_pixel_kd(student_logits, teacher_logits, tau, ignore_mask)
     if name == "cuda":
         return pfs_pixel_kd_cuda(student_logits, teacher_logits.detach(), float(tau), ignore_mask,
                                  _needs_grad(student_logits))[0]

@@ -2,21 +2,13 @@
 
 import torch
 
-from ..._backends import FLOAT_DTYPES, KERNEL_DTYPES, select_backend
+from ..._backends import select_backend
 from ..._validation import check_tensor
+from .._api import op_backends
 from . import reference
-
-IMPLEMENTED = {"reference": FLOAT_DTYPES, "cuda": KERNEL_DTYPES}
-try:
-    from .triton import spatial_pool_triton
-
-    IMPLEMENTED["triton"] = FLOAT_DTYPES
-except ImportError:  # triton missing: _backends reports why
-    spatial_pool_triton = None
 from .cuda import spatial_pool_cuda
-from .._eager import install as _install_eager_path
 
-_install_eager_path()  # eager calls of the custom ops skip the dispatcher (ops/_eager.py)
+IMPLEMENTED, _triton = op_backends(__package__)
 
 
 def spatial_pool(x: torch.Tensor, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,6 +22,6 @@ def spatial_pool(x: torch.Tensor, *, backend: str = "auto") -> tuple[torch.Tenso
     name = select_backend("spatial_pool", backend, IMPLEMENTED, x)
     if name == "reference":
         return reference.spatial_pool(x)
-    op = spatial_pool_triton if name == "triton" else spatial_pool_cuda
+    op = _triton.spatial_pool_triton if name == "triton" else spatial_pool_cuda
     avg, mx, _argmax = op(x)
     return avg, mx

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._launch import Launch, PlanCache
 from .._triton_common import FP_FUSION, acc_dtype, cdiv, next_power_of_2
 from . import autograd
 
@@ -60,46 +61,47 @@ def _spatial_pool_bwd_kernel(grad_avg_ptr, grad_max_ptr, argmax_ptr, dx_ptr, pla
     tl.store(dx_ptr + row * plane + offs, dx.to(dx_ptr.dtype.element_ty), mask=valid)
 
 
-
-
-# Launch constants keyed on (H*W, dtype): a repeated call skips the block choice.
-_PLANS: dict = {}
-
-
-def _plan(key, block_cap):
-    plan = _PLANS.get(key)
-    if plan is None:
-        if len(_PLANS) >= 256:  # bounded: a run with ever new shapes clears it now and then
-            _PLANS.clear()
-        plane, dtype = key[1:]
-        plan = _PLANS[key] = dict(BLOCK=min(next_power_of_2(plane), block_cap), ACC_DTYPE=acc_dtype(dtype),
-                                  **FP_FUSION)
-    return plan
+# Launches keyed on what they depend on (N * C, H * W, dtypes; ops/_launch.PlanCache): a repeated call
+# skips the block choice and launches through the compiled kernel it kept.
+_FWD_PLANS = PlanCache()
+_BWD_PLANS = PlanCache()
 
 
 @torch.library.custom_op("segkd::spatial_pool_triton", mutates_args=())
 def spatial_pool_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x = x.contiguous()
     n, c, h, w = x.shape
-    rows, plane = n * c, h * w
     avg = x.new_empty(n, c)
     mx = x.new_empty(n, c)
     argmax = x.new_empty(n, c, dtype=torch.int64)
-    if rows > 0:
-        _spatial_pool_fwd_kernel[(rows,)](x, avg, mx, argmax, plane, **_plan(("fwd", plane, x.dtype), 2048))
+    key = (n * c, h * w, x.dtype)
+    launch = _FWD_PLANS.get(key)
+    if launch is None:
+        launch = _FWD_PLANS.put(key, Launch(
+            _spatial_pool_fwd_kernel, (n * c,), (h * w,),
+            dict(BLOCK=min(next_power_of_2(h * w), 2048), ACC_DTYPE=acc_dtype(x.dtype), **FP_FUSION), fresh=3))
+    if key[0] > 0:
+        launch(x, avg, mx, argmax)
     return avg, mx, argmax
+
+
+def _bwd_launch(rows: int, plane: int, dtype: torch.dtype) -> Launch:
+    block = min(next_power_of_2(plane), 1024)
+    return Launch(_spatial_pool_bwd_kernel, (rows, cdiv(plane, block)), (plane,),
+                  dict(BLOCK=block, ACC_DTYPE=acc_dtype(dtype), **FP_FUSION), fresh=1)
 
 
 @torch.library.custom_op("segkd::spatial_pool_backward_triton", mutates_args=())
 def spatial_pool_backward_triton(grad_avg: torch.Tensor, grad_max: torch.Tensor, argmax: torch.Tensor,
                                  h: int, w: int) -> torch.Tensor:
     n, c = grad_avg.shape
-    rows, plane = n * c, h * w
     dx = grad_avg.new_empty(n, c, h, w)
-    if rows > 0 and plane > 0:
-        consts = _plan(("bwd", plane, dx.dtype), 1024)
-        _spatial_pool_bwd_kernel[(rows, cdiv(plane, consts["BLOCK"]))](
-            grad_avg.contiguous(), grad_max.contiguous(), argmax.contiguous(), dx, plane, **consts)
+    key = (n * c, h * w, grad_avg.dtype, grad_max.dtype)
+    launch = _BWD_PLANS.get(key)
+    if launch is None:
+        launch = _BWD_PLANS.put(key, _bwd_launch(n * c, h * w, dx.dtype))
+    if key[0] > 0 and key[1] > 0:
+        launch(grad_avg.contiguous(), grad_max.contiguous(), argmax.contiguous(), dx)
     return dx
 
 

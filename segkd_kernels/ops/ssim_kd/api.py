@@ -2,23 +2,15 @@
 
 import torch
 
-from ..._backends import FLOAT_DTYPES, KERNEL_DTYPES, select_backend
+from ..._backends import KERNEL_DTYPES, select_backend
 from ..._validation import (check_bool, check_choice, check_positive, check_same_device, check_same_shape,
                              check_teacher_dtype, check_tensor)
+from .._api import op_backends
 from . import reference
-
-IMPLEMENTED = {"reference": FLOAT_DTYPES, "cuda": KERNEL_DTYPES}
-try:
-    from .triton import ssim_kd_triton
-
-    # fp64 stays on the reference (the kernels keep fp32 statistics)
-    IMPLEMENTED["triton"] = KERNEL_DTYPES
-except ImportError:  # triton missing: _backends reports why
-    ssim_kd_triton = None
 from .cuda import ssim_kd_cuda
-from .._eager import install as _install_eager_path
 
-_install_eager_path()  # eager calls of the custom ops skip the dispatcher (ops/_eager.py)
+# fp64 stays on the reference (the kernels keep fp32 statistics)
+IMPLEMENTED, _triton = op_backends(__package__, KERNEL_DTYPES)
 PADDINGS = ("reflect", "zeros", "valid")
 MIN_WINDOW, MAX_WINDOW = 3, 15
 
@@ -70,7 +62,7 @@ def ssim_kd(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, window_si
     if name == "triton":
         # The kernels keep the three partial-derivative maps for the backward only when one will run.
         need_partials = torch.is_grad_enabled() and student_feat.requires_grad
-        loss, _partials, _scales = ssim_kd_triton(student_feat, teacher_feat.detach(), window_size, float(sigma),
+        loss, _partials, _scales = _triton.ssim_kd_triton(student_feat, teacher_feat.detach(), window_size, float(sigma),
                                                   float(data_range), padding, bool(normalize), need_partials)
         return loss
     if name == "cuda":
