@@ -63,12 +63,22 @@ launch(x, mc, ms, out)
 assert len(jit_calls) == n_jit + 1 and len(launcher_calls) == 1
 launch(x, mc, ms, out)
 assert len(launcher_calls) == 2
+# SEGKD_DIRECT_LAUNCH=0: every call of a plan made under it takes the JIT path
+import os
+os.environ["SEGKD_DIRECT_LAUNCH"] = "0"
+off = _launch.Launch(cbam._cbam_gate_contig_kernel, (12, 1), (6, 117), consts, fresh=1)
+del os.environ["SEGKD_DIRECT_LAUNCH"]
+n_jit, n_launch = len(jit_calls), len(launcher_calls)
+for _ in range(3):
+    off(x, mc, ms, out)
+assert len(jit_calls) == n_jit + 3 and len(launcher_calls) == n_launch
 # a launch whose JIT run returns no compiled kernel (intercepted elsewhere) never keeps one
 JITFunction.run = lambda fn, *a, grid, warmup, **k: jit_calls.append(fn)
 _launch.clear()
+n_jit = len(jit_calls)
 for _ in range(2):
     launch(x, mc, ms, out)
-assert len(launcher_calls) == 2 and len(jit_calls) == n_jit + 3
+assert len(launcher_calls) == 2 and len(jit_calls) == n_jit + 2
 print("ok")
 '''
 

@@ -23,9 +23,14 @@ returned no compiled kernel. Not repeated per call: the JIT's check that the mod
 kernel read are unchanged since it was compiled (the kernels launched this way read none that
 change), and the compile options read from the environment besides TRITON_DEBUG (set them before
 the first launch).
+
+`SEGKD_DIRECT_LAUNCH=0` in the environment (read when a plan is made) sends every launch through the
+JIT path: the switch to reach for if a Triton release changes its launcher's calling convention.
 """
 
 from __future__ import annotations
+
+import os
 
 try:
     from triton import knobs as _knobs
@@ -74,7 +79,8 @@ class Launch:
         self.ints = tuple(ints)
         self.consts = dict(constexprs)
         self.grid3 = (self.grid + (1, 1))[:3]
-        self.fast = isinstance(kernel, JITFunction) and not getattr(kernel, "pre_run_hooks", None)
+        self.fast = (isinstance(kernel, JITFunction) and not getattr(kernel, "pre_run_hooks", None)
+                     and os.environ.get("SEGKD_DIRECT_LAUNCH", "1") != "0")
         self.tail = None
         if self.fast:
             # every parameter after the tensors, in signature order: the ints, then each constexpr
