@@ -141,6 +141,27 @@ PYBIND11_MODULE(SEGKD_MODULE_NAME, m) {
       },
       py::arg("student"), py::arg("teacher"), py::arg("coefs"), py::arg("ds"), py::arg("total"), py::arg("dtype"),
       py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  // attnfd_loss epilogue (csrc/attnfd_loss.cu)
+  m.def(
+      "attnfd_finish",
+      [](std::uintptr_t partials, int64_t num_partials, std::uintptr_t loss, std::uintptr_t dots, int64_t batch,
+          double eps, int loss_dtype, int device, std::uintptr_t stream) {
+        segkd::attnfd_finish(partials, num_partials, loss, dots, batch, eps, static_cast<DType>(loss_dtype), device,
+          stream);
+      },
+      py::arg("partials"), py::arg("num_partials"), py::arg("loss"), py::arg("dots"), py::arg("batch"),
+      py::arg("eps"), py::arg("loss_dtype"), py::arg("device"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "attnfd_backward_dots",
+      [](std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t dots, std::uintptr_t grad, std::uintptr_t ds,
+          int64_t total, int64_t batch, double eps, int dtype, int device, std::uintptr_t stream) {
+        segkd::attnfd_backward_dots(student, teacher, dots, grad, ds, total, batch, eps, static_cast<DType>(dtype),
+          device, stream);
+      },
+      py::arg("student"), py::arg("teacher"), py::arg("dots"), py::arg("grad"), py::arg("ds"), py::arg("total"),
+      py::arg("batch"), py::arg("eps"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>());
   m.def(
       "cbam_gate_forward",
       [](std::uintptr_t x, std::uintptr_t channel_gate, std::uintptr_t spatial_gate, std::uintptr_t out,

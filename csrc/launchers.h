@@ -77,6 +77,17 @@ void attnfd_dots(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t 
 void attnfd_backward(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t coefs, std::uintptr_t ds,
                      int64_t total, DType dtype, int device, std::uintptr_t stream);
 
+// attnfd_loss epilogue (csrc/attnfd_loss.cu). attnfd_finish: one block sums num_partials (>= 0) rows
+// of attnfd_dots partials in a fixed order into dots (3 fp64) and writes the loss (one value of
+// loss_dtype) with the clamped form of reference.py (eps = its NORM_EPS, batch = N >= 1).
+void attnfd_finish(std::uintptr_t partials, int64_t num_partials, std::uintptr_t loss, std::uintptr_t dots,
+                   int64_t batch, double eps, DType loss_dtype, int device, std::uintptr_t stream);
+// ds = g * (alpha * s + beta * t), alpha and beta computed on the device from dots (3 fp64); grad: one
+// value g of dtype.
+void attnfd_backward_dots(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t dots, std::uintptr_t grad,
+                          std::uintptr_t ds, int64_t total, int64_t batch, double eps, DType dtype, int device,
+                          std::uintptr_t stream);
+
 // cbam_gate (csrc/channel_pool.cu): out = M_s[n, p] * (M_c[n, c] * x[n, c, p]); gates fp32,
 // channel_gate (batch, channels), spatial_gate (batch, plane). Backward: dx (x's dtype), the gate
 // gradients fp32.

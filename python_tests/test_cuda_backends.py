@@ -97,6 +97,9 @@ def _host_check_cases():
         "ssim reflect too small": lambda: LIB.ssim_forward(*[0] * 8, 1, 2, 16, 5, 1.5, 1.0, 0, f32, 0, 0),
         "ssim data_range 0": lambda: LIB.ssim_forward(*[0] * 8, 1, 16, 16, 5, 1.5, 0.0, 0, f32, 0, 0),
         "attnfd partials": lambda: LIB.attnfd_dots(0, 0, 0, 100, 7, f32, 0, 0),
+        "attnfd finish negative partials": lambda: LIB.attnfd_finish(0, -1, 0, 0, 1, 1e-12, f32, 0, 0),
+        "attnfd finish batch 0": lambda: LIB.attnfd_finish(0, 0, 0, 0, 0, 1e-12, f32, 0, 0),
+        "attnfd backward batch 0": lambda: LIB.attnfd_backward_dots(*[0] * 5, 8, 0, 1e-12, f32, 0, 0),
         "channel_pool dgate without gate": lambda: LIB.channel_pool_backward(*[0] * 5, 8, 0, 0, 1, 2, 3, f32, 0, 0),
         "channel_pool no channels": lambda: LIB.channel_pool_forward(0, 0, 0, 0, 1, 0, 4, f32, 0, 0),
         "cross_image tau 0": lambda: LIB.cross_image_forward(*[0] * 6, 2, 3, 3, 5, 0.0, f32, 0, 0),
@@ -120,6 +123,7 @@ def test_empty_launches_touch_no_device():
     LIB.channel_pool_backward(0, 0, 0, 0, 0, 0, 0, 0, 0, 3, 5, f32, 0, 0)
     LIB.attnfd_dots(0, 0, 0, 0, 0, f32, 0, 0)
     LIB.attnfd_backward(0, 0, 0, 0, 0, f32, 0, 0)
+    LIB.attnfd_backward_dots(*[0] * 5, 0, 1, 1e-12, f32, 0, 0)
     LIB.cbam_gate_forward(0, 0, 0, 0, 0, 3, 5, f32, 0, 0)
     LIB.ssim_forward(*[0] * 8, 0, 16, 16, 5, 1.5, 1.0, 0, f32, 0, 0)
     LIB.normalize_pixels(0, 0, 0, 0, 3, 5, 1e-12, f32, 0, 0)
@@ -162,7 +166,8 @@ def _cpu_op_calls():
         "cbam_gate": lambda: cbam_gate_cuda(x, gate, torch.rand(2, 5, 7)),
         "cbam_gate_backward": lambda: cbam_gate_backward_cuda(x, x, gate, torch.rand(2, 5, 7)),
         "attnfd_loss": lambda: attnfd_loss_cuda(x, x),
-        "attnfd_loss_backward": lambda: attnfd_loss_backward_cuda(x, x, torch.ones(2, dtype=torch.float64)),
+        "attnfd_loss_backward": lambda: attnfd_loss_backward_cuda(x, x, torch.ones(3, dtype=torch.float64),
+                                                                  torch.ones(())),
         "ssim_kd": lambda: ssim_kd_cuda(x, x, 3, 1.5, 1.0, "reflect", True, True),
         "ssim_kd_backward": lambda: ssim_kd_backward_cuda(torch.ones(()), torch.zeros(3, 6, 5, 7), x, x,
                                                           torch.zeros(0), 3, 1.5, "reflect"),
@@ -560,7 +565,7 @@ def _opcheck_samples(device="cuda"):
         (cbam_gate_cuda, (s, gate, spatial)),
         (cbam_gate_backward_cuda, (make_tensor((2, 3, 9, 11), seed=45, **c), sd, gd, spd)),
         (attnfd_loss_cuda, (s, t)),
-        (attnfd_loss_backward_cuda, (sd, t, torch.tensor([0.3, -0.2], dtype=torch.float64, **c))),
+        (attnfd_loss_backward_cuda, (sd, t, attnfd_loss_cuda(sd, t)[1], g)),
         (ssim_kd_cuda, (s, t, 5, 1.5, 1.0, "reflect", True, True)),
         (ssim_kd_backward_cuda, (g, dmaps, sd, t, stats, 5, 1.5, "reflect")),
         (pairwise_kd_cuda, (s, t4, False)),
@@ -701,6 +706,20 @@ class EmulatedLib:
         dt = _CODE_DTYPES[dtype]
         c = _view(coefs, (2,), torch.float64)
         _view(ds, (total,), dt).copy_(c[0] * _view(s, (total,), dt).double() + c[1] * _view(t, (total,), dt).double())
+
+    @staticmethod
+    def attnfd_finish(partials, num_partials, loss, dots, batch, eps, loss_dtype, device, stream):
+        p = _view(partials, (num_partials, 3), torch.float64) if num_partials else torch.zeros(0, 3, dtype=torch.float64)
+        ss, tt, st = p.sum(0).unbind()
+        ns, nt = ss.sqrt().clamp_min(eps), tt.sqrt().clamp_min(eps)
+        _view(dots, (3,), torch.float64).copy_(torch.stack([ss, tt, st]))
+        _view(loss, (1,), _CODE_DTYPES[loss_dtype]).copy_((ss / (ns * ns) + tt / (nt * nt) - 2 * st / (ns * nt)) / batch)
+
+    @staticmethod
+    def attnfd_backward_dots(s, t, dots, grad, ds, total, batch, eps, dtype, device, stream):
+        dt = _CODE_DTYPES[dtype]
+        alpha, beta = gradient_coefficients(_view(dots, (3,), torch.float64), batch) * _view(grad, (1,), dt).double()
+        _view(ds, (total,), dt).copy_(alpha * _view(s, (total,), dt).double() + beta * _view(t, (total,), dt).double())
 
     @staticmethod
     def cbam_gate_forward(x, channel_gate, spatial_gate, out, batch, channels, plane, dtype, device, stream):
@@ -976,7 +995,7 @@ def _emulated_opcheck_samples():
         "cbam_gate": (cbam_gate_cuda, (s, e["gate"], e["spatial"])),
         "cbam_gate_backward": (cbam_gate_backward_cuda, (make_tensor((2, 3, 5, 6), seed=72), sd, gd, spd)),
         "attnfd": (attnfd_loss_cuda, (s, t)),
-        "attnfd_backward": (attnfd_loss_backward_cuda, (sd, t, torch.tensor([0.3, -0.2], dtype=torch.float64))),
+        "attnfd_backward": (attnfd_loss_backward_cuda, (sd, t, attnfd_loss_cuda(sd, t)[1], g)),
         "ssim": (ssim_kd_cuda, (s, t, 5, 1.5, 1.0, "reflect", True, True)),
         "ssim_backward": (ssim_kd_backward_cuda, (g, dmaps, sd, t, stats, 5, 1.5, "reflect")),
         "pairwise": (pairwise_kd_cuda, (s, t4, False)),

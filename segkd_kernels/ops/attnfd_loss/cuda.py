@@ -1,17 +1,18 @@
-"""attnfd_loss on the hand-written CUDA kernels of csrc/channel_pool.cu.
+"""attnfd_loss on the hand-written CUDA kernels of csrc/channel_pool.cu and csrc/attnfd_loss.cu.
 
 The loss comes from three dot products <s,s>, <t,t>, <s,t> accumulated in fp64 per block and
-combined in fp64 with exactly the clamped form of reference.py,
+combined in fp64 (one block, fixed order) with exactly the clamped form of reference.py,
     (<s,s> / ns^2 + <t,t> / nt^2 - 2 <s,t> / (ns nt)) / N,   ns = max(||s||, eps), nt likewise.
 (Combining fp32 dots in fp32 as 2 - 2 cos is several % off near s == t.) The gradient is
-alpha * s + beta * t with alpha, beta computed on the device from the saved dots.
+alpha * s + beta * t with alpha, beta computed on the device from the saved dots (see
+gradient_coefficients), so neither direction runs torch arithmetic on the host.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .._cuda_common import cuda_lib, launch_args
+from .._cuda_common import _DTYPE_CODES, cuda_lib, launch_args
 from .reference import NORM_EPS
 
 OP = "attnfd_loss"
@@ -24,37 +25,44 @@ def _common(student: torch.Tensor, teacher: torch.Tensor):
     args = launch_args(OP, student)
     s = student.detach().to(dtype).contiguous()
     t = teacher.detach().to(dtype).contiguous()
-    args["dtype"] = launch_args(OP, s)["dtype"]
+    if dtype != student.dtype:  # the student's dtype was checked by launch_args; float32 is supported
+        args["dtype"] = _DTYPE_CODES[dtype]
     return s, t, args
 
 
 @torch.library.custom_op("segkd::attnfd_loss_cuda", mutates_args=())
 def attnfd_loss_cuda(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss 0-dim in the student's dtype, dots (3,) fp64: <s,s>, <t,t>, <s,t>)."""
+    """(loss 0-dim in the student's dtype, dots (3,) fp64: <s,s>, <t,t>, <s,t>).
+
+    Two launches: the per-block partials (csrc/channel_pool.cu), then one block that sums them in a
+    fixed order and writes the dots and the loss (csrc/attnfd_loss.cu); no torch arithmetic."""
     lib = cuda_lib(OP)
     s, t, args = _common(student, teacher)
     total = s.numel()
-    dots = torch.zeros(3, dtype=torch.float64, device=s.device)
+    blocks = lib.attnfd_num_partials(total) if total > 0 else 0
+    partials = torch.empty(blocks, 3, dtype=torch.float64, device=s.device)
     if total > 0:
-        blocks = lib.attnfd_num_partials(total)
-        partials = torch.empty(blocks, 3, dtype=torch.float64, device=s.device)
         lib.attnfd_dots(s.data_ptr(), t.data_ptr(), partials.data_ptr(), total, blocks, **args)
-        dots = partials.sum(dim=0)
-    ss, tt, st = dots.unbind()
-    ns, nt = ss.sqrt().clamp_min(NORM_EPS), tt.sqrt().clamp_min(NORM_EPS)
-    loss = (ss / (ns * ns) + tt / (nt * nt) - 2.0 * st / (ns * nt)) / max(student.shape[0], 1)
-    return loss.to(student.dtype), dots
+    loss = torch.empty((), dtype=student.dtype, device=s.device)
+    dots = torch.empty(3, dtype=torch.float64, device=s.device)
+    lib.attnfd_finish(partials.data_ptr(), blocks, loss.data_ptr(), dots.data_ptr(), max(student.shape[0], 1),
+                      NORM_EPS, _DTYPE_CODES[student.dtype], args["device"], args["stream"])
+    return loss, dots
 
 
 @torch.library.custom_op("segkd::attnfd_loss_backward_cuda", mutates_args=())
-def attnfd_loss_backward_cuda(student: torch.Tensor, teacher: torch.Tensor, coefs: torch.Tensor) -> torch.Tensor:
-    """ds = coefs[0] * s + coefs[1] * t in the kernel dtype (coefs: (2,) fp64 on the device)."""
+def attnfd_loss_backward_cuda(student: torch.Tensor, teacher: torch.Tensor, dots: torch.Tensor,
+                              grad: torch.Tensor) -> torch.Tensor:
+    """ds = grad * (alpha * s + beta * t) in the kernel dtype, alpha and beta computed by the kernel
+    from dots ((3,) fp64 on the device, as attnfd_loss_cuda returns them); grad: 0-dim."""
     lib = cuda_lib(OP)
     s, t, args = _common(student, teacher)
     ds = torch.empty_like(s)
-    c = coefs.to(torch.float64).contiguous()
     if s.numel() > 0:
-        lib.attnfd_backward(s.data_ptr(), t.data_ptr(), c.data_ptr(), ds.data_ptr(), s.numel(), **args)
+        d = dots.to(torch.float64).contiguous()
+        g = grad.to(s.dtype)
+        lib.attnfd_backward_dots(s.data_ptr(), t.data_ptr(), d.data_ptr(), g.data_ptr(), ds.data_ptr(), s.numel(),
+                                 max(student.shape[0], 1), NORM_EPS, **args)
     return ds
 
 
@@ -64,13 +72,15 @@ def _(student, teacher):
 
 
 @attnfd_loss_backward_cuda.register_fake
-def _(student, teacher, coefs):
+def _(student, teacher, dots, grad):
     dtype = student.dtype if teacher.dtype == student.dtype else torch.float32
     return student.new_empty(student.shape, dtype=dtype)
 
 
 def gradient_coefficients(dots: torch.Tensor, batch: int) -> torch.Tensor:
-    """(alpha, beta) with d loss / d s = alpha * s + beta * t, in fp64.
+    """(alpha, beta) with d loss / d s = alpha * s + beta * t, in fp64: the formula that
+    attnfd_backward_dots_kernel (csrc/attnfd_loss.cu) evaluates on the device, stated in torch so the
+    tests can check it against autograd.
 
     loss = (ss / ns^2 + tt / nt^2 - 2 st / (ns nt)) / N. Where ||s|| >= eps (torch.clamp_min passes
     the gradient there) ns = ||s|| and the ss-terms cancel exactly: alpha = 2 st / (N ns^3 nt).
@@ -94,8 +104,7 @@ def _backward(ctx, grad_loss, _grad_dots):
     student, teacher, dots = ctx.saved_tensors
     if grad_loss is None:
         return None, None
-    coefs = gradient_coefficients(dots, max(student.shape[0], 1)) * grad_loss.to(torch.float64)
-    ds = attnfd_loss_backward_cuda(student, teacher, coefs)
+    ds = attnfd_loss_backward_cuda(student, teacher, dots, grad_loss)
     return ds.to(ctx.student_dtype), None
 
 
