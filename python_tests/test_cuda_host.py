@@ -257,6 +257,37 @@ def test_spatial_pool_split_rows_plan(host, dtype, vector):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attnfd_epilogue_on_the_device(host, dtype):
+    # 300 partials: more than the finish block's 256 threads, so some threads add two partials
+    # before the warp and block combines. The loss and the gradient are kernel work only (2 launches
+    # forward, 1 backward), bit-identical under two thread orders, and match the fp64 reference.
+    from segkd_kernels.ops._cuda_common import cuda_lib
+
+    shape = (1, 4, 240, 320)
+    assert cuda_lib("attnfd_loss").attnfd_num_partials(math.prod(shape)) == 300
+    s = make_tensor(shape, dtype=dtype, seed=21, requires_grad=True)
+    t = (s.detach() + 0.5 * make_tensor(shape, dtype=dtype, seed=22)).to(dtype)
+    g = torch.tensor(0.7, dtype=dtype)
+
+    def run():
+        loss = sk.attnfd_loss(s, t, backend="cuda")
+        return loss.detach(), torch.autograd.grad(loss, s, g)[0]
+
+    loss = sk.attnfd_loss(s, t, backend="cuda")
+    assert _launches(host, lambda: sk.attnfd_loss(s, t, backend="cuda")) == 2
+    assert _launches(host, lambda: torch.autograd.grad(loss, s, g)) == 1
+    got_loss, got_grad = _seeds_agree(host, run)
+    s64 = s.detach().double().requires_grad_(True)
+    want = sk.attnfd_loss(s64, t.double(), backend="reference")
+    (want_grad,) = torch.autograd.grad(want, s64, g.double())
+    # fp32: products exact in fp64, sums of 3e5 terms; one rounding of the loss and of each
+    # coefficient to fp32 (bf16: the outputs' own rounding dominates)
+    tol = dict(rtol=1e-6, atol=1e-9) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-6)
+    torch.testing.assert_close(got_loss.double(), want, **tol)
+    torch.testing.assert_close(got_grad.double(), want_grad, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("vector", [True, False])
 def test_channel_rows_split_plans(host, dtype, vector):
     # One SM and 6 (n, c) rows of at least two ranges of 256 threads x 4 positions: the rows of the
