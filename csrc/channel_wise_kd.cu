@@ -160,6 +160,32 @@ __device__ __forceinline__ bool gradient_multiplier(const T* __restrict__ grad_m
   return true;
 }
 
+// The block's merged state, in every thread: warps first, then warp 0 merges the per-warp states.
+__device__ __forceinline__ CwdState block_merge(CwdState st) {
+  __shared__ float sh[5][32];
+  __shared__ float merged[5];
+  st.warp_merge();
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
+  if (lane == 0) {
+    sh[0][warp] = st.s.m; sh[1][warp] = st.s.l; sh[2][warp] = st.t.m; sh[3][warp] = st.t.l; sh[4][warp] = st.acc;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    CwdState w;
+    if (lane < n_warps) {
+      w.s.m = sh[0][lane]; w.s.l = sh[1][lane]; w.t.m = sh[2][lane]; w.t.l = sh[3][lane]; w.acc = sh[4][lane];
+    }
+    w.warp_merge();
+    if (lane == 0) {
+      merged[0] = w.s.m; merged[1] = w.s.l; merged[2] = w.t.m; merged[3] = w.t.l; merged[4] = w.acc;
+    }
+  }
+  __syncthreads();
+  CwdState r;
+  r.s.m = merged[0]; r.s.l = merged[1]; r.t.m = merged[2]; r.t.l = merged[3]; r.acc = merged[4];
+  return r;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kCwdMaxThreads)
 channel_wise_kd_kernel(const T* __restrict__ s, const T* __restrict__ t, float* __restrict__ row_kl,
@@ -201,30 +227,10 @@ channel_wise_kd_kernel(const T* __restrict__ s, const T* __restrict__ t, float* 
     }
   }
 
-  // Block merge: warps first, then warp 0 merges the per-warp states.
-  __shared__ float sh[5][32];
-  __shared__ float lse_sh[2];
-  st.warp_merge();
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
-  if (lane == 0) {
-    sh[0][warp] = st.s.m; sh[1][warp] = st.s.l; sh[2][warp] = st.t.m; sh[3][warp] = st.t.l; sh[4][warp] = st.acc;
-  }
-  __syncthreads();
-  if (warp == 0) {
-    CwdState w;
-    if (lane < n_warps) {
-      w.s.m = sh[0][lane]; w.s.l = sh[1][lane]; w.t.m = sh[2][lane]; w.t.l = sh[3][lane]; w.acc = sh[4][lane];
-    }
-    w.warp_merge();
-    if (lane == 0) {
-      if (row_kl != nullptr) row_kl[row] = w.kl();
-      lse_sh[0] = w.s.lse();
-      lse_sh[1] = w.t.lse();
-    }
-  }
+  const CwdState w = block_merge(st);
+  if (threadIdx.x == 0 && row_kl != nullptr) row_kl[row] = w.kl();
   if (grad == nullptr) return;
-  __syncthreads();
-  const float lse_s = lse_sh[0], lse_t = lse_sh[1];
+  const float lse_s = w.s.lse(), lse_t = w.t.lse();
   T* rg = grad + row * plane;
   if (cached) {
 #pragma unroll
@@ -251,30 +257,6 @@ channel_wise_kd_kernel(const T* __restrict__ s, const T* __restrict__ t, float* 
 }
 
 // Block-wide merge of the per-thread states; every thread gets the block's state.
-__device__ __forceinline__ CwdState block_merge(CwdState st) {
-  __shared__ float sh[5][32];
-  __shared__ float merged[5];
-  st.warp_merge();
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
-  if (lane == 0) {
-    sh[0][warp] = st.s.m; sh[1][warp] = st.s.l; sh[2][warp] = st.t.m; sh[3][warp] = st.t.l; sh[4][warp] = st.acc;
-  }
-  __syncthreads();
-  if (warp == 0) {
-    CwdState w;
-    if (lane < n_warps) {
-      w.s.m = sh[0][lane]; w.s.l = sh[1][lane]; w.t.m = sh[2][lane]; w.t.l = sh[3][lane]; w.acc = sh[4][lane];
-    }
-    w.warp_merge();
-    if (lane == 0) {
-      merged[0] = w.s.m; merged[1] = w.s.l; merged[2] = w.t.m; merged[3] = w.t.l; merged[4] = w.acc;
-    }
-  }
-  __syncthreads();
-  CwdState r;
-  r.s.m = merged[0]; r.s.l = merged[1]; r.t.m = merged[2]; r.t.l = merged[3]; r.acc = merged[4];
-  return r;
-}
 
 // Online statistics of positions [begin, end) of one row (begin, end multiples of V when vec).
 template <typename T>

@@ -50,9 +50,12 @@ def cbam_gate_backward_cuda(grad_out: torch.Tensor, x: torch.Tensor, channel_gat
     n, c, h, w = xc.shape
     g = grad_out.detach().to(x.dtype).contiguous()
     dx = torch.empty_like(xc)
-    dmc = torch.zeros(n, c, dtype=torch.float32, device=x.device)
-    dms = torch.zeros(n, h, w, dtype=torch.float32, device=x.device)
-    # rows split over blocks (too few rows for two waves): per-split dM_c partials, fp32
+    # the kernels write every value of both gate gradients; with no element to read (C or H*W 0)
+    # nothing runs and the sums over the empty axis are 0
+    alloc = torch.zeros if xc.numel() == 0 else torch.empty
+    dmc = alloc(n, c, dtype=torch.float32, device=x.device)
+    dms = alloc(n, h, w, dtype=torch.float32, device=x.device)
+    # per-pixel-tile dM_c partials and per-channel-slice dM_s partials (fp32) where there are several
     floats = lib.cbam_gate_backward_workspace(n, c, h * w, args["device"])
     ws = torch.empty(floats, dtype=torch.float32, device=x.device) if floats else None
     lib.cbam_gate_backward(g.data_ptr(), xc.data_ptr(), mc.data_ptr(), ms.data_ptr(), dx.data_ptr(), dmc.data_ptr(),
