@@ -1,8 +1,6 @@
 """channel_wise_kd (docs/losses.md 1): values and gradients against an explicit-loop fp64 oracle, autograd
 rules (teacher detached, grad_output, gradcheck), layouts, dtypes, torch.compile, input checks."""
 
-import math
-
 import pytest
 import torch
 
@@ -12,6 +10,7 @@ from segkd_kernels.ops.channel_wise_kd import api as cwd_api
 from segkd_kernels.ops.channel_wise_kd import triton as cwd_triton
 from segkd_kernels.testing import (TOLERANCES, assert_close, channels_last, make_tensor, non_contiguous,
                                    within_error_budget)
+from softmax_oracle import softmax_and_log
 
 # P = 1 (loss 0), single channel, odd sizes, a long thin map.
 SHAPES = [(1, 1, 1, 1), (1, 3, 5, 7), (2, 7, 1, 1), (3, 1, 3, 13), (2, 3, 5, 7)]
@@ -22,13 +21,7 @@ TAUS = [0.5, 1.0, 4.0]
 # Oracle: Python floats, one (n, c) row at a time, textbook softmax with math.exp / math.log.
 # ---------------------------------------------------------------------------------------------
 
-def _softmax_row(values, tau):
-    """(p, log p) of softmax(values / tau), shifted by the max so exp never overflows."""
-    scaled = [v / tau for v in values]
-    top = max(scaled)
-    exps = [math.exp(v - top) for v in scaled]
-    z = sum(exps)
-    return [e / z for e in exps], [v - top - math.log(z) for v in scaled]
+_softmax_row = softmax_and_log
 
 
 def naive_cwd(student, teacher, tau):

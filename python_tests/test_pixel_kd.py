@@ -14,6 +14,7 @@ from segkd_kernels.ops.pixel_kd import api as pixel_api
 from segkd_kernels.ops.pixel_kd import triton as pixel_triton
 from segkd_kernels.testing import (TOLERANCES, assert_close, channels_last, make_tensor, non_contiguous,
                                    within_error_budget)
+from softmax_oracle import softmax_and_log
 
 # (N, K, H, W): one pixel, one class (loss 0), odd sizes, a long thin map.
 SHAPES = [(1, 1, 1, 1), (1, 3, 5, 7), (2, 7, 1, 1), (3, 1, 3, 13), (2, 7, 3, 13)]
@@ -24,13 +25,7 @@ TAUS = [0.5, 1.0, 4.0]
 # Oracle: Python floats, one pixel at a time, textbook softmax with math.exp / math.log.
 # ---------------------------------------------------------------------------------------------
 
-def _softmax(values, tau):
-    """(p, log p) of softmax(values / tau), shifted by the max so exp never overflows."""
-    scaled = [v / tau for v in values]
-    top = max(scaled)
-    exps = [math.exp(v - top) for v in scaled]
-    z = sum(exps)
-    return [e / z for e in exps], [v - top - math.log(z) for v in scaled]
+_softmax = softmax_and_log
 
 
 def _pixels(x):

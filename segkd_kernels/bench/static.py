@@ -7,7 +7,10 @@ num_stages, grid) is recorded exactly as Triton's own launcher would bind it for
 distinct launch is then compiled ahead of time for sm_90 and sm_80 (`triton.compile` with a
 GPUTarget) and read back: registers, spill bytes and stack from ptxas, shared memory from the
 kernel's metadata, the SASS instruction mix from cuobjdump. The CUDA kernels of csrc/ are compiled
-with `nvcc -cubin -Xptxas -v` for the same archs where nvcc exists.
+with `nvcc -cubin -Xptxas -v` for the same archs where nvcc exists, and the CUDA backend of the
+memory-bound ops (CUDA_OPS) runs through the host execution layer in its recording mode: the real
+launchers pick their grids for each arch's SM count and every launch is recorded, not run, with
+its pointer arguments, which give the CUDA op rows their bytes model (docs/performance.md).
 
 Instructions per element (columns instr_per_elem on kernel rows, instr_per_elem_fwd / _bwd on op
 rows) is a model of the dynamic thread-instructions a launch executes, divided by the number of
@@ -151,11 +154,12 @@ def sass_mix(sass: str) -> dict[str, int]:
     return mix
 
 
-def split_sass_functions(sass: str) -> dict[str, str]:
-    """cuobjdump -sass output of a cubin -> {function name: its SASS}."""
+def _split_functions(text: str, header: str) -> dict[str, str]:
+    """{function name: its lines} of a disassembly whose functions start at lines matching header
+    (a regular expression whose first group is the name)."""
     out, name, lines = {}, None, []
-    for line in sass.splitlines():
-        m = re.match(r"\s*Function : (\S+)", line)
+    for line in text.splitlines():
+        m = re.match(header, line)
         if m:
             if name is not None:
                 out[name] = "\n".join(lines)
@@ -165,6 +169,11 @@ def split_sass_functions(sass: str) -> dict[str, str]:
     if name is not None:
         out[name] = "\n".join(lines)
     return out
+
+
+def split_sass_functions(sass: str) -> dict[str, str]:
+    """cuobjdump -sass output of a cubin -> {function name: its SASS}."""
+    return _split_functions(sass, r"\s*Function : (\S+)")
 
 
 def parse_ptxas(log: str) -> dict[str, dict]:
@@ -199,14 +208,19 @@ _LINE = re.compile(r'//## File "([^"]+)", line (\d+)')
 _TARGET = re.compile(r"`\((\.L\w+)\)")
 
 
-def sass_loops(disasm: str) -> dict:
+def sass_loops(disasm: str, divergence_returns: bool = True) -> dict:
     """Loops of one function from `nvdisasm -g` text (SASS with the source line of each instruction).
 
     A loop is a backward branch (BRA/BRX to a label at a lower address); its body is the address
     range [label, branch]. Returns {"loops": [{"lines": {file: {line: count}}}], "segments":
     [[loop indices enclosing an instruction, instruction count], ...]}; NOPs are not counted, as in
-    sass_mix, and neither is a branch to itself (the trap after the final EXIT)."""
+    sass_mix, and neither is a branch to itself (the trap after the final EXIT). Each loop's "bar"
+    counts the BAR instructions in its own body. With divergence_returns=False, the jump back from
+    the out-of-line divergent copy of a warp collective (the code a BRA.DIV jumps to, up to its
+    first unguarded BRA) is not a loop: it runs at most once and would otherwise seem to enclose
+    everything in between."""
     labels, instrs = {}, []  # instrs: (address, opcode, operands, (file, line))
+    unguarded: set = set()  # addresses of instructions without a predicate
     where = None
     pending: list[str] = []
     for line in disasm.splitlines():
@@ -225,11 +239,25 @@ def sass_loops(disasm: str) -> dict:
                 labels[name] = addr
             pending = []
             instrs.append((addr, m.group(2), m.group(3), where))
+            if "@" not in line.split("*/", 1)[1].split(m.group(2), 1)[0]:
+                unguarded.add(addr)
     loops = []  # (start address, end address)
+    # The out-of-line divergent copy of a warp collective: code a BRA.DIV jumps to, ending with the
+    # first unguarded BRA back into the kernel. With divergence_returns=False that jump is no loop
+    # (it runs once at most).
+    returns = set()
+    starts = sorted(labels[t.group(1)] for _a, op, rest, _ in instrs if op.startswith("BRA.DIV")
+                    for t in [_TARGET.search(rest)] if t and t.group(1) in labels)
+    for start in starts:
+        end = next((a for a, op, _r, _ in instrs if a >= start and op == "BRA" and a in unguarded), None)
+        if end is not None:
+            returns.add(end)
     for addr, op, rest, _ in instrs:
-        if op.split(".")[0] in ("BRA", "BRX"):
+        if op.split(".")[0] in ("BRA", "BRX") and not op.startswith("BRA.DIV"):
             t = _TARGET.search(rest)
             if t and t.group(1) in labels and labels[t.group(1)] < addr:
+                if not divergence_returns and addr in returns:
+                    continue
                 loops.append((labels[t.group(1)], addr))
     loops = sorted(set(loops))
     info = [{"lines": {}} for _ in loops]
@@ -256,18 +284,7 @@ def barriers_per_step(loops: dict) -> int:
 
 def split_nvdisasm_functions(text: str) -> dict[str, str]:
     """nvdisasm output of a whole cubin -> {mangled function name: its text} (sections `.text.<name>`)."""
-    out, name, lines = {}, None, []
-    for line in text.splitlines():
-        m = re.match(r"\s*\.section\s+\.text\.([\w$.]+)", line)
-        if m:
-            if name is not None:
-                out[name] = "\n".join(lines)
-            name, lines = m.group(1), []
-        elif name is not None:
-            lines.append(line)
-    if name is not None:
-        out[name] = "\n".join(lines)
-    return out
+    return _split_functions(text, r"\s*\.section\s+\.text\.([\w$.]+)")
 
 
 class _Unknown(Exception):
@@ -910,7 +927,7 @@ class Compiler:
         return parse_ptxas(res.stderr + res.stdout)
 
 
-_CUDA_FACTS_VERSION = "2"  # bump when the facts recorded per kernel change (2: barriers per loop step)
+_CUDA_FACTS_VERSION = "4"  # bump when the facts recorded per kernel change (3: barriers per loop step)
 
 
 def cuda_source_facts(src: Path, cc: int, cache_dir: Path) -> list[dict]:
@@ -936,7 +953,8 @@ def cuda_source_facts(src: Path, cc: int, cache_dir: Path) -> list[dict]:
                                                          capture_output=True, text=True).stdout)
     names = _demangle(list(ptxas))
     found = [dict(facts, source=src.name, mangled=mangled, kernel=names[mangled], **sass_mix(sass.get(mangled, "")),
-                  bar_per_step=barriers_per_step(sass_loops(disasm[mangled])) if mangled in disasm else "")
+                  bar_per_step=barriers_per_step(sass_loops(disasm[mangled], divergence_returns=False))
+                  if mangled in disasm else "")
              for mangled, facts in ptxas.items()]
     cached.write_text(json.dumps(found))
     return found
@@ -1160,6 +1178,23 @@ UNIT_MULTIPLIER_EXITS = frozenset({
     "saved_grad_scale_kernel", "channel_wise_kd_kernel", "channel_wise_kd_split_stats_kernel",
     "channel_wise_kd_split_finish_kernel", "pixel_kd_kernel",
 })
+
+
+def _cwd_row_reads(block: tuple, shapes, dtype_name: str, pointers) -> int:
+    """channel_wise_kd_kernel (csrc/channel_wise_kd.cu): with a gradient to write, a row longer than
+    the kCacheItems (8) values of s and t per thread it keeps in registers is read a second time
+    for the gradient; one read otherwise."""
+    import torch  # noqa: PLC0415
+
+    _n, _c, h, w = shapes[0]
+    vec = 16 // torch.empty((), dtype=getattr(torch, dtype_name)).element_size()
+    cached = h * w <= block[0] * vec * max(1, 8 // vec)
+    return 2 if pointers[3][0] != 0 and not cached else 1
+
+
+# Kernels that read their inputs (pointers to const) more than once, by the launch's shape: the
+# reads of each such tensor. Every other launch reads each tensor once.
+INPUT_READS = {"channel_wise_kd_kernel": _cwd_row_reads}
 # Kernels whose grid is sized to the resident slots of the device and that stride over the work
 # (a persistent grid: one wave by design, no tail).
 PERSISTENT_KERNELS = frozenset({"saved_grad_scale_kernel"})
@@ -1181,11 +1216,12 @@ def _cuda_kernel_name(recorded: str, dtype_name: str) -> str:
     return re.sub(r"\bT\b", _CUDA_TYPE[dtype_name], recorded.replace(" ", "")).replace(",", ", ")
 
 
-def cuda_launch_bytes(kernel: str, pointers, storages) -> tuple[int, str]:
+def cuda_launch_bytes(kernel: str, pointers, storages, input_reads: int = 1) -> tuple[int, str]:
     """The bytes one recorded launch moves: every distinct tensor its pointer arguments point into,
-    read or written once in full (the tensor's storage extent), except that a kernel of
-    UNIT_MULTIPLIER_EXITS given a multiplier of exactly 1 moves only that value. storages: (start,
-    end, tensor) of every tensor of the case. Returns (bytes, note)."""
+    read or written once in full (the tensor's storage extent; the tensors it only reads, through
+    pointers to const, input_reads times), except that a kernel of UNIT_MULTIPLIER_EXITS given a
+    multiplier of exactly 1 moves only that value. storages: (start, end, tensor) of every tensor
+    of the case. Returns (bytes, note)."""
     found = []
     for address, _writes in pointers:
         if address == 0:
@@ -1200,11 +1236,13 @@ def cuda_launch_bytes(kernel: str, pointers, storages) -> tuple[int, str]:
         mult = found[-1][2]
         if mult.numel() >= 1 and float(mult.reshape(-1)[0]) == 1.0:
             return mult.element_size(), ""
-    seen = {}
-    for f in found:
+    seen, written = {}, set()
+    for f, (_address, writes) in zip(found, pointers):
         if f is not None:
             seen[f[0]] = f[1] - f[0]
-    return sum(seen.values()), ""
+            if writes:
+                written.add(f[0])
+    return sum(n * (1 if start in written else input_reads) for start, n in seen.items()), ""
 
 
 BULK_FRACTION = 0.05  # a launch moving at least this share of an op's bytes is one of its bulk launches
@@ -1281,7 +1319,10 @@ def capture_cuda_case(op: str, shapes, dtype_name: str, sms: int):
             for phase in ("forward", "backward"):
                 for r in records[phase]:
                     name = _cuda_kernel_name(r["name"], dtype_name)
-                    nbytes, note = cuda_launch_bytes(name, r["pointers"], storages)
+                    reads = INPUT_READS.get(name.split("<")[0])
+                    nbytes, note = cuda_launch_bytes(
+                        name, r["pointers"], storages,
+                        reads(tuple(r["block"]), shapes, dtype_name, r["pointers"]) if reads else 1)
                     if note:
                         notes.append(note)
                     launches.append(CudaLaunch(name, phase, tuple(r["grid"]), tuple(r["block"]), int(r["smem"]),
