@@ -1196,8 +1196,10 @@ def _cwd_row_reads(block: tuple, shapes, dtype_name: str, pointers) -> int:
 # reads of each such tensor. Every other launch reads each tensor once.
 INPUT_READS = {"channel_wise_kd_kernel": _cwd_row_reads}
 # Kernels whose grid is sized to the resident slots of the device and that stride over the work
-# (a persistent grid: one wave by design, no tail).
-PERSISTENT_KERNELS = frozenset({"saved_grad_scale_kernel"})
+# (a persistent grid: one wave by design, no tail); their rows say "persistent" instead of waves
+# when the grid does fit. None of csrc/ today: saved_grad_scale_kernel and attnfd_dots_kernel
+# stride too, but over grids capped at 2 waves / 4,096 blocks, which the waves column shows.
+PERSISTENT_KERNELS: frozenset = frozenset()
 
 
 @dataclass
@@ -1340,8 +1342,13 @@ def cuda_op_rows(ops, dtypes, archs, cache_dir: Path, log=print, shape_set: str 
 
     from . import cases  # noqa: PLC0415
 
+    from .._backends import host_library  # noqa: PLC0415
+
     if _nvcc() is None:
         log("static: nvcc not found, CUDA launches skipped")
+        return []
+    if host_library()[0] is None:
+        log(f"static: CUDA launches skipped: {host_library()[1]}")
         return []
     rows = []
     for arch in archs:
