@@ -186,6 +186,43 @@ __device__ __forceinline__ CwdState block_merge(CwdState st) {
   return r;
 }
 
+// Online statistics of positions [begin, end) of one row (begin, end multiples of V when vec).
+template <typename T>
+__device__ __forceinline__ void accumulate_range(const T* __restrict__ rs, const T* __restrict__ rt, int64_t begin,
+                                                 int64_t end, bool vec, float inv_tau, CwdState& st) {
+  constexpr int V = Vec16<T>::kSize;
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * V;
+  // unrolled so that several 128-bit loads are in flight per thread (long rows are latency-bound)
+#pragma unroll 4
+  for (int64_t base = begin + threadIdx.x * static_cast<int64_t>(V); base < end; base += stride) {
+    float xs[V], xt[V];
+    load_chunk(rs, base, end, vec, xs);
+    load_chunk(rt, base, end, vec, xt);
+    scale_chunk(xs, inv_tau);
+    scale_chunk(xt, inv_tau);
+    st.add(xs, xt, chunk_count(base, end, V));
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void write_grad_range(const T* __restrict__ rs, const T* __restrict__ rt,
+                                                 T* __restrict__ rg,
+                                                 int64_t begin, int64_t end, bool vec, float inv_tau, float lse_s,
+                                                 float lse_t, float grad_scale) {
+  constexpr int V = Vec16<T>::kSize;
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * V;
+#pragma unroll 4
+  for (int64_t base = begin + threadIdx.x * static_cast<int64_t>(V); base < end; base += stride) {
+    float xs[V], xt[V], g[V];
+    load_chunk(rs, base, end, vec, xs);
+    load_chunk(rt, base, end, vec, xt);
+    scale_chunk(xs, inv_tau);
+    scale_chunk(xt, inv_tau);
+    grad_chunk(xs, xt, lse_s, lse_t, grad_scale, g);
+    store_chunk(rg, base, end, vec, g);
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kCwdMaxThreads)
 channel_wise_kd_kernel(const T* __restrict__ s, const T* __restrict__ t, float* __restrict__ row_kl,
@@ -215,16 +252,7 @@ channel_wise_kd_kernel(const T* __restrict__ s, const T* __restrict__ t, float* 
       }
     }
   } else {
-    // unrolled so that several 128-bit loads are in flight per thread (long rows are latency-bound)
-#pragma unroll 4
-    for (int64_t base = threadIdx.x * static_cast<int64_t>(V); base < plane; base += stride) {
-      float xs[V], xt[V];
-      load_chunk(rs, base, plane, vec, xs);
-      load_chunk(rt, base, plane, vec, xt);
-      scale_chunk(xs, inv_tau);
-      scale_chunk(xt, inv_tau);
-      st.add(xs, xt, chunk_count(base, plane, V));
-    }
+    accumulate_range(rs, rt, 0, plane, vec, inv_tau, st);
   }
 
   const CwdState w = block_merge(st);
@@ -243,54 +271,7 @@ channel_wise_kd_kernel(const T* __restrict__ s, const T* __restrict__ t, float* 
       }
     }
   } else {
-#pragma unroll 4
-    for (int64_t base = threadIdx.x * static_cast<int64_t>(V); base < plane; base += stride) {
-      float xs[V], xt[V], g[V];
-      load_chunk(rs, base, plane, vec, xs);
-      load_chunk(rt, base, plane, vec, xt);
-      scale_chunk(xs, inv_tau);
-      scale_chunk(xt, inv_tau);
-      grad_chunk(xs, xt, lse_s, lse_t, grad_scale, g);
-      store_chunk(rg, base, plane, vec, g);
-    }
-  }
-}
-
-// Block-wide merge of the per-thread states; every thread gets the block's state.
-
-// Online statistics of positions [begin, end) of one row (begin, end multiples of V when vec).
-template <typename T>
-__device__ __forceinline__ void accumulate_range(const T* __restrict__ rs, const T* __restrict__ rt, int64_t begin,
-                                                 int64_t end, bool vec, float inv_tau, CwdState& st) {
-  constexpr int V = Vec16<T>::kSize;
-  const int64_t stride = static_cast<int64_t>(blockDim.x) * V;
-#pragma unroll 4
-  for (int64_t base = begin + threadIdx.x * static_cast<int64_t>(V); base < end; base += stride) {
-    float xs[V], xt[V];
-    load_chunk(rs, base, end, vec, xs);
-    load_chunk(rt, base, end, vec, xt);
-    scale_chunk(xs, inv_tau);
-    scale_chunk(xt, inv_tau);
-    st.add(xs, xt, chunk_count(base, end, V));
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ void write_grad_range(const T* __restrict__ rs, const T* __restrict__ rt,
-                                                 T* __restrict__ rg,
-                                                 int64_t begin, int64_t end, bool vec, float inv_tau, float lse_s,
-                                                 float lse_t, float grad_scale) {
-  constexpr int V = Vec16<T>::kSize;
-  const int64_t stride = static_cast<int64_t>(blockDim.x) * V;
-#pragma unroll 4
-  for (int64_t base = begin + threadIdx.x * static_cast<int64_t>(V); base < end; base += stride) {
-    float xs[V], xt[V], g[V];
-    load_chunk(rs, base, end, vec, xs);
-    load_chunk(rt, base, end, vec, xt);
-    scale_chunk(xs, inv_tau);
-    scale_chunk(xt, inv_tau);
-    grad_chunk(xs, xt, lse_s, lse_t, grad_scale, g);
-    store_chunk(rg, base, end, vec, g);
+    write_grad_range(rs, rt, rg, 0, plane, vec, inv_tau, lse_s, lse_t, grad_scale);
   }
 }
 

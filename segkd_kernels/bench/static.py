@@ -837,16 +837,25 @@ def capture_case(op: str, shapes, dtype_name: str, ccs=(90, 80)):
     mode = _torch_ops_mode()
     with _cpu_tensors_for_triton(), _Capture(ccs) as cap:
         inputs = case.make(shapes, dtype, "cpu")
-        with mode:
-            out = case.api(*inputs.tensors, backend="triton", **inputs.kwargs)
-        cap.phase = "backward"
-        outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,))
-                if isinstance(o, torch.Tensor) and o.requires_grad]
-        grads = [torch.ones_like(o) for o in outs]
-        if outs:
-            with mode:
-                torch.autograd.backward(outs, grads)
+        _forward_backward(case, inputs, "triton", mode, lambda: setattr(cap, "phase", "backward"))
     return cap.launches, cap.tensor_bytes, mode.ops
+
+
+def _forward_backward(case, inputs, backend: str, mode, between) -> list:
+    """The case's public call under mode, then between(), then the backward of every output that
+    requires grad with unit upstream gradients (under mode). Returns those gradients."""
+    import torch  # noqa: PLC0415
+
+    with mode:
+        out = case.api(*inputs.tensors, backend=backend, **inputs.kwargs)
+    between()
+    outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,))
+            if isinstance(o, torch.Tensor) and o.requires_grad]
+    grads = [torch.ones_like(o) for o in outs]
+    if outs:
+        with mode:
+            torch.autograd.backward(outs, grads)
+    return grads
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1301,16 +1310,12 @@ def capture_cuda_case(op: str, shapes, dtype_name: str, sms: int):
         with _cpu_tensors_for_triton(), _backends.host_execution(lib):
             inputs = case.make(shapes, dtype, "cpu")
             lib.host_set_record_only(True)
-            with mode:
-                out = case.api(*inputs.tensors, backend="cuda", **inputs.kwargs)
-            records["forward"] = lib.host_records()
-            lib.host_set_record_only(True)
-            outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,))
-                    if isinstance(o, torch.Tensor) and o.requires_grad]
-            grads = [torch.ones_like(o) for o in outs]
-            if outs:
-                with mode:
-                    torch.autograd.backward(outs, grads)
+
+            def forward_done():
+                records["forward"] = lib.host_records()
+                lib.host_set_record_only(True)  # (clears the records)
+
+            grads = _forward_backward(case, inputs, "cuda", mode, forward_done)
             records["backward"] = lib.host_records()
             tensors = list(inputs.tensors) + list(grads) + mode.tensors
             storages = []
