@@ -1,12 +1,13 @@
 """Shared by test_channel_wise_kd.py and test_pixel_kd.py (losses over logits): the textbook softmax
 of their explicit-loop fp64 oracles (Python floats, math.exp / math.log, no torch) and the bad
-inputs both ops must refuse with a one-line error naming the argument."""
+inputs both ops must refuse with a one-line error naming the argument, and the check of a compiled
+call against eager values."""
 
 import math
 
 import torch
 
-from segkd_kernels.testing import make_tensor
+from segkd_kernels.testing import assert_close, make_tensor
 
 
 def softmax_and_log(values, tau):
@@ -45,3 +46,12 @@ def bad_logit_cases(device, student: str, teacher: str, axis: str) -> list:
         ("tau bool", (ok, other), {"tau": True}, "tau"),
         ("tau None", (ok, other), {"tau": None}, "tau"),
     ]
+
+
+def check_compiled_call(fn, s, t, want_loss, want_grad, upstream: float, backend: str, **kwargs) -> None:
+    """fn(s, t, tau=2) on a fresh leaf copy of s: the loss and, for upstream * loss, the gradient."""
+    s2 = s.detach().clone().requires_grad_(True)
+    loss = fn(s2, t, 2.0, backend=backend, **kwargs)
+    (upstream * loss).backward()
+    assert_close(loss.detach(), want_loss)
+    assert_close(s2.grad, upstream * want_grad)

@@ -10,7 +10,7 @@ from segkd_kernels.ops.channel_wise_kd import api as cwd_api
 from segkd_kernels.ops.channel_wise_kd import triton as cwd_triton
 from segkd_kernels.testing import (TOLERANCES, assert_close, channels_last, make_tensor, non_contiguous,
                                    within_error_budget)
-from logit_kd_shared import bad_logit_cases, softmax_and_log
+from logit_kd_shared import bad_logit_cases, check_compiled_call, softmax_and_log
 
 # P = 1 (loss 0), single channel, odd sizes, a long thin map.
 SHAPES = [(1, 1, 1, 1), (1, 3, 5, 7), (2, 7, 1, 1), (3, 1, 3, 13), (2, 3, 5, 7)]
@@ -242,11 +242,7 @@ def test_torch_compile_fullgraph_matches_eager(device):
     want_loss, want_grad = _loss_and_grad(s, t, 2.0)
     torch._dynamo.reset()
     fn = torch.compile(sk.channel_wise_kd, fullgraph=True, backend="aot_eager")
-    s2 = s.detach().clone().requires_grad_(True)
-    loss = fn(s2, t, 2.0, backend="reference")
-    (2.5 * loss).backward()
-    assert_close(loss.detach(), want_loss)
-    assert_close(s2.grad, 2.5 * want_grad)
+    check_compiled_call(fn, s, t, want_loss, want_grad, 2.5, "reference")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,11 +462,7 @@ def test_torch_compile_fullgraph_triton(triton_path, device):
     torch._dynamo.reset()
     fn = torch.compile(sk.channel_wise_kd, fullgraph=True,
                        backend="inductor" if device == "cuda" else "aot_eager")
-    s2 = s.detach().clone().requires_grad_(True)
-    loss = fn(s2, t, 2.0, backend="triton")
-    (0.75 * loss).backward()
-    assert_close(loss.detach(), want_loss)
-    assert_close(s2.grad, 0.75 * want_grad)
+    check_compiled_call(fn, s, t, want_loss, want_grad, 0.75, "triton")
 
 
 # GPU only: the half-precision error budget (docs/backends.md) and a full-resolution row.
