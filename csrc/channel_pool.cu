@@ -11,7 +11,7 @@
 // aligned (as the cbam_gate row kernel).
 // attnfd dots: <s,s>, <t,t>, <s,t> as fp64 per-block partials (the caller sums them in fp64);
 // attnfd backward: ds = alpha * s + beta * t with alpha, beta (fp64, on the device) from the caller.
-// cbam_gate: the gated product M_s * (M_c * x) and its backward (dx, dM_c by row, dM_s by pixel).
+// cbam_gate: the gated product M_s * (M_c * x) and its backward (dx, dM_c and dM_s in one pass over g and x).
 #include "common.cuh"
 
 namespace segkd {
@@ -248,74 +248,133 @@ cbam_gate_forward_kernel(const T* __restrict__ x, const float* __restrict__ mc, 
   }
 }
 
-// Per (n, c) row (blockIdx.x) and split of it (blockIdx.y, plan_row_split): dx = g * M_c * M_s and
-// dM_c[n, c] = sum_p g * x * M_s (in-block reduction; with several splits, per-split partials that
-// combine_splits_kernel adds).
+// The whole cbam_gate backward in one pass over g and x. A block is kGateWarps warps over the same
+// kGateTile pixels of one image (4 consecutive pixels per lane: 128-bit fp32 / 64-bit bf16 accesses
+// where the rows are aligned) and one slice of the channels; warp w takes the slice's channels w,
+// w + kGateWarps, ... For each channel it writes dx = g * M_c * M_s, adds g * x * M_c to its
+// per-pixel dM_s sums (registers, through the whole loop) and reduces g * x * M_s over its pixels
+// inside the warp (shuffles, no barrier) into dM_c's partial for (row, pixel tile). After the loop
+// the warps' dM_s sums are combined once in shared memory (one barrier). Partials of several
+// pixel tiles (dM_c) or channel slices (dM_s) are added by combine_splits_kernel /
+// combine_slices_kernel in tile / slice order (deterministic).
+constexpr int kGateWarps = kThreads / 32;
+constexpr int kGateTile = 32 * 4;
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-cbam_gate_backward_rows_kernel(const T* __restrict__ g, const T* __restrict__ x, const float* __restrict__ mc,
-                               const float* __restrict__ ms, T* __restrict__ dx, float* __restrict__ dmc,
-                               int64_t channels, int64_t plane, int64_t chunk, bool vec) {
-  const int64_t row = blockIdx.x, n = row / channels;
-  const int64_t begin = blockIdx.y * chunk, end = begin + chunk < plane ? begin + chunk : plane;
-  const float gate_c = mc[row];
+cbam_gate_backward_kernel(const T* __restrict__ g, const T* __restrict__ x, const float* __restrict__ mc,
+                          const float* __restrict__ ms, T* __restrict__ dx, float* __restrict__ dmc_part,
+                          float* __restrict__ dms_part, int64_t batch, int channels, int64_t plane, int slice_channels,
+                          bool vec) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t tile = blockIdx.x, tiles = gridDim.x, n = blockIdx.y;
+  const int slice = blockIdx.z;
+  const int64_t p0 = tile * kGateTile + lane * 4LL;
+  const int c_begin = slice * slice_channels;
+  const int c_end = c_begin + slice_channels < channels ? c_begin + slice_channels : channels;
+  float sv[4], acc[4] = {0.f, 0.f, 0.f, 0.f};
   const float* ms_n = ms + n * plane;
-  float acc = 0.f;
-  if (vec) {  // plane % 4 == 0, chunk % 4 == 0 and aligned rows: 4 positions per access
-    for (int64_t p = begin + threadIdx.x * 4LL; p < end; p += blockDim.x * 4LL) {
-      float gv[4], xv[4], out[4];
-      load4(g + row * plane + p, gv);
-      load4(x + row * plane + p, xv);
-      const float4 s4 = __ldg(reinterpret_cast<const float4*>(ms_n + p));
-      const float sv[4] = {s4.x, s4.y, s4.z, s4.w};
-#pragma unroll
-      for (int v = 0; v < 4; ++v) {
-        out[v] = gv[v] * gate_c * sv[v];
-        acc = fmaf(gv[v] * xv[v], sv[v], acc);
-      }
-      store4(dx + row * plane + p, out);
+  if (vec) {  // plane % 4 == 0: a lane's 4 pixels are all inside or all outside the plane
+    if (p0 < plane) {
+      const float4 s4 = __ldg(reinterpret_cast<const float4*>(ms_n + p0));
+      sv[0] = s4.x; sv[1] = s4.y; sv[2] = s4.z; sv[3] = s4.w;
+    } else {
+      sv[0] = sv[1] = sv[2] = sv[3] = 0.f;
     }
   } else {
-    for (int64_t p = begin + threadIdx.x; p < end; p += blockDim.x) {
-      const float gv = to_float(g[row * plane + p]), sv = ms_n[p];
-      dx[row * plane + p] = from_float<T>(gv * gate_c * sv);
-      acc = fmaf(gv * to_float(x[row * plane + p]), sv, acc);
-    }
-  }
-  __shared__ float scratch[32];
-  acc = block_sum(acc, scratch);
-  if (threadIdx.x == 0) dmc[row * gridDim.y + blockIdx.y] = acc;
-}
-
-// Per pixel: dM_s[n, p] = sum_c g * x * M_c, channels split across the block's warps (see
-// channel_pool_forward_kernel), in the order c = w, w + kSplitWarps, ... per warp, then by warp.
-template <typename T>
-__global__ void __launch_bounds__(kSplitThreads)
-cbam_gate_backward_pixels_kernel(const T* __restrict__ g, const T* __restrict__ x, const float* __restrict__ mc,
-                                 float* __restrict__ dms, int64_t batch, int channels, int64_t plane) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int64_t p = blockIdx.x * 32LL + lane;
-  __shared__ float sh[kSplitWarps][32];
-  for (int64_t n = blockIdx.y; n < batch; n += gridDim.y) {
-    float acc = 0.f;
-    if (p < plane) {
-      const int64_t base = n * channels * plane + p;
-      const float* mc_n = mc + n * channels;
-#pragma unroll 4
-      for (int c = warp; c < channels; c += kSplitWarps)
-        acc = fmaf(to_float(g[base + c * plane]) * to_float(x[base + c * plane]), mc_n[c], acc);
-    }
-    if (n != blockIdx.y) __syncthreads();
-    sh[warp][lane] = acc;
-    __syncthreads();
-    if (warp == 0 && p < plane) {
 #pragma unroll
-      for (int w = 1; w < kSplitWarps; ++w) acc += sh[w][lane];
-      dms[n * plane + p] = acc;
+    for (int i = 0; i < 4; ++i) sv[i] = p0 + i < plane ? ms_n[p0 + i] : 0.f;
+  }
+#pragma unroll 2
+  for (int c = c_begin + warp; c < c_end; c += kGateWarps) {
+    const int64_t row = n * channels + c;
+    const float gate_c = mc[row];
+    const T* gr = g + row * plane;
+    const T* xr = x + row * plane;
+    float gv[4] = {0.f, 0.f, 0.f, 0.f}, xv[4] = {0.f, 0.f, 0.f, 0.f}, out[4];
+    if (vec) {
+      if (p0 < plane) {
+        load4(gr + p0, gv);
+        load4(xr + p0, xv);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        if (p0 + i < plane) {
+          gv[i] = to_float(gr[p0 + i]);
+          xv[i] = to_float(xr[p0 + i]);
+        }
+      }
     }
+    float d = 0.f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      out[i] = gv[i] * gate_c * sv[i];
+      const float gx = gv[i] * xv[i];
+      d = fmaf(gx, sv[i], d);
+      acc[i] = fmaf(gx, gate_c, acc[i]);
+    }
+    if (vec) {
+      if (p0 < plane) store4(dx + row * plane + p0, out);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        if (p0 + i < plane) dx[row * plane + p0 + i] = from_float<T>(out[i]);
+    }
+    d = warp_sum(d);
+    if (lane == 0) dmc_part[row * tiles + tile] = d;
+  }
+  __shared__ float sh[kGateWarps][kGateTile];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) sh[warp][lane * 4 + i] = acc[i];
+  __syncthreads();
+  if (threadIdx.x < kGateTile) {
+    const int64_t p = tile * kGateTile + threadIdx.x;
+    float sum = sh[0][threadIdx.x];
+#pragma unroll
+    for (int w = 1; w < kGateWarps; ++w) sum += sh[w][threadIdx.x];
+    if (p < plane) dms_part[(slice * batch + n) * plane + p] = sum;
   }
 }
 
+// out[i] = sum over the slices of partials[s * count + i], in slice order.
+__global__ void __launch_bounds__(kThreads)
+combine_slices_kernel(const float* __restrict__ partials, float* __restrict__ out, int64_t count, int64_t slices) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count; i += step) {
+    float acc = partials[i];
+#pragma unroll 1
+    for (int64_t k = 1; k < slices; ++k) acc += partials[k * count + i];
+    out[i] = acc;
+  }
+}
+
+// The cbam_gate backward's grid: pixel tiles x images x channel slices, the slices as many as it
+// takes for 4 waves of 8 blocks per SM (at most one per kGateWarps channels).
+struct GatePlan {
+  int64_t tiles = 1, slices = 1, slice_channels = 1;
+};
+
+GatePlan plan_gate(int64_t batch, int64_t channels, int64_t plane, int device) {
+  int sms = 0;
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  GatePlan plan;
+  plan.tiles = (plane + kGateTile - 1) / kGateTile;
+  const int64_t target = 4LL * (2048 / kThreads) * sms, base = plan.tiles * batch;
+  int64_t slices = (target + base - 1) / base;
+  const int64_t most = (channels + kGateWarps - 1) / kGateWarps;
+  if (slices > most) slices = most;
+  if (slices < 1) slices = 1;
+  plan.slice_channels = (channels + slices - 1) / slices;
+  plan.slices = (channels + plan.slice_channels - 1) / plan.slice_channels;
+  return plan;
+}
+
+// Workspace floats: dM_c partials per (row, pixel tile) when there are several tiles, dM_s partials
+// per (slice, pixel) when there are several slices.
+int64_t gate_workspace(const GatePlan& plan, int64_t batch, int64_t channels, int64_t plane) {
+  return (plan.tiles > 1 ? batch * channels * plan.tiles : 0) + (plan.slices > 1 ? plan.slices * batch * plane : 0);
+}
 }  // namespace
 
 void channel_pool_forward(std::uintptr_t x, std::uintptr_t gate, std::uintptr_t out, std::uintptr_t argmax,
@@ -434,13 +493,10 @@ void cbam_gate_forward(std::uintptr_t x, std::uintptr_t channel_gate, std::uintp
 }
 
 int64_t cbam_gate_backward_workspace(int64_t batch, int64_t channels, int64_t plane, int device) {
-  const int64_t rows = batch * channels;
-  if (rows <= 0 || plane <= 0) return 0;
+  if (batch <= 0 || channels <= 0 || plane <= 0) return 0;
   DeviceGuard guard(device);
-  const RowSplit plan = plan_channel_rows(rows, plane, device);
-  return plan.splits > 1 ? rows * plan.splits : 0;
+  return gate_workspace(plan_gate(batch, channels, plane, device), batch, channels, plane);
 }
-
 void cbam_gate_backward(std::uintptr_t grad_out, std::uintptr_t x, std::uintptr_t channel_gate,
                         std::uintptr_t spatial_gate, std::uintptr_t dx, std::uintptr_t d_channel_gate,
                         std::uintptr_t d_spatial_gate, std::uintptr_t workspace, int64_t workspace_floats,
@@ -448,37 +504,42 @@ void cbam_gate_backward(std::uintptr_t grad_out, std::uintptr_t x, std::uintptr_
                         std::uintptr_t stream) {
   const int64_t rows = batch * channels;
   if (rows == 0 || plane == 0) return;
-  check_grid_dim(rows, "cbam_gate_backward", "(n, c) rows");
+  if (batch > 65535) throw std::invalid_argument("cbam_gate_backward: batch above 65535");
   if (channels > 2147483647LL) throw std::invalid_argument("cbam_gate_backward: C above 2^31 - 1");
-  check_grid_dim((plane + 31) / 32, "cbam_gate_backward", "positions");
+  check_grid_dim((plane + kGateTile - 1) / kGateTile, "cbam_gate_backward", "positions");
   DeviceGuard guard(device);
-  const RowSplit plan = plan_channel_rows(rows, plane, device);
-  const bool split = plan.splits > 1;
-  if (split && (workspace == 0 || workspace_floats < rows * plan.splits))
+  const GatePlan plan = plan_gate(batch, channels, plane, device);
+  const int64_t need = gate_workspace(plan, batch, channels, plane);
+  if (need > 0 && (workspace == 0 || workspace_floats < need))
     throw std::invalid_argument("cbam_gate_backward: workspace must hold cbam_gate_backward_workspace() floats");
+  auto* dmc = reinterpret_cast<float*>(d_channel_gate);
+  auto* dms = reinterpret_cast<float*>(d_spatial_gate);
+  auto* ws = reinterpret_cast<float*>(workspace);
+  float* dmc_part = plan.tiles > 1 ? ws : dmc;
+  float* dms_part = plan.slices > 1 ? ws + (plan.tiles > 1 ? rows * plan.tiles : 0) : dms;
   dispatch_float_types(dtype, "cbam_gate_backward", [&](auto tag) {
     using T = decltype(tag);
+    // 4 pixels per access: every row start aligned (plane % 4 == 0, 16-byte aligned bases)
     const bool vec = plane % 4 == 0 && aligned16(grad_out) && aligned16(x) && aligned16(spatial_gate) &&
                      aligned16(dx);
-    const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(plan.splits));
-    SEGKD_LAUNCH(grid, kThreads, 0, as_stream(stream), cbam_gate_backward_rows_kernel<T>)(
+    const dim3 grid(static_cast<unsigned>(plan.tiles), static_cast<unsigned>(batch),
+                    static_cast<unsigned>(plan.slices));
+    SEGKD_LAUNCH(grid, kThreads, 0, as_stream(stream), cbam_gate_backward_kernel<T>)(
         reinterpret_cast<const T*>(grad_out), reinterpret_cast<const T*>(x),
         reinterpret_cast<const float*>(channel_gate), reinterpret_cast<const float*>(spatial_gate),
-        reinterpret_cast<T*>(dx), reinterpret_cast<float*>(split ? workspace : d_channel_gate), channels, plane,
-        plan.chunk, vec);
-    check_launch("cbam_gate_backward (rows)");
-    if (split) {
-      SEGKD_LAUNCH(grid_for(rows, kThreads), kThreads, 0, as_stream(stream), combine_splits_kernel)(
-          reinterpret_cast<const float*>(workspace), reinterpret_cast<float*>(d_channel_gate), rows, plan.splits);
-      check_launch("cbam_gate_backward (combine)");
-    }
-    SEGKD_LAUNCH(split_grid(batch, plane), kSplitThreads, 0, as_stream(stream),
-                 cbam_gate_backward_pixels_kernel<T>)(
-        reinterpret_cast<const T*>(grad_out), reinterpret_cast<const T*>(x),
-        reinterpret_cast<const float*>(channel_gate), reinterpret_cast<float*>(d_spatial_gate), batch,
-        static_cast<int>(channels), plane);
+        reinterpret_cast<T*>(dx), dmc_part, dms_part, batch, static_cast<int>(channels), plane,
+        static_cast<int>(plan.slice_channels), vec);
   });
-  check_launch("cbam_gate_backward (pixels)");
+  check_launch("cbam_gate_backward");
+  if (plan.tiles > 1) {
+    SEGKD_LAUNCH(grid_for(rows, kThreads), kThreads, 0, as_stream(stream), combine_splits_kernel)(
+        dmc_part, dmc, rows, plan.tiles);
+    check_launch("cbam_gate_backward (dM_c partials)");
+  }
+  if (plan.slices > 1) {
+    SEGKD_LAUNCH(grid_for(batch * plane, kThreads), kThreads, 0, as_stream(stream), combine_slices_kernel)(
+        dms_part, dms, batch * plane, plan.slices);
+    check_launch("cbam_gate_backward (dM_s partials)");
+  }
 }
-
 }  // namespace segkd

@@ -160,97 +160,7 @@ __device__ __forceinline__ bool gradient_multiplier(const T* __restrict__ grad_m
   return true;
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kCwdMaxThreads)
-channel_wise_kd_kernel(const T* __restrict__ s, const T* __restrict__ t, float* __restrict__ row_kl,
-                       T* __restrict__ grad, int64_t plane, float inv_tau, float grad_scale,
-                       const T* __restrict__ grad_mult, bool vec) {
-  if (!gradient_multiplier(grad_mult, grad_scale)) return;
-  constexpr int V = Vec16<T>::kSize;
-  constexpr int kChunks = kCacheItems / V > 0 ? kCacheItems / V : 1;
-  const int64_t row = blockIdx.x;
-  const T* rs = s + row * plane;
-  const T* rt = t + row * plane;
-  const int64_t stride = static_cast<int64_t>(blockDim.x) * V;
-  const bool cached = grad != nullptr && plane <= stride * kChunks;
-
-  CwdState st;
-  float cs[kChunks][V], ct[kChunks][V];
-  if (cached) {
-#pragma unroll
-    for (int k = 0; k < kChunks; ++k) {
-      const int64_t base = threadIdx.x * static_cast<int64_t>(V) + k * stride;
-      if (base < plane) {
-        load_chunk(rs, base, plane, vec, cs[k]);
-        load_chunk(rt, base, plane, vec, ct[k]);
-        scale_chunk(cs[k], inv_tau);
-        scale_chunk(ct[k], inv_tau);
-        st.add(cs[k], ct[k], chunk_count(base, plane, V));
-      }
-    }
-  } else {
-    // unrolled so that several 128-bit loads are in flight per thread (long rows are latency-bound)
-#pragma unroll 4
-    for (int64_t base = threadIdx.x * static_cast<int64_t>(V); base < plane; base += stride) {
-      float xs[V], xt[V];
-      load_chunk(rs, base, plane, vec, xs);
-      load_chunk(rt, base, plane, vec, xt);
-      scale_chunk(xs, inv_tau);
-      scale_chunk(xt, inv_tau);
-      st.add(xs, xt, chunk_count(base, plane, V));
-    }
-  }
-
-  // Block merge: warps first, then warp 0 merges the per-warp states.
-  __shared__ float sh[5][32];
-  __shared__ float lse_sh[2];
-  st.warp_merge();
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
-  if (lane == 0) {
-    sh[0][warp] = st.s.m; sh[1][warp] = st.s.l; sh[2][warp] = st.t.m; sh[3][warp] = st.t.l; sh[4][warp] = st.acc;
-  }
-  __syncthreads();
-  if (warp == 0) {
-    CwdState w;
-    if (lane < n_warps) {
-      w.s.m = sh[0][lane]; w.s.l = sh[1][lane]; w.t.m = sh[2][lane]; w.t.l = sh[3][lane]; w.acc = sh[4][lane];
-    }
-    w.warp_merge();
-    if (lane == 0) {
-      if (row_kl != nullptr) row_kl[row] = w.kl();
-      lse_sh[0] = w.s.lse();
-      lse_sh[1] = w.t.lse();
-    }
-  }
-  if (grad == nullptr) return;
-  __syncthreads();
-  const float lse_s = lse_sh[0], lse_t = lse_sh[1];
-  T* rg = grad + row * plane;
-  if (cached) {
-#pragma unroll
-    for (int k = 0; k < kChunks; ++k) {
-      const int64_t base = threadIdx.x * static_cast<int64_t>(V) + k * stride;
-      if (base < plane) {
-        float g[V];
-        grad_chunk(cs[k], ct[k], lse_s, lse_t, grad_scale, g);
-        store_chunk(rg, base, plane, vec, g);
-      }
-    }
-  } else {
-#pragma unroll 4
-    for (int64_t base = threadIdx.x * static_cast<int64_t>(V); base < plane; base += stride) {
-      float xs[V], xt[V], g[V];
-      load_chunk(rs, base, plane, vec, xs);
-      load_chunk(rt, base, plane, vec, xt);
-      scale_chunk(xs, inv_tau);
-      scale_chunk(xt, inv_tau);
-      grad_chunk(xs, xt, lse_s, lse_t, grad_scale, g);
-      store_chunk(rg, base, plane, vec, g);
-    }
-  }
-}
-
-// Block-wide merge of the per-thread states; every thread gets the block's state.
+// The block's merged state, in every thread: warps first, then warp 0 merges the per-warp states.
 __device__ __forceinline__ CwdState block_merge(CwdState st) {
   __shared__ float sh[5][32];
   __shared__ float merged[5];
@@ -282,6 +192,7 @@ __device__ __forceinline__ void accumulate_range(const T* __restrict__ rs, const
                                                  int64_t end, bool vec, float inv_tau, CwdState& st) {
   constexpr int V = Vec16<T>::kSize;
   const int64_t stride = static_cast<int64_t>(blockDim.x) * V;
+  // unrolled so that several 128-bit loads are in flight per thread (long rows are latency-bound)
 #pragma unroll 4
   for (int64_t base = begin + threadIdx.x * static_cast<int64_t>(V); base < end; base += stride) {
     float xs[V], xt[V];
@@ -309,6 +220,58 @@ __device__ __forceinline__ void write_grad_range(const T* __restrict__ rs, const
     scale_chunk(xt, inv_tau);
     grad_chunk(xs, xt, lse_s, lse_t, grad_scale, g);
     store_chunk(rg, base, end, vec, g);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kCwdMaxThreads)
+channel_wise_kd_kernel(const T* __restrict__ s, const T* __restrict__ t, float* __restrict__ row_kl,
+                       T* __restrict__ grad, int64_t plane, float inv_tau, float grad_scale,
+                       const T* __restrict__ grad_mult, bool vec) {
+  if (!gradient_multiplier(grad_mult, grad_scale)) return;
+  constexpr int V = Vec16<T>::kSize;
+  constexpr int kChunks = kCacheItems / V > 0 ? kCacheItems / V : 1;
+  const int64_t row = blockIdx.x;
+  const T* rs = s + row * plane;
+  const T* rt = t + row * plane;
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * V;
+  const bool cached = grad != nullptr && plane <= stride * kChunks;
+
+  CwdState st;
+  float cs[kChunks][V], ct[kChunks][V];
+  if (cached) {
+#pragma unroll
+    for (int k = 0; k < kChunks; ++k) {
+      const int64_t base = threadIdx.x * static_cast<int64_t>(V) + k * stride;
+      if (base < plane) {
+        load_chunk(rs, base, plane, vec, cs[k]);
+        load_chunk(rt, base, plane, vec, ct[k]);
+        scale_chunk(cs[k], inv_tau);
+        scale_chunk(ct[k], inv_tau);
+        st.add(cs[k], ct[k], chunk_count(base, plane, V));
+      }
+    }
+  } else {
+    accumulate_range(rs, rt, 0, plane, vec, inv_tau, st);
+  }
+
+  const CwdState w = block_merge(st);
+  if (threadIdx.x == 0 && row_kl != nullptr) row_kl[row] = w.kl();
+  if (grad == nullptr) return;
+  const float lse_s = w.s.lse(), lse_t = w.t.lse();
+  T* rg = grad + row * plane;
+  if (cached) {
+#pragma unroll
+    for (int k = 0; k < kChunks; ++k) {
+      const int64_t base = threadIdx.x * static_cast<int64_t>(V) + k * stride;
+      if (base < plane) {
+        float g[V];
+        grad_chunk(cs[k], ct[k], lse_s, lse_t, grad_scale, g);
+        store_chunk(rg, base, plane, vec, g);
+      }
+    }
+  } else {
+    write_grad_range(rs, rt, rg, 0, plane, vec, inv_tau, lse_s, lse_t, grad_scale);
   }
 }
 

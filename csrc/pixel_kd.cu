@@ -2,9 +2,10 @@
 //
 // One thread per pixel (n, h, w) on a 2-D grid (x: 256-pixel tiles of an image, y: images, looping
 // past the grid's y limit, so no thread divides a flat pixel index); the K classes of a pixel are P elements apart, so consecutive
-// threads read consecutive addresses for every class (coalesced, no permute copy). The thread
-// loops over the classes with an online softmax for s and t, then (optionally) loops again to
-// write the gradient. Up to kRegClasses classes stay in registers between the two loops.
+// threads read consecutive addresses for every class (coalesced, no permute copy). Up to
+// kRegClasses classes stay in registers: the thread takes the maxima of s and t first, then one
+// exp2f per value (base-2 logits), and writes the gradient from the registers. More classes: an
+// online softmax over them, then a second read of the pixel's classes for the gradient.
 // Ignored pixels are never read: their value and gradient are exactly 0 whatever the logits hold.
 //
 //   out[p]  = w_p * KL_p (0 where ignored)                      (if out is given)
@@ -22,6 +23,8 @@ namespace {
 
 constexpr int kPixelThreads = 256;
 constexpr int kRegClasses = 32;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
 
 inline dim3 pixel_grid(int64_t batch, int64_t plane) {
   return dim3(static_cast<unsigned>((plane + kPixelThreads - 1) / kPixelThreads),
@@ -54,6 +57,46 @@ pixel_kd_kernel(const T* __restrict__ s, const T* __restrict__ t, const uint8_t*
     float w = 1.f;
     if (weight != nullptr) w = clamp_weight ? max_nan(weight[g], 0.f) / coef[1] : weight[g];
 
+    const bool in_regs = classes <= kRegClasses;
+    if (in_regs) {
+      // Base-2 logits in registers: the maxima first, then one exp2f per value (no running
+      // rescale, no accurate expf). NaN never becomes a maximum and makes its sum NaN through its
+      // own term; a +inf maximum gives 2^(inf - inf) = NaN, and a row of -inf only 2^(-inf + inf)
+      // = NaN, as the reference's softmax of such rows.
+      const float scale2 = inv_tau * kLog2e;
+      float ra[kRegClasses], rb[kRegClasses];
+      float ms = -INFINITY, mt = -INFINITY;
+#pragma unroll
+      for (int k = 0; k < kRegClasses; ++k) {
+        if (k < classes) {
+          ra[k] = to_float(s[base + k * plane]) * scale2;
+          rb[k] = to_float(t[base + k * plane]) * scale2;
+          ms = ra[k] > ms ? ra[k] : ms;
+          mt = rb[k] > mt ? rb[k] : mt;
+        }
+      }
+      float ls = 0.f, lt = 0.f, acc = 0.f;  // acc: sum 2^(b - mt) (b - a)
+#pragma unroll
+      for (int k = 0; k < kRegClasses; ++k) {
+        if (k < classes) {
+          ls += exp2f(ra[k] - ms);
+          const float e = exp2f(rb[k] - mt);
+          lt += e;
+          acc = fmaf(e, rb[k] - ra[k], acc);
+        }
+      }
+      const float lse_s = ms + log2f(ls), lse_t = mt + log2f(lt);
+      const float kl = w * (kLn2 * (acc / lt - lse_t + lse_s));
+      if (out != nullptr) out[g] = kl;
+      part += kl;
+      if (grad == nullptr) continue;
+      const float c = coef[0] * w * mult;
+#pragma unroll
+      for (int k = 0; k < kRegClasses; ++k)
+        if (k < classes) grad[base + k * plane] = from_float<T>(c * (exp2f(ra[k] - lse_s) - exp2f(rb[k] - lse_t)));
+      continue;
+    }
+    // more classes than registers: an online softmax over the classes, read again for the gradient
     OnlineLse ls, lt;
     float acc = 0.f;
     auto add = [&](float a, float b) {
@@ -69,35 +112,16 @@ pixel_kd_kernel(const T* __restrict__ s, const T* __restrict__ t, const uint8_t*
         acc += e * (b - a);
       }
     };
-    const bool in_regs = classes <= kRegClasses;
-    float ra[kRegClasses], rb[kRegClasses];
-    if (in_regs) {
-#pragma unroll
-      for (int k = 0; k < kRegClasses; ++k) {
-        if (k < classes) {
-          ra[k] = to_float(s[base + k * plane]) * inv_tau;
-          rb[k] = to_float(t[base + k * plane]) * inv_tau;
-          add(ra[k], rb[k]);
-        }
-      }
-    } else {
-      for (int64_t k = 0; k < classes; ++k)
-        add(to_float(s[base + k * plane]) * inv_tau, to_float(t[base + k * plane]) * inv_tau);
-    }
+    for (int64_t k = 0; k < classes; ++k)
+      add(to_float(s[base + k * plane]) * inv_tau, to_float(t[base + k * plane]) * inv_tau);
     const float kl = w * (acc / lt.l - lt.lse() + ls.lse());
     if (out != nullptr) out[g] = kl;
     part += kl;
     if (grad == nullptr) continue;
     const float c = coef[0] * w * mult, lse_s = ls.lse(), lse_t = lt.lse();
-    if (in_regs) {
-#pragma unroll
-      for (int k = 0; k < kRegClasses; ++k)
-        if (k < classes) grad[base + k * plane] = from_float<T>(c * (expf(ra[k] - lse_s) - expf(rb[k] - lse_t)));
-    } else {
-      for (int64_t k = 0; k < classes; ++k) {
-        const float a = to_float(s[base + k * plane]) * inv_tau, b = to_float(t[base + k * plane]) * inv_tau;
-        grad[base + k * plane] = from_float<T>(c * (expf(a - lse_s) - expf(b - lse_t)));
-      }
+    for (int64_t k = 0; k < classes; ++k) {
+      const float a = to_float(s[base + k * plane]) * inv_tau, b = to_float(t[base + k * plane]) * inv_tau;
+      grad[base + k * plane] = from_float<T>(c * (expf(a - lse_s) - expf(b - lse_t)));
     }
   }
   if (partials == nullptr) return;

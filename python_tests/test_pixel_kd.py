@@ -14,6 +14,7 @@ from segkd_kernels.ops.pixel_kd import api as pixel_api
 from segkd_kernels.ops.pixel_kd import triton as pixel_triton
 from segkd_kernels.testing import (TOLERANCES, assert_close, channels_last, make_tensor, non_contiguous,
                                    within_error_budget)
+from logit_kd_shared import bad_logit_cases, check_compiled_call, softmax_and_log
 
 # (N, K, H, W): one pixel, one class (loss 0), odd sizes, a long thin map.
 SHAPES = [(1, 1, 1, 1), (1, 3, 5, 7), (2, 7, 1, 1), (3, 1, 3, 13), (2, 7, 3, 13)]
@@ -24,13 +25,7 @@ TAUS = [0.5, 1.0, 4.0]
 # Oracle: Python floats, one pixel at a time, textbook softmax with math.exp / math.log.
 # ---------------------------------------------------------------------------------------------
 
-def _softmax(values, tau):
-    """(p, log p) of softmax(values / tau), shifted by the max so exp never overflows."""
-    scaled = [v / tau for v in values]
-    top = max(scaled)
-    exps = [math.exp(v - top) for v in scaled]
-    z = sum(exps)
-    return [e / z for e in exps], [v - top - math.log(z) for v in scaled]
+_softmax = softmax_and_log
 
 
 def _pixels(x):
@@ -587,11 +582,7 @@ def test_torch_compile_fullgraph_matches_eager(variant, device):
         kwargs["weight"] = weight
     want_loss, want_grad = _grad(op, s, t, 2.0, **kwargs)
     fn = torch.compile(op, fullgraph=True, backend="aot_eager")
-    s2 = s.detach().clone().requires_grad_(True)
-    loss = fn(s2, t, 2.0, backend="reference", **kwargs)
-    (2.5 * loss).backward()
-    assert_close(loss.detach(), want_loss)
-    assert_close(s2.grad, 2.5 * want_grad)
+    check_compiled_call(fn, s, t, want_loss, want_grad, 2.5, "reference", **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -599,31 +590,7 @@ def test_torch_compile_fullgraph_matches_eager(variant, device):
 # ---------------------------------------------------------------------------------------------
 
 def _bad_logit_cases(device):
-    ok = make_tensor((2, 3, 4, 5), device=device)
-    other = make_tensor((2, 3, 4, 5), device=device, seed=1)
-    return [
-        ("shape mismatch", (ok, make_tensor((2, 3, 4, 6), device=device)), {}, "teacher_logits"),
-        ("class mismatch", (ok, make_tensor((2, 4, 4, 5), device=device)), {}, "teacher_logits"),
-        ("student rank 3", (ok[0], other[0]), {}, "student_logits"),
-        ("teacher rank 5", (ok, other[None]), {}, "teacher_logits"),
-        ("student int", (ok.long(), other), {}, "student_logits"),
-        ("teacher int", (ok, other.to(torch.int32)), {}, "teacher_logits"),
-        ("student bool", (ok > 0, other), {}, "student_logits"),
-        ("student not a tensor", (ok.tolist(), other), {}, "student_logits"),
-        ("teacher on meta", (ok, other.to("meta")), {}, "teacher_logits"),
-        ("student on meta", (ok.to("meta"), other), {}, "teacher_logits.*meta|meta.*teacher_logits"),
-        ("empty batch", (ok[:0], other[:0]), {}, "student_logits"),
-        ("empty spatial", (ok[:, :, :0], other[:, :, :0]), {}, "student_logits"),
-        ("empty classes", (ok[:, :0], other[:, :0]), {}, "student_logits"),
-        ("tau zero", (ok, other), {"tau": 0.0}, "tau"),
-        ("tau int zero", (ok, other), {"tau": 0}, "tau"),
-        ("tau negative", (ok, other), {"tau": -2.0}, "tau"),
-        ("tau nan", (ok, other), {"tau": float("nan")}, "tau"),
-        ("tau inf", (ok, other), {"tau": float("inf")}, "tau"),
-        ("tau string", (ok, other), {"tau": "1"}, "tau"),
-        ("tau bool", (ok, other), {"tau": True}, "tau"),
-        ("tau None", (ok, other), {"tau": None}, "tau"),
-    ]
+    return bad_logit_cases(device, "student_logits", "teacher_logits", "class")
 
 
 def _bad_map_cases(device):
@@ -920,11 +887,7 @@ def test_torch_compile_fullgraph_triton(variant, device):
     op, _, kwargs = _variant(variant, shape, torch.float32, device)
     want_loss, want_grad = _grad(op, s, t, 2.0, backend="reference", **kwargs)
     fn = torch.compile(op, fullgraph=True, backend=compile_backend)
-    s2 = s.detach().clone().requires_grad_(True)
-    loss = fn(s2, t, 2.0, backend="triton", **kwargs)
-    (0.75 * loss).backward()
-    assert_close(loss.detach(), want_loss)
-    assert_close(s2.grad, 0.75 * want_grad)
+    check_compiled_call(fn, s, t, want_loss, want_grad, 0.75, "triton", **kwargs)
 
 
 # GPU only: the half-precision error budget (docs/backends.md) and a full-resolution batch.

@@ -19,6 +19,7 @@ unchanged tree takes seconds.
 from __future__ import annotations
 
 import csv
+import math
 import os
 import shutil
 import subprocess
@@ -111,8 +112,9 @@ def _check(rows_by_arch, *, every_known_seen: bool, kinds=("triton", "cuda")) ->
             assert r["fp_fusion_pinned"] == "True", f"{r['op']} {r['kernel']}: launch does not pass **FP_FUSION"
             assert int(r["ctas_per_sm"]) >= 1, f"{r['op']} {r['kernel']} {arch}: does not fit on an SM"
         # the instruction model: a value per phase that launches Triton kernels, or the reason why not
+        # (CUDA op rows have no instruction model: their launches are recorded, not compiled per plan)
         for r in rows:
-            if r["row"] == "op":
+            if r["row"] == "op" and r["kind"] == "triton":
                 for col in ("instr_per_elem_fwd", "instr_per_elem_bwd"):
                     assert (r[col] != "" and float(r[col]) >= 0) or "no instruction model" in r["note"], \
                         (arch, r["op"], r["shape"], r["dtype"], col, r["note"])
@@ -317,3 +319,196 @@ def test_instruction_model_refuses_data_dependent_trips():
     got, why = static.dynamic_instructions(_model_kernel, static.sass_loops(text),
                                            dict(n=100, C=10, chunk=40, BLOCK=8, BLOCK_K=4, FLAG=False), (3,))
     assert got is None and f":{loop_line} not determined by the launch" in why
+
+
+# ---- the CUDA launches: recorded by the host execution layer, never run ----------------------------
+
+def _host_library():
+    from segkd_kernels._backends import host_library  # noqa: PLC0415
+
+    return host_library()
+
+
+needs_host = pytest.mark.skipif(_host_library()[0] is None, reason=str(_host_library()[1]))
+
+
+def _real_launches(op: str, shapes, dtype_name: str, sms: int) -> tuple[int, int]:
+    """(launches, blocks) of op's forward + unit backward actually run through the host layer."""
+    import torch  # noqa: PLC0415
+
+    from segkd_kernels import _backends  # noqa: PLC0415
+    from segkd_kernels.bench import cases  # noqa: PLC0415
+
+    lib = _host_library()[0]
+    case = cases.CASES[op]
+    with _backends.host_execution(lib):
+        lib.host_reset()
+        lib.host_set_attribute("multiprocessor_count", sms)
+        torch.manual_seed(0)
+        inputs = case.make(shapes, getattr(torch, dtype_name), "cpu")
+        out = case.api(*inputs.tensors, backend="cuda", **inputs.kwargs)
+        outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if o.requires_grad]
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+        stats = lib.host_stats()
+        lib.host_reset()
+    return stats["launches"], stats["blocks"]
+
+
+@needs_host
+@pytest.mark.parametrize("op", static.CUDA_OPS)
+def test_recorded_launches_are_the_launches_that_run(op):
+    """The dry run records exactly the launches a real run makes (count and blocks), at a small shape
+    and with the SM counts of both report archs (the launchers size grids from it)."""
+    from segkd_kernels.bench import cases  # noqa: PLC0415
+
+    shapes = cases.CASES[op].quick_shapes[0]
+    for sms in (132, 3):
+        launches, _ops, notes = static.capture_cuda_case(op, shapes, "float32", sms)
+        assert not notes, notes
+        ran, blocks = _real_launches(op, shapes, "float32", sms)
+        assert len(launches) == ran, (op, sms, [ln.kernel for ln in launches])
+        assert sum(math.prod(ln.grid) for ln in launches) == blocks, (op, sms)
+
+
+@needs_host
+def test_recording_runs_nothing_and_maps_pointers_to_tensors():
+    import torch  # noqa: PLC0415
+
+    import segkd_kernels as sk  # noqa: PLC0415
+    from segkd_kernels import _backends  # noqa: PLC0415
+
+    lib = _host_library()[0]
+    x = torch.randn(2, 6, 9, 13)
+    with _backends.host_execution(lib):
+        lib.host_reset()
+        lib.host_set_record_only(True)
+        sk.spatial_pool(x, backend="cuda")
+        records = lib.host_records()
+        stats = lib.host_stats()
+        lib.host_reset()
+    assert records and all(r["name"].startswith("spatial_pool_") for r in records)
+    # every launch counted and recorded, no block of any ran
+    assert stats["launches"] == len(records) and stats["blocks"] == 0
+    # the forward kernel reads x (const) and writes elsewhere (non-const)
+    first = records[0]
+    addresses = dict(first["pointers"])
+    assert addresses.get(x.data_ptr()) is False
+    assert any(w for _a, w in first["pointers"])
+
+
+def test_cuda_launch_bytes_model():
+    import torch  # noqa: PLC0415
+
+    a, b, one, two = torch.empty(100), torch.empty(50, dtype=torch.bfloat16), torch.ones(()), torch.full((), 2.0)
+    storages = [(t.data_ptr(), t.data_ptr() + t.untyped_storage().nbytes(), t) for t in (a, b, one, two)]
+    # every distinct tensor once, a pointer inside a tensor counts that tensor, null pointers nothing
+    got, note = static.cuda_launch_bytes("k<float>", [(a.data_ptr(), False), (a.data_ptr() + 40, True),
+                                                      (b.data_ptr(), True), (0, False)], storages)
+    assert (got, note) == (400 + 100, "")
+    # a unit-multiplier kernel given exactly 1 moves that value only; given 2, everything
+    ptrs = [(a.data_ptr(), False), (b.data_ptr(), True)]
+    assert static.cuda_launch_bytes("pixel_kd_kernel<float>", ptrs + [(one.data_ptr(), False)], storages)[0] == 4
+    assert static.cuda_launch_bytes("pixel_kd_kernel<float>", ptrs + [(two.data_ptr(), False)], storages)[0] == 504
+    # a pointer in no tensor is reported, not guessed
+    got, note = static.cuda_launch_bytes("k<float>", [(8, False)], storages)
+    assert got == 0 and "in no tensor" in note
+
+
+def test_barriers_per_step_counts_the_loop_body_only():
+    text = _disasm([
+        (None, [(1, "BAR.SYNC.DEFER_BLOCKING 0x0")]),                                   # before any loop
+        (".L_x_0", [(2, "LDG.E R0, desc[UR4][R2.64]"), (2, "BAR.SYNC.DEFER_BLOCKING 0x0"),
+                    (2, "BAR.SYNC.DEFER_BLOCKING 0x0"), (2, "@P0 BRA `(.L_x_0)")]),       # 2 per trip
+        (".L_x_1", [(3, "BAR.SYNC.DEFER_BLOCKING 0x0"), (3, "@P1 BRA `(.L_x_1)")]),      # 1 per trip
+        (None, [(4, "EXIT")]),
+    ])
+    assert static.barriers_per_step(static.sass_loops(text)) == 2
+    # a warp collective's divergent fallback: BRA.DIV out, then back to the next instruction
+    # across a barrier, which is no loop step
+    text = _disasm([
+        (None, [(1, "BRA.DIV UR4, `(.L_x_9)"), (1, "SHFL.BFLY PT, R0, R1, 0x1, 0x1f")]),
+        (".L_x_8", [(1, "FADD R0, R0, R1"), (2, "BAR.SYNC.DEFER_BLOCKING 0x0"), (2, "EXIT")]),
+        (".L_x_9", [(1, "WARPSYNC 0xffffffff"), (1, "@P0 BRA `(.L_x_10)")]),
+        (".L_x_10", [(1, "SHFL.BFLY PT, R0, R1, 0x1, 0x1f"), (1, "BRA `(.L_x_8)")]),
+    ])
+    assert static.barriers_per_step(static.sass_loops(text)) == 1
+    assert static.barriers_per_step(static.sass_loops(text, divergence_returns=False)) == 0
+    assert static.barriers_per_step(static.sass_loops(_disasm([(None, [(1, "BAR.SYNC 0x0"), (1, "EXIT")])]))) == 0
+
+
+def test_op_summary_waves_of_bulk_launches():
+    rows = [dict(bytes_model=900, waves=2.5, bar_per_step=1, spill_stores=0, spill_loads=0),
+            dict(bytes_model=90, waves=3.0, bar_per_step=2, spill_stores=0, spill_loads=4),
+            dict(bytes_model=10, waves=0.01, bar_per_step=0, spill_stores=0, spill_loads=0)]
+    got = static.op_summary(rows, 1000)
+    # the 10-byte finishing launch (1%) is not a bulk launch; barriers and spills count every launch
+    assert got == dict(waves=2.5, bar_per_step=2, spill_stores=0, spill_loads=4)
+    assert static.op_summary([dict(bytes_model=5, waves="persistent")], 5)["waves"] == "persistent"
+
+
+# The CUDA op rows that fall short of the report's targets today, with the measure that does:
+# (op, shape, dtype, arch, measure). The gate fails on a new shortfall and on a listed one that is
+# met, so the list can only shrink.
+KNOWN_CUDA_SHORTFALLS = {
+    # 5 tensor passes where the floor is 3 (1.67 x): split rows read s and t again in the finish
+    # kernel, and rows longer than the register cache in channel_wise_kd_kernel read them twice
+    # (docs/performance.md, CUDA launches)
+    ("channel_wise_kd", shape, dtype, arch, "bytes")
+    for shape in ("8x19x128x256", "8x19x512x1024", "8x256x64x128")
+    for dtype in ("float32", "bfloat16") for arch in ("sm_90", "sm_80")
+}
+# The targets: bytes within 10% of the inherent floor, at least 2 waves in every bulk launch (or a
+# persistent grid), no spills, at most 2 barriers in one trip of any loop.
+CUDA_TARGETS = dict(model_over_floor=1.10, waves=2.0, bar_per_step=2)
+
+
+def _cuda_shortfalls(rows_by_arch) -> set:
+    out = set()
+    for arch, rows in rows_by_arch.items():
+        for r in rows:
+            if r["row"] != "op" or r["kind"] != "cuda":
+                continue
+            key = (r["op"], r["shape"], r["dtype"], arch)
+            if float(r["model_over_floor"]) > CUDA_TARGETS["model_over_floor"]:
+                out.add(key + ("bytes",))
+            if r["waves"] != "persistent" and float(r["waves"]) < CUDA_TARGETS["waves"]:
+                out.add(key + ("waves",))
+            if int(r["spill_stores"] or 0) + int(r["spill_loads"] or 0):
+                out.add(key + ("spills",))
+            if int(r["bar_per_step"]) > CUDA_TARGETS["bar_per_step"]:
+                out.add(key + ("barriers",))
+    return out
+
+
+def test_committed_cuda_op_rows_meet_the_targets():
+    """Every memory-bound op, fp32 and bf16, both archs, at every benchmark shape has a CUDA op row,
+    and each meets the targets except the entries of KNOWN_CUDA_SHORTFALLS."""
+    from segkd_kernels.bench import cases  # noqa: PLC0415
+
+    rows = {}
+    for arch in static.ARCHS:
+        with open(REPO / "benchmarks" / "results" / f"static_{arch.replace('_', '')}.csv", newline="") as fh:
+            rows[arch] = list(csv.DictReader(fh))
+        have = {(r["op"], r["shape"], r["dtype"]) for r in rows[arch] if r["row"] == "op" and r["kind"] == "cuda"}
+        want = {(op, cases.shape_label(s), d) for op in static.CUDA_OPS for s in cases.CASES[op].shapes
+                for d in static.DTYPE_NAMES}
+        assert want <= have, (arch, sorted(want - have))
+    found = _cuda_shortfalls(rows)
+    assert not sorted(found - KNOWN_CUDA_SHORTFALLS), f"new shortfalls: {sorted(found - KNOWN_CUDA_SHORTFALLS)}"
+    assert not sorted(KNOWN_CUDA_SHORTFALLS - found), \
+        f"met now, delete from KNOWN_CUDA_SHORTFALLS: {sorted(KNOWN_CUDA_SHORTFALLS - found)}"
+
+
+def test_cuda_second_reads_of_long_rows():
+    import torch  # noqa: PLC0415
+
+    s, t, kl, g = (torch.empty(64) for _ in range(4))
+    storages = [(x.data_ptr(), x.data_ptr() + 256, x) for x in (s, t, kl, g)]
+    ptrs = [(s.data_ptr(), False), (t.data_ptr(), False), (kl.data_ptr(), True), (g.data_ptr(), True), (0, False)]
+    # a 64 x 128 fp32 row on 256 threads: 4 values x 2 chunks each = 2048 cached, 8192 needs a second read
+    assert static._cwd_row_reads((256, 1, 1), [(8, 2, 64, 128)], "float32", ptrs) == 2
+    assert static._cwd_row_reads((256, 1, 1), [(8, 2, 32, 64)], "float32", ptrs) == 1
+    # no gradient to write: one pass
+    assert static._cwd_row_reads((256, 1, 1), [(8, 2, 64, 128)], "float32", ptrs[:3] + [(0, True), (0, False)]) == 1
+    # the reads apply to the inputs only
+    assert static.cuda_launch_bytes("channel_wise_kd_kernel<float>", ptrs, storages, 2)[0] == 2 * 512 + 512

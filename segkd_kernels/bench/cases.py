@@ -151,13 +151,7 @@ def _eager_ssim_valid(s, t, window_size=SSIM_WINDOW, sigma=1.5, data_range=1.0):
         z = F.conv2d(z, g.view(1, 1, 1, -1).expand(c, 1, 1, window_size), groups=c)
         return F.conv2d(z, g.view(1, 1, -1, 1).expand(c, 1, window_size, 1), groups=c)
 
-    mu_x, mu_y = filt(s), filt(y)
-    var_x = filt(s * s) - mu_x**2
-    var_y = filt(y * y) - mu_y**2
-    cov = filt(s * y) - mu_x * mu_y
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    ssim_map = (2 * mu_x * mu_y + c1) * (2 * cov + c2) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2) + 1e-12)
-    return torch.clamp((1 - ssim_map) / 2, 0, 1).mean()
+    return eager.ssim_dissimilarity(filt, s, y, data_range)
 
 
 def _peer_pytorch_msssim():

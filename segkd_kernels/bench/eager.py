@@ -22,23 +22,23 @@ def channel_wise_kd(s, t, tau=4.0):
     return torch.sum(p_t * log_p_t - p_t * log_p_s) * tau**2 / (n * c)
 
 
-def pixel_kd(s, t, tau=1.0):
-    """CIRKD CriterionKD: permute to (N*H*W, K) rows, batchmean KL, times tau^2."""
+def _pixel_rows(s, t, tau):
+    """(log softmax(s / tau), softmax(t / tau)) over (N*H*W, K) rows, permuted as the toolboxes do."""
     k = s.shape[1]
     s_rows = s.permute(0, 2, 3, 1).contiguous().view(-1, k)
     t_rows = t.permute(0, 2, 3, 1).contiguous().view(-1, k)
-    log_p_s = F.log_softmax(s_rows / tau, dim=1)
-    p_t = F.softmax(t_rows / tau, dim=1)
+    return F.log_softmax(s_rows / tau, dim=1), F.softmax(t_rows / tau, dim=1)
+
+
+def pixel_kd(s, t, tau=1.0):
+    """CIRKD CriterionKD: permute to (N*H*W, K) rows, batchmean KL, times tau^2."""
+    log_p_s, p_t = _pixel_rows(s, t, tau)
     return F.kl_div(log_p_s, p_t, reduction="batchmean") * tau**2
 
 
 def pfs_pixel_kd(s, t, tau=1.0):
     """Gap-weighted pixel KD as a research repo writes it: per-pixel KL twice, weights from the first."""
-    k = s.shape[1]
-    s_rows = s.permute(0, 2, 3, 1).contiguous().view(-1, k)
-    t_rows = t.permute(0, 2, 3, 1).contiguous().view(-1, k)
-    log_p_s = F.log_softmax(s_rows / tau, dim=1)
-    p_t = F.softmax(t_rows / tau, dim=1)
+    log_p_s, p_t = _pixel_rows(s, t, tau)
     kl = F.kl_div(log_p_s, p_t, reduction="none").sum(1)
     gap = kl.detach()
     weight = gap / gap.mean().clamp_min(1e-12)
@@ -94,6 +94,11 @@ def ssim_kd(s, t, window_size=11, sigma=1.5, data_range=1.0):
     def filt(z):
         return F.conv2d(F.pad(z, [pad] * 4, mode="reflect"), kernel, groups=c)
 
+    return ssim_dissimilarity(filt, x, y, data_range)
+
+
+def ssim_dissimilarity(filt, x, y, data_range):
+    """mean of clamp((1 - SSIM) / 2, 0, 1) with local statistics from the window filter filt."""
     mu_x, mu_y = filt(x), filt(y)
     var_x = filt(x * x) - mu_x**2
     var_y = filt(y * y) - mu_y**2

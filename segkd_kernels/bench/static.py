@@ -7,7 +7,10 @@ num_stages, grid) is recorded exactly as Triton's own launcher would bind it for
 distinct launch is then compiled ahead of time for sm_90 and sm_80 (`triton.compile` with a
 GPUTarget) and read back: registers, spill bytes and stack from ptxas, shared memory from the
 kernel's metadata, the SASS instruction mix from cuobjdump. The CUDA kernels of csrc/ are compiled
-with `nvcc -cubin -Xptxas -v` for the same archs where nvcc exists.
+with `nvcc -cubin -Xptxas -v` for the same archs where nvcc exists, and the CUDA backend of the
+memory-bound ops (CUDA_OPS) runs through the host execution layer in its recording mode: the real
+launchers pick their grids for each arch's SM count and every launch is recorded, not run, with
+its pointer arguments, which give the CUDA op rows their bytes model (docs/performance.md).
 
 Instructions per element (columns instr_per_elem on kernel rows, instr_per_elem_fwd / _bwd on op
 rows) is a model of the dynamic thread-instructions a launch executes, divided by the number of
@@ -71,7 +74,7 @@ COLUMNS = [
     "row", "arch", "kind", "op", "shape", "dtype", "phase", "kernel", "launches", "constexprs", "num_warps",
     "num_stages", "grid", "ctas", "regs", "spill_stores", "spill_loads", "stack", "smem", "ctas_per_sm",
     "warps_per_sm", "occupancy", "waves", "sass_total", "ldg_narrow", "ldg32", "ldg64", "ldg128", "stg", "ffma",
-    "hmma", "gmma", "dmma", "mufu", "bar", "ldl", "stl", "bytes_model", "bytes_floor", "model_over_floor",
+    "hmma", "gmma", "dmma", "mufu", "bar", "bar_per_step", "ldl", "stl", "block", "bytes_model", "bytes_floor", "model_over_floor",
     "kernel_launches", "torch_ops", "fp_fusion_pinned", "instr_per_elem", "instr_per_elem_fwd", "instr_per_elem_bwd",
     "note",
 ]
@@ -151,11 +154,12 @@ def sass_mix(sass: str) -> dict[str, int]:
     return mix
 
 
-def split_sass_functions(sass: str) -> dict[str, str]:
-    """cuobjdump -sass output of a cubin -> {function name: its SASS}."""
+def _split_functions(text: str, header: str) -> dict[str, str]:
+    """{function name: its lines} of a disassembly whose functions start at lines matching header
+    (a regular expression whose first group is the name)."""
     out, name, lines = {}, None, []
-    for line in sass.splitlines():
-        m = re.match(r"\s*Function : (\S+)", line)
+    for line in text.splitlines():
+        m = re.match(header, line)
         if m:
             if name is not None:
                 out[name] = "\n".join(lines)
@@ -165,6 +169,11 @@ def split_sass_functions(sass: str) -> dict[str, str]:
     if name is not None:
         out[name] = "\n".join(lines)
     return out
+
+
+def split_sass_functions(sass: str) -> dict[str, str]:
+    """cuobjdump -sass output of a cubin -> {function name: its SASS}."""
+    return _split_functions(sass, r"\s*Function : (\S+)")
 
 
 def parse_ptxas(log: str) -> dict[str, dict]:
@@ -199,14 +208,19 @@ _LINE = re.compile(r'//## File "([^"]+)", line (\d+)')
 _TARGET = re.compile(r"`\((\.L\w+)\)")
 
 
-def sass_loops(disasm: str) -> dict:
+def sass_loops(disasm: str, divergence_returns: bool = True) -> dict:
     """Loops of one function from `nvdisasm -g` text (SASS with the source line of each instruction).
 
     A loop is a backward branch (BRA/BRX to a label at a lower address); its body is the address
     range [label, branch]. Returns {"loops": [{"lines": {file: {line: count}}}], "segments":
     [[loop indices enclosing an instruction, instruction count], ...]}; NOPs are not counted, as in
-    sass_mix, and neither is a branch to itself (the trap after the final EXIT)."""
+    sass_mix, and neither is a branch to itself (the trap after the final EXIT). Each loop's "bar"
+    counts the BAR instructions in its own body. With divergence_returns=False, the jump back from
+    the out-of-line divergent copy of a warp collective (the code a BRA.DIV jumps to, up to its
+    first unguarded BRA) is not a loop: it runs at most once and would otherwise seem to enclose
+    everything in between."""
     labels, instrs = {}, []  # instrs: (address, opcode, operands, (file, line))
+    unguarded: set = set()  # addresses of instructions without a predicate
     where = None
     pending: list[str] = []
     for line in disasm.splitlines():
@@ -225,11 +239,25 @@ def sass_loops(disasm: str) -> dict:
                 labels[name] = addr
             pending = []
             instrs.append((addr, m.group(2), m.group(3), where))
+            if "@" not in line.split("*/", 1)[1].split(m.group(2), 1)[0]:
+                unguarded.add(addr)
     loops = []  # (start address, end address)
+    # The out-of-line divergent copy of a warp collective: code a BRA.DIV jumps to, ending with the
+    # first unguarded BRA back into the kernel. With divergence_returns=False that jump is no loop
+    # (it runs once at most).
+    returns = set()
+    starts = sorted(labels[t.group(1)] for _a, op, rest, _ in instrs if op.startswith("BRA.DIV")
+                    for t in [_TARGET.search(rest)] if t and t.group(1) in labels)
+    for start in starts:
+        end = next((a for a, op, _r, _ in instrs if a >= start and op == "BRA" and a in unguarded), None)
+        if end is not None:
+            returns.add(end)
     for addr, op, rest, _ in instrs:
-        if op.split(".")[0] in ("BRA", "BRX"):
+        if op.split(".")[0] in ("BRA", "BRX") and not op.startswith("BRA.DIV"):
             t = _TARGET.search(rest)
             if t and t.group(1) in labels and labels[t.group(1)] < addr:
+                if not divergence_returns and addr in returns:
+                    continue
                 loops.append((labels[t.group(1)], addr))
     loops = sorted(set(loops))
     info = [{"lines": {}} for _ in loops]
@@ -239,10 +267,24 @@ def sass_loops(disasm: str) -> dict:
             continue
         chain = tuple(i for i, (a, b) in enumerate(loops) if a <= addr <= b)
         segments[chain] = segments.get(chain, 0) + 1
+        if chain and op.split(".")[0] == "BAR":
+            info[chain[-1]]["bar"] = info[chain[-1]].get("bar", 0) + 1
         if chain and where is not None:
             lines = info[chain[-1]]["lines"].setdefault(where[0], {})
             lines[str(where[1])] = lines.get(str(where[1]), 0) + 1
     return {"loops": info, "segments": [[list(c), n] for c, n in sorted(segments.items())]}
+
+
+def barriers_per_step(loops: dict) -> int:
+    """Most BAR instructions one trip of any loop executes in its own body (not in loops nested in
+    it): the barriers per loop step. A barrier outside every loop (a block reduction after the main
+    loop) runs once per program and is not counted."""
+    return max((lp.get("bar", 0) for lp in loops.get("loops", [])), default=0)
+
+
+def split_nvdisasm_functions(text: str) -> dict[str, str]:
+    """nvdisasm output of a whole cubin -> {mangled function name: its text} (sections `.text.<name>`)."""
+    return _split_functions(text, r"\s*\.section\s+\.text\.([\w$.]+)")
 
 
 class _Unknown(Exception):
@@ -716,7 +758,7 @@ _NO_KERNEL = frozenset({
 })
 
 
-def _torch_ops_mode():
+def _torch_ops_mode(keep_tensors: bool = False):
     """A dispatch mode that lists the aten ops a wrapper runs besides its Triton launches (each one is
     a kernel launch on a GPU). Ops on host scalars made with torch.tensor(python number) are not
     counted: on a GPU they stay on the host. Custom ops run their Python body under the mode, so
@@ -732,6 +774,9 @@ def _torch_ops_mode():
             super().__init__()
             self.ops: list[str] = []
             self.host = weakref.WeakSet()
+            # keep_tensors: every tensor an op makes, held (so no address is reused) for the CUDA
+            # bytes model, which maps the launches' pointers to them
+            self.tensors: list = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
@@ -740,6 +785,9 @@ def _torch_ops_mode():
                 with self:
                     return OPDEFS[qual]._init_fn(*args, **kwargs)
             out = func(*args, **kwargs)
+            if keep_tensors:
+                self.tensors += [o for o in (out if isinstance(out, (tuple, list)) else (out,))
+                                 if isinstance(o, torch.Tensor)]
             name = qual.split("::")[-1]
             tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
             if name in ("lift_fresh", "lift_fresh_copy", "scalar_tensor") or (
@@ -789,16 +837,25 @@ def capture_case(op: str, shapes, dtype_name: str, ccs=(90, 80)):
     mode = _torch_ops_mode()
     with _cpu_tensors_for_triton(), _Capture(ccs) as cap:
         inputs = case.make(shapes, dtype, "cpu")
-        with mode:
-            out = case.api(*inputs.tensors, backend="triton", **inputs.kwargs)
-        cap.phase = "backward"
-        outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,))
-                if isinstance(o, torch.Tensor) and o.requires_grad]
-        grads = [torch.ones_like(o) for o in outs]
-        if outs:
-            with mode:
-                torch.autograd.backward(outs, grads)
+        _forward_backward(case, inputs, "triton", mode, lambda: setattr(cap, "phase", "backward"))
     return cap.launches, cap.tensor_bytes, mode.ops
+
+
+def _forward_backward(case, inputs, backend: str, mode, between) -> list:
+    """The case's public call under mode, then between(), then the backward of every output that
+    requires grad with unit upstream gradients (under mode). Returns those gradients."""
+    import torch  # noqa: PLC0415
+
+    with mode:
+        out = case.api(*inputs.tensors, backend=backend, **inputs.kwargs)
+    between()
+    outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,))
+            if isinstance(o, torch.Tensor) and o.requires_grad]
+    grads = [torch.ones_like(o) for o in outs]
+    if outs:
+        with mode:
+            torch.autograd.backward(outs, grads)
+    return grads
 
 
 # ----------------------------------------------------------------------------------------------
@@ -879,12 +936,15 @@ class Compiler:
         return parse_ptxas(res.stderr + res.stdout)
 
 
+_CUDA_FACTS_VERSION = "4"  # bump when the facts recorded per kernel change (3: barriers per loop step)
+
+
 def cuda_source_facts(src: Path, cc: int, cache_dir: Path) -> list[dict]:
     """Registers, spills, stack and shared memory of every kernel in one csrc/ source for cc
     (nvcc -cubin -Xptxas -v), with the SASS mix; cached by the source, common.cuh, cc and nvcc."""
     nvcc = _nvcc()
     text = src.read_bytes() + (REPO / "csrc" / "common.cuh").read_bytes()
-    key = hashlib.sha256(text + f"{cc}{nvcc}".encode()).hexdigest()[:24]
+    key = hashlib.sha256(text + f"{cc}{nvcc}{_CUDA_FACTS_VERSION}".encode()).hexdigest()[:24]
     cached = Path(cache_dir) / "facts" / f"cuda_{src.stem}_{key}.json"
     if cached.exists():
         return json.loads(cached.read_text())
@@ -898,8 +958,12 @@ def cuda_source_facts(src: Path, cc: int, cache_dir: Path) -> list[dict]:
         ptxas = parse_ptxas(res.stderr + res.stdout)
         sass = split_sass_functions(subprocess.run([_triton_bin("cuobjdump"), "-sass", str(cubin)],
                                                    capture_output=True, text=True).stdout)
+        disasm = split_nvdisasm_functions(subprocess.run([_triton_bin("nvdisasm"), "-c", str(cubin)],
+                                                         capture_output=True, text=True).stdout)
     names = _demangle(list(ptxas))
-    found = [dict(facts, source=src.name, mangled=mangled, kernel=names[mangled], **sass_mix(sass.get(mangled, "")))
+    found = [dict(facts, source=src.name, mangled=mangled, kernel=names[mangled], **sass_mix(sass.get(mangled, "")),
+                  bar_per_step=barriers_per_step(sass_loops(disasm[mangled], divergence_returns=False))
+                  if mangled in disasm else "")
              for mangled, facts in ptxas.items()]
     cached.write_text(json.dumps(found))
     return found
@@ -1109,6 +1173,243 @@ def cuda_rows(archs, cache_dir: Path, log=print) -> list[dict]:
     return rows
 
 
+# ----------------------------------------------------------------------------------------------
+# CUDA launches: the real launchers of csrc/, run by the host execution layer in its recording mode
+
+# The ops whose CUDA launches the report records (the memory-bound ops with a cuda backend).
+CUDA_OPS = ("channel_wise_kd", "pixel_kd", "pfs_pixel_kd", "spatial_pool", "channel_pool", "cbam_gate", "attnfd_loss")
+# How csrc/ spells each dtype in a kernel's template argument (nvcc's demangled names).
+_CUDA_TYPE = {"float32": "float", "bfloat16": "__nv_bfloat16", "float16": "__half"}
+# Kernels whose last pointer argument is the backward's upstream-gradient multiplier: every thread
+# reads it first and returns when it is exactly 1 (the saved gradient is then the answer already).
+# With the report's unit upstream gradient such a launch moves that one value and nothing else.
+UNIT_MULTIPLIER_EXITS = frozenset({
+    "saved_grad_scale_kernel", "channel_wise_kd_kernel", "channel_wise_kd_split_stats_kernel",
+    "channel_wise_kd_split_finish_kernel", "pixel_kd_kernel",
+})
+
+
+def _cwd_row_reads(block: tuple, shapes, dtype_name: str, pointers) -> int:
+    """channel_wise_kd_kernel (csrc/channel_wise_kd.cu): with a gradient to write, a row longer than
+    the kCacheItems (8) values of s and t per thread it keeps in registers is read a second time
+    for the gradient; one read otherwise."""
+    import torch  # noqa: PLC0415
+
+    _n, _c, h, w = shapes[0]
+    vec = 16 // torch.empty((), dtype=getattr(torch, dtype_name)).element_size()
+    cached = h * w <= block[0] * vec * max(1, 8 // vec)
+    return 2 if pointers[3][0] != 0 and not cached else 1
+
+
+# Kernels that read their inputs (pointers to const) more than once, by the launch's shape: the
+# reads of each such tensor. Every other launch reads each tensor once.
+INPUT_READS = {"channel_wise_kd_kernel": _cwd_row_reads}
+# Kernels whose grid is sized to the resident slots of the device and that stride over the work
+# (a persistent grid: one wave by design, no tail); their rows say "persistent" instead of waves
+# when the grid does fit. None of csrc/ today: saved_grad_scale_kernel and attnfd_dots_kernel
+# stride too, but over grids capped at 2 waves / 4,096 blocks, which the waves column shows.
+PERSISTENT_KERNELS: frozenset = frozenset()
+
+
+@dataclass
+class CudaLaunch:
+    kernel: str          # the kernel as nvcc names it, e.g. pixel_kd_kernel<float>
+    phase: str
+    grid: tuple
+    block: tuple
+    smem: int            # dynamic shared memory
+    bytes: int           # bytes the launch moves (the model, see cuda_launch_bytes)
+    note: str = ""
+
+
+def _cuda_kernel_name(recorded: str, dtype_name: str) -> str:
+    """SEGKD_LAUNCH's spelling (kernel<T>) -> the instantiation's name for the case's dtype."""
+    return re.sub(r"\bT\b", _CUDA_TYPE[dtype_name], recorded.replace(" ", "")).replace(",", ", ")
+
+
+def cuda_launch_bytes(kernel: str, pointers, storages, input_reads: int = 1) -> tuple[int, str]:
+    """The bytes one recorded launch moves: every distinct tensor its pointer arguments point into,
+    read or written once in full (the tensor's storage extent; the tensors it only reads, through
+    pointers to const, input_reads times), except that a kernel of UNIT_MULTIPLIER_EXITS given a
+    multiplier of exactly 1 moves only that value. storages: (start, end, tensor) of every tensor
+    of the case. Returns (bytes, note)."""
+    found = []
+    for address, _writes in pointers:
+        if address == 0:
+            found.append(None)
+            continue
+        hit = [(a, b, t) for a, b, t in storages if a <= address < b]
+        if not hit:
+            return 0, f"{kernel}: pointer {address:#x} is in no tensor of the case"
+        found.append(hit[-1])
+    base = kernel.split("<")[0]
+    if base in UNIT_MULTIPLIER_EXITS and found and found[-1] is not None:
+        mult = found[-1][2]
+        if mult.numel() >= 1 and float(mult.reshape(-1)[0]) == 1.0:
+            return mult.element_size(), ""
+    seen, written = {}, set()
+    for f, (_address, writes) in zip(found, pointers):
+        if f is not None:
+            seen[f[0]] = f[1] - f[0]
+            if writes:
+                written.add(f[0])
+    return sum(n * (1 if start in written else input_reads) for start, n in seen.items()), ""
+
+
+BULK_FRACTION = 0.05  # a launch moving at least this share of an op's bytes is one of its bulk launches
+
+
+def op_summary(kernel_rows: list[dict], model: int) -> dict:
+    """An op row's grid facts from its kernel rows: waves = the fewest waves of a bulk launch (one
+    that moves at least BULK_FRACTION of the op's modelled bytes; finishing launches over a few
+    KiB of partial sums are left out), "persistent" where every bulk launch is; bar_per_step = the
+    most of any launch; spills summed over them."""
+    bulk = [r for r in kernel_rows if model and int(r.get("bytes_model") or 0) >= BULK_FRACTION * model]
+    waves = [r["waves"] for r in bulk if r.get("waves", "") != ""]
+    numeric = [float(w) for w in waves if w != "persistent"]
+    bars = [int(r["bar_per_step"]) for r in kernel_rows if str(r.get("bar_per_step", "")) != ""]
+    return dict(
+        waves=min(numeric) if numeric else ("persistent" if waves else ""),
+        bar_per_step=max(bars) if bars else "",
+        spill_stores=sum(int(r.get("spill_stores") or 0) for r in kernel_rows),
+        spill_loads=sum(int(r.get("spill_loads") or 0) for r in kernel_rows))
+
+
+def capture_cuda_case(op: str, shapes, dtype_name: str, sms: int):
+    """Run op's public API with backend='cuda' through the host execution layer in its recording
+    mode, forward then backward (unit upstream gradient), with the device's SM count: every launch
+    the real launchers make is recorded (name, grid, block, dynamic smem, pointer arguments) and
+    none runs. Returns (launches, names of the other torch ops, notes)."""
+    import torch  # noqa: PLC0415
+
+    from .. import _backends  # noqa: PLC0415
+    from . import cases  # noqa: PLC0415
+
+    lib, why = _backends.host_library()
+    if lib is None:
+        raise RuntimeError(why)
+    case = cases.CASES[op]
+    dtype = getattr(torch, dtype_name)
+    from ..ops import _saved_grad  # noqa: PLC0415
+    from torch.utils._python_dispatch import _disable_current_modes  # noqa: PLC0415
+
+    mode = _torch_ops_mode(keep_tensors=True)
+    launches, notes, records = [], [], {}
+    lib.host_reset()
+    lib.host_set_attribute("multiprocessor_count", sms)
+    traced = _saved_grad._traced
+
+    def traced_besides_the_observer(ds):
+        # the op-listing mode only watches: the backward must take its untraced path (the
+        # in-place kernels), as it does in a training step
+        with _disable_current_modes():
+            return traced(ds)
+
+    _saved_grad._traced = traced_besides_the_observer
+    try:
+        with _cpu_tensors_for_triton(), _backends.host_execution(lib):
+            inputs = case.make(shapes, dtype, "cpu")
+            lib.host_set_record_only(True)
+
+            def forward_done():
+                records["forward"] = lib.host_records()
+                lib.host_set_record_only(True)  # (clears the records)
+
+            grads = _forward_backward(case, inputs, "cuda", mode, forward_done)
+            records["backward"] = lib.host_records()
+            tensors = list(inputs.tensors) + list(grads) + mode.tensors
+            storages = []
+            for t in tensors:
+                st = t.untyped_storage()
+                if st.nbytes():
+                    storages.append((st.data_ptr(), st.data_ptr() + st.nbytes(), t))
+            for phase in ("forward", "backward"):
+                for r in records[phase]:
+                    name = _cuda_kernel_name(r["name"], dtype_name)
+                    reads = INPUT_READS.get(name.split("<")[0])
+                    nbytes, note = cuda_launch_bytes(
+                        name, r["pointers"], storages,
+                        reads(tuple(r["block"]), shapes, dtype_name, r["pointers"]) if reads else 1)
+                    if note:
+                        notes.append(note)
+                    launches.append(CudaLaunch(name, phase, tuple(r["grid"]), tuple(r["block"]), int(r["smem"]),
+                                               nbytes, note))
+    finally:
+        _saved_grad._traced = traced
+        lib.host_reset()
+    return launches, mode.ops, notes
+
+
+def cuda_op_rows(ops, dtypes, archs, cache_dir: Path, log=print, shape_set: str = "bench") -> list[dict]:
+    """Kernel rows (grid, block, occupancy, waves, barriers per loop step) and one op row (bytes model
+    next to the inherent floor, launches) per op x shape x dtype x arch for the CUDA backend."""
+    import torch  # noqa: PLC0415
+
+    from . import cases  # noqa: PLC0415
+
+    from .._backends import host_library  # noqa: PLC0415
+
+    if _nvcc() is None:
+        log("static: nvcc not found, CUDA launches skipped")
+        return []
+    if host_library()[0] is None:
+        log(f"static: CUDA launches skipped: {host_library()[1]}")
+        return []
+    rows = []
+    for arch in archs:
+        cc, sms, _ = ARCHS[arch]
+        facts = {}
+        for f in cuda_kernel_facts(cc, cache_dir):
+            facts[short_kernel_name(f["kernel"]).replace(" ", "")] = f
+        for op in ops:
+            if op not in CUDA_OPS:
+                continue
+            case = cases.CASES[op]
+            for shapes in shapes_for(case, shape_set):
+                label = cases.shape_label(shapes)
+                for dtype_name in dtypes:
+                    launches, torch_ops, notes = capture_cuda_case(op, shapes, dtype_name, sms)
+                    floor = case.bytes(shapes, getattr(torch, dtype_name), "full") if case.bytes else ""
+                    groups: dict = {}
+                    for ln in launches:
+                        groups.setdefault((ln.phase, ln.kernel, ln.grid, ln.block, ln.smem), []).append(ln)
+                    for (phase, kernel, grid, block, smem), members in groups.items():
+                        f = facts.get(kernel.replace(" ", ""))
+                        threads = math.prod(block)
+                        base = dict(row="kernel", arch=arch, kind="cuda", op=op, shape=label, dtype=dtype_name,
+                                    phase=phase, kernel=kernel, launches=len(members), grid="x".join(map(str, grid)),
+                                    ctas=math.prod(grid), block="x".join(map(str, block)),
+                                    num_warps=-(-threads // 32), bytes_model=sum(m.bytes for m in members))
+                        if f is None:
+                            rows.append(dict(base, note=f"no ptxas facts for {kernel}"))
+                            continue
+                        per_sm, warps, occ = occupancy(cc, f["regs"], f["smem"] + smem, base["num_warps"])
+                        slots = per_sm * sms
+                        waves = base["ctas"] / slots if slots else float("inf")
+                        persistent = kernel.split("<")[0] in PERSISTENT_KERNELS and base["ctas"] <= slots
+                        rows.append(dict(
+                            base, regs=f["regs"], spill_stores=f["spill_stores"], spill_loads=f["spill_loads"],
+                            stack=f["stack"], smem=f["smem"] + smem, ctas_per_sm=per_sm, warps_per_sm=warps,
+                            occupancy=round(occ, 3), waves="persistent" if persistent else round(waves, 2),
+                            bar_per_step=f.get("bar_per_step", ""), **{k: f[k] for k in sass_mix("")},
+                            note=f"{f['source']}; bytes_model: the launches' tensors, each read or written once"))
+                    model = sum(ln.bytes for ln in launches)
+                    mine = [r for r in rows if r["row"] == "kernel" and r["arch"] == arch and r["op"] == op
+                            and r["shape"] == label and r["dtype"] == dtype_name]
+                    rows.append(dict(
+                        row="op", arch=arch, kind="cuda", op=op, shape=label, dtype=dtype_name, phase="full",
+                        kernel="(all launches)", launches=len(launches), bytes_model=model, bytes_floor=floor,
+                        model_over_floor=round(model / floor, 3) if floor else "", **op_summary(mine, model),
+                        kernel_launches=len(launches) + len(torch_ops), torch_ops=len(torch_ops),
+                        note="torch ops: " + (" ".join(torch_ops) or "none")
+                             + "; bytes_model: every tensor a CUDA launch points into, read or written once "
+                               "(a launch that returns on a unit upstream gradient: that one value)"
+                             + "".join(f"; {n}" for n in notes)))
+                    log(f"static: cuda {arch} {op:<16}{label:<22}{dtype_name:<9}{len(launches):>3} launches, "
+                        f"model / floor {rows[-1]['model_over_floor']}")
+    return rows
+
+
 def write_csv(rows, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fh:
@@ -1119,16 +1420,26 @@ def write_csv(rows, path: Path) -> None:
 
 
 def run_static(ops, dtypes=DTYPE_NAMES, archs=tuple(ARCHS), out_dir: Path = DEFAULT_CSV, cache_dir: Path | None = None,
-               cuda: bool = True, log=print, shape_set: str = "bench") -> dict[str, Path]:
-    """Capture, compile and write static_<arch>.csv per arch; returns {arch: path}."""
+               cuda: bool = True, log=print, shape_set: str = "bench", triton: bool = True) -> dict[str, Path]:
+    """Capture, compile and write static_<arch>.csv per arch; returns {arch: path}. triton=False
+    recomputes only the CUDA rows and keeps the Triton rows of the CSVs already in out_dir."""
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     cache_dir = Path(cache_dir or out_dir / ".static_cache")
     cache_dir.mkdir(parents=True, exist_ok=True)
     os.environ["TRITON_CACHE_DIR"] = str(cache_dir / "triton")
-    rows = static_rows(ops, dtypes, archs, cache_dir, log, shape_set)
+    if triton:
+        rows = static_rows(ops, dtypes, archs, cache_dir, log, shape_set)
+    else:
+        rows = []
+        for arch in archs:
+            old = out_dir / f"static_{arch.replace('_', '')}.csv"
+            if old.exists():
+                with open(old, newline="") as fh:
+                    rows += [r for r in csv.DictReader(fh) if r["kind"] == "triton"]
     if cuda:
         rows += cuda_rows(archs, cache_dir, log)
+        rows += cuda_op_rows(ops, dtypes, archs, cache_dir, log, shape_set)
     paths = {}
     for arch in archs:
         paths[arch] = out_dir / f"static_{arch.replace('_', '')}.csv"
@@ -1152,10 +1463,12 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--no-cuda", action="store_true")
     p.add_argument("--shapes", choices=SHAPE_SETS, default="bench")
+    p.add_argument("--cuda-only", action="store_true",
+                   help="recompute only the CUDA rows, keeping the Triton rows of the CSVs in --out-dir")
     a = p.parse_args(argv)
     run_static([o for o in a.ops.split(",") if o], [d for d in a.dtypes.split(",") if d],
                [x for x in a.archs.split(",") if x], a.out_dir, a.cache_dir, cuda=not a.no_cuda,
-               shape_set=a.shapes)
+               shape_set=a.shapes, triton=not a.cuda_only)
     return 0
 
 

@@ -64,12 +64,32 @@ def _instr(v) -> str:
     return f"{v:.0f}" if v >= 10 else f"{v:.1f}"
 
 
+def cuda_op_table(rows90: list[dict], rows80: list[dict]) -> list[str]:
+    """One line per (op, shape, dtype) of the CUDA backend: launches, bytes model / inherent floor,
+    the fewest waves of a bulk launch and the most barriers per loop step, sm_90 / sm_80."""
+    out = ["| op | shape | dtype | CUDA launches | other torch ops | bytes model (MB) | floor (MB) | model / floor | "
+           "waves sm_90 / sm_80 | barriers per loop step | spill B |", "|" + "---|" * 11]
+    o80 = {(r["op"], r["shape"], r["dtype"]): r for r in rows80 if r["row"] == "op" and r["kind"] == "cuda"}
+    for r in rows90:
+        if r["row"] != "op" or r["kind"] != "cuda":
+            continue
+        o = o80.get((r["op"], r["shape"], r["dtype"]))
+        spill = int(r["spill_stores"] or 0) + int(r["spill_loads"] or 0)
+        if o:
+            spill += int(o["spill_stores"] or 0) + int(o["spill_loads"] or 0)
+        out.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['launches']} | {r['torch_ops']} | "
+                   f"{int(r['bytes_model']) / 1e6:.1f} | {int(r['bytes_floor']) / 1e6:.1f} | {r['model_over_floor']} | "
+                   f"{r['waves']} / {o['waves'] if o else '-'} | {_pair(r['bar_per_step'], o['bar_per_step'] if o else '-')} | "
+                   f"{spill} |")
+    return out
+
+
 def op_table(rows: list[dict]) -> list[str]:
     out = ["| op | shape | dtype | Triton launches | other torch ops | bytes model (MB) | floor (MB) | model / floor | "
            "instr/elem fwd | instr/elem bwd |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if r["row"] == "op":
+        if r["row"] == "op" and r["kind"] == "triton":
             out.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['launches']} | {r['torch_ops']} | "
                        f"{int(r['bytes_model']) / 1e6:.1f} | {int(r['bytes_floor']) / 1e6:.1f} | {r['model_over_floor']} | "
                        f"{_instr(r.get('instr_per_elem_fwd'))} | {_instr(r.get('instr_per_elem_bwd'))} |")
@@ -78,9 +98,9 @@ def op_table(rows: list[dict]) -> list[str]:
 
 def cuda_table(rows90: list[dict], rows80: list[dict]) -> list[str]:
     out = ["| source | kernel | regs sm_90 / sm_80 | spill B sm_90 / sm_80 | smem B sm_90 / sm_80 |", "|---|---|---|---|---|"]
-    k80 = {(r["op"], r["kernel"]): r for r in rows80 if r["kind"] == "cuda"}
+    k80 = {(r["op"], r["kernel"]): r for r in rows80 if r["kind"] == "cuda" and r["row"] == "kernel" and not r["dtype"]}
     for r in rows90:
-        if r["kind"] != "cuda":
+        if r["kind"] != "cuda" or r["row"] != "kernel" or r["dtype"]:  # per-source rows (dtype "")
             continue
         o = k80.get((r["op"], r["kernel"]))
         name = r["kernel"] if len(r["kernel"]) < 90 else r["kernel"][:87] + "..."
@@ -103,6 +123,15 @@ def render(sm90: Path, sm80: Path) -> str:
     cuda = cuda_table(r90, r80)
     if len(cuda) > 2:
         parts += ["CUDA kernels (nvcc -Xptxas -v; block sizes are chosen by the host code):", "", *cuda, ""]
+    cuda_ops = cuda_op_table(r90, r80)
+    if len(cuda_ops) > 2:
+        parts += ["Per op (CUDA backend, forward + backward with a unit upstream gradient): every launch the "
+                  "real launchers make at the benchmark shapes, recorded by the host execution layer without "
+                  "running (grid sized for 132 / 108 SMs), the bytes model (every tensor a launch points into, "
+                  "read or written once; a launch that returns on a unit upstream gradient moves that value) "
+                  "next to the inherent floor, the fewest waves of a launch that moves at least 5% of the "
+                  "bytes, and the most barriers in one trip of any SASS loop (`a / b`: sm_90 / sm_80 where "
+                  "they differ); the per-launch grids are in the CSVs' cuda kernel rows:", "", *cuda_ops, ""]
     parts.append(END)
     return "\n".join(parts)
 

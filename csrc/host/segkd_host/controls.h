@@ -46,8 +46,10 @@ inline void bind_controls(pybind11::module_& m) {
     std::lock_guard<std::recursive_mutex> lock(state().mutex);
     state().poison = true;
     state().stats = Stats{};
+    state().record_only = false;
+    state().records.clear();
     state().sticky_error = state().last_error = cudaSuccess;
-  }, "Default attributes, poisoning on, counters and pending errors cleared.");
+  }, "Default attributes, poisoning on, recording off, counters and pending errors cleared.");
   m.def("host_set_poison", [](bool on) { state().poison = on; }, py::arg("on"),
         "Fill shared memory with 0xff bytes at every block start (default on).");
   m.def("host_stats", [] {
@@ -60,6 +62,27 @@ inline void bind_controls(pybind11::module_& m) {
     d["collectives"] = s.collectives;
     return d;
   }, "Counters since host_reset: launches, blocks, threads, barriers, warp collectives.");
+  m.def("host_set_record_only", [](bool on) {
+    std::lock_guard<std::recursive_mutex> lock(state().mutex);
+    state().record_only = on;
+    state().records.clear();
+  }, py::arg("on"), "Record launches (name, grid, block, dynamic smem, pointer arguments) instead of running them.");
+  m.def("host_records", [] {
+    std::lock_guard<std::recursive_mutex> lock(state().mutex);
+    py::list out;
+    for (const LaunchRecord& r : state().records) {
+      py::dict d;
+      d["name"] = r.name;
+      d["grid"] = py::make_tuple(r.grid.x, r.grid.y, r.grid.z);
+      d["block"] = py::make_tuple(r.block.x, r.block.y, r.block.z);
+      d["smem"] = r.smem;
+      py::list ptrs;
+      for (const PointerArg& p : r.pointers) ptrs.append(py::make_tuple(p.address, p.writes));
+      d["pointers"] = ptrs;
+      out.append(d);
+    }
+    return out;
+  }, "The launches recorded since host_set_record_only(True), in order.");
   m.def("host_attribute_names", [] {
     py::list l;
     for (const auto& kv : attribute_names()) l.append(kv.first);

@@ -48,6 +48,7 @@
 #include <random>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -256,6 +257,21 @@ struct Stats {
   uint64_t launches = 0, blocks = 0, threads = 0, barriers = 0, collectives = 0;
 };
 
+// Launch recording (the static report's dry run): with State::record_only set, a launch that
+// passes the configuration checks is appended to State::records instead of running. A pointer
+// argument is kept with its address and whether the kernel may write through it (a pointer to
+// non-const); the report maps each address to the tensor that holds it.
+struct PointerArg {
+  std::uintptr_t address = 0;
+  bool writes = false;
+};
+struct LaunchRecord {
+  std::string name;
+  dim3 grid, block;
+  size_t smem = 0;
+  std::vector<PointerArg> pointers;
+};
+
 struct State {
   std::recursive_mutex mutex;
   DeviceProps props;
@@ -269,6 +285,9 @@ struct State {
   bool poison = true;
   size_t stack_bytes = 0;
   Stats stats;
+  bool record_only = false;
+  std::vector<LaunchRecord> records;
+  std::vector<PointerArg> pending_pointers;  // the pointer arguments of the launch being made
 
   // the running block
   dim3 grid, block, block_idx;
@@ -701,6 +720,11 @@ inline void launch(const void* kernel, const char* name, dim3 grid, dim3 block, 
     return;
   }
   ++g.stats.launches;
+  if (g.record_only) {
+    g.records.push_back(LaunchRecord{name, grid, block, smem, std::move(g.pending_pointers)});
+    g.pending_pointers.clear();
+    return;
+  }
   g.grid = grid;
   g.block = block;
   g.body = body;
@@ -740,6 +764,12 @@ inline void launch(const void* kernel, const char* name, dim3 grid, dim3 block, 
   g.dynamic_smem.shrink_to_fit();
 }
 
+template <typename V> void note_pointer(std::vector<PointerArg>& out, const V& v) {
+  if constexpr (std::is_pointer_v<V>) {
+    out.push_back(PointerArg{reinterpret_cast<std::uintptr_t>(v), !std::is_const_v<std::remove_pointer_t<V>>});
+  }
+}
+
 template <typename... P> struct Launch {
   void (*fn)(P...);
   dim3 grid, block;
@@ -753,6 +783,9 @@ template <typename... P> struct Launch {
       void (*fn)(P...);
       std::tuple<std::decay_t<P>...> args;
     } ctx{fn, std::tuple<std::decay_t<P>...>(static_cast<std::decay_t<P>>(std::forward<A>(a))...)};
+    State& g = state();
+    g.pending_pointers.clear();
+    if (g.record_only) std::apply([&g](const auto&... v) { (note_pointer(g.pending_pointers, v), ...); }, ctx.args);
     launch(reinterpret_cast<const void*>(fn), name, grid, block, smem,
            [](void* c) {
              auto* x = static_cast<Ctx*>(c);

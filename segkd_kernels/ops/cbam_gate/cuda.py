@@ -60,11 +60,12 @@ def cbam_gate_backward_cuda(grad_out: torch.Tensor, x: torch.Tensor, channel_gat
     g = grad_out if grad_out.dtype == x.dtype else grad_out.to(x.dtype)
     g = g.contiguous()
     dx = torch.empty_like(xc)
-    # every element is written unless there is no pixel or no channel (then the sums are 0)
+    # the kernels write every value of both gate gradients; with no element to read (C or H*W 0)
+    # nothing runs and the sums over the empty axis are 0
     alloc = torch.empty_like if n * c * h * w else torch.zeros_like
     dmc = alloc(channel_gate, dtype=torch.float32, memory_format=torch.contiguous_format)
     dms = alloc(spatial_gate, dtype=torch.float32, memory_format=torch.contiguous_format)
-    # rows split over blocks (too few rows for two waves): per-split dM_c partials, fp32
+    # per-pixel-tile dM_c partials and per-channel-slice dM_s partials (fp32) where there are several
     floats = lib.cbam_gate_backward_workspace(n, c, h * w, args["device"])
     ws = torch.empty(floats, dtype=torch.float32, device=x.device) if floats else None
     lib.cbam_gate_backward(g.data_ptr(), xc.data_ptr(), mc.data_ptr(), ms.data_ptr(), dx.data_ptr(), dmc.data_ptr(),
