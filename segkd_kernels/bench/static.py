@@ -344,7 +344,8 @@ def _parsed(fn):
     return _PARSED[key]
 
 
-def loop_trips(fn, env: _Env, trips: dict | None = None, spans: dict | None = None, depth: int = 0):
+def loop_trips(fn, env: _Env, trips: dict | None = None, spans: dict | None = None, depth: int = 0,
+               calls: dict | None = None):
     """Trip counts of the loops of kernel fn (and of the @triton.jit helpers it calls, inlined at
     each call) for one program: ({(file, line of a for): [(trips, enclosing loop) at each visit]},
     {(file, line): (first line, last line, function)}); trips None for a loop whose bounds the
@@ -353,7 +354,10 @@ def loop_trips(fn, env: _Env, trips: dict | None = None, spans: dict | None = No
 
     Range bounds are evaluated from the launch's scalar arguments and constexprs and the program
     id of `env`; scalar assignments are followed in order (one that cannot be evaluated makes its
-    name unknown), and the loop variables of enclosing loops take their first value."""
+    name unknown), and the loop variables of enclosing loops take their first value.
+
+    `calls`, when given, collects {loop: {(file, first line, last line) of each helper called in
+    it}}: the lines of an inlined helper belong to the loop of its call site (see _helper_lines)."""
     import ast  # noqa: PLC0415
 
     from triton.runtime.jit import JITFunction  # noqa: PLC0415
@@ -362,7 +366,7 @@ def loop_trips(fn, env: _Env, trips: dict | None = None, spans: dict | None = No
     spans = {} if spans is None else spans
     func, path, first = _parsed(fn)
     for node in ast.walk(func):
-        if isinstance(node, (ast.For, ast.While)):
+        if isinstance(node, (ast.For, ast.While)) and not _static_range(node):
             spans[(path, node.lineno + first - 1)] = (node.lineno + first - 1, node.end_lineno + first - 1, id(fn))
 
     def helper_calls(node, env):
@@ -373,7 +377,10 @@ def loop_trips(fn, env: _Env, trips: dict | None = None, spans: dict | None = No
             if isinstance(call, ast.Call) and isinstance(call.func, ast.Name):
                 callee = fn.fn.__globals__.get(call.func.id)
                 if isinstance(callee, JITFunction):
-                    cfunc = _parsed(callee)[0]
+                    cfunc, cpath, cfirst = _parsed(callee)
+                    if calls is not None and env.loop is not None:
+                        calls.setdefault(env.loop, set()).add(
+                            (cpath, cfunc.lineno + cfirst - 1, cfunc.end_lineno + cfirst - 1))
                     names = [a.arg for a in cfunc.args.args]
                     inner = _Env({}, env.pid, env.grid)
                     inner.used_pid, inner.loop = env.used_pid, env.loop
@@ -382,7 +389,7 @@ def loop_trips(fn, env: _Env, trips: dict | None = None, spans: dict | None = No
                             inner[name] = _eval(arg, env)
                         except (_Unknown, ZeroDivisionError, IndexError, TypeError):
                             pass
-                    loop_trips(callee, inner, trips, spans, depth + 1)
+                    loop_trips(callee, inner, trips, spans, depth + 1, calls)
 
     def walk(stmts, env):
         for st in stmts:
@@ -395,7 +402,7 @@ def loop_trips(fn, env: _Env, trips: dict | None = None, spans: dict | None = No
             elif isinstance(st, ast.For):
                 key = (path, st.lineno + first - 1)
                 inner = env.child()
-                inner.loop = key
+                inner.loop = env.loop if _static_range(st) else key  # an unrolled loop is no SASS loop
                 it = st.iter
                 try:
                     called = it.func if isinstance(it, ast.Call) else None
@@ -440,6 +447,30 @@ def loop_trips(fn, env: _Env, trips: dict | None = None, spans: dict | None = No
     return trips, spans
 
 
+# -- unrolled loops and inlined helpers -------------------------------------------------------
+# A `tl.static_range` loop is unrolled by the compiler: it is never a SASS loop, so it is no
+# candidate when SASS loops are matched to source loops. A kernel whose loop body is mostly
+# inlined helper code (a row walk unrolled over helpers) has SASS loops whose source lines lie in
+# the helpers, outside the span of the loop that calls them: those lines count as inside the loop.
+
+
+def _static_range(node) -> bool:
+    """A `for ... in tl.static_range(...)` (unrolled at compile time)."""
+    it = getattr(node, "iter", None)
+    f = getattr(it, "func", None)
+    return (getattr(f, "attr", None) or getattr(f, "id", None)) == "static_range"
+
+
+def _helper_lines(key, spans: dict, calls: dict) -> set:
+    """(file, first, last) of the helpers called inside source loop `key` or a loop it encloses."""
+    lo, hi, owner = spans[key]
+    out = set()
+    for k, ranges in calls.items():
+        if k in spans and k[0] == key[0] and spans[k][2] == owner and lo <= spans[k][0] <= hi:
+            out |= ranges
+    return out
+
+
 def _ancestor(parent: dict, j: int, i: int) -> bool:
     """SASS loop i encloses SASS loop j."""
     p = parent.get(j)
@@ -475,7 +506,8 @@ def dynamic_instructions(fn, loops: dict, values: dict, grid: tuple) -> tuple[fl
     g = tuple(grid) + (1,) * (3 - len(grid))
     base = {k: v for k, v in values.items() if isinstance(v, (int, float))}
     env = _Env(base, (0, 0, 0), g)
-    trips, spans = loop_trips(fn, env)
+    calls: dict = {}
+    trips, spans = loop_trips(fn, env, calls=calls)
     pids = _program_ids(g) if env.used_pid[0] else [(0, 0, 0)]
     size = [0] * len(loops["loops"])
     parent: dict = {}
@@ -512,6 +544,8 @@ def dynamic_instructions(fn, loops: dict, values: dict, grid: tuple) -> tuple[fl
             if children and (fallback is None or width < spans[fallback][1] - spans[fallback][0]):
                 fallback = key
             inside = sum(n for k, n in by_file.get(key[0], {}).items() if lo <= int(k) <= hi)
+            inside += sum(n for f, flo, fhi in _helper_lines(key, spans, calls)
+                          for k, n in by_file.get(f, {}).items() if flo <= int(k) <= fhi and not lo <= int(k) <= hi)
             if total and inside * 2 >= total and (best is None or width < spans[best][1] - spans[best][0]):
                 best = key
         best = best or fallback
