@@ -71,6 +71,29 @@ def _taps(window: int, sigma: float, device) -> torch.Tensor:
     return _TAPS[key]
 
 
+def _row_table(h: int, window: int, sigma: float, device) -> torch.Tensor:
+    """(h, window) fp32: entry [p, k] weights map row p - R + k in the backward's vertical adjoint
+    of input row p under reflect padding (the taps, plus the taps of the padded rows -p and
+    2 (h - 1) - p that reflect onto p; fp32 sums in the order of _weight). Made once per
+    (h, window, sigma, device), like the taps."""
+    key = ("rows", h, window, sigma, str(device))
+    if key not in _TAPS:
+        g = gaussian_taps(window, sigma, torch.float32, "cpu")
+        r = window // 2
+        p = torch.arange(h)[:, None]
+        q = p - r + torch.arange(window)[None, :]
+
+        def tap(d):
+            inside = (d >= -r) & (d <= r)
+            return torch.where(inside, g[(d + r).clamp(0, window - 1)], torch.zeros(()))
+
+        w = tap(q - p)
+        w = w + tap(-q - p) * (p >= 1).to(torch.float32)
+        w = w + tap(2 * (h - 1) - q - p) * (p <= h - 2).to(torch.float32)
+        _TAPS[key] = w.contiguous().to(device)
+    return _TAPS[key]
+
+
 def _tiles(rows: int, cols: int) -> tuple[int, int]:
     """Strip rows TH and block columns BC (one column per thread).
 
@@ -184,22 +207,21 @@ def _minmax_kernel(s_ptr, t_ptr, scales_ptr, n_planes, plane_size, range_eps, BL
 
 
 @triton.jit
-def _fwd_row(s_plane, t_plane, row_off, idx, wts, lo_x, sc_x, lo_y, sc_y, K: tl.constexpr,
-             NORMALIZE: tl.constexpr):
-    """Horizontal pass of one input row: the five filtered products at the block's columns.
-    Offsets are 32-bit inside the map (row_off + slot column), one wide add per pointer."""
+def _fwd_row(s_row, t_row, idx, wts, lo_x, lo_y, K: tl.constexpr, NORMALIZE: tl.constexpr):
+    """Horizontal pass of one input row: the five filtered products at the block's columns, of
+    x - min and y - min under normalize (the rescaling factors are applied once per output pixel,
+    after the vertical pass: the filter is linear). One wide add per slot and pointer."""
     h_x = tl.zeros_like(wts[0])
     h_y = tl.zeros_like(wts[0])
     h_xx = tl.zeros_like(wts[0])
     h_yy = tl.zeros_like(wts[0])
     h_xy = tl.zeros_like(wts[0])
     for k in tl.static_range(K):
-        off = row_off + idx[k]
-        x = tl.load(s_plane + off).to(tl.float32)
-        y = tl.load(t_plane + off).to(tl.float32)
+        x = tl.load(s_row + idx[k]).to(tl.float32)
+        y = tl.load(t_row + idx[k]).to(tl.float32)
         if NORMALIZE:
-            x = (x - lo_x) * sc_x
-            y = (y - lo_y) * sc_y
+            x = x - lo_x
+            y = y - lo_y
         gx = wts[k] * x
         gy = wts[k] * y
         h_x += gx
@@ -299,11 +321,12 @@ def _ssim_fwd_kernel(s_ptr, t_ptr, taps_ptr, scales_ptr, loss_part_ptr, partials
         sc_x = tl.load(scales_ptr + n_planes + plane)
         lo_y = tl.load(scales_ptr + 2 * n_planes + plane)
         sc_y = tl.load(scales_ptr + 3 * n_planes + plane)
+        sc_xx = sc_x * sc_x
+        sc_yy = sc_y * sc_y
+        sc_xy = sc_x * sc_y
     else:
         lo_x = 0.0
-        sc_x = 1.0
         lo_y = 0.0
-        sc_y = 1.0
     s_plane = s_ptr + plane * H * W
     t_plane = t_ptr + plane * H * W
 
@@ -327,8 +350,8 @@ def _ssim_fwd_kernel(s_ptr, t_ptr, taps_ptr, scales_ptr, loss_part_ptr, partials
                 if PAD == 0:
                     row = _reflect(row, H)
                 row_c = tl.minimum(tl.maximum(row, 0), H - 1)
-                h_x, h_y, h_xx, h_yy, h_xy = _fwd_row(s_plane, t_plane, row_c * W, idx, wts,
-                                                      lo_x, sc_x, lo_y, sc_y, K, NORMALIZE)
+                h_x, h_y, h_xx, h_yy, h_xy = _fwd_row(s_plane + row_c * W, t_plane + row_c * W, idx, wts,
+                                                      lo_x, lo_y, K, NORMALIZE)
                 if PAD == 1:
                     # zero padding pads the rescaled map: rows outside are 0
                     row_ok = (row >= 0) & (row < H)
@@ -343,9 +366,18 @@ def _ssim_fwd_kernel(s_ptr, t_ptr, taps_ptr, scales_ptr, loss_part_ptr, partials
                 w_yy = _put(w_yy, j, h_yy, K)
                 w_xy = _put(w_xy, j, h_xy, K)
                 if i >= K - 1:
-                    acc = _fwd_out(_dot_ring(taps, w_x, j, K), _dot_ring(taps, w_y, j, K),
-                                   _dot_ring(taps, w_xx, j, K), _dot_ring(taps, w_yy, j, K),
-                                   _dot_ring(taps, w_xy, j, K), acc, col_ok, c1, c2, map_eps, partials_ptr,
+                    mu_x = _dot_ring(taps, w_x, j, K)
+                    mu_y = _dot_ring(taps, w_y, j, K)
+                    e_xx = _dot_ring(taps, w_xx, j, K)
+                    e_yy = _dot_ring(taps, w_yy, j, K)
+                    e_xy = _dot_ring(taps, w_xy, j, K)
+                    if NORMALIZE:  # statistics of (x - min) * scale: linear and quadratic in the scale
+                        mu_x *= sc_x
+                        mu_y *= sc_y
+                        e_xx *= sc_xx
+                        e_yy *= sc_yy
+                        e_xy *= sc_xy
+                    acc = _fwd_out(mu_x, mu_y, e_xx, e_yy, e_xy, acc, col_ok, c1, c2, map_eps, partials_ptr,
                                    plane * map_size + (o0 + i - (K - 1)) * WO + cols, STORE)
     tl.store(loss_part_ptr + pid, tl.sum(acc, axis=0))
 
@@ -369,17 +401,17 @@ def _bwd_row(p_row, idx, wts, K: tl.constexpr):
 
 
 @triton.jit
-def _row_weights(taps_ptr, p, H, K: tl.constexpr):
-    """Folded reflect weights of the K window rows p - R .. p + R for output row p."""
-    R: tl.constexpr = K // 2
+def _row_weights(rows_ptr, p, K: tl.constexpr):
+    """Folded reflect weights of the K window rows p - R .. p + R for output row p: row p of the
+    host's table (_row_table), one uniform load per slot, no branch on the row."""
     w = ()
     for k in tl.static_range(K):
-        w = w + (_weight(taps_ptr, p, p - R + k, H, K, 0, False),)
+        w = w + (tl.load(rows_ptr + p * K + k),)
     return w
 
 
 @triton.jit
-def _ssim_bwd_kernel(partials_ptr, s_ptr, t_ptr, taps_ptr, scales_ptr, gscale_ptr, out_ptr,
+def _ssim_bwd_kernel(partials_ptr, s_ptr, t_ptr, taps_ptr, rows_ptr, scales_ptr, gscale_ptr, out_ptr,
                      H, W, HO, WO, n_planes, n_strips, n_ctiles, TH,
                      K: tl.constexpr, PAD: tl.constexpr, NORMALIZE: tl.constexpr, BC: tl.constexpr):
     """d loss / d s over a strip of input rows: adjoint filter of the three partial maps, combined
@@ -398,8 +430,9 @@ def _ssim_bwd_kernel(partials_ptr, s_ptr, t_ptr, taps_ptr, scales_ptr, gscale_pt
     col_ok = cols < W
     idx, wts = _slots(taps_ptr, cols, WO, W, K, PAD, False, OFF)
     taps = ()
-    for k in tl.static_range(K):
-        taps = taps + (tl.load(taps_ptr + k),)
+    if PAD != 0:  # reflect reads its row weights from the table
+        for k in tl.static_range(K):
+            taps = taps + (tl.load(taps_ptr + k),)
     map_size = HO * WO
     p_plane = partials_ptr + plane * map_size * 4
 
@@ -437,15 +470,10 @@ def _ssim_bwd_kernel(partials_ptr, s_ptr, t_ptr, taps_ptr, scales_ptr, gscale_pt
                 if i >= K - 1:
                     p = p0 + i - (K - 1)
                     if PAD == 0:
-                        if (p <= R) | (p >= H - 1 - R):
-                            rw = _row_weights(taps_ptr, p, H, K)
-                            z_mu = _dot_ring(rw, w_mu, j, K)
-                            z_xx = _dot_ring(rw, w_xx, j, K)
-                            z_xy = _dot_ring(rw, w_xy, j, K)
-                        else:
-                            z_mu = _dot_ring(taps, w_mu, j, K)
-                            z_xx = _dot_ring(taps, w_xx, j, K)
-                            z_xy = _dot_ring(taps, w_xy, j, K)
+                        rw = _row_weights(rows_ptr, p, K)
+                        z_mu = _dot_ring(rw, w_mu, j, K)
+                        z_xx = _dot_ring(rw, w_xx, j, K)
+                        z_xy = _dot_ring(rw, w_xy, j, K)
                     else:
                         z_mu = _dot_ring(taps, w_mu, j, K)
                         z_xx = _dot_ring(taps, w_xx, j, K)
@@ -531,8 +559,9 @@ def ssim_kd_backward_triton(grad_loss: torch.Tensor, student: torch.Tensor, teac
     th, bc = _tiles(h, w)
     n_strips = triton.cdiv(h, th)
     n_ctiles = triton.cdiv(w, bc)
+    rows = _row_table(h, window_size, sigma, s.device) if padding == "reflect" else taps
     _ssim_bwd_kernel[(n * c * n_strips * n_ctiles,)](
-        partials, s, t, taps, scales, gscale, grad, h, w, ho, wo, n * c, n_strips, n_ctiles, th,
+        partials, s, t, taps, rows, scales, gscale, grad, h, w, ho, wo, n * c, n_strips, n_ctiles, th,
         K=window_size, PAD=PAD_CODES[padding], NORMALIZE=normalize, BC=bc, num_warps=max(1, bc // 32), **FP_FUSION)
     return grad
 
