@@ -102,7 +102,9 @@ ssim_forward_kernel(const T* __restrict__ s, const T* __restrict__ t, const floa
   // the staged column of this thread: source column or -1 (zero padding)
   const int gx0 = source_index(ox0 - off + tid, w, mode);
 
-  float wx[K], wy[K], wxx[K], wyy[K], wxy[K];  // sliding window: slot j holds padded row i0 + j
+  // sliding window: slot j holds padded row i0 + j. Four statistics, not five: the map uses
+  // E[x^2] and E[y^2] only through their sum (var_x + var_y), so x^2 + y^2 is filtered as one.
+  float wx[K], wy[K], wss[K], wxy[K];
   float loss = 0.f;
   const int64_t plane = static_cast<int64_t>(h_out) * w_out, maps = gridDim.x / tiles_x;
   float* dm0 = dmaps == nullptr ? nullptr : dmaps + map * plane;  // the three maps of this (n, c)
@@ -142,33 +144,41 @@ ssim_forward_kernel(const T* __restrict__ s, const T* __restrict__ t, const floa
     for (int j = 0; j < K; ++j) {
       const int i = i0 + j;  // padded row; block-uniform branches
       if (i >= in_rows) break;
-      float h0 = 0.f, h1 = 0.f, h2 = 0.f, h3 = 0.f, h4 = 0.f;
-#pragma unroll
-      for (int q = 0; q < K; ++q) {
-        const float vx = in_x[j][tid + q], vy = in_y[j][tid + q];
-        const float gx = taps.w[q] * vx, gy = taps.w[q] * vy;
-        h0 += gx;
-        h1 += gy;
-        h2 = fmaf(gx, vx, h2);
-        h3 = fmaf(gy, vy, h3);
-        h4 = fmaf(gx, vy, h4);
+      // The taps are symmetric (w[q] = w[K - 1 - q]; the padding is already in the staged rows):
+      // the two slots of a pair are combined before their one multiply by the tap.
+      float h0, h1, h2, h3;
+      {
+        const float vx = in_x[j][tid + R], vy = in_y[j][tid + R], gx = taps.w[R] * vx, gy = taps.w[R] * vy;
+        h0 = gx;
+        h1 = gy;
+        h2 = fmaf(gy, vy, gx * vx);
+        h3 = gx * vy;
       }
-      wx[j] = h0; wy[j] = h1; wxx[j] = h2; wyy[j] = h3; wxy[j] = h4;
+#pragma unroll
+      for (int q = 0; q < R; ++q) {
+        const float ax = in_x[j][tid + q], ay = in_y[j][tid + q];
+        const float bx = in_x[j][tid + K - 1 - q], by = in_y[j][tid + K - 1 - q];
+        const float wq = taps.w[q];
+        h0 = fmaf(wq, ax + bx, h0);
+        h1 = fmaf(wq, ay + by, h1);
+        h2 = fmaf(wq, fmaf(ax, ax, fmaf(ay, ay, fmaf(bx, bx, by * by))), h2);
+        h3 = fmaf(wq, fmaf(ax, ay, bx * by), h3);
+      }
+      wx[j] = h0; wy[j] = h1; wss[j] = h2; wxy[j] = h3;
       if (i < K - 1) continue;
       // output row oy0 + i - (K - 1): window slots j + 1 .. j + K (mod K), oldest first
-      float mu_x = 0.f, mu_y = 0.f, e_xx = 0.f, e_yy = 0.f, e_xy = 0.f;
+      float mu_x = 0.f, mu_y = 0.f, e_ss = 0.f, e_xy = 0.f;
 #pragma unroll
       for (int q = 0; q < K; ++q) {
         const int slot = (j + 1 + q) % K;
         mu_x = fmaf(taps.w[q], wx[slot], mu_x);
         mu_y = fmaf(taps.w[q], wy[slot], mu_y);
-        e_xx = fmaf(taps.w[q], wxx[slot], e_xx);
-        e_yy = fmaf(taps.w[q], wyy[slot], e_yy);
+        e_ss = fmaf(taps.w[q], wss[slot], e_ss);
         e_xy = fmaf(taps.w[q], wxy[slot], e_xy);
       }
-      const float var_x = e_xx - mu_x * mu_x, var_y = e_yy - mu_y * mu_y, cov = e_xy - mu_x * mu_y;
+      const float cov = e_xy - mu_x * mu_y, m2 = mu_x * mu_x + mu_y * mu_y;
       const float a1 = 2.f * mu_x * mu_y + k.c1, a2 = 2.f * cov + k.c2;
-      const float b1 = mu_x * mu_x + mu_y * mu_y + k.c1, b2 = var_x + var_y + k.c2;
+      const float b1 = m2 + k.c1, b2 = (e_ss - m2) + k.c2;  // var_x + var_y = E[x^2 + y^2] - mu_x^2 - mu_y^2
       const float num = a1 * a2, den = b1 * b2 + 1e-12f;
       const float inv_den = 1.f / den;
       const float u = (1.f - num * inv_den) * 0.5f;

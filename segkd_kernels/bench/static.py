@@ -1143,6 +1143,147 @@ def cuda_rows(archs, cache_dir: Path, log=print) -> list[dict]:
     return rows
 
 
+# -- CUDA kernels with a known launch plan --------------------------------------------------------
+# The CUDA launchers pick blocks and grids at run time, so their kernels have no launch to read
+# trip counts from. An op that knows its own plan (ops/<op>/cuda.py `static_plan`: per kernel, the
+# number of blocks, warps per block, and trips per warp of each SASS loop, named by the loop
+# variable of its `for`) gets the same instruction model as the Triton kernels: SASS loops from
+# nvdisasm, matched to the innermost `for` of the .cu source (loops under `#pragma unroll` are
+# unrolled, no SASS loop) that holds at least half of their lines.
+
+_CU_FOR = re.compile(r"\bfor\s*\(\s*(?:const\s+)?(?:int|int64_t|unsigned|auto)\s+(\w+)")
+
+
+def cu_source_loops(text: str) -> dict[int, tuple[int, int, str]]:
+    """{line of a `for`: (first line, last line, loop variable)} of the loops of a .cu source that
+    are not fully unrolled; the span runs to the brace that closes the loop's body."""
+    lines = text.splitlines()
+    out = {}
+    for i, line in enumerate(lines):
+        m = _CU_FOR.search(line)
+        if not m or (i and lines[i - 1].strip() == "#pragma unroll"):
+            continue
+        depth, end, opened = 0, i, False
+        for j in range(i, len(lines)):
+            for ch in lines[j][m.end() if j == i else 0:]:
+                if ch == "{":
+                    depth, opened = depth + 1, True
+                elif ch == "}":
+                    depth -= 1
+            if opened and depth <= 0:
+                end = j
+                break
+            if not opened and lines[j].rstrip().endswith(";") and j > i:  # a body without braces
+                end = j
+                break
+        out[i + 1] = (i + 1, end + 1, m.group(1))
+    return out
+
+
+def cu_kernel_instructions(loops: dict, src: Path, trips: dict[str, float]) -> tuple[float | None, str]:
+    """Modelled warp-instructions per block of one CUDA kernel: `loops` from sass_loops, `trips`
+    {loop variable: trips per warp}; loops of other files (inlined helpers) count as their
+    enclosing loop's body."""
+    spans = cu_source_loops(src.read_text())
+    parent = {}
+    for chain, _n in loops["segments"]:
+        for depth, i in enumerate(chain):
+            parent[i] = chain[depth - 1] if depth else None
+    trip_of = {}
+    for i, loop in enumerate(loops["loops"]):
+        mine = {int(k): n for f, d in loop["lines"].items() if Path(f).name == src.name for k, n in d.items()}
+        total = sum(mine.values())
+        best = None
+        for line, (lo, hi, var) in spans.items():
+            inside = sum(n for k, n in mine.items() if lo <= k <= hi)
+            if total and inside * 2 >= total and (best is None or hi - lo < spans[best][1] - spans[best][0]):
+                best = line
+        if best is None:
+            return None, f"SASS loop {i} matches no loop of {src.name}"
+        var = spans[best][2]
+        if var not in trips:
+            return None, f"no trip count for the loop over {var} ({src.name}:{best})"
+        trip_of[i] = trips[var]
+    return sum(n * math.prod(trip_of[i] for i in chain) for chain, n in loops["segments"]), ""
+
+
+def _cu_function_sass(disasm: str) -> dict[str, str]:
+    """nvdisasm -g output of a cubin -> {mangled function name: its text}."""
+    out, name, buf = {}, None, []
+    for line in disasm.splitlines():
+        m = re.match(r"\s*\.text\.(\S+?):?\s*$", line) or re.match(r"\s*\.section\s+\.text\.([^,\s]+)", line)
+        if m and m.group(1) != name:
+            if name is not None:
+                out.setdefault(name, "\n".join(buf))
+            name, buf = m.group(1), []
+        elif name is not None:
+            buf.append(line)
+    if name is not None:
+        out.setdefault(name, "\n".join(buf))
+    return out
+
+
+def cu_planned_rows(op: str, archs, cache_dir: Path, log=print) -> list[dict]:
+    """Op rows (kind cuda) with instr_per_elem_fwd / _bwd for an op whose cuda.py has a
+    `static_plan(shapes, dtype_name)` -> {phase: [(part of the kernel name, blocks, warps, trips)]};
+    instructions per element of the first input, as for the Triton rows."""
+    import importlib  # noqa: PLC0415
+
+    from . import cases  # noqa: PLC0415
+
+    try:
+        plan_of = getattr(importlib.import_module(f"segkd_kernels.ops.{op}.cuda"), "static_plan", None)
+    except ModuleNotFoundError:  # a benchmark variant (e.g. ssim_kd_valid), not an op package
+        return []
+    nvcc = _nvcc()
+    if plan_of is None or nvcc is None:
+        return []
+    src = REPO / "csrc" / f"{op}.cu"
+    rows = []
+    for arch in archs:
+        cc = ARCHS[arch][0]
+        text = src.read_bytes() + (REPO / "csrc" / "common.cuh").read_bytes()
+        key = hashlib.sha256(text + f"{cc}{nvcc}loops".encode()).hexdigest()[:24]
+        cached = Path(cache_dir) / "facts" / f"cuda_loops_{src.stem}_{key}.json"
+        if cached.exists():
+            loops = json.loads(cached.read_text())
+        else:
+            with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+                cubin = Path(tmp) / "k.cubin"
+                subprocess.run([nvcc, "-cubin", f"-arch=sm_{cc}", "-O3", "-lineinfo", "--expt-relaxed-constexpr",
+                                "-std=c++17", f"-I{REPO / 'csrc'}", str(src), "-o", str(cubin)], check=True,
+                               capture_output=True)
+                funcs = _cu_function_sass(_sass_of_cubin(cubin.read_bytes(), Path(tmp), lines=True))
+            names = _demangle(list(funcs))
+            loops = {names[m]: sass_loops(t) for m, t in funcs.items()}
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            cached.write_text(json.dumps(loops))
+        for shapes in cases.CASES[op].shapes:
+            elements = math.prod(shapes[0])
+            for dtype_name in DTYPE_NAMES:
+                per_phase, notes = {}, []
+                for phase, kernels in plan_of(shapes, dtype_name).items():
+                    total = 0.0
+                    for prefix, blocks, warps, trips in kernels:
+                        found = [k for k in loops if prefix in k]
+                        instr, why = cu_kernel_instructions(loops[found[0]], src, trips) if found else (
+                            None, f"{prefix} not in the cubin")
+                        if instr is None:
+                            notes.append(why)
+                            total = None
+                            break
+                        total += instr * 32 * warps * blocks
+                    per_phase[phase] = total
+                rows.append(dict(
+                    row="op", arch=arch, kind="cuda", op=op, shape=cases.shape_label(shapes), dtype=dtype_name,
+                    phase="full", kernel="(planned launches)",
+                    instr_per_elem_fwd=_per_elem(per_phase.get("forward"), elements),
+                    instr_per_elem_bwd=_per_elem(per_phase.get("backward"), elements),
+                    note="instruction model from the launch plan of ops/" + op + "/cuda.py static_plan"
+                         + "".join(f"; {n}" for n in notes)))
+    return rows
+
+
 def write_csv(rows, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fh:
@@ -1163,6 +1304,8 @@ def run_static(ops, dtypes=DTYPE_NAMES, archs=tuple(ARCHS), out_dir: Path = DEFA
     rows = static_rows(ops, dtypes, archs, cache_dir, log, shape_set)
     if cuda:
         rows += cuda_rows(archs, cache_dir, log)
+        for op in ops:
+            rows += cu_planned_rows(op, archs, cache_dir, log)
     paths = {}
     for arch in archs:
         paths[arch] = out_dir / f"static_{arch.replace('_', '')}.csv"
