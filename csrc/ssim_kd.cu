@@ -43,13 +43,22 @@ struct Taps {
   int size;
 };
 
-// Backward weights of the edge positions of one axis: entry e < kEdge is position e, entry
-// kEdge + e is position n - kEdge + e (n the axis length); w[e][k] multiplies map position
-// p - off + k. Only positions within window // 2 of an edge differ from the plain taps (reflect).
+// Backward weights of one axis: entry e < kEdge is position e, entry kEdge + e is position
+// n - kEdge + e (n the axis length), entry kInterior the plain taps (every other position, and
+// every position of zeros / valid padding); w[e][k] multiplies map position p - off + k. Only
+// positions within window // 2 of an edge differ from the plain taps (reflect). Every row of the
+// backward reads its weights from the table (a block-uniform index): no branch on edge rows.
 constexpr int kEdge = kMaxRadius + 1;
+constexpr int kInterior = 2 * kEdge;
 struct FoldTable {
-  float w[2 * kEdge][kMaxWindow];
+  float w[2 * kEdge + 1][kMaxWindow];
 };
+
+// The table entry of position p of an axis of length n (see FoldTable).
+__host__ __device__ __forceinline__ int fold_entry(int p, int n, int mode) {
+  if (mode != kReflect) return kInterior;
+  return p < kEdge ? p : (p >= n - kEdge && p < n ? kEdge + p - (n - kEdge) : kInterior);
+}
 
 struct SsimConsts {
   float c1, c2, grad_coef;  // grad_coef = -1 / (2 * number of map pixels)
@@ -228,9 +237,9 @@ ssim_backward_kernel(const float* __restrict__ dmaps, const T* __restrict__ s, c
 
   // column weights of this thread: the taps, or its row of the fold table near a reflect edge
   float cw[K];
-  const int ce = mode != kReflect ? -1 : (px < kEdge ? px : (px >= w - kEdge && px < w ? kEdge + px - (w - kEdge) : -1));
+  const int ce = fold_entry(px, w, mode);
 #pragma unroll
-  for (int q = 0; q < K; ++q) cw[q] = ce < 0 ? taps.w[q] : cols_fold.w[ce][q];
+  for (int q = 0; q < K; ++q) cw[q] = cols_fold.w[ce][q];
 
   const float ks = scale_s == nullptr ? 1.f : scale_s[map];
   const float ls = lo_s == nullptr ? 0.f : lo_s[map];
@@ -287,25 +296,15 @@ ssim_backward_kernel(const float* __restrict__ dmaps, const T* __restrict__ s, c
       w0[j] = a0; w1[j] = a1; w2[j] = a2;
       if (i < K - 1) continue;
       const int p = py0 + i - (K - 1);  // output row
-      const int re = mode != kReflect ? -1 : (p < kEdge ? p : (p >= h - kEdge ? kEdge + p - (h - kEdge) : -1));
+      const int re = fold_entry(p, h, mode);  // block-uniform
       float z0 = 0.f, z1 = 0.f, z2 = 0.f;
-      if (re < 0) {
 #pragma unroll
-        for (int q = 0; q < K; ++q) {
-          const int slot = (j + 1 + q) % K;
-          z0 = fmaf(taps.w[q], w0[slot], z0);
-          z1 = fmaf(taps.w[q], w1[slot], z1);
-          z2 = fmaf(taps.w[q], w2[slot], z2);
-        }
-      } else {
-#pragma unroll
-        for (int q = 0; q < K; ++q) {
-          const int slot = (j + 1 + q) % K;
-          const float rw = rows_fold.w[re][q];
-          z0 = fmaf(rw, w0[slot], z0);
-          z1 = fmaf(rw, w1[slot], z1);
-          z2 = fmaf(rw, w2[slot], z2);
-        }
+      for (int q = 0; q < K; ++q) {
+        const int slot = (j + 1 + q) % K;
+        const float rw = rows_fold.w[re][q];
+        z0 = fmaf(rw, w0[slot], z0);
+        z1 = fmaf(rw, w1[slot], z1);
+        z2 = fmaf(rw, w2[slot], z2);
       }
       if (live) {
         const int at = p * w + px;
@@ -341,6 +340,7 @@ FoldTable make_fold(const Taps& taps, int64_t n) {
   FoldTable f{};
   const int K = taps.size, R = K / 2;
   auto tap = [&](int64_t d) { return (d >= -R && d <= R) ? taps.w[d + R] : 0.f; };
+  for (int k = 0; k < K; ++k) f.w[kInterior][k] = taps.w[k];
   for (int e = 0; e < 2 * kEdge; ++e) {
     const int64_t p = e < kEdge ? e : n - kEdge + (e - kEdge);
     for (int k = 0; k < K; ++k) {
