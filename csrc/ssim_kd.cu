@@ -285,7 +285,8 @@ ssim_backward_kernel(const float* __restrict__ dmaps, const T* __restrict__ s, c
 #pragma unroll
     for (int j = 0; j < K; ++j) {
       const int i = i0 + j;
-      if (i >= in_rows) break;
+      // no early exit on the last, partial step: its rows past the strip read zeros from the
+      // staged rows and store nothing, and the step stays one straight-line body
       float a0 = 0.f, a1 = 0.f, a2 = 0.f;
 #pragma unroll
       for (int q = 0; q < K; ++q) {
@@ -306,7 +307,7 @@ ssim_backward_kernel(const float* __restrict__ dmaps, const T* __restrict__ s, c
         z1 = fmaf(rw, w1[slot], z1);
         z2 = fmaf(rw, w2[slot], z2);
       }
-      if (live) {
+      if (live && i < in_rows) {
         const int at = p * w + px;
         const float x = (to_float(__ldg(ms + at)) - ls) * ks;
         const float y = (to_float(__ldg(mt + at)) - lt) * kt;
