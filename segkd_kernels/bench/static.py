@@ -1280,7 +1280,7 @@ def cu_planned_rows(op: str, archs, cache_dir: Path, log=print) -> list[dict]:
                     instr_per_elem_fwd=_per_elem(per_phase.get("forward"), elements),
                     instr_per_elem_bwd=_per_elem(per_phase.get("backward"), elements),
                     note="instruction model from the launch plan of ops/" + op + "/cuda.py static_plan"
-                         + "".join(f"; {n}" for n in notes)))
+                         + "".join(f"; no instruction model for {n}" for n in notes)))
     return rows
 
 
