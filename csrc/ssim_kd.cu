@@ -21,8 +21,9 @@
 // is separable, and each axis of it is again a K-tap gather over the (zero-extended) maps with
 // weights that fold in the adjoint of the padding: for reflect a pixel also collects the taps of
 // the padded positions that reflect onto it. The weights differ from the taps only within
-// window // 2 of an edge; the host tabulates those rows and columns (FoldTable), so there is no
-// padded buffer and no fold pass. Same shared-memory staging and sliding window as the forward,
+// window // 2 of an edge; the host tabulates those rows and columns plus one interior entry
+// (the taps) in a FoldTable that every row and column reads, so there is no padded buffer, no fold
+// pass and no branch on edge rows. Same shared-memory staging and sliding window as the forward,
 // three maps instead of five, fused with the combination with x and y and the min-max scale.
 #include "common.cuh"
 
