@@ -33,12 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "benchmarks" / "results" / ".static_cache"
 
 # Today's spills (ptxas -v, spill stores + loads > 0). Fix a kernel, then delete its entries.
-KNOWN_SPILLS = {
-    # 4 B stored / 44 B loaded at 128 registers on sm_90, only in the small-map plan (32-column
-    # blocks) the small odd shapes pick; the benchmark-shape plans (128-column blocks) do not spill
-    ("triton", "ssim_kd", "_ssim_bwd_kernel", "sm_90", "bfloat16"),
-    ("triton", "ssim_kd", "_ssim_bwd_kernel", "sm_90", "float32"),
-}
+KNOWN_SPILLS: set = set()
 
 
 # Spills are facts of one compiler: the list holds for these versions (Triton's bundled ptxas and
