@@ -21,8 +21,9 @@
 // is separable, and each axis of it is again a K-tap gather over the (zero-extended) maps with
 // weights that fold in the adjoint of the padding: for reflect a pixel also collects the taps of
 // the padded positions that reflect onto it. The weights differ from the taps only within
-// window // 2 of an edge; the host tabulates those rows and columns (FoldTable), so there is no
-// padded buffer and no fold pass. Same shared-memory staging and sliding window as the forward,
+// window // 2 of an edge; the host tabulates those rows and columns plus one interior entry
+// (the taps) in a FoldTable that every row and column reads, so there is no padded buffer, no fold
+// pass and no branch on edge rows. Same shared-memory staging and sliding window as the forward,
 // three maps instead of five, fused with the combination with x and y and the min-max scale.
 #include "common.cuh"
 
@@ -43,13 +44,22 @@ struct Taps {
   int size;
 };
 
-// Backward weights of the edge positions of one axis: entry e < kEdge is position e, entry
-// kEdge + e is position n - kEdge + e (n the axis length); w[e][k] multiplies map position
-// p - off + k. Only positions within window // 2 of an edge differ from the plain taps (reflect).
+// Backward weights of one axis: entry e < kEdge is position e, entry kEdge + e is position
+// n - kEdge + e (n the axis length), entry kInterior the plain taps (every other position, and
+// every position of zeros / valid padding); w[e][k] multiplies map position p - off + k. Only
+// positions within window // 2 of an edge differ from the plain taps (reflect). Every row of the
+// backward reads its weights from the table (a block-uniform index): no branch on edge rows.
 constexpr int kEdge = kMaxRadius + 1;
+constexpr int kInterior = 2 * kEdge;
 struct FoldTable {
-  float w[2 * kEdge][kMaxWindow];
+  float w[2 * kEdge + 1][kMaxWindow];
 };
+
+// The table entry of position p of an axis of length n (see FoldTable).
+__host__ __device__ __forceinline__ int fold_entry(int p, int n, int mode) {
+  if (mode != kReflect) return kInterior;
+  return p < kEdge ? p : (p >= n - kEdge && p < n ? kEdge + p - (n - kEdge) : kInterior);
+}
 
 struct SsimConsts {
   float c1, c2, grad_coef;  // grad_coef = -1 / (2 * number of map pixels)
@@ -102,7 +112,9 @@ ssim_forward_kernel(const T* __restrict__ s, const T* __restrict__ t, const floa
   // the staged column of this thread: source column or -1 (zero padding)
   const int gx0 = source_index(ox0 - off + tid, w, mode);
 
-  float wx[K], wy[K], wxx[K], wyy[K], wxy[K];  // sliding window: slot j holds padded row i0 + j
+  // sliding window: slot j holds padded row i0 + j. Four statistics, not five: the map uses
+  // E[x^2] and E[y^2] only through their sum (var_x + var_y), so x^2 + y^2 is filtered as one.
+  float wx[K], wy[K], wss[K], wxy[K];
   float loss = 0.f;
   const int64_t plane = static_cast<int64_t>(h_out) * w_out, maps = gridDim.x / tiles_x;
   float* dm0 = dmaps == nullptr ? nullptr : dmaps + map * plane;  // the three maps of this (n, c)
@@ -142,33 +154,41 @@ ssim_forward_kernel(const T* __restrict__ s, const T* __restrict__ t, const floa
     for (int j = 0; j < K; ++j) {
       const int i = i0 + j;  // padded row; block-uniform branches
       if (i >= in_rows) break;
-      float h0 = 0.f, h1 = 0.f, h2 = 0.f, h3 = 0.f, h4 = 0.f;
-#pragma unroll
-      for (int q = 0; q < K; ++q) {
-        const float vx = in_x[j][tid + q], vy = in_y[j][tid + q];
-        const float gx = taps.w[q] * vx, gy = taps.w[q] * vy;
-        h0 += gx;
-        h1 += gy;
-        h2 = fmaf(gx, vx, h2);
-        h3 = fmaf(gy, vy, h3);
-        h4 = fmaf(gx, vy, h4);
+      // The taps are symmetric (w[q] = w[K - 1 - q]; the padding is already in the staged rows):
+      // the two slots of a pair are combined before their one multiply by the tap.
+      float h0, h1, h2, h3;
+      {
+        const float vx = in_x[j][tid + R], vy = in_y[j][tid + R], gx = taps.w[R] * vx, gy = taps.w[R] * vy;
+        h0 = gx;
+        h1 = gy;
+        h2 = fmaf(gy, vy, gx * vx);
+        h3 = gx * vy;
       }
-      wx[j] = h0; wy[j] = h1; wxx[j] = h2; wyy[j] = h3; wxy[j] = h4;
+#pragma unroll
+      for (int q = 0; q < R; ++q) {
+        const float ax = in_x[j][tid + q], ay = in_y[j][tid + q];
+        const float bx = in_x[j][tid + K - 1 - q], by = in_y[j][tid + K - 1 - q];
+        const float wq = taps.w[q];
+        h0 = fmaf(wq, ax + bx, h0);
+        h1 = fmaf(wq, ay + by, h1);
+        h2 = fmaf(wq, fmaf(ax, ax, fmaf(ay, ay, fmaf(bx, bx, by * by))), h2);
+        h3 = fmaf(wq, fmaf(ax, ay, bx * by), h3);
+      }
+      wx[j] = h0; wy[j] = h1; wss[j] = h2; wxy[j] = h3;
       if (i < K - 1) continue;
       // output row oy0 + i - (K - 1): window slots j + 1 .. j + K (mod K), oldest first
-      float mu_x = 0.f, mu_y = 0.f, e_xx = 0.f, e_yy = 0.f, e_xy = 0.f;
+      float mu_x = 0.f, mu_y = 0.f, e_ss = 0.f, e_xy = 0.f;
 #pragma unroll
       for (int q = 0; q < K; ++q) {
         const int slot = (j + 1 + q) % K;
         mu_x = fmaf(taps.w[q], wx[slot], mu_x);
         mu_y = fmaf(taps.w[q], wy[slot], mu_y);
-        e_xx = fmaf(taps.w[q], wxx[slot], e_xx);
-        e_yy = fmaf(taps.w[q], wyy[slot], e_yy);
+        e_ss = fmaf(taps.w[q], wss[slot], e_ss);
         e_xy = fmaf(taps.w[q], wxy[slot], e_xy);
       }
-      const float var_x = e_xx - mu_x * mu_x, var_y = e_yy - mu_y * mu_y, cov = e_xy - mu_x * mu_y;
+      const float cov = e_xy - mu_x * mu_y, m2 = mu_x * mu_x + mu_y * mu_y;
       const float a1 = 2.f * mu_x * mu_y + k.c1, a2 = 2.f * cov + k.c2;
-      const float b1 = mu_x * mu_x + mu_y * mu_y + k.c1, b2 = var_x + var_y + k.c2;
+      const float b1 = m2 + k.c1, b2 = (e_ss - m2) + k.c2;  // var_x + var_y = E[x^2 + y^2] - mu_x^2 - mu_y^2
       const float num = a1 * a2, den = b1 * b2 + 1e-12f;
       const float inv_den = 1.f / den;
       const float u = (1.f - num * inv_den) * 0.5f;
@@ -218,9 +238,9 @@ ssim_backward_kernel(const float* __restrict__ dmaps, const T* __restrict__ s, c
 
   // column weights of this thread: the taps, or its row of the fold table near a reflect edge
   float cw[K];
-  const int ce = mode != kReflect ? -1 : (px < kEdge ? px : (px >= w - kEdge && px < w ? kEdge + px - (w - kEdge) : -1));
+  const int ce = fold_entry(px, w, mode);
 #pragma unroll
-  for (int q = 0; q < K; ++q) cw[q] = ce < 0 ? taps.w[q] : cols_fold.w[ce][q];
+  for (int q = 0; q < K; ++q) cw[q] = cols_fold.w[ce][q];
 
   const float ks = scale_s == nullptr ? 1.f : scale_s[map];
   const float ls = lo_s == nullptr ? 0.f : lo_s[map];
@@ -266,7 +286,8 @@ ssim_backward_kernel(const float* __restrict__ dmaps, const T* __restrict__ s, c
 #pragma unroll
     for (int j = 0; j < K; ++j) {
       const int i = i0 + j;
-      if (i >= in_rows) break;
+      // no early exit on the last, partial step: its rows past the strip read zeros from the
+      // staged rows and store nothing, and the step stays one straight-line body
       float a0 = 0.f, a1 = 0.f, a2 = 0.f;
 #pragma unroll
       for (int q = 0; q < K; ++q) {
@@ -277,27 +298,17 @@ ssim_backward_kernel(const float* __restrict__ dmaps, const T* __restrict__ s, c
       w0[j] = a0; w1[j] = a1; w2[j] = a2;
       if (i < K - 1) continue;
       const int p = py0 + i - (K - 1);  // output row
-      const int re = mode != kReflect ? -1 : (p < kEdge ? p : (p >= h - kEdge ? kEdge + p - (h - kEdge) : -1));
+      const int re = fold_entry(p, h, mode);  // block-uniform
       float z0 = 0.f, z1 = 0.f, z2 = 0.f;
-      if (re < 0) {
 #pragma unroll
-        for (int q = 0; q < K; ++q) {
-          const int slot = (j + 1 + q) % K;
-          z0 = fmaf(taps.w[q], w0[slot], z0);
-          z1 = fmaf(taps.w[q], w1[slot], z1);
-          z2 = fmaf(taps.w[q], w2[slot], z2);
-        }
-      } else {
-#pragma unroll
-        for (int q = 0; q < K; ++q) {
-          const int slot = (j + 1 + q) % K;
-          const float rw = rows_fold.w[re][q];
-          z0 = fmaf(rw, w0[slot], z0);
-          z1 = fmaf(rw, w1[slot], z1);
-          z2 = fmaf(rw, w2[slot], z2);
-        }
+      for (int q = 0; q < K; ++q) {
+        const int slot = (j + 1 + q) % K;
+        const float rw = rows_fold.w[re][q];
+        z0 = fmaf(rw, w0[slot], z0);
+        z1 = fmaf(rw, w1[slot], z1);
+        z2 = fmaf(rw, w2[slot], z2);
       }
-      if (live) {
+      if (live && i < in_rows) {
         const int at = p * w + px;
         const float x = (to_float(__ldg(ms + at)) - ls) * ks;
         const float y = (to_float(__ldg(mt + at)) - lt) * kt;
@@ -331,6 +342,7 @@ FoldTable make_fold(const Taps& taps, int64_t n) {
   FoldTable f{};
   const int K = taps.size, R = K / 2;
   auto tap = [&](int64_t d) { return (d >= -R && d <= R) ? taps.w[d + R] : 0.f; };
+  for (int k = 0; k < K; ++k) f.w[kInterior][k] = taps.w[k];
   for (int e = 0; e < 2 * kEdge; ++e) {
     const int64_t p = e < kEdge ? e : n - kEdge + (e - kEdge);
     for (int k = 0; k < K; ++k) {

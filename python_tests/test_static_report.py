@@ -34,12 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "benchmarks" / "results" / ".static_cache"
 
 # Today's spills (ptxas -v, spill stores + loads > 0). Fix a kernel, then delete its entries.
-KNOWN_SPILLS = {
-    # 4 B stored / 44 B loaded at 128 registers on sm_90, only in the small-map plan (32-column
-    # blocks) the small odd shapes pick; the benchmark-shape plans (128-column blocks) do not spill
-    ("triton", "ssim_kd", "_ssim_bwd_kernel", "sm_90", "bfloat16"),
-    ("triton", "ssim_kd", "_ssim_bwd_kernel", "sm_90", "float32"),
-}
+KNOWN_SPILLS: set = set()
 
 
 # Spills are facts of one compiler: the list holds for these versions (Triton's bundled ptxas and
@@ -512,3 +507,72 @@ def test_cuda_second_reads_of_long_rows():
     assert static._cwd_row_reads((256, 1, 1), [(8, 2, 64, 128)], "float32", ptrs[:3] + [(0, True), (0, False)]) == 1
     # the reads apply to the inputs only
     assert static.cuda_launch_bytes("channel_wise_kd_kernel<float>", ptrs, storages, 2)[0] == 2 * 512 + 512
+# ---- unrolled row walks (static_range loops, inlined helpers) and CUDA kernels with a launch plan ----
+
+def _strip_helper_py(x, K):
+    for k in tl.static_range(K):  # helper unrolled
+        x += k
+    return x
+
+
+def _strip_kernel_py(x_ptr, n, K):
+    acc = 0
+    for i0 in range(0, n, K):  # row walk
+        for j in tl.static_range(K):  # unrolled rows
+            acc = _strip_helper(acc, K)
+    return acc
+
+
+try:
+    _strip_helper = JITFunction(_strip_helper_py)
+    _strip_kernel = JITFunction(_strip_kernel_py)
+except (NameError, ImportError):
+    _strip_helper = _strip_kernel = None
+
+
+@needs_triton
+def test_instruction_model_unrolled_rows_of_inlined_helpers():
+    walk = _line_of(_strip_kernel_py, "# row walk")
+    body = _line_of(_strip_helper_py, "# helper unrolled") + 1
+    # the SASS loop of the row walk holds 1 instruction of the kernel's own lines and 6 of the
+    # helper's: it is the `range` loop (the static_range loops are unrolled, never SASS loops)
+    text = _disasm([
+        (None, [(walk - 1, "MOV R0, RZ")]),
+        (".L_x_0", [(body, "IADD3 R0, R0, 0x1, RZ")] * 6 + [(walk, "@P0 BRA `(.L_x_0)")]),
+        (None, [(walk, "EXIT")]),
+    ])
+    got, why = static.dynamic_instructions(_strip_kernel, static.sass_loops(text), dict(n=74, K=11), (1,))
+    assert why == ""
+    assert got == pytest.approx(2 + 7 * 7)  # ceil(74 / 11) = 7 trips of 7 instructions
+
+
+def test_cuda_loops_of_a_planned_kernel(tmp_path):
+    src = tmp_path / "k.cu"
+    src.write_text("\n".join([
+        "__global__ void k(int n) {",                      # 1
+        "  for (int i0 = 0; i0 < n; i0 += 4) {",           # 2  SASS loop
+        "#pragma unroll",                                  # 3
+        "    for (int j = 0; j < 4; ++j) {",               # 4  unrolled
+        "      work(j);",                                  # 5
+        "    }",                                           # 6
+        "    for (int e = threadIdx.x; e < 9; e += 32)",   # 7  SASS loop, no braces
+        "      halo(e);",                                  # 8
+        "  }",                                             # 9
+        "}",                                               # 10
+    ]))
+    loops = static.cu_source_loops(src.read_text())
+    assert {line: span[2] for line, span in loops.items()} == {2: "i0", 7: "e"}
+    assert loops[2][:2] == (2, 9) and loops[7][:2] == (7, 8)
+    out, addr = [], 0
+    for label, instrs in [(None, [(1, "MOV")]), (".L_x_0", [(5, "FFMA")] * 8 + [(2, "IADD3")]),
+                          (".L_x_1", [(8, "LDG"), (7, "@P1 BRA `(.L_x_1)")]), (None, [(2, "@P0 BRA `(.L_x_0)")])]:
+        if label:
+            out.append(f"{label}:")
+        for line, op in instrs:
+            out += [f'\t//## File "{src}", line {line}', f"        /*{addr:04x}*/                   {op} ;"]
+            addr += 16
+    sass = static.sass_loops("\n".join(out))
+    got, why = static.cu_kernel_instructions(sass, src, {"i0": 5, "e": 1})
+    assert why == "" and got == 1 + 5 * (9 + 1 + 2)
+    got, why = static.cu_kernel_instructions(sass, src, {"i0": 5})
+    assert got is None and "loop over e" in why

@@ -386,7 +386,8 @@ def _parsed(fn):
     return _PARSED[key]
 
 
-def loop_trips(fn, env: _Env, trips: dict | None = None, spans: dict | None = None, depth: int = 0):
+def loop_trips(fn, env: _Env, trips: dict | None = None, spans: dict | None = None, depth: int = 0,
+               calls: dict | None = None):
     """Trip counts of the loops of kernel fn (and of the @triton.jit helpers it calls, inlined at
     each call) for one program: ({(file, line of a for): [(trips, enclosing loop) at each visit]},
     {(file, line): (first line, last line, function)}); trips None for a loop whose bounds the
@@ -395,7 +396,10 @@ def loop_trips(fn, env: _Env, trips: dict | None = None, spans: dict | None = No
 
     Range bounds are evaluated from the launch's scalar arguments and constexprs and the program
     id of `env`; scalar assignments are followed in order (one that cannot be evaluated makes its
-    name unknown), and the loop variables of enclosing loops take their first value."""
+    name unknown), and the loop variables of enclosing loops take their first value.
+
+    `calls`, when given, collects {loop: {(file, first line, last line) of each helper called in
+    it}}: the lines of an inlined helper belong to the loop of its call site (see _helper_lines)."""
     import ast  # noqa: PLC0415
 
     from triton.runtime.jit import JITFunction  # noqa: PLC0415
@@ -404,7 +408,7 @@ def loop_trips(fn, env: _Env, trips: dict | None = None, spans: dict | None = No
     spans = {} if spans is None else spans
     func, path, first = _parsed(fn)
     for node in ast.walk(func):
-        if isinstance(node, (ast.For, ast.While)):
+        if isinstance(node, (ast.For, ast.While)) and not _static_range(node):
             spans[(path, node.lineno + first - 1)] = (node.lineno + first - 1, node.end_lineno + first - 1, id(fn))
 
     def helper_calls(node, env):
@@ -415,7 +419,10 @@ def loop_trips(fn, env: _Env, trips: dict | None = None, spans: dict | None = No
             if isinstance(call, ast.Call) and isinstance(call.func, ast.Name):
                 callee = fn.fn.__globals__.get(call.func.id)
                 if isinstance(callee, JITFunction):
-                    cfunc = _parsed(callee)[0]
+                    cfunc, cpath, cfirst = _parsed(callee)
+                    if calls is not None and env.loop is not None:
+                        calls.setdefault(env.loop, set()).add(
+                            (cpath, cfunc.lineno + cfirst - 1, cfunc.end_lineno + cfirst - 1))
                     names = [a.arg for a in cfunc.args.args]
                     inner = _Env({}, env.pid, env.grid)
                     inner.used_pid, inner.loop = env.used_pid, env.loop
@@ -424,7 +431,7 @@ def loop_trips(fn, env: _Env, trips: dict | None = None, spans: dict | None = No
                             inner[name] = _eval(arg, env)
                         except (_Unknown, ZeroDivisionError, IndexError, TypeError):
                             pass
-                    loop_trips(callee, inner, trips, spans, depth + 1)
+                    loop_trips(callee, inner, trips, spans, depth + 1, calls)
 
     def walk(stmts, env):
         for st in stmts:
@@ -437,7 +444,7 @@ def loop_trips(fn, env: _Env, trips: dict | None = None, spans: dict | None = No
             elif isinstance(st, ast.For):
                 key = (path, st.lineno + first - 1)
                 inner = env.child()
-                inner.loop = key
+                inner.loop = env.loop if _static_range(st) else key  # an unrolled loop is no SASS loop
                 it = st.iter
                 try:
                     called = it.func if isinstance(it, ast.Call) else None
@@ -482,6 +489,30 @@ def loop_trips(fn, env: _Env, trips: dict | None = None, spans: dict | None = No
     return trips, spans
 
 
+# -- unrolled loops and inlined helpers -------------------------------------------------------
+# A `tl.static_range` loop is unrolled by the compiler: it is never a SASS loop, so it is no
+# candidate when SASS loops are matched to source loops. A kernel whose loop body is mostly
+# inlined helper code (a row walk unrolled over helpers) has SASS loops whose source lines lie in
+# the helpers, outside the span of the loop that calls them: those lines count as inside the loop.
+
+
+def _static_range(node) -> bool:
+    """A `for ... in tl.static_range(...)` (unrolled at compile time)."""
+    it = getattr(node, "iter", None)
+    f = getattr(it, "func", None)
+    return (getattr(f, "attr", None) or getattr(f, "id", None)) == "static_range"
+
+
+def _helper_lines(key, spans: dict, calls: dict) -> set:
+    """(file, first, last) of the helpers called inside source loop `key` or a loop it encloses."""
+    lo, hi, owner = spans[key]
+    out = set()
+    for k, ranges in calls.items():
+        if k in spans and k[0] == key[0] and spans[k][2] == owner and lo <= spans[k][0] <= hi:
+            out |= ranges
+    return out
+
+
 def _ancestor(parent: dict, j: int, i: int) -> bool:
     """SASS loop i encloses SASS loop j."""
     p = parent.get(j)
@@ -517,7 +548,8 @@ def dynamic_instructions(fn, loops: dict, values: dict, grid: tuple) -> tuple[fl
     g = tuple(grid) + (1,) * (3 - len(grid))
     base = {k: v for k, v in values.items() if isinstance(v, (int, float))}
     env = _Env(base, (0, 0, 0), g)
-    trips, spans = loop_trips(fn, env)
+    calls: dict = {}
+    trips, spans = loop_trips(fn, env, calls=calls)
     pids = _program_ids(g) if env.used_pid[0] else [(0, 0, 0)]
     size = [0] * len(loops["loops"])
     parent: dict = {}
@@ -554,6 +586,8 @@ def dynamic_instructions(fn, loops: dict, values: dict, grid: tuple) -> tuple[fl
             if children and (fallback is None or width < spans[fallback][1] - spans[fallback][0]):
                 fallback = key
             inside = sum(n for k, n in by_file.get(key[0], {}).items() if lo <= int(k) <= hi)
+            inside += sum(n for f, flo, fhi in _helper_lines(key, spans, calls)
+                          for k, n in by_file.get(f, {}).items() if flo <= int(k) <= fhi and not lo <= int(k) <= hi)
             if total and inside * 2 >= total and (best is None or width < spans[best][1] - spans[best][0]):
                 best = key
         best = best or fallback
@@ -1407,6 +1441,144 @@ def cuda_op_rows(ops, dtypes, archs, cache_dir: Path, log=print, shape_set: str 
                              + "".join(f"; {n}" for n in notes)))
                     log(f"static: cuda {arch} {op:<16}{label:<22}{dtype_name:<9}{len(launches):>3} launches, "
                         f"model / floor {rows[-1]['model_over_floor']}")
+# -- CUDA kernels with a known launch plan --------------------------------------------------------
+# The CUDA launchers pick blocks and grids at run time, so their kernels have no launch to read
+# trip counts from. An op that knows its own plan (ops/<op>/cuda.py `static_plan`: per kernel, the
+# number of blocks, warps per block, and trips per warp of each SASS loop, named by the loop
+# variable of its `for`) gets the same instruction model as the Triton kernels: SASS loops from
+# nvdisasm, matched to the innermost `for` of the .cu source (loops under `#pragma unroll` are
+# unrolled, no SASS loop) that holds at least half of their lines.
+
+_CU_FOR = re.compile(r"\bfor\s*\(\s*(?:const\s+)?(?:int|int64_t|unsigned|auto)\s+(\w+)")
+
+
+def cu_source_loops(text: str) -> dict[int, tuple[int, int, str]]:
+    """{line of a `for`: (first line, last line, loop variable)} of the loops of a .cu source that
+    are not fully unrolled; the span runs to the brace that closes the loop's body."""
+    lines = text.splitlines()
+    out = {}
+    for i, line in enumerate(lines):
+        m = _CU_FOR.search(line)
+        if not m or (i and lines[i - 1].strip() == "#pragma unroll"):
+            continue
+        depth, end, opened = 0, i, False
+        for j in range(i, len(lines)):
+            for ch in lines[j][m.end() if j == i else 0:]:
+                if ch == "{":
+                    depth, opened = depth + 1, True
+                elif ch == "}":
+                    depth -= 1
+            if opened and depth <= 0:
+                end = j
+                break
+            if not opened and lines[j].rstrip().endswith(";") and j > i:  # a body without braces
+                end = j
+                break
+        out[i + 1] = (i + 1, end + 1, m.group(1))
+    return out
+
+
+def cu_kernel_instructions(loops: dict, src: Path, trips: dict[str, float]) -> tuple[float | None, str]:
+    """Modelled warp-instructions per block of one CUDA kernel: `loops` from sass_loops, `trips`
+    {loop variable: trips per warp}; loops of other files (inlined helpers) count as their
+    enclosing loop's body."""
+    spans = cu_source_loops(src.read_text())
+    parent = {}
+    for chain, _n in loops["segments"]:
+        for depth, i in enumerate(chain):
+            parent[i] = chain[depth - 1] if depth else None
+    trip_of = {}
+    for i, loop in enumerate(loops["loops"]):
+        mine = {int(k): n for f, d in loop["lines"].items() if Path(f).name == src.name for k, n in d.items()}
+        total = sum(mine.values())
+        best = None
+        for line, (lo, hi, var) in spans.items():
+            inside = sum(n for k, n in mine.items() if lo <= k <= hi)
+            if total and inside * 2 >= total and (best is None or hi - lo < spans[best][1] - spans[best][0]):
+                best = line
+        if best is None:
+            return None, f"SASS loop {i} matches no loop of {src.name}"
+        var = spans[best][2]
+        if var not in trips:
+            return None, f"no trip count for the loop over {var} ({src.name}:{best})"
+        trip_of[i] = trips[var]
+    return sum(n * math.prod(trip_of[i] for i in chain) for chain, n in loops["segments"]), ""
+
+
+def _cu_function_sass(disasm: str) -> dict[str, str]:
+    """nvdisasm -g output of a cubin -> {mangled function name: its text}."""
+    out, name, buf = {}, None, []
+    for line in disasm.splitlines():
+        m = re.match(r"\s*\.text\.(\S+?):?\s*$", line) or re.match(r"\s*\.section\s+\.text\.([^,\s]+)", line)
+        if m and m.group(1) != name:
+            if name is not None:
+                out.setdefault(name, "\n".join(buf))
+            name, buf = m.group(1), []
+        elif name is not None:
+            buf.append(line)
+    if name is not None:
+        out.setdefault(name, "\n".join(buf))
+    return out
+
+
+def cu_planned_rows(op: str, archs, cache_dir: Path, log=print) -> list[dict]:
+    """Op rows (kind cuda) with instr_per_elem_fwd / _bwd for an op whose cuda.py has a
+    `static_plan(shapes, dtype_name)` -> {phase: [(part of the kernel name, blocks, warps, trips)]};
+    instructions per element of the first input, as for the Triton rows."""
+    import importlib  # noqa: PLC0415
+
+    from . import cases  # noqa: PLC0415
+
+    try:
+        plan_of = getattr(importlib.import_module(f"segkd_kernels.ops.{op}.cuda"), "static_plan", None)
+    except ModuleNotFoundError:  # a benchmark variant (e.g. ssim_kd_valid), not an op package
+        return []
+    nvcc = _nvcc()
+    if plan_of is None or nvcc is None:
+        return []
+    src = REPO / "csrc" / f"{op}.cu"
+    rows = []
+    for arch in archs:
+        cc = ARCHS[arch][0]
+        text = src.read_bytes() + (REPO / "csrc" / "common.cuh").read_bytes()
+        key = hashlib.sha256(text + f"{cc}{nvcc}loops".encode()).hexdigest()[:24]
+        cached = Path(cache_dir) / "facts" / f"cuda_loops_{src.stem}_{key}.json"
+        if cached.exists():
+            loops = json.loads(cached.read_text())
+        else:
+            with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+                cubin = Path(tmp) / "k.cubin"
+                subprocess.run([nvcc, "-cubin", f"-arch=sm_{cc}", "-O3", "-lineinfo", "--expt-relaxed-constexpr",
+                                "-std=c++17", f"-I{REPO / 'csrc'}", str(src), "-o", str(cubin)], check=True,
+                               capture_output=True)
+                funcs = _cu_function_sass(_sass_of_cubin(cubin.read_bytes(), Path(tmp), lines=True))
+            names = _demangle(list(funcs))
+            loops = {names[m]: sass_loops(t) for m, t in funcs.items()}
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            cached.write_text(json.dumps(loops))
+        for shapes in cases.CASES[op].shapes:
+            elements = math.prod(shapes[0])
+            for dtype_name in DTYPE_NAMES:
+                per_phase, notes = {}, []
+                for phase, kernels in plan_of(shapes, dtype_name).items():
+                    total = 0.0
+                    for prefix, blocks, warps, trips in kernels:
+                        found = [k for k in loops if prefix in k]
+                        instr, why = cu_kernel_instructions(loops[found[0]], src, trips) if found else (
+                            None, f"{prefix} not in the cubin")
+                        if instr is None:
+                            notes.append(why)
+                            total = None
+                            break
+                        total += instr * 32 * warps * blocks
+                    per_phase[phase] = total
+                rows.append(dict(
+                    row="op", arch=arch, kind="cuda", op=op, shape=cases.shape_label(shapes), dtype=dtype_name,
+                    phase="full", kernel="(planned launches)",
+                    instr_per_elem_fwd=_per_elem(per_phase.get("forward"), elements),
+                    instr_per_elem_bwd=_per_elem(per_phase.get("backward"), elements),
+                    note="instruction model from the launch plan of ops/" + op + "/cuda.py static_plan"
+                         + "".join(f"; no instruction model for {n}" for n in notes)))
     return rows
 
 
@@ -1440,6 +1612,8 @@ def run_static(ops, dtypes=DTYPE_NAMES, archs=tuple(ARCHS), out_dir: Path = DEFA
     if cuda:
         rows += cuda_rows(archs, cache_dir, log)
         rows += cuda_op_rows(ops, dtypes, archs, cache_dir, log, shape_set)
+        for op in ops:
+            rows += cu_planned_rows(op, archs, cache_dir, log)
     paths = {}
     for arch in archs:
         paths[arch] = out_dir / f"static_{arch.replace('_', '')}.csv"

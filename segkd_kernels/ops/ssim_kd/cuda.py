@@ -137,3 +137,25 @@ def _backward(ctx, grad_loss, _grad_dmaps, _grad_stats):
 
 
 ssim_kd_cuda.register_autograd(_backward, setup_context=_setup_context)
+
+
+def static_plan(shapes, dtype_name: str, window_size: int = 11) -> dict:
+    """The launches of the benchmark call (reflect padding, `window_size`) on a (N, C, H, W) input,
+    for the static report's instruction model: {phase: [(kernel name part, blocks, warps per block,
+    {loop variable: trips per warp})]}. Mirrors the launchers of csrc/ssim_kd.cu: 128 columns per
+    block (one per thread, 4 warps), strips of 64 rows (16 below 64 rows), the row loop advancing
+    `window_size` rows per step over the strip plus its window_size - 1 halo rows, and the halo
+    columns staged by `for (e = tid; e < K (K - 1); e += 128)`."""
+    n, c, h, w = shapes[0]
+    k, cols, warps = window_size, 128, 4
+    strip = 64 if h >= 64 else 16
+    tiles_x, tiles_y = -(-w // cols), -(-h // strip)
+    rows = [min(strip, h - y * strip) for y in range(tiles_y)]
+    row_trips = sum(-(-(r + k - 1) // k) for r in rows) / tiles_y
+    halo = k * (k - 1)
+    halo_trips = sum(-(-(halo - 32 * wp) // cols) if 32 * wp < halo else 0 for wp in range(warps)) / warps
+    kernel_t = {"float32": "float", "bfloat16": "__nv_bfloat16", "float16": "__half"}[dtype_name]
+    trips = {"i0": row_trips, "e": halo_trips}
+    blocks = n * c * tiles_x * tiles_y
+    return {"forward": [(f"ssim_forward_kernel<{k}, {kernel_t}>", blocks, warps, trips)],
+            "backward": [(f"ssim_backward_kernel<{k}, {kernel_t}>", blocks, warps, trips)]}

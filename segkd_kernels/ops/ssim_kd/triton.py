@@ -1,7 +1,6 @@
 """ssim_kd in Triton (docs/losses.md 5): fused forward and backward.
 
-Layout of the work: the grid is (N*C planes) x (row strips) x (column blocks), flattened into one
-axis. A program owns BC output columns (one per thread) and a strip of up to TH output rows, and
+Layout of the work: the grid is (N*C planes) x (row strips) x (column blocks). A program owns BC output columns (one per thread) and a strip of up to TH output rows, and
 walks down the strip one row at a time, so the K - 1 halo rows of the vertical filter are filtered
 once per strip, not once per row block.
 
@@ -30,8 +29,9 @@ d loss / d x = G^T P_mu + 2 x G^T P_xx + y G^T P_xy. G^T is separable like G, an
 is again a K-slot gather over the partial maps with per-slot weights: the adjoint of the padding is
 folded into those weights (reflect: a pixel also collects the taps of the padded positions that
 reflect onto it), so there is no padded buffer and no fold pass. Columns carry their weights per
-thread as in the forward; rows use the plain taps except the R rows at each end of a reflect map,
-whose folded weights are computed when the strip reaches them. The same row walk with a register
+thread as in the forward; rows use the plain taps (zeros, valid) or, for reflect, the row's
+folded weights from a small host table (_row_table: one uniform load per window slot, no branch
+on edge rows). The same row walk with a register
 window as the forward, three maps instead of five, then the combination with x and y and the
 rescaling factor, written in the student's dtype. Under normalize, d x / d s is 1 / (max - min)
 per (n, c), and exactly 0 for a flat map (reference: RANGE_EPS).
@@ -68,6 +68,29 @@ def _taps(window: int, sigma: float, device) -> torch.Tensor:
     key = (window, sigma, str(device))
     if key not in _TAPS:
         _TAPS[key] = gaussian_taps(window, sigma, torch.float32, "cpu").to(device)
+    return _TAPS[key]
+
+
+def _row_table(h: int, window: int, sigma: float, device) -> torch.Tensor:
+    """(h, window) fp32: entry [p, k] weights map row p - R + k in the backward's vertical adjoint
+    of input row p under reflect padding (the taps, plus the taps of the padded rows -p and
+    2 (h - 1) - p that reflect onto p; fp32 sums in the order of _weight). Made once per
+    (h, window, sigma, device), like the taps."""
+    key = ("rows", h, window, sigma, str(device))
+    if key not in _TAPS:
+        g = gaussian_taps(window, sigma, torch.float32, "cpu")
+        r = window // 2
+        p = torch.arange(h)[:, None]
+        q = p - r + torch.arange(window)[None, :]
+
+        def tap(d):
+            inside = (d >= -r) & (d <= r)
+            return torch.where(inside, g[(d + r).clamp(0, window - 1)], torch.zeros(()))
+
+        w = tap(q - p)
+        w = w + tap(-q - p) * (p >= 1).to(torch.float32)
+        w = w + tap(2 * (h - 1) - q - p) * (p <= h - 2).to(torch.float32)
+        _TAPS[key] = w.contiguous().to(device)
     return _TAPS[key]
 
 
@@ -144,6 +167,22 @@ def _slots(taps_ptr, cols, n_src, n_axis, K: tl.constexpr, PAD: tl.constexpr, FO
 
 
 @triton.jit
+def _load_taps(taps_ptr, K: tl.constexpr):
+    """The K taps as a tuple of scalars (operands of the vertical pass's FMAs)."""
+    taps = ()
+    for k in tl.static_range(K):
+        taps = taps + (tl.load(taps_ptr + k),)
+    return taps
+
+
+@triton.jit
+def _plane_scales(scales_ptr, n_planes, plane):
+    """min and 1 / range of the student's and the teacher's map `plane` (see _minmax_kernel)."""
+    return (tl.load(scales_ptr + plane), tl.load(scales_ptr + n_planes + plane),
+            tl.load(scales_ptr + 2 * n_planes + plane), tl.load(scales_ptr + 3 * n_planes + plane))
+
+
+@triton.jit
 def _minmax_kernel(s_ptr, t_ptr, scales_ptr, n_planes, plane_size, range_eps, BLOCK: tl.constexpr):
     """scales[0/1/2/3, plane] = min(s), 1 / (max(s) - min(s)) or 0 if flat, same for t.
 
@@ -184,10 +223,11 @@ def _minmax_kernel(s_ptr, t_ptr, scales_ptr, n_planes, plane_size, range_eps, BL
 
 
 @triton.jit
-def _fwd_row(s_plane, t_plane, row_off, idx, wts, lo_x, sc_x, lo_y, sc_y, K: tl.constexpr,
-             NORMALIZE: tl.constexpr):
-    """Horizontal pass of one input row: the five filtered products at the block's columns.
-    Offsets are 32-bit inside the map (row_off + slot column), one wide add per pointer."""
+def _fwd_row(s_plane, t_plane, row_off, idx, wts, lo_x, lo_y, K: tl.constexpr, NORMALIZE: tl.constexpr):
+    """Horizontal pass of one input row: the five filtered products at the block's columns, of
+    x - min and y - min under normalize (the rescaling factors are applied once per output pixel,
+    after the vertical pass: the filter is linear). Offsets are 32-bit inside the map (row_off +
+    slot column), one wide add per pointer (a 64-bit row pointer plus the slot costs more)."""
     h_x = tl.zeros_like(wts[0])
     h_y = tl.zeros_like(wts[0])
     h_xx = tl.zeros_like(wts[0])
@@ -198,8 +238,8 @@ def _fwd_row(s_plane, t_plane, row_off, idx, wts, lo_x, sc_x, lo_y, sc_y, K: tl.
         x = tl.load(s_plane + off).to(tl.float32)
         y = tl.load(t_plane + off).to(tl.float32)
         if NORMALIZE:
-            x = (x - lo_x) * sc_x
-            y = (y - lo_y) * sc_y
+            x = x - lo_x
+            y = y - lo_y
         gx = wts[k] * x
         gy = wts[k] * y
         h_x += gx
@@ -276,34 +316,27 @@ def _ssim_fwd_kernel(s_ptr, t_ptr, taps_ptr, scales_ptr, loss_part_ptr, partials
                      H, W, HO, WO, n_planes, n_strips, n_ctiles, TH, c1, c2, map_eps,
                      K: tl.constexpr, PAD: tl.constexpr, NORMALIZE: tl.constexpr, STORE: tl.constexpr,
                      BC: tl.constexpr):
-    pid = tl.program_id(0)
-    ctile = pid % n_ctiles
-    rest = pid // n_ctiles
-    strip = rest % n_strips
-    plane = (rest // n_strips).to(tl.int64)
-    R: tl.constexpr = K // 2
-    OFF: tl.constexpr = 0 if PAD == 2 else R
+    plane = tl.program_id(0).to(tl.int64)
+    strip = tl.program_id(1)
+    ctile = tl.program_id(2)
+    OFF: tl.constexpr = 0 if PAD == 2 else K // 2
     o0 = strip * TH
     n_rows = tl.minimum(TH, HO - o0)
     cols = ctile * BC + tl.arange(0, BC)
     col_ok = cols < WO
     idx, wts = _slots(taps_ptr, cols, W, W, K, PAD, True, OFF)
-    taps = ()
-    for k in tl.static_range(K):
-        taps = taps + (tl.load(taps_ptr + k),)
+    taps = _load_taps(taps_ptr, K)
 
     if NORMALIZE:
         # x' = (x - min) * scale: the difference first, exact near the minimum (x * scale - min *
         # scale would round min * scale, a large error when the map's offset dwarfs its range)
-        lo_x = tl.load(scales_ptr + plane)
-        sc_x = tl.load(scales_ptr + n_planes + plane)
-        lo_y = tl.load(scales_ptr + 2 * n_planes + plane)
-        sc_y = tl.load(scales_ptr + 3 * n_planes + plane)
+        lo_x, sc_x, lo_y, sc_y = _plane_scales(scales_ptr, n_planes, plane)
+        sc_xx = sc_x * sc_x
+        sc_yy = sc_y * sc_y
+        sc_xy = sc_x * sc_y
     else:
         lo_x = 0.0
-        sc_x = 1.0
         lo_y = 0.0
-        sc_y = 1.0
     s_plane = s_ptr + plane * H * W
     t_plane = t_ptr + plane * H * W
 
@@ -327,8 +360,8 @@ def _ssim_fwd_kernel(s_ptr, t_ptr, taps_ptr, scales_ptr, loss_part_ptr, partials
                 if PAD == 0:
                     row = _reflect(row, H)
                 row_c = tl.minimum(tl.maximum(row, 0), H - 1)
-                h_x, h_y, h_xx, h_yy, h_xy = _fwd_row(s_plane, t_plane, row_c * W, idx, wts,
-                                                      lo_x, sc_x, lo_y, sc_y, K, NORMALIZE)
+                h_x, h_y, h_xx, h_yy, h_xy = _fwd_row(s_plane, t_plane, row_c * W, idx, wts, lo_x, lo_y,
+                                                      K, NORMALIZE)
                 if PAD == 1:
                     # zero padding pads the rescaled map: rows outside are 0
                     row_ok = (row >= 0) & (row < H)
@@ -343,11 +376,20 @@ def _ssim_fwd_kernel(s_ptr, t_ptr, taps_ptr, scales_ptr, loss_part_ptr, partials
                 w_yy = _put(w_yy, j, h_yy, K)
                 w_xy = _put(w_xy, j, h_xy, K)
                 if i >= K - 1:
-                    acc = _fwd_out(_dot_ring(taps, w_x, j, K), _dot_ring(taps, w_y, j, K),
-                                   _dot_ring(taps, w_xx, j, K), _dot_ring(taps, w_yy, j, K),
-                                   _dot_ring(taps, w_xy, j, K), acc, col_ok, c1, c2, map_eps, partials_ptr,
+                    mu_x = _dot_ring(taps, w_x, j, K)
+                    mu_y = _dot_ring(taps, w_y, j, K)
+                    e_xx = _dot_ring(taps, w_xx, j, K)
+                    e_yy = _dot_ring(taps, w_yy, j, K)
+                    e_xy = _dot_ring(taps, w_xy, j, K)
+                    if NORMALIZE:  # statistics of (x - min) * scale: linear and quadratic in the scale
+                        mu_x *= sc_x
+                        mu_y *= sc_y
+                        e_xx *= sc_xx
+                        e_yy *= sc_yy
+                        e_xy *= sc_xy
+                    acc = _fwd_out(mu_x, mu_y, e_xx, e_yy, e_xy, acc, col_ok, c1, c2, map_eps, partials_ptr,
                                    plane * map_size + (o0 + i - (K - 1)) * WO + cols, STORE)
-    tl.store(loss_part_ptr + pid, tl.sum(acc, axis=0))
+    tl.store(loss_part_ptr + (plane * n_strips + strip) * n_ctiles + ctile, tl.sum(acc, axis=0))
 
 
 @triton.jit
@@ -369,45 +411,38 @@ def _bwd_row(p_row, idx, wts, K: tl.constexpr):
 
 
 @triton.jit
-def _row_weights(taps_ptr, p, H, K: tl.constexpr):
-    """Folded reflect weights of the K window rows p - R .. p + R for output row p."""
-    R: tl.constexpr = K // 2
+def _row_weights(rows_ptr, p, K: tl.constexpr):
+    """Folded reflect weights of the K window rows p - R .. p + R for output row p: row p of the
+    host's table (_row_table), one uniform load per slot, no branch on the row."""
     w = ()
     for k in tl.static_range(K):
-        w = w + (_weight(taps_ptr, p, p - R + k, H, K, 0, False),)
+        w = w + (tl.load(rows_ptr + p * K + k),)
     return w
 
 
 @triton.jit
-def _ssim_bwd_kernel(partials_ptr, s_ptr, t_ptr, taps_ptr, scales_ptr, gscale_ptr, out_ptr,
+def _ssim_bwd_kernel(partials_ptr, s_ptr, t_ptr, taps_ptr, rows_ptr, scales_ptr, gscale_ptr, out_ptr,
                      H, W, HO, WO, n_planes, n_strips, n_ctiles, TH,
                      K: tl.constexpr, PAD: tl.constexpr, NORMALIZE: tl.constexpr, BC: tl.constexpr):
     """d loss / d s over a strip of input rows: adjoint filter of the three partial maps, combined
     with x and y. Output pixel p collects from the map pixels within R of it (reflect, zeros; with
     the folded reflect weights) or from p - K + 1 .. p (valid)."""
-    pid = tl.program_id(0)
-    ctile = pid % n_ctiles
-    rest = pid // n_ctiles
-    strip = rest % n_strips
-    plane = (rest // n_strips).to(tl.int64)
-    R: tl.constexpr = K // 2
-    OFF: tl.constexpr = K - 1 if PAD == 2 else R
+    plane = tl.program_id(0).to(tl.int64)
+    strip = tl.program_id(1)
+    ctile = tl.program_id(2)
+    OFF: tl.constexpr = K - 1 if PAD == 2 else K // 2
     p0 = strip * TH
     n_rows = tl.minimum(TH, H - p0)
     cols = ctile * BC + tl.arange(0, BC)
     col_ok = cols < W
     idx, wts = _slots(taps_ptr, cols, WO, W, K, PAD, False, OFF)
-    taps = ()
-    for k in tl.static_range(K):
-        taps = taps + (tl.load(taps_ptr + k),)
+    if PAD != 0:  # reflect reads its row weights from the table
+        taps = _load_taps(taps_ptr, K)
     map_size = HO * WO
     p_plane = partials_ptr + plane * map_size * 4
 
     if NORMALIZE:
-        lo_x = tl.load(scales_ptr + plane)
-        sc_x = tl.load(scales_ptr + n_planes + plane)
-        lo_y = tl.load(scales_ptr + 2 * n_planes + plane)
-        sc_y = tl.load(scales_ptr + 3 * n_planes + plane)
+        lo_x, sc_x, lo_y, sc_y = _plane_scales(scales_ptr, n_planes, plane)
         g = tl.load(gscale_ptr) * sc_x
     else:
         g = tl.load(gscale_ptr)
@@ -437,15 +472,10 @@ def _ssim_bwd_kernel(partials_ptr, s_ptr, t_ptr, taps_ptr, scales_ptr, gscale_pt
                 if i >= K - 1:
                     p = p0 + i - (K - 1)
                     if PAD == 0:
-                        if (p <= R) | (p >= H - 1 - R):
-                            rw = _row_weights(taps_ptr, p, H, K)
-                            z_mu = _dot_ring(rw, w_mu, j, K)
-                            z_xx = _dot_ring(rw, w_xx, j, K)
-                            z_xy = _dot_ring(rw, w_xy, j, K)
-                        else:
-                            z_mu = _dot_ring(taps, w_mu, j, K)
-                            z_xx = _dot_ring(taps, w_xx, j, K)
-                            z_xy = _dot_ring(taps, w_xy, j, K)
+                        rw = _row_weights(rows_ptr, p, K)
+                        z_mu = _dot_ring(rw, w_mu, j, K)
+                        z_xx = _dot_ring(rw, w_xx, j, K)
+                        z_xy = _dot_ring(rw, w_xy, j, K)
                     else:
                         z_mu = _dot_ring(taps, w_mu, j, K)
                         z_xx = _dot_ring(taps, w_xx, j, K)
@@ -465,6 +495,12 @@ def _out_size(h: int, w: int, window: int, padding: str) -> tuple[int, int]:
     if padding == "valid":
         return h - window + 1, w - window + 1
     return h, w
+
+
+def _check_grid(n_strips: int, n_ctiles: int) -> None:
+    # grid axes 1 and 2 (row strips, column blocks) hold at most 65535 programs each
+    if max(n_strips, n_ctiles) > 65535:
+        raise ValueError(f"ssim_kd: map too large for one launch ({n_strips} row strips x {n_ctiles} column blocks)")
 
 
 def _scales(s: torch.Tensor, t: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -497,14 +533,14 @@ def ssim_kd_triton(student: torch.Tensor, teacher: torch.Tensor, window_size: in
     taps = _taps(window_size, sigma, s.device)
     th, bc = _tiles(ho, wo)
     n_strips = triton.cdiv(ho, th)
+    _check_grid(n_strips, triton.cdiv(wo, bc))
     n_ctiles = triton.cdiv(wo, bc)
-    programs = n * c * n_strips * n_ctiles
-    loss_parts = torch.empty(programs, dtype=torch.float32, device=s.device)
+    loss_parts = torch.empty(n * c * n_strips * n_ctiles, dtype=torch.float32, device=s.device)
     if need_partials:
         partials = torch.empty(n * c, ho, wo, 4, dtype=torch.float32, device=s.device)
     else:
         partials = torch.empty(0, dtype=torch.float32, device=s.device)
-    _ssim_fwd_kernel[(programs,)](
+    _ssim_fwd_kernel[(n * c, n_strips, n_ctiles)](
         # without partials the kernel never writes them; it still gets a valid (non-null) pointer
         s, t, taps, scales, loss_parts, partials if need_partials else loss_parts,
         h, w, ho, wo, n * c, n_strips, n_ctiles, th,
@@ -530,9 +566,11 @@ def ssim_kd_backward_triton(grad_loss: torch.Tensor, student: torch.Tensor, teac
     grad = torch.empty(n, c, h, w, dtype=student.dtype, device=s.device)
     th, bc = _tiles(h, w)
     n_strips = triton.cdiv(h, th)
+    _check_grid(n_strips, triton.cdiv(w, bc))
     n_ctiles = triton.cdiv(w, bc)
-    _ssim_bwd_kernel[(n * c * n_strips * n_ctiles,)](
-        partials, s, t, taps, scales, gscale, grad, h, w, ho, wo, n * c, n_strips, n_ctiles, th,
+    rows = _row_table(h, window_size, sigma, s.device) if padding == "reflect" else taps
+    _ssim_bwd_kernel[(n * c, n_strips, n_ctiles)](
+        partials, s, t, taps, rows, scales, gscale, grad, h, w, ho, wo, n * c, n_strips, n_ctiles, th,
         K=window_size, PAD=PAD_CODES[padding], NORMALIZE=normalize, BC=bc, num_warps=max(1, bc // 32), **FP_FUSION)
     return grad
 
