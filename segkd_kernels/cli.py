@@ -204,7 +204,7 @@ def _add_compare(p) -> None:
     p.add_argument("--iters", type=int, help="iterations per student run (default: each config's; --iters leaves "
                                               "the teachers' budget as it is)")
     p.add_argument("--teacher-iters", type=int,
-                   help="iterations for the (cached) teachers (default: the preset's, 3000 in full; smoke: the "
+                   help="iterations for the (cached) teachers (default: the preset's, 1500 in full; smoke: the "
                         "config's)")
     p.add_argument("--seed-start", type=int, default=0,
                    help="run only seeds from this one on (split the seeds over processes; earlier seeds' finished "

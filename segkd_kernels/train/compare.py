@@ -41,8 +41,8 @@ import torch
 # Budgets. "full": the shipped synthetic configs as they are. "quick": a cut for a first look.
 # "smoke": seconds, for tests of the plumbing, never for results.
 PRESETS = {
-    # the teachers train once (cached) for 10x the students' 300 iterations: see _synthetic.yaml
-    "full": dict(teacher_iters=3000),
+    # the teachers train once (cached) for 5x the students' 300 iterations: see _synthetic.yaml
+    "full": dict(teacher_iters=1500),
     "quick": dict(image_size=48, train_images=1000, val_images=250, holdout_images=200, iters=150, teacher_iters=600),
     # 32 px: the smallest size at which every method runs (SKD pools the 4x4 logit map to 2x2)
     "smoke": dict(image_size=32, train_images=8, val_images=2, holdout_images=2, iters=2, batch_size=4,
@@ -272,7 +272,8 @@ class _Pool:
             # spawn: a fresh interpreter per worker, no forked copy of this process's torch thread pools
             self.ex = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
-    def map(self, jobs: list) -> list[dict]:
+    def submit(self, jobs: list) -> list:
+        """Starts `jobs` (in this process: runs them now); collect() gives their results."""
         if self.ex is None:
             out = []
             for cfg, overwrite, label in jobs:
@@ -282,9 +283,13 @@ class _Pool:
                     self.log(line)
                 out.append(r)
             return out
-        futures = [self.ex.submit(_run_one, cfg, overwrite, label, self.threads or 1) for cfg, overwrite, label in jobs]
+        return [self.ex.submit(_run_one, cfg, overwrite, label, self.threads or 1) for cfg, overwrite, label in jobs]
+
+    def collect(self, handles: list) -> list[dict]:
+        if self.ex is None:
+            return handles
         out = []
-        for f in futures:  # logged in plan order, each run's lines together
+        for f in handles:  # logged in submission order, each run's lines together
             r, lines = f.result()
             for line in lines:
                 self.log(line)
@@ -383,20 +388,18 @@ def run_compare(*, methods: list[str] | None = None, seeds: int = 5, iters: int 
     t0, cpu0 = time.perf_counter(), cpu_seconds()
     pool = _Pool(workers, threads, log)
     try:
-        tres = pool.map([(t, overwrite, f"teacher {t.teacher.arch}-{t.teacher.backbone}"
-                          + (" (label-assisted)" if t.method == "lad" else "") + f" [{path}]")
-                         for path, t in teachers.items()])
-        tres = dict(zip(teachers, tres))
-        for r in runs:
-            if r["teacher"]:
-                r["cfg"].teacher.checkpoint = tres[r["teacher"]]["checkpoint"]
-        # every student run once (a student-alone run serves every method of its seed), in plan order
-        todo, results = {}, {}
+        thandles = pool.submit([(t, overwrite, f"teacher {t.teacher.arch}-{t.teacher.backbone}"
+                                 + (" (label-assisted)" if t.method == "lad" else "") + f" [{path}]")
+                                for path, t in teachers.items()])
+        # every student run once (a student-alone run serves every method of its seed), in plan order; those
+        # that need no teacher (students alone, the controls) start while the teachers train
+        free, need, results = {}, {}, {}
         for r in runs:
             b = baselines[r["base"]]
-            for c, label in ((b, f"student alone ({b.student.arch})"),
-                             (r["cfg"], r["name"] + ("" if r["factor"] == 1.0 else f" x{r['factor']:g}"))):
-                if c.out in todo or c.out in results:
+            for c, label, t in ((b, f"student alone ({b.student.arch})", None),
+                                (r["cfg"], r["name"] + ("" if r["factor"] == 1.0 else f" x{r['factor']:g}"),
+                                 r["teacher"])):
+                if c.out in free or c.out in need or c.out in results:
                     continue
                 if c.seed < seed_start and c.data.val_split == "val":
                     done = os.path.join(c.out, "metrics.json")  # another process's share: collect it if finished
@@ -404,8 +407,15 @@ def run_compare(*, methods: list[str] | None = None, seeds: int = 5, iters: int 
                         with open(done) as fh:
                             results[c.out] = json.load(fh)
                     continue
-                todo[c.out] = (c, overwrite, f"seed {c.seed} ({c.data.val_split}): {label}")
-        results.update(zip(todo, pool.map(list(todo.values()))))
+                (need if t else free)[c.out] = (c, overwrite, f"seed {c.seed} ({c.data.val_split}): {label}")
+        fhandles = pool.submit(list(free.values()))
+        tres = dict(zip(teachers, pool.collect(thandles)))
+        for r in runs:
+            if r["teacher"]:
+                r["cfg"].teacher.checkpoint = tres[r["teacher"]]["checkpoint"]
+        nhandles = pool.submit(list(need.values()))
+        results.update(zip(free, pool.collect(fhandles)))
+        results.update(zip(need, pool.collect(nhandles)))
     finally:
         pool.close()
     cost = {"wall_seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(cpu_seconds() - cpu0, 1)}
@@ -426,11 +436,10 @@ def run_compare(*, methods: list[str] | None = None, seeds: int = 5, iters: int 
                  for p, res in results.items() if p in baselines]
     # what the finished runs cost when they were trained (whichever invocation trained them): teachers and the
     # val-split runs are the comparison, the holdout runs the sweep
+    students = {**baselines, **{r["cfg"].out: r["cfg"] for r in runs}}
     spent = {"teachers": [run_cost(p) for p in teachers],
-             "main": [run_cost(p) for p, c in {**baselines, **{r["cfg"].out: r["cfg"] for r in runs}}.items()
-                      if c.data.val_split == "val" and p in results],
-             "sweep": [run_cost(p) for p, c in {**baselines, **{r["cfg"].out: r["cfg"] for r in runs}}.items()
-                       if c.data.val_split != "val" and p in results]}
+             "main": [run_cost(p) for p, c in students.items() if c.data.val_split == "val" and p in results],
+             "sweep": [run_cost(p) for p, c in students.items() if c.data.val_split != "val" and p in results]}
     for k, v in spent.items():
         cost[f"{k}_runs"] = len(v)
         for unit in ("cpu_seconds", "wall_seconds"):
