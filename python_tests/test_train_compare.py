@@ -228,3 +228,22 @@ def test_aspp_rates_reach_the_model_and_its_spec():
     cfg.student.aspp_rates = (0, 2)
     with pytest.raises(ConfigError, match="aspp_rates: expected a list of positive integer"):
         validate(cfg, need_teacher_file=False)
+
+
+def test_conclusions_follow_the_intervals():
+    # three seeds; kd beats the student alone on every seed by 2 +- 0.1, ssim is +-1 around 0, and the control
+    # sits 1 above the student alone: kd beats it too (paired by seed: +1 +- 0.1)
+    rows, base = [], {0: 20.0, 1: 22.0, 2: 21.0}
+    for s, b in base.items():
+        for name, d in (("kd", 2.0 + 0.1 * (s - 1)), ("ssim", (-1.0, 1.0, 0.2)[s]), ("balanced_ce", 1.0)):
+            rows.append({"kind": "main", "method": name, "seed": s, "student": "x", "miou": b + d, "diff": d,
+                         "sec_per_iter": 0.1, "factor": 1.0})
+    summary = compare.summarize(rows, [{"student": "x", "split": "val", "seed": s, "miou": b, "sec_per_iter": 0.1}
+                                       for s, b in base.items()], {})
+    kd_vs = next(v for v in summary["vs_controls"] if v["method"] == "kd")
+    assert kd_vs["control"] == "balanced_ce" and kd_vs["mean"] == pytest.approx(1.0) and kd_vs["lo"] > 0
+    text = compare.conclusions(summary)
+    assert "- better than the student alone: kd, balanced_ce (control)" in text
+    assert "- not distinguishable from the student alone: ssim" in text
+    assert "- better than the control balanced_ce: kd (+1.00" in text and "worse: none" in text
+    assert "std 1.00 over 3 seeds" in text

@@ -472,6 +472,17 @@ def summarize(rows: list[dict], base_rows: list[dict], teachers: dict) -> dict:
                      "miou_mean": statistics.fmean(r["miou"] for r in rs),
                      "sec_per_iter": statistics.fmean(r["sec_per_iter"] for r in rs),
                      "control": name == "balanced_ce" or name.endswith(":onehot")})
+    # each method against each control, paired by seed (the difference of their mIoUs on the seeds both have)
+    controls = [m["method"] for m in main if m["control"]]
+    by = {(r["method"], r["seed"]): r["miou"] for r in rows if r["kind"] == "main"}
+    vs_controls = []
+    for m in main:
+        if m["control"]:
+            continue
+        for c in controls:
+            seeds = sorted(s for (n, s) in by if n == m["method"] and (c, s) in by)
+            vs_controls.append({"method": m["method"], "control": c,
+                                **paired_stats([by[(m["method"], s)] - by[(c, s)] for s in seeds])})
     sweep = []
     for name in dict.fromkeys(r["method"] for r in rows if r["kind"] == "sweep"):
         per = []
@@ -496,7 +507,41 @@ def summarize(rows: list[dict], base_rows: list[dict], teachers: dict) -> dict:
         if "no_label" in r["metrics"]:  # the label-assisted teacher with its label channel zeroed
             t["miou_no_label"] = r["metrics"]["no_label"]["miou"]
         tlist.append(t)
-    return {"main": main, "sweep": sweep, "students": students, "teachers": tlist}
+    return {"main": main, "vs_controls": vs_controls, "sweep": sweep, "students": students, "teachers": tlist}
+
+
+def _verdict(st: dict) -> str:
+    """What a 95% interval of a paired difference supports: above 0, below 0, or neither."""
+    if st["n"] < 2:
+        return "one seed: no interval"
+    return "above 0" if st["lo"] > 0 else "below 0" if st["hi"] < 0 else "includes 0"
+
+
+def conclusions(summary: dict) -> str:
+    """The statements the intervals support, and the margins of the task (teacher over student alone, the
+    student's spread over seeds)."""
+    main = summary["main"]
+    lines = ["What the 95% intervals support (paired by seed; an interval that includes 0 supports no claim "
+             "either way):", ""]
+    for label, verdict in (("better than the student alone", "above 0"), ("worse than the student alone", "below 0"),
+                           ("not distinguishable from the student alone", "includes 0")):
+        names = [m["method"] + (" (control)" if m["control"] else "") for m in main if _verdict(m) == verdict]
+        lines.append(f"- {label}: {', '.join(names) if names else 'none'}")
+    for c in dict.fromkeys(v["control"] for v in summary.get("vs_controls", [])):
+        vs = [v for v in summary["vs_controls"] if v["control"] == c]
+        above = [f"{v['method']} ({_f(v['mean'])} [{_f(v['lo'])}, {_f(v['hi'])}])" for v in vs
+                 if _verdict(v) == "above 0"]
+        below = [f"{v['method']} ({_f(v['mean'])} [{_f(v['lo'])}, {_f(v['hi'])}])" for v in vs
+                 if _verdict(v) == "below 0"]
+        lines.append(f"- better than the control {c}: {', '.join(above) if above else 'none'}; worse: "
+                     f"{', '.join(below) if below else 'none'}")
+    plain = [t for t in summary["teachers"] if "miou_no_label" not in t]
+    for s in summary["students"]:
+        margin = [f"{t['teacher']} {t['miou']:.2f} mIoU, {t['miou'] - s['miou_mean']:+.2f} over the student alone's mean"
+                  for t in plain]
+        lines += ["", f"Margins: student alone ({s['student']}) {s['miou_mean']:.2f} mIoU, std "
+                      f"{_f(s['miou_std'], '.2f')} over {s['n']} seeds; teacher: {'; '.join(margin) or 'none'}."]
+    return "\n".join(lines)
 
 
 def _f(x: float, fmt: str = "+.2f") -> str:
@@ -557,7 +602,12 @@ def _extra_tables(summary: dict) -> str:
     lines += ["", "| student alone | seeds | mIoU mean | std over seeds |", "|---|---|---|---|"]
     for s in summary["students"]:
         lines.append(f"| {s['student']} | {s['n']} | {s['miou_mean']:.2f} | {_f(s['miou_std'], '.2f')} |")
-    return "\n".join(lines)
+    if summary.get("vs_controls"):
+        lines += ["", "| method | vs control | seeds | paired diff | 95% CI |", "|---|---|---|---|---|"]
+        for v in summary["vs_controls"]:
+            lines.append(f"| {v['method']} | {v['control']} | {v['n']} | {_f(v['mean'])} | "
+                         f"[{_f(v['lo'])}, {_f(v['hi'])}] |")
+    return "\n".join(lines) + "\n\n" + conclusions(summary)
 
 
 def write_results(out: str, rows: list[dict], summary: dict, meta: dict) -> None:
