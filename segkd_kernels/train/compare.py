@@ -285,6 +285,17 @@ class _Pool:
             return out
         return [self.ex.submit(_run_one, cfg, overwrite, label, self.threads or 1) for cfg, overwrite, label in jobs]
 
+    def as_finished(self, handles: dict):
+        """(key, result) of each of `handles` ({key: handle}) as it finishes (in this process: in order)."""
+        if self.ex is None:
+            yield from handles.items()
+            return
+        import concurrent.futures
+
+        keys = {f: k for k, f in handles.items()}
+        for f in concurrent.futures.as_completed(keys):
+            yield keys[f], self.collect([f])[0]
+
     def collect(self, handles: list) -> list[dict]:
         if self.ex is None:
             return handles
@@ -409,13 +420,17 @@ def run_compare(*, methods: list[str] | None = None, seeds: int = 5, iters: int 
                     continue
                 (need if t else free)[c.out] = (c, overwrite, f"seed {c.seed} ({c.data.val_split}): {label}")
         fhandles = pool.submit(list(free.values()))
-        tres = dict(zip(teachers, pool.collect(thandles)))
-        for r in runs:
-            if r["teacher"]:
-                r["cfg"].teacher.checkpoint = tres[r["teacher"]]["checkpoint"]
-        nhandles = pool.submit(list(need.values()))
+        # the runs of each teacher start as soon as it is trained (in the order the teachers finish)
+        tres, nhandles = {}, {}
+        for path, res in pool.as_finished(dict(zip(teachers, thandles))):
+            tres[path] = res
+            mine = [r for r in runs if r["teacher"] == path]
+            for r in mine:
+                r["cfg"].teacher.checkpoint = res["checkpoint"]
+            outs = list(dict.fromkeys(r["cfg"].out for r in mine if r["cfg"].out in need))
+            nhandles.update(zip(outs, pool.submit([need[o] for o in outs])))
         results.update(zip(free, pool.collect(fhandles)))
-        results.update(zip(need, pool.collect(nhandles)))
+        results.update(zip(nhandles, pool.collect(list(nhandles.values()))))
     finally:
         pool.close()
     cost = {"wall_seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(cpu_seconds() - cpu0, 1)}
