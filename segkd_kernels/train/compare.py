@@ -21,7 +21,15 @@ holdout split (never on the reported val split), with its own student-alone pair
 
 Everything is resumable: a finished run is reused (after checking its settings), an interrupted one
 continues from its checkpoint. Writes compare.md, .csv, .json and compare.png (matplotlib) to `out`,
-and sweep.md / .csv / .json when sweeping.
+and sweep.md / .csv / .json when sweeping; compare.md ends with what the intervals support (which
+methods are above / below the student alone and the controls) and the task's margins (teacher over the
+student alone, the student's spread over seeds).
+
+Cost: every run records the CPU time (user + system of its process) and wall time its training took in
+`cost.json` (summed over resumes), and the tables report the sums for the teachers, the val-split runs
+and the sweep, with this invocation's getrusage (self + children). `workers` > 1 trains that many runs at
+once in worker processes of `threads` (default 1) torch threads each; the runs that need no teacher
+(students alone, controls) start while the teachers train, and a teacher's runs as soon as it is trained.
 """
 
 from __future__ import annotations
