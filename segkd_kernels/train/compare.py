@@ -254,13 +254,20 @@ def _run_one(cfg, overwrite: bool, label: str, threads: int = 0) -> tuple[dict, 
         torch.set_num_threads(threads)
     lines = [label]
     c0, w0 = time.process_time(), time.perf_counter()
-    r = _run(cfg, lines.append, overwrite)
-    if not r.get("already_done"):
-        prev = {} if overwrite else run_cost(cfg.out)
-        cost = {"cpu_seconds": round(prev.get("cpu_seconds", 0.0) + time.process_time() - c0, 2),
-                "wall_seconds": round(prev.get("wall_seconds", 0.0) + time.perf_counter() - w0, 2)}
-        with open(os.path.join(cfg.out, COST_FILE), "w") as fh:
-            json.dump(cost, fh)
+    prev = {} if overwrite else run_cost(cfg.out)
+    r = {}
+    try:
+        r = _run(cfg, lines.append, overwrite)
+    finally:  # an interrupted run's share is recorded too (its resume adds the rest)
+        from .checkpoint import find_resume
+
+        # only beside a checkpoint: a folder without one must stay restartable from step 0 (which it is
+        # while it holds nothing but the run's own files)
+        if not r.get("already_done") and os.path.isdir(cfg.out) and find_resume(cfg.out) is not None:
+            cost = {"cpu_seconds": round(prev.get("cpu_seconds", 0.0) + time.process_time() - c0, 2),
+                    "wall_seconds": round(prev.get("wall_seconds", 0.0) + time.perf_counter() - w0, 2)}
+            with open(os.path.join(cfg.out, COST_FILE), "w") as fh:
+                json.dump(cost, fh)
     lines.append(f"  mIoU {r['metrics']['miou']:.2f}  {r['sec_per_iter']:.3f} s/iter")
     return {k: v for k, v in r.items() if k != "history"}, lines
 
