@@ -47,12 +47,14 @@ def test_t_quantile_rejects_bad_input():
 # --------------------------------------------------------------------------------------------- configs
 def test_each_method_runs_its_shipped_synthetic_config():
     cwd = compare.variant_config("cwd", "full", seed=3)
-    assert (cwd.student.arch, cwd.teacher.arch, cwd.distill.weights) == ("pspnet", "pspnet", {"cwd": 3.0})
+    assert (cwd.student.arch, cwd.teacher.arch, cwd.distill.weights) == ("deeplabv3plus", "deeplabv3plus", {"cwd": 3.0})
     attnfd = compare.variant_config("attnfd", "full", seed=0)
     assert attnfd.student.arch == attnfd.teacher.arch == "deeplabv3plus"
+    assert attnfd.distill.options["points"] == ["layer4_pre", "aspp", "decoder"]
     kd = compare.variant_config("kd", "full", seed=0)
-    assert kd.student.arch == kd.teacher.arch == "deeplabv3" and kd.student.aspp_rates == (2, 3, 4)
-    assert kd.iters == 600 and kd.data.options["val"]["num_images"] == 1000 and kd.seed == 0
+    assert kd.student.arch == kd.teacher.arch == "deeplabv3plus" and kd.student.aspp_rates == (1, 2, 3)
+    assert kd.iters == 300 and kd.data.options["val"]["num_images"] == 1000 and kd.seed == 0
+    assert compare.variant_config("lad", "full", seed=0).teacher.aux and not kd.teacher.aux
     # the sweep scales every loss weight, defaults included; the holdout split is evaluated
     skd = compare.variant_config("skd", "full", seed=0, factor=0.3, split="holdout")
     assert skd.distill.weights == pytest.approx({"pairwise": 3.0, "kd": 0.3}) and skd.data.val_split == "holdout"
@@ -61,18 +63,18 @@ def test_each_method_runs_its_shipped_synthetic_config():
 
 
 def test_pairs_share_the_student_run():
-    # kd and skd have the same student: they pair with the very same student-alone run (same seed,
-    # hence the same initial weights and batches); cwd's PSPNet student has its own
+    # every method has the same student: they pair with the very same student-alone run (same seed,
+    # hence the same initial weights and batches)
     key = lambda m: compare._key(compare._settings(compare.baseline_of(compare.variant_config(m, "full", seed=1))))
-    assert key("kd") == key("skd") == key("pfs") != key("cwd")
+    assert len({key(m) for m in (*compare.DEFAULT_METHODS, "cwd:onehot")}) == 1
     assert key("kd") != compare._key(compare._settings(compare.baseline_of(compare.variant_config("kd", "full",
                                                                                                seed=2))))
 
 
 def test_teacher_cache_key():
     t = lambda m: compare._teacher_config(compare.variant_config(m, "full", seed=0), "cache")
-    assert t("kd").out == t("skd").out == t("cirkd").out  # one plain DeepLabV3 teacher for these
-    assert len({t("kd").out, t("cwd").out, t("attnfd").out, t("lad").out}) == 4
+    # one plain teacher for every method but LAD, whose teacher reads the labels too
+    assert len({t(m).out for m in compare.DEFAULT_METHODS if m != "lad"}) == 1 and t("lad").out != t("kd").out
     kd = t("kd")
     assert compare.teacher_key(kd, code="a") != compare.teacher_key(kd, code="b")
     kd.iters += 1
@@ -159,6 +161,29 @@ def test_compare_sweep_on_holdout(tmp_path, capsys):
     assert cfg["distill"]["weights"]["kd"] == 3.0 and cfg["data"]["val_split"] == "holdout"
 
 
+def test_worker_processes_give_the_same_runs_and_record_their_cost(tmp_path, capsys):
+    # the same runs trained in two worker processes (one thread each) and in this process (one thread):
+    # each run seeds itself from its config, so the results are equal bit for bit
+    kw = dict(methods=["kd"], controls=["balanced_ce"], seeds=2, preset="smoke", overrides=SMOKE,
+              teacher_cache=str(tmp_path / "cache"))
+    assert compare.run_compare(out=str(tmp_path / "one"), **kw) == 0
+    assert compare.run_compare(out=str(tmp_path / "two"), workers=2, **kw) == 0
+    log = capsys.readouterr().out
+    assert log.count("training in") == 1 + 6 + 6 and log.count("finished earlier: reusing") == 1  # the teacher
+    one, two = (json.load(open(tmp_path / d / "compare.json")) for d in ("one", "two"))
+    assert [(r["method"], r["seed"], r["miou"]) for r in one["runs"]] == [
+        (r["method"], r["seed"], r["miou"]) for r in two["runs"]]
+    cost = two["meta"]["cost"]
+    assert two["meta"]["workers"] == 2 and cost["main_runs"] == 6 and cost["teachers_runs"] == 1
+    # every run's own record (CPU time of its process, wall time) is there and positive
+    for r in two["runs"]:
+        assert r["cpu_seconds"] > 0
+    assert cost["main_cpu_seconds"] > 0 and cost["teachers_cpu_seconds"] > 0 and cost["cpu_seconds"] > 0
+    assert "CPU / wall minutes" in open(tmp_path / "two" / "compare.md").read()
+    with pytest.raises(ConfigError, match="--workers"):
+        compare.run_compare(out=str(tmp_path / "bad"), workers=0, **kw)
+
+
 def test_iters_cut_the_students_not_the_teacher():
     cfg = compare.variant_config("kd", "full", seed=0, iters=50)
     assert cfg.iters == 50
@@ -172,9 +197,8 @@ def test_every_method_and_control_runs_through_compare(tmp_path):
         tmp_path / "log.txt", "w")) == 0
     main = json.load(open(out / "compare.json"))["summary"]["main"]
     assert [s["method"] for s in main] == [*compare.DEFAULT_METHODS, *compare.DEFAULT_CONTROLS]
-    # one teacher per teacher config: DeepLabV3 (kd, skd, pfs, cirkd, ssim), PSPNet (cwd), DeepLabV3+
-    # (attnfd), label-assisted DeepLabV3 (lad)
-    assert len(list((out / "teachers").iterdir())) == 4
+    # one teacher for every method, and LAD's label-assisted one
+    assert len(list((out / "teachers").iterdir())) == 2
 
 
 def test_runs_recorded_before_the_new_settings_still_resume():
@@ -204,3 +228,22 @@ def test_aspp_rates_reach_the_model_and_its_spec():
     cfg.student.aspp_rates = (0, 2)
     with pytest.raises(ConfigError, match="aspp_rates: expected a list of positive integer"):
         validate(cfg, need_teacher_file=False)
+
+
+def test_conclusions_follow_the_intervals():
+    # three seeds; kd beats the student alone on every seed by 2 +- 0.1, ssim is +-1 around 0, and the control
+    # sits 1 above the student alone: kd beats it too (paired by seed: +1 +- 0.1)
+    rows, base = [], {0: 20.0, 1: 22.0, 2: 21.0}
+    for s, b in base.items():
+        for name, d in (("kd", 2.0 + 0.1 * (s - 1)), ("ssim", (-1.0, 1.0, 0.2)[s]), ("balanced_ce", 1.0)):
+            rows.append({"kind": "main", "method": name, "seed": s, "student": "x", "miou": b + d, "diff": d,
+                         "sec_per_iter": 0.1, "factor": 1.0})
+    summary = compare.summarize(rows, [{"student": "x", "split": "val", "seed": s, "miou": b, "sec_per_iter": 0.1}
+                                       for s, b in base.items()], {})
+    kd_vs = next(v for v in summary["vs_controls"] if v["method"] == "kd")
+    assert kd_vs["control"] == "balanced_ce" and kd_vs["mean"] == pytest.approx(1.0) and kd_vs["lo"] > 0
+    text = compare.conclusions(summary)
+    assert "- better than the student alone: kd, balanced_ce (control)" in text
+    assert "- not distinguishable from the student alone: ssim" in text
+    assert "- better than the control balanced_ce: kd (+1.00" in text and "worse: none" in text
+    assert "std 1.00 over 3 seeds" in text

@@ -215,20 +215,25 @@ def _add_compare(p) -> None:
                    help="comma-separated controls: balanced_ce (class-balanced CE student), kd:onehot / cwd:onehot "
                         "(the method with a one-hot ground-truth teacher); empty for none")
     p.add_argument("--seeds", type=int, default=5, help="paired seeds (default 5)")
-    p.add_argument("--iters", type=int, help="iterations per student run (default: each config's; teachers "
-                                              "always train for their config's budget)")
+    p.add_argument("--iters", type=int, help="iterations per student run (default: each config's; --iters leaves "
+                                              "the teachers' budget as it is)")
     p.add_argument("--teacher-iters", type=int,
-                   help="iterations for the (cached) teachers (default: each config's)")
+                   help="iterations for the (cached) teachers (default: the preset's, 1500 in full; smoke: the "
+                        "config's)")
     p.add_argument("--seed-start", type=int, default=0,
                    help="run only seeds from this one on (split the seeds over processes; earlier seeds' finished "
                         "runs are collected into the tables)")
-    p.add_argument("--quick", action="store_true", help="the quick budget (48 px, 200 iterations)")
+    p.add_argument("--quick", action="store_true", help="the quick budget (48 px, 150 iterations, 600 for teachers)")
     p.add_argument("--out", default="runs/compare", help="output folder for runs and the result tables")
     p.add_argument("--teacher-cache", help="folder of cached teachers, shared by comparisons (default: OUT/teachers)")
     p.add_argument("--sweep", action="store_true",
                    help="also sweep each method's loss weights x0.3, x1, x3 on the holdout split (sweep.md)")
     p.add_argument("--sweep-seeds", type=int, default=2, help="seeds per sweep point (default 2)")
     _add_runs_options(p, "run")
+    p.add_argument("--workers", type=int, default=1,
+                   help="runs trained at once, each in its own process (default 1: in this process)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per run (default: torch's choice; 1 in worker processes)")
 
 
 def _compare(args) -> int:
@@ -238,7 +243,8 @@ def _compare(args) -> int:
                         iters=args.iters, quick=args.quick, out=args.out, device=args.device,
                         overrides=args.overrides, seed_start=args.seed_start, overwrite=args.overwrite,
                         controls=[c for c in args.controls.split(",") if c], teacher_cache=args.teacher_cache,
-                        sweep=args.sweep, sweep_seeds=args.sweep_seeds, teacher_iters=args.teacher_iters)
+                        sweep=args.sweep, sweep_seeds=args.sweep_seeds, teacher_iters=args.teacher_iters,
+                        workers=args.workers, threads=args.threads)
 
 
 def _add_bench(p) -> None:
