@@ -251,6 +251,8 @@ ssim_backward_kernel(const float* __restrict__ dmaps, const T* __restrict__ s, c
   const T* mt = map_pointer(t, base);
   T* mds = ds + base;
 
+  // rows p < edge_lo and edge_hi <= p < h use their own fold-table entry (reflect only; see fold_entry)
+  const int edge_lo = mode == kReflect ? kEdge : 0, edge_hi = mode == kReflect ? h - kEdge : h;
   float w0[K], w1[K], w2[K];  // sliding window over map rows
   for (int i0 = 0; i0 < in_rows; i0 += K) {
     __syncthreads();
@@ -298,7 +300,10 @@ ssim_backward_kernel(const float* __restrict__ dmaps, const T* __restrict__ s, c
       w0[j] = a0; w1[j] = a1; w2[j] = a2;
       if (i < K - 1) continue;
       const int p = py0 + i - (K - 1);  // output row
-      const int re = fold_entry(p, h, mode);  // block-uniform
+      // block-uniform; the padding mode is folded into edge_lo / edge_hi above, not tested here:
+      // a test of the mode inside the loop lets the compiler unswitch it (a second copy of the
+      // whole unrolled body, as it did for the 16-bit types)
+      const int re = p < edge_lo ? p : (p >= edge_hi && p < h ? p - edge_hi + kEdge : kInterior);
       float z0 = 0.f, z1 = 0.f, z2 = 0.f;
 #pragma unroll
       for (int q = 0; q < K; ++q) {
