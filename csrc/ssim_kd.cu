@@ -80,6 +80,17 @@ __device__ __forceinline__ int source_index(int i, int n, int mode) {
   return (i >= 0 && i < n) ? i : -1;
 }
 
+// source_index without a test of the mode, for the loops: zero_mask = -1 for zeros / valid padding,
+// 0 for reflect (a loop-invariant test of the mode lets the compiler unswitch the loop: a second
+// copy of its body, as it did for the 16-bit types).
+__device__ __forceinline__ int source_index_masked(int i, int n, int zero_mask) {
+  if (i >= 0 && i < n) return i;
+  int r = i < 0 ? -i : i;
+  r = r >= n ? 2 * (n - 1) - r : r;
+  r = r < 0 ? 0 : (r >= n ? n - 1 : r);
+  return r | zero_mask;  // r >= 0: the reflected index, or -1
+}
+
 // p + offset, computed once as an address: the per-element reads inside the map (__ldg: global,
 // read-only) are then one wide multiply-add of a 32-bit offset, not 64-bit index arithmetic redone
 // for every access.
@@ -111,6 +122,7 @@ ssim_forward_kernel(const T* __restrict__ s, const T* __restrict__ t, const floa
   const bool live = ox < w_out;
   // the staged column of this thread: source column or -1 (zero padding)
   const int gx0 = source_index(ox0 - off + tid, w, mode);
+  const int zero_mask = mode == kReflect ? 0 : -1;
 
   // sliding window: slot j holds padded row i0 + j. Four statistics, not five: the map uses
   // E[x^2] and E[y^2] only through their sum (var_x + var_y), so x^2 + y^2 is filtered as one.
@@ -126,7 +138,7 @@ ssim_forward_kernel(const T* __restrict__ s, const T* __restrict__ t, const floa
     // the K - 1 halo columns kCols .. kInW - 1 of the K rows, one element per thread
 #pragma unroll
     for (int ly = 0; ly < K; ++ly) {
-      const int gy = i0 + ly < in_rows ? source_index(oy0 - off + i0 + ly, h, mode) : -1;
+      const int gy = i0 + ly < in_rows ? source_index_masked(oy0 - off + i0 + ly, h, zero_mask) : -1;
       // 32-bit offsets inside a map (the host checks h * w < 2^31): one wide multiply-add each
       const int at = gy * w + gx0;
       float vx = 0.f, vy = 0.f;
@@ -139,8 +151,8 @@ ssim_forward_kernel(const T* __restrict__ s, const T* __restrict__ t, const floa
     }
     for (int e = tid; e < K * (K - 1); e += kCols) {
       const int ly = e / (K - 1), lx = kCols + e - ly * (K - 1);
-      const int gy = i0 + ly < in_rows ? source_index(oy0 - off + i0 + ly, h, mode) : -1;
-      const int gx = source_index(ox0 - off + lx, w, mode);
+      const int gy = i0 + ly < in_rows ? source_index_masked(oy0 - off + i0 + ly, h, zero_mask) : -1;
+      const int gx = source_index_masked(ox0 - off + lx, w, zero_mask);
       float vx = 0.f, vy = 0.f;
       if (gy >= 0 && gx >= 0) {
         vx = (to_float(__ldg(ms + gy * w + gx)) - ls) * ks;
@@ -251,6 +263,8 @@ ssim_backward_kernel(const float* __restrict__ dmaps, const T* __restrict__ s, c
   const T* mt = map_pointer(t, base);
   T* mds = ds + base;
 
+  // rows p < edge_lo and edge_hi <= p < h use their own fold-table entry (reflect only; see fold_entry)
+  const int edge_lo = mode == kReflect ? kEdge : 0, edge_hi = mode == kReflect ? h - kEdge : h;
   float w0[K], w1[K], w2[K];  // sliding window over map rows
   for (int i0 = 0; i0 < in_rows; i0 += K) {
     __syncthreads();
@@ -298,7 +312,10 @@ ssim_backward_kernel(const float* __restrict__ dmaps, const T* __restrict__ s, c
       w0[j] = a0; w1[j] = a1; w2[j] = a2;
       if (i < K - 1) continue;
       const int p = py0 + i - (K - 1);  // output row
-      const int re = fold_entry(p, h, mode);  // block-uniform
+      // block-uniform; the padding mode is folded into edge_lo / edge_hi above, not tested here:
+      // a test of the mode inside the loop lets the compiler unswitch it (a second copy of the
+      // whole unrolled body, as it did for the 16-bit types)
+      const int re = p < edge_lo ? p : (p >= edge_hi && p < h ? p - edge_hi + kEdge : kInterior);
       float z0 = 0.f, z1 = 0.f, z2 = 0.f;
 #pragma unroll
       for (int q = 0; q < K; ++q) {
