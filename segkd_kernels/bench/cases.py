@@ -274,6 +274,12 @@ CASES = {
         "pairwise_kd", PAIRS, PAIRS_QUICK, _features,
         lambda s, t, backend: sk.pairwise_kd(s, t, backend=backend),
         eager.pairwise_kd, bytes=_read_st_write_ds, flops=_pairwise_flops, flop_kind="dtype"),
+    # precision="fast" (fp32 Gram chunks added in fp64): the speed option for bf16 users; the row
+    # also keeps its kernels under the static report's compile and spill gates.
+    "pairwise_kd_fast": Case(
+        "pairwise_kd_fast", PAIRS, PAIRS_QUICK, _features,
+        lambda s, t, backend: sk.pairwise_kd(s, t, precision="fast", backend=backend),
+        eager.pairwise_kd, bytes=_read_st_write_ds, flops=_pairwise_flops, flop_kind="dtype"),
     "cross_image_kd": Case(
         "cross_image_kd", CROSS_PAIRS, PAIRS_QUICK, _features,
         lambda s, t, backend: sk.cross_image_kd(s, t, 0.1, backend=backend),
