@@ -1463,6 +1463,9 @@ def cuda_op_rows(ops, dtypes, archs, cache_dir: Path, log=print, shape_set: str 
                              + "".join(f"; {n}" for n in notes)))
                     log(f"static: cuda {arch} {op:<16}{label:<22}{dtype_name:<9}{len(launches):>3} launches, "
                         f"model / floor {rows[-1]['model_over_floor']}")
+    return rows
+
+
 # -- CUDA kernels with a known launch plan --------------------------------------------------------
 # The CUDA launchers pick blocks and grids at run time, so their kernels have no launch to read
 # trip counts from. An op that knows its own plan (ops/<op>/cuda.py `static_plan`: per kernel, the
