@@ -573,3 +573,19 @@ def test_cuda_loops_of_a_planned_kernel(tmp_path):
     assert why == "" and got == 1 + 5 * (9 + 1 + 2)
     got, why = static.cu_kernel_instructions(sass, src, {"i0": 5})
     assert got is None and "loop over e" in why
+
+
+def test_cuda_l2_model_is_stated_where_it_is_used():
+    # A kernel counted with its second read as an L2 hit is a persistent one whose rows say so: the
+    # committed channel_wise_kd CUDA op rows that run channel_wise_kd_stream_kernel carry the note.
+    assert set(static.L2_REREADS) <= static.PERSISTENT_KERNELS
+    for arch in static.ARCHS:
+        with open(REPO / "benchmarks" / "results" / f"static_{arch.replace('_', '')}.csv", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        streamed = {(r["shape"], r["dtype"]) for r in rows if r["row"] == "kernel" and r["kind"] == "cuda"
+                    and r["kernel"].startswith("channel_wise_kd_stream_kernel") and r["phase"] == "forward"}
+        assert streamed, arch
+        for r in rows:
+            if r["row"] == "op" and r["kind"] == "cuda" and (r["shape"], r["dtype"]) in streamed \
+                    and r["op"] == "channel_wise_kd":
+                assert static.L2_REREADS["channel_wise_kd_stream_kernel"] in r["note"], (arch, r["shape"])
