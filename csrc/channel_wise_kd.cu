@@ -11,7 +11,10 @@
 // Pass 2 writes grad = scale * (softmax(s) - softmax(t)) in the input dtype. Rows of up to kCacheItems values per
 // thread stay in registers between the passes (the gradient costs no second read); longer rows
 // are read again (mostly from L2). Loads and stores are 128-bit when the rows are 16-byte aligned.
-// Few long rows are split over several blocks per row (two kernels, see the split kernels).
+// Longer rows with a gradient to write take one persistent launch that reads s and t from DRAM
+// once (channel_wise_kd_stream_kernel: per-chunk statistics, then the gradient from L2-resident
+// row groups); without a gradient, or for rows too long for the L2, few long rows are split over
+// several blocks per row (two kernels, see the split kernels).
 #include "common.cuh"
 
 namespace segkd {
@@ -328,6 +331,137 @@ channel_wise_kd_split_finish_kernel(const T* __restrict__ s, const T* __restrict
                    lse_sh[1], grad_scale);
 }
 
+// Long rows with a gradient to write: one persistent launch in which s and t come from DRAM once.
+// Work items are (row, chunk of kStreamChunk vector loads per thread) of two kinds: a statistics
+// item (S) reduces its chunk to a CwdState and stores it; a gradient item (D) writes the chunk's
+// gradient from the finished row statistics, reading the chunk again. Rows go in groups of
+// group_rows, and the items in the order
+//   S(0), S(1), D(0), S(2), D(1), ..., S(G-1), D(G-2), D(G-1)
+// (S(g) / D(g): the statistics / gradient items of group g), handed out by an atomic ticket. The
+// launcher sizes a group to a quarter of the L2, so a group's second read (its D items, one group
+// after its S items) finds it in L2. The last S item of a row to arrive (arrival count K - 1)
+// merges the row's K states in chunk order (deterministic), writes the row's KL and both
+// log-sum-exps and publishes them (count K + 1); a D item waits for that.
+// No deadlock at any grid size: a block waits only while holding a D ticket it has not started,
+// and only on S items of lower tickets, each taken by a running block that is working on it (S
+// items never wait); the unfinished item with the lowest ticket therefore always progresses. A
+// launch that runs its blocks one after another (the host layer) runs every item in its first
+// block, and there every wait finds its row already published.
+// Thread 0 takes the next ticket (and, for a D item, waits for and reads its row's statistics) at
+// the end of the current item, and shares it through one barrier; S items add one more for the
+// block reduction: at most two barriers per item, none inside the loops over positions. The
+// shared slots alternate between items (a thread reads a slot after the barrier that fills it,
+// and the next write to that slot comes after the following item's barrier).
+constexpr int kStreamUnroll = 4;      // vector loads per thread and tensor in one work item
+constexpr int kStreamBlocksPerSm = 4;  // resident blocks per SM the launch bounds guarantee (<= 64 registers)
+
+struct StreamItem {
+  int64_t row = 0, chunk = 0;
+  bool stats = false, valid = false;
+};
+
+__device__ __forceinline__ StreamItem stream_item(int64_t ticket, int64_t k_chunks, int64_t group_rows,
+                                                  int64_t n_groups, int64_t rows) {
+  StreamItem it;
+  const int64_t per_group = group_rows * k_chunks, last = 2 * n_groups - 1;
+  if (ticket >= 2 * n_groups * per_group) return it;
+  const int64_t b = ticket / per_group, j = ticket % per_group;
+  it.stats = b == 0 || (b % 2 == 1 && b < last);
+  const int64_t g = it.stats ? (b + 1) / 2 : (b == last ? n_groups - 1 : b / 2 - 1);
+  it.row = g * group_rows + j / k_chunks;
+  it.chunk = j % k_chunks;
+  it.valid = true;
+  return it;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kCwdMaxThreads, kStreamBlocksPerSm)
+channel_wise_kd_stream_kernel(const T* __restrict__ s, const T* __restrict__ t, float* __restrict__ row_kl,
+                              T* __restrict__ grad, float* __restrict__ partials, float* __restrict__ row_lse,
+                              unsigned* __restrict__ sync, int64_t rows, int64_t plane, int64_t k_chunks,
+                              int64_t group_rows, int64_t n_groups, float inv_tau, float grad_scale,
+                              const T* __restrict__ grad_mult, bool vec) {
+  if (!gradient_multiplier(grad_mult, grad_scale)) return;
+  constexpr int V = Vec16<T>::kSize;
+  const int64_t chunk_len = static_cast<int64_t>(blockDim.x) * V * kStreamUnroll;
+  unsigned* const ticket_counter = sync;
+  unsigned* const arrivals = sync + 1;  // per row: S items arrived, K + 1 once published
+  __shared__ long long ticket_sh[2];
+  __shared__ float lse_sh[2][2];
+  __shared__ float sh[5][32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
+
+  // Thread 0: the next ticket, and for a gradient item its row's published log-sum-exps.
+  auto take = [&](int slot) {
+    const long long ticket = atomicAdd(ticket_counter, 1u);
+    const StreamItem it = stream_item(ticket, k_chunks, group_rows, n_groups, rows);
+    if (it.valid && !it.stats && it.row < rows) {
+      const volatile unsigned* count = arrivals + it.row;
+      while (*count < static_cast<unsigned>(k_chunks) + 1u) {
+      }
+      __threadfence();
+      const volatile float* l = row_lse + 2 * it.row;
+      lse_sh[slot][0] = l[0];
+      lse_sh[slot][1] = l[1];
+    }
+    ticket_sh[slot] = ticket;
+  };
+
+  if (threadIdx.x == 0) take(0);
+  __syncthreads();
+  for (int slot = 0;; slot ^= 1) {
+    const StreamItem it = stream_item(ticket_sh[slot], k_chunks, group_rows, n_groups, rows);
+    if (!it.valid) return;  // every thread read the same ticket: the whole block leaves
+    const int64_t begin = it.chunk * chunk_len;
+    const int64_t end = begin + chunk_len < plane ? begin + chunk_len : plane;
+    const T* rs = s + it.row * plane;
+    const T* rt = t + it.row * plane;
+    if (it.row < rows && it.stats) {
+      CwdState st;
+      accumulate_range(rs, rt, begin, end, vec, inv_tau, st);
+      st.warp_merge();
+      if (lane == 0) {
+        sh[0][warp] = st.s.m; sh[1][warp] = st.s.l; sh[2][warp] = st.t.m; sh[3][warp] = st.t.l; sh[4][warp] = st.acc;
+      }
+      __syncthreads();
+      if (warp == 0) {
+        CwdState w;
+        if (lane < n_warps) {
+          w.s.m = sh[0][lane]; w.s.l = sh[1][lane]; w.t.m = sh[2][lane]; w.t.l = sh[3][lane]; w.acc = sh[4][lane];
+        }
+        w.warp_merge();
+        if (lane == 0) {
+          float* p = partials + (it.row * k_chunks + it.chunk) * 5;
+          p[0] = w.s.m; p[1] = w.s.l; p[2] = w.t.m; p[3] = w.t.l; p[4] = w.acc;
+          __threadfence();  // the state before its arrival
+          const unsigned arrived = atomicAdd(arrivals + it.row, 1u);
+          if (arrived == static_cast<unsigned>(k_chunks) - 1u) {
+            // the row's last chunk: merge its K states in chunk order (read past L1: other SMs wrote them)
+            __threadfence();
+            CwdState r;
+            const volatile float* q = partials + it.row * k_chunks * 5;
+            for (int64_t k = 0; k < k_chunks; ++k) {
+              CwdState o;
+              o.s.m = q[5 * k]; o.s.l = q[5 * k + 1]; o.t.m = q[5 * k + 2]; o.t.l = q[5 * k + 3]; o.acc = q[5 * k + 4];
+              r.merge(o);
+            }
+            if (row_kl != nullptr) row_kl[it.row] = r.kl();
+            row_lse[2 * it.row] = r.s.lse();
+            row_lse[2 * it.row + 1] = r.t.lse();
+            __threadfence();  // the statistics before their publication
+            atomicAdd(arrivals + it.row, 1u);
+          }
+        }
+      }
+    } else if (it.row < rows) {
+      write_grad_range(rs, rt, grad + it.row * plane, begin, end, vec, inv_tau, lse_sh[slot][0], lse_sh[slot][1],
+                       grad_scale);
+    }
+    if (threadIdx.x == 0) take(slot ^ 1);
+    __syncthreads();
+  }
+}
+
 struct SplitPlan {
   int64_t splits = 1, chunk = 0;
 };
@@ -355,6 +489,44 @@ SplitPlan plan_split(int64_t rows, int64_t plane, int sms) {
   plan.splits = (plane + chunk - 1) / chunk;
   plan.chunk = chunk;
   return plan;
+}
+
+// The persistent long-row plan (channel_wise_kd_stream_kernel), for a forward that writes the
+// gradient: rows longer than the kernel's register cache (kCacheItems values per thread), whose
+// s and t fit in a quarter of the L2 (a group of at least one row must stay resident between its
+// two reads: the group, the next group read meanwhile and the gradient writes stay in L2
+// together); K chunks per row, groups of group_rows rows; one block per resident slot.
+struct StreamPlan {
+  int64_t k = 0, group_rows = 0, n_groups = 0, blocks = 0;
+  bool use() const { return k > 0; }
+  int64_t workspace(int64_t rows) const { return use() ? rows * k * 5 + 2 * rows + 1 + rows : 0; }
+};
+
+template <typename T>
+StreamPlan plan_stream(int64_t rows, int64_t plane, int sms, int64_t l2_bytes) {
+  constexpr int V = Vec16<T>::kSize;
+  constexpr int kChunks = kCacheItems / V > 0 ? kCacheItems / V : 1;
+  StreamPlan plan;
+  const int64_t row_bytes = 2 * plane * static_cast<int64_t>(sizeof(T));  // s and t
+  if (plane <= static_cast<int64_t>(kCwdMaxThreads) * V * kChunks || row_bytes > l2_bytes / 4) return plan;
+  const int64_t chunk = static_cast<int64_t>(kCwdMaxThreads) * V * kStreamUnroll;
+  const int64_t k = (plane + chunk - 1) / chunk;
+  const int64_t group_rows = std::max<int64_t>(1, std::min<int64_t>(rows, l2_bytes / 4 / row_bytes));
+  const int64_t n_groups = (rows + group_rows - 1) / group_rows;
+  const int64_t slots = static_cast<int64_t>(sms) * kStreamBlocksPerSm;
+  // every ticket (2 per item of every group, plus one final take per block) fits the 32-bit counter
+  if (2 * n_groups * group_rows * k + slots >= (1LL << 31)) return plan;
+  plan.k = k;
+  plan.group_rows = group_rows;
+  plan.n_groups = n_groups;
+  plan.blocks = std::min<int64_t>(slots, rows * k);
+  return plan;
+}
+
+int64_t l2_bytes(int device) {
+  int l2 = 0;
+  check_cuda(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device), "cudaDeviceGetAttribute");
+  return l2;
 }
 
 int multiprocessors(int device) {
@@ -394,10 +566,13 @@ int64_t channel_wise_kd_workspace(int64_t rows, int64_t plane, DType dtype, int 
   if (rows <= 0 || plane <= 0) return 0;
   DeviceGuard guard(device);
   const int sms = multiprocessors(device);
+  const int64_t l2 = l2_bytes(device);
   int64_t floats = 0;
+  // the larger of the two plans' needs: the split plan's (no gradient) or the persistent one's
   dispatch_float_types(dtype, "channel_wise_kd_workspace", [&](auto tag) {
     const SplitPlan plan = plan_split<decltype(tag)>(rows, plane, sms);
-    floats = plan.splits > 1 ? rows * plan.splits * 5 : 0;
+    floats = std::max(plan.splits > 1 ? rows * plan.splits * 5 : 0,
+                      plan_stream<decltype(tag)>(rows, plane, sms, l2).workspace(rows));
   });
   return floats;
 }
@@ -425,6 +600,22 @@ void channel_wise_kd_forward(std::uintptr_t student, std::uintptr_t teacher, std
     const auto* gm = reinterpret_cast<const T*>(grad_mult);
     // base-2 logits: x * log2(e) / tau (rounded once, from double)
     const float inv_tau = static_cast<float>(1.4426950408889634 / tau), scale = static_cast<float>(grad_scale);
+    const StreamPlan stream_plan = g == nullptr ? StreamPlan{} : plan_stream<T>(rows, plane, sms, l2_bytes(device));
+    if (stream_plan.use()) {
+      if (workspace == 0 || workspace_floats < stream_plan.workspace(rows))
+        throw std::invalid_argument("channel_wise_kd: workspace smaller than channel_wise_kd_workspace()");
+      auto* partials = reinterpret_cast<float*>(workspace);
+      float* lse = partials + rows * stream_plan.k * 5;
+      auto* sync = reinterpret_cast<unsigned*>(lse + 2 * rows);
+      // the ticket counter and the per-row arrival counts start at 0
+      check_cuda(cudaMemsetAsync(sync, 0, static_cast<size_t>(rows + 1) * sizeof(unsigned), as_stream(stream)),
+                 "cudaMemsetAsync");
+      SEGKD_LAUNCH(static_cast<unsigned>(stream_plan.blocks), kCwdMaxThreads, 0, as_stream(stream),
+                   channel_wise_kd_stream_kernel<T>)(s, t, kl, g, partials, lse, sync, rows, plane, stream_plan.k,
+                                                     stream_plan.group_rows, stream_plan.n_groups, inv_tau, scale,
+                                                     gm, vec);
+      return;
+    }
     const SplitPlan plan = plan_split<T>(rows, plane, sms);
     if (plan.splits > 1) {
       if (workspace == 0 || workspace_floats < rows * plan.splits * 5)

@@ -277,7 +277,8 @@ def _mask(n, h, w, seed, frac=0.3, device="cuda"):
 # Shapes: batch 1, odd sizes, sizes larger than one block or tile, a channel count that differs.
 def _gpu_cases():
     cases = {}
-    # (1, 2, 300, 301), (1, 3, 257, 259): few long rows, split over several blocks per row
+    # (1, 2, 300, 301), (1, 3, 257, 259): few long rows, several work items per row of the persistent
+    # plan (with a gradient; split over several blocks per row without one)
     for shape in [(1, 3, 5, 7), (2, 4, 16, 16), (2, 3, 37, 71), (1, 2, 50, 61), (1, 2, 300, 301), (1, 3, 257, 259)]:
         cases[f"cwd{shape}"] = (shape, shape, None, lambda s, t, e, b: sk.channel_wise_kd(s, t, 2.0, backend=b))
     for shape in [(1, 5, 3, 7), (2, 19, 17, 33), (1, 40, 9, 13)]:  # classes in registers and not

@@ -165,6 +165,51 @@ def test_cwd_split_rows_plan_nonfinite(host, case):
         assert torch.equal(torch.isinf(got), torch.isinf(want)), (case, got, want)
 
 
+def _stream_shape(dtype, vector, rows=(2, 3)):
+    """A row of 3 work items of the persistent plan (256 threads x 4 vector loads each, the last
+    one partial), 16-byte aligned or not."""
+    elems = 16 // torch.tensor([], dtype=dtype).element_size()
+    return (*rows, 1, 2 * 256 * elems * 4 + (elems * 11 if vector else 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("vector", [True, False])
+@pytest.mark.parametrize("groups", ["one", "several"])
+def test_cwd_stream_plan(host, dtype, vector, groups):
+    # Rows longer than the register cache, with a gradient: one persistent launch (statistics
+    # items, then gradient items re-reading their row group). An L2 of 4 x 2 rows of s and t makes
+    # groups of 2 rows, so the 6 rows take 3 groups and the S(1) items run before D(0); gradient
+    # with grad_output 0.7 (recomputed in fp16/bf16 by the same launch with a multiplier).
+    shape = _stream_shape(dtype, vector)
+    size = torch.tensor([], dtype=dtype).element_size()
+    if groups == "several":
+        host.host_set_attribute("l2_cache_size", 4 * 2 * (2 * shape[-1] * size))
+    s = make_tensor(shape, dtype=dtype, seed=7, requires_grad=True)
+    t = make_tensor(shape, dtype=dtype, seed=8)
+    assert _launches(host, lambda: sk.channel_wise_kd(s, t, backend="cuda")) == 1
+    _check_op(CWD, shape, shape, dtype, seed=7)
+
+
+def test_cwd_stream_plan_is_deterministic_and_falls_back(host):
+    # The loss is merged from per-chunk states in chunk order: the same bits whatever the block
+    # order; a row of s and t above a quarter of the L2 cannot stay resident between its two
+    # reads, so it takes the split plan (statistics, then finish) with one SM.
+    shape = _stream_shape(torch.float32, True)
+    host.host_set_attribute("l2_cache_size", 4 * 2 * (2 * shape[-1] * 4))
+    s = make_tensor(shape, seed=9, requires_grad=True)
+    t = make_tensor(shape, seed=10)
+    outs = []
+    for seed in (1, 2):
+        host.host_set_seed(seed)
+        loss = CWD(s, t, "cuda")
+        outs.append((loss.detach(), torch.autograd.grad(loss, s)[0]))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    host.host_set_attribute("multiprocessor_count", 1)
+    host.host_set_attribute("l2_cache_size", 4 * 2 * shape[-1] * 4 - 4)
+    assert _launches(host, lambda: CWD(s, t, "cuda")) == 2
+    _check_op(CWD, shape, shape, torch.float32, seed=9)
+
+
 CROSS = lambda s, t, b: sk.cross_image_kd(s, t, 0.5, backend=b)  # noqa: E731
 
 

@@ -6,7 +6,7 @@ least one must fail (a wrong value or gradient, or a launch error). The same fil
 and run the same way, must pass every one of those cases, so a failure is the mutation's doing.
 
 The five mutations the layer was built to expose (a warp-shuffle offset, a missing
-__syncthreads, a tile edge `<` -> `<=`, an SSIM reflect index, a register-cache length), plus a
+__syncthreads, a tile edge `<` -> `<=`, an SSIM reflect index, a work-item length), plus a
 read of shared memory nobody wrote (caught by the poison pattern) and plain tf32 products where
 the fp32 cross-image kernels split each operand for 3xTF32 (the fp32 tolerance tells them apart).
 """
@@ -48,10 +48,14 @@ MUTATIONS = {
     "ssim reflect index": (
         "ssim_kd", "    if (i >= n) i = 2 * (n - 1) - i;", "    if (i >= n) i = 2 * n - 1 - i;",
         ["ssim-reflect-3-True", "ssim-zeros-3-True"]),
-    "register-cache length": (
-        "channel_wise_kd", "const bool cached = grad != nullptr && plane <= stride * kChunks;",
-        "const bool cached = grad != nullptr && plane <= stride * (kChunks + 1);",
-        ["cwd(1, 3, 5, 7)", "cwd(2, 3, 37, 71)"]),
+    # (rows longer than the register cache now take the persistent plan whenever a gradient is
+    # written, so a longer register cache is no longer reachable there: the length that matters for
+    # them is the work item's)
+    "work-item length": (
+        "channel_wise_kd",
+        "const int64_t chunk_len = static_cast<int64_t>(blockDim.x) * V * kStreamUnroll;",
+        "const int64_t chunk_len = static_cast<int64_t>(blockDim.x) * V * (kStreamUnroll - 1);",
+        ["cwd(2, 3, 37, 71)", "cwd(1, 3, 257, 259)"]),
     "unwritten shared memory": (
         "ssim_kd", "    for (int ly = 0; ly < K; ++ly) {\n      const int gy = i0 + ly < in_rows",
         "    for (int ly = 0; ly < K - 1; ++ly) {\n      const int gy = i0 + ly < in_rows",

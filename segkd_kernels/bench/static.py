@@ -1219,7 +1219,7 @@ _CUDA_TYPE = {"float32": "float", "bfloat16": "__nv_bfloat16", "float16": "__hal
 # With the report's unit upstream gradient such a launch moves that one value and nothing else.
 UNIT_MULTIPLIER_EXITS = frozenset({
     "saved_grad_scale_kernel", "channel_wise_kd_kernel", "channel_wise_kd_split_stats_kernel",
-    "channel_wise_kd_split_finish_kernel", "pixel_kd_kernel",
+    "channel_wise_kd_split_finish_kernel", "channel_wise_kd_stream_kernel", "pixel_kd_kernel",
 })
 
 
@@ -1238,11 +1238,27 @@ def _cwd_row_reads(block: tuple, shapes, dtype_name: str, pointers) -> int:
 # Kernels that read their inputs (pointers to const) more than once, by the launch's shape: the
 # reads of each such tensor. Every other launch reads each tensor once.
 INPUT_READS = {"channel_wise_kd_kernel": _cwd_row_reads}
+# Kernels that read their inputs twice by design, the second read relying on L2 (the L2 model):
+# counted as one read, with the assumption stated in the op row's note.
+# channel_wise_kd_stream_kernel: a row group (a quarter of the device's L2, from
+# cudaDevAttrL2CacheSize) is read by its statistics items and again, one group later, by its
+# gradient items; between the two lie the next group's statistics read and the group's gradient
+# writes, about 2.5 groups, so the second read is taken as an L2 hit (as for the Triton
+# _cwd_stream_kernel, docs/performance.md).
+L2_REREADS = {
+    "channel_wise_kd_stream_kernel": "channel_wise_kd_stream_kernel reads s and t twice; the second read "
+                                     "(a row group of a quarter of the L2, re-read one group later) counted "
+                                     "as an L2 hit",
+}
 # Kernels whose grid is sized to the resident slots of the device and that stride over the work
 # (a persistent grid: one wave by design, no tail); their rows say "persistent" instead of waves
-# when the grid does fit. None of csrc/ today: saved_grad_scale_kernel and attnfd_dots_kernel
-# stride too, but over grids capped at 2 waves / 4,096 blocks, which the waves column shows.
-PERSISTENT_KERNELS: frozenset = frozenset()
+# when the grid does fit. saved_grad_scale_kernel and attnfd_dots_kernel stride too, but over
+# grids capped at 2 waves / 4,096 blocks, which the waves column shows.
+# channel_wise_kd_stream_kernel: kStreamBlocksPerSm (4) blocks per SM, guaranteed by its launch
+# bounds; its work is handed out by an atomic ticket.
+PERSISTENT_KERNELS: frozenset = frozenset({"channel_wise_kd_stream_kernel"})
+# Device L2 sizes the launchers read (cudaDevAttrL2CacheSize): H100 SXM / H200 50 MiB, A100 40 MiB.
+L2_BYTES = {"sm_90": 50 * 1024 * 1024, "sm_80": 40 * 1024 * 1024}
 
 
 @dataclass
@@ -1309,9 +1325,10 @@ def op_summary(kernel_rows: list[dict], model: int) -> dict:
         spill_loads=sum(int(r.get("spill_loads") or 0) for r in kernel_rows))
 
 
-def capture_cuda_case(op: str, shapes, dtype_name: str, sms: int):
+def capture_cuda_case(op: str, shapes, dtype_name: str, sms: int, l2: int | None = None):
     """Run op's public API with backend='cuda' through the host execution layer in its recording
-    mode, forward then backward (unit upstream gradient), with the device's SM count: every launch
+    mode, forward then backward (unit upstream gradient), with the device's SM count (and L2 size
+    in bytes, when given): every launch
     the real launchers make is recorded (name, grid, block, dynamic smem, pointer arguments) and
     none runs. Returns (launches, names of the other torch ops, notes)."""
     import torch  # noqa: PLC0415
@@ -1331,6 +1348,8 @@ def capture_cuda_case(op: str, shapes, dtype_name: str, sms: int):
     launches, notes, records = [], [], {}
     lib.host_reset()
     lib.host_set_attribute("multiprocessor_count", sms)
+    if l2 is not None:
+        lib.host_set_attribute("l2_cache_size", l2)
     traced = _saved_grad._traced
 
     def traced_besides_the_observer(ds):
@@ -1366,6 +1385,9 @@ def capture_cuda_case(op: str, shapes, dtype_name: str, sms: int):
                         reads(tuple(r["block"]), shapes, dtype_name, r["pointers"]) if reads else 1)
                     if note:
                         notes.append(note)
+                    l2_note = L2_REREADS.get(name.split("<")[0])
+                    if l2_note and nbytes > 8 and l2_note not in notes:
+                        notes.append(l2_note)
                     launches.append(CudaLaunch(name, phase, tuple(r["grid"]), tuple(r["block"]), int(r["smem"]),
                                                nbytes, note))
     finally:
@@ -1402,7 +1424,7 @@ def cuda_op_rows(ops, dtypes, archs, cache_dir: Path, log=print, shape_set: str 
             for shapes in shapes_for(case, shape_set):
                 label = cases.shape_label(shapes)
                 for dtype_name in dtypes:
-                    launches, torch_ops, notes = capture_cuda_case(op, shapes, dtype_name, sms)
+                    launches, torch_ops, notes = capture_cuda_case(op, shapes, dtype_name, sms, L2_BYTES.get(arch))
                     floor = case.bytes(shapes, getattr(torch, dtype_name), "full") if case.bytes else ""
                     groups: dict = {}
                     for ln in launches:
@@ -1441,6 +1463,9 @@ def cuda_op_rows(ops, dtypes, archs, cache_dir: Path, log=print, shape_set: str 
                              + "".join(f"; {n}" for n in notes)))
                     log(f"static: cuda {arch} {op:<16}{label:<22}{dtype_name:<9}{len(launches):>3} launches, "
                         f"model / floor {rows[-1]['model_over_floor']}")
+    return rows
+
+
 # -- CUDA kernels with a known launch plan --------------------------------------------------------
 # The CUDA launchers pick blocks and grids at run time, so their kernels have no launch to read
 # trip counts from. An op that knows its own plan (ops/<op>/cuda.py `static_plan`: per kernel, the

@@ -71,7 +71,8 @@ def cuda_op_table(rows90: list[dict], rows80: list[dict]) -> list[str]:
            "waves sm_90 / sm_80 | barriers per loop step | spill B |", "|" + "---|" * 11]
     o80 = {(r["op"], r["shape"], r["dtype"]): r for r in rows80 if r["row"] == "op" and r["kind"] == "cuda"}
     for r in rows90:
-        if r["row"] != "op" or r["kind"] != "cuda":
+        # the recorded launches' rows (a planned instruction-model row has no bytes model)
+        if r["row"] != "op" or r["kind"] != "cuda" or r["bytes_model"] == "":
             continue
         o = o80.get((r["op"], r["shape"], r["dtype"]))
         spill = int(r["spill_stores"] or 0) + int(r["spill_loads"] or 0)

@@ -22,6 +22,7 @@ inline const std::map<std::string, int>& attribute_names() {
       {"max_grid_dim_z", cudaDevAttrMaxGridDimZ},
       {"compute_capability_major", cudaDevAttrComputeCapabilityMajor},
       {"compute_capability_minor", cudaDevAttrComputeCapabilityMinor},
+      {"l2_cache_size", cudaDevAttrL2CacheSize},
   };
   return names;
 }

@@ -122,6 +122,7 @@ enum cudaDeviceAttr {
   cudaDevAttrMultiProcessorCount = 16,
   cudaDevAttrComputeCapabilityMajor = 75,
   cudaDevAttrComputeCapabilityMinor = 76,
+  cudaDevAttrL2CacheSize = 89,
   cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
 };
 enum cudaFuncAttribute {
@@ -247,7 +248,8 @@ struct DeviceProps {
              {cudaDevAttrMaxGridDimZ, 65535}, {cudaDevAttrMaxSharedMemoryPerBlock, 49152},
              {cudaDevAttrWarpSize, 32}, {cudaDevAttrMultiProcessorCount, 132},
              {cudaDevAttrComputeCapabilityMajor, 9}, {cudaDevAttrComputeCapabilityMinor, 0},
-             {cudaDevAttrMaxSharedMemoryPerBlockOptin, 232448}};
+             {cudaDevAttrMaxSharedMemoryPerBlockOptin, 232448},
+             {cudaDevAttrL2CacheSize, 50 * 1024 * 1024}};
   }
 };
 

@@ -37,7 +37,7 @@ def _launch(lib, s, t, row_kl, grad, tau, args, grad_mult=None):
     rows = n * c
     if s.numel() == 0:  # an empty map (H*W = 0) has KL 0 and nothing to launch
         return
-    # few long rows are split over several blocks per row, with per-split statistics here
+    # long rows: per-chunk statistics and counters of the persistent plan, or per-split statistics
     floats = lib.channel_wise_kd_workspace(rows, h * w, args["dtype"], args["device"])
     workspace = torch.empty(floats, dtype=torch.float32, device=s.device)
     ptr = lambda x: 0 if x is None else x.data_ptr()  # noqa: E731
