@@ -999,6 +999,7 @@ def cuda_source_facts(src: Path, cc: int, cache_dir: Path) -> list[dict]:
                   bar_per_step=barriers_per_step(sass_loops(disasm[mangled], divergence_returns=False))
                   if mangled in disasm else "")
              for mangled, facts in ptxas.items()]
+    cached.parent.mkdir(parents=True, exist_ok=True)
     cached.write_text(json.dumps(found))
     return found
 
