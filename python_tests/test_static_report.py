@@ -491,6 +491,26 @@ def test_committed_cuda_op_rows_meet_the_targets():
         f"met now, delete from KNOWN_CUDA_SHORTFALLS: {sorted(KNOWN_CUDA_SHORTFALLS - found)}"
 
 
+def test_committed_triton_op_rows_meet_the_bytes_and_barrier_targets():
+    """The memory-bound ops' Triton rows, fp32 and bf16, both archs, every benchmark shape: bytes
+    moved within the CUDA rows' bound of the inherent floor and at most as many barriers per loop
+    step (SASS loops of the compiled kernels)."""
+    from segkd_kernels.bench import cases  # noqa: PLC0415
+
+    for arch in static.ARCHS:
+        with open(REPO / "benchmarks" / "results" / f"static_{arch.replace('_', '')}.csv", newline="") as fh:
+            rows = [r for r in csv.DictReader(fh) if r["row"] == "op" and r["kind"] == "triton"
+                    and r["op"] in static.CUDA_OPS]
+        have = {(r["op"], r["shape"], r["dtype"]) for r in rows}
+        want = {(op, cases.shape_label(s), d) for op in static.CUDA_OPS for s in cases.CASES[op].shapes
+                for d in static.DTYPE_NAMES}
+        assert want <= have, (arch, sorted(want - have))
+        for r in rows:
+            key = (arch, r["op"], r["shape"], r["dtype"])
+            assert float(r["model_over_floor"]) <= CUDA_TARGETS["model_over_floor"], key
+            assert r["bar_per_step"] != "" and int(r["bar_per_step"]) <= CUDA_TARGETS["bar_per_step"], key
+
+
 def test_cuda_second_reads_of_long_rows():
     import torch  # noqa: PLC0415
 

@@ -1157,8 +1157,11 @@ def static_rows(ops, dtypes, archs, cache_dir: Path, log=print, shape_set: str =
                     base, instr_per_elem=round(instr / elements, 1) if instr is not None else "", num_warps=f["num_warps"], num_stages=f["num_stages"], regs=f.get("regs", ""),
                     spill_stores=f.get("spill_stores", ""), spill_loads=f.get("spill_loads", ""),
                     stack=f.get("stack", ""), smem=f["smem"], ctas_per_sm=per_sm, warps_per_sm=warps,
-                    occupancy=round(occ, 3), waves=round(waves, 2), **{k: f[k] for k in sass_mix("")}))
+                    occupancy=round(occ, 3), waves=round(waves, 2), bar_per_step=_triton_bar_per_step(f),
+                    **{k: f[k] for k in sass_mix("")}))
             model = sum(tensor_bytes)
+            bars = [r["bar_per_step"] for r in rows if r["row"] == "kernel" and r["arch"] == arch and r["op"] == op
+                    and r["shape"] == label and r["dtype"] == dtype_name and r.get("bar_per_step", "") != ""]
             rows.append(dict(
                 row="op", arch=arch, kind="triton", op=op, shape=label, dtype=dtype_name, phase="full",
                 kernel="(all launches)", launches=len(launches), bytes_model=model, bytes_floor=floor,
@@ -1166,10 +1169,21 @@ def static_rows(ops, dtypes, archs, cache_dir: Path, log=print, shape_set: str =
                 kernel_launches=len(launches) + len(torch_ops), torch_ops=len(torch_ops),
                 instr_per_elem_fwd=_per_elem(per_phase["forward"], elements),
                 instr_per_elem_bwd=_per_elem(per_phase["backward"], elements),
+                bar_per_step=max(bars) if bars else "",
                 note="torch ops: " + (" ".join(torch_ops) or "none")
                      + "; bytes_model: every tensor argument of every Triton launch read or written once"
                      + "".join(f"; no instruction model for {u}" for u in unknown)))
     return rows
+
+
+def _triton_bar_per_step(facts: dict):
+    """barriers_per_step of a compiled Triton kernel from its SASS loops ("" without them). The
+    loops were found with divergence_returns=True: a warp collective's divergent fallback would
+    count as a loop, so the value can only be too high, never too low."""
+    loops = facts.get("loops")
+    if not isinstance(loops, dict) or "error" in loops or "loops" not in loops:
+        return ""
+    return barriers_per_step(loops)
 
 
 def launch_instructions(launches, facts: dict) -> tuple[int | None, str]:
