@@ -133,14 +133,6 @@ PYBIND11_MODULE(SEGKD_MODULE_NAME, m) {
       },
       py::arg("student"), py::arg("teacher"), py::arg("partials"), py::arg("total"), py::arg("num_partials"),
       py::arg("dtype"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
-  m.def(
-      "attnfd_backward",
-      [](std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t coefs, std::uintptr_t ds, int64_t total,
-          int dtype, int device, std::uintptr_t stream) {
-        segkd::attnfd_backward(student, teacher, coefs, ds, total, static_cast<DType>(dtype), device, stream);
-      },
-      py::arg("student"), py::arg("teacher"), py::arg("coefs"), py::arg("ds"), py::arg("total"), py::arg("dtype"),
-      py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   // attnfd_loss epilogue (csrc/attnfd_loss.cu)
   m.def(
       "attnfd_finish",

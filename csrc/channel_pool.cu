@@ -10,7 +10,7 @@
 // then added in range order by combine_splits_kernel); 4 positions per access where the rows are
 // aligned (as the cbam_gate row kernel).
 // attnfd dots: <s,s>, <t,t>, <s,t> as fp64 per-block partials (the caller sums them in fp64);
-// attnfd backward: ds = alpha * s + beta * t with alpha, beta (fp64, on the device) from the caller.
+// (the attnfd backward and the loss epilogue are in csrc/attnfd_loss.cu)
 // cbam_gate: the gated product M_s * (M_c * x) and its backward (dx, dM_c and dM_s in one pass over g and x).
 #include "common.cuh"
 
@@ -192,28 +192,6 @@ attnfd_dots_kernel(const T* __restrict__ s, const T* __restrict__ t, double* __r
       partials[blockIdx.x * 3 + 1] = tt;
       partials[blockIdx.x * 3 + 2] = st;
     }
-  }
-}
-
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-attnfd_backward_kernel(const T* __restrict__ s, const T* __restrict__ t, const double* __restrict__ coefs,
-                       T* __restrict__ ds, int64_t total, bool vec) {
-  constexpr int V = Vec16<T>::kSize;
-  const float alpha = static_cast<float>(coefs[0]), beta = static_cast<float>(coefs[1]);
-  const int64_t first = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  if (vec) {  // as attnfd_dots_kernel, with ds aligned too
-    for (int64_t i = first * V; i < total; i += step * V) {
-      float a[V], b[V];
-      load16(s + i, a);
-      load16(t + i, b);
-#pragma unroll
-      for (int v = 0; v < V; ++v) a[v] = alpha * a[v] + beta * b[v];
-      store16(ds + i, a);
-    }
-  } else {
-    for (int64_t i = first; i < total; i += step) ds[i] = from_float<T>(alpha * to_float(s[i]) + beta * to_float(t[i]));
   }
 }
 
@@ -455,21 +433,6 @@ void attnfd_dots(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t 
         total, vec);
   });
   check_launch("attnfd_dots");
-}
-
-void attnfd_backward(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t coefs, std::uintptr_t ds,
-                     int64_t total, DType dtype, int device, std::uintptr_t stream) {
-  if (total == 0) return;
-  DeviceGuard guard(device);
-  dispatch_float_types(dtype, "attnfd_backward", [&](auto tag) {
-    using T = decltype(tag);
-    constexpr int V = Vec16<T>::kSize;
-    const bool vec = total % V == 0 && aligned16(student) && aligned16(teacher) && aligned16(ds);
-    SEGKD_LAUNCH(grid_for((total + V - 1) / V, kThreads), kThreads, 0, as_stream(stream), attnfd_backward_kernel<T>)(
-        reinterpret_cast<const T*>(student), reinterpret_cast<const T*>(teacher),
-        reinterpret_cast<const double*>(coefs), reinterpret_cast<T*>(ds), total, vec);
-  });
-  check_launch("attnfd_backward");
 }
 
 void cbam_gate_forward(std::uintptr_t x, std::uintptr_t channel_gate, std::uintptr_t spatial_gate, std::uintptr_t out,

@@ -73,9 +73,6 @@ void channel_pool_backward(std::uintptr_t grad_out, std::uintptr_t argmax, std::
 int64_t attnfd_num_partials(int64_t total);
 void attnfd_dots(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t partials, int64_t total,
                  int64_t num_partials, DType dtype, int device, std::uintptr_t stream);
-// ds = coefs[0] * s + coefs[1] * t, coefs two fp64 values on the device.
-void attnfd_backward(std::uintptr_t student, std::uintptr_t teacher, std::uintptr_t coefs, std::uintptr_t ds,
-                     int64_t total, DType dtype, int device, std::uintptr_t stream);
 
 // attnfd_loss epilogue (csrc/attnfd_loss.cu). attnfd_finish: one block sums num_partials (>= 0) rows
 // of attnfd_dots partials in a fixed order into dots (3 fp64) and writes the loss (one value of

@@ -122,7 +122,6 @@ def test_empty_launches_touch_no_device():
     LIB.channel_pool_forward(0, 0, 0, 0, 0, 3, 5, f32, 0, 0)
     LIB.channel_pool_backward(0, 0, 0, 0, 0, 0, 0, 0, 0, 3, 5, f32, 0, 0)
     LIB.attnfd_dots(0, 0, 0, 0, 0, f32, 0, 0)
-    LIB.attnfd_backward(0, 0, 0, 0, 0, f32, 0, 0)
     LIB.attnfd_backward_dots(*[0] * 5, 0, 1, 1e-12, f32, 0, 0)
     LIB.cbam_gate_forward(0, 0, 0, 0, 0, 3, 5, f32, 0, 0)
     LIB.ssim_forward(*[0] * 8, 0, 16, 16, 5, 1.5, 1.0, 0, f32, 0, 0)
@@ -149,7 +148,7 @@ def test_partial_counts():
 @pytest.mark.skipif(HAS_CUDA, reason="checks the no-device error path")
 def test_launch_without_a_device_raises_runtime_error():
     with pytest.raises(RuntimeError, match="cuda"):
-        LIB.attnfd_backward(0, 0, 0, 0, 1, 0, 0, 0)
+        LIB.attnfd_backward_dots(*[0] * 5, 1, 1, 1e-12, 0, 0, 0)
 
 
 def _cpu_op_calls():
@@ -701,12 +700,6 @@ class EmulatedLib:
         p.zero_()
         for row, sl in ((0, slice(0, half)), (1, slice(half, total))):
             p[row] = torch.stack([(a[sl] * a[sl]).sum(), (b[sl] * b[sl]).sum(), (a[sl] * b[sl]).sum()])
-
-    @staticmethod
-    def attnfd_backward(s, t, coefs, ds, total, dtype, device, stream):
-        dt = _CODE_DTYPES[dtype]
-        c = _view(coefs, (2,), torch.float64)
-        _view(ds, (total,), dt).copy_(c[0] * _view(s, (total,), dt).double() + c[1] * _view(t, (total,), dt).double())
 
     @staticmethod
     def attnfd_finish(partials, num_partials, loss, dots, batch, eps, loss_dtype, device, stream):
