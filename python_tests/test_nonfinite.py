@@ -113,7 +113,9 @@ CASES = [("student", NAN), ("student", INF), ("student", -INF), ("teacher", NAN)
 
 # Known differences from the reference, expected to fail until fixed (strict: a fix shows up as
 # an unexpected pass): entries are (backend, op, case).
-KNOWN: set = set()
+# The CUDA cbam_gate backward (one pass over g and x) does not yet carry a non-finite input into the
+# gate gradients as the reference does.
+KNOWN: set = {("cuda", "cbam_gate", c) for c in CASES}
 
 
 def _case_id(case) -> str:
