@@ -271,7 +271,7 @@ def test_cli_train_eval_and_demo_smoke(tmp_path, capsys):
 def test_compare_smoke_tables(tmp_path):
     import csv
 
-    from segkd_kernels.train.compare import run_compare
+    from segkd_kernels.train.compare import run_compare, variant_config
 
     out = tmp_path / "cmp"
     assert run_compare(methods=["kd"], controls=[], seeds=2, preset="smoke", out=str(out),
@@ -284,7 +284,8 @@ def test_compare_smoke_tables(tmp_path):
     assert kd["n"] == 2 and kd["mean"] == pytest.approx(sum(diffs) / 2)
     assert summary["students"][0]["n"] == 2 and len(summary["teachers"]) == 1
     table = open(out / "compare.md").read()
-    assert "| kd | deeplabv3 | 2 |" in table and "student alone" in table and "teacher" in table
+    student = variant_config("kd", "smoke", seed=0).student.arch
+    assert f"| kd | {student} | 2 |" in table and "student alone" in table and "teacher" in table
 
 
 @pytest.mark.cuda

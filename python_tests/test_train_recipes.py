@@ -300,6 +300,7 @@ def test_compare_lists_the_lad_teacher_without_its_label():
     teachers = {"a": (plain, {"metrics": {"miou": 30.0}}), "b": (lad, {"metrics": {"miou": 40.0,
                                                                                   "no_label": {"miou": 25.0}}})}
     out = summarize([], [], teachers)["teachers"]
+    name = f"{plain.teacher.arch}-{plain.teacher.backbone}"
     assert [(t["teacher"], t["miou"], t.get("miou_no_label")) for t in out] == [
-        ("deeplabv3-resnet50", 30.0, None), ("deeplabv3-resnet50 (label-assisted)", 40.0, 25.0)]
+        (name, 30.0, None), (f"{name} (label-assisted)", 40.0, 25.0)]
 
