@@ -11,8 +11,10 @@
 //
 // Forward: each step stages the next K padded input rows (tile columns plus the halo of
 // window // 2) in shared memory, min-max rescaled and with the padding resolved at the load
-// (reflected index, zero, or nothing for valid); the horizontal pass reads K neighbours from shared
-// memory, the vertical pass slides over rows, then the SSIM map, the clamp and the loss sum of the
+// (reflected index, zero, or nothing for valid), as one (x, y, x^2 + y^2, x y) vector per pixel:
+// the products are formed once per pixel, and the horizontal pass reads each of its K neighbours
+// with one 16-byte load and adds the symmetric pairs of taps before their multiply (4 FADD + 4
+// FFMA per pair of slots); the vertical pass slides over rows, then the SSIM map, the clamp and the loss sum of the
 // block (one fp32 partial per block; the caller adds them in fp64). With a gradient requested the
 // block also writes three per-pixel maps: l'(p) * d map / d {mu_x, E[x^2], E[xy]}, l' the
 // derivative of clamp((1-m)/2, 0, 1) (inclusive bounds, as torch.clamp) over the number of map
@@ -23,8 +25,9 @@
 // the padded positions that reflect onto it. The weights differ from the taps only within
 // window // 2 of an edge; the host tabulates those rows and columns plus one interior entry
 // (the taps) in a FoldTable that every row and column reads, so there is no padded buffer, no fold
-// pass and no branch on edge rows. Same shared-memory staging and sliding window as the forward,
-// three maps instead of five, fused with the combination with x and y and the min-max scale.
+// pass and no branch on edge rows. Same shared-memory staging (the three maps as a (D1, D2) pair
+// and D3: two loads per window slot) and sliding window as the forward, three maps instead of
+// four, fused with the combination with x and y and the min-max scale.
 #include "common.cuh"
 
 #include <cmath>
@@ -99,14 +102,16 @@ template <typename T> __device__ __forceinline__ T* map_pointer(T* p, int64_t of
 }
 
 template <int K, typename T>
-__global__ void __launch_bounds__(kCols, 4)  // the bound steers ptxas off an 8-byte spill of the window-9 fp32 instance on sm_90
+__global__ void __launch_bounds__(kCols, 3)  // 168 registers: the windows 13 and 15 spill at 128 (4 blocks)
 ssim_forward_kernel(const T* __restrict__ s, const T* __restrict__ t, const float* __restrict__ lo_s,
                     const float* __restrict__ scale_s, const float* __restrict__ lo_t,
                     const float* __restrict__ scale_t, float* __restrict__ partials, float* __restrict__ dmaps,
                     int h, int w, int h_out, int w_out, int tiles_x, int strip, int mode, const Taps taps,
                     const SsimConsts k) {
   constexpr int R = K / 2, kInW = kCols + K - 1;
-  __shared__ float in_x[K][kInW], in_y[K][kInW];
+  // one 16-byte vector per staged pixel: (x, y, x^2 + y^2, x y), the products formed once per
+  // pixel at the load, not once per window slot; a window slot is then one LDS.128
+  __shared__ float4 in_v[K][kInW];
   __shared__ float scratch[32];
 
   const int map = blockIdx.x / tiles_x;
@@ -146,8 +151,7 @@ ssim_forward_kernel(const T* __restrict__ s, const T* __restrict__ t, const floa
         vx = (to_float(__ldg(ms + at)) - ls) * ks;
         vy = (to_float(__ldg(mt + at)) - lt) * kt;
       }
-      in_x[ly][tid] = vx;
-      in_y[ly][tid] = vy;
+      in_v[ly][tid] = make_float4(vx, vy, fmaf(vx, vx, vy * vy), vx * vy);
     }
     for (int e = tid; e < K * (K - 1); e += kCols) {
       const int ly = e / (K - 1), lx = kCols + e - ly * (K - 1);
@@ -158,8 +162,7 @@ ssim_forward_kernel(const T* __restrict__ s, const T* __restrict__ t, const floa
         vx = (to_float(__ldg(ms + gy * w + gx)) - ls) * ks;
         vy = (to_float(__ldg(mt + gy * w + gx)) - lt) * kt;
       }
-      in_x[ly][lx] = vx;
-      in_y[ly][lx] = vy;
+      in_v[ly][lx] = make_float4(vx, vy, fmaf(vx, vx, vy * vy), vx * vy);
     }
     __syncthreads();
 #pragma unroll
@@ -168,23 +171,16 @@ ssim_forward_kernel(const T* __restrict__ s, const T* __restrict__ t, const floa
       if (i >= in_rows) break;
       // The taps are symmetric (w[q] = w[K - 1 - q]; the padding is already in the staged rows):
       // the two slots of a pair are combined before their one multiply by the tap.
-      float h0, h1, h2, h3;
-      {
-        const float vx = in_x[j][tid + R], vy = in_y[j][tid + R], gx = taps.w[R] * vx, gy = taps.w[R] * vy;
-        h0 = gx;
-        h1 = gy;
-        h2 = fmaf(gy, vy, gx * vx);
-        h3 = gx * vy;
-      }
+      const float4 c = in_v[j][tid + R];
+      float h0 = taps.w[R] * c.x, h1 = taps.w[R] * c.y, h2 = taps.w[R] * c.z, h3 = taps.w[R] * c.w;
 #pragma unroll
       for (int q = 0; q < R; ++q) {
-        const float ax = in_x[j][tid + q], ay = in_y[j][tid + q];
-        const float bx = in_x[j][tid + K - 1 - q], by = in_y[j][tid + K - 1 - q];
+        const float4 a = in_v[j][tid + q], b = in_v[j][tid + K - 1 - q];
         const float wq = taps.w[q];
-        h0 = fmaf(wq, ax + bx, h0);
-        h1 = fmaf(wq, ay + by, h1);
-        h2 = fmaf(wq, fmaf(ax, ax, fmaf(ay, ay, fmaf(bx, bx, by * by))), h2);
-        h3 = fmaf(wq, fmaf(ax, ay, bx * by), h3);
+        h0 = fmaf(wq, a.x + b.x, h0);
+        h1 = fmaf(wq, a.y + b.y, h1);
+        h2 = fmaf(wq, a.z + b.z, h2);
+        h3 = fmaf(wq, a.w + b.w, h3);
       }
       wx[j] = h0; wy[j] = h1; wss[j] = h2; wxy[j] = h3;
       if (i < K - 1) continue;
@@ -202,20 +198,23 @@ ssim_forward_kernel(const T* __restrict__ s, const T* __restrict__ t, const floa
       const float a1 = 2.f * mu_x * mu_y + k.c1, a2 = 2.f * cov + k.c2;
       const float b1 = m2 + k.c1, b2 = (e_ss - m2) + k.c2;  // var_x + var_y = E[x^2 + y^2] - mu_x^2 - mu_y^2
       const float num = a1 * a2, den = b1 * b2 + 1e-12f;
-      const float inv_den = 1.f / den;
-      const float u = (1.f - num * inv_den) * 0.5f;
+      // The hardware reciprocal (MUFU.RCP, within 1 ulp) instead of the IEEE division's refinement
+      // and slow path; den is scaled by 2^-32 first so that it stays below 2^126, where the fast
+      // reciprocal would flush to 0 (den up to the fp32 maximum), and 1 / den comes back with one
+      // exact multiply by 2^-32 (subnormal results kept).
+      const float inv_den = __fdividef(1.f, den * 0x1p-32f) * 0x1p-32f;
+      const float ssim = num * inv_den;
+      const float u = (1.f - ssim) * 0.5f;
       if (live) loss += clamp_nan(u, 0.f, 1.f);  // a NaN term stays NaN, as in torch.clamp
       if (dmaps != nullptr && live) {
-        // torch.clamp passes the gradient where min <= u <= max (inclusive).
-        const float lp = (u >= 0.f && u <= 1.f) ? k.grad_coef : 0.f;
-        const float q = num * inv_den * inv_den;
-        const float d_mu = 2.f * mu_y * (a2 - a1) * inv_den - q * 2.f * mu_x * (b2 - b1);
-        const float d_exx = -q * b1;
-        const float d_exy = 2.f * a1 * inv_den;
+        // torch.clamp passes the gradient where min <= u <= max (inclusive). With
+        // g = l' / den: d/d E[xy] = 2 a1 g, d/d E[x^2] = -ssim b1 g and
+        // d/d mu_x = 2 g (mu_y (a2 - a1) - ssim mu_x (b2 - b1)).
+        const float g = ((u >= 0.f && u <= 1.f) ? k.grad_coef : 0.f) * inv_den, g2 = 2.f * g;
         const int at = (oy0 + i - (K - 1)) * w_out + ox;
-        dm0[at] = lp * d_mu;
-        dm1[at] = lp * d_exx;
-        dm2[at] = lp * d_exy;
+        dm0[at] = g2 * fmaf(mu_y, a2 - a1, -ssim * mu_x * (b2 - b1));
+        dm1[at] = -ssim * b1 * g;
+        dm2[at] = g2 * a1;
       }
     }
   }
@@ -232,7 +231,10 @@ ssim_backward_kernel(const float* __restrict__ dmaps, const T* __restrict__ s, c
                      int h, int w, int h_out, int w_out, int tiles_x, int strip, int mode, const Taps taps,
                      const FoldTable rows_fold, const FoldTable cols_fold) {
   constexpr int R = K / 2, kInW = kCols + K - 1;
-  __shared__ float in_d[3][K][kInW];
+  // the staged map pixels as (D1, D2) pairs and D3: a window slot is two loads, not three (a
+  // 16-byte vector with an unused lane costs registers that the unrolled rows need)
+  __shared__ float2 in_d01[K][kInW];
+  __shared__ float in_d2[K][kInW];
 
   const int map = blockIdx.x / tiles_x;
   const int ox0 = (blockIdx.x - map * tiles_x) * kCols, py0 = blockIdx.y * strip;
@@ -246,6 +248,7 @@ ssim_backward_kernel(const float* __restrict__ dmaps, const T* __restrict__ s, c
   const int tid = threadIdx.x, px = ox0 + tid;
   const bool live = px < w;
   const int gq0 = ox0 - off + tid;  // the staged map column of this thread
+
   const bool q0_in = gq0 >= 0 && gq0 < w_out;
 
   // column weights of this thread: the taps, or its row of the fold table near a reflect edge
@@ -279,9 +282,8 @@ ssim_backward_kernel(const float* __restrict__ dmaps, const T* __restrict__ s, c
         v1 = __ldg(md1 + at);
         v2 = __ldg(md2 + at);
       }
-      in_d[0][ly][tid] = v0;
-      in_d[1][ly][tid] = v1;
-      in_d[2][ly][tid] = v2;
+      in_d01[ly][tid] = make_float2(v0, v1);
+      in_d2[ly][tid] = v2;
     }
     for (int e = tid; e < K * (K - 1); e += kCols) {  // the halo columns, one element per thread
       const int ly = e / (K - 1), lx = kCols + e - ly * (K - 1);
@@ -292,9 +294,8 @@ ssim_backward_kernel(const float* __restrict__ dmaps, const T* __restrict__ s, c
         v1 = __ldg(md1 + gy * w_out + gq);
         v2 = __ldg(md2 + gy * w_out + gq);
       }
-      in_d[0][ly][lx] = v0;
-      in_d[1][ly][lx] = v1;
-      in_d[2][ly][lx] = v2;
+      in_d01[ly][lx] = make_float2(v0, v1);
+      in_d2[ly][lx] = v2;
     }
     __syncthreads();
 #pragma unroll
@@ -305,9 +306,10 @@ ssim_backward_kernel(const float* __restrict__ dmaps, const T* __restrict__ s, c
       float a0 = 0.f, a1 = 0.f, a2 = 0.f;
 #pragma unroll
       for (int q = 0; q < K; ++q) {
-        a0 = fmaf(cw[q], in_d[0][j][tid + q], a0);
-        a1 = fmaf(cw[q], in_d[1][j][tid + q], a1);
-        a2 = fmaf(cw[q], in_d[2][j][tid + q], a2);
+        const float2 v = in_d01[j][tid + q];
+        a0 = fmaf(cw[q], v.x, a0);
+        a1 = fmaf(cw[q], v.y, a1);
+        a2 = fmaf(cw[q], in_d2[j][tid + q], a2);
       }
       w0[j] = a0; w1[j] = a1; w2[j] = a2;
       if (i < K - 1) continue;
