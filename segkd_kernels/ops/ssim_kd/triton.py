@@ -15,8 +15,10 @@ Forward (_ssim_fwd_kernel), per input row of the strip and its halo:
      holds it, as in the reference. Rows are padded as whole rows: the strip reads the reflected
      row (reflect) or zeroes the filtered row (zeros).
   2. vertical pass: a register sliding window over rows. The last K horizontally filtered rows of
-     each statistic are kept in registers (loop-carried tuples); an output row is K FMAs per
-     statistic, then the window moves by one row.
+     four statistics are kept in registers (loop-carried tuples): x, y, xy and the rescaled
+     x^2 scale_x^2 + y^2 scale_y^2 (the map uses E[x^2] and E[y^2] only through var_x + var_y,
+     so one ring serves both); an output row is K FMAs per statistic, then the window moves by
+     one row.
   3. the SSIM map, clamp and the program's partial sum of the loss; the map is never written. When
      the student needs a gradient, the three per-pixel partial derivatives of the clamped loss
      term with respect to mu_x, E[x^2] and E[xy] are written, interleaved as one 16-byte vector
@@ -272,37 +274,39 @@ def _dot_ring(taps, win, j: tl.constexpr, K: tl.constexpr):
 
 
 @triton.jit
-def _fwd_out(mu_x, mu_y, e_xx, e_yy, e_xy, acc, col_ok, c1, c2, map_eps, partials_ptr, offs,
+def _fwd_out(mu_x, mu_y, e_ss, e_xy, acc, col_ok, c1, c2, map_eps, partials_ptr, offs,
              STORE: tl.constexpr):
-    """SSIM term of one output row: adds its clamped loss to acc and, with STORE, writes the three
-    partial derivatives of the loss term (the backward's input)."""
-    var_x = e_xx - mu_x * mu_x
-    var_y = e_yy - mu_y * mu_y
+    """SSIM term of one output row (e_ss = E[x^2] + E[y^2]: the map needs the two only through
+    var_x + var_y): adds its clamped loss to acc and, with STORE, writes the three partial
+    derivatives of the loss term (the backward's input)."""
     cov = e_xy - mu_x * mu_y
+    m2 = mu_x * mu_x + mu_y * mu_y
     a1 = 2.0 * mu_x * mu_y + c1
     a2 = 2.0 * cov + c2
-    b1 = mu_x * mu_x + mu_y * mu_y + c1
-    b2 = var_x + var_y + c2
+    b1 = m2 + c1
+    b2 = (e_ss - m2) + c2
     num = a1 * a2
     den = b1 * b2 + map_eps
-    inv_den = 1.0 / den
-    term = (1.0 - num * inv_den) * 0.5
+    # the hardware reciprocal (div.approx, within 2 ulp for |den| in [2^-126, 2^126]) instead of the
+    # IEEE division; den is scaled by 2^-32 first so that it stays in that range up to the fp32
+    # maximum, and the exact multiply by 2^-32 gives 1 / den back
+    inv_den = tl.math.fdiv(1.0, den * 2.3283064365386963e-10, approx=True) * 2.3283064365386963e-10
+    ssim = num * inv_den
+    term = (1.0 - ssim) * 0.5
     # NaN-propagating clamp, as torch.clamp (the default tl.minimum / maximum drop a NaN)
     clamped = tl.minimum(tl.maximum(term, 0.0, propagate_nan=tl.PropagateNan.ALL), 1.0,
                          propagate_nan=tl.PropagateNan.ALL)
     acc += tl.where(col_ok, clamped, 0.0)
     if STORE:
-        # d term / d map = -1/2 where the clamp passes the gradient (torch.clamp: bounds inclusive)
-        gate = tl.where((term >= 0.0) & (term <= 1.0), -0.5, 0.0)
-        d_a1 = a2 * inv_den
-        d_a2 = a1 * inv_den
-        q = num * inv_den * inv_den
-        d_b1 = -q * b2
-        d_b2 = -q * b1
-        # a1, a2, b1, b2 as functions of (mu_x, E[x^2], E[xy]) with the teacher's statistics fixed
-        p_mu = gate * (2.0 * mu_y * (d_a1 - d_a2) + 2.0 * mu_x * (d_b1 - d_b2))
-        p_xx = gate * d_b2
-        p_xy = gate * 2.0 * d_a2
+        # d term / d map = -1/2 where the clamp passes the gradient (torch.clamp: bounds inclusive);
+        # a1, a2, b1, b2 as functions of (mu_x, E[x^2], E[xy]) with the teacher's statistics fixed,
+        # with g = (d term / d map) / den: d/d mu_x = 2 g (mu_y (a2 - a1) - ssim mu_x (b2 - b1)),
+        # d/d E[x^2] = -ssim b1 g, d/d E[xy] = 2 a1 g
+        g = tl.where((term >= 0.0) & (term <= 1.0), -0.5, 0.0) * inv_den
+        g2 = 2.0 * g
+        p_mu = g2 * (mu_y * (a2 - a1) - ssim * mu_x * (b2 - b1))
+        p_xx = -ssim * b1 * g
+        p_xy = g2 * a1
         # one 16-byte vector per pixel: (p_mu, p_xx, p_xy, 0), so the backward reads the three
         # maps of a window slot with one load
         v = tl.join(tl.join(p_mu, p_xy), tl.join(p_xx, tl.zeros_like(p_xx)))
@@ -335,6 +339,9 @@ def _ssim_fwd_kernel(s_ptr, t_ptr, taps_ptr, scales_ptr, loss_part_ptr, partials
         sc_yy = sc_y * sc_y
         sc_xy = sc_x * sc_y
     else:
+        sc_xx = 1.0
+        sc_yy = 1.0
+    if not NORMALIZE:
         lo_x = 0.0
         lo_y = 0.0
     s_plane = s_ptr + plane * H * W
@@ -343,8 +350,7 @@ def _ssim_fwd_kernel(s_ptr, t_ptr, taps_ptr, scales_ptr, loss_part_ptr, partials
     zero = tl.zeros([BC], tl.float32)
     w_x = (zero,) * K
     w_y = (zero,) * K
-    w_xx = (zero,) * K
-    w_yy = (zero,) * K
+    w_ss = (zero,) * K
     w_xy = (zero,) * K
     acc = zero
     map_size = HO * WO
@@ -362,32 +368,33 @@ def _ssim_fwd_kernel(s_ptr, t_ptr, taps_ptr, scales_ptr, loss_part_ptr, partials
                 row_c = tl.minimum(tl.maximum(row, 0), H - 1)
                 h_x, h_y, h_xx, h_yy, h_xy = _fwd_row(s_plane, t_plane, row_c * W, idx, wts, lo_x, lo_y,
                                                       K, NORMALIZE)
+                # the map uses E[x^2] and E[y^2] only through their sum: one ring for both, of the
+                # rescaled squares (x - min)^2 scale^2 (the scales differ between x and y)
+                if NORMALIZE:
+                    h_ss = h_xx * sc_xx + h_yy * sc_yy
+                else:
+                    h_ss = h_xx + h_yy
                 if PAD == 1:
                     # zero padding pads the rescaled map: rows outside are 0
                     row_ok = (row >= 0) & (row < H)
                     h_x = tl.where(row_ok, h_x, 0.0)
                     h_y = tl.where(row_ok, h_y, 0.0)
-                    h_xx = tl.where(row_ok, h_xx, 0.0)
-                    h_yy = tl.where(row_ok, h_yy, 0.0)
+                    h_ss = tl.where(row_ok, h_ss, 0.0)
                     h_xy = tl.where(row_ok, h_xy, 0.0)
                 w_x = _put(w_x, j, h_x, K)
                 w_y = _put(w_y, j, h_y, K)
-                w_xx = _put(w_xx, j, h_xx, K)
-                w_yy = _put(w_yy, j, h_yy, K)
+                w_ss = _put(w_ss, j, h_ss, K)
                 w_xy = _put(w_xy, j, h_xy, K)
                 if i >= K - 1:
                     mu_x = _dot_ring(taps, w_x, j, K)
                     mu_y = _dot_ring(taps, w_y, j, K)
-                    e_xx = _dot_ring(taps, w_xx, j, K)
-                    e_yy = _dot_ring(taps, w_yy, j, K)
+                    e_ss = _dot_ring(taps, w_ss, j, K)
                     e_xy = _dot_ring(taps, w_xy, j, K)
                     if NORMALIZE:  # statistics of (x - min) * scale: linear and quadratic in the scale
                         mu_x *= sc_x
                         mu_y *= sc_y
-                        e_xx *= sc_xx
-                        e_yy *= sc_yy
                         e_xy *= sc_xy
-                    acc = _fwd_out(mu_x, mu_y, e_xx, e_yy, e_xy, acc, col_ok, c1, c2, map_eps, partials_ptr,
+                    acc = _fwd_out(mu_x, mu_y, e_ss, e_xy, acc, col_ok, c1, c2, map_eps, partials_ptr,
                                    plane * map_size + (o0 + i - (K - 1)) * WO + cols, STORE)
     tl.store(loss_part_ptr + (plane * n_strips + strip) * n_ctiles + ctile, tl.sum(acc, axis=0))
 
