@@ -137,6 +137,22 @@ class _EagerCustomOpDef(CustomOpDef):
         return fn(*args)  # what the op's no-grad path runs
 
 
+def direct_ok(*tensors) -> bool:
+    """True where a wrapper may run an op's Python function itself instead of calling the op: the
+    conditions of the fast path above for these tensor arguments (no tracing or compiling, no
+    dispatch mode, functorch transform or autocast, the fast path on, plain CPU or CUDA tensors).
+    The caller settles the rest (grad mode; the tensors on one device, the first one's tested). For
+    the hottest wrappers, whose own entry (or registered backward) makes the call it would make."""
+    if (_is_compiling() or not _ENABLED[0] or _dispatch_stack_len() or _functorch_active()
+            or _autocast_enabled()):
+        return False
+    for a in tensors:
+        if type(a) not in _PLAIN:
+            return False
+    first = tensors[0]
+    return first.is_cpu or first.is_cuda
+
+
 def install() -> None:
     """Give every registered segkd custom op the eager fast path (idempotent)."""
     for name, op in list(OPDEFS.items()):
@@ -144,4 +160,4 @@ def install() -> None:
             op.__class__ = _EagerCustomOpDef
 
 
-__all__ = ["dispatcher_path", "install"]
+__all__ = ["direct_ok", "dispatcher_path", "install"]

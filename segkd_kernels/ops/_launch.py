@@ -71,7 +71,7 @@ class Launch:
     many of the last tensor arguments the wrapper allocates itself on every call (torch's
     allocators align every new tensor to at least 64 bytes, so their alignment is not tested)."""
 
-    __slots__ = ("kernel", "grid", "ints", "consts", "tail", "fast", "handles", "epoch", "grid3", "checked")
+    __slots__ = ("kernel", "grid", "ints", "consts", "tail", "fast", "handles", "epoch", "grid3", "misaligned")
 
     def __init__(self, kernel, grid, ints, constexprs, fresh: int = 0):
         self.kernel = kernel
@@ -82,6 +82,7 @@ class Launch:
         self.fast = (isinstance(kernel, JITFunction) and not getattr(kernel, "pre_run_hooks", None)
                      and os.environ.get("SEGKD_DIRECT_LAUNCH", "1") != "0")
         self.tail = None
+        self.misaligned = None
         if self.fast:
             # every parameter after the tensors, in signature order: the ints, then each constexpr
             # as given or its default (what JITFunction.run's binder hands the launcher)
@@ -94,40 +95,53 @@ class Launch:
                     break
                 tail.append(self.consts[p.name] if p.name in self.consts else p.default)
             self.tail = tuple(tail)
+            self.misaligned = _misaligned_test(max(0, n_fixed - len(self.ints) - fresh))
         self.handles: dict = {}
         self.epoch = _EPOCH[0]
-        self.checked = slice(0, -fresh if fresh else None)
 
     def __call__(self, *tensors) -> None:
+        handles = self.handles
+        # the hot path: a compiled kernel kept (none yet: no device to ask either; launches
+        # intercepted on a machine without one, as the static report and the host-read test do,
+        # never get one), every tested pointer 16-byte aligned, no pre-run or launch hooks, no
+        # TRITON_DEBUG (Triton 3.6+ keeps hook chains, active when non-empty; older versions a
+        # callable or None)
+        if handles and self.epoch == _EPOCH[0] and not self.misaligned(tensors):
+            device, stream = device_stream()
+            handle = handles.get(device)
+            rt = _RUNTIME
+            if handle is not None and not (
+                    self.kernel.pre_run_hooks or rt.debug
+                    or (rt.launch_enter_hook is not None and getattr(rt.launch_enter_hook, "calls", True))
+                    or (rt.launch_exit_hook is not None and getattr(rt.launch_exit_hook, "calls", True))):
+                run, function, metadata = handle
+                g0, g1, g2 = self.grid3
+                run(g0, g1, g2, stream, function, metadata, None, None, None, *tensors, *self.tail)
+                return
+        self._jit(tensors)
+
+    def _jit(self, tensors) -> None:
+        """Triton's own launch (binds, compiles if needed); keeps the compiled kernel it returns
+        where the hot path may use it next time."""
         if not self.fast:
             self.kernel[self.grid](*tensors, *self.ints, **self.consts)
             return
         if self.epoch != _EPOCH[0]:
             self.handles.clear()
             self.epoch = _EPOCH[0]
-        ptrs = 0
-        for t in tensors[self.checked]:
-            ptrs |= t.data_ptr()
-        # no compiled kernel kept yet: no device to ask either (launches intercepted on a machine
-        # without one, as the static report and the host-read test do, never get past this)
-        handle = None
-        if self.handles:
-            device, stream = device_stream()
-            handle = self.handles.get(device)
-        # the JIT path for TRITON_DEBUG and active launch hooks (Triton 3.6+ keeps hook chains,
-        # active when non-empty; older versions a callable or None)
-        rt = _RUNTIME
-        if (handle is None or ptrs & 15 or self.kernel.pre_run_hooks or rt.debug
-                or (rt.launch_enter_hook is not None and getattr(rt.launch_enter_hook, "calls", True))
-                or (rt.launch_exit_hook is not None and getattr(rt.launch_exit_hook, "calls", True))):
-            compiled = self.kernel[self.grid](*tensors, *self.ints, **self.consts)
-            if handle is None and not ptrs & 15 and getattr(compiled, "function", None) is not None:
-                device, _ = device_stream()
-                self.handles[device] = (compiled.run, compiled.function, compiled.packed_metadata)
-            return
-        run, function, metadata = handle
-        g0, g1, g2 = self.grid3
-        run(g0, g1, g2, stream, function, metadata, None, None, None, *tensors, *self.tail)
+        compiled = self.kernel[self.grid](*tensors, *self.ints, **self.consts)
+        if not self.misaligned(tensors) and getattr(compiled, "function", None) is not None:
+            device, _ = device_stream()
+            self.handles.setdefault(device, (compiled.run, compiled.function, compiled.packed_metadata))
+
+
+def _misaligned_test(count: int):
+    """A function of the tensor arguments: nonzero when one of the first `count` is not 16-byte
+    aligned (one expression over their data pointers, no loop: it runs on every launch)."""
+    if count == 0:
+        return lambda tensors: 0
+    ptrs = " | ".join(f"tensors[{i}].data_ptr()" for i in range(count))
+    return eval(f"lambda tensors: ({ptrs}) & 15")  # noqa: S307 (built from integers only)
 
 
 MISSING = object()  # PlanCache.get's default: None is a plan (nothing to launch)

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from .._triton_common import FP_FUSION, acc_dtype, acc_torch_dtype, cdiv, pixel_strides
+from .._eager import direct_ok
 from .._launch import MISSING, Launch, PlanCache
 from ..channel_pool.triton import _blocks, _pixel_offsets, channel_slices
 
@@ -74,6 +75,23 @@ def _cbam_gate_flat_kernel(x_ptr, mc_ptr, ms_ptr, out_ptr, C, P, W, sx_n, sx_c, 
 
 
 @triton.jit
+def _bwd_tile(g_ptrs, x_ptrs, dx_ptrs, mc_ptrs, dmc_ptrs, ok, c_ok, m_s, acc_ms, ACC_DTYPE: tl.constexpr):
+    """One [BLOCK_C, BLOCK_P] tile of the backward, addressed by the caller (strided or contiguous):
+    stores dx and the tile's dM_c sums, returns acc_ms plus the tile's dM_s summands."""
+    m_c = tl.load(mc_ptrs, mask=c_ok, other=0.0).to(ACC_DTYPE)
+    g = tl.load(g_ptrs, mask=ok, other=0.0).to(ACC_DTYPE)
+    v = tl.load(x_ptrs, mask=ok, other=0.0).to(ACC_DTYPE)
+    gm = g * m_c[:, None]  # d loss / d (M_s * M_c * x) times M_c
+    tl.store(dx_ptrs, (gm * m_s[None, :]).to(dx_ptrs.dtype.element_ty), mask=ok)
+    gx = g * v  # masked lanes load 0, so they add nothing below
+    # summed along the pixels (inside a warp); the store of these BLOCK_C sums is the loop's only
+    # pass through shared memory (2 barriers per tile)
+    dmc = tl.sum(gx * m_s[None, :], axis=1, keep_dims=True)
+    tl.store(dmc_ptrs, dmc.to(dmc_ptrs.dtype.element_ty), mask=c_ok[:, None])
+    return acc_ms + gx * m_c[:, None]
+
+
+@triton.jit
 def _cbam_gate_bwd_kernel(g_ptr, x_ptr, mc_ptr, ms_ptr, dx_ptr, dmc_part_ptr, dms_part_ptr,
                           N, C, P, W, n_pblocks, c_per,
                           sg_n, sg_c, sg_h, sg_w, sx_n, sx_c, sx_h, sx_w, sd_n, sd_c, sd_h, sd_w,
@@ -86,34 +104,24 @@ def _cbam_gate_bwd_kernel(g_ptr, x_ptr, mc_ptr, ms_ptr, dx_ptr, dmc_part_ptr, dm
     cs = tl.program_id(2)
     p = pb * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
     p_ok = p < P
-    m_s = tl.load(ms_ptr + n * ss_n + _pixel_offsets(p, W, ss_h, ss_w, S_MERGED), mask=p_ok, other=0.0)
-    m_s = m_s.to(ACC_DTYPE)
     c_lo = cs * c_per
     c_hi = tl.minimum(c_lo + c_per, C)
+    m_s = tl.load(ms_ptr + n * ss_n + _pixel_offsets(p, W, ss_h, ss_w, S_MERGED), mask=p_ok, other=0.0)
+    m_s = m_s.to(ACC_DTYPE)
     g_pix = g_ptr + n * sg_n + _pixel_offsets(p, W, sg_h, sg_w, G_MERGED)
     x_pix = x_ptr + n * sx_n + _pixel_offsets(p, W, sx_h, sx_w, X_MERGED)
     d_pix = dx_ptr + n * sd_n + _pixel_offsets(p, W, sd_h, sd_w, D_MERGED)
     # dM_s summands kept per (channel lane, pixel) through the loop: one reduction over channels at
     # the end instead of a cross-warp one per tile
     acc_ms = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC_DTYPE)
-    lanes_c = tl.arange(0, BLOCK_C)
     for c0 in range(c_lo, c_hi, BLOCK_C):
-        c = c0 + lanes_c
+        c = c0 + tl.arange(0, BLOCK_C)
         c_ok = c < c_hi
         c64 = c.to(tl.int64)
-        ok = c_ok[:, None] & p_ok[None, :]
-        m_c = tl.load(mc_ptr + n * sc_n + c64 * sc_c, mask=c_ok, other=0.0).to(ACC_DTYPE)
-        g = tl.load(g_pix[None, :] + c64[:, None] * sg_c, mask=ok, other=0.0).to(ACC_DTYPE)
-        v = tl.load(x_pix[None, :] + c64[:, None] * sx_c, mask=ok, other=0.0).to(ACC_DTYPE)
-        gm = g * m_c[:, None]  # d loss / d (M_s * M_c * x) times M_c
-        tl.store(d_pix[None, :] + c64[:, None] * sd_c, (gm * m_s[None, :]).to(dx_ptr.dtype.element_ty), mask=ok)
-        gx = g * v  # masked lanes load 0, so they add nothing below
-        acc_ms += gx * m_c[:, None]
-        # summed along the pixels (inside a warp); the store of these BLOCK_C sums is the loop's only
-        # pass through shared memory (2 barriers per tile)
-        dmc = tl.sum(gx * m_s[None, :], axis=1, keep_dims=True)
-        tl.store(dmc_part_ptr + (n * n_pblocks + pb) * C + c64[:, None], dmc.to(dmc_part_ptr.dtype.element_ty),
-                 mask=c_ok[:, None])
+        acc_ms = _bwd_tile(g_pix[None, :] + c64[:, None] * sg_c, x_pix[None, :] + c64[:, None] * sx_c,
+                           d_pix[None, :] + c64[:, None] * sd_c, mc_ptr + n * sc_n + c64 * sc_c,
+                           dmc_part_ptr + (n * n_pblocks + pb) * C + c64[:, None],
+                           c_ok[:, None] & p_ok[None, :], c_ok, m_s, acc_ms, ACC_DTYPE)
     tl.store(dms_part_ptr + dms_off + (cs * N + n) * P + p, tl.sum(acc_ms, axis=0).to(dms_part_ptr.dtype.element_ty),
              mask=p_ok)
 
@@ -139,33 +147,26 @@ def _cbam_gate_bwd_contig_kernel(g_ptr, x_ptr, mc_ptr, ms_ptr, dx_ptr, dmc_part_
                                  N, C, P, n_pblocks, c_per, dms_off,
                                  BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC_DTYPE: tl.constexpr):
     # _cbam_gate_bwd_kernel for contiguous g, x, dx and gates (the same tiles, sums and stores)
+    # (the program's coordinates as in _cbam_gate_bwd_kernel, spelled out in both kernels: the
+    # static report's instruction model reads a loop's bounds from the kernel's own source)
     n = tl.program_id(0).to(tl.int64)
     pb = tl.program_id(1).to(tl.int64)
     cs = tl.program_id(2)
     p = pb * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
     p_ok = p < P
-    m_s = tl.load(ms_ptr + n * P + p, mask=p_ok, other=0.0).to(ACC_DTYPE)
     c_lo = cs * c_per
     c_hi = tl.minimum(c_lo + c_per, C)
+    m_s = tl.load(ms_ptr + n * P + p, mask=p_ok, other=0.0).to(ACC_DTYPE)
     acc_ms = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC_DTYPE)
-    lanes_c = tl.arange(0, BLOCK_C)
     for c0 in range(c_lo, c_hi, BLOCK_C):
-        c = c0 + lanes_c
+        c = c0 + tl.arange(0, BLOCK_C)
         c_ok = c < c_hi
         c64 = c.to(tl.int64)
         row = n * C + c64  # plane of (n, c)
-        ok = c_ok[:, None] & p_ok[None, :]
         offs = row[:, None] * P + p[None, :]
-        m_c = tl.load(mc_ptr + row, mask=c_ok, other=0.0).to(ACC_DTYPE)
-        g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(ACC_DTYPE)
-        v = tl.load(x_ptr + offs, mask=ok, other=0.0).to(ACC_DTYPE)
-        gm = g * m_c[:, None]
-        tl.store(dx_ptr + offs, (gm * m_s[None, :]).to(dx_ptr.dtype.element_ty), mask=ok)
-        gx = g * v
-        acc_ms += gx * m_c[:, None]
-        dmc = tl.sum(gx * m_s[None, :], axis=1, keep_dims=True)
-        tl.store(dmc_part_ptr + (n * n_pblocks + pb) * C + c64[:, None], dmc.to(dmc_part_ptr.dtype.element_ty),
-                 mask=c_ok[:, None])
+        acc_ms = _bwd_tile(g_ptr + offs, x_ptr + offs, dx_ptr + offs, mc_ptr + row,
+                           dmc_part_ptr + (n * n_pblocks + pb) * C + c64[:, None],
+                           c_ok[:, None] & p_ok[None, :], c_ok, m_s, acc_ms, ACC_DTYPE)
     tl.store(dms_part_ptr + dms_off + (cs * N + n) * P + p, tl.sum(acc_ms, axis=0).to(dms_part_ptr.dtype.element_ty),
              mask=p_ok)
 
@@ -193,6 +194,9 @@ def _cbam_gate_reduce_kernel(dmc_part_ptr, dms_part_ptr, dmc_ptr, dms_ptr, NC, N
             acc += tl.load(dms_part_ptr + dms_off + s * NP + j, mask=ok, other=0.0).to(ACC_DTYPE)
         tl.store(dms_ptr + j, acc.to(dms_ptr.dtype.element_ty), mask=ok)
 
+
+_grad_enabled = torch._C.is_grad_enabled
+_any_requires_grad = torch._C._any_requires_grad
 
 # Bytes of x per program of the flat forward (1024 fp32, 2048 bf16: 8 or 16 elements per thread of
 # 4 warps, two or one 16-byte loads).
@@ -244,10 +248,9 @@ def _fwd_plan(x, channel_gate, spatial_gate, out):
                        BLOCK_C=block_c, BLOCK_P=block_p, ACC_DTYPE=acc, **FP_FUSION), fresh=1)
 
 
-@torch.library.custom_op("segkd::cbam_gate_triton", mutates_args=())
-def cbam_gate_triton(x: torch.Tensor, channel_gate: torch.Tensor, spatial_gate: torch.Tensor) -> torch.Tensor:
-    """x (N, C, H, W), channel_gate (N, C) or (N, C, 1, 1), spatial_gate (N, 1, H, W) or (N, H, W) ->
-    M_s * (M_c * x), laid out like x."""
+def _forward(x: torch.Tensor, channel_gate: torch.Tensor, spatial_gate: torch.Tensor) -> torch.Tensor:
+    """The forward's work (the custom op's body, and the eager entry's): M_s * (M_c * x), laid out
+    like x."""
     out = torch.empty_like(x)  # its strides follow from x's: part of the plan's key through x
     # every tensor's dtype is in the key: a Launch serves one combination of them
     key = (x.shape, x.stride(), channel_gate.stride(), spatial_gate.stride(), x.dtype, channel_gate.dtype,
@@ -260,13 +263,28 @@ def cbam_gate_triton(x: torch.Tensor, channel_gate: torch.Tensor, spatial_gate: 
     return out
 
 
-def _bwd_plan(grad, x, channel_gate, spatial_gate, dx):
-    """(main Launch, reduce Launch or None, dM_c partials' size, dM_s partials' size (0: none),
-    partials' dtype, whether both gates are contiguous), or None when x has no element."""
+@torch.library.custom_op("segkd::cbam_gate_triton", mutates_args=())
+def cbam_gate_triton(x: torch.Tensor, channel_gate: torch.Tensor, spatial_gate: torch.Tensor) -> torch.Tensor:
+    """x (N, C, H, W), channel_gate (N, C) or (N, C, 1, 1), spatial_gate (N, 1, H, W) or (N, H, W) ->
+    M_s * (M_c * x), laid out like x."""
+    return _forward(x, channel_gate, spatial_gate)
+
+
+def _bwd_plan(grad, x, channel_gate, spatial_gate):
+    """The backward for inputs laid out like these: a function (grad, x, M_c, M_s) -> (dx, dM_c,
+    dM_s), each allocated and launched on with nothing left to decide per call."""
     n, c, h, w = x.shape
     p = h * w
+    # the gates' gradients contiguous (empty_like keeps a contiguous gate's layout without being told)
+    fmt = (torch.preserve_format if channel_gate.is_contiguous() and spatial_gate.is_contiguous()
+           else torch.contiguous_format)
     if n * c * p == 0:
-        return None
+        def nothing(grad, x, channel_gate, spatial_gate):
+            # no channel or no pixel: the sums over them are 0
+            return (torch.empty_like(x), torch.zeros_like(channel_gate, memory_format=torch.contiguous_format),
+                    torch.zeros_like(spatial_gate, memory_format=torch.contiguous_format))
+        return nothing
+    dx = torch.empty_like(x)  # for its strides, which follow from x's (part of the key)
     acc = acc_dtype(x.dtype)
     block_c, block_p = _blocks(x, p)
     n_pblocks = cdiv(p, block_p)
@@ -291,15 +309,54 @@ def _bwd_plan(grad, x, channel_gate, spatial_gate, dx):
                        spatial_gate.stride(0), ss_h, ss_w, dms_off),
                       dict(G_MERGED=g_merged, X_MERGED=x_merged, D_MERGED=d_merged, S_MERGED=s_merged, **consts),
                       fresh=3)
-    reduce = None
-    if dmc_part or dms_part:
-        dmc_programs = cdiv(n * c, _REDUCE_BLOCK) if dmc_part else 0
-        programs = dmc_programs + (cdiv(n * p, _REDUCE_BLOCK) if dms_part else 0)
-        reduce = Launch(_cbam_gate_reduce_kernel, (programs,),
-                        (n * c, n * p, c, n_pblocks, slices, dmc_programs, dms_off),
-                        dict(BLOCK=_REDUCE_BLOCK, ACC_DTYPE=acc, **FP_FUSION), fresh=4)
-    return (main, reduce, dmc_part, dms_part, acc_torch_dtype(x.dtype),
-            channel_gate.is_contiguous() and spatial_gate.is_contiguous())
+    empty_like = torch.empty_like
+    keep = fmt is torch.preserve_format
+
+    def gradients(x, channel_gate, spatial_gate):
+        if keep:
+            return empty_like(x), empty_like(channel_gate), empty_like(spatial_gate)
+        return (empty_like(x), empty_like(channel_gate, memory_format=fmt),
+                empty_like(spatial_gate, memory_format=fmt))
+
+    if not (dmc_part or dms_part):
+        def one_pass(grad, x, channel_gate, spatial_gate):
+            dx, dmc, dms = gradients(x, channel_gate, spatial_gate)
+            main(grad, x, channel_gate, spatial_gate, dx, dmc, dms)
+            return dx, dmc, dms
+        return one_pass
+    dmc_programs = cdiv(n * c, _REDUCE_BLOCK) if dmc_part else 0
+    programs = dmc_programs + (cdiv(n * p, _REDUCE_BLOCK) if dms_part else 0)
+    reduce = Launch(_cbam_gate_reduce_kernel, (programs,), (n * c, n * p, c, n_pblocks, slices, dmc_programs, dms_off),
+                    dict(BLOCK=_REDUCE_BLOCK, ACC_DTYPE=acc, **FP_FUSION), fresh=4)
+    size, part_dtype = dmc_part + dms_part, acc_torch_dtype(x.dtype)
+    # which gradients have partial rows (the others the main kernel writes itself)
+    which = (bool(dmc_part), bool(dms_part))
+    same_dtype = part_dtype == x.dtype
+
+    def two_pass(grad, x, channel_gate, spatial_gate):
+        if keep:  # (spelled out: the hottest plan of the benchmark shapes)
+            dx, dmc, dms = empty_like(x), empty_like(channel_gate), empty_like(spatial_gate)
+        else:
+            dx, dmc, dms = gradients(x, channel_gate, spatial_gate)
+        # x.new_empty: fewer arguments to parse than torch.empty(size, dtype=, device=)
+        parts = x.new_empty(size) if same_dtype else x.new_empty(size, dtype=part_dtype)
+        dmc_part = parts if which[0] else dmc
+        dms_part = parts if which[1] else dms
+        main(grad, x, channel_gate, spatial_gate, dx, dmc_part, dms_part)
+        reduce(dmc_part, dms_part, dmc, dms)
+        return dx, dmc, dms
+    return two_pass
+
+
+def _backward_impl(grad: torch.Tensor, x: torch.Tensor, channel_gate: torch.Tensor,
+                   spatial_gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward's work (the backward custom op's body, and the eager backward's)."""
+    key = (x.shape, x.stride(), grad.stride(), channel_gate.stride(), spatial_gate.stride(), x.dtype, grad.dtype,
+           channel_gate.dtype, spatial_gate.dtype)
+    run = _BWD_PLANS.get(key, MISSING)
+    if run is MISSING:
+        run = _BWD_PLANS.put(key, _bwd_plan(grad, x, channel_gate, spatial_gate))
+    return run(grad, x, channel_gate, spatial_gate)
 
 
 @torch.library.custom_op("segkd::cbam_gate_backward_triton", mutates_args=())
@@ -307,32 +364,7 @@ def cbam_gate_backward_triton(grad: torch.Tensor, x: torch.Tensor, channel_gate:
                               spatial_gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx like x, d channel_gate, d spatial_gate), each in its input's dtype and shape (the gates'
     gradients contiguous)."""
-    dx = torch.empty_like(x)
-    key = (x.shape, x.stride(), grad.stride(), channel_gate.stride(), spatial_gate.stride(), x.dtype, grad.dtype,
-           channel_gate.dtype, spatial_gate.dtype)
-    plan = _BWD_PLANS.get(key, MISSING)
-    if plan is MISSING:
-        plan = _BWD_PLANS.put(key, _bwd_plan(grad, x, channel_gate, spatial_gate, dx))
-    if plan is None:
-        # no channel or no pixel: the sums over them are 0
-        return (dx, torch.zeros_like(channel_gate, memory_format=torch.contiguous_format),
-                torch.zeros_like(spatial_gate, memory_format=torch.contiguous_format))
-    main, reduce, dmc_size, dms_size, part_dtype, gates_contiguous = plan
-    # the gates' gradients contiguous (empty_like keeps a contiguous gate's layout without being told)
-    if gates_contiguous:
-        dmc, dms = torch.empty_like(channel_gate), torch.empty_like(spatial_gate)
-    else:
-        dmc = torch.empty_like(channel_gate, memory_format=torch.contiguous_format)
-        dms = torch.empty_like(spatial_gate, memory_format=torch.contiguous_format)
-    if reduce is None:
-        main(grad, x, channel_gate, spatial_gate, dx, dmc, dms)
-        return dx, dmc, dms
-    parts = torch.empty(dmc_size + dms_size, dtype=part_dtype, device=x.device)
-    dmc_part = parts if dmc_size else dmc
-    dms_part = parts if dms_size else dms
-    main(grad, x, channel_gate, spatial_gate, dx, dmc_part, dms_part)
-    reduce(dmc_part, dms_part, dmc, dms)
-    return dx, dmc, dms
+    return _backward_impl(grad, x, channel_gate, spatial_gate)
 
 
 @cbam_gate_triton.register_fake
@@ -354,7 +386,37 @@ def _backward(ctx, grad):
     x, channel_gate, spatial_gate = ctx.saved_tensors
     if grad.dtype != x.dtype:
         grad = grad.to(x.dtype)
+    # An eager backward (grad mode off: no double backward, whose error the op raises) runs the
+    # kernels' wrapper directly, as the op's eager path would; tracing gets the op.
+    if not _grad_enabled() and direct_ok(grad, x, channel_gate, spatial_gate):
+        return _backward_impl(grad, x, channel_gate, spatial_gate)
     return cbam_gate_backward_triton(grad, x, channel_gate, spatial_gate)
 
 
 cbam_gate_triton.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _gate_forward(ctx, x, channel_gate, spatial_gate):
+    ctx.save_for_backward(x, channel_gate, spatial_gate)
+    return _forward(x, channel_gate, spatial_gate)
+
+
+# The eager-mode graph node of cbam_gate_eager: what the custom op's eager path builds from its
+# registrations (ops/_eager.py), with the saving and the call of the forward's work written out;
+# named as that one is, so that graphs read the same through both entries.
+_Gate = type("EagerBackwardFor_segkd_cbam_gate_triton", (torch.autograd.Function,),
+             {"forward": staticmethod(_gate_forward), "backward": staticmethod(_backward)})
+# the C apply, as ops/_eager.py binds it (Function.apply's Python prologue does nothing for this
+# forward with no functorch transform active, which direct_ok rules out)
+_gate_apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, _Gate)
+
+
+def cbam_gate_eager(x: torch.Tensor, channel_gate: torch.Tensor, spatial_gate: torch.Tensor) -> torch.Tensor:
+    """The public call's entry (api.py, tensors checked there, on one device): the custom op's eager
+    fast path for exactly these three arguments, without its generic argument handling; the op
+    itself wherever the dispatcher is needed (ops/_eager.direct_ok)."""
+    if not direct_ok(x, channel_gate, spatial_gate):
+        return cbam_gate_triton(x, channel_gate, spatial_gate)
+    if _grad_enabled() and _any_requires_grad(x, channel_gate, spatial_gate):
+        return _gate_apply(x, channel_gate, spatial_gate)
+    return _forward(x, channel_gate, spatial_gate)
