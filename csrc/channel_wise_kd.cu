@@ -163,25 +163,32 @@ __device__ __forceinline__ bool gradient_multiplier(const T* __restrict__ grad_m
   return true;
 }
 
-// The block's merged state, in every thread: warps first, then warp 0 merges the per-warp states.
-__device__ __forceinline__ CwdState block_merge(CwdState st) {
-  __shared__ float sh[5][32];
-  __shared__ float merged[5];
+// The block's merged state in thread 0 (other threads: unspecified): warps first, their states
+// through sh (one barrier), then warp 0 merges them. Every thread of the block must call it.
+__device__ __forceinline__ CwdState merge_to_thread0(CwdState st, float (&sh)[5][32]) {
   st.warp_merge();
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
   if (lane == 0) {
     sh[0][warp] = st.s.m; sh[1][warp] = st.s.l; sh[2][warp] = st.t.m; sh[3][warp] = st.t.l; sh[4][warp] = st.acc;
   }
   __syncthreads();
+  CwdState w;
   if (warp == 0) {
-    CwdState w;
     if (lane < n_warps) {
       w.s.m = sh[0][lane]; w.s.l = sh[1][lane]; w.t.m = sh[2][lane]; w.t.l = sh[3][lane]; w.acc = sh[4][lane];
     }
     w.warp_merge();
-    if (lane == 0) {
-      merged[0] = w.s.m; merged[1] = w.s.l; merged[2] = w.t.m; merged[3] = w.t.l; merged[4] = w.acc;
-    }
+  }
+  return w;
+}
+
+// The block's merged state, in every thread (two barriers).
+__device__ __forceinline__ CwdState block_merge(CwdState st) {
+  __shared__ float sh[5][32];
+  __shared__ float merged[5];
+  const CwdState w = merge_to_thread0(st, sh);
+  if (threadIdx.x == 0) {
+    merged[0] = w.s.m; merged[1] = w.s.l; merged[2] = w.t.m; merged[3] = w.t.l; merged[4] = w.acc;
   }
   __syncthreads();
   CwdState r;
@@ -389,7 +396,6 @@ channel_wise_kd_stream_kernel(const T* __restrict__ s, const T* __restrict__ t, 
   __shared__ long long ticket_sh[2];
   __shared__ float lse_sh[2][2];
   __shared__ float sh[5][32];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
 
   // Thread 0: the next ticket, and for a gradient item its row's published log-sum-exps.
   auto take = [&](int slot) {
@@ -419,38 +425,27 @@ channel_wise_kd_stream_kernel(const T* __restrict__ s, const T* __restrict__ t, 
     if (it.row < rows && it.stats) {
       CwdState st;
       accumulate_range(rs, rt, begin, end, vec, inv_tau, st);
-      st.warp_merge();
-      if (lane == 0) {
-        sh[0][warp] = st.s.m; sh[1][warp] = st.s.l; sh[2][warp] = st.t.m; sh[3][warp] = st.t.l; sh[4][warp] = st.acc;
-      }
-      __syncthreads();
-      if (warp == 0) {
-        CwdState w;
-        if (lane < n_warps) {
-          w.s.m = sh[0][lane]; w.s.l = sh[1][lane]; w.t.m = sh[2][lane]; w.t.l = sh[3][lane]; w.acc = sh[4][lane];
-        }
-        w.warp_merge();
-        if (lane == 0) {
-          float* p = partials + (it.row * k_chunks + it.chunk) * 5;
-          p[0] = w.s.m; p[1] = w.s.l; p[2] = w.t.m; p[3] = w.t.l; p[4] = w.acc;
-          __threadfence();  // the state before its arrival
-          const unsigned arrived = atomicAdd(arrivals + it.row, 1u);
-          if (arrived == static_cast<unsigned>(k_chunks) - 1u) {
-            // the row's last chunk: merge its K states in chunk order (read past L1: other SMs wrote them)
-            __threadfence();
-            CwdState r;
-            const volatile float* q = partials + it.row * k_chunks * 5;
-            for (int64_t k = 0; k < k_chunks; ++k) {
-              CwdState o;
-              o.s.m = q[5 * k]; o.s.l = q[5 * k + 1]; o.t.m = q[5 * k + 2]; o.t.l = q[5 * k + 3]; o.acc = q[5 * k + 4];
-              r.merge(o);
-            }
-            if (row_kl != nullptr) row_kl[it.row] = r.kl();
-            row_lse[2 * it.row] = r.s.lse();
-            row_lse[2 * it.row + 1] = r.t.lse();
-            __threadfence();  // the statistics before their publication
-            atomicAdd(arrivals + it.row, 1u);
+      const CwdState w = merge_to_thread0(st, sh);
+      if (threadIdx.x == 0) {
+        float* p = partials + (it.row * k_chunks + it.chunk) * 5;
+        p[0] = w.s.m; p[1] = w.s.l; p[2] = w.t.m; p[3] = w.t.l; p[4] = w.acc;
+        __threadfence();  // the state before its arrival
+        const unsigned arrived = atomicAdd(arrivals + it.row, 1u);
+        if (arrived == static_cast<unsigned>(k_chunks) - 1u) {
+          // the row's last chunk: merge its K states in chunk order (read past L1: other SMs wrote them)
+          __threadfence();
+          CwdState r;
+          const volatile float* q = partials + it.row * k_chunks * 5;
+          for (int64_t k = 0; k < k_chunks; ++k) {
+            CwdState o;
+            o.s.m = q[5 * k]; o.s.l = q[5 * k + 1]; o.t.m = q[5 * k + 2]; o.t.l = q[5 * k + 3]; o.acc = q[5 * k + 4];
+            r.merge(o);
           }
+          if (row_kl != nullptr) row_kl[it.row] = r.kl();
+          row_lse[2 * it.row] = r.s.lse();
+          row_lse[2 * it.row + 1] = r.t.lse();
+          __threadfence();  // the statistics before their publication
+          atomicAdd(arrivals + it.row, 1u);
         }
       }
     } else if (it.row < rows) {

@@ -697,6 +697,45 @@ __device__ __forceinline__ BwdRow bwd_row(const TcBlock& v, int64_t r, int64_t b
   return row;
 }
 
+// Where a backward block of pair v = (i, j) reads and writes: the partner image j's student and
+// teacher planes, both images' gradient planes, its shared-memory regions (S and T in out, dS for
+// the row and the column products, the column-gradient buffer, image i's resident student rows at
+// byte xi_s) and d loss / d S_ij's common factor g * scale / tau. Shared by the 16-bit and the fp32
+// backward kernels (Layout: TcLayout or F32Layout; T: their operand type in shared memory).
+template <typename T>
+struct BwdBlock {
+  const T* xj_s;
+  const T* xj_t;
+  float* dai;
+  float* daj;
+  const float* out;
+  T* d_row;
+  T* d_col;
+  float* colbuf;
+  const T* xi_s;
+  float coef;
+};
+
+template <typename T, typename Layout>
+__device__ __forceinline__ BwdBlock<T> bwd_block(unsigned char* smem, const Layout& L, int64_t xi_s, const T* xs,
+                                                 const T* xt, float* da, const TcBlock& v, int64_t cs, int64_t ct,
+                                                 int64_t plane, const float* __restrict__ grad_loss, float scale,
+                                                 float inv_tau) {
+  BwdBlock<T> b;
+  b.xj_s = xs + v.j * cs * plane;
+  b.xj_t = xt + v.j * ct * plane;
+  b.dai = da + v.i * cs * plane;
+  b.daj = da + v.j * cs * plane;
+  b.out = reinterpret_cast<const float*>(smem + L.out);
+  b.d_row = reinterpret_cast<T*>(smem + L.d_row);
+  b.d_col = reinterpret_cast<T*>(smem + L.d_col);
+  b.colbuf = reinterpret_cast<float*>(smem + L.colbuf);
+  b.xi_s = reinterpret_cast<const T*>(smem + xi_s);
+  // d loss / d S_ij[r, c] = (p_S - p_T) * g / (N^2 P); S = a_i^T a_j / tau adds 1 / tau.
+  b.coef = grad_loss[0] * scale * inv_tau;
+  return b;
+}
+
 // Loads the resident row tiles and starts the first column tile; returns whether 16-byte copies apply.
 template <typename T>
 __device__ __forceinline__ bool tc_prologue(unsigned char* smem, const TcLayout& L, const T* xs, const T* xt,
@@ -776,18 +815,8 @@ cross_image_backward_tc_kernel(const T* __restrict__ xs, const T* __restrict__ x
   const TcLayout L(cs16, ct16, sizeof(T), true);
   const TcBlock v = tc_block(batch, row_tiles);
   const int warp = threadIdx.x / 32;
-  const T* xj_s = xs + v.j * cs * plane;
-  const T* xj_t = xt + v.j * ct * plane;
-  float* dai = da + v.i * cs * plane;
-  float* daj = da + v.j * cs * plane;
   const bool vec_ok = tc_prologue<T>(smem, L, xs, xt, v, cs, ct, cs16, ct16, plane);
-  const float* out = reinterpret_cast<const float*>(smem + L.out);
-  T* d_row = reinterpret_cast<T*>(smem + L.d_row);
-  T* d_col = reinterpret_cast<T*>(smem + L.d_col);
-  float* colbuf = reinterpret_cast<float*>(smem + L.colbuf);
-  const T* xi_s_sm = reinterpret_cast<const T*>(smem + L.xi_s);
-  // d loss / d S_ij[r, c] = (p_S - p_T) * g / (N^2 P); S = a_i^T a_j / tau adds 1 / tau.
-  const float coef = grad_loss[0] * scale * inv_tau;
+  const BwdBlock<T> bk = bwd_block<T>(smem, L, L.xi_s, xs, xt, da, v, cs, ct, plane, grad_loss, scale, inv_tau);
   const int srow = threadIdx.x / kQuad, scol = (threadIdx.x % kQuad) * kColsPerThread;
   const BwdRow row = bwd_row(v, v.r0 + srow, batch, plane, lse, inv_s, inv_t);
   const bool row_ok = row.ok;
@@ -804,7 +833,7 @@ cross_image_backward_tc_kernel(const T* __restrict__ xs, const T* __restrict__ x
     const int64_t c0 = tile * kBN;
     const int buf = static_cast<int>(tile % 2);
     column_tile_ready(tile, tiles, true, [&] {
-      stage_columns<T>(smem, L, buf ^ 1, xj_s, xj_t, cs, ct, cs16, ct16, plane, c0 + kBN, vec_ok);
+      stage_columns<T>(smem, L, buf ^ 1, bk.xj_s, bk.xj_t, cs, ct, cs16, ct16, plane, c0 + kBN, vec_ok);
     });
     tc_tile_dots<T>(smem, L, buf, cs16, ct16);
     __syncthreads();
@@ -814,13 +843,13 @@ cross_image_backward_tc_kernel(const T* __restrict__ xs, const T* __restrict__ x
       float d = 0.f, col_s = 0.f;
       if (c < plane && row_ok) {
         col_s = inv_s[v.j * plane + c];
-        const float sv = out[srow * kOutLd2 + scol + e] * row_inv_s * col_s * inv_tau;
-        const float tv = out[(kBM + srow) * kOutLd2 + scol + e] * row_inv_t * inv_t[v.j * plane + c] * inv_tau;
+        const float sv = bk.out[srow * kOutLd2 + scol + e] * row_inv_s * col_s * inv_tau;
+        const float tv = bk.out[(kBM + srow) * kOutLd2 + scol + e] * row_inv_t * inv_t[v.j * plane + c] * inv_tau;
         d = expf(sv - lse_s) - expf(tv - lse_t);
       }
       // rows: the partner a_j[:, c] = x_j[:, c] inv_j[c]; columns: a_i[:, r] = x_i[:, r] inv_i[r]
-      d_row[srow * kColLd + scol + e] = from_float<T>(d * col_s);
-      d_col[srow * kColLd + scol + e] = from_float<T>(d * row_inv_s);
+      bk.d_row[srow * kColLd + scol + e] = from_float<T>(d * col_s);
+      bk.d_col[srow * kColLd + scol + e] = from_float<T>(d * row_inv_s);
     }
     __syncthreads();
     const T* xj_sm = reinterpret_cast<const T*>(smem + L.xj(buf));
@@ -836,7 +865,7 @@ cross_image_backward_tc_kernel(const T* __restrict__ xs, const T* __restrict__ x
 #pragma unroll
           for (int cc = 0; cc < kBN / 16; ++cc) {
             wmma::load_matrix_sync(fa, xj_sm + (kf * 16) * kColLd + cc * 16, kColLd);
-            wmma::load_matrix_sync(fb, d_row + (rf * 16) * kColLd + cc * 16, kColLd);
+            wmma::load_matrix_sync(fb, bk.d_row + (rf * 16) * kColLd + cc * 16, kColLd);
             wmma::mma_sync(racc[q], fa, fb, racc[q]);
           }
         }
@@ -852,21 +881,21 @@ cross_image_backward_tc_kernel(const T* __restrict__ xs, const T* __restrict__ x
         wmma::fill_fragment(cacc, 0.f);
 #pragma unroll
         for (int rr = 0; rr < kBM / 16; ++rr) {
-          wmma::load_matrix_sync(fa, xi_s_sm + (kf * 16) * kRowLd + rr * 16, kRowLd);
-          wmma::load_matrix_sync(fb, d_col + (rr * 16) * kColLd + cf * 16, kColLd);
+          wmma::load_matrix_sync(fa, bk.xi_s + (kf * 16) * kRowLd + rr * 16, kRowLd);
+          wmma::load_matrix_sync(fb, bk.d_col + (rr * 16) * kColLd + cf * 16, kColLd);
           wmma::mma_sync(cacc, fa, fb, cacc);
         }
-        wmma::store_matrix_sync(colbuf + (kf * 16) * kOutLd2 + cf * 16, cacc, kOutLd2, wmma::mem_row_major);
+        wmma::store_matrix_sync(bk.colbuf + (kf * 16) * kOutLd2 + cf * 16, cacc, kOutLd2, wmma::mem_row_major);
       }
     }
     __syncthreads();
-    add_column_gradient<kBN, kThreads, kOutLd2>(colbuf, daj, c0, cs, plane, coef);
+    add_column_gradient<kBN, kThreads, kOutLd2>(bk.colbuf, bk.daj, c0, cs, plane, bk.coef);
     // the next step's first barrier orders these reads of colbuf, d_row, d_col and L.out before reuse
   }
   // Rows side into dA_i, through L.out (8 warps x 256 floats fit in its 2 x 64 x 36)
   __syncthreads();
-  add_row_gradient<kBM, kThreads / 32>(reinterpret_cast<float*>(smem + L.out), racc, row_frags, dai, v.r0, cs, plane,
-                                       coef);
+  add_row_gradient<kBM, kThreads / 32>(reinterpret_cast<float*>(smem + L.out), racc, row_frags, bk.dai, v.r0, cs, plane,
+                                       bk.coef);
 #endif
 }
 
@@ -1066,18 +1095,8 @@ cross_image_backward_f32_kernel(const float* __restrict__ xs, const float* __res
   const F32Layout L(cs16, ct16, true, stages);
   const TcBlock v = tc_block(batch, row_tiles, kFBM);
   const int warp = threadIdx.x / 32;
-  const float* xj_s = xs + v.j * cs * plane;
-  const float* xj_t = xt + v.j * ct * plane;
-  float* dai = da + v.i * cs * plane;
-  float* daj = da + v.j * cs * plane;
   const bool vec_ok = f32_prologue(smem, L, xs, xt, v, cs, ct, cs16, ct16, plane);
-  const float* out = reinterpret_cast<const float*>(smem + L.out);
-  float* d_row = reinterpret_cast<float*>(smem + L.d_row);
-  float* d_col = reinterpret_cast<float*>(smem + L.d_col);
-  float* colbuf = reinterpret_cast<float*>(smem + L.colbuf);
-  const float* xi_s_sm = reinterpret_cast<const float*>(smem + L.xi);
-  // d loss / d S_ij[r, c] = (p_S - p_T) * g / (N^2 P); S = a_i^T a_j / tau adds 1 / tau.
-  const float coef = grad_loss[0] * scale * inv_tau;
+  const BwdBlock<float> bk = bwd_block<float>(smem, L, L.xi, xs, xt, da, v, cs, ct, plane, grad_loss, scale, inv_tau);
   const int srow = threadIdx.x / kQuad, scol = (threadIdx.x % kQuad) * kFCols;
   const BwdRow row = bwd_row(v, v.r0 + srow, batch, plane, lse, inv_s, inv_t);
   const bool row_ok = row.ok;
@@ -1094,7 +1113,7 @@ cross_image_backward_f32_kernel(const float* __restrict__ xs, const float* __res
     const int64_t c0 = tile * kFBN;
     const int buf = static_cast<int>(tile % stages);
     column_tile_ready(tile, tiles, stages == 2, [&] {
-      f32_stage_columns<float>(smem, L, buf ^ 1, xj_s, xj_t, cs, ct, cs16, ct16, plane, c0 + kFBN, vec_ok);
+      f32_stage_columns<float>(smem, L, buf ^ 1, bk.xj_s, bk.xj_t, cs, ct, cs16, ct16, plane, c0 + kFBN, vec_ok);
     });
     f32_tile_dots(smem, L, buf, cs16, ct16);
     __syncthreads();
@@ -1104,13 +1123,13 @@ cross_image_backward_f32_kernel(const float* __restrict__ xs, const float* __res
       float d = 0.f, col_s = 0.f;
       if (c < plane && row_ok) {
         col_s = inv_s[v.j * plane + c];
-        const float sv = f32_tile_entry(out, 0, srow, scol + e) * row_inv_s * col_s * inv_tau;
-        const float tv = f32_tile_entry(out, 1, srow, scol + e) * row_inv_t * inv_t[v.j * plane + c] * inv_tau;
+        const float sv = f32_tile_entry(bk.out, 0, srow, scol + e) * row_inv_s * col_s * inv_tau;
+        const float tv = f32_tile_entry(bk.out, 1, srow, scol + e) * row_inv_t * inv_t[v.j * plane + c] * inv_tau;
         d = expf(sv - lse_s) - expf(tv - lse_t);
       }
       // rows: the partner a_j[:, c] = x_j[:, c] inv_j[c]; columns: a_i[:, r] = x_i[:, r] inv_i[r]
-      d_row[srow * kFColLd + scol + e] = d * col_s;
-      d_col[srow * kFColLd + scol + e] = d * row_inv_s;
+      bk.d_row[srow * kFColLd + scol + e] = d * col_s;
+      bk.d_col[srow * kFColLd + scol + e] = d * row_inv_s;
     }
     __syncthreads();
     const float* xj_sm = reinterpret_cast<const float*>(smem + L.xj(buf));
@@ -1126,7 +1145,7 @@ cross_image_backward_f32_kernel(const float* __restrict__ xs, const float* __res
 #pragma unroll 1  // unrolled too: 254 of 255 registers on sm_90 (238 rolled)
           for (int cc = 0; cc < kFBN / kFK; ++cc) {
             wmma::load_matrix_sync(fa, xj_sm + (kf * 16) * kFColLd + cc * kFK, kFColLd);
-            wmma::load_matrix_sync(fb, d_row + (rf * 16) * kFColLd + cc * kFK, kFColLd);
+            wmma::load_matrix_sync(fb, bk.d_row + (rf * 16) * kFColLd + cc * kFK, kFColLd);
             mma_3xtf32(racc[q], fa, fb);
           }
         }
@@ -1142,23 +1161,23 @@ cross_image_backward_f32_kernel(const float* __restrict__ xs, const float* __res
         wmma::fill_fragment(cacc, 0.f);
 #pragma unroll
         for (int rr = 0; rr < kFBM / kFK; ++rr) {
-          wmma::load_matrix_sync(fa, xi_s_sm + (kf * 16) * kFRowLd + rr * kFK, kFRowLd);
-          wmma::load_matrix_sync(fb, d_col + (rr * kFK) * kFColLd + cf * 16, kFColLd);
+          wmma::load_matrix_sync(fa, bk.xi_s + (kf * 16) * kFRowLd + rr * kFK, kFRowLd);
+          wmma::load_matrix_sync(fb, bk.d_col + (rr * kFK) * kFColLd + cf * 16, kFColLd);
           mma_3xtf32(cacc, fa, fb);
         }
-        wmma::store_matrix_sync(colbuf + (kf * 16) * kFOutLd + cf * 16, cacc, kFOutLd, wmma::mem_row_major);
+        wmma::store_matrix_sync(bk.colbuf + (kf * 16) * kFOutLd + cf * 16, cacc, kFOutLd, wmma::mem_row_major);
       }
     }
     __syncthreads();  // colbuf complete; the column buffer, d_row and d_col have been read
     if (stages == 1 && tile + 1 < tiles)
-      f32_stage_columns<float>(smem, L, 0, xj_s, xj_t, cs, ct, cs16, ct16, plane, c0 + kFBN, vec_ok);
-    add_column_gradient<kFBN, kFThreads, kFOutLd>(colbuf, daj, c0, cs, plane, coef);
+      f32_stage_columns<float>(smem, L, 0, bk.xj_s, bk.xj_t, cs, ct, cs16, ct16, plane, c0 + kFBN, vec_ok);
+    add_column_gradient<kFBN, kFThreads, kFOutLd>(bk.colbuf, bk.daj, c0, cs, plane, bk.coef);
     // the next step's first barrier orders these reads of colbuf, d_row, d_col and L.out before reuse
   }
   // Rows side into dA_i, through L.out (4 warps x 256 floats fit in its 2 x 2 x 32 x 20)
   __syncthreads();
-  add_row_gradient<kFBM, kFThreads / 32>(reinterpret_cast<float*>(smem + L.out), racc, row_frags, dai, v.r0, cs,
-                                         plane, coef);
+  add_row_gradient<kFBM, kFThreads / 32>(reinterpret_cast<float*>(smem + L.out), racc, row_frags, bk.dai, v.r0, cs,
+                                         plane, bk.coef);
 #endif
 }
 

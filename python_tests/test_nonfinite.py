@@ -112,10 +112,8 @@ CASES = [("student", NAN), ("student", INF), ("student", -INF), ("teacher", NAN)
          ("teacher", -INF), ("student_all", NAN), ("student_all", INF), ("student_all", -INF)]
 
 # Known differences from the reference, expected to fail until fixed (strict: a fix shows up as
-# an unexpected pass): entries are (backend, op, case).
-# The CUDA cbam_gate backward (one pass over g and x) does not yet carry a non-finite input into the
-# gate gradients as the reference does.
-KNOWN: set = {("cuda", "cbam_gate", c) for c in CASES}
+# an unexpected pass): entries are (backend, op, case). None at present.
+KNOWN: set = set()
 
 
 def _case_id(case) -> str:

@@ -15,10 +15,15 @@ OP = "cbam_gate"
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
-    """t as the kernels read a gate: fp32, contiguous (no copy when it already is)."""
-    if t.dtype == torch.float32 and t.is_contiguous():
-        return t
-    return t.to(torch.float32, memory_format=torch.contiguous_format)
+    """t as the kernels read a gate: fp32, contiguous (no copy when it already is, one otherwise).
+    Not t.to(float32, memory_format=contiguous_format): for an fp32 strided view (a gate sliced
+    out of a larger tensor) that returns the view itself, and the kernels would read its storage as
+    if it were dense."""
+    if t.dtype == torch.float32:
+        return t.contiguous()
+    out = torch.empty(t.shape, dtype=torch.float32, device=t.device)
+    out.copy_(t)
+    return out
 
 
 def _gates(x, channel_gate, spatial_gate):
