@@ -62,6 +62,23 @@ def test_synthetic_context_changes_the_class():
     assert object_class(SQUARE, STRIPES, True) == object_class(SQUARE, STRIPES, False)
 
 
+def test_synthetic_ground_grain_is_visible_on_every_image():
+    """The context cue must be readable on every image: the grain is a luminance step of grain_contrast
+    (not a mix of two random colours, which vanished when they were close). Bare ground, no noise: some
+    pair of neighbouring pixels differs by the step times the illumination and contrast jitter, which
+    is at least (1 - 0.2 * sqrt(2)) * 0.8 = 0.57 of it (the clip to [0, 1] can cut one side of the step
+    on the brightest grounds, hence the bound of a half)."""
+    import inspect
+
+    contrast = inspect.signature(generate).parameters["grain_contrast"].default
+    for i in range(30):
+        im, lab = generate(0, "val", i, image_size=48, noise=0.0, num_objects=(0, 0), num_distractors=(0, 0),
+                           num_fragments=(0, 0))
+        assert int(lab.max()) == 0
+        step = max(float(im.diff(dim=1).abs().max()), float(im.diff(dim=2).abs().max()))
+        assert step >= 0.5 * contrast, (i, step)
+
+
 def test_synthetic_training_augmentation_is_seeded_by_epoch():
     ds = build_dataset("synthetic", "train", train=True, crop_size=40, num_images=4, seed=1)
     x0, y0 = ds[2]
