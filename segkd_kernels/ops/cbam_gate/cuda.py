@@ -75,8 +75,8 @@ def _backward_impl(grad_out: torch.Tensor, x: torch.Tensor, channel_gate: torch.
     # the kernels write every value of both gate gradients; with no element to read (C or H*W 0)
     # nothing runs and the sums over the empty axis are 0
     alloc = torch.empty_like if n * c * h * w else torch.zeros_like
-    dmc = alloc(channel_gate, dtype=torch.float32, memory_format=torch.contiguous_format)
-    dms = alloc(spatial_gate, dtype=torch.float32, memory_format=torch.contiguous_format)
+    # mc and ms: the gates' shapes, fp32 and contiguous, which *_like keeps with no arguments to parse
+    dmc, dms = alloc(mc), alloc(ms)
     # per-pixel-tile dM_c partials and per-channel-slice dM_s partials (fp32) where there are several
     floats = lib.cbam_gate_backward_workspace(n, c, h * w, args["device"])
     ws = torch.empty(floats, dtype=torch.float32, device=x.device) if floats else None
