@@ -1,5 +1,7 @@
 """Backend reporting and the single dispatch point (docs/api.md rules)."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -274,3 +276,59 @@ def test_cbam_gate_direct_entry_leaves_dispatch_modes_to_the_custom_op():
         out.sum().backward()
     assert isinstance(out, FakeTensor) and out.shape == x.shape
     assert all(isinstance(t.grad, FakeTensor) and t.grad.shape == t.shape for t in (x, mc, ms))
+
+
+@pytest.mark.skipif(_backends.host_library()[0] is None, reason="host build of the CUDA kernels not available")
+def test_cbam_gate_cuda_direct_entry_leaves_dispatch_modes_to_the_custom_op():
+    """The same for the cuda entry (ops/cbam_gate/cuda.cbam_gate_cuda_eager), on the host build of
+    csrc/: under FakeTensorMode forward and backward reach the ops' fake implementations, and no
+    kernel is launched (the wrapper would hand fake tensors' pointers to the launcher)."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    with _backends.host_execution() as host:
+        host.host_reset()
+        with FakeTensorMode():
+            x = torch.empty(2, 3, 4, 5, requires_grad=True)
+            mc, ms = torch.empty(2, 3, requires_grad=True), torch.empty(2, 1, 4, 5, requires_grad=True)
+            out = sk.cbam_gate(x, mc, ms, backend="cuda")
+            out.sum().backward()
+        launches = host.host_stats()["launches"]
+    assert launches == 0
+    assert isinstance(out, FakeTensor) and out.shape == x.shape
+    assert all(isinstance(t.grad, FakeTensor) and t.grad.shape == t.shape for t in (x, mc, ms))
+
+
+@pytest.mark.skipif(_backends.host_library()[0] is None, reason="host build of the CUDA kernels not available")
+def test_cbam_gate_cuda_direct_entry_skips_the_custom_ops_in_eager_mode(monkeypatch):
+    """In eager mode the cuda entry and its backward call the kernels' wrappers themselves (the point
+    of the entry: no dispatcher round trip), with the values of the ops' own path; under
+    dispatcher_path() they go through the ops."""
+    from segkd_kernels.ops import _eager
+    from segkd_kernels.ops._eager import dispatcher_path
+
+    calls = []
+    op_call = _eager._EagerCustomOpDef.__call__
+
+    def counted(self, *args, **kwargs):  # every call of a segkd custom op, whoever makes it
+        calls.append(self._qualname.split("::")[1])
+        return op_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(_eager._EagerCustomOpDef, "__call__", counted)
+    x = torch.randn(2, 3, 4, 5, requires_grad=True)
+    # a strided fp32 gate view (a column of a wider tensor): the wrapper makes it contiguous
+    mc = torch.randn(2, 3, 2)[..., 0].requires_grad_()
+    ms = torch.rand(2, 1, 4, 5, requires_grad=True)
+    up = torch.randn(2, 3, 4, 5)
+    with _backends.host_execution() as host:
+        results = []
+        for path in (contextlib.nullcontext, dispatcher_path):
+            host.host_set_seed(1234)
+            with path():
+                out = sk.cbam_gate(x, mc, ms, backend="cuda")
+                results.append((out, *torch.autograd.grad(out, (x, mc, ms), up)))
+            assert calls == ([] if path is contextlib.nullcontext else ["cbam_gate_cuda", "cbam_gate_backward_cuda"])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    # and the values are M_s * M_c * x: two fp32 products on either side, in any order, each within
+    # a relative u = eps / 2, so the two differ by at most 4u (+ O(u^2)) relative
+    eps = torch.finfo(torch.float32).eps
+    torch.testing.assert_close(results[0][0], ms * (mc[..., None, None] * x), rtol=2.5 * eps, atol=0)

@@ -153,6 +153,18 @@ def direct_ok(*tensors) -> bool:
     return first.is_cpu or first.is_cuda
 
 
+def direct_node(qualname: str, forward, backward):
+    """The C apply of an autograd.Function with this forward (ctx, *inputs) and backward: the graph
+    node a wrapper's direct entry (see direct_ok) builds where the custom op `qualname` (with
+    `backward` registered) would build its own, named as the op's eager path names it (_build) so
+    that graphs read the same through both entries. Bound once at import: Function.apply's Python
+    prologue does nothing for such a forward with no functorch transform active, which direct_ok
+    rules out."""
+    node = type("EagerBackwardFor_" + qualname.replace("::", "_"), (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+    return _FUNCTION_APPLY.__get__(None, node)
+
+
 def install() -> None:
     """Give every registered segkd custom op the eager fast path (idempotent)."""
     for name, op in list(OPDEFS.items()):
@@ -160,4 +172,4 @@ def install() -> None:
             op.__class__ = _EagerCustomOpDef
 
 
-__all__ = ["direct_ok", "dispatcher_path", "install"]
+__all__ = ["direct_node", "direct_ok", "dispatcher_path", "install"]

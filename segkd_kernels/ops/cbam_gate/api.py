@@ -8,7 +8,7 @@ from ..._backends import select_backend
 from ..._validation import check_same_device, check_tensor
 from .._api import op_backends
 from . import reference
-from .cuda import cbam_gate_cuda
+from .cuda import cbam_gate_cuda_eager
 
 IMPLEMENTED, _triton = op_backends(__package__)
 
@@ -42,6 +42,6 @@ def cbam_gate(x: torch.Tensor, channel_gate: torch.Tensor, spatial_gate: torch.T
     if name == "reference":
         return reference.cbam_gate(x, channel_gate, spatial_gate)
     # The gates go as they are, in either shape: the kernels address them by stride and return their
-    # gradients in their shapes (no view nodes in the graph). The Triton entry is the custom op's
+    # gradients in their shapes (no view nodes in the graph). Each backend's entry is its custom op's
     # eager path written out for these arguments (the op itself under tracing and compiling).
-    return (_triton.cbam_gate_eager if name == "triton" else cbam_gate_cuda)(x, channel_gate, spatial_gate)
+    return (_triton.cbam_gate_eager if name == "triton" else cbam_gate_cuda_eager)(x, channel_gate, spatial_gate)

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .._triton_common import FP_FUSION, acc_dtype, acc_torch_dtype, cdiv, pixel_strides
-from .._eager import direct_ok
+from .._eager import direct_node, direct_ok
 from .._launch import MISSING, Launch, PlanCache
 from ..channel_pool.triton import _blocks, _pixel_offsets, channel_slices
 
@@ -402,13 +402,8 @@ def _gate_forward(ctx, x, channel_gate, spatial_gate):
 
 
 # The eager-mode graph node of cbam_gate_eager: what the custom op's eager path builds from its
-# registrations (ops/_eager.py), with the saving and the call of the forward's work written out;
-# named as that one is, so that graphs read the same through both entries.
-_Gate = type("EagerBackwardFor_segkd_cbam_gate_triton", (torch.autograd.Function,),
-             {"forward": staticmethod(_gate_forward), "backward": staticmethod(_backward)})
-# the C apply, as ops/_eager.py binds it (Function.apply's Python prologue does nothing for this
-# forward with no functorch transform active, which direct_ok rules out)
-_gate_apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, _Gate)
+# registrations (ops/_eager.py), with the saving and the call of the forward's work written out.
+_gate_apply = direct_node("segkd::cbam_gate_triton", _gate_forward, _backward)
 
 
 def cbam_gate_eager(x: torch.Tensor, channel_gate: torch.Tensor, spatial_gate: torch.Tensor) -> torch.Tensor:
